@@ -1,0 +1,181 @@
+//! Architectures, detected from `config.json`, each in its own file over candle-transformers.
+
+mod bert;
+mod gemma2;
+mod llama;
+mod mistral;
+mod phi3;
+mod qwen2;
+mod qwen3;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+pub use bert::{BertEncoder, Pooling};
+
+/// The model families securerun can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Bert,
+}
+
+/// `model_type` values accepted, and what they map to.
+const SUPPORTED: &[(&str, Architecture)] = &[
+    ("llama", Architecture::Llama),
+    ("mistral", Architecture::Mistral),
+    ("qwen2", Architecture::Qwen2),
+    ("qwen3", Architecture::Qwen3),
+    ("phi3", Architecture::Phi3),
+    ("gemma2", Architecture::Gemma2),
+    ("bert", Architecture::Bert),
+];
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    TextGeneration,
+    Embeddings,
+}
+
+impl Architecture {
+    /// Detects the architecture from a parsed `config.json`.
+    pub fn detect(config: &serde_json::Value) -> Result<Self, ArchError> {
+        let model_type = config.get("model_type").and_then(|v| v.as_str());
+        let Some(model_type) = model_type else {
+            return Err(ArchError::NoModelType);
+        };
+        SUPPORTED
+            .iter()
+            .find(|(name, _)| *name == model_type)
+            .map(|(_, arch)| *arch)
+            .ok_or_else(|| ArchError::Unsupported {
+                model_type: model_type.to_string(),
+            })
+    }
+
+    pub fn name(self) -> &'static str {
+        SUPPORTED
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("unknown")
+    }
+
+    pub fn task(self) -> Task {
+        match self {
+            Architecture::Bert => Task::Embeddings,
+            _ => Task::TextGeneration,
+        }
+    }
+}
+
+fn supported_list() -> String {
+    SUPPORTED
+        .iter()
+        .map(|(n, _)| *n)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why a model's architecture could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchError {
+    #[error("config.json has no \"model_type\"; supported model types: {}", supported_list())]
+    NoModelType,
+    #[error("unsupported model_type {model_type:?}; supported model types: {}", supported_list())]
+    Unsupported { model_type: String },
+    #[error("config.json does not match the {arch} configuration: {reason}")]
+    Config { arch: &'static str, reason: String },
+    #[error("cannot build the {arch} model from these weights: {reason}")]
+    Weights { arch: &'static str, reason: String },
+    #[error("{arch} is an {task} model, not usable for {wanted}")]
+    WrongTask {
+        arch: &'static str,
+        task: &'static str,
+        wanted: &'static str,
+    },
+}
+
+/// A decoder-only language model with a KV cache.
+pub trait CausalLm: Send {
+    /// Feeds `tokens` at positions `pos..pos + tokens.len()` and returns the next-token logits
+    /// (f32, shape `[vocab]`) for the last position.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
+    /// Forgets the KV cache.
+    fn reset(&mut self);
+    /// Largest context (prompt + generated tokens) the model supports.
+    fn max_context(&self) -> usize;
+}
+
+/// Parses the architecture's own config type from `config.json`.
+fn parse_config<T: serde::de::DeserializeOwned>(
+    arch: Architecture,
+    config: &serde_json::Value,
+) -> Result<T, ArchError> {
+    serde_json::from_value(config.clone()).map_err(|e| ArchError::Config {
+        arch: arch.name(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs a candle model constructor, turning both errors and panics into [`ArchError::Weights`].
+///
+/// Some candle-transformers constructors `unwrap()` internally (llama's block loading does), so a
+/// model file with a missing tensor would otherwise abort the process.
+fn build<T>(
+    arch: Architecture,
+    f: impl FnOnce() -> candle_core::Result<T>,
+) -> Result<T, ArchError> {
+    let err = |reason: String| ArchError::Weights {
+        arch: arch.name(),
+        reason,
+    };
+    match crate::panic_guard::catch(f) {
+        Ok(Ok(model)) => Ok(model),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Err(panic) => Err(err(panic)),
+    }
+}
+
+/// Builds a causal LM of the detected architecture.
+pub fn load_causal_lm(
+    arch: Architecture,
+    config: &serde_json::Value,
+    vb: VarBuilder<'static>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>, ArchError> {
+    Ok(match arch {
+        Architecture::Llama => Box::new(llama::Model::load(parse_config(arch, config)?, vb, dtype, device)?),
+        Architecture::Mistral => Box::new(mistral::Model::load(parse_config(arch, config)?, vb)?),
+        Architecture::Qwen2 => Box::new(qwen2::Model::load(parse_config(arch, config)?, vb)?),
+        Architecture::Qwen3 => Box::new(qwen3::Model::load(parse_config(arch, config)?, vb)?),
+        Architecture::Phi3 => Box::new(phi3::Model::load(parse_config(arch, config)?, vb)?),
+        Architecture::Gemma2 => Box::new(gemma2::Model::load(parse_config(arch, config)?, vb)?),
+        Architecture::Bert => {
+            return Err(ArchError::WrongTask {
+                arch: arch.name(),
+                task: "embeddings",
+                wanted: "text generation",
+            })
+        }
+    })
+}
+
+/// Squeezes the various logits shapes candle models return (`[1, vocab]`, `[1, 1, vocab]`) to
+/// `[vocab]` in f32.
+fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
+    let vocab = logits.dims().last().copied().unwrap_or(0);
+    logits.flatten_all()?.narrow(0, logits.elem_count() - vocab, vocab)?.to_dtype(DType::F32)
+}
+
+/// Feeds `tokens` as a `[1, n]` batch.
+fn input(tokens: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::new(tokens, device)?.unsqueeze(0)
+}

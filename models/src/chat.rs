@@ -1,0 +1,190 @@
+//! Chat templates from `tokenizer_config.json`, rendered with minijinja the way Hugging Face
+//! transformers renders them (`trim_blocks`, `lstrip_blocks`, `raise_exception`, Python string
+//! methods, `messages` / `add_generation_prompt` / `bos_token` / `eos_token`).
+
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// Why a chat prompt could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    #[error("the model has no chat template (tokenizer_config.json has no \"chat_template\")")]
+    NoTemplate,
+    #[error("tokenizer_config.json: {0}")]
+    Config(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+}
+
+/// A compiled chat template with the special tokens it may reference.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TemplateField {
+    One(String),
+    Named(Vec<NamedTemplate>),
+}
+
+#[derive(Deserialize)]
+struct NamedTemplate {
+    name: String,
+    template: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TokenField {
+    Text(String),
+    Added { content: String },
+}
+
+impl TokenField {
+    fn into_text(self) -> String {
+        match self {
+            TokenField::Text(s) | TokenField::Added { content: s } => s,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenizerConfig {
+    chat_template: Option<TemplateField>,
+    bos_token: Option<TokenField>,
+    eos_token: Option<TokenField>,
+}
+
+impl ChatTemplate {
+    /// Reads the template from `tokenizer_config.json` bytes.
+    pub fn from_tokenizer_config(bytes: &[u8]) -> Result<Self, ChatError> {
+        let cfg: TokenizerConfig =
+            serde_json::from_slice(bytes).map_err(|e| ChatError::Config(e.to_string()))?;
+        let source = match cfg.chat_template {
+            None => return Err(ChatError::NoTemplate),
+            Some(TemplateField::One(s)) => s,
+            Some(TemplateField::Named(list)) => list
+                .into_iter()
+                .find(|t| t.name == "default")
+                .map(|t| t.template)
+                .ok_or_else(|| ChatError::Config("no \"default\" chat template in the list".into()))?,
+        };
+        Self::new(
+            source,
+            cfg.bos_token.map(TokenField::into_text).unwrap_or_default(),
+            cfg.eos_token.map(TokenField::into_text).unwrap_or_default(),
+        )
+    }
+
+    /// Compiles a template.
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, ChatError> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", source)
+            .map_err(|e| ChatError::Template(e.to_string()))?;
+        Ok(ChatTemplate {
+            env,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Renders `messages`, ending with the assistant turn opener when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ChatError::Template(e.to_string()))?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        })
+        .map_err(|e| ChatError::Template(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn renders_chatml_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML.into(), String::new(), String::new()).unwrap();
+        let out = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let out = t.render(&[ChatMessage::new("user", "Hi")], false).unwrap();
+        assert!(!out.ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_transformers() {
+        let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let out = t.render(&[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")], false).unwrap();
+        assert_eq!(out, "    a\n    b\n");
+    }
+
+    #[test]
+    fn bos_eos_and_python_methods() {
+        let src = "{{ bos_token }}{% for m in messages %}{{ m.content.strip() | upper }}{% endfor %}{{ eos_token }}";
+        let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into()).unwrap();
+        assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")], false).unwrap(), "<s>HI</s>");
+    }
+
+    #[test]
+    fn raise_exception_is_an_error_not_a_panic() {
+        let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let err = t.render(&[ChatMessage::new("assistant", "x")], false).unwrap_err();
+        assert!(err.to_string().contains("first message must be from the user"), "{err}");
+    }
+
+    #[test]
+    fn tokenizer_config_variants() {
+        let cfg = br#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}], "bos_token": {"content": "<s>", "lstrip": false}}"#;
+        let t = ChatTemplate::from_tokenizer_config(cfg).unwrap();
+        assert_eq!(t.render(&[], false).unwrap(), "<s>D");
+        assert!(matches!(ChatTemplate::from_tokenizer_config(b"{}"), Err(ChatError::NoTemplate)));
+        assert!(matches!(ChatTemplate::from_tokenizer_config(b"[1"), Err(ChatError::Config(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}".into(), String::new(), String::new()),
+            Err(ChatError::Template(_))
+        ));
+    }
+}

@@ -1,0 +1,138 @@
+//! Sentence embeddings.
+
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+use crate::arch::{ArchError, Architecture, BertEncoder, Pooling, Task};
+use crate::load::{self, LoadError, LoadOptions};
+use crate::source::ModelSource;
+use crate::tokenizer::{self, TokenizerError};
+
+/// Inputs per forward pass: large enough to use the cores, small enough that one long text
+/// does not pad many short ones far.
+const BATCH: usize = 16;
+
+/// Why embedding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("input {index} has {tokens} tokens; the model accepts at most {max}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("model computation failed: {0}")]
+    Compute(String),
+}
+
+/// A loaded sentence-embedding model.
+pub struct Embedder {
+    encoder: BertEncoder,
+    tokenizer: Tokenizer,
+}
+
+#[derive(serde::Deserialize)]
+struct StConfig {
+    max_seq_length: Option<usize>,
+}
+
+#[derive(serde::Deserialize)]
+struct StModule {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+impl Embedder {
+    /// Builds the encoder; pooling and normalization follow the sentence-transformers config
+    /// (`modules.json`, the pooling config, `sentence_bert_config.json`); without one, mean
+    /// pooling and L2 normalization.
+    pub fn load(source: &Arc<ModelSource>, opts: &LoadOptions) -> Result<Self, LoadError> {
+        let parts = load::common(source, opts)?;
+        if parts.arch.task() != Task::Embeddings {
+            return Err(ArchError::WrongTask {
+                arch: parts.arch.name(),
+                task: "text-generation",
+                wanted: "embeddings",
+            }
+            .into());
+        }
+        debug_assert_eq!(parts.arch, Architecture::Bert);
+        let (pooling, normalize) = match source.aux_json::<Vec<StModule>>("modules.json")? {
+            None => (Pooling::Mean, true),
+            Some(modules) => {
+                let normalize = modules
+                    .iter()
+                    .any(|m| m.kind == "sentence_transformers.models.Normalize");
+                let pooling = match source.pooling_config_name()? {
+                    Some(name) => match source.aux_json::<serde_json::Value>(&name)? {
+                        Some(cfg) => Pooling::from_config(&cfg)?,
+                        None => Pooling::Mean,
+                    },
+                    None => Pooling::Mean,
+                };
+                (pooling, normalize)
+            }
+        };
+        let max_seq = source
+            .aux_json::<StConfig>("sentence_bert_config.json")?
+            .and_then(|c| c.max_seq_length);
+        let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
+        let encoder = BertEncoder::load(&parts.config, vb, pooling, normalize, max_seq)?;
+        Ok(Embedder {
+            encoder,
+            tokenizer: parts.tokenizer,
+        })
+    }
+
+    /// Embedding dimension.
+    pub fn dimension(&self) -> usize {
+        self.encoder.dimension()
+    }
+
+    /// Longest accepted input, in tokens.
+    pub fn max_tokens(&self) -> usize {
+        self.encoder.max_tokens()
+    }
+
+    /// Token count of each input (with special tokens), for usage accounting.
+    pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, EmbedError> {
+        let max = self.encoder.max_tokens();
+        texts
+            .iter()
+            .enumerate()
+            .map(|(index, t)| {
+                let ids = tokenizer::encode(&self.tokenizer, t, true)?;
+                if ids.len() > max {
+                    return Err(EmbedError::InputTooLong {
+                        index,
+                        tokens: ids.len(),
+                        max,
+                    });
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+
+    /// Embeds each text; one vector per input, in order.
+    pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let ids = self.tokenize(texts)?;
+        self.embed_ids(&ids)
+    }
+
+    /// Embeds already tokenized inputs (see [`Self::tokenize`]).
+    pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
+            let vectors = self
+                .encoder
+                .encode(chunk)
+                .map_err(|e| EmbedError::Compute(e.to_string()))?;
+            out.extend(vectors);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,107 @@
+//! A validated safetensors file, mapped read-only.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::header::{self, Header, Limits, TensorInfo};
+use super::HeaderError;
+use crate::fsutil::{self, OpenError};
+
+/// Why a safetensors file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SafetensorsError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("{path}: cannot map file: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Header { path: PathBuf, source: HeaderError },
+}
+
+impl SafetensorsError {
+    /// The header rejection, if that is what this is.
+    pub fn header_error(&self) -> Option<&HeaderError> {
+        match self {
+            SafetensorsError::Header { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// A safetensors file whose header has been validated, with its bytes mapped read-only.
+///
+/// The mapping is the single source of the file's bytes: hashing (for signature checks) and
+/// tensor loading both read from it, never from the path again.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+}
+
+impl SafetensorsFile {
+    /// Opens `path` (refusing symlinks and non-regular files), maps it and validates its header.
+    pub fn open(path: &Path, limits: &Limits) -> Result<Self, SafetensorsError> {
+        let file = fsutil::open_regular(path)?;
+        Self::from_file(path, file, limits)
+    }
+
+    /// Maps an already opened file and validates its header.
+    pub fn from_file(path: &Path, file: File, limits: &Limits) -> Result<Self, SafetensorsError> {
+        let header_err = |source| SafetensorsError::Header {
+            path: path.to_path_buf(),
+            source,
+        };
+        let len = file
+            .metadata()
+            .map_err(|source| SafetensorsError::Map {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        if len < 8 {
+            // mmap of an empty file fails with a confusing EINVAL; report the real problem.
+            return Err(header_err(HeaderError::FileTooSmall { len }));
+        }
+        // SAFETY: the file is opened read-only and mapped private read-only; we never create a
+        // mutable view. Another process truncating or rewriting the file while it is mapped is
+        // the residual risk documented in docs/threat-model.md (model files must not be writable
+        // by untrusted users); the signing layer hashes this same mapping before use.
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| SafetensorsError::Map {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let header = header::parse(&map, limits).map_err(header_err)?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            header,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The whole file, as mapped.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The bytes of one tensor of this file. Offsets were validated against the mapping length
+    /// when the header was parsed.
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
+        let start = (self.header.data_start() + info.begin) as usize;
+        let end = (self.header.data_start() + info.end) as usize;
+        &self.map[start..end]
+    }
+}

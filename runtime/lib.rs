@@ -1,0 +1,1 @@
+pub use securerun_models as models;
