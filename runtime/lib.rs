@@ -1,1 +1,28 @@
+//! securerun: a self-contained, secure, on-device inference runtime.
+//!
+//! As a library, securerun loads a model with the same strict checks as the `securerun` binary and
+//! runs it in process: generate text with a token stream, or embed sentences.
+//!
+//! ```no_run
+//! use std::ops::ControlFlow;
+//! use securerun::{open_text_model, GenerationParams, OpenOptions, Prompt};
+//!
+//! let mut model = open_text_model("models/smollm2".as_ref(), &OpenOptions::default())?;
+//! let out = model.generate(
+//!     &Prompt::Text("The capital of France is".into()),
+//!     &GenerationParams { max_tokens: 16, ..Default::default() },
+//!     &mut |piece| { print!("{piece}"); ControlFlow::Continue(()) },
+//! )?;
+//! println!("\n[{} tokens, finish: {}]", out.completion_tokens(), out.finish_reason.as_str());
+//! # Ok::<(), securerun::Error>(())
+//! ```
+
+pub mod cli;
+mod open;
+
+pub use open::{open_embedder, open_source, open_text_model, Error, OpenOptions};
 pub use securerun_models as models;
+pub use securerun_models::{
+    ChatMessage, Embedder, FinishReason, Generation, GenerationParams, Limits, Prompt,
+    SamplingParams, TextModel,
+};

@@ -1,0 +1,27 @@
+//! `securerun embed MODEL --text TEXT [--text TEXT ...]`
+
+use std::io::Write;
+
+use clap::Args;
+
+use super::{CmdResult, RunModelArgs};
+use crate::open_embedder;
+
+#[derive(Args)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    common: RunModelArgs,
+    /// Text to embed (repeat for several).
+    #[arg(long = "text", value_name = "TEXT", required = true)]
+    texts: Vec<String>,
+}
+
+pub fn run(args: EmbedArgs) -> CmdResult {
+    super::run::warn_unsigned(&args.common);
+    let embedder = open_embedder(&args.common.model.model, &args.common.open_options())?;
+    let vectors = embedder.embed(&args.texts)?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &vectors)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Command-line interface. Every failure is one line on stderr and a non-zero exit; nothing
+//! panics out to the user (a panic is caught and reported as an internal error).
+
+mod embed;
+mod inspect;
+mod pack;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{Limits, OpenOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "securerun",
+    version,
+    about = "Secure, self-contained on-device inference",
+    long_about = "Secure, self-contained on-device inference.\n\nMODEL is a Hugging Face-layout \
+                  directory (config.json, tokenizer.json, model.safetensors or a sharded index) \
+                  or a single .safetensors file made by `securerun pack`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's architecture, parameters, dtypes, tensors and metadata (runs nothing).
+    Inspect(inspect::InspectArgs),
+    /// Generate text; only the generated text goes to stdout.
+    Run(run::RunArgs),
+    /// Embed sentences; prints a JSON array of vectors.
+    Embed(embed::EmbedArgs),
+    /// Pack a model directory into one self-contained .safetensors file.
+    Pack(pack::PackArgs),
+}
+
+/// Options shared by every command that opens a model.
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model directory or .safetensors file.
+    model: PathBuf,
+    /// Largest safetensors JSON header accepted, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_header_len)]
+    max_header_bytes: u64,
+}
+
+impl ModelArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_header_len: self.max_header_bytes,
+            ..Limits::default()
+        }
+    }
+}
+
+/// Options of commands that run a model.
+#[derive(Args, Clone)]
+struct RunModelArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Run even if the model's signature cannot be verified. (Signature verification arrives
+    /// with model signing; until then this flag has no effect.)
+    #[arg(long)]
+    allow_unsigned: bool,
+}
+
+impl RunModelArgs {
+    fn open_options(&self) -> OpenOptions {
+        OpenOptions {
+            limits: self.model.limits(),
+            allow_unsigned: self.allow_unsigned,
+        }
+    }
+}
+
+type CmdResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> ExitCode {
+    // Panics are reported by the catch below as one line, not by the default hook's backtrace.
+    std::panic::set_hook(Box::new(|_| {}));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Pack(args) => pack::run(args),
+    });
+    match result {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", one_line(&*e));
+            ExitCode::FAILURE
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!("error: internal error: {}", sanitize(&msg));
+            ExitCode::from(70)
+        }
+    }
+}
+
+/// The error and its causes on one line, without repeating a cause already in the message.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    sanitize(&out)
+}
+
+fn sanitize(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
