@@ -1,0 +1,194 @@
+//! Every supported architecture loads from generated weights and decodes, and its KV cache gives
+//! the same tokens as recomputing the whole sequence; f16 and bf16 weights load too.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use candle_core::DType;
+use securerun_models::{
+    Embedder, GenerationParams, LoadOptions, ModelSource, Prompt, SamplingParams, TextModel,
+};
+
+fn load(dir: &std::path::Path) -> TextModel {
+    let opts = LoadOptions::default();
+    let source = Arc::new(ModelSource::open(dir, &opts.limits).unwrap());
+    TextModel::load(&source, &opts).unwrap()
+}
+
+fn greedy(n: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn check_cache_consistency(arch: &str, dtype: DType) {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), arch, dtype);
+    let mut model = load(tmp.path());
+    let prompt = model.prompt_ids(&Prompt::Text("hello world".into())).unwrap();
+    let out = model
+        .generate_from_ids(&prompt, &greedy(8), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.token_ids.len(), 8, "{arch}");
+    // Without a cache: each next token from a fresh prefill of the whole sequence so far.
+    let mut seq = prompt.clone();
+    for (i, &expected) in out.token_ids.iter().enumerate() {
+        let step = model
+            .generate_from_ids(&seq, &greedy(1), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(step.token_ids, vec![expected], "{arch} {dtype:?}: token {i} differs without KV cache");
+        seq.push(expected);
+    }
+    // Deterministic across runs.
+    let again = model
+        .generate_from_ids(&prompt, &greedy(8), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(again.token_ids, out.token_ids, "{arch}");
+}
+
+#[test]
+fn llama_f32() {
+    check_cache_consistency("llama", DType::F32);
+}
+
+#[test]
+fn llama_f16_and_bf16_weights() {
+    check_cache_consistency("llama", DType::F16);
+    check_cache_consistency("llama", DType::BF16);
+}
+
+#[test]
+fn mistral() {
+    check_cache_consistency("mistral", DType::F32);
+}
+
+#[test]
+fn qwen2() {
+    check_cache_consistency("qwen2", DType::BF16);
+}
+
+#[test]
+fn qwen3() {
+    check_cache_consistency("qwen3", DType::F32);
+}
+
+#[test]
+fn phi3() {
+    check_cache_consistency("phi3", DType::F16);
+}
+
+#[test]
+fn gemma2() {
+    check_cache_consistency("gemma2", DType::F32);
+}
+
+#[test]
+fn bert_embeddings_are_normalized_and_padding_invariant() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "bert", DType::F32);
+    let opts = LoadOptions::default();
+    let source = Arc::new(ModelSource::open(tmp.path(), &opts.limits).unwrap());
+    let e = Embedder::load(&source, &opts).unwrap();
+    assert_eq!(e.dimension(), 32);
+    let texts = vec!["short".to_string(), "a much longer input text here".to_string()];
+    let batch = e.embed(&texts).unwrap();
+    for v in &batch {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+    }
+    // Padding inside a batch must not change a vector.
+    let alone = e.embed(&texts[..1]).unwrap();
+    let diff: f32 = alone[0].iter().zip(&batch[0]).map(|(a, b)| (a - b).abs()).sum();
+    assert!(diff < 1e-4, "padding changed the embedding by {diff}");
+    // Over-long input is an error, not a silent truncation.
+    let long = vec!["x".repeat(500)];
+    assert!(matches!(
+        e.embed(&long),
+        Err(securerun_models::EmbedError::InputTooLong { index: 0, .. })
+    ));
+}
+
+#[test]
+fn chat_stop_strings_cancel_and_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let mut model = load(tmp.path());
+    let chat = Prompt::Chat(vec![securerun_models::ChatMessage::new("user", "hi")]);
+    let ids = model.prompt_ids(&chat).unwrap();
+    // ChatML specials are single tokens: <|im_start|> = 2.
+    assert_eq!(ids[0], 2);
+
+    // Cancellation from the callback stops at once.
+    let mut calls = 0;
+    let out = model
+        .generate(&Prompt::Text("abc".into()), &greedy(50), &mut |_| {
+            calls += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert_eq!(out.finish_reason, securerun_models::FinishReason::Cancelled);
+    assert_eq!(calls, 1);
+
+    // Streamed pieces concatenate to the final text.
+    let mut streamed = String::new();
+    let full = model
+        .generate(&Prompt::Text("abc".into()), &greedy(20), &mut |p| {
+            streamed.push_str(p);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(streamed, full.text);
+
+    // A stop string taken from the greedy text ends generation before it.
+    if full.text.chars().count() > 4 {
+        let stop: String = full.text.chars().skip(2).take(2).collect();
+        let mut params = greedy(20);
+        params.stop = vec![stop.clone()];
+        let out = model
+            .generate(&Prompt::Text("abc".into()), &params, &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(out.finish_reason, securerun_models::FinishReason::Stop);
+        assert!(!out.text.contains(&stop));
+        assert!(full.text.starts_with(&out.text));
+    }
+
+    // The context limit (128) is enforced.
+    let long = vec![5u32; 200];
+    assert!(matches!(
+        model.generate_from_ids(&long, &greedy(4), &mut |_| ControlFlow::Continue(())),
+        Err(securerun_models::GenerateError::PromptTooLong { prompt_tokens: 200, max_context: 128 })
+    ));
+    // Bad sampling parameters are refused up front.
+    let mut bad = greedy(4);
+    bad.sampling = SamplingParams { top_p: Some(1.5), temperature: 1.0, ..Default::default() };
+    assert!(matches!(
+        model.generate(&Prompt::Text("a".into()), &bad, &mut |_| ControlFlow::Continue(())),
+        Err(securerun_models::GenerateError::Params(_))
+    ));
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let mut model = load(tmp.path());
+    let mut params = greedy(16);
+    params.sampling = SamplingParams {
+        temperature: 1.5,
+        top_k: Some(50),
+        top_p: Some(0.95),
+        repetition_penalty: 1.1,
+        seed: 42,
+    };
+    let p = Prompt::Text("seed".into());
+    let a = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+    let b = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(a.token_ids, b.token_ids);
+    params.sampling.seed = 43;
+    let c = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_ne!(a.token_ids, c.token_ids, "different seeds should differ on a random model");
+}
