@@ -1,0 +1,198 @@
+//! The `securerun` binary as a user runs it: real models, malformed files, bad flags. Every
+//! failure must be one `error:` line on stderr with a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn securerun(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(args)
+        .output()
+        .expect("run securerun")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+/// Asserts a clean failure: non-zero, one `error:` line mentioning `needle`, no panic.
+fn assert_fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Greedy, 16 tokens: the README's example. Must equal transformers' first 16 tokens decoded.
+#[test]
+fn run_matches_transformers_and_packed_file_matches_directory() {
+    let dir = common::smollm2();
+    let args = ["--prompt", "The capital of France is", "--max-tokens", "16", "--temperature", "0"];
+    let mut cmd = vec!["run", p(&dir)];
+    cmd.extend(args);
+    let from_dir = securerun(&cmd);
+    assert!(from_dir.status.success(), "{}", stderr(&from_dir));
+    assert_eq!(stderr(&from_dir), "", "nothing but generated text by default");
+
+    let model = securerun::open_text_model(&dir, &Default::default()).unwrap();
+    let reference = common::reference("smollm2.json");
+    let ids: Vec<u32> = serde_json::from_value(reference["cases"][0]["generated_ids"].clone()).unwrap();
+    let expected = model.tokenizer().decode(&ids[..16], true).unwrap();
+    assert_eq!(stdout(&from_dir), expected);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let packed = tmp.path().join("smollm2.safetensors");
+    let pack = securerun(&["pack", p(&dir), "--out", p(&packed)]);
+    assert!(pack.status.success(), "{}", stderr(&pack));
+    let mut cmd = vec!["run", p(&packed)];
+    cmd.extend(args);
+    let from_file = securerun(&cmd);
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(stdout(&from_file), stdout(&from_dir));
+
+    // Packing again without --force refuses and leaves the file alone.
+    assert_fails_with(&securerun(&["pack", p(&dir), "--out", p(&packed)]), "--force");
+
+    let inspect = securerun(&["inspect", p(&packed)]);
+    let text = stdout(&inspect);
+    assert!(text.contains("architecture: llama") && text.contains("embedded"), "{text}");
+}
+
+#[test]
+fn chat_run_answers_like_transformers() {
+    let o = securerun(&[
+        "run", p(&common::smollm2()), "--chat", "--prompt", "What is the capital of France?",
+        "--temperature", "0", "--max-tokens", "40",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "The capital of France is Paris.");
+}
+
+#[test]
+fn embed_prints_json_vectors_matching_sentence_transformers() {
+    let o = securerun(&[
+        "embed", p(&common::minilm()), "--text", "A man is eating food.",
+        "--text", "A man is eating a piece of bread.",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let vectors: Vec<Vec<f32>> = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(vectors.len(), 2);
+    let reference = common::reference("minilm.json");
+    for (i, v) in vectors.iter().enumerate() {
+        let expected: Vec<f64> = serde_json::from_value(reference["cases"][i]["embedding"].clone()).unwrap();
+        assert!(common::cosine(v, &expected) >= 0.9999);
+    }
+}
+
+#[test]
+fn inspect_describes_a_real_model_and_a_bare_file() {
+    let o = securerun(&["inspect", p(&common::minilm()), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["architecture"], "bert");
+    // 22,713,216 weights plus the 512-entry I64 position_ids buffer.
+    assert_eq!(r["parameters"], 22713728);
+    assert_eq!(r["dtypes"]["I64"]["parameters"], 512);
+    assert_eq!(r["dtypes"]["F32"]["tensors"], 103);
+
+    // A bare safetensors file with no config anywhere near it still inspects.
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("bare.safetensors");
+    write_file(&bare, r#"{"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}"#, 12);
+    let o = securerun(&["inspect", p(&bare)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("parameters:   6") && text.contains("unknown") && text.contains("F16"), "{text}");
+}
+
+fn write_file(path: &Path, header: &str, data_len: usize) {
+    let mut v = (header.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(header.as_bytes());
+    v.extend(std::iter::repeat_n(0u8, data_len));
+    std::fs::write(path, v).unwrap();
+}
+
+/// Each malformed-file class: `inspect` exits non-zero with its own specific message.
+#[test]
+fn inspect_rejects_each_malformed_class_specifically() {
+    let t = |n: &str, d: &str, s: &str, o: &str| {
+        format!(r#""{n}":{{"dtype":"{d}","shape":{s},"data_offsets":{o}}}"#)
+    };
+    let cases: Vec<(&str, String, usize, &str)> = vec![
+        ("not-object", "[1]".into(), 0, "does not start with '{'"),
+        ("bad-json", "{\"a\":".into(), 0, "not valid JSON"),
+        ("duplicate", format!("{{{},{}}}", t("a", "U8", "[1]", "[0,1]"), t("a", "U8", "[1]", "[1,2]")), 2, "appears more than once"),
+        ("gap", format!("{{{}}}", t("a", "U8", "[1]", "[1,2]")), 2, "gap in data section"),
+        ("overlap", format!("{{{},{}}}", t("a", "U8", "[2]", "[0,2]"), t("b", "U8", "[2]", "[1,3]")), 3, "overlaps tensor \"a\""),
+        ("trailing", format!("{{{}}}", t("a", "U8", "[1]", "[0,1]")), 5, "4 trailing bytes"),
+        ("size", format!("{{{}}}", t("a", "F32", "[2]", "[0,4]")), 4, "need 8 bytes"),
+        ("overflow", format!("{{{}}}", t("a", "F64", "[4294967296,4294967296]", "[0,8]")), 8, "overflows"),
+        ("oob", format!("{{{}}}", t("a", "U8", "[9]", "[0,9]")), 4, "past the 4-byte data section"),
+        ("rank", format!("{{{}}}", t("a", "U8", "[1,1,1,1,1,1,1,1,1]", "[0,1]")), 1, "rank 9"),
+        ("dtype", format!("{{{}}}", t("a", "Q4", "[1]", "[0,1]")), 1, "unsupported dtype \"Q4\""),
+        ("metadata", r#"{"__metadata__":{"k":5}}"#.into(), 0, "__metadata__ must be"),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, header, data, needle) in cases {
+        let path = tmp.path().join(format!("{name}.safetensors"));
+        write_file(&path, &header, data);
+        assert_fails_with(&securerun(&["inspect", p(&path)]), needle);
+    }
+    let small = tmp.path().join("small.safetensors");
+    std::fs::write(&small, [1, 2, 3]).unwrap();
+    assert_fails_with(&securerun(&["inspect", p(&small)]), "too small");
+    let huge = tmp.path().join("huge.safetensors");
+    let mut v = (1u64 << 40).to_le_bytes().to_vec();
+    v.extend_from_slice(b"{}");
+    std::fs::write(&huge, v).unwrap();
+    assert_fails_with(&securerun(&["inspect", p(&huge)]), "exceeds the limit");
+    // The header cap is configurable from the command line.
+    let ok = tmp.path().join("ok.safetensors");
+    write_file(&ok, &format!("{{{}}}", t("a", "U8", "[1]", "[0,1]")), 1);
+    assert_fails_with(&securerun(&["inspect", p(&ok), "--max-header-bytes", "8"]), "exceeds the limit of 8");
+}
+
+#[test]
+fn bad_inputs_are_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing");
+    assert_fails_with(&securerun(&["inspect", p(&missing)]), "No such file");
+    assert_fails_with(&securerun(&["run", p(tmp.path()), "--prompt", "x"]), "no model.safetensors");
+    // An embedding model cannot generate, and a generator cannot embed.
+    assert_fails_with(&securerun(&["run", p(&common::minilm()), "--prompt", "x"]), "not usable for text generation");
+    assert_fails_with(&securerun(&["embed", p(&common::smollm2()), "--text", "x"]), "not usable for embeddings");
+    assert_fails_with(
+        &securerun(&["run", p(&common::smollm2()), "--prompt", "x", "--top-p", "2", "--temperature", "1"]),
+        "top_p",
+    );
+    // A directory of a bare file with no config or tokenizer.
+    let bare = tmp.path().join("bare.safetensors");
+    write_file(&bare, r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1);
+    assert_fails_with(&securerun(&["run", p(&bare), "--prompt", "x"]), "no config.json");
+    // Flag errors come from clap, with exit status 2.
+    let o = securerun(&["run", p(&common::smollm2())]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--prompt"));
+}
+
+#[test]
+fn allow_unsigned_warns_on_stderr() {
+    let o = securerun(&[
+        "embed", p(&common::minilm()), "--text", "hi", "--allow-unsigned",
+    ]);
+    assert!(o.status.success());
+    assert!(stderr(&o).starts_with("warning: --allow-unsigned"), "{}", stderr(&o));
+}

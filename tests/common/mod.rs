@@ -1,0 +1,39 @@
+//! Shared helpers for the integration tests: where the real models are, the reference outputs.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The directory `scripts/fetch-models.sh` fills (or `$SECURERUN_MODELS_DIR`).
+pub fn models_dir() -> PathBuf {
+    let dir = std::env::var_os("SECURERUN_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models"));
+    assert!(
+        dir.join("smollm2-135m-instruct/model.safetensors").is_file()
+            && dir.join("all-minilm-l6-v2/model.safetensors").is_file(),
+        "real models missing in {}: run scripts/fetch-models.sh first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn smollm2() -> PathBuf {
+    models_dir().join("smollm2-135m-instruct")
+}
+
+pub fn minilm() -> PathBuf {
+    models_dir().join("all-minilm-l6-v2")
+}
+
+pub fn reference(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
