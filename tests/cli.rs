@@ -24,8 +24,14 @@ fn stderr(o: &Output) -> String {
 /// Asserts a clean failure: non-zero, one `error:` line mentioning `needle`, no panic.
 fn assert_fails_with(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success; stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
@@ -40,16 +46,28 @@ fn p(path: &Path) -> &str {
 #[test]
 fn run_matches_transformers_and_packed_file_matches_directory() {
     let dir = common::smollm2();
-    let args = ["--prompt", "The capital of France is", "--max-tokens", "16", "--temperature", "0"];
+    let args = [
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+    ];
     let mut cmd = vec!["run", p(&dir)];
     cmd.extend(args);
     let from_dir = securerun(&cmd);
     assert!(from_dir.status.success(), "{}", stderr(&from_dir));
-    assert_eq!(stderr(&from_dir), "", "nothing but generated text by default");
+    assert_eq!(
+        stderr(&from_dir),
+        "",
+        "nothing but generated text by default"
+    );
 
     let model = securerun::open_text_model(&dir, &Default::default()).unwrap();
     let reference = common::reference("smollm2.json");
-    let ids: Vec<u32> = serde_json::from_value(reference["cases"][0]["generated_ids"].clone()).unwrap();
+    let ids: Vec<u32> =
+        serde_json::from_value(reference["cases"][0]["generated_ids"].clone()).unwrap();
     let expected = model.tokenizer().decode(&ids[..16], true).unwrap();
     assert_eq!(stdout(&from_dir), expected);
 
@@ -64,18 +82,31 @@ fn run_matches_transformers_and_packed_file_matches_directory() {
     assert_eq!(stdout(&from_file), stdout(&from_dir));
 
     // Packing again without --force refuses and leaves the file alone.
-    assert_fails_with(&securerun(&["pack", p(&dir), "--out", p(&packed)]), "--force");
+    assert_fails_with(
+        &securerun(&["pack", p(&dir), "--out", p(&packed)]),
+        "--force",
+    );
 
     let inspect = securerun(&["inspect", p(&packed)]);
     let text = stdout(&inspect);
-    assert!(text.contains("architecture: llama") && text.contains("embedded"), "{text}");
+    assert!(
+        text.contains("architecture: llama") && text.contains("embedded"),
+        "{text}"
+    );
 }
 
 #[test]
 fn chat_run_answers_like_transformers() {
     let o = securerun(&[
-        "run", p(&common::smollm2()), "--chat", "--prompt", "What is the capital of France?",
-        "--temperature", "0", "--max-tokens", "40",
+        "run",
+        p(&common::smollm2()),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "The capital of France is Paris.");
@@ -84,15 +115,20 @@ fn chat_run_answers_like_transformers() {
 #[test]
 fn embed_prints_json_vectors_matching_sentence_transformers() {
     let o = securerun(&[
-        "embed", p(&common::minilm()), "--text", "A man is eating food.",
-        "--text", "A man is eating a piece of bread.",
+        "embed",
+        p(&common::minilm()),
+        "--text",
+        "A man is eating food.",
+        "--text",
+        "A man is eating a piece of bread.",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let vectors: Vec<Vec<f32>> = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(vectors.len(), 2);
     let reference = common::reference("minilm.json");
     for (i, v) in vectors.iter().enumerate() {
-        let expected: Vec<f64> = serde_json::from_value(reference["cases"][i]["embedding"].clone()).unwrap();
+        let expected: Vec<f64> =
+            serde_json::from_value(reference["cases"][i]["embedding"].clone()).unwrap();
         assert!(common::cosine(v, &expected) >= 0.9999);
     }
 }
@@ -111,11 +147,18 @@ fn inspect_describes_a_real_model_and_a_bare_file() {
     // A bare safetensors file with no config anywhere near it still inspects.
     let tmp = tempfile::tempdir().unwrap();
     let bare = tmp.path().join("bare.safetensors");
-    write_file(&bare, r#"{"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}"#, 12);
+    write_file(
+        &bare,
+        r#"{"w":{"dtype":"F16","shape":[2,3],"data_offsets":[0,12]}}"#,
+        12,
+    );
     let o = securerun(&["inspect", p(&bare)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
-    assert!(text.contains("parameters:   6") && text.contains("unknown") && text.contains("F16"), "{text}");
+    assert!(
+        text.contains("parameters:   6") && text.contains("unknown") && text.contains("F16"),
+        "{text}"
+    );
 }
 
 fn write_file(path: &Path, header: &str, data_len: usize) {
@@ -134,16 +177,74 @@ fn inspect_rejects_each_malformed_class_specifically() {
     let cases: Vec<(&str, String, usize, &str)> = vec![
         ("not-object", "[1]".into(), 0, "does not start with '{'"),
         ("bad-json", "{\"a\":".into(), 0, "not valid JSON"),
-        ("duplicate", format!("{{{},{}}}", t("a", "U8", "[1]", "[0,1]"), t("a", "U8", "[1]", "[1,2]")), 2, "appears more than once"),
-        ("gap", format!("{{{}}}", t("a", "U8", "[1]", "[1,2]")), 2, "gap in data section"),
-        ("overlap", format!("{{{},{}}}", t("a", "U8", "[2]", "[0,2]"), t("b", "U8", "[2]", "[1,3]")), 3, "overlaps tensor \"a\""),
-        ("trailing", format!("{{{}}}", t("a", "U8", "[1]", "[0,1]")), 5, "4 trailing bytes"),
-        ("size", format!("{{{}}}", t("a", "F32", "[2]", "[0,4]")), 4, "need 8 bytes"),
-        ("overflow", format!("{{{}}}", t("a", "F64", "[4294967296,4294967296]", "[0,8]")), 8, "overflows"),
-        ("oob", format!("{{{}}}", t("a", "U8", "[9]", "[0,9]")), 4, "past the 4-byte data section"),
-        ("rank", format!("{{{}}}", t("a", "U8", "[1,1,1,1,1,1,1,1,1]", "[0,1]")), 1, "rank 9"),
-        ("dtype", format!("{{{}}}", t("a", "Q4", "[1]", "[0,1]")), 1, "unsupported dtype \"Q4\""),
-        ("metadata", r#"{"__metadata__":{"k":5}}"#.into(), 0, "__metadata__ must be"),
+        (
+            "duplicate",
+            format!(
+                "{{{},{}}}",
+                t("a", "U8", "[1]", "[0,1]"),
+                t("a", "U8", "[1]", "[1,2]")
+            ),
+            2,
+            "appears more than once",
+        ),
+        (
+            "gap",
+            format!("{{{}}}", t("a", "U8", "[1]", "[1,2]")),
+            2,
+            "gap in data section",
+        ),
+        (
+            "overlap",
+            format!(
+                "{{{},{}}}",
+                t("a", "U8", "[2]", "[0,2]"),
+                t("b", "U8", "[2]", "[1,3]")
+            ),
+            3,
+            "overlaps tensor \"a\"",
+        ),
+        (
+            "trailing",
+            format!("{{{}}}", t("a", "U8", "[1]", "[0,1]")),
+            5,
+            "4 trailing bytes",
+        ),
+        (
+            "size",
+            format!("{{{}}}", t("a", "F32", "[2]", "[0,4]")),
+            4,
+            "need 8 bytes",
+        ),
+        (
+            "overflow",
+            format!("{{{}}}", t("a", "F64", "[4294967296,4294967296]", "[0,8]")),
+            8,
+            "overflows",
+        ),
+        (
+            "oob",
+            format!("{{{}}}", t("a", "U8", "[9]", "[0,9]")),
+            4,
+            "past the 4-byte data section",
+        ),
+        (
+            "rank",
+            format!("{{{}}}", t("a", "U8", "[1,1,1,1,1,1,1,1,1]", "[0,1]")),
+            1,
+            "rank 9",
+        ),
+        (
+            "dtype",
+            format!("{{{}}}", t("a", "Q4", "[1]", "[0,1]")),
+            1,
+            "unsupported dtype \"Q4\"",
+        ),
+        (
+            "metadata",
+            r#"{"__metadata__":{"k":5}}"#.into(),
+            0,
+            "__metadata__ must be",
+        ),
     ];
     let tmp = tempfile::tempdir().unwrap();
     for (name, header, data, needle) in cases {
@@ -162,7 +263,10 @@ fn inspect_rejects_each_malformed_class_specifically() {
     // The header cap is configurable from the command line.
     let ok = tmp.path().join("ok.safetensors");
     write_file(&ok, &format!("{{{}}}", t("a", "U8", "[1]", "[0,1]")), 1);
-    assert_fails_with(&securerun(&["inspect", p(&ok), "--max-header-bytes", "8"]), "exceeds the limit of 8");
+    assert_fails_with(
+        &securerun(&["inspect", p(&ok), "--max-header-bytes", "8"]),
+        "exceeds the limit of 8",
+    );
 }
 
 #[test]
@@ -170,18 +274,43 @@ fn bad_inputs_are_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing");
     assert_fails_with(&securerun(&["inspect", p(&missing)]), "No such file");
-    assert_fails_with(&securerun(&["run", p(tmp.path()), "--prompt", "x"]), "no model.safetensors");
-    // An embedding model cannot generate, and a generator cannot embed.
-    assert_fails_with(&securerun(&["run", p(&common::minilm()), "--prompt", "x"]), "not usable for text generation");
-    assert_fails_with(&securerun(&["embed", p(&common::smollm2()), "--text", "x"]), "not usable for embeddings");
     assert_fails_with(
-        &securerun(&["run", p(&common::smollm2()), "--prompt", "x", "--top-p", "2", "--temperature", "1"]),
+        &securerun(&["run", p(tmp.path()), "--prompt", "x"]),
+        "no model.safetensors",
+    );
+    // An embedding model cannot generate, and a generator cannot embed.
+    assert_fails_with(
+        &securerun(&["run", p(&common::minilm()), "--prompt", "x"]),
+        "not usable for text generation",
+    );
+    assert_fails_with(
+        &securerun(&["embed", p(&common::smollm2()), "--text", "x"]),
+        "not usable for embeddings",
+    );
+    assert_fails_with(
+        &securerun(&[
+            "run",
+            p(&common::smollm2()),
+            "--prompt",
+            "x",
+            "--top-p",
+            "2",
+            "--temperature",
+            "1",
+        ]),
         "top_p",
     );
     // A directory of a bare file with no config or tokenizer.
     let bare = tmp.path().join("bare.safetensors");
-    write_file(&bare, r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1);
-    assert_fails_with(&securerun(&["run", p(&bare), "--prompt", "x"]), "no config.json");
+    write_file(
+        &bare,
+        r#"{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
+        1,
+    );
+    assert_fails_with(
+        &securerun(&["run", p(&bare), "--prompt", "x"]),
+        "no config.json",
+    );
     // Flag errors come from clap, with exit status 2.
     let o = securerun(&["run", p(&common::smollm2())]);
     assert_eq!(o.status.code(), Some(2));
@@ -191,8 +320,16 @@ fn bad_inputs_are_one_clear_line() {
 #[test]
 fn allow_unsigned_warns_on_stderr() {
     let o = securerun(&[
-        "embed", p(&common::minilm()), "--text", "hi", "--allow-unsigned",
+        "embed",
+        p(&common::minilm()),
+        "--text",
+        "hi",
+        "--allow-unsigned",
     ]);
     assert!(o.status.success());
-    assert!(stderr(&o).starts_with("warning: --allow-unsigned"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("warning: --allow-unsigned"),
+        "{}",
+        stderr(&o)
+    );
 }

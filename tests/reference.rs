@@ -6,7 +6,9 @@ mod common;
 use std::ops::ControlFlow;
 
 use securerun::models::detok::Detokenizer;
-use securerun::{open_embedder, open_text_model, ChatMessage, GenerationParams, OpenOptions, Prompt};
+use securerun::{
+    open_embedder, open_text_model, ChatMessage, GenerationParams, OpenOptions, Prompt,
+};
 
 #[test]
 fn smollm2_greedy_decoding_matches_transformers() {
@@ -17,28 +19,56 @@ fn smollm2_greedy_decoding_matches_transformers() {
     for case in reference["cases"].as_array().unwrap() {
         let text = case["prompt"].as_str().unwrap().to_string();
         let prompt = if case["chat"].as_bool().unwrap() {
-            let rendered = model.render_chat(&[ChatMessage::new("user", text.clone())]).unwrap();
-            assert_eq!(rendered, case["rendered_prompt"].as_str().unwrap(), "chat template for {text:?}");
+            let rendered = model
+                .render_chat(&[ChatMessage::new("user", text.clone())])
+                .unwrap();
+            assert_eq!(
+                rendered,
+                case["rendered_prompt"].as_str().unwrap(),
+                "chat template for {text:?}"
+            );
             Prompt::Chat(vec![ChatMessage::new("user", text.clone())])
         } else {
             Prompt::Text(text.clone())
         };
         let ids: Vec<u32> = serde_json::from_value(case["prompt_ids"].clone()).unwrap();
-        assert_eq!(model.prompt_ids(&prompt).unwrap(), ids, "prompt ids for {text:?}");
+        assert_eq!(
+            model.prompt_ids(&prompt).unwrap(),
+            ids,
+            "prompt ids for {text:?}"
+        );
 
         let expected: Vec<u32> = serde_json::from_value(case["generated_ids"].clone()).unwrap();
-        let params = GenerationParams { max_tokens: max_new, ..Default::default() };
-        let out = model.generate(&prompt, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+        let params = GenerationParams {
+            max_tokens: max_new,
+            ..Default::default()
+        };
+        let out = model
+            .generate(&prompt, &params, &mut |_| ControlFlow::Continue(()))
+            .unwrap();
         // transformers includes the EOS token in its output; we stop before it.
-        let expected_without_eos: Vec<u32> =
-            expected.iter().copied().filter(|t| !model.eos_ids().contains(t)).collect();
-        assert_eq!(out.token_ids, expected_without_eos, "generated ids for {text:?}");
-        assert_eq!(out.text, case["generated_text"].as_str().unwrap(), "text for {text:?}");
+        let expected_without_eos: Vec<u32> = expected
+            .iter()
+            .copied()
+            .filter(|t| !model.eos_ids().contains(t))
+            .collect();
+        assert_eq!(
+            out.token_ids, expected_without_eos,
+            "generated ids for {text:?}"
+        );
+        assert_eq!(
+            out.text,
+            case["generated_text"].as_str().unwrap(),
+            "text for {text:?}"
+        );
         if out.token_ids.len() >= 32 {
             long_cases += 1;
         }
     }
-    assert!(long_cases >= 5, "need >= 5 cases of >= 32 tokens, got {long_cases}");
+    assert!(
+        long_cases >= 5,
+        "need >= 5 cases of >= 32 tokens, got {long_cases}"
+    );
 }
 
 #[test]
@@ -46,7 +76,10 @@ fn minilm_embeddings_match_sentence_transformers() {
     let reference = common::reference("minilm.json");
     let embedder = open_embedder(&common::minilm(), &OpenOptions::default()).unwrap();
     let cases = reference["cases"].as_array().unwrap();
-    let texts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
     let ours = embedder.embed(&texts).unwrap();
     for (case, v) in cases.iter().zip(&ours) {
         let expected: Vec<f64> = serde_json::from_value(case["embedding"].clone()).unwrap();
@@ -68,7 +101,10 @@ fn incremental_detokenization_never_breaks_utf8() {
     let mut out = String::new();
     for id in ids {
         if let Some(piece) = detok.push(tok, id).unwrap() {
-            assert!(!piece.contains('\u{FFFD}'), "broken character in piece {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "broken character in piece {piece:?}"
+            );
             out.push_str(&piece);
         }
     }

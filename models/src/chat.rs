@@ -87,7 +87,9 @@ impl ChatTemplate {
                 .into_iter()
                 .find(|t| t.name == "default")
                 .map(|t| t.template)
-                .ok_or_else(|| ChatError::Config("no \"default\" chat template in the list".into()))?,
+                .ok_or_else(|| {
+                    ChatError::Config("no \"default\" chat template in the list".into())
+                })?,
         };
         Self::new(
             source,
@@ -102,9 +104,12 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat", source)
             .map_err(|e| ChatError::Template(e.to_string()))?;
         Ok(ChatTemplate {
@@ -156,7 +161,12 @@ mod tests {
     fn trim_and_lstrip_blocks_like_transformers() {
         let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
-        let out = t.render(&[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")], false).unwrap();
+        let out = t
+            .render(
+                &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+                false,
+            )
+            .unwrap();
         assert_eq!(out, "    a\n    b\n");
     }
 
@@ -164,15 +174,25 @@ mod tests {
     fn bos_eos_and_python_methods() {
         let src = "{{ bos_token }}{% for m in messages %}{{ m.content.strip() | upper }}{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into()).unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")], false).unwrap(), "<s>HI</s>");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi ")], false)
+                .unwrap(),
+            "<s>HI</s>"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error_not_a_panic() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}";
         let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
-        let err = t.render(&[ChatMessage::new("assistant", "x")], false).unwrap_err();
-        assert!(err.to_string().contains("first message must be from the user"), "{err}");
+        let err = t
+            .render(&[ChatMessage::new("assistant", "x")], false)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("first message must be from the user"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -180,8 +200,14 @@ mod tests {
         let cfg = br#"{"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "{{ bos_token }}D"}], "bos_token": {"content": "<s>", "lstrip": false}}"#;
         let t = ChatTemplate::from_tokenizer_config(cfg).unwrap();
         assert_eq!(t.render(&[], false).unwrap(), "<s>D");
-        assert!(matches!(ChatTemplate::from_tokenizer_config(b"{}"), Err(ChatError::NoTemplate)));
-        assert!(matches!(ChatTemplate::from_tokenizer_config(b"[1"), Err(ChatError::Config(_))));
+        assert!(matches!(
+            ChatTemplate::from_tokenizer_config(b"{}"),
+            Err(ChatError::NoTemplate)
+        ));
+        assert!(matches!(
+            ChatTemplate::from_tokenizer_config(b"[1"),
+            Err(ChatError::Config(_))
+        ));
         assert!(matches!(
             ChatTemplate::new("{% for %}".into(), String::new(), String::new()),
             Err(ChatError::Template(_))

@@ -79,7 +79,7 @@ pub fn report(source: &ModelSource) -> ModelReport {
             bytes: t.end - t.begin,
         });
     }
-    tensors.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
+    tensors.sort_by_cached_key(|t| natural_key(&t.name));
     let files = source
         .weight_files()
         .iter()

@@ -77,7 +77,9 @@ pub(crate) fn common(source: &Arc<ModelSource>, opts: &LoadOptions) -> Result<Co
         arch,
         config,
         tokenizer,
-        dtype: opts.dtype.unwrap_or_else(|| default_dtype(source, &opts.device)),
+        dtype: opts
+            .dtype
+            .unwrap_or_else(|| default_dtype(source, &opts.device)),
     })
 }
 
@@ -120,9 +122,10 @@ pub(crate) fn eos_ids(source: &ModelSource, tok: &Tokenizer) -> Vec<u32> {
     if let Ok(Some(v)) = source.aux_json::<serde_json::Value>("tokenizer_config.json") {
         let token = match v.get("eos_token") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => {
-                o.get("content").and_then(|c| c.as_str()).map(str::to_string)
-            }
+            Some(serde_json::Value::Object(o)) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             _ => None,
         };
         if let Some(id) = token.and_then(|t| tok.token_to_id(&t)) {

@@ -33,7 +33,10 @@ impl SamplingParams {
     /// Checks ranges, so nonsense values are a clear error rather than NaN probabilities.
     pub fn validate(&self) -> Result<(), String> {
         if !self.temperature.is_finite() || !(0.0..=100.0).contains(&self.temperature) {
-            return Err(format!("temperature must be in [0, 100], got {}", self.temperature));
+            return Err(format!(
+                "temperature must be in [0, 100], got {}",
+                self.temperature
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
@@ -43,7 +46,9 @@ impl SamplingParams {
         if self.top_k == Some(0) {
             return Err("top_k must be at least 1".into());
         }
-        if !self.repetition_penalty.is_finite() || !(0.01..=100.0).contains(&self.repetition_penalty) {
+        if !self.repetition_penalty.is_finite()
+            || !(0.01..=100.0).contains(&self.repetition_penalty)
+        {
             return Err(format!(
                 "repetition_penalty must be in [0.01, 100], got {}",
                 self.repetition_penalty

@@ -70,7 +70,9 @@ pub enum SourceError {
     },
     #[error("{dir}: no {WEIGHTS_FILE} or {INDEX_FILE} in this directory")]
     NoWeights { dir: PathBuf },
-    #[error("{dir}: both {WEIGHTS_FILE} and {INDEX_FILE} exist; refusing to guess which is the model")]
+    #[error(
+        "{dir}: both {WEIGHTS_FILE} and {INDEX_FILE} exist; refusing to guess which is the model"
+    )]
     AmbiguousWeights { dir: PathBuf },
     #[error(transparent)]
     Open(#[from] OpenError),
@@ -361,7 +363,12 @@ fn open_shards(
     limits: &Limits,
 ) -> Result<Vec<SafetensorsFile>, SourceError> {
     let raw = parse_index(index_path, bytes)?;
-    let mut shard_names: Vec<&str> = raw.weight_map.entries.iter().map(|(_, s)| s.as_str()).collect();
+    let mut shard_names: Vec<&str> = raw
+        .weight_map
+        .entries
+        .iter()
+        .map(|(_, s)| s.as_str())
+        .collect();
     shard_names.sort_unstable();
     shard_names.dedup();
     let mut files = Vec::with_capacity(shard_names.len());

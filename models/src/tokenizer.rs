@@ -18,7 +18,8 @@ pub enum TokenizerError {
 /// Parses `tokenizer.json` bytes. Truncation and padding baked into the file are switched off:
 /// a silently truncated prompt is a wrong answer, and padding is the caller's business.
 pub fn load(bytes: &[u8]) -> Result<Tokenizer, TokenizerError> {
-    let mut tok = Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
+    let mut tok =
+        Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
     tok.with_padding(None);
     tok.with_truncation(None)
         .map_err(|e| TokenizerError::Invalid(e.to_string()))?;

@@ -35,7 +35,10 @@ impl SourceBackend {
             candle_core::bail!("tensor {name:?} is missing from the model")
         };
         let Some(dtype) = candle_dtype(info.dtype) else {
-            candle_core::bail!("tensor {name:?} has dtype {} which cannot be loaded", info.dtype)
+            candle_core::bail!(
+                "tensor {name:?} has dtype {} which cannot be loaded",
+                info.dtype
+            )
         };
         Tensor::from_raw_buffer(file.tensor_bytes(info), dtype, &info.shape, dev)
     }

@@ -29,7 +29,9 @@ fn check_cache_consistency(arch: &str, dtype: DType) {
     let tmp = tempfile::tempdir().unwrap();
     common::write_model(tmp.path(), arch, dtype);
     let mut model = load(tmp.path());
-    let prompt = model.prompt_ids(&Prompt::Text("hello world".into())).unwrap();
+    let prompt = model
+        .prompt_ids(&Prompt::Text("hello world".into()))
+        .unwrap();
     let out = model
         .generate_from_ids(&prompt, &greedy(8), &mut |_| ControlFlow::Continue(()))
         .unwrap();
@@ -40,7 +42,11 @@ fn check_cache_consistency(arch: &str, dtype: DType) {
         let step = model
             .generate_from_ids(&seq, &greedy(1), &mut |_| ControlFlow::Continue(()))
             .unwrap();
-        assert_eq!(step.token_ids, vec![expected], "{arch} {dtype:?}: token {i} differs without KV cache");
+        assert_eq!(
+            step.token_ids,
+            vec![expected],
+            "{arch} {dtype:?}: token {i} differs without KV cache"
+        );
         seq.push(expected);
     }
     // Deterministic across runs.
@@ -94,7 +100,10 @@ fn bert_embeddings_are_normalized_and_padding_invariant() {
     let source = Arc::new(ModelSource::open(tmp.path(), &opts.limits).unwrap());
     let e = Embedder::load(&source, &opts).unwrap();
     assert_eq!(e.dimension(), 32);
-    let texts = vec!["short".to_string(), "a much longer input text here".to_string()];
+    let texts = vec![
+        "short".to_string(),
+        "a much longer input text here".to_string(),
+    ];
     let batch = e.embed(&texts).unwrap();
     for v in &batch {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -102,7 +111,11 @@ fn bert_embeddings_are_normalized_and_padding_invariant() {
     }
     // Padding inside a batch must not change a vector.
     let alone = e.embed(&texts[..1]).unwrap();
-    let diff: f32 = alone[0].iter().zip(&batch[0]).map(|(a, b)| (a - b).abs()).sum();
+    let diff: f32 = alone[0]
+        .iter()
+        .zip(&batch[0])
+        .map(|(a, b)| (a - b).abs())
+        .sum();
     assert!(diff < 1e-4, "padding changed the embedding by {diff}");
     // Over-long input is an error, not a silent truncation.
     let long = vec!["x".repeat(500)];
@@ -149,7 +162,9 @@ fn chat_stop_strings_cancel_and_limits() {
         let mut params = greedy(20);
         params.stop = vec![stop.clone()];
         let out = model
-            .generate(&Prompt::Text("abc".into()), &params, &mut |_| ControlFlow::Continue(()))
+            .generate(&Prompt::Text("abc".into()), &params, &mut |_| {
+                ControlFlow::Continue(())
+            })
             .unwrap();
         assert_eq!(out.finish_reason, securerun_models::FinishReason::Stop);
         assert!(!out.text.contains(&stop));
@@ -160,13 +175,22 @@ fn chat_stop_strings_cancel_and_limits() {
     let long = vec![5u32; 200];
     assert!(matches!(
         model.generate_from_ids(&long, &greedy(4), &mut |_| ControlFlow::Continue(())),
-        Err(securerun_models::GenerateError::PromptTooLong { prompt_tokens: 200, max_context: 128 })
+        Err(securerun_models::GenerateError::PromptTooLong {
+            prompt_tokens: 200,
+            max_context: 128
+        })
     ));
     // Bad sampling parameters are refused up front.
     let mut bad = greedy(4);
-    bad.sampling = SamplingParams { top_p: Some(1.5), temperature: 1.0, ..Default::default() };
+    bad.sampling = SamplingParams {
+        top_p: Some(1.5),
+        temperature: 1.0,
+        ..Default::default()
+    };
     assert!(matches!(
-        model.generate(&Prompt::Text("a".into()), &bad, &mut |_| ControlFlow::Continue(())),
+        model.generate(&Prompt::Text("a".into()), &bad, &mut |_| {
+            ControlFlow::Continue(())
+        }),
         Err(securerun_models::GenerateError::Params(_))
     ));
 }
@@ -185,10 +209,19 @@ fn seeded_sampling_is_reproducible() {
         seed: 42,
     };
     let p = Prompt::Text("seed".into());
-    let a = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
-    let b = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
+    let a = model
+        .generate(&p, &params, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    let b = model
+        .generate(&p, &params, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
     assert_eq!(a.token_ids, b.token_ids);
     params.sampling.seed = 43;
-    let c = model.generate(&p, &params, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_ne!(a.token_ids, c.token_ids, "different seeds should differ on a random model");
+    let c = model
+        .generate(&p, &params, &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_ne!(
+        a.token_ids, c.token_ids,
+        "different seeds should differ on a random model"
+    );
 }

@@ -26,9 +26,15 @@ fn generate(p: &Path) -> Vec<u32> {
     let opts = LoadOptions::default();
     let source = Arc::new(open(p).unwrap());
     let mut model = TextModel::load(&source, &opts).unwrap();
-    let params = GenerationParams { max_tokens: 6, ignore_eos: true, ..Default::default() };
+    let params = GenerationParams {
+        max_tokens: 6,
+        ignore_eos: true,
+        ..Default::default()
+    };
     model
-        .generate(&Prompt::Text("shards".into()), &params, &mut |_| ControlFlow::Continue(()))
+        .generate(&Prompt::Text("shards".into()), &params, &mut |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap()
         .token_ids
 }
@@ -57,8 +63,18 @@ fn shard(dir: &Path) -> serde_json::Map<String, serde_json::Value> {
     let mut parts: [Vec<(String, View)>; 2] = [Vec::new(), Vec::new()];
     for (i, t) in file.header().tensors.iter().enumerate() {
         let shard = i % 2;
-        parts[shard].push((t.name.clone(), View(safetensors::Dtype::F32, t.shape.clone(), file.tensor_bytes(t))));
-        map.insert(t.name.clone(), json!(format!("model-0000{}-of-00002.safetensors", shard + 1)));
+        parts[shard].push((
+            t.name.clone(),
+            View(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                file.tensor_bytes(t),
+            ),
+        ));
+        map.insert(
+            t.name.clone(),
+            json!(format!("model-0000{}-of-00002.safetensors", shard + 1)),
+        );
     }
     for (i, part) in parts.into_iter().enumerate() {
         let name = dir.join(format!("model-0000{}-of-00002.safetensors", i + 1));
@@ -103,7 +119,10 @@ fn shard_names_are_confined() {
         map.insert(first.clone(), json!(name));
         write_index(tmp.path(), &map);
         let err = open(tmp.path()).unwrap_err();
-        assert!(matches!(err, SourceError::ShardName { .. }), "{name}: {err}");
+        assert!(
+            matches!(err, SourceError::ShardName { .. }),
+            "{name}: {err}"
+        );
         assert!(err.to_string().contains(why), "{name}: {err}");
     }
 }
@@ -113,33 +132,51 @@ fn every_indexed_tensor_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     common::write_model(tmp.path(), "llama", DType::F32);
     let good = shard(tmp.path());
-    let (first, shard1) = good.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let (first, shard1) = good
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
 
     // Indexed in the wrong shard.
     let mut map = good.clone();
-    let other = if shard1 == json!("model-00001-of-00002.safetensors") { "model-00002-of-00002.safetensors" } else { "model-00001-of-00002.safetensors" };
+    let other = if shard1 == json!("model-00001-of-00002.safetensors") {
+        "model-00002-of-00002.safetensors"
+    } else {
+        "model-00001-of-00002.safetensors"
+    };
     map.insert(first.clone(), json!(other));
     write_index(tmp.path(), &map);
-    assert!(matches!(open(tmp.path()), Err(SourceError::TensorNotIndexed { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::TensorNotIndexed { .. })
+    ));
 
     // Present in a shard but missing from the index.
     let mut map = good.clone();
     map.remove(&first);
     write_index(tmp.path(), &map);
-    assert!(matches!(open(tmp.path()), Err(SourceError::TensorNotIndexed { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::TensorNotIndexed { .. })
+    ));
 
     // Indexed but absent.
     let mut map = good.clone();
     map.insert("ghost.weight".into(), shard1.clone());
     write_index(tmp.path(), &map);
-    assert!(matches!(open(tmp.path()), Err(SourceError::IndexedTensorMissing { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::IndexedTensorMissing { .. })
+    ));
 
     // Listed twice in the index.
-    let text = format!(
-        "{{\"weight_map\": {{\"{first}\": {shard1}, \"{first}\": {shard1}}}}}"
-    );
+    let text = format!("{{\"weight_map\": {{\"{first}\": {shard1}, \"{first}\": {shard1}}}}}");
     std::fs::write(tmp.path().join("model.safetensors.index.json"), text).unwrap();
-    assert!(matches!(open(tmp.path()), Err(SourceError::DuplicateIndexEntry { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::DuplicateIndexEntry { .. })
+    ));
 }
 
 #[test]
@@ -152,27 +189,47 @@ fn symlinks_are_refused() {
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(real.join(f), dir.join(f)).unwrap();
     }
-    std::os::unix::fs::symlink(real.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        real.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     let err = open(&dir).unwrap_err();
     assert!(matches!(err, SourceError::Safetensors(_)), "{err}");
     assert!(err.to_string().contains("symbolic link"), "{err}");
 
     // A symlinked config is refused too, not silently skipped.
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    std::fs::copy(real.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        real.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     std::fs::remove_file(dir.join("config.json")).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", dir.join("config.json")).unwrap();
-    assert!(matches!(open(&dir), Err(SourceError::Open(OpenError::Symlink { .. }))));
+    assert!(matches!(
+        open(&dir),
+        Err(SourceError::Open(OpenError::Symlink { .. }))
+    ));
 }
 
 #[test]
 fn ambiguous_or_missing_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    assert!(matches!(open(tmp.path()), Err(SourceError::NoWeights { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::NoWeights { .. })
+    ));
     common::write_model(tmp.path(), "llama", DType::F32);
     std::fs::write(tmp.path().join("model.safetensors.index.json"), "{}").unwrap();
-    assert!(matches!(open(tmp.path()), Err(SourceError::AmbiguousWeights { .. })));
-    assert!(matches!(open(&tmp.path().join("nope")), Err(SourceError::NotFound { .. })));
+    assert!(matches!(
+        open(tmp.path()),
+        Err(SourceError::AmbiguousWeights { .. })
+    ));
+    assert!(matches!(
+        open(&tmp.path().join("nope")),
+        Err(SourceError::NotFound { .. })
+    ));
 }
 
 #[test]
@@ -185,20 +242,37 @@ fn pack_embeds_everything_and_runs_the_same() {
     std::fs::create_dir(out.parent().unwrap()).unwrap();
     let source = open(&dir).unwrap();
     let summary = securerun_models::pack::pack(&source, &out, false, &Limits::default()).unwrap();
-    assert_eq!(summary.embedded, ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]);
+    assert_eq!(
+        summary.embedded,
+        [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
+    );
     // Refuses to overwrite without force.
     assert!(securerun_models::pack::pack(&source, &out, false, &Limits::default()).is_err());
 
     let packed = open(&out).unwrap();
     assert_eq!(packed.layout(), Layout::SingleFile);
-    assert!(packed.aux_files().values().all(|a| a.origin == Origin::Embedded));
+    assert!(packed
+        .aux_files()
+        .values()
+        .all(|a| a.origin == Origin::Embedded));
     assert_eq!(generate(&out), expected);
 
     // A header limit smaller than the packed header is refused with a specific error.
-    let tiny = Limits { max_header_len: 1024, ..Limits::default() };
+    let tiny = Limits {
+        max_header_len: 1024,
+        ..Limits::default()
+    };
     let err = securerun_models::pack::pack(&source, &out, true, &tiny).unwrap_err();
     assert!(err.to_string().contains("header"), "{err}");
-    assert!(out.exists(), "a failed pack must not remove the existing output");
+    assert!(
+        out.exists(),
+        "a failed pack must not remove the existing output"
+    );
 }
 
 #[test]
@@ -206,7 +280,10 @@ fn single_file_falls_back_to_files_beside_it() {
     let tmp = tempfile::tempdir().unwrap();
     common::write_model(tmp.path(), "llama", DType::F32);
     let source = open(&tmp.path().join("model.safetensors")).unwrap();
-    assert!(matches!(source.aux_files()["config.json"].origin, Origin::File(_)));
+    assert!(matches!(
+        source.aux_files()["config.json"].origin,
+        Origin::File(_)
+    ));
 }
 
 #[test]
@@ -217,10 +294,17 @@ fn unsupported_architecture_lists_supported_ones() {
     cfg["model_type"] = json!("gpt2");
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let source = Arc::new(open(tmp.path()).unwrap());
-    let err = TextModel::load(&source, &LoadOptions::default()).err().unwrap();
+    let err = TextModel::load(&source, &LoadOptions::default())
+        .err()
+        .unwrap();
     let msg = err.to_string();
-    assert!(matches!(err, LoadError::Arch(ArchError::Unsupported { .. })));
-    for name in ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "bert"] {
+    assert!(matches!(
+        err,
+        LoadError::Arch(ArchError::Unsupported { .. })
+    ));
+    for name in [
+        "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "bert",
+    ] {
         assert!(msg.contains(name), "{msg}");
     }
 }
@@ -234,14 +318,21 @@ fn missing_or_misshapen_tensors_are_errors_not_panics() {
     cfg["num_hidden_layers"] = json!(3);
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let source = Arc::new(open(tmp.path()).unwrap());
-    let err = TextModel::load(&source, &LoadOptions::default()).err().unwrap();
-    assert!(matches!(err, LoadError::Arch(ArchError::Weights { .. })), "{err}");
+    let err = TextModel::load(&source, &LoadOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, LoadError::Arch(ArchError::Weights { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("model.layers.2"), "{err}");
 
     cfg["num_hidden_layers"] = json!(2);
     cfg["intermediate_size"] = json!(48);
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
     let source = Arc::new(open(tmp.path()).unwrap());
-    let err = TextModel::load(&source, &LoadOptions::default()).err().unwrap();
+    let err = TextModel::load(&source, &LoadOptions::default())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("shape"), "{err}");
 }

@@ -48,8 +48,18 @@ fn render(r: &ModelReport) -> String {
     let _ = writeln!(s, "model:        {}", r.path);
     let _ = writeln!(s, "layout:       {}", r.layout);
     let _ = writeln!(s, "architecture: {}", r.architecture);
-    let _ = writeln!(s, "parameters:   {} ({:.1} M)", r.parameters, r.parameters as f64 / 1e6);
-    let _ = writeln!(s, "weights:      {} ({} bytes)", human_bytes(r.weight_bytes), r.weight_bytes);
+    let _ = writeln!(
+        s,
+        "parameters:   {} ({:.1} M)",
+        r.parameters,
+        r.parameters as f64 / 1e6
+    );
+    let _ = writeln!(
+        s,
+        "weights:      {} ({} bytes)",
+        human_bytes(r.weight_bytes),
+        r.weight_bytes
+    );
     let _ = writeln!(s, "files:");
     for f in &r.files {
         let _ = writeln!(

@@ -49,9 +49,7 @@ pub struct RunArgs {
 
 pub(super) fn warn_unsigned(args: &RunModelArgs) {
     if args.allow_unsigned {
-        eprintln!(
-            "warning: --allow-unsigned given: the model's signature will not be required"
-        );
+        eprintln!("warning: --allow-unsigned given: the model's signature will not be required");
     }
 }
 
@@ -92,13 +90,14 @@ pub fn run(args: RunArgs) -> CmdResult {
     let tty = stdout.is_terminal();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let generation = model.generate(&prompt, &params, &mut |piece| {
-        match out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                write_error = Some(e);
-                ControlFlow::Break(())
-            }
+    let generation = model.generate(&prompt, &params, &mut |piece| match out
+        .write_all(piece.as_bytes())
+        .and_then(|_| out.flush())
+    {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            write_error = Some(e);
+            ControlFlow::Break(())
         }
     })?;
     if let Some(e) = write_error {

@@ -10,7 +10,8 @@ pub fn models_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models"));
     assert!(
-        dir.join("smollm2-135m-instruct/model.safetensors").is_file()
+        dir.join("smollm2-135m-instruct/model.safetensors")
+            .is_file()
             && dir.join("all-minilm-l6-v2/model.safetensors").is_file(),
         "real models missing in {}: run scripts/fetch-models.sh first",
         dir.display()
@@ -27,7 +28,9 @@ pub fn minilm() -> PathBuf {
 }
 
 pub fn reference(name: &str) -> serde_json::Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/reference").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 

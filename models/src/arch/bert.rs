@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert;
 
-use super::{build, parse_config, Architecture, ArchError};
+use super::{build, parse_config, ArchError, Architecture};
 
 /// How token states become one sentence vector (sentence-transformers' Pooling module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,14 +23,22 @@ impl Pooling {
             (flag("pooling_mode_cls_token"), Pooling::Cls),
             (flag("pooling_mode_max_tokens"), Pooling::Max),
         ];
-        let unsupported = ["pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken"];
+        let unsupported = [
+            "pooling_mode_mean_sqrt_len_tokens",
+            "pooling_mode_weightedmean_tokens",
+            "pooling_mode_lasttoken",
+        ];
         if let Some(k) = unsupported.iter().find(|k| flag(k)) {
             return Err(ArchError::Config {
                 arch: "bert",
                 reason: format!("pooling mode {k} is not supported (mean, cls and max are)"),
             });
         }
-        let chosen: Vec<Pooling> = modes.iter().filter(|(on, _)| *on).map(|(_, p)| *p).collect();
+        let chosen: Vec<Pooling> = modes
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, p)| *p)
+            .collect();
         match chosen.as_slice() {
             [one] => Ok(*one),
             [] => Err(ArchError::Config {
@@ -39,7 +47,9 @@ impl Pooling {
             }),
             _ => Err(ArchError::Config {
                 arch: "bert",
-                reason: "pooling config enables several modes; concatenated pooling is not supported".into(),
+                reason:
+                    "pooling config enables several modes; concatenated pooling is not supported"
+                        .into(),
             }),
         }
     }
@@ -124,7 +134,11 @@ impl BertEncoder {
         };
         let pooled = pooled.to_dtype(DType::F32)?;
         let pooled = if self.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+            let norm = pooled
+                .sqr()?
+                .sum_keepdim(D::Minus1)?
+                .sqrt()?
+                .clamp(1e-12, f64::MAX)?;
             pooled.broadcast_div(&norm)?
         } else {
             pooled

@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::gemma2;
 
-use super::{build, input, last_logits, Architecture, ArchError, CausalLm};
+use super::{build, input, last_logits, ArchError, Architecture, CausalLm};
 
 pub struct Model {
     inner: gemma2::Model,
@@ -15,7 +15,9 @@ pub struct Model {
 impl Model {
     pub fn load(config: gemma2::Config, vb: VarBuilder<'static>) -> Result<Self, ArchError> {
         let device = vb.device().clone();
-        let inner = build(Architecture::Gemma2, || gemma2::Model::new(false, &config, vb))?;
+        let inner = build(Architecture::Gemma2, || {
+            gemma2::Model::new(false, &config, vb)
+        })?;
         Ok(Model {
             inner,
             max_context: config.max_position_embeddings,

@@ -86,9 +86,15 @@ fn supported_list() -> String {
 /// Why a model's architecture could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
-    #[error("config.json has no \"model_type\"; supported model types: {}", supported_list())]
+    #[error(
+        "config.json has no \"model_type\"; supported model types: {}",
+        supported_list()
+    )]
     NoModelType,
-    #[error("unsupported model_type {model_type:?}; supported model types: {}", supported_list())]
+    #[error(
+        "unsupported model_type {model_type:?}; supported model types: {}",
+        supported_list()
+    )]
     Unsupported { model_type: String },
     #[error("config.json does not match the {arch} configuration: {reason}")]
     Config { arch: &'static str, reason: String },
@@ -152,7 +158,12 @@ pub fn load_causal_lm(
     device: &Device,
 ) -> Result<Box<dyn CausalLm>, ArchError> {
     Ok(match arch {
-        Architecture::Llama => Box::new(llama::Model::load(parse_config(arch, config)?, vb, dtype, device)?),
+        Architecture::Llama => Box::new(llama::Model::load(
+            parse_config(arch, config)?,
+            vb,
+            dtype,
+            device,
+        )?),
         Architecture::Mistral => Box::new(mistral::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen2 => Box::new(qwen2::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen3 => Box::new(qwen3::Model::load(parse_config(arch, config)?, vb)?),
@@ -172,7 +183,10 @@ pub fn load_causal_lm(
 /// `[vocab]` in f32.
 fn last_logits(logits: Tensor) -> candle_core::Result<Tensor> {
     let vocab = logits.dims().last().copied().unwrap_or(0);
-    logits.flatten_all()?.narrow(0, logits.elem_count() - vocab, vocab)?.to_dtype(DType::F32)
+    logits
+        .flatten_all()?
+        .narrow(0, logits.elem_count() - vocab, vocab)?
+        .to_dtype(DType::F32)
 }
 
 /// Feeds `tokens` as a `[1, n]` batch.

@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::phi3;
 
-use super::{build, input, last_logits, Architecture, ArchError, CausalLm};
+use super::{build, input, last_logits, ArchError, Architecture, CausalLm};
 
 pub struct Model {
     inner: phi3::Model,

@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::qwen2;
 
-use super::{build, input, last_logits, Architecture, ArchError, CausalLm};
+use super::{build, input, last_logits, ArchError, Architecture, CausalLm};
 
 pub struct Model {
     inner: qwen2::ModelForCausalLM,
@@ -15,7 +15,9 @@ pub struct Model {
 impl Model {
     pub fn load(config: qwen2::Config, vb: VarBuilder<'static>) -> Result<Self, ArchError> {
         let device = vb.device().clone();
-        let inner = build(Architecture::Qwen2, || qwen2::ModelForCausalLM::new(&config, vb))?;
+        let inner = build(Architecture::Qwen2, || {
+            qwen2::ModelForCausalLM::new(&config, vb)
+        })?;
         Ok(Model {
             inner,
             max_context: config.max_position_embeddings,

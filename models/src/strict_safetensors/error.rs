@@ -27,27 +27,62 @@ pub enum HeaderError {
     #[error("header declares {count} tensors, more than the limit of {max}")]
     TooManyTensors { count: usize, max: usize },
     #[error("tensor name of {len} bytes exceeds the limit of {max} (starts {prefix:?})")]
-    NameTooLong { prefix: String, len: usize, max: usize },
+    NameTooLong {
+        prefix: String,
+        len: usize,
+        max: usize,
+    },
     #[error("header contains a tensor with an empty name")]
     EmptyName,
     #[error("tensor {tensor:?}: invalid entry: {reason}")]
     InvalidTensorEntry { tensor: String, reason: String },
     #[error("tensor {tensor:?}: rank {rank} exceeds the limit of {max}")]
-    RankTooLarge { tensor: String, rank: usize, max: usize },
+    RankTooLarge {
+        tensor: String,
+        rank: usize,
+        max: usize,
+    },
     #[error("tensor {tensor:?}: unsupported dtype {dtype:?}")]
     UnsupportedDtype { tensor: String, dtype: String },
     #[error("tensor {tensor:?}: data_offsets [{begin}, {end}] are reversed")]
-    ReversedOffsets { tensor: String, begin: u64, end: u64 },
+    ReversedOffsets {
+        tensor: String,
+        begin: u64,
+        end: u64,
+    },
     #[error("tensor {tensor:?}: shape {shape:?} x dtype size overflows 64 bits")]
     SizeOverflow { tensor: String, shape: Vec<u64> },
-    #[error("tensor {tensor:?}: shape and dtype need {expected} bytes but data_offsets span {actual}")]
-    SizeMismatch { tensor: String, expected: u64, actual: u64 },
+    #[error(
+        "tensor {tensor:?}: shape and dtype need {expected} bytes but data_offsets span {actual}"
+    )]
+    SizeMismatch {
+        tensor: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("tensor {tensor:?}: data ends at offset {end}, past the {data_len}-byte data section")]
-    TensorOutOfBounds { tensor: String, end: u64, data_len: u64 },
+    TensorOutOfBounds {
+        tensor: String,
+        end: u64,
+        data_len: u64,
+    },
     #[error("gap in data section: bytes [{expected}, {begin}) before tensor {tensor:?} belong to no tensor")]
-    Gap { tensor: String, expected: u64, begin: u64 },
+    Gap {
+        tensor: String,
+        expected: u64,
+        begin: u64,
+    },
     #[error("tensor {tensor:?} at offset {begin} overlaps tensor {previous:?} (which ends at {previous_end})")]
-    Overlap { tensor: String, begin: u64, previous: String, previous_end: u64 },
+    Overlap {
+        tensor: String,
+        begin: u64,
+        previous: String,
+        previous_end: u64,
+    },
     #[error("{trailing} trailing bytes after the last tensor (data section covered up to {covered} of {data_len})")]
-    TrailingBytes { trailing: u64, covered: u64, data_len: u64 },
+    TrailingBytes {
+        trailing: u64,
+        covered: u64,
+        data_len: u64,
+    },
 }

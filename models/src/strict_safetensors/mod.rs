@@ -11,5 +11,5 @@ mod header;
 
 pub use error::HeaderError;
 pub use file::{SafetensorsError, SafetensorsFile};
-pub use header::{parse, parse_json, Dtype, Header, Limits, TensorInfo};
 pub(crate) use header::UniqueMap;
+pub use header::{parse, parse_json, Dtype, Header, Limits, TensorInfo};

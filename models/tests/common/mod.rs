@@ -25,12 +25,18 @@ pub fn config(arch: &str) -> serde_json::Value {
     let extra = match arch {
         "llama" => json!({}),
         "mistral" => json!({"sliding_window": 64, "head_dim": 8}),
-        "qwen2" => json!({"sliding_window": 64, "max_window_layers": 2, "use_sliding_window": false, "tie_word_embeddings": true}),
-        "qwen3" => json!({"head_dim": 8, "attention_bias": false, "sliding_window": null, "max_window_layers": 2, "use_sliding_window": false}),
+        "qwen2" => {
+            json!({"sliding_window": 64, "max_window_layers": 2, "use_sliding_window": false, "tie_word_embeddings": true})
+        }
+        "qwen3" => {
+            json!({"head_dim": 8, "attention_bias": false, "sliding_window": null, "max_window_layers": 2, "use_sliding_window": false})
+        }
         "phi3" => json!({}),
-        "gemma2" => json!({"head_dim": 8, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": false,
+        "gemma2" => {
+            json!({"head_dim": 8, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": false,
                             "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
-                            "query_pre_attn_scalar": 8, "sliding_window": 64}),
+                            "query_pre_attn_scalar": 8, "sliding_window": 64})
+        }
         "bert" => json!({"hidden_act": "gelu", "hidden_dropout_prob": 0.1, "type_vocab_size": 2,
                           "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
                           "max_position_embeddings": 64}),
@@ -53,8 +59,12 @@ fn weights(arch: &str, cfg: &serde_json::Value, dtype: DType) -> VarMap {
             m::llama::Llama::load(vb, &lc.into_config(false)).map(drop)
         }
         "mistral" => m::mistral::Model::new(&serde_json::from_value(c).unwrap(), vb).map(drop),
-        "qwen2" => m::qwen2::ModelForCausalLM::new(&serde_json::from_value(c).unwrap(), vb).map(drop),
-        "qwen3" => m::qwen3::ModelForCausalLM::new(&serde_json::from_value(c).unwrap(), vb).map(drop),
+        "qwen2" => {
+            m::qwen2::ModelForCausalLM::new(&serde_json::from_value(c).unwrap(), vb).map(drop)
+        }
+        "qwen3" => {
+            m::qwen3::ModelForCausalLM::new(&serde_json::from_value(c).unwrap(), vb).map(drop)
+        }
         "phi3" => m::phi3::Model::new(&serde_json::from_value(c).unwrap(), vb).map(drop),
         "gemma2" => m::gemma2::Model::new(false, &serde_json::from_value(c).unwrap(), vb).map(drop),
         "bert" => m::bert::BertModel::load(vb, &serde_json::from_value(c).unwrap()).map(drop),
@@ -82,8 +92,10 @@ pub fn tokenizer_json() -> serde_json::Value {
     let added: Vec<_> = specials
         .iter()
         .enumerate()
-        .map(|(i, s)| json!({"id": i, "content": s, "single_word": false, "lstrip": false,
-                             "rstrip": false, "normalized": false, "special": true}))
+        .map(|(i, s)| {
+            json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+                             "rstrip": false, "normalized": false, "special": true})
+        })
         .collect();
     json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
