@@ -44,10 +44,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let json = std::env::args().any(|a| a == "--json");
     let dir = models_dir();
     let opts = OpenOptions::default();
-    let threads = std::env::var("RAYON_NUM_THREADS")
+    let threads: usize = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // As the CLI does: without it candle counts CPUs through /proc on every matmul.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
 
     // Load: resolve + validate + build (weights copied out of the mapping into f32 tensors).
     let started = Instant::now();

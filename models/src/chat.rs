@@ -5,6 +5,9 @@
 use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
 use serde::{Deserialize, Serialize};
 
+/// Instruction budget for one render: ample for thousands of messages with any public template.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -103,6 +106,8 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // Templates come with the model: bound their work so one cannot spin forever.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
@@ -193,6 +198,14 @@ mod tests {
                 .contains("first message must be from the user"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn runaway_template_runs_out_of_fuel() {
+        let src = "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        let err = t.render(&[], false).unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
     }
 
     #[test]

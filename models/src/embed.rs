@@ -6,7 +6,7 @@ use tokenizers::Tokenizer;
 
 use crate::arch::{ArchError, Architecture, BertEncoder, Pooling, Task};
 use crate::load::{self, LoadError, LoadOptions};
-use crate::source::ModelSource;
+use crate::source::{ModelSource, StModule};
 use crate::tokenizer::{self, TokenizerError};
 
 /// Inputs per forward pass: large enough to use the cores, small enough that one long text
@@ -37,12 +37,6 @@ pub struct Embedder {
 #[derive(serde::Deserialize)]
 struct StConfig {
     max_seq_length: Option<usize>,
-}
-
-#[derive(serde::Deserialize)]
-struct StModule {
-    #[serde(rename = "type")]
-    kind: String,
 }
 
 impl Embedder {

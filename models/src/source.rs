@@ -188,7 +188,16 @@ impl ModelSource {
             aux,
             index_file: None,
         };
-        // Fall back to files beside the single file for whatever was not embedded.
+        // Fall back to files beside the single file for whatever was not embedded; except for
+        // a file made by `pack`, which is complete by construction: reading neighbours there
+        // would let anyone who can write the directory (think /tmp) add configuration.
+        let packed = source.weights[0]
+            .header()
+            .metadata
+            .contains_key(crate::pack::PACK_VERSION_KEY);
+        if packed {
+            return Ok(source);
+        }
         if let Some(dir) = path.parent() {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
@@ -320,11 +329,13 @@ impl ModelSource {
     }
 }
 
+/// One entry of a sentence-transformers `modules.json`.
 #[derive(serde::Deserialize)]
-struct StModule {
+pub(crate) struct StModule {
     #[serde(rename = "type")]
-    kind: String,
-    path: String,
+    pub kind: String,
+    #[serde(default)]
+    pub path: String,
 }
 
 /// A relative path of plain components only: no `..`, `.`, root, or empty component.

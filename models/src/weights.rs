@@ -40,7 +40,9 @@ impl SourceBackend {
                 info.dtype
             )
         };
-        Tensor::from_raw_buffer(file.tensor_bytes(info), dtype, &info.shape, dev)
+        let tensor = Tensor::from_raw_buffer(file.tensor_bytes(info), dtype, &info.shape, dev)?;
+        file.release_pages(info);
+        Ok(tensor)
     }
 }
 

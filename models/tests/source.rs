@@ -262,6 +262,11 @@ fn pack_embeds_everything_and_runs_the_same() {
         .all(|a| a.origin == Origin::Embedded));
     assert_eq!(generate(&out), expected);
 
+    // Files dropped beside a packed file are ignored: the pack is complete by construction.
+    std::fs::write(out.parent().unwrap().join("modules.json"), "[]").unwrap();
+    let packed = open(&out).unwrap();
+    assert!(!packed.aux_files().contains_key("modules.json"));
+
     // A header limit smaller than the packed header is refused with a specific error.
     let tiny = Limits {
         max_header_len: 1024,

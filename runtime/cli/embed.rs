@@ -25,3 +25,9 @@ pub fn run(args: EmbedArgs) -> CmdResult {
     writeln!(out)?;
     Ok(())
 }
+
+impl EmbedArgs {
+    pub(super) fn threads(&self) -> Option<u16> {
+        self.common.threads
+    }
+}

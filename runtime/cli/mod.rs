@@ -67,6 +67,9 @@ struct RunModelArgs {
     /// with model signing; until then this flag has no effect.)
     #[arg(long)]
     allow_unsigned: bool,
+    /// Compute threads (default: all available cores).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 impl RunModelArgs {
@@ -92,6 +95,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    set_compute_threads(&cli.command);
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Run(args) => run::run(args),
@@ -113,6 +117,29 @@ pub fn main() -> ExitCode {
             eprintln!("error: internal error: {}", sanitize(&msg));
             ExitCode::from(70)
         }
+    }
+}
+
+/// Fixes the compute thread count before any thread exists. rayon reads RAYON_NUM_THREADS when
+/// its pool starts; candle reads it on every matmul and, when it is unset, counts CPUs through
+/// /proc each time (measured: 12% of decode, 23% of prefill on SmolLM2).
+fn set_compute_threads(command: &Command) {
+    let requested = match command {
+        Command::Run(a) => a.threads(),
+        Command::Embed(a) => a.threads(),
+        _ => None,
+    };
+    let threads = requested.map(usize::from).or_else(|| {
+        let from_env = std::env::var("RAYON_NUM_THREADS").ok();
+        match from_env.as_deref().map(str::parse::<usize>) {
+            Some(Ok(n)) if n > 0 => None,
+            _ => Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    });
+    if let Some(n) = threads {
+        // Still single-threaded here (before any model code or rayon pool), so changing the
+        // environment cannot race with a reader.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
 

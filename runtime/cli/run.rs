@@ -120,3 +120,9 @@ pub fn run(args: RunArgs) -> CmdResult {
     }
     Ok(())
 }
+
+impl RunArgs {
+    pub(super) fn threads(&self) -> Option<u16> {
+        self.common.threads
+    }
+}

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use super::header::{self, Header, Limits, TensorInfo};
 use super::HeaderError;
@@ -95,6 +95,24 @@ impl SafetensorsFile {
     /// The whole file, as mapped.
     pub fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// Drops this process's resident pages of a tensor once it has been copied out, so loading
+    /// does not hold the mapping and the copies in memory at once (peak RSS ~ one copy).
+    /// Best effort: an error only means the pages stay resident.
+    pub fn release_pages(&self, info: &TensorInfo) {
+        let start = (self.header.data_start() + info.begin) as usize;
+        let len = (info.end - info.begin) as usize;
+        if len == 0 {
+            return;
+        }
+        // SAFETY: the mapping is shared, read-only and file-backed, so MADV_DONTNEED discards
+        // nothing: a later read faults the same bytes back in from the page cache. The range is
+        // inside the mapping (validated header offsets); memmap2 aligns it to pages.
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, len)
+        };
     }
 
     /// The bytes of one tensor of this file. Offsets were validated against the mapping length
