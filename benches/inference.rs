@@ -13,9 +13,16 @@ use std::time::Instant;
 
 use securerun::{open_embedder, open_text_model, GenerationParams, OpenOptions, Prompt};
 
-const PREFILL_TOKENS: usize = 128;
-const DECODE_TOKENS: usize = 128;
-const RUNS: usize = 3;
+/// (prefill tokens, decode tokens, runs): full under `cargo bench`; a quick smoke run under
+/// `cargo test --all-targets` (which runs this `main` without `--bench`), so the test suite
+/// proves the benchmark still works without spending a minute on it.
+fn sizes() -> (usize, usize, usize) {
+    if std::env::args().any(|a| a == "--bench") {
+        (128, 128, 3)
+    } else {
+        (16, 4, 1)
+    }
+}
 
 fn models_dir() -> PathBuf {
     std::env::var_os("SECURERUN_MODELS_DIR")
@@ -42,6 +49,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let json = std::env::args().any(|a| a == "--json");
+    let (prefill_tokens, decode_tokens, runs) = sizes();
     let dir = models_dir();
     let opts = OpenOptions::default();
     let threads: usize = std::env::var("RAYON_NUM_THREADS")
@@ -57,19 +65,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let llm_load_s = started.elapsed().as_secs_f64();
     let rss_after_llm_load = peak_rss_kb();
 
-    // A fixed prompt of exactly PREFILL_TOKENS tokens.
+    // A fixed prompt of exactly `prefill_tokens` tokens.
     let text = "The history of the city begins with a small settlement by the river. ".repeat(40);
     let mut ids = model.prompt_ids(&Prompt::Text(text))?;
-    ids.truncate(PREFILL_TOKENS);
+    ids.truncate(prefill_tokens);
 
     let params = GenerationParams {
-        max_tokens: DECODE_TOKENS,
+        max_tokens: decode_tokens,
         ignore_eos: true,
         ..Default::default()
     };
     let mut prefill = Vec::new();
     let mut decode = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let out = model.generate_from_ids(&ids, &params, &mut |_| ControlFlow::Continue(()))?;
         prefill.push(ids.len() as f64 / out.prefill_time.as_secs_f64());
         // The first generated token comes from the prefill logits; the rest each cost a step.
@@ -90,7 +98,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let mut embed_rates = Vec::new();
-    for _ in 0..RUNS {
+    for _ in 0..runs {
         let started = Instant::now();
         let v = embedder.embed(&sentences)?;
         embed_rates.push(v.len() as f64 / started.elapsed().as_secs_f64());
@@ -102,7 +110,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "llm_load_s": llm_load_s,
         "prefill_tokens": ids.len(),
         "prefill_tok_s": median(prefill),
-        "decode_tokens": DECODE_TOKENS,
+        "decode_tokens": decode_tokens,
         "decode_tok_s": median(decode),
         "peak_rss_mb_after_llm_load": rss_after_llm_load / 1024,
         "peak_rss_mb_after_generate": rss_after_generate / 1024,

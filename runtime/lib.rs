@@ -20,7 +20,7 @@
 pub mod cli;
 mod open;
 
-pub use open::{open_embedder, open_source, open_text_model, Error, OpenOptions};
+pub use open::{open_embedder, open_source, open_text_model, DeviceChoice, Error, OpenOptions};
 pub use securerun_models as models;
 pub use securerun_models::{
     ChatMessage, Embedder, FinishReason, Generation, GenerationParams, Limits, Prompt,

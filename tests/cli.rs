@@ -300,6 +300,18 @@ fn bad_inputs_are_one_clear_line() {
         ]),
         "top_p",
     );
+    // This build has no CUDA: asking for it is a clear error, not a silent CPU fallback.
+    assert_fails_with(
+        &securerun(&[
+            "run",
+            p(&common::smollm2()),
+            "--prompt",
+            "x",
+            "--device",
+            "cuda",
+        ]),
+        "--features cuda",
+    );
     // A directory of a bare file with no config or tokenizer.
     let bare = tmp.path().join("bare.safetensors");
     write_file(

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{Limits, OpenOptions};
+use crate::{DeviceChoice, Limits, OpenOptions};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +70,9 @@ struct RunModelArgs {
     /// Compute threads (default: all available cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 impl RunModelArgs {
@@ -77,6 +80,7 @@ impl RunModelArgs {
         OpenOptions {
             limits: self.model.limits(),
             allow_unsigned: self.allow_unsigned,
+            device: self.device,
         }
     }
 }
