@@ -121,10 +121,12 @@ impl Embedder {
     pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(BATCH) {
-            let vectors = self
-                .encoder
-                .encode(chunk)
-                .map_err(|e| EmbedError::Compute(e.to_string()))?;
+            let vectors = match crate::panic_guard::catch(|| self.encoder.encode(chunk)) {
+                Ok(result) => result.map_err(|e| EmbedError::Compute(e.to_string()))?,
+                Err(panic) => {
+                    return Err(EmbedError::Compute(format!("model code panicked: {panic}")))
+                }
+            };
             out.extend(vectors);
         }
         Ok(out)

@@ -223,7 +223,7 @@ impl TextModel {
         let mut sampler = params.sampling.processor();
         self.lm.reset();
         let started = Instant::now();
-        let mut logits = self.lm.forward(prompt_ids, 0)?;
+        let mut logits = arch::forward_guarded(self.lm.as_mut(), prompt_ids, 0)?;
         let prefill_time = started.elapsed();
         let decode_started = Instant::now();
         let mut finish = FinishReason::Length;
@@ -248,7 +248,7 @@ impl TextModel {
             if generated == budget {
                 break;
             }
-            logits = self.lm.forward(&[next], run.context.len() - 1)?;
+            logits = arch::forward_guarded(self.lm.as_mut(), &[next], run.context.len() - 1)?;
         }
         // End of stream: release what the detokenizer and the stop matcher still hold, unless
         // the client cancelled or a stop string already ended the text.

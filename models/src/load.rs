@@ -69,6 +69,7 @@ pub fn config(source: &ModelSource) -> Result<serde_json::Value, LoadError> {
 pub(crate) fn common(source: &Arc<ModelSource>, opts: &LoadOptions) -> Result<Common, LoadError> {
     let config = config(source)?;
     let arch = Architecture::detect(&config)?;
+    crate::arch::check_config_bounds(arch, &config)?;
     let tok_bytes = source
         .aux("tokenizer.json")
         .ok_or(TokenizerError::Missing)?;

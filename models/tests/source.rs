@@ -341,3 +341,28 @@ fn missing_or_misshapen_tensors_are_errors_not_panics() {
         .unwrap();
     assert!(err.to_string().contains("shape"), "{err}");
 }
+
+#[test]
+fn hostile_config_sizes_are_refused_before_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    for (field, value) in [
+        ("max_position_embeddings", json!(1_000_000_000_000u64)),
+        ("num_attention_heads", json!(0)),
+        ("hidden_size", json!(-4)),
+        ("vocab_size", json!(1.5)),
+    ] {
+        let mut cfg = common::config("llama");
+        cfg[field] = value.clone();
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+        let source = Arc::new(open(tmp.path()).unwrap());
+        let err = TextModel::load(&source, &LoadOptions::default())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, LoadError::Arch(ArchError::Config { .. })),
+            "{field}: {err}"
+        );
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}

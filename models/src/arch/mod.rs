@@ -110,6 +110,8 @@ pub enum ArchError {
 
 /// A decoder-only language model with a KV cache.
 pub trait CausalLm: Send {
+    // Implementations call candle, which can panic on shapes it did not expect; callers go
+    // through [`forward_guarded`].
     /// Feeds `tokens` at positions `pos..pos + tokens.len()` and returns the next-token logits
     /// (f32, shape `[vocab]`) for the last position.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
@@ -117,6 +119,46 @@ pub trait CausalLm: Send {
     fn reset(&mut self);
     /// Largest context (prompt + generated tokens) the model supports.
     fn max_context(&self) -> usize;
+}
+
+/// Size fields of `config.json` and their upper bounds. candle allocates from some of these before
+/// any weight is read (rotary tables from `max_position_embeddings`, KV caches), so a hostile
+/// config could otherwise demand terabytes and abort the process; the bounds sit far above any
+/// public model (Llama 3.1: 131,072 positions, 128,256 vocabulary).
+const CONFIG_BOUNDS: &[(&str, u64)] = &[
+    ("hidden_size", 1 << 16),
+    ("intermediate_size", 1 << 18),
+    ("num_hidden_layers", 1 << 10),
+    ("num_attention_heads", 1 << 10),
+    ("num_key_value_heads", 1 << 10),
+    ("head_dim", 1 << 12),
+    ("vocab_size", 1 << 22),
+    ("max_position_embeddings", 1 << 20),
+];
+
+/// Checks that every size field present is a positive integer within [`CONFIG_BOUNDS`].
+pub fn check_config_bounds(
+    arch: Architecture,
+    config: &serde_json::Value,
+) -> Result<(), ArchError> {
+    for (field, max) in CONFIG_BOUNDS {
+        let Some(value) = config.get(*field) else {
+            continue;
+        };
+        if value.is_null() {
+            continue;
+        }
+        match value.as_u64() {
+            Some(v) if v >= 1 && v <= *max => {}
+            _ => {
+                return Err(ArchError::Config {
+                    arch: arch.name(),
+                    reason: format!("{field} = {value} is outside 1..={max}"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses the architecture's own config type from `config.json`.
@@ -177,6 +219,20 @@ pub fn load_causal_lm(
             })
         }
     })
+}
+
+/// Runs one forward pass, turning a panic inside candle into an error.
+pub fn forward_guarded(
+    lm: &mut dyn CausalLm,
+    tokens: &[u32],
+    pos: usize,
+) -> candle_core::Result<Tensor> {
+    match crate::panic_guard::catch(|| lm.forward(tokens, pos)) {
+        Ok(result) => result,
+        Err(panic) => Err(candle_core::Error::Msg(format!(
+            "model code panicked: {panic}"
+        ))),
+    }
 }
 
 /// Squeezes the various logits shapes candle models return (`[1, vocab]`, `[1, 1, vocab]`) to
