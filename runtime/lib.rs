@@ -19,6 +19,7 @@
 
 pub mod cli;
 mod open;
+pub mod signing;
 
 pub use open::{open_embedder, open_source, open_text_model, DeviceChoice, Error, OpenOptions};
 pub use securerun_models as models;

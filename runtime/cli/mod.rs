@@ -5,6 +5,7 @@ mod embed;
 mod inspect;
 mod pack;
 mod run;
+mod signing;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,12 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Pack a model directory into one self-contained .safetensors file.
     Pack(pack::PackArgs),
+    /// Create an ECDSA P-256 signing key pair (PREFIX.key, PREFIX.pub).
+    Keygen(signing::KeygenArgs),
+    /// Sign a model (OpenSSF model-signing format, key mode).
+    Sign(signing::SignArgs),
+    /// Verify a model's signature against trusted public keys.
+    Verify(signing::VerifyArgs),
 }
 
 /// Options shared by every command that opens a model.
@@ -105,6 +112,9 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Embed(args) => embed::run(args),
         Command::Pack(args) => pack::run(args),
+        Command::Keygen(args) => signing::keygen(args),
+        Command::Sign(args) => signing::sign(args),
+        Command::Verify(args) => signing::verify(args),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
