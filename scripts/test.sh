@@ -5,6 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/fetch-models.sh
+
+# The reference OpenSSF signer, for interoperability tests (pyOpenSSL is missing from its
+# declared dependencies).
+signing_env=.cache/signing-env
+if [ ! -x "$signing_env/bin/model_signing" ]; then
+  python3 -m venv "$signing_env"
+  "$signing_env/bin/pip" install --quiet model-signing==1.1.1 pyopenssl==26.4.0
+fi
+export SECURERUN_MODEL_SIGNING=$PWD/$signing_env/bin/model_signing
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets
