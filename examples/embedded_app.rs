@@ -1,7 +1,10 @@
 //! An edge application embedding securerun as a library: it streams a chat answer token by token
 //! and embeds a few sentences to find the closest one.
 //!
-//!     cargo run --release --example embedded_app -- .cache/models/smollm2-135m-instruct .cache/models/all-minilm-l6-v2
+//!     cargo run --release --example embedded_app -- LLM_DIR EMBEDDING_DIR [TRUSTED_KEY.pub]
+//!
+//! With a trusted key, both models must carry a valid signature from it (`securerun sign`);
+//! without one the example runs them unverified and says so.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -15,9 +18,21 @@ use securerun::{
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args_os().skip(1).map(PathBuf::from);
     let (Some(llm), Some(encoder)) = (args.next(), args.next()) else {
-        return Err("usage: embedded_app LLM_MODEL EMBEDDING_MODEL".into());
+        return Err("usage: embedded_app LLM_MODEL EMBEDDING_MODEL [TRUSTED_KEY.pub]".into());
     };
-    let opts = OpenOptions::default();
+    let opts = match args.next() {
+        Some(key) => OpenOptions {
+            trusted_keys: vec![securerun::trust::read_key(&key)?],
+            ..Default::default()
+        },
+        None => {
+            eprintln!("warning: no trusted key given: running unverified models");
+            OpenOptions {
+                allow_unsigned: true,
+                ..Default::default()
+            }
+        }
+    };
 
     // 1. Generation with a token stream.
     let mut model = open_text_model(&llm, &opts)?;

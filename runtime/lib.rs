@@ -7,21 +7,29 @@
 //! use std::ops::ControlFlow;
 //! use securerun::{open_text_model, GenerationParams, OpenOptions, Prompt};
 //!
-//! let mut model = open_text_model("models/smollm2".as_ref(), &OpenOptions::default())?;
+//! let opts = OpenOptions {
+//!     trusted_keys: vec![securerun::signing::PublicKey::from_pem(&std::fs::read_to_string("site.pub")?)?],
+//!     ..Default::default()
+//! };
+//! // Refuses an unsigned, tampered or untrusted model before a single weight is used.
+//! let mut model = open_text_model("models/smollm2".as_ref(), &opts)?;
 //! let out = model.generate(
 //!     &Prompt::Text("The capital of France is".into()),
 //!     &GenerationParams { max_tokens: 16, ..Default::default() },
 //!     &mut |piece| { print!("{piece}"); ControlFlow::Continue(()) },
 //! )?;
 //! println!("\n[{} tokens, finish: {}]", out.completion_tokens(), out.finish_reason.as_str());
-//! # Ok::<(), securerun::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 pub mod cli;
 mod open;
 pub mod signing;
 
-pub use open::{open_embedder, open_source, open_text_model, DeviceChoice, Error, OpenOptions};
+pub use open::{
+    open_embedder, open_source, open_text_model, open_verified, DeviceChoice, Error, OpenOptions,
+};
+pub mod trust;
 pub use securerun_models as models;
 pub use securerun_models::{
     ChatMessage, Embedder, FinishReason, Generation, GenerationParams, Limits, Prompt,

@@ -1,9 +1,10 @@
 //! Opening models: the one path by which the CLI and library users get a runnable model, so
-//! every check (header validation now; signature verification and confinement in later layers)
-//! applies to both.
+//! every check (header validation, signature verification; confinement next) applies to both.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::signing::{self, PublicKey, SigningError, Verified};
 
 use securerun_models::{
     Device, EmbedError, Embedder, GenerateError, Limits, LoadError, LoadOptions, ModelSource,
@@ -15,8 +16,12 @@ use securerun_models::{
 pub struct OpenOptions {
     /// Safetensors header limits.
     pub limits: Limits,
-    /// Run a model without a valid signature. Signature verification is not implemented yet,
-    /// so this currently changes nothing; it is accepted so scripts can already pass it.
+    /// Keys whose signatures are trusted.
+    pub trusted_keys: Vec<PublicKey>,
+    /// Signature file (default: `model.sig` in a directory, `FILE.sig` beside a file).
+    pub signature: Option<PathBuf>,
+    /// Run a model without a valid signature from a trusted key. Off by default: an unsigned,
+    /// tampered or untrusted model is refused.
     pub allow_unsigned: bool,
     /// Where to compute.
     pub device: DeviceChoice,
@@ -70,13 +75,55 @@ pub enum Error {
     Generate(#[from] GenerateError),
     #[error(transparent)]
     Embed(#[from] EmbedError),
+    #[error("{model}: no signature at {signature}; sign the model (`securerun sign`) or pass --allow-unsigned")]
+    Unsigned { model: PathBuf, signature: PathBuf },
+    #[error("no trusted keys: pass --trust-key PUB or add one with `securerun trust add PUB`")]
+    NoTrustedKeys,
+    #[error("{model}: signature verification failed: {source}")]
+    Verification {
+        model: PathBuf,
+        source: SigningError,
+    },
     #[error("cannot use device {device}: {reason} (CUDA needs a build with `--features cuda`)")]
     Device { device: String, reason: String },
 }
 
-/// Resolves and validates a model directory or single file.
+/// Resolves and validates a model directory or single file, then verifies its signature over
+/// the very bytes the loader holds (unless `allow_unsigned`). Returns what was verified.
+pub fn open_verified(
+    path: &Path,
+    opts: &OpenOptions,
+) -> Result<(Arc<ModelSource>, Option<Verified>), Error> {
+    let source = ModelSource::open(path, &opts.limits)?;
+    if opts.allow_unsigned {
+        return Ok((Arc::new(source), None));
+    }
+    if opts.trusted_keys.is_empty() {
+        return Err(Error::NoTrustedKeys);
+    }
+    let signature = opts
+        .signature
+        .clone()
+        .unwrap_or_else(|| signing::default_signature_path(path));
+    if !signature.exists() {
+        return Err(Error::Unsigned {
+            model: path.to_path_buf(),
+            signature,
+        });
+    }
+    let verified =
+        signing::verify_source(&source, &signature, &opts.trusted_keys).map_err(|source| {
+            Error::Verification {
+                model: path.to_path_buf(),
+                source,
+            }
+        })?;
+    Ok((Arc::new(source), Some(verified)))
+}
+
+/// [`open_verified`] without the verification report.
 pub fn open_source(path: &Path, opts: &OpenOptions) -> Result<Arc<ModelSource>, Error> {
-    Ok(Arc::new(ModelSource::open(path, &opts.limits)?))
+    open_verified(path, opts).map(|(source, _)| source)
 }
 
 fn load_options(opts: &OpenOptions) -> Result<LoadOptions, Error> {

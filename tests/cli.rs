@@ -32,7 +32,11 @@ fn assert_fails_with(o: &Output, needle: &str) {
         !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
         "panic: {err}"
     );
-    let lines: Vec<&str> = err.lines().collect();
+    // The loud --allow-unsigned warning may precede the error; the error itself is one line.
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("warning: --allow-unsigned"))
+        .collect();
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
@@ -46,6 +50,21 @@ fn p(path: &Path) -> &str {
 #[test]
 fn run_matches_transformers_and_packed_file_matches_directory() {
     let dir = common::smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = tmp.path().join("site");
+    assert!(securerun(&["keygen", "--out", p(&prefix)]).status.success());
+    let key = tmp.path().join("site.key");
+    let public = tmp.path().join("site.pub");
+    let dir_sig = tmp.path().join("dir.sig");
+    let o = securerun(&[
+        "sign",
+        p(&dir),
+        "--key",
+        p(&key),
+        "--signature",
+        p(&dir_sig),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let args = [
         "--prompt",
         "The capital of France is",
@@ -53,8 +72,10 @@ fn run_matches_transformers_and_packed_file_matches_directory() {
         "16",
         "--temperature",
         "0",
+        "--trust-key",
+        p(&public),
     ];
-    let mut cmd = vec!["run", p(&dir)];
+    let mut cmd = vec!["run", p(&dir), "--signature", p(&dir_sig)];
     cmd.extend(args);
     let from_dir = securerun(&cmd);
     assert!(from_dir.status.success(), "{}", stderr(&from_dir));
@@ -64,17 +85,23 @@ fn run_matches_transformers_and_packed_file_matches_directory() {
         "nothing but generated text by default"
     );
 
-    let model = securerun::open_text_model(&dir, &Default::default()).unwrap();
+    let model = securerun::open_text_model(&dir, &common::unsigned()).unwrap();
     let reference = common::reference("smollm2.json");
     let ids: Vec<u32> =
         serde_json::from_value(reference["cases"][0]["generated_ids"].clone()).unwrap();
     let expected = model.tokenizer().decode(&ids[..16], true).unwrap();
     assert_eq!(stdout(&from_dir), expected);
 
-    let tmp = tempfile::tempdir().unwrap();
     let packed = tmp.path().join("smollm2.safetensors");
     let pack = securerun(&["pack", p(&dir), "--out", p(&packed)]);
     assert!(pack.status.success(), "{}", stderr(&pack));
+    // Unsigned: refused, with the way out in the message.
+    let mut cmd = vec!["run", p(&packed)];
+    cmd.extend(args);
+    assert_fails_with(&securerun(&cmd), "no signature at");
+    assert!(securerun(&["sign", p(&packed), "--key", p(&key)])
+        .status
+        .success());
     let mut cmd = vec!["run", p(&packed)];
     cmd.extend(args);
     let from_file = securerun(&cmd);
@@ -100,6 +127,7 @@ fn chat_run_answers_like_transformers() {
     let o = securerun(&[
         "run",
         p(&common::smollm2()),
+        "--allow-unsigned",
         "--chat",
         "--prompt",
         "What is the capital of France?",
@@ -117,6 +145,7 @@ fn embed_prints_json_vectors_matching_sentence_transformers() {
     let o = securerun(&[
         "embed",
         p(&common::minilm()),
+        "--allow-unsigned",
         "--text",
         "A man is eating food.",
         "--text",
@@ -278,19 +307,46 @@ fn bad_inputs_are_one_clear_line() {
         &securerun(&["run", p(tmp.path()), "--prompt", "x"]),
         "no model.safetensors",
     );
+    // Fail closed: no trusted key anywhere.
+    let empty_state = tmp.path().join("state");
+    let smol = common::smollm2();
+    assert_fails_with(
+        &securerun(&[
+            "run",
+            p(&smol),
+            "--prompt",
+            "x",
+            "--state-dir",
+            p(&empty_state),
+        ]),
+        "no trusted keys",
+    );
     // An embedding model cannot generate, and a generator cannot embed.
     assert_fails_with(
-        &securerun(&["run", p(&common::minilm()), "--prompt", "x"]),
+        &securerun(&[
+            "run",
+            p(&common::minilm()),
+            "--allow-unsigned",
+            "--prompt",
+            "x",
+        ]),
         "not usable for text generation",
     );
     assert_fails_with(
-        &securerun(&["embed", p(&common::smollm2()), "--text", "x"]),
+        &securerun(&[
+            "embed",
+            p(&common::smollm2()),
+            "--allow-unsigned",
+            "--text",
+            "x",
+        ]),
         "not usable for embeddings",
     );
     assert_fails_with(
         &securerun(&[
             "run",
             p(&common::smollm2()),
+            "--allow-unsigned",
             "--prompt",
             "x",
             "--top-p",
@@ -305,6 +361,7 @@ fn bad_inputs_are_one_clear_line() {
         &securerun(&[
             "run",
             p(&common::smollm2()),
+            "--allow-unsigned",
             "--prompt",
             "x",
             "--device",
@@ -320,7 +377,7 @@ fn bad_inputs_are_one_clear_line() {
         1,
     );
     assert_fails_with(
-        &securerun(&["run", p(&bare), "--prompt", "x"]),
+        &securerun(&["run", p(&bare), "--allow-unsigned", "--prompt", "x"]),
         "no config.json",
     );
     // Flag errors come from clap, with exit status 2.
@@ -344,4 +401,94 @@ fn allow_unsigned_warns_on_stderr() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `run` refuses tampered models and untrusted signers, and accepts keys from the trust store.
+#[test]
+fn run_requires_a_trusted_untampered_signature() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("minilm");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(common::minilm()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::create_dir(model.join("1_Pooling")).unwrap();
+    std::fs::copy(
+        common::minilm().join("1_Pooling/config.json"),
+        model.join("1_Pooling/config.json"),
+    )
+    .unwrap();
+    let site = tmp.path().join("site");
+    let other = tmp.path().join("other");
+    assert!(securerun(&["keygen", "--out", p(&site)]).status.success());
+    assert!(securerun(&["keygen", "--out", p(&other)]).status.success());
+    let key = tmp.path().join("site.key");
+    let state = tmp.path().join("state");
+    assert!(securerun(&["sign", p(&model), "--key", p(&key)])
+        .status
+        .success());
+
+    let embed = |extra: &[&str]| {
+        let mut args = vec!["embed", p(&model), "--text", "hi", "--state-dir", p(&state)];
+        args.extend_from_slice(extra);
+        securerun(&args)
+    };
+    // Signed by a key nobody trusts.
+    assert_fails_with(
+        &embed(&["--trust-key", p(&tmp.path().join("other.pub"))]),
+        "not a trusted key",
+    );
+    // Trusted through the trust store.
+    let o = securerun(&[
+        "trust",
+        "add",
+        p(&tmp.path().join("site.pub")),
+        "--state-dir",
+        p(&state),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list = securerun(&["trust", "list", "--state-dir", p(&state)]);
+    assert!(stdout(&list).contains("P-256"));
+    let o = embed(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A flipped byte in the tokenizer the loader reads: refused, naming the file.
+    let tok = model.join("tokenizer.json");
+    let mut bytes = std::fs::read(&tok).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&tok, bytes).unwrap();
+    assert_fails_with(
+        &embed(&[]),
+        "\"tokenizer.json\" does not match its signed digest",
+    );
+}
+
+/// A single signed file must not pick up unsigned configuration from beside it.
+#[test]
+fn unsigned_neighbour_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("model.safetensors");
+    std::fs::copy(common::minilm().join("model.safetensors"), &weights).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(common::minilm().join(f), tmp.path().join(f)).unwrap();
+    }
+    let site = tmp.path().join("k");
+    assert!(securerun(&["keygen", "--out", p(&site)]).status.success());
+    assert!(
+        securerun(&["sign", p(&weights), "--key", p(&tmp.path().join("k.key"))])
+            .status
+            .success()
+    );
+    let o = securerun(&[
+        "embed",
+        p(&weights),
+        "--text",
+        "hi",
+        "--trust-key",
+        p(&tmp.path().join("k.pub")),
+    ]);
+    assert_fails_with(&o, "the signature does not cover it");
 }

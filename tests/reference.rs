@@ -6,14 +6,12 @@ mod common;
 use std::ops::ControlFlow;
 
 use securerun::models::detok::Detokenizer;
-use securerun::{
-    open_embedder, open_text_model, ChatMessage, GenerationParams, OpenOptions, Prompt,
-};
+use securerun::{open_embedder, open_text_model, ChatMessage, GenerationParams, Prompt};
 
 #[test]
 fn smollm2_greedy_decoding_matches_transformers() {
     let reference = common::reference("smollm2.json");
-    let mut model = open_text_model(&common::smollm2(), &OpenOptions::default()).unwrap();
+    let mut model = open_text_model(&common::smollm2(), &common::unsigned()).unwrap();
     let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
     let mut long_cases = 0;
     for case in reference["cases"].as_array().unwrap() {
@@ -74,7 +72,7 @@ fn smollm2_greedy_decoding_matches_transformers() {
 #[test]
 fn minilm_embeddings_match_sentence_transformers() {
     let reference = common::reference("minilm.json");
-    let embedder = open_embedder(&common::minilm(), &OpenOptions::default()).unwrap();
+    let embedder = open_embedder(&common::minilm(), &common::unsigned()).unwrap();
     let cases = reference["cases"].as_array().unwrap();
     let texts: Vec<String> = cases
         .iter()
@@ -93,7 +91,7 @@ fn minilm_embeddings_match_sentence_transformers() {
 
 #[test]
 fn incremental_detokenization_never_breaks_utf8() {
-    let model = open_text_model(&common::smollm2(), &OpenOptions::default()).unwrap();
+    let model = open_text_model(&common::smollm2(), &common::unsigned()).unwrap();
     let tok = model.tokenizer();
     let text = "Emoji 🚀🔥 naïve café — 東京タワー, ÅÄÖ; numbers 12345 and tabs\tend";
     let ids = tok.encode(text, false).unwrap().get_ids().to_vec();

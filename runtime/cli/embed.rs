@@ -18,7 +18,7 @@ pub struct EmbedArgs {
 
 pub fn run(args: EmbedArgs) -> CmdResult {
     super::run::warn_unsigned(&args.common);
-    let embedder = open_embedder(&args.common.model.model, &args.common.open_options())?;
+    let embedder = open_embedder(&args.common.model.model, &args.common.open_options()?)?;
     let vectors = embedder.embed(&args.texts)?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &vectors)?;

@@ -44,6 +44,9 @@ enum Command {
     Sign(signing::SignArgs),
     /// Verify a model's signature against trusted public keys.
     Verify(signing::VerifyArgs),
+    /// Manage the trust store: keys whose model signatures `run` and `embed` accept.
+    #[command(subcommand)]
+    Trust(signing::TrustCommand),
 }
 
 /// Options shared by every command that opens a model.
@@ -70,10 +73,19 @@ impl ModelArgs {
 struct RunModelArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Run even if the model's signature cannot be verified. (Signature verification arrives
-    /// with model signing; until then this flag has no effect.)
+    /// Run even without a valid signature from a trusted key (prints a warning).
     #[arg(long)]
     allow_unsigned: bool,
+    /// Trusted public key (repeatable), in addition to the trust store in the state directory.
+    #[arg(long = "trust-key", value_name = "PUB")]
+    trust_keys: Vec<PathBuf>,
+    /// Signature file (default: model.sig in a directory, FILE.sig beside a file).
+    #[arg(long, value_name = "PATH")]
+    signature: Option<PathBuf>,
+    /// State directory holding the trust store (default: $SECURERUN_STATE_DIR, else the XDG
+    /// state directory).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Compute threads (default: all available cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
@@ -83,12 +95,27 @@ struct RunModelArgs {
 }
 
 impl RunModelArgs {
-    fn open_options(&self) -> OpenOptions {
-        OpenOptions {
+    fn open_options(&self) -> Result<OpenOptions, Box<dyn std::error::Error>> {
+        let mut trusted_keys = Vec::new();
+        if !self.allow_unsigned {
+            for path in &self.trust_keys {
+                trusted_keys.push(crate::trust::read_key(path)?);
+            }
+            if let Some(state) = self
+                .state_dir
+                .clone()
+                .or_else(crate::trust::default_state_dir)
+            {
+                trusted_keys.extend(crate::trust::load(&state)?.into_iter().map(|(_, k)| k));
+            }
+        }
+        Ok(OpenOptions {
             limits: self.model.limits(),
+            trusted_keys,
+            signature: self.signature.clone(),
             allow_unsigned: self.allow_unsigned,
             device: self.device,
-        }
+        })
     }
 }
 
@@ -115,6 +142,7 @@ pub fn main() -> ExitCode {
         Command::Keygen(args) => signing::keygen(args),
         Command::Sign(args) => signing::sign(args),
         Command::Verify(args) => signing::verify(args),
+        Command::Trust(cmd) => signing::trust(cmd),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

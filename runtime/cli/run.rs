@@ -63,7 +63,7 @@ fn fresh_seed() -> u64 {
 
 pub fn run(args: RunArgs) -> CmdResult {
     warn_unsigned(&args.common);
-    let mut model = open_text_model(&args.common.model.model, &args.common.open_options())?;
+    let mut model = open_text_model(&args.common.model.model, &args.common.open_options()?)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

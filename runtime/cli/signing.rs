@@ -5,7 +5,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use super::CmdResult;
 use crate::signing::{self, PrivateKey, PublicKey};
@@ -142,5 +142,50 @@ pub fn verify(args: VerifyArgs) -> CmdResult {
         v.files,
         v.bytes
     );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum TrustCommand {
+    /// Trust a public key (SubjectPublicKeyInfo PEM).
+    Add {
+        key: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// List trusted keys.
+    List {
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop trusting a key, by id.
+    Remove {
+        id: String,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+fn state(dir: Option<PathBuf>) -> Result<PathBuf, crate::trust::TrustError> {
+    dir.or_else(crate::trust::default_state_dir)
+        .ok_or(crate::trust::TrustError::NoStateDir)
+}
+
+pub fn trust(cmd: TrustCommand) -> CmdResult {
+    match cmd {
+        TrustCommand::Add { key, state_dir } => {
+            let id = crate::trust::add(&state(state_dir)?, &key)?;
+            eprintln!("trusted key {id}");
+        }
+        TrustCommand::List { state_dir } => {
+            for (path, key) in crate::trust::load(&state(state_dir)?)? {
+                println!("{}  {}  {}", key.hint()?, key.curve(), path.display());
+            }
+        }
+        TrustCommand::Remove { id, state_dir } => {
+            crate::trust::remove(&state(state_dir)?, &id)?;
+            eprintln!("removed key {id}");
+        }
+    }
     Ok(())
 }

@@ -81,6 +81,13 @@ impl PrivateKey {
     }
 }
 
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = self.hint().unwrap_or_default();
+        write!(f, "PublicKey({}, {id})", self.curve())
+    }
+}
+
 impl PublicKey {
     /// Parses a SubjectPublicKeyInfo PEM (`PUBLIC KEY`).
     pub fn from_pem(pem: &str) -> Result<Self, SigningError> {

@@ -26,6 +26,17 @@ pub fn compute(
     ignore: &[String],
     signature: &Path,
 ) -> Result<Manifest, SigningError> {
+    compute_with(model, ignore, signature, &|_| None)
+}
+
+/// Like [`compute`], but takes a file's bytes from `loaded` when it has them: the read-only
+/// mapping or buffer the loader itself uses, so what is verified is what runs.
+pub fn compute_with<'a>(
+    model: &Path,
+    ignore: &[String],
+    signature: &Path,
+    loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
+) -> Result<Manifest, SigningError> {
     let meta = std::fs::symlink_metadata(model).map_err(|e| SigningError::io(model, e))?;
     if meta.file_type().is_symlink() {
         return Err(SigningError::Symlink(model.to_path_buf()));
@@ -38,7 +49,7 @@ pub fn compute(
         walk(model, model, ignore, signature.as_deref(), &mut files)?;
         files
     };
-    let digests = hash_parallel(&files)?;
+    let digests = hash_parallel(&files, loaded)?;
     let bytes = digests.iter().map(|(_, len)| len).sum();
     let mut resources: Vec<Resource> = files
         .into_iter()
@@ -116,7 +127,10 @@ type HashResult = Result<(String, u64), SigningError>;
 
 /// SHA-256 of each file (hex) and its length, using all cores: files are handed to workers
 /// largest first so one big shard does not end up last.
-fn hash_parallel(files: &[(String, PathBuf)]) -> Result<Vec<(String, u64)>, SigningError> {
+fn hash_parallel<'a>(
+    files: &[(String, PathBuf)],
+    loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
+) -> Result<Vec<(String, u64)>, SigningError> {
     let mut order: Vec<usize> = (0..files.len()).collect();
     let size = |i: &usize| {
         std::fs::metadata(&files[*i].1)
@@ -135,7 +149,11 @@ fn hash_parallel(files: &[(String, PathBuf)]) -> Result<Vec<(String, u64)>, Sign
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = order.get(k) else { break };
-                let r = hash_file(&files[i].1);
+                let path = &files[i].1;
+                let r = match loaded(path) {
+                    Some(bytes) => Ok((hex::encode(Sha256::digest(bytes)), bytes.len() as u64)),
+                    None => hash_file(path),
+                };
                 if let Ok(mut guard) = results.lock() {
                     guard[i] = Some(r);
                 }

@@ -72,6 +72,8 @@ pub enum SigningError {
     UnsignedFile(String),
     #[error("{0:?} does not match its signed digest (modified)")]
     DigestMismatch(String),
+    #[error("{0}: the loader reads this file but the signature does not cover it (pack the model into one file, or sign the directory)")]
+    UncoveredInput(PathBuf),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -174,6 +176,57 @@ pub fn verify(
     signature: &Path,
     trusted: &[PublicKey],
 ) -> Result<Verified, SigningError> {
+    verify_with(model, signature, trusted, &|_| None).map(|(v, _)| v)
+}
+
+/// Verifies an opened model: files the loader holds (weight mappings, configuration buffers)
+/// are hashed from those very bytes, and every file the loader read must be covered by the
+/// signature.
+pub fn verify_source(
+    source: &securerun_models::ModelSource,
+    signature: &Path,
+    trusted: &[PublicKey],
+) -> Result<Verified, SigningError> {
+    use securerun_models::source::Origin;
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    let mut held: Vec<(PathBuf, &[u8])> = Vec::new();
+    for f in source.weight_files() {
+        if let Some(p) = canon(f.path()) {
+            held.push((p, f.bytes()));
+        }
+    }
+    if let Some((path, bytes)) = source.index_file() {
+        if let Some(p) = canon(path) {
+            held.push((p, bytes));
+        }
+    }
+    for aux in source.aux_files().values() {
+        if let Origin::File(path) = &aux.origin {
+            if let Some(p) = canon(path) {
+                held.push((p, &aux.bytes));
+            }
+        }
+    }
+    let loaded = |path: &Path| {
+        let p = canon(path)?;
+        held.iter().find(|(h, _)| *h == p).map(|(_, b)| *b)
+    };
+    let (verified, covered) = verify_with(source.path(), signature, trusted, &loaded)?;
+    // Every file the loader read must be among the verified ones.
+    for (path, _) in &held {
+        if !covered.contains(path) {
+            return Err(SigningError::UncoveredInput(path.clone()));
+        }
+    }
+    Ok(verified)
+}
+
+fn verify_with<'a>(
+    model: &Path,
+    signature: &Path,
+    trusted: &[PublicKey],
+    loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
+) -> Result<(Verified, Vec<PathBuf>), SigningError> {
     let bundle = read_bundle(signature)?;
     let (key, payload) = check_envelope(&bundle, trusted)?;
     let statement: Statement =
@@ -218,7 +271,7 @@ pub fn verify(
             return Err(SigningError::DuplicateResource(r.name.clone()));
         }
     }
-    let local = manifest::compute(model, &ser.ignore_paths, signature)?;
+    let local = manifest::compute_with(model, &ser.ignore_paths, signature, loaded)?;
     for r in &local.resources {
         match signed.remove(r.name.as_str()) {
             None => return Err(SigningError::UnsignedFile(r.name.clone())),
@@ -231,12 +284,25 @@ pub fn verify(
     if let Some(name) = signed.keys().next() {
         return Err(SigningError::MissingFile(name.to_string()));
     }
-    Ok(Verified {
+    let covered = local
+        .resources
+        .iter()
+        .filter_map(|r| {
+            let p = if r.name == "." {
+                model.to_path_buf()
+            } else {
+                model.join(&r.name)
+            };
+            std::fs::canonicalize(p).ok()
+        })
+        .collect();
+    let verified = Verified {
         signer_hint: key.hint()?,
         curve: key.curve(),
         files: local.resources.len(),
         bytes: local.bytes,
-    })
+    };
+    Ok((verified, covered))
 }
 
 fn read_bundle(path: &Path) -> Result<Bundle, SigningError> {

@@ -40,3 +40,11 @@ pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
     let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// Options for tests about numerics, not trust: no signature required.
+pub fn unsigned() -> securerun::OpenOptions {
+    securerun::OpenOptions {
+        allow_unsigned: true,
+        ..Default::default()
+    }
+}
