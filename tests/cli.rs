@@ -408,19 +408,7 @@ fn allow_unsigned_warns_on_stderr() {
 fn run_requires_a_trusted_untampered_signature() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("minilm");
-    std::fs::create_dir(&model).unwrap();
-    for e in std::fs::read_dir(common::minilm()).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
-        }
-    }
-    std::fs::create_dir(model.join("1_Pooling")).unwrap();
-    std::fs::copy(
-        common::minilm().join("1_Pooling/config.json"),
-        model.join("1_Pooling/config.json"),
-    )
-    .unwrap();
+    common::copy_dir(&common::minilm(), &model);
     let site = tmp.path().join("site");
     let other = tmp.path().join("other");
     assert!(securerun(&["keygen", "--out", p(&site)]).status.success());

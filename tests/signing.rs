@@ -68,19 +68,6 @@ fn keypair(dir: &Path, curve: &str) -> (PathBuf, PathBuf) {
     (key, public_path)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 fn reference_sign(key: &Path, sig: &Path, model: &Path) {
     let o = Command::new(reference_cli())
         .args([
@@ -122,7 +109,7 @@ fn reference_verify(public: &Path, sig: &Path, model: &Path) -> bool {
 fn reference_signed_real_model_verifies_on_every_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("minilm");
-    copy_dir(&common::minilm(), &model);
+    common::copy_dir(&common::minilm(), &model);
     for curve in ["P-256", "P-384", "P-521"] {
         let (key, public) = keypair(tmp.path(), curve);
         let sig = tmp.path().join(format!("{curve}.sig"));
@@ -163,7 +150,7 @@ fn securerun_signatures_verify_with_the_reference_cli() {
 
     // A directory, with the default signature path inside it.
     let model = tmp.path().join("minilm");
-    copy_dir(&common::minilm(), &model);
+    common::copy_dir(&common::minilm(), &model);
     let o = securerun(&["sign", p(&model), "--key", p(&key)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(reference_verify(&public, &model.join("model.sig"), &model));

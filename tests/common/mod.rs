@@ -48,3 +48,17 @@ pub fn unsigned() -> securerun::OpenOptions {
         ..Default::default()
     }
 }
+
+/// Copies a model directory (recursively) so a test can sign or tamper with its own copy.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
