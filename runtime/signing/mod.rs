@@ -312,7 +312,21 @@ fn read_bundle(path: &Path) -> Result<Bundle, SigningError> {
     if len > MAX_BUNDLE {
         return Err(SigningError::BundleTooLarge { len });
     }
-    let bytes = std::fs::read(path).map_err(|e| SigningError::io(path, e))?;
+    let mut bytes = Vec::new();
+    // `take` bounds the read even if the file grows after the size check.
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(|e| SigningError::io(path, e))?,
+            MAX_BUNDLE + 1,
+        ),
+        &mut bytes,
+    )
+    .map_err(|e| SigningError::io(path, e))?;
+    if bytes.len() as u64 > MAX_BUNDLE {
+        return Err(SigningError::BundleTooLarge {
+            len: bytes.len() as u64,
+        });
+    }
     let value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| SigningError::BundleJson(e.to_string()))?;
     let media = value
