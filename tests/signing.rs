@@ -147,6 +147,15 @@ fn securerun_signatures_verify_with_the_reference_cli() {
     );
     // keygen never overwrites silently.
     assert!(!securerun(&["keygen", "--out", p(&prefix)]).status.success());
+    // --force replaces the files: the new private key is 0600 even if the old file was not.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(securerun(&["keygen", "--out", p(&prefix), "--force"])
+        .status
+        .success());
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     // A directory, with the default signature path inside it.
     let model = tmp.path().join("minilm");

@@ -146,7 +146,9 @@ impl ModelSource {
             ),
             (false, true) => {
                 let bytes = fsutil::read_bounded(&index_path, MAX_INDEX_FILE)?;
-                let weights = open_shards(dir, &index_path, &bytes, limits)?;
+                let raw = parse_index(&index_path, &bytes)?;
+                let weights = open_shards(dir, &raw, limits)?;
+                check_index_covers(&raw, &weights)?;
                 (Layout::Sharded, weights, Some((index_path, bytes)))
             }
         };
@@ -159,9 +161,6 @@ impl ModelSource {
             index_file,
         };
         source.read_aux_beside(dir)?;
-        if let Some((index_path, bytes)) = &source.index_file {
-            check_index_covers(index_path, bytes, &source.weights)?;
-        }
         Ok(source)
     }
 
@@ -369,11 +368,9 @@ struct RawIndex {
 /// Validates the shard index and opens every shard it names, in name order.
 fn open_shards(
     dir: &Path,
-    index_path: &Path,
-    bytes: &[u8],
+    raw: &RawIndex,
     limits: &Limits,
 ) -> Result<Vec<SafetensorsFile>, SourceError> {
-    let raw = parse_index(index_path, bytes)?;
     let mut shard_names: Vec<&str> = raw
         .weight_map
         .entries
@@ -435,12 +432,7 @@ fn check_shard_name(name: &str) -> Result<(), SourceError> {
 
 /// Every indexed tensor is in its shard, and every shard tensor is indexed (exactly once, since
 /// the index has no duplicate keys and a shard's header has no duplicate names).
-fn check_index_covers(
-    index_path: &Path,
-    bytes: &[u8],
-    weights: &[SafetensorsFile],
-) -> Result<(), SourceError> {
-    let raw = parse_index(index_path, bytes)?;
+fn check_index_covers(raw: &RawIndex, weights: &[SafetensorsFile]) -> Result<(), SourceError> {
     let shard_of = |f: &SafetensorsFile| {
         f.path()
             .file_name()

@@ -51,23 +51,30 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32, force: bool) -> CmdResult {
-    let mut opts = OpenOptions::new();
-    opts.write(true).mode(mode);
     if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
-    }
-    let mut f = opts.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            format!(
-                "{}: already exists (pass --force to replace it)",
-                path.display()
-            )
-        } else {
-            format!("{}: {e}", path.display())
+        // Replace by unlink + create: truncating in place would keep the old file's mode (a
+        // private key could stay world-readable) and would follow a planted symlink.
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", path.display()).into()),
         }
-    })?;
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{}: already exists (pass --force to replace it)",
+                    path.display()
+                )
+            } else {
+                format!("{}: {e}", path.display())
+            }
+        })?;
     f.write_all(contents)?;
     f.sync_all()?;
     Ok(())
@@ -110,7 +117,7 @@ pub fn sign(args: SignArgs) -> CmdResult {
     let (bundle, manifest) = signing::sign(&args.model, &key, &signature)?;
     // Atomic replace: a reader never sees half a signature.
     let tmp = with_suffix(&signature, &format!(".tmp-{}", std::process::id()));
-    write_new(&tmp, bundle.as_bytes(), 0o644, true)?;
+    write_new(&tmp, bundle.as_bytes(), 0o644, false)?;
     std::fs::rename(&tmp, &signature).map_err(|e| format!("{}: {e}", signature.display()))?;
     eprintln!(
         "signed {} ({} files, {} bytes) with key {} -> {}",

@@ -132,12 +132,9 @@ fn hash_parallel<'a>(
     loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
 ) -> Result<Vec<(String, u64)>, SigningError> {
     let mut order: Vec<usize> = (0..files.len()).collect();
-    let size = |i: &usize| {
-        std::fs::metadata(&files[*i].1)
-            .map(|m| m.len())
-            .unwrap_or(0)
-    };
-    order.sort_by_key(|i| std::cmp::Reverse(size(i)));
+    order.sort_by_cached_key(|&i| {
+        std::cmp::Reverse(std::fs::metadata(&files[i].1).map_or(0, |m| m.len()))
+    });
     let results: Mutex<Vec<Option<HashResult>>> =
         Mutex::new((0..files.len()).map(|_| None).collect());
     let next = AtomicUsize::new(0);
