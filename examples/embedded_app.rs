@@ -22,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let opts = match args.next() {
         Some(key) => OpenOptions {
-            trusted_keys: vec![securerun::trust::read_key(&key)?],
+            trust: securerun::signing::TrustPolicy::keys(vec![securerun::trust::read_key(&key)?]),
             ..Default::default()
         },
         None => {

@@ -8,7 +8,9 @@
 //! use securerun::{open_text_model, GenerationParams, OpenOptions, Prompt};
 //!
 //! let opts = OpenOptions {
-//!     trusted_keys: vec![securerun::signing::PublicKey::from_pem(&std::fs::read_to_string("site.pub")?)?],
+//!     trust: securerun::signing::TrustPolicy::keys(vec![securerun::signing::PublicKey::from_pem(
+//!         &std::fs::read_to_string("site.pub")?,
+//!     )?]),
 //!     ..Default::default()
 //! };
 //! // Refuses an unsigned, tampered or untrusted model before a single weight is used.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::signing::{self, PublicKey, SigningError, Verified};
+use crate::signing::{self, SigningError, TrustPolicy, Verified};
 
 use securerun_models::{
     Device, EmbedError, Embedder, GenerateError, Limits, LoadError, LoadOptions, ModelSource,
@@ -16,8 +16,8 @@ use securerun_models::{
 pub struct OpenOptions {
     /// Safetensors header limits.
     pub limits: Limits,
-    /// Keys whose signatures are trusted.
-    pub trusted_keys: Vec<PublicKey>,
+    /// Who is trusted to sign models (keys, CAs, keyless identities).
+    pub trust: TrustPolicy,
     /// Signature file (default: `model.sig` in a directory, `FILE.sig` beside a file).
     pub signature: Option<PathBuf>,
     /// Run a model without a valid signature from a trusted key. Off by default: an unsigned,
@@ -25,6 +25,8 @@ pub struct OpenOptions {
     pub allow_unsigned: bool,
     /// Where to compute.
     pub device: DeviceChoice,
+    /// Draw a progress bar on stderr while hashing a large model, if stderr is a terminal.
+    pub progress: bool,
 }
 
 /// A compute device, as named on the command line: `cpu`, `cuda` or `cuda:N`.
@@ -77,7 +79,7 @@ pub enum Error {
     Embed(#[from] EmbedError),
     #[error("{model}: no signature at {signature}; sign the model (`securerun sign`) or pass --allow-unsigned")]
     Unsigned { model: PathBuf, signature: PathBuf },
-    #[error("no trusted keys: pass --trust-key PUB or add one with `securerun trust add PUB`")]
+    #[error("nothing is trusted to sign models: pass --trust-key PUB, --trust-ca CA.pem or --identity/--issuer, or add a key with `securerun trust add PUB`")]
     NoTrustedKeys,
     #[error("{model}: signature verification failed: {source}")]
     Verification {
@@ -98,7 +100,7 @@ pub fn open_verified(
     if opts.allow_unsigned {
         return Ok((Arc::new(source), None));
     }
-    if opts.trusted_keys.is_empty() {
+    if opts.trust.is_empty() {
         return Err(Error::NoTrustedKeys);
     }
     let signature = opts
@@ -111,8 +113,10 @@ pub fn open_verified(
             signature,
         });
     }
+    let bar = signing::progress::TerminalProgress::new("verifying");
+    let progress: &dyn signing::Progress = if opts.progress { &bar } else { &() };
     let verified =
-        signing::verify_source(&source, &signature, &opts.trusted_keys).map_err(|source| {
+        signing::verify_source(&source, &signature, &opts.trust, progress).map_err(|source| {
             Error::Verification {
                 model: path.to_path_buf(),
                 source,

@@ -319,7 +319,7 @@ fn bad_inputs_are_one_clear_line() {
             "--state-dir",
             p(&empty_state),
         ]),
-        "no trusted keys",
+        "nothing is trusted to sign models",
     );
     // An embedding model cannot generate, and a generator cannot embed.
     assert_fails_with(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
-use securerun::signing::{self, bundle, PrivateKey, PublicKey, SigningError};
+use securerun::signing::{self, bundle, PrivateKey, PublicKey, SigningError, TrustPolicy};
 
 fn reference_cli() -> PathBuf {
     let path = std::env::var_os("SECURERUN_MODEL_SIGNING")
@@ -218,7 +218,12 @@ fn signed() -> Signed {
 
 impl Signed {
     fn verify(&self) -> Result<signing::Verified, SigningError> {
-        signing::verify(&self.model, &self.sig, std::slice::from_ref(&self.public))
+        signing::verify(
+            &self.model,
+            &self.sig,
+            &TrustPolicy::keys(vec![self.public.clone()]),
+            &(),
+        )
     }
 
     fn edit_bundle(&self, f: impl FnOnce(&mut serde_json::Value)) {
@@ -348,9 +353,10 @@ fn envelope_and_bundle_manipulations_are_refused() {
         b["verificationMaterial"] =
             serde_json::json!({"certificate": {"rawBytes": "AAAA"}, "tlogEntries": []});
     });
+    // A keyless bundle when only keys are trusted: refused, naming what would be needed.
     assert!(matches!(
         s.verify(),
-        Err(SigningError::UnsupportedMode("certificate"))
+        Err(SigningError::NoTrustFor("keyless", _))
     ));
 
     let s = signed();
@@ -370,13 +376,13 @@ fn envelope_and_bundle_manipulations_are_refused() {
 fn another_key_is_not_trusted() {
     let s = signed();
     let stranger = PrivateKey::generate_p256().public_key();
-    let r = signing::verify(&s.model, &s.sig, &[stranger]);
+    let r = signing::verify(&s.model, &s.sig, &TrustPolicy::keys(vec![stranger]), &());
     assert!(matches!(r, Err(SigningError::HintMismatch { .. })), "{r:?}");
     // Without a hint in the bundle, the signature itself fails.
     s.edit_bundle(|b| b["verificationMaterial"]["publicKey"] = serde_json::json!({}));
     let stranger = PrivateKey::generate_p256().public_key();
     assert!(matches!(
-        signing::verify(&s.model, &s.sig, &[stranger]),
+        signing::verify(&s.model, &s.sig, &TrustPolicy::keys(vec![stranger]), &()),
         Err(SigningError::BadSignature)
     ));
     // And the CLI says so in one line with a non-zero exit.

@@ -40,9 +40,9 @@ enum Command {
     Pack(pack::PackArgs),
     /// Create an ECDSA P-256 signing key pair (PREFIX.key, PREFIX.pub).
     Keygen(signing::KeygenArgs),
-    /// Sign a model (OpenSSF model-signing format, key mode).
+    /// Sign a model (OpenSSF model-signing format; key or certificate mode).
     Sign(signing::SignArgs),
-    /// Verify a model's signature against trusted public keys.
+    /// Verify a model's signature (key, certificate or keyless mode) against what is trusted.
     Verify(signing::VerifyArgs),
     /// Manage the trust store: keys whose model signatures `run` and `embed` accept.
     #[command(subcommand)]
@@ -76,16 +76,11 @@ struct RunModelArgs {
     /// Run even without a valid signature from a trusted key (prints a warning).
     #[arg(long)]
     allow_unsigned: bool,
-    /// Trusted public key (repeatable), in addition to the trust store in the state directory.
-    #[arg(long = "trust-key", value_name = "PUB")]
-    trust_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    trust: signing::TrustArgs,
     /// Signature file (default: model.sig in a directory, FILE.sig beside a file).
     #[arg(long, value_name = "PATH")]
     signature: Option<PathBuf>,
-    /// State directory holding the trust store (default: $SECURERUN_STATE_DIR, else the XDG
-    /// state directory).
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
     /// Compute threads (default: all available cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
@@ -96,25 +91,18 @@ struct RunModelArgs {
 
 impl RunModelArgs {
     fn open_options(&self) -> Result<OpenOptions, Box<dyn std::error::Error>> {
-        let mut trusted_keys = Vec::new();
-        if !self.allow_unsigned {
-            for path in &self.trust_keys {
-                trusted_keys.push(crate::trust::read_key(path)?);
-            }
-            if let Some(state) = self
-                .state_dir
-                .clone()
-                .or_else(crate::trust::default_state_dir)
-            {
-                trusted_keys.extend(crate::trust::load(&state)?.into_iter().map(|(_, k)| k));
-            }
-        }
+        let trust = if self.allow_unsigned {
+            crate::signing::TrustPolicy::default()
+        } else {
+            self.trust.policy()?
+        };
         Ok(OpenOptions {
             limits: self.model.limits(),
-            trusted_keys,
+            trust,
             signature: self.signature.clone(),
             allow_unsigned: self.allow_unsigned,
             device: self.device,
+            progress: true,
         })
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Subcommand};
 
 use super::CmdResult;
-use crate::signing::{self, PrivateKey, PublicKey};
+use crate::signing::{self, KeylessPolicy, Method, PrivateKey, SignOptions, TrustPolicy};
 
 #[derive(Args)]
 pub struct KeygenArgs {
@@ -27,18 +27,87 @@ pub struct SignArgs {
     /// Private key (PKCS#8 or SEC1 PEM; P-256 or P-384).
     #[arg(long, value_name = "KEY")]
     key: PathBuf,
+    /// Certificate mode: the signing certificate for KEY (PEM). Without it, key mode.
+    #[arg(long, value_name = "CERT")]
+    certificate: Option<PathBuf>,
+    /// Certificate mode: intermediate and root certificates (PEM, repeatable), in chain order.
+    #[arg(
+        long = "certificate-chain",
+        value_name = "PEM",
+        requires = "certificate"
+    )]
+    certificate_chain: Vec<PathBuf>,
+    /// Hash files in shards of BYTES (`shards` serialization) instead of whole files.
+    #[arg(long, value_name = "BYTES", num_args = 0..=1, default_missing_value = "1000000000",
+          value_parser = clap::value_parser!(u64).range(4096..))]
+    shards: Option<u64>,
     /// Where to write the signature (default: model.sig in a directory, FILE.sig beside a file).
     #[arg(long, value_name = "PATH")]
     signature: Option<PathBuf>,
+}
+
+/// Who is trusted to sign models; shared by `verify`, `run`, `embed` (and later `serve`).
+#[derive(Args, Clone)]
+pub struct TrustArgs {
+    /// Trusted public key (SubjectPublicKeyInfo PEM; P-256, P-384 or P-521). Repeatable; keys
+    /// in the state directory's trust store are trusted too.
+    #[arg(long = "trust-key", value_name = "PUB")]
+    trust_keys: Vec<PathBuf>,
+    /// Trusted CA certificates (PEM bundle) for certificate-mode signatures. Repeatable.
+    #[arg(long = "trust-ca", value_name = "CA.pem")]
+    trust_cas: Vec<PathBuf>,
+    /// Keyless mode: the signer identity to accept (certificate email or URI, exactly).
+    #[arg(long, value_name = "ID", requires = "issuer")]
+    identity: Option<String>,
+    /// Keyless mode: the OIDC issuer to accept (URL, exactly).
+    #[arg(long, value_name = "URL", requires = "identity")]
+    issuer: Option<String>,
+    /// Keyless mode: Sigstore trusted_root.json (default: the Sigstore public-good root built
+    /// into this binary).
+    #[arg(long, value_name = "FILE", requires = "identity")]
+    trusted_root: Option<PathBuf>,
+    /// State directory holding the trust store (default: $SECURERUN_STATE_DIR, else the XDG
+    /// state directory).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// Everything trusted: the flags plus the keys in the trust store.
+    pub fn policy(&self) -> Result<TrustPolicy, Box<dyn std::error::Error>> {
+        let mut policy = TrustPolicy::default();
+        for path in &self.trust_keys {
+            policy.keys.push(crate::trust::read_key(path)?);
+        }
+        if let Some(state) = self
+            .state_dir
+            .clone()
+            .or_else(crate::trust::default_state_dir)
+        {
+            policy
+                .keys
+                .extend(crate::trust::load(&state)?.into_iter().map(|(_, k)| k));
+        }
+        for path in &self.trust_cas {
+            policy.cas.add_pem_file(path)?;
+        }
+        if let (Some(identity), Some(issuer)) = (&self.identity, &self.issuer) {
+            policy.keyless = Some(KeylessPolicy::new(
+                identity,
+                issuer,
+                self.trusted_root.as_deref(),
+            )?);
+        }
+        Ok(policy)
+    }
 }
 
 #[derive(Args)]
 pub struct VerifyArgs {
     /// Model directory or single file.
     model: PathBuf,
-    /// Trusted public key (SubjectPublicKeyInfo PEM; P-256, P-384 or P-521). Repeatable.
-    #[arg(long = "trust-key", value_name = "PUB", required = true)]
-    trust_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    trust: TrustArgs,
     /// Signature file (default: model.sig in a directory, FILE.sig beside a file).
     #[arg(long, value_name = "PATH")]
     signature: Option<PathBuf>,
@@ -111,19 +180,37 @@ pub fn sign(args: SignArgs) -> CmdResult {
     let pem =
         std::fs::read_to_string(&args.key).map_err(|e| format!("{}: {e}", args.key.display()))?;
     let key = PrivateKey::from_pem(&pem).map_err(|e| format!("{}: {e}", args.key.display()))?;
+    let mut certificates = Vec::new();
+    for path in args.certificate.iter().chain(&args.certificate_chain) {
+        certificates.extend(signing::certificate::read_pem_certificates(path)?);
+    }
     let signature = args
         .signature
         .unwrap_or_else(|| signing::default_signature_path(&args.model));
-    let (bundle, manifest) = signing::sign(&args.model, &key, &signature)?;
+    let progress = signing::progress::TerminalProgress::new("hashing");
+    let opts = SignOptions {
+        key: &key,
+        certificates: &certificates,
+        method: args
+            .shards
+            .map_or(Method::Files, |size| Method::Shards { size }),
+        progress: &progress,
+    };
+    let (bundle, manifest) = signing::sign_with(&args.model, &signature, &opts)?;
     // Atomic replace: a reader never sees half a signature.
     let tmp = with_suffix(&signature, &format!(".tmp-{}", std::process::id()));
     write_new(&tmp, bundle.as_bytes(), 0o644, false)?;
     std::fs::rename(&tmp, &signature).map_err(|e| format!("{}: {e}", signature.display()))?;
     eprintln!(
-        "signed {} ({} files, {} bytes) with key {} -> {}",
+        "signed {} ({} files, {} bytes) with {} {} -> {}",
         args.model.display(),
-        manifest.resources.len(),
+        manifest.files,
         manifest.bytes,
+        if certificates.is_empty() {
+            "key"
+        } else {
+            "certificate for key"
+        },
         key.public_key().hint()?,
         signature.display()
     );
@@ -131,21 +218,25 @@ pub fn sign(args: SignArgs) -> CmdResult {
 }
 
 pub fn verify(args: VerifyArgs) -> CmdResult {
-    let mut trusted = Vec::new();
-    for path in &args.trust_keys {
-        let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        trusted.push(PublicKey::from_pem(&pem).map_err(|e| format!("{}: {e}", path.display()))?);
+    let trust = args.trust.policy()?;
+    if trust.is_empty() {
+        return Err(crate::open::Error::NoTrustedKeys.into());
     }
     let signature = args
         .signature
         .unwrap_or_else(|| signing::default_signature_path(&args.model));
-    let v = signing::verify(&args.model, &signature, &trusted)
+    let progress = signing::progress::TerminalProgress::new("verifying");
+    let v = signing::verify(&args.model, &signature, &trust, &progress)
         .map_err(|e| format!("{}: verification failed: {e}", args.model.display()))?;
+    let method = match v.method {
+        Method::Files => "files".to_string(),
+        Method::Shards { size } => format!("shards of {size} bytes"),
+    };
     println!(
-        "verified {}: signer key {} ({}), mode key, {} files, {} bytes",
+        "verified {}: signer {}, mode {}, {method}, {} files, {} bytes",
         args.model.display(),
-        v.signer_hint,
-        v.curve,
+        v.signer,
+        v.signer.mode(),
         v.files,
         v.bytes
     );

@@ -26,12 +26,26 @@ pub struct Bundle {
 pub struct VerificationMaterial {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PublicKeyHint>,
+    /// Keyless (Sigstore) bundles: the Fulcio-issued leaf certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate: Option<serde_json::Value>,
+    pub certificate: Option<RawCertificate>,
+    /// Certificate-mode bundles: the signing certificate first, then its chain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509_certificate_chain: Option<serde_json::Value>,
+    pub x509_certificate_chain: Option<CertificateChain>,
     #[serde(default)]
     pub tlog_entries: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawCertificate {
+    /// Base64 of the DER certificate.
+    pub raw_bytes: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CertificateChain {
+    pub certificates: Vec<RawCertificate>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +107,10 @@ pub struct Resource {
 pub struct Serialization {
     pub method: String,
     pub hash_type: String,
+    /// `shards` only. The reference signer writes it as a JSON float (`1000000000.0`: it goes
+    /// through a protobuf `Struct`), so it is kept as a number and checked when used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_size: Option<serde_json::Number>,
     pub allow_symlinks: bool,
     #[serde(default)]
     pub ignore_paths: Vec<String>,
@@ -111,12 +129,12 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The subject digest: SHA-256 over the raw resource digests, concatenated in name order.
+/// The subject digest: SHA-256 over the raw resource digests, concatenated in the order the
+/// resources are listed (which is how the reference verifier recomputes it; its signer lists
+/// them in [`super::manifest`]'s canonical order).
 pub fn subject_digest(resources: &[Resource]) -> Result<String, hex::FromHexError> {
-    let mut sorted: Vec<&Resource> = resources.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut h = Sha256::new();
-    for r in sorted {
+    for r in resources {
         h.update(hex::decode(&r.digest)?);
     }
     Ok(hex::encode(h.finalize()))

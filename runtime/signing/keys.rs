@@ -107,6 +107,24 @@ impl PublicKey {
         ))
     }
 
+    /// Parses a DER SubjectPublicKeyInfo (as found in a certificate).
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, SigningError> {
+        if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_der(der) {
+            return Ok(PublicKey::P256(k));
+        }
+        if let Ok(k) = p384::ecdsa::VerifyingKey::from_public_key_der(der) {
+            return Ok(PublicKey::P384(k));
+        }
+        if let Ok(k) = p521::PublicKey::from_public_key_der(der) {
+            let vk = p521::ecdsa::VerifyingKey::from_affine(*k.as_affine())
+                .map_err(|e| SigningError::Key(e.to_string()))?;
+            return Ok(PublicKey::P521(vk));
+        }
+        Err(SigningError::Key(
+            "the certificate's key is not a P-256, P-384 or P-521 ECDSA key".into(),
+        ))
+    }
+
     /// SubjectPublicKeyInfo PEM, as `cryptography` writes it (64-column base64, LF).
     pub fn to_pem(&self) -> Result<String, SigningError> {
         let pem = match self {

@@ -11,57 +11,172 @@ use sha2::{Digest, Sha256};
 use super::bundle::Resource;
 use super::SigningError;
 
-/// Every file of a model and its digest, sorted by name.
+/// How a model is cut into signed resources (the bundle's `serialization.method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// One resource per file.
+    Files,
+    /// Each file cut into `size`-byte shards (the last one shorter), named `path:start:end`;
+    /// empty files have no shard, as in the reference implementation.
+    Shards { size: u64 },
+}
+
+impl Method {
+    /// The resource `algorithm` string the reference signer writes for this method.
+    pub fn algorithm(self) -> String {
+        match self {
+            Method::Files => "sha256".into(),
+            Method::Shards { size } => format!("sha256-sharded-{size}"),
+        }
+    }
+}
+
+/// Reports hashing progress (bytes); the CLI draws a progress bar with it.
+pub trait Progress: Sync {
+    fn start(&self, _total_bytes: u64) {}
+    fn advance(&self, _bytes: u64) {}
+    fn finish(&self) {}
+}
+
+/// No progress reporting.
+impl Progress for () {}
+
+/// Every resource of a model and its digest, in canonical order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub resources: Vec<Resource>,
+    /// Number of files (a sharded file counts once).
+    pub files: usize,
     pub bytes: u64,
 }
 
-/// Hashes a model: a single file becomes one resource named `"."`; a directory, every regular
-/// file below it (relative POSIX names) except `ignore` paths and the signature file itself.
+/// Hashes a model: a single file is named `"."`; a directory contributes every regular file
+/// below it (relative POSIX names) except `ignore` paths and the signature file itself.
 /// Symlinks are refused, as the reference signer does with `allow_symlinks: false`.
 pub fn compute(
     model: &Path,
+    method: Method,
     ignore: &[String],
     signature: &Path,
+    progress: &dyn Progress,
 ) -> Result<Manifest, SigningError> {
-    compute_with(model, ignore, signature, &|_| None)
+    compute_with(model, method, ignore, signature, &|_| None, progress)
 }
 
 /// Like [`compute`], but takes a file's bytes from `loaded` when it has them: the read-only
 /// mapping or buffer the loader itself uses, so what is verified is what runs.
 pub fn compute_with<'a>(
     model: &Path,
+    method: Method,
     ignore: &[String],
     signature: &Path,
     loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
+    progress: &dyn Progress,
 ) -> Result<Manifest, SigningError> {
+    let files = list_files(model, ignore, signature)?;
+    let pieces = cut(&files, method);
+    let bytes = files.iter().map(|f| f.len).sum();
+    progress.start(bytes);
+    let digests = hash_parallel(&pieces, loaded, progress);
+    progress.finish();
+    let resources = pieces
+        .iter()
+        .zip(digests?)
+        .map(|(piece, digest)| Resource {
+            name: piece.name.clone(),
+            algorithm: method.algorithm(),
+            digest,
+        })
+        .collect();
+    Ok(Manifest {
+        resources,
+        files: files.len(),
+        bytes,
+    })
+}
+
+/// The resource names `method` makes of `model`, without hashing anything: lets a verifier
+/// report a renamed, added or removed file before reading gigabytes.
+pub fn names(
+    model: &Path,
+    method: Method,
+    ignore: &[String],
+    signature: &Path,
+) -> Result<Vec<String>, SigningError> {
+    let files = list_files(model, ignore, signature)?;
+    Ok(cut(&files, method).into_iter().map(|p| p.name).collect())
+}
+
+struct ModelFile {
+    name: String,
+    path: PathBuf,
+    len: u64,
+}
+
+/// A resource to hash: a whole file or a byte range of one.
+struct Piece<'f> {
+    name: String,
+    file: &'f ModelFile,
+    start: u64,
+    end: u64,
+}
+
+fn list_files(
+    model: &Path,
+    ignore: &[String],
+    signature: &Path,
+) -> Result<Vec<ModelFile>, SigningError> {
     let meta = std::fs::symlink_metadata(model).map_err(|e| SigningError::io(model, e))?;
     if meta.file_type().is_symlink() {
         return Err(SigningError::Symlink(model.to_path_buf()));
     }
-    let files: Vec<(String, PathBuf)> = if meta.is_file() {
-        vec![(".".to_string(), model.to_path_buf())]
+    let mut files = Vec::new();
+    if meta.is_file() {
+        files.push((".".to_string(), model.to_path_buf()));
     } else {
         let signature = std::fs::canonicalize(signature).ok();
-        let mut files = Vec::new();
         walk(model, model, ignore, signature.as_deref(), &mut files)?;
-        files
-    };
-    let digests = hash_parallel(&files, loaded)?;
-    let bytes = digests.iter().map(|(_, len)| len).sum();
-    let mut resources: Vec<Resource> = files
+    }
+    // The reference orders resources by path components (Python `PurePosixPath` ordering),
+    // which differs from plain string order when a name sorts around '/'.
+    files.sort_by(|a, b| a.0.split('/').cmp(b.0.split('/')));
+    files
         .into_iter()
-        .zip(digests)
-        .map(|((name, _), (digest, _))| Resource {
-            name,
-            algorithm: "sha256".into(),
-            digest,
+        .map(|(name, path)| {
+            let len = std::fs::symlink_metadata(&path)
+                .map_err(|e| SigningError::io(&path, e))?
+                .len();
+            Ok(ModelFile { name, path, len })
         })
-        .collect();
-    resources.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Manifest { resources, bytes })
+        .collect()
+}
+
+fn cut(files: &[ModelFile], method: Method) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
+    for file in files {
+        match method {
+            Method::Files => pieces.push(Piece {
+                name: file.name.clone(),
+                file,
+                start: 0,
+                end: file.len,
+            }),
+            Method::Shards { size } => {
+                let mut start = 0;
+                while start < file.len {
+                    let end = start.saturating_add(size).min(file.len);
+                    pieces.push(Piece {
+                        name: format!("{}:{start}:{end}", file.name),
+                        file,
+                        start,
+                        end,
+                    });
+                    start = end;
+                }
+            }
+        }
+    }
+    pieces
 }
 
 fn is_ignored(rel: &str, ignore: &[String]) -> bool {
@@ -122,35 +237,30 @@ fn relative_name(root: &Path, path: &Path) -> Result<String, SigningError> {
     Ok(parts.join("/"))
 }
 
-/// A file's hex digest and length.
-type HashResult = Result<(String, u64), SigningError>;
+/// Bytes hashed between progress reports.
+const PROGRESS_STEP: usize = 64 * 1024 * 1024;
 
-/// SHA-256 of each file (hex) and its length, using all cores: files are handed to workers
-/// largest first so one big shard does not end up last.
+/// SHA-256 (hex) of each piece, using all cores: pieces are handed to workers largest first so
+/// one big file does not end up last.
 fn hash_parallel<'a>(
-    files: &[(String, PathBuf)],
+    pieces: &[Piece<'_>],
     loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
-) -> Result<Vec<(String, u64)>, SigningError> {
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_cached_key(|&i| {
-        std::cmp::Reverse(std::fs::metadata(&files[i].1).map_or(0, |m| m.len()))
-    });
-    let results: Mutex<Vec<Option<HashResult>>> =
-        Mutex::new((0..files.len()).map(|_| None).collect());
+    progress: &dyn Progress,
+) -> Result<Vec<String>, SigningError> {
+    let mut order: Vec<usize> = (0..pieces.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(pieces[i].end - pieces[i].start));
+    let results: Mutex<Vec<Option<Result<String, SigningError>>>> =
+        Mutex::new((0..pieces.len()).map(|_| None).collect());
     let next = AtomicUsize::new(0);
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
-        .min(files.len().max(1));
+        .min(pieces.len().max(1));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = order.get(k) else { break };
-                let path = &files[i].1;
-                let r = match loaded(path) {
-                    Some(bytes) => Ok((hex::encode(Sha256::digest(bytes)), bytes.len() as u64)),
-                    None => hash_file(path),
-                };
+                let r = hash_piece(&pieces[i], loaded, progress);
                 if let Ok(mut guard) = results.lock() {
                     guard[i] = Some(r);
                 }
@@ -165,18 +275,45 @@ fn hash_parallel<'a>(
         .collect()
 }
 
-/// Hashes one file through a read-only mapping (no copy into our memory).
-pub fn hash_file(path: &Path) -> Result<(String, u64), SigningError> {
+fn hash_piece<'a>(
+    piece: &Piece<'_>,
+    loaded: &(dyn Fn(&Path) -> Option<&'a [u8]> + Sync),
+    progress: &dyn Progress,
+) -> Result<String, SigningError> {
+    let path = &piece.file.path;
+    let range = |bytes: &[u8]| -> Result<String, SigningError> {
+        // A file that changed length since it was listed is reported as modified.
+        let slice = usize::try_from(piece.start)
+            .ok()
+            .zip(usize::try_from(piece.end).ok())
+            .and_then(|(s, e)| bytes.get(s..e))
+            .ok_or_else(|| SigningError::DigestMismatch(piece.file.name.clone()))?;
+        let mut h = Sha256::new();
+        for chunk in slice.chunks(PROGRESS_STEP) {
+            h.update(chunk);
+            progress.advance(chunk.len() as u64);
+        }
+        Ok(hex::encode(h.finalize()))
+    };
+    if let Some(bytes) = loaded(path) {
+        if bytes.len() as u64 != piece.file.len {
+            return Err(SigningError::DigestMismatch(piece.file.name.clone()));
+        }
+        return range(bytes);
+    }
     let file = File::open(path).map_err(|e| SigningError::io(path, e))?;
     let len = file
         .metadata()
         .map_err(|e| SigningError::io(path, e))?
         .len();
+    if len != piece.file.len {
+        return Err(SigningError::DigestMismatch(piece.file.name.clone()));
+    }
     if len == 0 {
-        return Ok((hex::encode(Sha256::digest(b"")), 0));
+        return range(&[]);
     }
     // SAFETY: read-only shared mapping of a file we only read; a concurrent writer could change
     // bytes under us, which at worst yields a digest that fails verification (documented).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| SigningError::io(path, e))?;
-    Ok((hex::encode(Sha256::digest(&map[..])), len))
+    range(&map)
 }
