@@ -3,15 +3,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use common::{p, securerun};
 
-fn securerun(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_securerun"))
-        .args(args)
-        .output()
-        .expect("run securerun")
-}
+use std::path::Path;
+use std::process::Output;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8(o.stdout.clone()).unwrap()
@@ -40,10 +35,6 @@ fn assert_fails_with(o: &Output, needle: &str) {
     assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
     assert!(lines[0].starts_with("error: "), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// Greedy, 16 tokens: the README's example. Must equal transformers' first 16 tokens decoded.

@@ -4,36 +4,13 @@
 
 mod common;
 
+use common::{p, reference_cli, securerun};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use securerun::signing::{self, bundle, PrivateKey, PublicKey, SigningError, TrustPolicy};
-
-fn reference_cli() -> PathBuf {
-    let path = std::env::var_os("SECURERUN_MODEL_SIGNING")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/signing-env/bin/model_signing")
-        });
-    assert!(
-        path.is_file(),
-        "reference CLI missing at {}: run scripts/test.sh",
-        path.display()
-    );
-    path
-}
-
-fn securerun(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_securerun"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Writes a PKCS#8 private key and SPKI public key for `curve`; returns their paths.
 fn keypair(dir: &Path, curve: &str) -> (PathBuf, PathBuf) {

@@ -185,6 +185,9 @@ fn chain_error(e: webpki::Error) -> SigningError {
         E::RequiredEkuNotFoundContext(_) => {
             "the signing certificate is not valid for code signing (ExtendedKeyUsage)".into()
         }
+        E::InvalidSignatureForPublicKey => {
+            "a signature in the chain does not verify with its issuer's key".into()
+        }
         E::CaUsedAsEndEntity => "the signing certificate is a CA certificate".into(),
         other => format!("the certificate chain is invalid: {other:?}"),
     };

@@ -45,7 +45,7 @@ impl Progress for () {}
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub resources: Vec<Resource>,
-    /// Number of files (a sharded file counts once).
+    /// Number of files covered (a sharded file counts once; an empty file has no shard).
     pub files: usize,
     pub bytes: u64,
 }
@@ -88,9 +88,11 @@ pub fn compute_with<'a>(
             digest,
         })
         .collect();
+    let mut covered: Vec<&str> = pieces.iter().map(|p| p.file.name.as_str()).collect();
+    covered.dedup();
     Ok(Manifest {
         resources,
-        files: files.len(),
+        files: covered.len(),
         bytes,
     })
 }

@@ -62,3 +62,31 @@ pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Runs the `securerun` binary built for this test run.
+pub fn securerun(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(args)
+        .output()
+        .expect("run securerun")
+}
+
+pub fn p(path: &std::path::Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The reference OpenSSF `model_signing` CLI, installed by `scripts/test.sh` (or
+/// `$SECURERUN_MODEL_SIGNING`).
+pub fn reference_cli() -> PathBuf {
+    let path = std::env::var_os("SECURERUN_MODEL_SIGNING")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/signing-env/bin/model_signing")
+        });
+    assert!(
+        path.is_file(),
+        "reference CLI missing at {}: run scripts/test.sh",
+        path.display()
+    );
+    path
+}
