@@ -74,6 +74,8 @@ if [ ! -f "$smol/model.safetensors" ]; then
   mv "$smol.tmp" "$smol"
 fi
 check "$smol/model.safetensors" "$SMOL_CONVERTED_SHA"
+# securerun refuses model files that anyone but their owner could rewrite.
+chmod -R go-w "$smol" "$minilm"
 
 echo "models ready in $dir:"
 echo "  $smol"

@@ -3,6 +3,8 @@
 # every test (unit, generated tiny models, real models against reference outputs, CLI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Files the tests create must not be group/other-writable: securerun refuses such model files.
+umask 022
 
 scripts/fetch-models.sh
 

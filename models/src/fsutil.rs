@@ -19,10 +19,16 @@ pub enum OpenError {
     },
     #[error("{path}: {len} bytes exceeds the {max}-byte limit for this kind of file")]
     TooLarge { path: PathBuf, len: u64, max: u64 },
+    #[error("{path}: writable by group or others (mode {mode:04o}); a writer could change it after it is verified (chmod go-w)")]
+    SharedWritable { path: PathBuf, mode: u32 },
+    #[error("{path}: owned by uid {uid}, neither this user nor root; its owner could change it after it is verified")]
+    ForeignOwner { path: PathBuf, uid: u32 },
 }
 
 /// Opens `path` read-only. Refuses a symlink as the last component (O_NOFOLLOW, so there is no
-/// window between a check and the open) and anything that is not a regular file.
+/// window between a check and the open), anything that is not a regular file, and a file that
+/// someone other than this user (or root) could modify: model bytes are verified, then used,
+/// and only their owner may be able to change them in between.
 pub fn open_regular(path: &Path) -> Result<File, OpenError> {
     let file = OpenOptions::new()
         .read(true)
@@ -49,7 +55,29 @@ pub fn open_regular(path: &Path) -> Result<File, OpenError> {
             path: path.to_path_buf(),
         });
     }
+    check_writers(path, &meta)?;
     Ok(file)
+}
+
+/// Checked on the open file (fstat), not the path, so the inode checked is the one read.
+fn check_writers(path: &Path, meta: &std::fs::Metadata) -> Result<(), OpenError> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(OpenError::SharedWritable {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(OpenError::ForeignOwner {
+            path: path.to_path_buf(),
+            uid: meta.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// Reads a whole small file (configs, tokenizers) with a size cap.

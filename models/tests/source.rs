@@ -214,6 +214,36 @@ fn symlinks_are_refused() {
 }
 
 #[test]
+fn files_others_could_modify_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    common::write_model(&dir, "llama", DType::F32);
+    let chmod = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    assert!(open(&dir).is_ok());
+    chmod("model.safetensors", 0o666);
+    let err = open(&dir).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("writable by group or others (mode 0666)"),
+        "{err}"
+    );
+    chmod("model.safetensors", 0o644);
+    chmod("tokenizer.json", 0o620);
+    assert!(matches!(
+        open(&dir),
+        Err(SourceError::Open(OpenError::SharedWritable {
+            mode: 0o620,
+            ..
+        }))
+    ));
+    chmod("tokenizer.json", 0o600);
+    assert!(open(&dir).is_ok());
+}
+
+#[test]
 fn ambiguous_or_missing_weights() {
     let tmp = tempfile::tempdir().unwrap();
     assert!(matches!(
