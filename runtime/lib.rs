@@ -27,9 +27,11 @@
 pub mod cli;
 mod open;
 pub mod signing;
+pub mod worker;
 
 pub use open::{
-    open_embedder, open_source, open_text_model, open_verified, DeviceChoice, Error, OpenOptions,
+    open_confined, open_embedder, open_source, open_text_model, open_verified, DeviceChoice, Error,
+    OpenOptions,
 };
 pub mod trust;
 pub use securerun_models as models;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::signing::{self, SigningError, TrustPolicy, Verified};
+use crate::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
 
 use securerun_models::{
     Device, EmbedError, Embedder, GenerateError, Limits, LoadError, LoadOptions, ModelSource,
@@ -88,6 +89,10 @@ pub enum Error {
     },
     #[error("cannot use device {device}: {reason} (CUDA needs a build with `--features cuda`)")]
     Device { device: String, reason: String },
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error("a confined worker computes on the CPU only; pass --sandbox=off to use {0} (see README, CUDA)")]
+    ConfinedDevice(String),
 }
 
 /// Resolves and validates a model directory or single file, then verifies its signature over
@@ -150,4 +155,25 @@ pub fn open_embedder(path: &Path, opts: &OpenOptions) -> Result<Embedder, Error>
     let load = load_options(opts)?;
     let source = open_source(path, opts)?;
     Ok(Embedder::load(&source, &load)?)
+}
+
+/// Opens a model in a confined worker process: resolution and signature verification happen
+/// here, in the supervisor; the worker receives the verified files as descriptors and parses
+/// them only after it is confined. `settings` defaults to [`WorkerSettings::for_model`].
+pub fn open_confined(
+    path: &Path,
+    opts: &OpenOptions,
+    task: Task,
+    settings: Option<WorkerSettings>,
+) -> Result<ConfinedModel, Error> {
+    if opts.device != DeviceChoice::Cpu {
+        return Err(Error::ConfinedDevice(format!("{:?}", opts.device).to_lowercase()));
+    }
+    let source = open_source(path, opts)?;
+    let settings = match settings {
+        Some(s) => s,
+        None => WorkerSettings::for_model(source.weight_bytes())
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?,
+    };
+    Ok(ConfinedModel::start(source, task, opts.limits, settings)?)
 }

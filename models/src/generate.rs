@@ -17,7 +17,7 @@ use crate::stop::{StopMatcher, StopScan};
 use crate::tokenizer::{self, TokenizerError};
 
 /// What to generate from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Prompt {
     /// Raw text, tokenized with the tokenizer's own special tokens (e.g. a BOS).
     Text(String),
@@ -26,7 +26,7 @@ pub enum Prompt {
 }
 
 /// Generation settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationParams {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -48,7 +48,7 @@ impl Default for GenerationParams {
 }
 
 /// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
     Stop,

@@ -108,7 +108,67 @@ pub struct ModelSource {
     index_file: Option<(PathBuf, Vec<u8>)>,
 }
 
+/// A resolved model taken apart to cross a process boundary: everything but the weight files,
+/// which travel as open descriptors (see [`ModelSource::parts`]).
+#[derive(Debug, Clone)]
+pub struct SourceParts {
+    pub path: PathBuf,
+    pub layout: Layout,
+    /// Paths of the weight files, in the order of the descriptors.
+    pub weight_paths: Vec<PathBuf>,
+    pub index_file: Option<(PathBuf, Vec<u8>)>,
+    pub aux: BTreeMap<String, AuxFile>,
+}
+
 impl ModelSource {
+    /// Takes the source apart: its non-weight parts and new descriptors for the very weight
+    /// files it mapped (not re-opened paths), for [`ModelSource::from_parts`] in another process.
+    pub fn parts(&self) -> std::io::Result<(SourceParts, Vec<std::fs::File>)> {
+        let files = self
+            .weights
+            .iter()
+            .map(|w| w.try_clone_file())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let parts = SourceParts {
+            path: self.path.clone(),
+            layout: self.layout,
+            weight_paths: self.weights.iter().map(|w| w.path().to_path_buf()).collect(),
+            index_file: self.index_file.clone(),
+            aux: self.aux.clone(),
+        };
+        Ok((parts, files))
+    }
+
+    /// Rebuilds a source from [`ModelSource::parts`], re-validating every header and the shard
+    /// index from the bytes received: the receiving side trusts nothing it did not check.
+    pub fn from_parts(
+        parts: SourceParts,
+        files: Vec<std::fs::File>,
+        limits: &Limits,
+    ) -> Result<Self, SourceError> {
+        if files.len() != parts.weight_paths.len() || files.is_empty() {
+            return Err(SourceError::NoWeights { dir: parts.path });
+        }
+        let weights = parts
+            .weight_paths
+            .iter()
+            .zip(files)
+            .map(|(path, file)| SafetensorsFile::from_file(path, file, limits))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some((index_path, bytes)) = &parts.index_file {
+            let raw = parse_index(index_path, bytes)?;
+            check_index_covers(&raw, &weights)?;
+        }
+        Ok(ModelSource {
+            path: parts.path,
+            layout: parts.layout,
+            index: build_index(&weights),
+            weights,
+            aux: parts.aux,
+            index_file: parts.index_file,
+        })
+    }
+
     /// Resolves `path` (a directory or a single `.safetensors` file) with the given header limits.
     pub fn open(path: &Path, limits: &Limits) -> Result<Self, SourceError> {
         let meta = std::fs::metadata(path).map_err(|source| SourceError::NotFound {

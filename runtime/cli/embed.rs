@@ -5,7 +5,8 @@ use std::io::Write;
 use clap::Args;
 
 use super::{CmdResult, RunModelArgs};
-use crate::open_embedder;
+use crate::worker::Task;
+use crate::{open_confined, open_embedder};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -18,8 +19,14 @@ pub struct EmbedArgs {
 
 pub fn run(args: EmbedArgs) -> CmdResult {
     super::run::warn_unsigned(&args.common);
-    let embedder = open_embedder(&args.common.model.model, &args.common.open_options()?)?;
-    let vectors = embedder.embed(&args.texts)?;
+    let opts = args.common.open_options()?;
+    let vectors = match args.common.worker_settings()? {
+        None => open_embedder(&args.common.model.model, &opts)?.embed(&args.texts)?,
+        Some(settings) => {
+            open_confined(&args.common.model.model, &opts, Task::Embed, Some(settings))?
+                .embed(&args.texts)?
+        }
+    };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &vectors)?;
     writeln!(out)?;

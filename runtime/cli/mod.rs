@@ -1,6 +1,7 @@
 //! Command-line interface. Every failure is one line on stderr and a non-zero exit; nothing
 //! panics out to the user (a panic is caught and reported as an internal error).
 
+mod doctor;
 mod embed;
 mod inspect;
 mod pack;
@@ -47,6 +48,19 @@ enum Command {
     /// Manage the trust store: keys whose model signatures `run` and `embed` accept.
     #[command(subcommand)]
     Trust(signing::TrustCommand),
+    /// Show which sandbox layers this host enforces and try escapes from a confined worker.
+    Doctor(doctor::DoctorArgs),
+}
+
+/// How inference is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    /// A confined worker process; refuse to run if any layer cannot be enforced.
+    Strict,
+    /// A confined worker with whatever layers this host supports (warns on stderr).
+    Permissive,
+    /// In this process, unconfined (warns on stderr; for debugging and GPUs).
+    Off,
 }
 
 /// Options shared by every command that opens a model.
@@ -87,6 +101,13 @@ struct RunModelArgs {
     /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceChoice,
+    /// Isolation of inference: a confined worker process (strict, the default; permissive),
+    /// or none (off).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "strict")]
+    sandbox: SandboxMode,
+    /// Memory budget of the worker process in MiB (default: 4x the weights + 4 GiB).
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(64..))]
+    worker_memory: Option<u64>,
 }
 
 impl RunModelArgs {
@@ -107,12 +128,66 @@ impl RunModelArgs {
     }
 }
 
+impl RunModelArgs {
+    /// Worker settings for this command, or `None` to run in process. Weaker modes are
+    /// announced on stderr.
+    fn worker_settings(
+        &self,
+    ) -> Result<Option<crate::worker::WorkerSettings>, Box<dyn std::error::Error>> {
+        let mode = match self.sandbox {
+            SandboxMode::Off => {
+                eprintln!("warning: --sandbox=off: the model runs unconfined in this process");
+                return Ok(None);
+            }
+            SandboxMode::Permissive => {
+                eprintln!("warning: --sandbox=permissive: sandbox layers this host cannot enforce are skipped");
+                securerun_sandbox::Mode::Permissive
+            }
+            SandboxMode::Strict => securerun_sandbox::Mode::Strict,
+        };
+        let mut settings = crate::worker::WorkerSettings::for_model(0)?;
+        settings.mode = mode;
+        settings.memory_budget = match self.worker_memory {
+            Some(mib) => mib << 20,
+            None => {
+                let weights = std::fs::metadata(&self.model.model).map_or(0, |m| {
+                    if m.is_dir() {
+                        dir_size(&self.model.model)
+                    } else {
+                        m.len()
+                    }
+                });
+                weights.saturating_mul(4).saturating_add(4 << 30)
+            }
+        };
+        Ok(Some(settings))
+    }
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    })
+}
+
 type CmdResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     // Panics are reported by the catch below as one line, not by the default hook's backtrace.
     std::panic::set_hook(Box::new(|_| {}));
+    // The hidden worker entry points: before anything else runs (no threads, no parsing).
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("__worker") => return crate::worker::process::main(&argv[2..]),
+        Some("__probe") => return crate::worker::process::probe_main(&argv[2..]),
+        _ => {}
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -131,6 +206,7 @@ pub fn main() -> ExitCode {
         Command::Sign(args) => signing::sign(args),
         Command::Verify(args) => signing::verify(args),
         Command::Trust(cmd) => signing::trust(cmd),
+        Command::Doctor(args) => doctor::run(args),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

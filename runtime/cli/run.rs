@@ -6,7 +6,8 @@ use std::ops::ControlFlow;
 use clap::Args;
 
 use super::{CmdResult, RunModelArgs};
-use crate::{open_text_model, ChatMessage, GenerationParams, Prompt, SamplingParams};
+use crate::worker::Task;
+use crate::{open_confined, open_text_model, ChatMessage, GenerationParams, Prompt, SamplingParams};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -61,9 +62,23 @@ fn fresh_seed() -> u64 {
     h.finish()
 }
 
+enum Model {
+    InProcess(crate::TextModel),
+    Confined(crate::worker::ConfinedModel),
+}
+
 pub fn run(args: RunArgs) -> CmdResult {
     warn_unsigned(&args.common);
-    let mut model = open_text_model(&args.common.model.model, &args.common.open_options()?)?;
+    let opts = args.common.open_options()?;
+    let mut model = match args.common.worker_settings()? {
+        None => Model::InProcess(open_text_model(&args.common.model.model, &opts)?),
+        Some(settings) => Model::Confined(open_confined(
+            &args.common.model.model,
+            &opts,
+            Task::Generate,
+            Some(settings),
+        )?),
+    };
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -90,7 +105,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     let tty = stdout.is_terminal();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let generation = model.generate(&prompt, &params, &mut |piece| match out
+    let mut on_text = |piece: &str| match out
         .write_all(piece.as_bytes())
         .and_then(|_| out.flush())
     {
@@ -99,7 +114,11 @@ pub fn run(args: RunArgs) -> CmdResult {
             write_error = Some(e);
             ControlFlow::Break(())
         }
-    })?;
+    };
+    let generation = match &mut model {
+        Model::InProcess(m) => m.generate(&prompt, &params, &mut on_text)?,
+        Model::Confined(m) => m.generate(&prompt, &params, &mut on_text)?,
+    };
     if let Some(e) = write_error {
         return Err(format!("cannot write to stdout: {e}").into());
     }

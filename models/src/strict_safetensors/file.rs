@@ -40,6 +40,8 @@ impl SafetensorsError {
 #[derive(Debug)]
 pub struct SafetensorsFile {
     path: PathBuf,
+    /// Kept open so the very inode that was mapped (and verified) can be handed to a worker.
+    file: File,
     map: Mmap,
     header: Header,
 }
@@ -79,6 +81,7 @@ impl SafetensorsFile {
         let header = header::parse(&map, limits).map_err(header_err)?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
+            file,
             map,
             header,
         })
@@ -86,6 +89,11 @@ impl SafetensorsFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A new descriptor for the mapped file (same inode, read-only).
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     pub fn header(&self) -> &Header {

@@ -16,7 +16,7 @@ use super::HeaderError;
 
 /// Bounds applied while parsing a header. The defaults fit every public model we know of with
 /// a wide margin; they exist so a hostile file cannot make the parser allocate without bound.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Largest accepted JSON header, in bytes (default 16 MiB).
     pub max_header_len: u64,

@@ -1,0 +1,97 @@
+//! Privilege separation: inference runs in a separate, confined worker process (the same
+//! binary, re-executed as `securerun __worker`), and the supervisor keeps everything else.
+//!
+//! - [`supervisor`]: [`ConfinedModel`] starts and talks to the worker, restarts it when it dies.
+//! - [`process`]: the worker's `main`, and the escape probes' `main` for `securerun doctor`.
+//! - [`protocol`]: the messages between them.
+
+pub mod process;
+pub mod protocol;
+pub mod supervisor;
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+pub use protocol::{LayerMsg, Task};
+pub use supervisor::{ConfinedModel, WorkerError, WorkerSettings};
+
+use securerun_sandbox::probe::{EXIT_BLOCKED, EXIT_ESCAPED, PROBES};
+use securerun_sandbox::WorkerSpec;
+
+/// The outcome of one escape probe.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub name: &'static str,
+    pub attempt: &'static str,
+    pub blocked: bool,
+    pub how: String,
+}
+
+fn probe_spec(program: &Path, args: &[&str]) -> WorkerSpec {
+    WorkerSpec {
+        program: program.to_path_buf(),
+        args: std::iter::once("__probe")
+            .chain(args.iter().copied())
+            .map(Into::into)
+            .collect(),
+        env: Vec::new(),
+        fds: Vec::new(),
+        stderr: Stdio::piped(),
+    }
+}
+
+/// What this host enforces: a worker confines itself permissively and reports each layer.
+pub fn host_layers(program: &Path) -> Result<Vec<LayerMsg>, WorkerError> {
+    let mut p = securerun_sandbox::spawn(probe_spec(program, &["report", "0"]))
+        .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+    let bytes = p
+        .channel
+        .recv(protocol::MAX_FROM_WORKER, Some(Duration::from_secs(30)))
+        .map_err(|e| WorkerError::Protocol(e.to_string()));
+    let _ = p.child.wait();
+    match serde_json::from_slice(&bytes?) {
+        Ok(protocol::FromWorker::Confined { layers }) => Ok(layers),
+        _ => Err(WorkerError::Protocol("no confinement report".into())),
+    }
+}
+
+/// Runs every escape probe in its own strictly confined process.
+pub fn run_probes(program: &Path) -> Vec<ProbeResult> {
+    let parent = std::process::id().to_string();
+    PROBES
+        .iter()
+        .map(|&(name, attempt)| {
+            let (blocked, how) = match run_probe(program, name, &parent) {
+                Ok(r) => r,
+                Err(e) => (false, format!("could not run: {e}")),
+            };
+            ProbeResult {
+                name,
+                attempt,
+                blocked,
+                how,
+            }
+        })
+        .collect()
+}
+
+fn run_probe(program: &Path, name: &str, parent: &str) -> std::io::Result<(bool, String)> {
+    let mut p = securerun_sandbox::spawn(probe_spec(program, &[name, parent]))?;
+    let mut err = String::new();
+    if let Some(mut stderr) = p.child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    let status = p.child.wait()?;
+    let err = err.trim().to_string();
+    Ok(match (status.code(), status.signal()) {
+        (Some(EXIT_BLOCKED), _) => (true, format!("refused: {err}")),
+        (Some(EXIT_ESCAPED), _) => (false, "SUCCEEDED: the sandbox did not stop it".into()),
+        (_, Some(libc::SIGSYS)) => (true, "process killed by the seccomp filter".into()),
+        (_, Some(sig)) => (true, format!("process killed by signal {sig}")),
+        (Some(code), _) => (false, format!("probe could not be set up (exit {code}): {err}")),
+        (None, None) => (false, "unknown outcome".into()),
+    })
+}

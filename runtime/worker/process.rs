@@ -1,0 +1,237 @@
+//! The worker process: `securerun __worker`. It takes its descriptors, confines itself before it
+//! has a second thread or reads a model byte, then loads the model from the passed descriptors
+//! and serves requests until the supervisor hangs up.
+
+use std::fs::File;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use securerun_models::{Embedder, LoadOptions, ModelSource, TextModel};
+use securerun_sandbox::{Channel, Confinement, Mode};
+
+use super::protocol::{FromWorker, LayerMsg, Task, ToWorker, MAX_TO_WORKER};
+
+/// Descriptors a worker may hold open (IPC, weight files, what candle and the allocator need).
+const OPEN_FILES: u64 = 64;
+
+fn send(channel: &mut Channel, msg: &FromWorker) -> bool {
+    match serde_json::to_vec(msg) {
+        Ok(bytes) => channel.send(&bytes).is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn recv(channel: &mut Channel) -> Option<ToWorker> {
+    let bytes = channel.recv(MAX_TO_WORKER, None).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn fail(channel: &mut Channel, id: Option<u64>, error: String) -> ExitCode {
+    send(channel, &FromWorker::Failed { id, error });
+    ExitCode::FAILURE
+}
+
+/// Entry point of `securerun __worker MODE MEMORY_BYTES FD_COUNT`.
+pub fn main(args: &[String]) -> ExitCode {
+    let (mode, memory, fd_count) = match args {
+        [mode, memory, fds] => (
+            if mode == "permissive" {
+                Mode::Permissive
+            } else {
+                Mode::Strict
+            },
+            memory.parse().unwrap_or(0),
+            fds.parse().unwrap_or(0),
+        ),
+        _ => return ExitCode::from(2),
+    };
+    let Ok((mut channel, fds)) = securerun_sandbox::inherited(fd_count) else {
+        return ExitCode::from(2);
+    };
+    let confinement = Confinement {
+        mode,
+        address_space: memory,
+        open_files: OPEN_FILES,
+        extra_syscalls: Vec::new(),
+    };
+    let report = match securerun_sandbox::confine(&confinement) {
+        Ok(report) => report,
+        Err(e) => return fail(&mut channel, None, e.to_string()),
+    };
+    let layers = report
+        .layers
+        .iter()
+        .map(|l| LayerMsg {
+            name: l.name.to_string(),
+            enforced: l.enforced,
+            detail: l.detail.clone(),
+        })
+        .collect();
+    if !send(&mut channel, &FromWorker::Confined { layers }) {
+        return ExitCode::FAILURE;
+    }
+    // Confined: from here on every byte is parsed inside the sandbox.
+    let Some(ToWorker::Load {
+        task,
+        source,
+        limits,
+    }) = recv(&mut channel)
+    else {
+        return fail(&mut channel, None, "expected a load message".into());
+    };
+    let files: Vec<File> = fds.into_iter().map(File::from).collect();
+    let source = match source
+        .into_parts()
+        .and_then(|parts| ModelSource::from_parts(parts, files, &limits).map_err(|e| e.to_string()))
+    {
+        Ok(s) => Arc::new(s),
+        Err(e) => return fail(&mut channel, None, e),
+    };
+    let opts = LoadOptions {
+        limits,
+        ..Default::default()
+    };
+    match task {
+        Task::Generate => match TextModel::load(&source, &opts) {
+            Ok(model) => serve_generate(&mut channel, model),
+            Err(e) => fail(&mut channel, None, e.to_string()),
+        },
+        Task::Embed => match Embedder::load(&source, &opts) {
+            Ok(model) => serve_embed(&mut channel, model),
+            Err(e) => fail(&mut channel, None, e.to_string()),
+        },
+    }
+}
+
+fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
+    if !send(channel, &FromWorker::Ready) {
+        return ExitCode::FAILURE;
+    }
+    loop {
+        let Some(msg) = recv(channel) else {
+            return ExitCode::SUCCESS; // supervisor gone or closed the channel
+        };
+        let (id, prompt, params) = match msg {
+            ToWorker::Generate { id, prompt, params } => (id, prompt, params),
+            ToWorker::Cancel { .. } => continue, // for a request already finished
+            _ => return fail(channel, None, "unexpected message".into()),
+        };
+        let mut lost = false;
+        let result = {
+            let mut on_text = |text: &str| {
+                if !send(
+                    channel,
+                    &FromWorker::Text {
+                        id,
+                        text: text.to_string(),
+                    },
+                ) {
+                    lost = true;
+                    return ControlFlow::Break(());
+                }
+                if channel.readable() {
+                    match recv(channel) {
+                        Some(ToWorker::Cancel { id: c }) if c == id => {
+                            return ControlFlow::Break(())
+                        }
+                        Some(ToWorker::Cancel { .. }) => {}
+                        _ => {
+                            lost = true;
+                            return ControlFlow::Break(());
+                        }
+                    }
+                }
+                ControlFlow::Continue(())
+            };
+            model.generate(&prompt, &params, &mut on_text)
+        };
+        if lost {
+            return ExitCode::SUCCESS;
+        }
+        let reply = match result {
+            Ok(g) => FromWorker::Done {
+                id,
+                finish_reason: g.finish_reason,
+                prompt_tokens: g.prompt_tokens,
+                token_ids: g.token_ids,
+                prefill_us: g.prefill_time.as_micros() as u64,
+                decode_us: g.decode_time.as_micros() as u64,
+            },
+            Err(e) => FromWorker::Failed {
+                id: Some(id),
+                error: e.to_string(),
+            },
+        };
+        if !send(channel, &reply) {
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
+    if !send(channel, &FromWorker::Ready) {
+        return ExitCode::FAILURE;
+    }
+    loop {
+        let Some(msg) = recv(channel) else {
+            return ExitCode::SUCCESS;
+        };
+        let reply = match msg {
+            ToWorker::Embed { id, texts } => match model.embed(&texts) {
+                Ok(vectors) => FromWorker::Embeddings { id, vectors },
+                Err(e) => FromWorker::Failed {
+                    id: Some(id),
+                    error: e.to_string(),
+                },
+            },
+            ToWorker::Cancel { .. } => continue,
+            _ => return fail(channel, None, "unexpected message".into()),
+        };
+        if !send(channel, &reply) {
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+/// Entry point of `securerun __probe NAME PARENT_PID`: confine strictly, then try the escape.
+pub fn probe_main(args: &[String]) -> ExitCode {
+    let [name, parent] = args else {
+        return ExitCode::from(2);
+    };
+    let Ok((mut channel, _)) = securerun_sandbox::inherited(0) else {
+        return ExitCode::from(2);
+    };
+    let report_only = name == "report";
+    let confinement = Confinement {
+        mode: if report_only {
+            Mode::Permissive
+        } else {
+            Mode::Strict
+        },
+        address_space: 1 << 30,
+        open_files: OPEN_FILES,
+        extra_syscalls: Vec::new(),
+    };
+    let report = match securerun_sandbox::confine(&confinement) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(securerun_sandbox::probe::EXIT_SETUP as u8);
+        }
+    };
+    if report_only {
+        let layers = report
+            .layers
+            .iter()
+            .map(|l| LayerMsg {
+                name: l.name.to_string(),
+                enforced: l.enforced,
+                detail: l.detail.clone(),
+            })
+            .collect();
+        send(&mut channel, &FromWorker::Confined { layers });
+        return ExitCode::SUCCESS;
+    }
+    securerun_sandbox::probe::run(name, parent.parse().unwrap_or(1))
+}

@@ -1,0 +1,152 @@
+//! Messages between the supervisor and the inference worker, carried as JSON in
+//! [`securerun_sandbox::frame`] frames. The supervisor bounds and checks everything it receives.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use securerun_models::source::{AuxFile, Layout, Origin, SourceParts};
+use securerun_models::{FinishReason, GenerationParams, Limits, Prompt};
+
+use crate::signing::bundle::{b64_decode, b64_encode};
+
+/// Largest frame the supervisor accepts from the worker (a text piece, a batch of embeddings).
+pub const MAX_FROM_WORKER: usize = 8 * 1024 * 1024;
+/// Largest frame the worker accepts (the load message carries tokenizer and configuration).
+pub const MAX_TO_WORKER: usize = 512 * 1024 * 1024;
+
+/// What the worker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    Generate,
+    Embed,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Load the model whose weight files are the passed descriptors.
+    Load {
+        task: Task,
+        source: PartsMsg,
+        limits: Limits,
+    },
+    Generate {
+        id: u64,
+        prompt: Prompt,
+        params: GenerationParams,
+    },
+    Embed {
+        id: u64,
+        texts: Vec<String>,
+    },
+    /// Stop request `id` (its client went away).
+    Cancel {
+        id: u64,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// Confined; layer by layer what was enforced.
+    Confined { layers: Vec<LayerMsg> },
+    /// The model is loaded.
+    Ready,
+    /// A request (or, with no id, loading) failed.
+    Failed { id: Option<u64>, error: String },
+    /// A piece of generated text.
+    Text { id: u64, text: String },
+    /// Generation `id` ended.
+    Done {
+        id: u64,
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        token_ids: Vec<u32>,
+        prefill_us: u64,
+        decode_us: u64,
+    },
+    Embeddings { id: u64, vectors: Vec<Vec<f32>> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerMsg {
+    pub name: String,
+    pub enforced: bool,
+    pub detail: String,
+}
+
+/// [`SourceParts`] with byte buffers as base64.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartsMsg {
+    path: PathBuf,
+    layout: String,
+    weight_paths: Vec<PathBuf>,
+    index_file: Option<(PathBuf, String)>,
+    /// name -> (base64 bytes, file it came from if not embedded)
+    aux: BTreeMap<String, (String, Option<PathBuf>)>,
+}
+
+impl PartsMsg {
+    pub fn from_parts(p: &SourceParts) -> Self {
+        PartsMsg {
+            path: p.path.clone(),
+            layout: match p.layout {
+                Layout::Directory => "directory",
+                Layout::Sharded => "sharded",
+                Layout::SingleFile => "single_file",
+            }
+            .into(),
+            weight_paths: p.weight_paths.clone(),
+            index_file: p
+                .index_file
+                .as_ref()
+                .map(|(path, bytes)| (path.clone(), b64_encode(bytes))),
+            aux: p
+                .aux
+                .iter()
+                .map(|(name, f)| {
+                    let origin = match &f.origin {
+                        Origin::Embedded => None,
+                        Origin::File(path) => Some(path.clone()),
+                    };
+                    (name.clone(), (b64_encode(&f.bytes), origin))
+                })
+                .collect(),
+        }
+    }
+
+    pub fn into_parts(self) -> Result<SourceParts, String> {
+        let decode = |s: &str| b64_decode(s).map_err(|e| format!("bad base64: {e}"));
+        let layout = match self.layout.as_str() {
+            "directory" => Layout::Directory,
+            "sharded" => Layout::Sharded,
+            "single_file" => Layout::SingleFile,
+            other => return Err(format!("unknown layout {other:?}")),
+        };
+        let index_file = match self.index_file {
+            Some((path, b)) => Some((path, decode(&b)?)),
+            None => None,
+        };
+        let mut aux = BTreeMap::new();
+        for (name, (b, origin)) in self.aux {
+            let origin = origin.map_or(Origin::Embedded, Origin::File);
+            aux.insert(
+                name,
+                AuxFile {
+                    bytes: decode(&b)?,
+                    origin,
+                },
+            );
+        }
+        Ok(SourceParts {
+            path: self.path,
+            layout,
+            weight_paths: self.weight_paths,
+            index_file,
+            aux,
+        })
+    }
+}

@@ -1,0 +1,408 @@
+//! The supervisor's side: start a confined worker for a verified model, send it requests,
+//! treat everything it says as untrusted, and replace it when it dies.
+
+use std::ffi::OsString;
+use std::ops::ControlFlow;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use securerun_models::{Generation, GenerationParams, Limits, ModelSource, Prompt};
+use securerun_sandbox::{Channel, FrameError, Mode, WorkerProcess, WorkerSpec};
+
+use super::protocol::{FromWorker, LayerMsg, PartsMsg, Task, ToWorker, MAX_FROM_WORKER};
+
+/// Why a confined request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start the inference worker: {0}")]
+    Spawn(String),
+    #[error("the inference worker refused to start: {0}")]
+    Refused(String),
+    #[error("the inference worker {0}; it will be restarted for the next request")]
+    Died(String),
+    #[error("the inference worker broke the protocol ({0}); it was stopped and will be restarted")]
+    Protocol(String),
+    #[error("the inference worker did not answer within {0:?}; it was stopped and will be restarted")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Request(String),
+}
+
+/// How to run workers.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// The `securerun` binary to re-execute (default: this executable).
+    pub program: PathBuf,
+    pub mode: Mode,
+    /// Address-space budget; a worker that exceeds it fails its allocation and dies, the host
+    /// is unaffected.
+    pub memory_budget: u64,
+    /// Compute threads in the worker.
+    pub threads: usize,
+    /// Longest wait for the worker to load a model.
+    pub load_timeout: Duration,
+    /// Longest silence from the worker during a request (between two frames).
+    pub frame_timeout: Duration,
+}
+
+impl WorkerSettings {
+    /// Defaults for a model of `weight_bytes`: a budget of 4x the weights (f16 weights become
+    /// f32 tensors, plus the mapping) plus 4 GiB for activations, KV cache and allocator arenas.
+    pub fn for_model(weight_bytes: u64) -> std::io::Result<Self> {
+        Ok(WorkerSettings {
+            program: std::env::current_exe()?,
+            mode: Mode::Strict,
+            memory_budget: weight_bytes.saturating_mul(4).saturating_add(4 << 30),
+            threads: std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            load_timeout: Duration::from_secs(600),
+            frame_timeout: Duration::from_secs(300),
+        })
+    }
+}
+
+struct Live {
+    process: WorkerProcess,
+}
+
+/// A model served by a confined worker process.
+pub struct ConfinedModel {
+    source: Arc<ModelSource>,
+    task: Task,
+    limits: Limits,
+    settings: WorkerSettings,
+    live: Option<Live>,
+    layers: Vec<LayerMsg>,
+    next_id: u64,
+    /// Consecutive failed starts or deaths, for backoff.
+    failures: u32,
+    /// Worker replacements so far (deaths, protocol breaks, timeouts).
+    pub restarts: u64,
+}
+
+impl ConfinedModel {
+    /// Starts a worker for `source` (already verified by the caller) and waits until the model
+    /// is loaded inside it.
+    pub fn start(
+        source: Arc<ModelSource>,
+        task: Task,
+        limits: Limits,
+        settings: WorkerSettings,
+    ) -> Result<Self, WorkerError> {
+        let mut model = ConfinedModel {
+            source,
+            task,
+            limits,
+            settings,
+            live: None,
+            layers: Vec::new(),
+            next_id: 1,
+            failures: 0,
+            restarts: 0,
+        };
+        model.ensure_worker()?;
+        Ok(model)
+    }
+
+    /// The confinement layers the current worker reported.
+    pub fn layers(&self) -> &[LayerMsg] {
+        &self.layers
+    }
+
+    /// The worker's process id, while one runs.
+    pub fn worker_pid(&self) -> Option<u32> {
+        self.live.as_ref().map(|l| l.process.child.id())
+    }
+
+    fn ensure_worker(&mut self) -> Result<&mut Live, WorkerError> {
+        if self.live.is_none() {
+            if self.failures > 0 {
+                // Backoff: 100 ms, 200 ms, ... up to 5 s between consecutive failures.
+                let delay = 100u64 << self.failures.min(6);
+                std::thread::sleep(Duration::from_millis(delay.min(5000)));
+            }
+            match self.spawn() {
+                Ok(live) => {
+                    self.live = Some(live);
+                }
+                Err(e) => {
+                    self.failures += 1;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(self.live.as_mut().expect("set above"))
+    }
+
+    fn spawn(&mut self) -> Result<Live, WorkerError> {
+        let (parts, files) = self
+            .source
+            .parts()
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        let fds: Vec<OwnedFd> = files.into_iter().map(OwnedFd::from).collect();
+        let mode = match self.settings.mode {
+            Mode::Strict => "strict",
+            Mode::Permissive => "permissive",
+        };
+        let spec = WorkerSpec {
+            program: self.settings.program.clone(),
+            args: vec![
+                "__worker".into(),
+                mode.into(),
+                self.settings.memory_budget.to_string().into(),
+                fds.len().to_string().into(),
+            ],
+            env: vec![(
+                OsString::from("RAYON_NUM_THREADS"),
+                OsString::from(self.settings.threads.to_string()),
+            )],
+            fds,
+            stderr: Stdio::null(),
+        };
+        let mut process =
+            securerun_sandbox::spawn(spec).map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        let started = Instant::now();
+        let timeout = self.settings.load_timeout;
+        let result = (|| {
+            let layers = match read(&mut process.channel, timeout)? {
+                FromWorker::Confined { layers } => layers,
+                FromWorker::Failed { error, .. } => return Err(WorkerError::Refused(error)),
+                other => return Err(WorkerError::Protocol(format!("unexpected {other:?}"))),
+            };
+            let load = ToWorker::Load {
+                task: self.task,
+                source: PartsMsg::from_parts(&parts),
+                limits: self.limits,
+            };
+            write(&mut process.channel, &load)?;
+            let left = timeout.saturating_sub(started.elapsed());
+            match read(&mut process.channel, left)? {
+                FromWorker::Ready => Ok(layers),
+                FromWorker::Failed { error, .. } => Err(WorkerError::Refused(error)),
+                other => Err(WorkerError::Protocol(format!("unexpected {}", kind(&other)))),
+            }
+        })();
+        match result {
+            Ok(layers) => {
+                self.layers = layers;
+                Ok(Live { process })
+            }
+            Err(e) => {
+                let e = explain_death(&mut process, e);
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the current worker after a failure; the next request starts a new one.
+    fn discard(&mut self, e: WorkerError) -> WorkerError {
+        let e = match self.live.take() {
+            Some(mut live) => {
+                let e = explain_death(&mut live.process, e);
+                let _ = live.process.child.kill();
+                let _ = live.process.child.wait();
+                e
+            }
+            None => e,
+        };
+        self.failures += 1;
+        self.restarts += 1;
+        e
+    }
+
+    /// Generates in the worker, streaming text to `on_text`; `ControlFlow::Break` cancels.
+    pub fn generate(
+        &mut self,
+        prompt: &Prompt,
+        params: &GenerationParams,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let timeout = self.settings.frame_timeout;
+        let max_tokens = params.max_tokens;
+        let live = self.ensure_worker()?;
+        let result = (|| {
+            write(
+                &mut live.process.channel,
+                &ToWorker::Generate {
+                    id,
+                    prompt: prompt.clone(),
+                    params: params.clone(),
+                },
+            )?;
+            let mut text = String::new();
+            let mut cancelled = false;
+            loop {
+                match read(&mut live.process.channel, timeout)? {
+                    FromWorker::Text { id: got, text: piece } if got == id => {
+                        if text.len() + piece.len() > max_tokens.saturating_mul(64).max(4096) {
+                            return Err(WorkerError::Protocol("more text than max_tokens allows".into()));
+                        }
+                        text.push_str(&piece);
+                        if !cancelled && on_text(&piece).is_break() {
+                            cancelled = true;
+                            write(&mut live.process.channel, &ToWorker::Cancel { id })?;
+                        }
+                    }
+                    FromWorker::Done {
+                        id: got,
+                        finish_reason,
+                        prompt_tokens,
+                        token_ids,
+                        prefill_us,
+                        decode_us,
+                    } if got == id => {
+                        if token_ids.len() > max_tokens {
+                            return Err(WorkerError::Protocol(format!(
+                                "{} tokens for max_tokens {max_tokens}",
+                                token_ids.len()
+                            )));
+                        }
+                        return Ok(Generation {
+                            text,
+                            token_ids,
+                            prompt_tokens,
+                            finish_reason,
+                            prefill_time: Duration::from_micros(prefill_us),
+                            decode_time: Duration::from_micros(decode_us),
+                        });
+                    }
+                    FromWorker::Failed { id: Some(got), error } if got == id => {
+                        return Err(WorkerError::Request(error));
+                    }
+                    other => {
+                        return Err(WorkerError::Protocol(format!("unexpected {}", kind(&other))))
+                    }
+                }
+            }
+        })();
+        match result {
+            Err(e @ WorkerError::Request(_)) => Err(e),
+            Err(e) => Err(self.discard(e)),
+            Ok(g) => {
+                self.failures = 0;
+                Ok(g)
+            }
+        }
+    }
+
+    /// Embeds `texts` in the worker.
+    pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let timeout = self.settings.frame_timeout;
+        let live = self.ensure_worker()?;
+        let result = (|| {
+            write(
+                &mut live.process.channel,
+                &ToWorker::Embed {
+                    id,
+                    texts: texts.to_vec(),
+                },
+            )?;
+            match read(&mut live.process.channel, timeout)? {
+                FromWorker::Embeddings { id: got, vectors } if got == id => {
+                    let dim = vectors.first().map_or(0, Vec::len);
+                    let sane = vectors.len() == texts.len()
+                        && vectors
+                            .iter()
+                            .all(|v| v.len() == dim && v.iter().all(|x| x.is_finite()));
+                    if !sane {
+                        return Err(WorkerError::Protocol(
+                            "embeddings do not match the request".into(),
+                        ));
+                    }
+                    Ok(vectors)
+                }
+                FromWorker::Failed { id: Some(got), error } if got == id => {
+                    Err(WorkerError::Request(error))
+                }
+                other => Err(WorkerError::Protocol(format!("unexpected {}", kind(&other)))),
+            }
+        })();
+        match result {
+            Err(e @ WorkerError::Request(_)) => Err(e),
+            Err(e) => Err(self.discard(e)),
+            Ok(v) => {
+                self.failures = 0;
+                Ok(v)
+            }
+        }
+    }
+}
+
+impl Drop for ConfinedModel {
+    fn drop(&mut self) {
+        if let Some(mut live) = self.live.take() {
+            let _ = live.process.child.kill();
+            let _ = live.process.child.wait();
+        }
+    }
+}
+
+fn kind(msg: &FromWorker) -> &'static str {
+    match msg {
+        FromWorker::Confined { .. } => "confined message",
+        FromWorker::Ready => "ready message",
+        FromWorker::Failed { .. } => "failure for another request",
+        FromWorker::Text { .. } => "text for another request",
+        FromWorker::Done { .. } => "completion for another request",
+        FromWorker::Embeddings { .. } => "embeddings for another request",
+    }
+}
+
+fn write(channel: &mut Channel, msg: &ToWorker) -> Result<(), WorkerError> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| WorkerError::Spawn(e.to_string()))?;
+    channel.send(&bytes).map_err(frame_error)
+}
+
+/// Reads one message; every malformed or oversized frame is a protocol error.
+fn read(channel: &mut Channel, timeout: Duration) -> Result<FromWorker, WorkerError> {
+    let bytes = channel
+        .recv(MAX_FROM_WORKER, Some(timeout.max(Duration::from_millis(1))))
+        .map_err(|e| match e {
+            FrameError::Timeout => WorkerError::Timeout(timeout),
+            other => frame_error(other),
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| WorkerError::Protocol(format!("bad message: {e}")))
+}
+
+fn frame_error(e: FrameError) -> WorkerError {
+    match e {
+        FrameError::Closed => WorkerError::Died("exited".into()),
+        FrameError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            WorkerError::Died("exited".into())
+        }
+        other => WorkerError::Protocol(other.to_string()),
+    }
+}
+
+/// If the worker is gone, says how it died (signal, exit status) instead of "exited".
+fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> WorkerError {
+    let WorkerError::Died(_) = e else { return e };
+    // Give the kernel a moment to reap a process whose socket just closed.
+    for _ in 0..50 {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match (status.code(), status.signal()) {
+                (_, Some(libc::SIGSYS)) => "was killed by the seccomp filter (forbidden system call)".into(),
+                (_, Some(libc::SIGKILL)) => "was killed (SIGKILL)".into(),
+                (_, Some(libc::SIGABRT)) => "aborted (out of memory budget, or an internal error)".into(),
+                (_, Some(sig)) => format!("was killed by signal {sig}"),
+                (Some(code), None) => format!("exited with status {code}"),
+                (None, None) => "exited".into(),
+            };
+            return WorkerError::Died(how);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    e
+}

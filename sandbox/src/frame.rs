@@ -1,0 +1,153 @@
+//! Framed IPC over a Unix stream socket: `[u32 little-endian length][u8 version][payload]`, the
+//! length counting the version byte and payload. Every read is bounded by a limit the reader
+//! chooses, so a hostile peer can make a read fail, never make it allocate without bound.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// Version of the frame format and of the messages inside it; both sides must agree.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("the peer closed the connection")]
+    Closed,
+    #[error("timed out waiting for the peer")]
+    Timeout,
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: u64, max: u64 },
+    #[error("empty frame")]
+    Empty,
+    #[error("protocol version {got}, expected {PROTOCOL_VERSION}")]
+    Version { got: u8 },
+    #[error("ipc: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One end of the supervisor/worker connection.
+#[derive(Debug)]
+pub struct Channel {
+    stream: UnixStream,
+}
+
+impl Channel {
+    pub fn new(stream: UnixStream) -> Self {
+        Channel { stream }
+    }
+
+    /// Sends one frame.
+    pub fn send(&mut self, payload: &[u8]) -> Result<(), FrameError> {
+        let len = u32::try_from(payload.len() + 1).map_err(|_| FrameError::TooLarge {
+            len: payload.len() as u64 + 1,
+            max: u32::MAX as u64,
+        })?;
+        let mut header = [0u8; 5];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4] = PROTOCOL_VERSION;
+        self.stream.write_all(&header)?;
+        self.stream.write_all(payload)?;
+        Ok(())
+    }
+
+    /// Receives one frame of at most `max` payload bytes, waiting at most `timeout` (forever
+    /// if `None`) for it to start and for each read after.
+    pub fn recv(&mut self, max: usize, timeout: Option<Duration>) -> Result<Vec<u8>, FrameError> {
+        self.stream.set_read_timeout(timeout)?;
+        let mut len = [0u8; 4];
+        self.read_exact(&mut len)?;
+        let len = u32::from_le_bytes(len) as u64;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len - 1 > max as u64 {
+            return Err(FrameError::TooLarge {
+                len: len - 1,
+                max: max as u64,
+            });
+        }
+        let mut version = [0u8; 1];
+        self.read_exact(&mut version)?;
+        if version[0] != PROTOCOL_VERSION {
+            return Err(FrameError::Version { got: version[0] });
+        }
+        let mut payload = vec![0u8; (len - 1) as usize];
+        self.read_exact(&mut payload)?;
+        Ok(payload)
+    }
+
+    /// Whether a frame (or EOF) is waiting, without blocking.
+    pub fn readable(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, count 1, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents != 0
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
+        self.stream.read_exact(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => FrameError::Closed,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Timeout,
+            _ => FrameError::Io(e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Channel, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Channel::new(a), b)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (mut a, b) = pair();
+        let mut b = Channel::new(b);
+        a.send(b"hello").unwrap();
+        assert_eq!(b.recv(16, None).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn hostile_frames_are_errors() {
+        let (mut a, mut raw) = pair();
+        raw.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(
+            a.recv(1024, None),
+            Err(FrameError::TooLarge { .. })
+        ));
+
+        let (mut a, mut raw) = pair();
+        raw.write_all(&[0, 0, 0, 0]).unwrap();
+        assert!(matches!(a.recv(1024, None), Err(FrameError::Empty)));
+
+        let (mut a, mut raw) = pair();
+        raw.write_all(&[3, 0, 0, 0, 9, b'h', b'i']).unwrap();
+        assert!(matches!(
+            a.recv(1024, None),
+            Err(FrameError::Version { got: 9 })
+        ));
+
+        let (mut a, mut raw) = pair();
+        raw.write_all(&[10, 0, 0, 0, PROTOCOL_VERSION, b'x']).unwrap();
+        drop(raw);
+        assert!(matches!(a.recv(1024, None), Err(FrameError::Closed)));
+
+        let (mut a, _raw) = pair();
+        assert!(matches!(
+            a.recv(1024, Some(Duration::from_millis(20))),
+            Err(FrameError::Timeout)
+        ));
+    }
+}

@@ -1,0 +1,22 @@
+//! Confinement and IPC for securerun's inference worker.
+//!
+//! - [`spawn`]: start the worker by re-executing a binary with a cleared environment, the IPC
+//!   socket and the passed descriptors only ([`spawn::spawn`]); take them on the worker side
+//!   ([`spawn::inherited`]).
+//! - [`confine`]: rlimits, namespaces, no_new_privs, landlock and seccomp, applied to the calling
+//!   process before it touches untrusted input; strict (fail closed) or permissive.
+//! - [`frame`]: versioned, length-prefixed frames with hard size limits and timeouts.
+//! - [`probe`]: escape attempts that must fail inside a confined process.
+//!
+//! This crate knows nothing of models, HTTP or tokens. Linux only; the seccomp policy is written
+//! for x86_64.
+
+pub mod confine;
+pub mod frame;
+pub mod probe;
+pub mod seccomp;
+pub mod spawn;
+
+pub use confine::{confine, landlock_abi, ConfineError, Confinement, Layer, Mode, Report};
+pub use frame::{Channel, FrameError, PROTOCOL_VERSION};
+pub use spawn::{inherited, spawn, WorkerProcess, WorkerSpec};
