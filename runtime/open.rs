@@ -166,8 +166,10 @@ pub fn open_confined(
     task: Task,
     settings: Option<WorkerSettings>,
 ) -> Result<ConfinedModel, Error> {
-    if opts.device != DeviceChoice::Cpu {
-        return Err(Error::ConfinedDevice(format!("{:?}", opts.device).to_lowercase()));
+    if let DeviceChoice::Cuda(n) = opts.device {
+        // A build without CUDA says so first; with CUDA, the worker profile is CPU-only so far.
+        opts.device.open()?;
+        return Err(Error::ConfinedDevice(format!("cuda:{n}")));
     }
     let source = open_source(path, opts)?;
     let settings = match settings {

@@ -132,7 +132,11 @@ impl ModelSource {
         let parts = SourceParts {
             path: self.path.clone(),
             layout: self.layout,
-            weight_paths: self.weights.iter().map(|w| w.path().to_path_buf()).collect(),
+            weight_paths: self
+                .weights
+                .iter()
+                .map(|w| w.path().to_path_buf())
+                .collect(),
             index_file: self.index_file.clone(),
             aux: self.aux.clone(),
         };

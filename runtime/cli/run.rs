@@ -7,7 +7,9 @@ use clap::Args;
 
 use super::{CmdResult, RunModelArgs};
 use crate::worker::Task;
-use crate::{open_confined, open_text_model, ChatMessage, GenerationParams, Prompt, SamplingParams};
+use crate::{
+    open_confined, open_text_model, ChatMessage, GenerationParams, Prompt, SamplingParams,
+};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -63,7 +65,7 @@ fn fresh_seed() -> u64 {
 }
 
 enum Model {
-    InProcess(crate::TextModel),
+    InProcess(Box<crate::TextModel>),
     Confined(crate::worker::ConfinedModel),
 }
 
@@ -71,7 +73,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     warn_unsigned(&args.common);
     let opts = args.common.open_options()?;
     let mut model = match args.common.worker_settings()? {
-        None => Model::InProcess(open_text_model(&args.common.model.model, &opts)?),
+        None => Model::InProcess(Box::new(open_text_model(&args.common.model.model, &opts)?)),
         Some(settings) => Model::Confined(open_confined(
             &args.common.model.model,
             &opts,
@@ -105,9 +107,7 @@ pub fn run(args: RunArgs) -> CmdResult {
     let tty = stdout.is_terminal();
     let mut out = stdout.lock();
     let mut write_error = None;
-    let mut on_text = |piece: &str| match out
-        .write_all(piece.as_bytes())
-        .and_then(|_| out.flush())
+    let mut on_text = |piece: &str| match out.write_all(piece.as_bytes()).and_then(|_| out.flush())
     {
         Ok(()) => ControlFlow::Continue(()),
         Err(e) => {

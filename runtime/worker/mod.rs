@@ -91,7 +91,10 @@ fn run_probe(program: &Path, name: &str, parent: &str) -> std::io::Result<(bool,
         (Some(EXIT_ESCAPED), _) => (false, "SUCCEEDED: the sandbox did not stop it".into()),
         (_, Some(libc::SIGSYS)) => (true, "process killed by the seccomp filter".into()),
         (_, Some(sig)) => (true, format!("process killed by signal {sig}")),
-        (Some(code), _) => (false, format!("probe could not be set up (exit {code}): {err}")),
+        (Some(code), _) => (
+            false,
+            format!("probe could not be set up (exit {code}): {err}"),
+        ),
         (None, None) => (false, "unknown outcome".into()),
     })
 }

@@ -27,6 +27,18 @@ fn recv(channel: &mut Channel) -> Option<ToWorker> {
     serde_json::from_slice(&bytes).ok()
 }
 
+fn layer_msgs(report: &securerun_sandbox::Report) -> Vec<LayerMsg> {
+    report
+        .layers
+        .iter()
+        .map(|l| LayerMsg {
+            name: l.name.to_string(),
+            enforced: l.enforced,
+            detail: l.detail.clone(),
+        })
+        .collect()
+}
+
 fn fail(channel: &mut Channel, id: Option<u64>, error: String) -> ExitCode {
     send(channel, &FromWorker::Failed { id, error });
     ExitCode::FAILURE
@@ -59,15 +71,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(report) => report,
         Err(e) => return fail(&mut channel, None, e.to_string()),
     };
-    let layers = report
-        .layers
-        .iter()
-        .map(|l| LayerMsg {
-            name: l.name.to_string(),
-            enforced: l.enforced,
-            detail: l.detail.clone(),
-        })
-        .collect();
+    let layers = layer_msgs(&report);
     if !send(&mut channel, &FromWorker::Confined { layers }) {
         return ExitCode::FAILURE;
     }
@@ -221,15 +225,7 @@ pub fn probe_main(args: &[String]) -> ExitCode {
         }
     };
     if report_only {
-        let layers = report
-            .layers
-            .iter()
-            .map(|l| LayerMsg {
-                name: l.name.to_string(),
-                enforced: l.enforced,
-                detail: l.detail.clone(),
-            })
-            .collect();
+        let layers = layer_msgs(&report);
         send(&mut channel, &FromWorker::Confined { layers });
         return ExitCode::SUCCESS;
     }

@@ -52,13 +52,21 @@ pub enum ToWorker {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromWorker {
     /// Confined; layer by layer what was enforced.
-    Confined { layers: Vec<LayerMsg> },
+    Confined {
+        layers: Vec<LayerMsg>,
+    },
     /// The model is loaded.
     Ready,
     /// A request (or, with no id, loading) failed.
-    Failed { id: Option<u64>, error: String },
+    Failed {
+        id: Option<u64>,
+        error: String,
+    },
     /// A piece of generated text.
-    Text { id: u64, text: String },
+    Text {
+        id: u64,
+        text: String,
+    },
     /// Generation `id` ended.
     Done {
         id: u64,
@@ -68,7 +76,10 @@ pub enum FromWorker {
         prefill_us: u64,
         decode_us: u64,
     },
-    Embeddings { id: u64, vectors: Vec<Vec<f32>> },
+    Embeddings {
+        id: u64,
+        vectors: Vec<Vec<f32>>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

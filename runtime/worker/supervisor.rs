@@ -25,7 +25,9 @@ pub enum WorkerError {
     Died(String),
     #[error("the inference worker broke the protocol ({0}); it was stopped and will be restarted")]
     Protocol(String),
-    #[error("the inference worker did not answer within {0:?}; it was stopped and will be restarted")]
+    #[error(
+        "the inference worker did not answer within {0:?}; it was stopped and will be restarted"
+    )]
     Timeout(Duration),
     #[error("{0}")]
     Request(String),
@@ -184,7 +186,10 @@ impl ConfinedModel {
             match read(&mut process.channel, left)? {
                 FromWorker::Ready => Ok(layers),
                 FromWorker::Failed { error, .. } => Err(WorkerError::Refused(error)),
-                other => Err(WorkerError::Protocol(format!("unexpected {}", kind(&other)))),
+                other => Err(WorkerError::Protocol(format!(
+                    "unexpected {}",
+                    kind(&other)
+                ))),
             }
         })();
         match result {
@@ -242,9 +247,14 @@ impl ConfinedModel {
             let mut cancelled = false;
             loop {
                 match read(&mut live.process.channel, timeout)? {
-                    FromWorker::Text { id: got, text: piece } if got == id => {
+                    FromWorker::Text {
+                        id: got,
+                        text: piece,
+                    } if got == id => {
                         if text.len() + piece.len() > max_tokens.saturating_mul(64).max(4096) {
-                            return Err(WorkerError::Protocol("more text than max_tokens allows".into()));
+                            return Err(WorkerError::Protocol(
+                                "more text than max_tokens allows".into(),
+                            ));
                         }
                         text.push_str(&piece);
                         if !cancelled && on_text(&piece).is_break() {
@@ -275,11 +285,17 @@ impl ConfinedModel {
                             decode_time: Duration::from_micros(decode_us),
                         });
                     }
-                    FromWorker::Failed { id: Some(got), error } if got == id => {
+                    FromWorker::Failed {
+                        id: Some(got),
+                        error,
+                    } if got == id => {
                         return Err(WorkerError::Request(error));
                     }
                     other => {
-                        return Err(WorkerError::Protocol(format!("unexpected {}", kind(&other))))
+                        return Err(WorkerError::Protocol(format!(
+                            "unexpected {}",
+                            kind(&other)
+                        )))
                     }
                 }
             }
@@ -322,10 +338,14 @@ impl ConfinedModel {
                     }
                     Ok(vectors)
                 }
-                FromWorker::Failed { id: Some(got), error } if got == id => {
-                    Err(WorkerError::Request(error))
-                }
-                other => Err(WorkerError::Protocol(format!("unexpected {}", kind(&other)))),
+                FromWorker::Failed {
+                    id: Some(got),
+                    error,
+                } if got == id => Err(WorkerError::Request(error)),
+                other => Err(WorkerError::Protocol(format!(
+                    "unexpected {}",
+                    kind(&other)
+                ))),
             }
         })();
         match result {
@@ -393,9 +413,13 @@ fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> WorkerError {
         if let Ok(Some(status)) = process.child.try_wait() {
             use std::os::unix::process::ExitStatusExt;
             let how = match (status.code(), status.signal()) {
-                (_, Some(libc::SIGSYS)) => "was killed by the seccomp filter (forbidden system call)".into(),
+                (_, Some(libc::SIGSYS)) => {
+                    "was killed by the seccomp filter (forbidden system call)".into()
+                }
                 (_, Some(libc::SIGKILL)) => "was killed (SIGKILL)".into(),
-                (_, Some(libc::SIGABRT)) => "aborted (out of memory budget, or an internal error)".into(),
+                (_, Some(libc::SIGABRT)) => {
+                    "aborted (out of memory budget, or an internal error)".into()
+                }
                 (_, Some(sig)) => format!("was killed by signal {sig}"),
                 (Some(code), None) => format!("exited with status {code}"),
                 (None, None) => "exited".into(),

@@ -149,10 +149,16 @@ fn no_new_privs() -> Result<String, String> {
     // SAFETY: prctl with integer arguments only.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            return Err(format!("PR_SET_NO_NEW_PRIVS: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "PR_SET_NO_NEW_PRIVS: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
-            return Err(format!("PR_SET_DUMPABLE: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "PR_SET_DUMPABLE: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok("no_new_privs set, not dumpable".into())
@@ -209,7 +215,11 @@ fn landlock() -> Result<String, String> {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(err)?;
         what.push("abstract sockets, signals");
     }
-    let status = ruleset.create().map_err(err)?.restrict_self().map_err(err)?;
+    let status = ruleset
+        .create()
+        .map_err(err)?
+        .restrict_self()
+        .map_err(err)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(format!("landlock: ruleset {:?}", status.ruleset));
     }
@@ -217,5 +227,8 @@ fn landlock() -> Result<String, String> {
         LandlockStatus::Available { effective_abi, .. } => format!("{effective_abi:?}"),
         other => format!("{other:?}"),
     };
-    Ok(format!("ABI {version} ({kernel}): {} denied", what.join(", ")))
+    Ok(format!(
+        "ABI {version} ({kernel}): {} denied",
+        what.join(", ")
+    ))
 }

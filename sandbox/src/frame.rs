@@ -140,7 +140,8 @@ mod tests {
         ));
 
         let (mut a, mut raw) = pair();
-        raw.write_all(&[10, 0, 0, 0, PROTOCOL_VERSION, b'x']).unwrap();
+        raw.write_all(&[10, 0, 0, 0, PROTOCOL_VERSION, b'x'])
+            .unwrap();
         drop(raw);
         assert!(matches!(a.recv(1024, None), Err(FrameError::Closed)));
 

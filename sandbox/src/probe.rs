@@ -42,9 +42,7 @@ pub fn run(name: &str, parent: libc::pid_t) -> ! {
         "exec" => exec(),
         "fork" => fork(),
         // SAFETY: ptrace with integer arguments; the target pid is the supervisor's.
-        "ptrace" => check(unsafe {
-            libc::ptrace(libc::PTRACE_ATTACH, parent, 0usize, 0usize)
-        }),
+        "ptrace" => check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, parent, 0usize, 0usize) }),
         "read-memory" => read_memory(parent),
         "proc-mem" => open_path(&format!("/proc/{parent}/mem"), libc::O_RDONLY),
         _ => {

@@ -153,7 +153,11 @@ pub fn allowed_names() -> Vec<&'static str> {
 
 /// Installs all filters on every thread of the process.
 pub fn install(extra: &[libc::c_long]) -> Result<(), String> {
-    for program in [tripwire_filter()?, clone3_filter()?, allowlist_filter(extra)?] {
+    for program in [
+        tripwire_filter()?,
+        clone3_filter()?,
+        allowlist_filter(extra)?,
+    ] {
         seccompiler::apply_filter_all_threads(&program).map_err(|e| format!("seccomp: {e}"))?;
     }
     Ok(())

@@ -75,8 +75,12 @@ pub fn spawn(spec: WorkerSpec) -> io::Result<WorkerProcess> {
                     return Err(io::Error::last_os_error());
                 }
             }
-            if libc::syscall(libc::SYS_close_range, targets_end as libc::c_uint, libc::c_uint::MAX, 0)
-                < 0
+            if libc::syscall(
+                libc::SYS_close_range,
+                targets_end as libc::c_uint,
+                libc::c_uint::MAX,
+                0,
+            ) < 0
             {
                 return Err(io::Error::last_os_error());
             }

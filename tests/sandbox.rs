@@ -1,0 +1,275 @@
+//! The confined worker, for real: escape probes that must fail, the kernel's view of the worker
+//! (`Seccomp: 2`, `NoNewPrivs: 1`), output identical to in-process inference, recovery from a
+//! killed worker, a memory budget that stops the worker and not the host, and hostile IPC from a
+//! fake worker that must not take the supervisor down.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use common::{p, securerun};
+use securerun::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
+use securerun::{open_confined, open_source, GenerationParams, Prompt};
+
+fn settings() -> WorkerSettings {
+    let mut s = WorkerSettings::for_model(600 << 20).unwrap();
+    // Integration tests run in the test binary; the worker is the real securerun binary.
+    s.program = PathBuf::from(env!("CARGO_BIN_EXE_securerun"));
+    s
+}
+
+fn greedy(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn prompt() -> Prompt {
+    Prompt::Text("The capital of France is".into())
+}
+
+#[test]
+fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
+    let o = securerun(&["doctor"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for layer in ["rlimits", "no_new_privs", "landlock", "seccomp"] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(layer) && l.contains("enforced")),
+            "{layer}: {out}"
+        );
+    }
+    for (name, _) in securerun_sandbox::probe::PROBES {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(name) && l.contains("blocked")),
+            "probe {name}: {out}"
+        );
+    }
+    assert!(!out.contains("ESCAPED"), "{out}");
+}
+
+#[test]
+fn worker_runs_under_seccomp_and_no_new_privs_and_matches_in_process() {
+    let model = common::smollm2();
+    let mut confined = open_confined(
+        &model,
+        &common::unsigned(),
+        Task::Generate,
+        Some(settings()),
+    )
+    .unwrap();
+    assert!(
+        confined.layers().iter().all(|l| l.enforced),
+        "{:?}",
+        confined.layers()
+    );
+    let pid = confined.worker_pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Seccomp:"), "2", "{status}");
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+
+    let out = confined
+        .generate(&prompt(), &greedy(12), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    let mut local = securerun::open_text_model(&model, &common::unsigned()).unwrap();
+    let expected = local
+        .generate(&prompt(), &greedy(12), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.token_ids, expected.token_ids);
+    assert_eq!(out.text, expected.text);
+    assert!(out.text.starts_with(" Paris."), "{:?}", out.text);
+}
+
+#[test]
+fn cli_output_is_identical_confined_and_in_process() {
+    let model = common::smollm2();
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "run",
+            p(&model),
+            "--allow-unsigned",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+        ];
+        a.extend_from_slice(extra);
+        securerun(&a)
+    };
+    let confined = args(&[]);
+    let local = args(&["--sandbox", "off"]);
+    assert!(
+        confined.status.success(),
+        "{}",
+        String::from_utf8_lossy(&confined.stderr)
+    );
+    assert!(local.status.success());
+    assert_eq!(confined.stdout, local.stdout);
+    assert!(String::from_utf8_lossy(&local.stderr).contains("--sandbox=off"));
+
+    let minilm = common::minilm();
+    let embed = |extra: &[&str]| {
+        let mut a = vec!["embed", p(&minilm), "--allow-unsigned", "--text", "hi"];
+        a.extend_from_slice(extra);
+        securerun(&a).stdout
+    };
+    assert_eq!(embed(&[]), embed(&["--sandbox", "off"]));
+}
+
+#[test]
+fn killed_worker_fails_the_request_clearly_and_the_next_one_succeeds() {
+    let model = common::smollm2();
+    let mut confined = open_confined(
+        &model,
+        &common::unsigned(),
+        Task::Generate,
+        Some(settings()),
+    )
+    .unwrap();
+    let pid = confined.worker_pid().unwrap() as libc::pid_t;
+    let err = confined
+        .generate(&prompt(), &greedy(40), &mut |_| {
+            // SAFETY: sending SIGKILL to our own child process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Died(_)), "{err}");
+    assert!(err.to_string().contains("killed (SIGKILL)"), "{err}");
+    let again = confined
+        .generate(&prompt(), &greedy(4), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(again.text.starts_with(" Paris"), "{:?}", again.text);
+    assert_eq!(confined.restarts, 1);
+    assert_ne!(confined.worker_pid().unwrap() as libc::pid_t, pid);
+
+    // Cancellation from the client side stops generation early, worker intact.
+    let mut pieces = 0;
+    let cancelled = confined
+        .generate(&prompt(), &greedy(40), &mut |_| {
+            pieces += 1;
+            if pieces == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap();
+    assert_eq!(cancelled.finish_reason, securerun::FinishReason::Cancelled);
+    assert!(cancelled.token_ids.len() < 40);
+    assert_eq!(confined.restarts, 1);
+}
+
+#[test]
+fn a_worker_over_its_memory_budget_is_stopped_not_the_host() {
+    let o = securerun(&[
+        "run",
+        p(&common::smollm2()),
+        "--allow-unsigned",
+        "--prompt",
+        "hi",
+        "--worker-memory",
+        "300",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("inference worker") && err.contains("Cannot allocate memory"),
+        "{err}"
+    );
+}
+
+/// A fake worker (a Python script) that speaks the frame format but misbehaves as `script` says.
+fn fake_worker(dir: &Path, script: &str) -> WorkerSettings {
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_string();
+    let path = dir.join(format!("worker-{}.py", script.len()));
+    let body = format!(
+        "#!{python}\nimport os, struct, json\nch = os.fdopen(3, 'r+b', buffering=0)\n\
+         def frame(payload, version=1):\n    ch.write(struct.pack('<I', len(payload) + 1) + bytes([version]) + payload)\n\
+         def msg(obj):\n    frame(json.dumps(obj).encode())\n\
+         def readn(n):\n    b = b''\n    while len(b) < n:\n        b += ch.read(n - len(b))\n    return b\n\
+         def read():\n    n = struct.unpack('<I', readn(4))[0]\n    return json.loads(readn(n)[1:])\n{script}\n"
+    );
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut s = settings();
+    s.program = path;
+    s.load_timeout = std::time::Duration::from_secs(3);
+    s.frame_timeout = std::time::Duration::from_secs(2);
+    s
+}
+
+#[test]
+fn hostile_worker_frames_do_not_take_the_supervisor_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let start = |script: &str| {
+        ConfinedModel::start(
+            source.clone(),
+            Task::Generate,
+            Default::default(),
+            fake_worker(tmp.path(), script),
+        )
+    };
+    let confined = "msg({'type': 'confined', 'layers': []})";
+    let ready = format!("{confined}\nread()\nmsg({{'type': 'ready'}})");
+    let cases: Vec<(String, &str)> = vec![
+        ("ch.write(struct.pack('<I', 0xFFFFFFFF))".into(), "exceeds"),
+        ("frame(b'{}', version=7)".into(), "protocol version 7"),
+        ("frame(b'not json')".into(), "bad message"),
+        ("frame(b'')".into(), "bad message"),
+        ("import sys; sys.exit(3)".into(), "exited with status 3"),
+        ("import time; time.sleep(60)".into(), "did not answer"),
+        (
+            format!("{confined}\nread()\nmsg({{'type': 'text', 'id': 1, 'text': 'x'}})"),
+            "unexpected",
+        ),
+    ];
+    for (script, expected) in cases {
+        let err = start(&script)
+            .err()
+            .expect("a hostile worker must not start");
+        assert!(err.to_string().contains(expected), "{script}: {err}");
+    }
+    // A worker that loads, then answers for another request id, then floods text.
+    let mut model = start(&format!(
+        "{ready}\nread()\nmsg({{'type': 'text', 'id': 99, 'text': 'x'}})\nimport time; time.sleep(5)"
+    ))
+    .unwrap();
+    let err = model
+        .generate(&prompt(), &greedy(4), &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Protocol(_)), "{err}");
+    let mut model = start(&format!(
+        "{ready}\nr = read()\nfor _ in range(1000): msg({{'type': 'text', 'id': r['id'], 'text': 'y' * 1000}})"
+    ))
+    .unwrap();
+    let err = model
+        .generate(&prompt(), &greedy(4), &mut |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("more text than max_tokens allows"),
+        "{err}"
+    );
+}
