@@ -206,6 +206,19 @@ impl ConfinedModel {
         }
     }
 
+    /// A request's outcome: a request error leaves the worker in place; any other error means
+    /// the worker can no longer be trusted to be in sync, so it is replaced.
+    fn settle<T>(&mut self, result: Result<T, WorkerError>) -> Result<T, WorkerError> {
+        match result {
+            Err(e @ WorkerError::Request(_)) => Err(e),
+            Err(e) => Err(self.discard(e)),
+            Ok(v) => {
+                self.failures = 0;
+                Ok(v)
+            }
+        }
+    }
+
     /// Stops the current worker after a failure; the next request starts a new one.
     fn discard(&mut self, e: WorkerError) -> WorkerError {
         let e = match self.live.take() {
@@ -300,14 +313,7 @@ impl ConfinedModel {
                 }
             }
         })();
-        match result {
-            Err(e @ WorkerError::Request(_)) => Err(e),
-            Err(e) => Err(self.discard(e)),
-            Ok(g) => {
-                self.failures = 0;
-                Ok(g)
-            }
-        }
+        self.settle(result)
     }
 
     /// Embeds `texts` in the worker.
@@ -348,14 +354,7 @@ impl ConfinedModel {
                 ))),
             }
         })();
-        match result {
-            Err(e @ WorkerError::Request(_)) => Err(e),
-            Err(e) => Err(self.discard(e)),
-            Ok(v) => {
-                self.failures = 0;
-                Ok(v)
-            }
-        }
+        self.settle(result)
     }
 }
 

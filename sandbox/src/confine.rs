@@ -145,7 +145,8 @@ fn unshare_namespaces() -> Result<String, String> {
     Ok("user, network, mount, IPC and UTS namespaces".into())
 }
 
-fn no_new_privs() -> Result<String, String> {
+/// Sets no_new_privs and clears the dumpable flag.
+pub fn no_new_privs() -> Result<String, String> {
     // SAFETY: prctl with integer arguments only.
     unsafe {
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -195,8 +196,9 @@ fn abi_from(version: i32) -> Option<ABI> {
 
 /// Denies all filesystem access (no rule grants any path), TCP bind/connect (ABI >= 4), and
 /// scopes abstract Unix sockets and signals (ABI >= 6): everything the kernel's ABI offers,
-/// required in full.
-fn landlock() -> Result<String, String> {
+/// required in full. Applies to the calling thread (and threads it creates later); [`confine`]
+/// calls it while the process has one thread. Needs no_new_privs (set here by the crate).
+pub fn landlock() -> Result<String, String> {
     let version = landlock_abi();
     let abi = abi_from(version).ok_or("landlock is not available in this kernel")?;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");

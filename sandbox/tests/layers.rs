@@ -1,0 +1,77 @@
+//! Each layer on its own, so that none of them silently depends on another: landlock without
+//! seccomp, seccomp without landlock. Both restrict only the calling thread when installed
+//! without TSYNC, so each test confines a fresh thread and leaves the test process free.
+
+use std::ffi::CString;
+
+fn errno_of(ret: libc::c_int) -> Option<i32> {
+    (ret < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+fn open(path: &str, flags: libc::c_int) -> Option<i32> {
+    let c = CString::new(path).unwrap();
+    // SAFETY: NUL-terminated path; a returned descriptor is closed.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+    if fd >= 0 {
+        // SAFETY: fd was just opened.
+        unsafe { libc::close(fd) };
+    }
+    errno_of(fd)
+}
+
+fn tcp_socket() -> Option<i32> {
+    // SAFETY: plain socket call; closed if it succeeds.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd >= 0 {
+        unsafe { libc::close(fd) };
+    }
+    errno_of(fd)
+}
+
+#[test]
+fn landlock_alone_denies_files() {
+    let tmp = std::env::temp_dir().join(format!("securerun-ll-{}", std::process::id()));
+    let tmp_path = tmp.to_str().unwrap().to_string();
+    let outcome = std::thread::spawn(move || {
+        securerun_sandbox::confine::no_new_privs().unwrap();
+        securerun_sandbox::confine::landlock().unwrap();
+        (
+            open("/etc/passwd", libc::O_RDONLY),
+            open(&tmp_path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL),
+            tcp_socket(),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outcome.0, Some(libc::EACCES), "read /etc/passwd");
+    assert_eq!(outcome.1, Some(libc::EACCES), "create a file");
+    // Sockets themselves are seccomp's job; landlock only restricts bind/connect.
+    assert_eq!(outcome.2, None);
+    assert!(!tmp.exists());
+    // The rest of the process is untouched.
+    assert_eq!(open("/etc/passwd", libc::O_RDONLY), None);
+}
+
+#[test]
+fn seccomp_alone_denies_files_sockets_and_fork() {
+    let outcome = std::thread::spawn(|| {
+        securerun_sandbox::confine::no_new_privs().unwrap();
+        let program = securerun_sandbox::seccomp::allowlist_filter(&[]).unwrap();
+        seccompiler::apply_filter(&program).unwrap();
+        // SAFETY: fork's child exits at once (if the call were allowed).
+        let fork = unsafe { libc::fork() };
+        if fork == 0 {
+            unsafe { libc::_exit(0) };
+        }
+        (
+            open("/etc/passwd", libc::O_RDONLY),
+            tcp_socket(),
+            errno_of(fork),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outcome.0, Some(libc::EPERM), "open");
+    assert_eq!(outcome.1, Some(libc::EPERM), "socket");
+    assert_eq!(outcome.2, Some(libc::EPERM), "fork");
+}
