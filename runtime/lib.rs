@@ -27,6 +27,7 @@
 pub mod cli;
 mod open;
 pub mod signing;
+pub mod tokens;
 pub mod worker;
 
 pub use open::{

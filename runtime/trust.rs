@@ -77,8 +77,16 @@ pub fn read_key(path: &Path) -> Result<PublicKey, TrustError> {
 }
 
 /// Adds a key to the store; returns its id.
-pub fn add(state: &Path, key_file: &Path) -> Result<String, TrustError> {
+/// Creates `dir` (and missing parents) with mode 0700.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+pub fn add(state: &Path, key_file: &Path) -> Result<String, TrustError> {
     let key = read_key(key_file)?;
     let key_err = |source| TrustError::Key {
         path: key_file.to_path_buf(),
@@ -86,11 +94,7 @@ pub fn add(state: &Path, key_file: &Path) -> Result<String, TrustError> {
     };
     let id = key.hint().map_err(key_err)?;
     let dir = trust_dir(state);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| TrustError::Io {
+    create_private_dir(&dir).map_err(|source| TrustError::Io {
             path: dir.clone(),
             source,
         })?;
