@@ -26,6 +26,7 @@
 
 pub mod cli;
 mod open;
+pub mod server;
 pub mod signing;
 pub mod tokens;
 pub mod worker;

@@ -236,7 +236,9 @@ impl TokenStore {
         let out = change(&mut store.tokens)?;
         store.version = 1;
         let path = self.path();
-        let tmp = self.dir.join(format!(".{STORE_FILE}.tmp-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!(".{STORE_FILE}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let mut f = OpenOptions::new()
             .write(true)
@@ -244,7 +246,8 @@ impl TokenStore {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_err(&tmp))?;
-        let json = serde_json::to_vec_pretty(&store).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&store).map_err(|e| TokenError::Invalid(e.to_string()))?;
         f.write_all(&json).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -266,7 +269,9 @@ impl TokenStore {
             ));
         }
         if scopes.is_empty() {
-            return Err(TokenError::Invalid("a token needs at least one scope".into()));
+            return Err(TokenError::Invalid(
+                "a token needs at least one scope".into(),
+            ));
         }
         let mut raw = [0u8; 32];
         OsRng.fill_bytes(&mut raw);
@@ -326,7 +331,10 @@ pub fn authenticate<'a>(
 ) -> Result<&'a TokenRecord, Rejection> {
     let (id, secret) = parse(token).ok_or(Rejection::Malformed)?;
     let presented = secret_hash(secret);
-    let record = records.iter().find(|r| r.id == id).ok_or(Rejection::Unknown)?;
+    let record = records
+        .iter()
+        .find(|r| r.id == id)
+        .ok_or(Rejection::Unknown)?;
     if !bool::from(presented.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
         return Err(Rejection::Unknown);
     }
@@ -407,7 +415,10 @@ mod tests {
             Err(Rejection::Malformed)
         );
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         store.revoke("ci").unwrap();
         assert_eq!(

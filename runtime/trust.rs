@@ -95,9 +95,9 @@ pub fn add(state: &Path, key_file: &Path) -> Result<String, TrustError> {
     let id = key.hint().map_err(key_err)?;
     let dir = trust_dir(state);
     create_private_dir(&dir).map_err(|source| TrustError::Io {
-            path: dir.clone(),
-            source,
-        })?;
+        path: dir.clone(),
+        source,
+    })?;
     let path = dir.join(format!("{id}.pub"));
     let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
     let pem = key.to_pem().map_err(key_err)?;

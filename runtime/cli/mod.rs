@@ -6,7 +6,9 @@ mod embed;
 mod inspect;
 mod pack;
 mod run;
+mod serve;
 mod signing;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +52,11 @@ enum Command {
     Trust(signing::TrustCommand),
     /// Show which sandbox layers this host enforces and try escapes from a confined worker.
     Doctor(doctor::DoctorArgs),
+    /// Serve the model over an OpenAI-compatible REST API (tokens required, TLS off loopback).
+    Serve(serve::ServeArgs),
+    /// Manage access tokens for `serve`.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
 }
 
 /// How inference is isolated.
@@ -207,6 +214,8 @@ pub fn main() -> ExitCode {
         Command::Verify(args) => signing::verify(args),
         Command::Trust(cmd) => signing::trust(cmd),
         Command::Doctor(args) => doctor::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Token(cmd) => token::run(cmd),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,
@@ -233,6 +242,7 @@ fn set_compute_threads(command: &Command) {
     let requested = match command {
         Command::Run(a) => a.threads(),
         Command::Embed(a) => a.threads(),
+        Command::Serve(a) => a.threads(),
         _ => None,
     };
     let threads = requested.map(usize::from).or_else(|| {

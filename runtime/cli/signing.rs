@@ -73,6 +73,13 @@ pub struct TrustArgs {
 }
 
 impl TrustArgs {
+    /// `--state-dir`, else the default state directory.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        self.state_dir
+            .clone()
+            .or_else(crate::trust::default_state_dir)
+    }
+
     /// Everything trusted: the flags plus the keys in the trust store.
     pub fn policy(&self) -> Result<TrustPolicy, Box<dyn std::error::Error>> {
         let mut policy = TrustPolicy::default();

@@ -1,0 +1,179 @@
+//! `securerun serve MODEL`: verify, start the confined worker, and only then listen.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use super::{CmdResult, RunModelArgs};
+use crate::server::{self, auth, engine, ServeConfig};
+use crate::tokens::TokenStore;
+use crate::worker::{ConfinedModel, Task};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    common: RunModelArgs,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// TOML configuration file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Server certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates issued by this CA (mutual TLS).
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+    /// The model's name in the API (default: its file or directory name).
+    #[arg(long, value_name = "NAME")]
+    model_name: Option<String>,
+    /// Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy).
+    #[arg(long)]
+    insecure_public_http: bool,
+}
+
+pub fn run(args: ServeArgs) -> CmdResult {
+    // Structured logs on stderr; `SECURERUN_LOG` filters (default info). Nothing logged carries
+    // a token or prompt text: handlers log token ids and paths only.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SECURERUN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
+    let mut config = match &args.config {
+        Some(path) => ServeConfig::from_file(path)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        config.tls_cert = args.tls_cert.clone();
+        config.tls_key = args.tls_key.clone();
+    }
+    if args.client_ca.is_some() {
+        config.client_ca = args.client_ca.clone();
+    }
+    if args.model_name.is_some() {
+        config.model_name = args.model_name.clone();
+    }
+    config.insecure_public_http |= args.insecure_public_http;
+    config.validate()?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            server::tls::server_config(c, k, config.client_ca.as_deref())?,
+        ))),
+        _ => None,
+    };
+    if config.insecure_public_http && tls.is_none() {
+        eprintln!(
+            "warning: --insecure-public-http: serving plain HTTP on {}",
+            config.listen
+        );
+    }
+    let state_dir = args
+        .common
+        .trust
+        .state_dir()
+        .ok_or(crate::trust::TrustError::NoStateDir)?;
+    let tokens = auth::TokenCache::new(TokenStore::new(&state_dir))?;
+    if tokens.records().is_empty() {
+        eprintln!(
+            "note: no access tokens in {}: every request will be refused until you create one:\n  securerun token create --name NAME --scopes inference --state-dir {}",
+            tokens.store_path().display(),
+            state_dir.display()
+        );
+    }
+
+    // Verify, then start the model (confined unless --sandbox=off), then listen.
+    super::run::warn_unsigned(&args.common);
+    let opts = args.common.open_options()?;
+    let model = &args.common.model.model;
+    let (source, _) = crate::open_verified(model, &opts)?;
+    let is_embedder = source
+        .aux_json::<serde_json::Value>("config.json")
+        .ok()
+        .flatten()
+        .and_then(|c| {
+            c.get("model_type")
+                .and_then(|t| t.as_str())
+                .map(|t| t == "bert")
+        })
+        .unwrap_or(false);
+    let backend = match args.common.worker_settings()? {
+        Some(settings) => {
+            let task = if is_embedder {
+                Task::Embed
+            } else {
+                Task::Generate
+            };
+            let m = Box::new(ConfinedModel::start(source, task, opts.limits, settings)?);
+            if is_embedder {
+                engine::Backend::Embed(m)
+            } else {
+                engine::Backend::Text(m)
+            }
+        }
+        None if is_embedder => {
+            engine::Backend::EmbedInProcess(Box::new(crate::open_embedder(model, &opts)?))
+        }
+        None => engine::Backend::TextInProcess(Box::new(crate::open_text_model(model, &opts)?)),
+    };
+    let model_id = config.model_name.clone().unwrap_or_else(|| {
+        let name = model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        name.strip_suffix(".safetensors")
+            .unwrap_or(&name)
+            .to_string()
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("securerun-http")
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let local = listener.local_addr()?;
+        let state = Arc::new(server::AppState {
+            engine: engine::Engine::start(backend, config.queue),
+            model_id: model_id.clone(),
+            started: crate::tokens::now(),
+            tokens,
+            limiters: auth::Limiters::default(),
+            metrics: server::Metrics::default(),
+            config: config.clone(),
+        });
+        server::spawn_token_reloader(state.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        // One line a script can wait for.
+        println!("listening on {scheme}://{local} (model {model_id})");
+        let app = server::router(state);
+        server::tls::serve(
+            listener,
+            tls,
+            app,
+            config.header_timeout,
+            server::shutdown_signal(),
+            server::DRAIN,
+        )
+        .await;
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })
+}
+
+impl ServeArgs {
+    pub(super) fn threads(&self) -> Option<u16> {
+        self.common.threads
+    }
+}

@@ -1,0 +1,228 @@
+//! Deny-by-default authentication and per-token limits.
+//!
+//! One middleware sees every request, matched route or not. Only [`PUBLIC`] paths pass without a
+//! token; every other path needs a valid, unexpired token with the scope [`scope_for`] names, and
+//! a path with no entry there is refused after authentication (so nothing can be enumerated
+//! anonymously). The token store is re-read within [`RELOAD`] of any change on disk, so tokens
+//! created, revoked or expired by the CLI take effect without a restart.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+
+use crate::tokens::{self, Rejection, Scope, TokenRecord, TokenStore};
+
+/// Paths anyone may call.
+pub const PUBLIC: &[&str] = &["/healthz"];
+/// How often the token store is checked for changes.
+pub const RELOAD: Duration = Duration::from_millis(250);
+/// Failed authentications per client per minute before a lockout.
+const FAILED_AUTH_PER_MIN: u32 = 10;
+const LOCKOUT: Duration = Duration::from_secs(60);
+
+/// The scope a route needs; `None` for a path that is not an API route.
+pub fn scope_for(path: &str) -> Option<Scope> {
+    match path {
+        "/v1/models" | "/v1/chat/completions" | "/v1/completions" => Some(Scope::Inference),
+        "/v1/embeddings" => Some(Scope::Embeddings),
+        "/metrics" => Some(Scope::Metrics),
+        p if p.starts_with("/admin/") => Some(Scope::Admin),
+        _ => None,
+    }
+}
+
+/// The current token records, refreshed from disk by [`TokenCache::refresh`].
+pub struct TokenCache {
+    store: TokenStore,
+    records: RwLock<Arc<Vec<TokenRecord>>>,
+    stamp: Mutex<Option<(SystemTime, u64, u64)>>,
+}
+
+impl TokenCache {
+    pub fn new(store: TokenStore) -> Result<Self, tokens::TokenError> {
+        let cache = TokenCache {
+            records: RwLock::new(Arc::new(store.load()?)),
+            store,
+            stamp: Mutex::new(None),
+        };
+        cache.refresh();
+        Ok(cache)
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.store.path()
+    }
+
+    pub fn store(&self) -> &TokenStore {
+        &self.store
+    }
+
+    pub fn records(&self) -> Arc<Vec<TokenRecord>> {
+        self.records.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Re-reads the store if its file changed (mtime, size or inode). A store that cannot be
+    /// read keeps the previous records only if it vanished mid-replace; a corrupt store empties
+    /// the cache (fail closed).
+    pub fn refresh(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = std::fs::metadata(self.store.path()).ok().map(|m| {
+            (
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.len(),
+                m.ino(),
+            )
+        });
+        let Ok(mut last) = self.stamp.lock() else {
+            return;
+        };
+        if *last == stamp {
+            return;
+        }
+        let records = match self.store.load() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "token store unreadable; refusing all tokens");
+                Vec::new()
+            }
+        };
+        if let Ok(mut w) = self.records.write() {
+            *w = Arc::new(records);
+        }
+        *last = stamp;
+    }
+}
+
+/// Who a request is from, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: String,
+    pub token_name: String,
+    pub record: TokenRecord,
+}
+
+/// Per-token rate limits and per-client failed-authentication lockouts.
+pub struct Limiters {
+    requests: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    generated: Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    failures: DefaultKeyedRateLimiter<IpAddr>,
+    locked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+fn per_minute(n: u32) -> Quota {
+    Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1)"))
+}
+
+impl Default for Limiters {
+    fn default() -> Self {
+        Limiters {
+            requests: Mutex::default(),
+            generated: Mutex::default(),
+            failures: governor::RateLimiter::keyed(per_minute(FAILED_AUTH_PER_MIN)),
+            locked: Mutex::default(),
+        }
+    }
+}
+
+/// A limit was hit; retry after this long.
+#[derive(Debug)]
+pub struct Limited {
+    pub retry_after: Duration,
+    pub what: &'static str,
+}
+
+fn limiter(
+    map: &Mutex<HashMap<String, (u32, Arc<DefaultDirectRateLimiter>)>>,
+    id: &str,
+    per_min: u32,
+) -> Arc<DefaultDirectRateLimiter> {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    // A token whose limit was changed gets a fresh limiter.
+    match map.get(id) {
+        Some((n, l)) if *n == per_min => l.clone(),
+        _ => {
+            let l = Arc::new(governor::RateLimiter::direct(per_minute(per_min)));
+            map.insert(id.to_string(), (per_min, l.clone()));
+            l
+        }
+    }
+}
+
+fn wait_of(not_until: governor::NotUntil<governor::clock::QuantaInstant>) -> Duration {
+    use governor::clock::Clock;
+    not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+}
+
+impl Limiters {
+    /// Whether `ip` is locked out after too many failed authentications.
+    pub fn locked_out(&self, ip: IpAddr) -> Option<Duration> {
+        let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        match locked.get(&ip) {
+            Some(until) if *until > Instant::now() => Some(*until - Instant::now()),
+            Some(_) => {
+                locked.remove(&ip);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records a failed authentication; locks the client out once it exceeds the rate.
+    pub fn failed_auth(&self, ip: IpAddr) {
+        if self.failures.check_key(&ip).is_err() {
+            let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+            locked.insert(ip, Instant::now() + LOCKOUT);
+            tracing::warn!(client = %ip, "authentication failures over the limit; client locked out");
+        }
+        if self.failures.len() > 100_000 {
+            self.failures.retain_recent();
+        }
+    }
+
+    /// One request by this token.
+    pub fn request(&self, record: &TokenRecord) -> Result<(), Limited> {
+        limiter(&self.requests, &record.id, record.limits.requests_per_min)
+            .check()
+            .map_err(|n| Limited {
+                retry_after: wait_of(n),
+                what: "request rate",
+            })
+    }
+
+    /// Reserves `max_tokens` of this token's generated-token budget.
+    pub fn generation(&self, record: &TokenRecord, max_tokens: u32) -> Result<(), Limited> {
+        let l = limiter(&self.generated, &record.id, record.limits.tokens_per_min);
+        match l.check_n(NonZeroU32::new(max_tokens.max(1)).expect("max(1)")) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(n)) => Err(Limited {
+                retry_after: wait_of(n),
+                what: "generated-token budget",
+            }),
+            Err(_) => Err(Limited {
+                retry_after: Duration::from_secs(60),
+                what: "generated-token budget (max_tokens exceeds the per-minute budget)",
+            }),
+        }
+    }
+}
+
+/// Authenticates the `Authorization: Bearer` value.
+pub fn authenticate(cache: &TokenCache, header: Option<&str>) -> Result<Caller, Rejection> {
+    let token = header
+        .ok_or(Rejection::Missing)?
+        .strip_prefix("Bearer ")
+        .ok_or(Rejection::Malformed)?
+        .trim();
+    let records = cache.records();
+    let record = tokens::authenticate(&records, token, tokens::now())?;
+    Ok(Caller {
+        token_id: record.id.clone(),
+        token_name: record.name.clone(),
+        record: record.clone(),
+    })
+}

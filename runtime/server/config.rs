@@ -1,0 +1,98 @@
+//! Server settings: a TOML file (`--config`), overridden by flags, validated before anything
+//! starts. Unknown keys are errors, so a typo cannot silently leave a default in place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// The name clients use for the model (default: the model's file or directory name).
+    pub model_name: Option<String>,
+    pub max_body_bytes: usize,
+    pub default_max_tokens: u32,
+    pub max_tokens_cap: u32,
+    pub max_embedding_inputs: usize,
+    /// Requests waiting behind the running one before 503.
+    pub queue: usize,
+    #[serde(with = "secs")]
+    pub generation_timeout: Duration,
+    #[serde(with = "secs")]
+    pub header_timeout: Duration,
+    /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
+    /// private network only.
+    pub insecure_public_http: bool,
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            model_name: None,
+            max_body_bytes: 1 << 20,
+            default_max_tokens: 256,
+            max_tokens_cap: 4096,
+            max_embedding_inputs: 256,
+            queue: 16,
+            generation_timeout: Duration::from_secs(300),
+            header_timeout: Duration::from_secs(10),
+            insecure_public_http: false,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let bytes =
+            securerun_models::fsutil::read_bounded(path, 1 << 20).map_err(|e| e.to_string())?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+    }
+
+    /// Checks the combination of settings; the server does not start otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err("--tls-cert and --tls-key go together".into());
+        }
+        if self.client_ca.is_some() && self.tls_cert.is_none() {
+            return Err("--client-ca (mutual TLS) needs --tls-cert and --tls-key".into());
+        }
+        if self.tls_cert.is_none() && !self.listen.ip().is_loopback() && !self.insecure_public_http
+        {
+            return Err(format!(
+                "refusing to serve plain HTTP on {}, which is not a loopback address: pass --tls-cert and --tls-key (or, behind a TLS-terminating proxy only, --insecure-public-http)",
+                self.listen
+            ));
+        }
+        if self.max_body_bytes < 1024 || self.queue == 0 || self.max_tokens_cap == 0 {
+            return Err(
+                "max_body_bytes >= 1024, queue >= 1 and max_tokens_cap >= 1 are required".into(),
+            );
+        }
+        if self.default_max_tokens > self.max_tokens_cap {
+            return Err("default_max_tokens exceeds max_tokens_cap".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,231 @@
+//! `securerun serve`: an OpenAI-compatible REST server over rustls, deny-by-default behind the
+//! built-in access tokens, with per-token rate limits and global bounds. The model runs in the
+//! confined worker; this process keeps the network, TLS keys and tokens.
+
+pub mod auth;
+pub mod config;
+pub mod engine;
+pub mod openai;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+pub use config::ServeConfig;
+use openai::ApiError;
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub forbidden: AtomicU64,
+    pub limited: AtomicU64,
+    pub generated: AtomicU64,
+}
+
+/// Shared by every handler.
+pub struct AppState {
+    pub config: ServeConfig,
+    pub model_id: String,
+    pub started: u64,
+    pub engine: engine::Engine,
+    pub tokens: auth::TokenCache,
+    pub limiters: auth::Limiters,
+    pub metrics: Metrics,
+}
+
+/// Every route the server registers, with its method; the deny-by-default test walks this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+];
+
+/// The application: routes behind the authentication middleware and the body limit.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "no such route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .with_state(state)
+}
+
+/// Deny by default: every request except [`auth::PUBLIC`] paths needs a valid token with the
+/// route's scope.
+async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    if auth::PUBLIC.contains(&path.as_str()) {
+        return next.run(req).await;
+    }
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    if let Some(wait) = state.limiters.locked_out(ip) {
+        state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "locked_out",
+            "too many failed authentications from this client; retry later",
+        );
+        e.retry_after = Some(wait);
+        return e.into_response();
+    }
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let caller = match auth::authenticate(&state.tokens, header) {
+        Ok(c) => c,
+        Err(rejection) => {
+            state.limiters.failed_auth(ip);
+            state.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = %ip, path = %path, reason = ?rejection, "unauthenticated request refused");
+            let message = match rejection {
+                crate::tokens::Rejection::Missing => "missing bearer token",
+                crate::tokens::Rejection::Malformed => "malformed bearer token",
+                crate::tokens::Rejection::Unknown => "invalid or revoked token",
+                crate::tokens::Rejection::Expired => "expired token",
+            };
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                message,
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                "www-authenticate",
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+    };
+    let Some(scope) = auth::scope_for(&path) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            "no such route",
+        )
+        .into_response();
+    };
+    if !caller.record.scopes.contains(&scope) {
+        state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "insufficient_scope",
+            format!("this token lacks the {} scope", scope.as_str()),
+        )
+        .into_response();
+    }
+    if let Err(l) = state.limiters.request(&caller.record) {
+        state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+        return ApiError::limited(l).into_response();
+    }
+    tracing::info!(token = %caller.token_id, path = %path, "request");
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let line = |name: &str, help: &str, v: u64| {
+        format!("# HELP securerun_{name} {help}\n# TYPE securerun_{name} counter\nsecurerun_{name} {v}\n")
+    };
+    let body = [
+        line(
+            "requests_total",
+            "HTTP requests received",
+            m.requests.load(Ordering::Relaxed),
+        ),
+        line(
+            "unauthorized_total",
+            "requests refused for a missing or invalid token",
+            m.unauthorized.load(Ordering::Relaxed),
+        ),
+        line(
+            "forbidden_total",
+            "requests refused for scope",
+            m.forbidden.load(Ordering::Relaxed),
+        ),
+        line(
+            "rate_limited_total",
+            "requests refused by a rate limit or lockout",
+            m.limited.load(Ordering::Relaxed),
+        ),
+        line(
+            "generated_tokens_total",
+            "tokens generated",
+            m.generated.load(Ordering::Relaxed),
+        ),
+    ]
+    .concat();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        Body::from(body),
+    )
+        .into_response()
+}
+
+/// Keeps the token cache fresh.
+pub fn spawn_token_reloader(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(auth::RELOAD);
+        loop {
+            tick.tick().await;
+            state.tokens.refresh();
+        }
+    });
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutdown requested: no new connections, draining");
+}
+
+/// How long in-flight requests get to finish after a shutdown signal.
+pub const DRAIN: Duration = Duration::from_secs(30);
