@@ -11,9 +11,11 @@ scripts/fetch-models.sh
 # The reference OpenSSF signer, for interoperability tests (pyOpenSSL is missing from its
 # declared dependencies).
 signing_env=.cache/signing-env
-if [ ! -x "$signing_env/bin/model_signing" ]; then
-  python3 -m venv "$signing_env"
-  "$signing_env/bin/pip" install --quiet model-signing==1.1.1 pyopenssl==26.4.0
+# The same environment holds the official OpenAI client for the `serve` tests.
+if [ ! -f "$signing_env/.deps-2" ]; then
+  [ -x "$signing_env/bin/pip" ] || python3 -m venv "$signing_env"
+  "$signing_env/bin/pip" install --quiet model-signing==1.1.1 pyopenssl==26.4.0 openai==3.51.0
+  touch "$signing_env/.deps-2"
 fi
 export SECURERUN_MODEL_SIGNING=$PWD/$signing_env/bin/model_signing
 cargo fmt --all -- --check

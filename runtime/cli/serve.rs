@@ -150,7 +150,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             model_id: model_id.clone(),
             started: crate::tokens::now(),
             tokens,
-            limiters: auth::Limiters::default(),
+            limiters: auth::Limiters::new(config.auth_failures_per_min),
             metrics: server::Metrics::default(),
             config: config.clone(),
         });

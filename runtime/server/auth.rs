@@ -21,8 +21,6 @@ use crate::tokens::{self, Rejection, Scope, TokenRecord, TokenStore};
 pub const PUBLIC: &[&str] = &["/healthz"];
 /// How often the token store is checked for changes.
 pub const RELOAD: Duration = Duration::from_millis(250);
-/// Failed authentications per client per minute before a lockout.
-const FAILED_AUTH_PER_MIN: u32 = 10;
 const LOCKOUT: Duration = Duration::from_secs(60);
 
 /// The scope a route needs; `None` for a path that is not an API route.
@@ -118,12 +116,13 @@ fn per_minute(n: u32) -> Quota {
     Quota::per_minute(NonZeroU32::new(n.max(1)).expect("max(1)"))
 }
 
-impl Default for Limiters {
-    fn default() -> Self {
+impl Limiters {
+    /// `failed_auth_per_min` failed authentications per client per minute lock it out.
+    pub fn new(failed_auth_per_min: u32) -> Self {
         Limiters {
             requests: Mutex::default(),
             generated: Mutex::default(),
-            failures: governor::RateLimiter::keyed(per_minute(FAILED_AUTH_PER_MIN)),
+            failures: governor::RateLimiter::keyed(per_minute(failed_auth_per_min)),
             locked: Mutex::default(),
         }
     }

@@ -27,6 +27,8 @@ pub struct ServeConfig {
     pub generation_timeout: Duration,
     #[serde(with = "secs")]
     pub header_timeout: Duration,
+    /// Failed authentications per client per minute before a one-minute lockout.
+    pub auth_failures_per_min: u32,
     /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
     /// private network only.
     pub insecure_public_http: bool,
@@ -55,6 +57,7 @@ impl Default for ServeConfig {
             queue: 16,
             generation_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
+            auth_failures_per_min: 10,
             insecure_public_http: false,
         }
     }

@@ -519,11 +519,15 @@ pub async fn embeddings(
             "this model generates text; it has no /v1/embeddings",
         ));
     }
-    if req.encoding_format.as_deref().is_some_and(|f| f != "float") {
-        return Err(ApiError::bad_request(
-            "only encoding_format \"float\" is supported",
-        ));
-    }
+    let as_base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding_format {other:?}: use \"float\" or \"base64\""
+            )))
+        }
+    };
     let texts = match req.input {
         EmbeddingInput::One(s) => vec![s],
         EmbeddingInput::Many(v) => v,
@@ -564,7 +568,16 @@ pub async fn embeddings(
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| {
+            // base64: the little-endian f32 bytes, as the official client expects by default.
+            let embedding = if as_base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(crate::signing::bundle::b64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     Ok(Json(json!({
         "object": "list", "data": data, "model": state.model_id,

@@ -1,0 +1,562 @@
+//! `securerun serve` as clients see it: a real server on loopback, a real HTTP client (hyper,
+//! plain and over rustls), the full authentication matrix on every route, limits, TLS and mTLS
+//! with certificates made here, and the official `openai` Python client.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{p, securerun};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio_rustls::rustls;
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `securerun serve MODEL` on an ephemeral loopback port; returns once it listens.
+fn serve(model: &Path, state: &Path, extra: &[&str]) -> Result<Server, String> {
+    let mut args = vec![
+        "serve",
+        p(model),
+        "--allow-unsigned",
+        "--state-dir",
+        p(state),
+    ];
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen", "127.0.0.1:0"]);
+    }
+    args.extend_from_slice(extra);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    match line.split_whitespace().nth(2) {
+        Some(url) if line.starts_with("listening on") => {
+            let addr = url.split("://").nth(1).unwrap().to_string();
+            Ok(Server { child, addr })
+        }
+        _ => {
+            let out = child.wait_with_output().unwrap();
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+fn token(state: &Path, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["token", "create", "--name", name, "--state-dir", p(state)];
+    args.extend_from_slice(extra);
+    let o = securerun(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    out.lines().last().unwrap().to_string()
+}
+
+struct Reply {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One HTTP/1.1 request over a fresh connection (TLS when `tls` is given).
+fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Reply, String> {
+    runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json");
+        if let Some(t) = bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+        let resp = match tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                send(hyper_util::rt::TokioIo::new(stream), req).await?
+            }
+            None => send(hyper_util::rt::TokioIo::new(tcp), req).await?,
+        };
+        Ok(resp)
+    })
+}
+
+async fn send<IO>(io: IO, req: hyper::Request<Full<Bytes>>) -> Result<Reply, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn get(s: &Server, path: &str, bearer: Option<&str>) -> Reply {
+    request(&s.addr, "GET", path, bearer, b"", None).unwrap()
+}
+
+fn post(s: &Server, path: &str, bearer: Option<&str>, body: &serde_json::Value) -> Reply {
+    request(
+        &s.addr,
+        "POST",
+        path,
+        bearer,
+        body.to_string().as_bytes(),
+        None,
+    )
+    .unwrap()
+}
+
+const MODEL: &str = "smollm2-135m-instruct";
+
+fn chat_body(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL, "max_tokens": 8, "temperature": 0, "stream": stream,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    })
+}
+
+#[test]
+fn every_route_refuses_every_bad_token_and_serves_a_good_one() {
+    let state = tempfile::tempdir().unwrap();
+    let good = token(
+        state.path(),
+        "good",
+        &["--scopes", "inference,embeddings,metrics"],
+    );
+    let metrics_only = token(state.path(), "metrics-only", &["--scopes", "metrics"]);
+    let other_model = token(
+        state.path(),
+        "other",
+        &["--scopes", "inference", "--models", "m2"],
+    );
+    let expiring = token(
+        state.path(),
+        "short",
+        &["--scopes", "inference,metrics", "--expires", "1s"],
+    );
+    let revoked = token(state.path(), "gone", &["--scopes", "inference,metrics"]);
+    assert!(
+        securerun(&["token", "revoke", "gone", "--state-dir", p(state.path())])
+            .status
+            .success()
+    );
+    // This test fails authentication on purpose many times: raise the lockout threshold (and
+    // exercise --config on the way).
+    let config = state.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "auth_failures_per_min = 100000\nmax_tokens_cap = 512\n",
+    )
+    .unwrap();
+    let s = serve(&common::smollm2(), state.path(), &["--config", p(&config)]).unwrap();
+    std::thread::sleep(Duration::from_millis(1200)); // `short` has expired
+    let unknown = {
+        // Well-formed (prefix, id, secret, checksum) but never issued.
+        let dir = tempfile::tempdir().unwrap();
+        token(dir.path(), "elsewhere", &["--scopes", "inference"])
+    };
+    let mut malformed = good.clone();
+    malformed.pop();
+    malformed.push('x');
+
+    // Every registered route, plus an unregistered one: only /healthz is public.
+    let mut routes: Vec<(&str, &str)> = securerun::server::ROUTES.to_vec();
+    routes.push(("GET", "/v1/not-a-route"));
+    routes.push(("POST", "/admin/tokens"));
+    for &(method, path) in &routes {
+        let call = |bearer: Option<&str>| {
+            request(
+                &s.addr,
+                method,
+                path,
+                bearer,
+                chat_body(false).to_string().as_bytes(),
+                None,
+            )
+            .unwrap()
+        };
+        if path == "/healthz" {
+            let r = call(None);
+            assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+            continue;
+        }
+        for (bearer, why) in [
+            (None, "missing"),
+            (Some("not-a-token"), "malformed"),
+            (Some(malformed.as_str()), "malformed"),
+            (Some(unknown.as_str()), "invalid"),
+            (Some(revoked.as_str()), "invalid"),
+            (Some(expiring.as_str()), "expired"),
+        ] {
+            let r = call(bearer);
+            assert_eq!(
+                r.status, 401,
+                "{method} {path} with a {why} token: {}",
+                r.body
+            );
+            assert_eq!(r.json()["error"]["type"], "authentication_error");
+            assert!(
+                r.json()["error"]["message"].as_str().unwrap().contains(why),
+                "{}",
+                r.body
+            );
+        }
+        let r = call(Some(&metrics_only));
+        let expected = match path {
+            "/metrics" => 200,
+            "/v1/not-a-route" => 404,
+            _ => 403,
+        };
+        assert_eq!(
+            r.status, expected,
+            "{method} {path} with a metrics-only token: {}",
+            r.body
+        );
+    }
+    // Wrong model for a token restricted to another one.
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        Some(&other_model),
+        &chat_body(false),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "model_not_allowed");
+
+    // The good token: models, chat, streaming, completions, metrics.
+    let r = get(&s, "/v1/models", Some(&good));
+    assert_eq!(r.json()["data"][0]["id"], MODEL);
+    let r = post(&s, "/v1/chat/completions", Some(&good), &chat_body(false));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Paris"),
+        "{v}"
+    );
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    let r = post(&s, "/v1/chat/completions", Some(&good), &chat_body(true));
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*data.last().unwrap(), "[DONE]");
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(text.contains("Paris"), "{}", r.body);
+    let r = post(
+        &s,
+        "/v1/completions",
+        Some(&good),
+        &serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0}),
+    );
+    assert_eq!(r.json()["choices"][0]["text"], " Paris.\n");
+    let r = get(&s, "/metrics", Some(&good));
+    assert!(
+        r.body.contains("securerun_unauthorized_total"),
+        "{}",
+        r.body
+    );
+
+    // Bad bodies: malformed JSON, oversized, max_tokens over the cap, wrong model name.
+    let r = request(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&good),
+        b"{",
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("invalid JSON"), "{}", r.body);
+    let huge = vec![b'a'; 2 << 20];
+    let r = request(&s.addr, "POST", "/v1/completions", Some(&good), &huge, None).unwrap();
+    assert_eq!(r.status, 413);
+    let mut body = chat_body(false);
+    body["max_tokens"] = 1_000_000.into();
+    assert_eq!(
+        post(&s, "/v1/chat/completions", Some(&good), &body).status,
+        400
+    );
+    body["max_tokens"] = 4.into();
+    body["model"] = "gpt-4".into();
+    assert_eq!(
+        post(&s, "/v1/chat/completions", Some(&good), &body).status,
+        404
+    );
+}
+
+#[test]
+fn revocation_rate_limits_and_lockout_apply_while_running() {
+    let state = tempfile::tempdir().unwrap();
+    let s = serve(&common::smollm2(), state.path(), &[]).unwrap();
+    // Created after the server started: picked up without a restart.
+    let t = token(state.path(), "late", &["--scopes", "inference"]);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(get(&s, "/v1/models", Some(&t)).status, 200);
+    assert!(
+        securerun(&["token", "revoke", "late", "--state-dir", p(state.path())])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        get(&s, "/v1/models", Some(&t)).status,
+        401,
+        "revoked token still accepted after 1 s"
+    );
+
+    let slow = token(
+        state.path(),
+        "slow",
+        &["--scopes", "inference", "--rate", "2/min"],
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| get(&s, "/v1/models", Some(&slow)).status)
+        .collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let r = get(&s, "/v1/models", Some(&slow));
+    assert_eq!(r.status, 429);
+    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after), "Retry-After {after}");
+
+    // A client that keeps failing authentication is locked out, even with a valid token next.
+    let good = token(state.path(), "good", &["--scopes", "inference"]);
+    std::thread::sleep(Duration::from_millis(600));
+    for _ in 0..12 {
+        get(&s, "/v1/models", Some("srt_nope"));
+    }
+    let r = get(&s, "/v1/models", Some(&good));
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "locked_out");
+    assert!(r.headers.contains_key("retry-after"));
+}
+
+#[test]
+fn public_plain_http_is_refused_and_tls_and_mtls_work() {
+    let state = tempfile::tempdir().unwrap();
+    let model = common::minilm();
+    let err = serve(&model, state.path(), &["--listen", "0.0.0.0:0"])
+        .err()
+        .unwrap();
+    assert!(err.contains("refusing to serve plain HTTP"), "{err}");
+
+    // A CA, a server certificate for localhost, a client certificate.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let issue = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert, key)
+    };
+    let dir = state.path();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (server_cert, server_key) = issue("localhost");
+    let (client_cert, client_key) = issue("client");
+    let ca_pem = write("ca.pem", ca.pem());
+    let cert_pem = write("server.pem", server_cert.pem());
+    let key_pem = write("server.key", server_key.serialize_pem());
+    let t = token(dir, "tls", &["--scopes", "embeddings"]);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let client = |with_cert: bool| {
+        let b = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone());
+        Arc::new(if with_cert {
+            b.with_client_auth_cert(
+                vec![client_cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+            )
+            .unwrap()
+        } else {
+            b.with_no_client_auth()
+        })
+    };
+    let embed = serde_json::json!({"model": "all-minilm-l6-v2", "input": ["hello", "world"]});
+
+    let s = serve(
+        &model,
+        dir,
+        &["--tls-cert", p(&cert_pem), "--tls-key", p(&key_pem)],
+    )
+    .unwrap();
+    let r = request(
+        &s.addr,
+        "POST",
+        "/v1/embeddings",
+        Some(&t),
+        embed.to_string().as_bytes(),
+        Some(client(false)),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    // Plain HTTP to a TLS port gets nothing useful.
+    assert!(request(&s.addr, "GET", "/healthz", None, b"", None).is_err());
+    drop(s);
+
+    let s = serve(
+        &model,
+        dir,
+        &[
+            "--tls-cert",
+            p(&cert_pem),
+            "--tls-key",
+            p(&key_pem),
+            "--client-ca",
+            p(&ca_pem),
+        ],
+    )
+    .unwrap();
+    assert!(request(&s.addr, "GET", "/healthz", None, b"", Some(client(false))).is_err());
+    let r = request(
+        &s.addr,
+        "POST",
+        "/v1/embeddings",
+        Some(&t),
+        embed.to_string().as_bytes(),
+        Some(client(true)),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// The official `openai` Python client against the server: chat, streaming, embeddings.
+#[test]
+fn official_openai_client_works() {
+    let python = common::reference_cli().parent().unwrap().join("python");
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "py", &["--scopes", "inference,embeddings"]);
+    let llm = serve(&common::smollm2(), state.path(), &[]).unwrap();
+    let enc = serve(&common::minilm(), state.path(), &[]).unwrap();
+    let script = format!(
+        r#"
+import openai
+llm = openai.OpenAI(base_url="http://{}/v1", api_key="{t}")
+r = llm.chat.completions.create(model="{MODEL}", temperature=0, max_tokens=8,
+    messages=[{{"role": "user", "content": "What is the capital of France?"}}])
+assert "Paris" in r.choices[0].message.content, r
+assert r.usage.completion_tokens > 0
+text = "".join(c.choices[0].delta.content or "" for c in llm.chat.completions.create(
+    model="{MODEL}", temperature=0, max_tokens=8, stream=True,
+    messages=[{{"role": "user", "content": "What is the capital of France?"}}]) if c.choices)
+assert "Paris" in text, text
+enc = openai.OpenAI(base_url="http://{}/v1", api_key="{t}")
+e = enc.embeddings.create(model="all-minilm-l6-v2", input=["A man is eating food.", "A man is eating a piece of bread."])
+a, b = e.data[0].embedding, e.data[1].embedding
+cos = sum(x * y for x, y in zip(a, b))
+assert abs(cos - 0.7553) < 0.001, cos
+try:
+    openai.OpenAI(base_url="http://{}/v1", api_key="srt_wrong").models.list()
+    raise SystemExit("unauthenticated request succeeded")
+except openai.AuthenticationError:
+    pass
+print("ok")
+"#,
+        llm.addr, enc.addr, llm.addr
+    );
+    let o = Command::new(python).args(["-c", &script]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
