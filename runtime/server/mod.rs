@@ -53,6 +53,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
+    ("GET", "/admin/tokens"),
+    ("POST", "/admin/tokens"),
+    ("DELETE", "/admin/tokens/example"),
 ];
 
 /// The application: routes behind the authentication middleware and the body limit.
@@ -64,6 +67,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route(
+            "/admin/tokens",
+            get(openai::admin_list_tokens).post(openai::admin_create_token),
+        )
+        .route(
+            "/admin/tokens/{id}",
+            axum::routing::delete(openai::admin_revoke_token),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -599,3 +599,94 @@ pub async fn models(
     };
     Json(json!({"object": "list", "data": data})).into_response()
 }
+
+/// `GET /admin/tokens`: every token record (never a secret).
+pub async fn admin_list_tokens(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let records = state.tokens.store().load().map_err(admin_error)?;
+    Ok(Json(json!({"object": "list", "data": records})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+    scopes: Vec<crate::tokens::Scope>,
+    #[serde(default)]
+    models: Vec<String>,
+    /// Lifetime in seconds.
+    #[serde(default)]
+    expires_in: Option<u64>,
+    #[serde(default)]
+    requests_per_min: Option<u32>,
+    #[serde(default)]
+    tokens_per_min: Option<u32>,
+}
+
+/// `POST /admin/tokens`: creates a token; the secret is in this response only.
+pub async fn admin_create_token(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateToken = parse_json(&body)?;
+    let defaults = crate::tokens::Limits::default();
+    let limits = crate::tokens::Limits {
+        requests_per_min: req
+            .requests_per_min
+            .unwrap_or(defaults.requests_per_min)
+            .max(1),
+        tokens_per_min: req.tokens_per_min.unwrap_or(defaults.tokens_per_min).max(1),
+    };
+    let expires = req.expires_in.map(|s| crate::tokens::now() + s);
+    let created = state
+        .tokens
+        .store()
+        .create(
+            &req.name,
+            req.scopes.into_iter().collect(),
+            req.models,
+            limits,
+            expires,
+        )
+        .map_err(admin_error)?;
+    state.tokens.refresh();
+    tracing::info!(by = %caller.token_id, token = %created.record.id, "token created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"token": created.token, "record": created.record})),
+    )
+        .into_response())
+}
+
+/// `DELETE /admin/tokens/{id_or_name}`: revokes a token at once.
+pub async fn admin_revoke_token(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let record = state.tokens.store().revoke(&id).map_err(admin_error)?;
+    state.tokens.refresh();
+    tracing::info!(by = %caller.token_id, token = %record.id, "token revoked");
+    Ok(Json(json!({"revoked": record.id})).into_response())
+}
+
+fn admin_error(e: crate::tokens::TokenError) -> ApiError {
+    use crate::tokens::TokenError;
+    match e {
+        TokenError::NotFound(_) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            e.to_string(),
+        ),
+        TokenError::DuplicateName(_) | TokenError::Invalid(_) => {
+            ApiError::bad_request(e.to_string())
+        }
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "token_store",
+            other.to_string(),
+        ),
+    }
+}
