@@ -103,6 +103,12 @@ impl TokenRecord {
         self.expires.is_some_and(|e| now >= e)
     }
 
+    /// The scopes, comma-separated.
+    pub fn scope_list(&self) -> String {
+        let names: Vec<&str> = self.scopes.iter().map(|s| s.as_str()).collect();
+        names.join(",")
+    }
+
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }

@@ -78,11 +78,7 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
                 "created token {} ({}), scopes {}, expires {}; the secret below is shown once",
                 r.id,
                 r.name,
-                r.scopes
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                r.scope_list(),
                 when(r.expires)
             );
             println!("{}", created.token);
@@ -98,11 +94,7 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
                         "{}  {:<20} {:<34} models={} rate={}/min tokens={}/min expires={}{}",
                         r.id,
                         r.name,
-                        r.scopes
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(","),
+                        r.scope_list(),
                         if r.models.is_empty() {
                             "*".into()
                         } else {

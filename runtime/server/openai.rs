@@ -363,23 +363,9 @@ async fn complete(
     let timeout = state.config.generation_timeout;
     let (_, done) = tokio::time::timeout(timeout, async { tokio::join!(drain, done_rx) })
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "server_error",
-                "timeout",
-                "generation timed out",
-            )
-        })?;
+        .map_err(|_| timed_out("generation"))?;
     let g = done
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "engine",
-                "the engine stopped",
-            )
-        })?
+        .map_err(|_| engine_stopped())?
         .map_err(generation_error)?;
     state
         .metrics
@@ -401,6 +387,24 @@ async fn complete(
         "choices": [choice], "usage": usage(&g),
     }))
     .into_response())
+}
+
+fn engine_stopped() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "engine",
+        "the engine stopped",
+    )
+}
+
+fn timed_out(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "server_error",
+        "timeout",
+        format!("{what} timed out"),
+    )
 }
 
 fn generation_error(message: String) -> ApiError {
@@ -548,22 +552,8 @@ pub async fn embeddings(
         .map_err(|_| ApiError::busy())?;
     let vectors = tokio::time::timeout(state.config.generation_timeout, done_rx)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "server_error",
-                "timeout",
-                "embedding timed out",
-            )
-        })?
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "engine",
-                "the engine stopped",
-            )
-        })?
+        .map_err(|_| timed_out("embedding"))?
+        .map_err(|_| engine_stopped())?
         .map_err(generation_error)?;
     let data: Vec<Value> = vectors
         .iter()
