@@ -524,10 +524,12 @@ fn public_plain_http_is_refused_and_tls_and_mtls_work() {
 #[test]
 fn official_openai_client_works() {
     let python = common::reference_cli().parent().unwrap().join("python");
-    let state = tempfile::tempdir().unwrap();
+    // Two servers, two state directories (one audit log has one writer), one token each.
+    let (state, state2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let t = token(state.path(), "py", &["--scopes", "inference,embeddings"]);
+    let t2 = token(state2.path(), "py", &["--scopes", "embeddings"]);
     let llm = serve(&common::smollm2(), state.path(), &[]).unwrap();
-    let enc = serve(&common::minilm(), state.path(), &[]).unwrap();
+    let enc = serve(&common::minilm(), state2.path(), &[]).unwrap();
     let script = format!(
         r#"
 import openai
@@ -540,7 +542,7 @@ text = "".join(c.choices[0].delta.content or "" for c in llm.chat.completions.cr
     model="{MODEL}", temperature=0, max_tokens=8, stream=True,
     messages=[{{"role": "user", "content": "What is the capital of France?"}}]) if c.choices)
 assert "Paris" in text, text
-enc = openai.OpenAI(base_url="http://{}/v1", api_key="{t}")
+enc = openai.OpenAI(base_url="http://{}/v1", api_key="{t2}")
 e = enc.embeddings.create(model="all-minilm-l6-v2", input=["A man is eating food.", "A man is eating a piece of bread."])
 a, b = e.data[0].embedding, e.data[1].embedding
 cos = sum(x * y for x, y in zip(a, b))

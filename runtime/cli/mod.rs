@@ -1,6 +1,7 @@
 //! Command-line interface. Every failure is one line on stderr and a non-zero exit; nothing
 //! panics out to the user (a panic is caught and reported as an internal error).
 
+mod audit;
 mod doctor;
 mod embed;
 mod inspect;
@@ -57,6 +58,9 @@ enum Command {
     /// Manage access tokens for `serve`.
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Verify, export, follow and summarize the encrypted audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// How inference is isolated.
@@ -216,6 +220,7 @@ pub fn main() -> ExitCode {
         Command::Doctor(args) => doctor::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Token(cmd) => token::run(cmd),
+        Command::Audit(cmd) => audit::run(cmd),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -36,6 +36,16 @@ pub struct ServeArgs {
     /// Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy).
     #[arg(long)]
     insecure_public_http: bool,
+    /// Audit durability: fsync each batch before answering (default), or buffered (survives a
+    /// process crash, not a power loss).
+    #[arg(long, value_enum, default_value = "fsync")]
+    audit_sync: AuditSync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditSync {
+    Fsync,
+    Buffered,
 }
 
 pub fn run(args: ServeArgs) -> CmdResult {
@@ -45,6 +55,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .try_init();
     let mut config = match &args.config {
@@ -83,6 +94,21 @@ pub fn run(args: ServeArgs) -> CmdResult {
         .trust
         .state_dir()
         .ok_or(crate::trust::TrustError::NoStateDir)?;
+    // The audit log first: verification, sandbox and start-up are recorded, and a server that
+    // cannot audit does not start.
+    let audit_dir = crate::audit::audit_dir(&state_dir);
+    if crate::audit::init(&audit_dir)? {
+        eprintln!(
+            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key)",
+            audit_dir.display(),
+            audit_dir.join(crate::audit::keys::READ_KEY).display()
+        );
+    }
+    let durability = match args.audit_sync {
+        AuditSync::Fsync => crate::audit::Durability::Fsync,
+        AuditSync::Buffered => crate::audit::Durability::Buffered,
+    };
+    let audit = crate::audit::AuditLog::open(&audit_dir, durability)?;
     let tokens = auth::TokenCache::new(TokenStore::new(&state_dir))?;
     if tokens.records().is_empty() {
         eprintln!(
@@ -96,7 +122,28 @@ pub fn run(args: ServeArgs) -> CmdResult {
     super::run::warn_unsigned(&args.common);
     let opts = args.common.open_options()?;
     let model = &args.common.model.model;
-    let (source, _) = crate::open_verified(model, &opts)?;
+    let verified = crate::open_verified(model, &opts);
+    let mut rec = crate::audit::AuditRecord::event("model_verification");
+    rec.model = Some(model.display().to_string());
+    match &verified {
+        Ok((_, Some(v))) => {
+            rec.outcome = Some("verified".into());
+            rec.detail = Some(format!(
+                "signer {}, mode {}, {} files, {} bytes",
+                v.signer,
+                v.signer.mode(),
+                v.files,
+                v.bytes
+            ));
+        }
+        Ok((_, None)) => rec.outcome = Some("unverified_allow_unsigned".into()),
+        Err(e) => {
+            rec.outcome = Some("refused".into());
+            rec.detail = Some(e.to_string());
+        }
+    }
+    audit.append_blocking(rec)?;
+    let (source, _) = verified?;
     let is_embedder = source
         .aux_json::<serde_json::Value>("config.json")
         .ok()
@@ -107,6 +154,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
                 .map(|t| t == "bert")
         })
         .unwrap_or(false);
+    let sandbox = format!("{:?}", args.common.sandbox).to_lowercase();
     let backend = match args.common.worker_settings()? {
         Some(settings) => {
             let task = if is_embedder {
@@ -145,7 +193,19 @@ pub fn run(args: ServeArgs) -> CmdResult {
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let local = listener.local_addr()?;
+        let mut start = crate::audit::AuditRecord::event("server_start");
+        start.model = Some(model_id.clone());
+        start.detail = Some(format!(
+            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, tokens {}",
+            tls.is_some(),
+            config.client_ca.is_some(),
+            durability,
+            tokens.records().len()
+        ));
+        audit.append(start).await?;
+        let stop_log = audit.clone();
         let state = Arc::new(server::AppState {
+            audit,
             engine: engine::Engine::start(backend, config.queue),
             model_id: model_id.clone(),
             started: crate::tokens::now(),
@@ -168,6 +228,9 @@ pub fn run(args: ServeArgs) -> CmdResult {
             server::DRAIN,
         )
         .await;
+        stop_log
+            .append(crate::audit::AuditRecord::event("server_stop"))
+            .await?;
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }

@@ -177,7 +177,9 @@ impl Limiters {
         if self.failures.check_key(&ip).is_err() {
             let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
             locked.insert(ip, Instant::now() + LOCKOUT);
-            tracing::warn!(client = %ip, "authentication failures over the limit; client locked out");
+            tracing::warn!(
+                "authentication failures over the limit from one client; it is locked out"
+            );
         }
         if self.failures.len() > 100_000 {
             self.failures.retain_recent();

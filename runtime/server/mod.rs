@@ -37,6 +37,7 @@ pub struct Metrics {
 /// Shared by every handler.
 pub struct AppState {
     pub config: ServeConfig,
+    pub audit: crate::audit::AuditLog,
     pub model_id: String,
     pub started: u64,
     pub engine: engine::Engine,
@@ -85,6 +86,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            audit_requests,
+        ))
         .with_state(state)
 }
 
@@ -102,6 +107,10 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         .map(|c| c.0.ip())
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     if let Some(wait) = state.limiters.locked_out(ip) {
+        let mut r = crate::audit::AuditRecord::event("client_locked_out");
+        r.client = Some(state.audit.pseudonym(&ip.to_string()));
+        r.route = Some(path.clone());
+        let _ = state.audit.append(r).await;
         state.metrics.limited.fetch_add(1, Ordering::Relaxed);
         let mut e = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -121,7 +130,8 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         Err(rejection) => {
             state.limiters.failed_auth(ip);
             state.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client = %ip, path = %path, reason = ?rejection, "unauthenticated request refused");
+            let client = state.audit.pseudonym(&ip.to_string());
+            tracing::info!(client = %client, path = %path, reason = ?rejection, "unauthenticated request refused");
             let message = match rejection {
                 crate::tokens::Rejection::Missing => "missing bearer token",
                 crate::tokens::Rejection::Malformed => "malformed bearer token",
@@ -166,8 +176,94 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         return ApiError::limited(l).into_response();
     }
     tracing::info!(token = %caller.token_id, path = %path, "request");
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    req.extensions_mut().insert(caller.clone());
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(caller);
+    resp
+}
+
+/// Token counts a handler reports for the audit record.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "ok",
+        401 => "refused_unauthenticated",
+        403 => "refused_forbidden",
+        404 => "not_found",
+        413 => "refused_too_large",
+        429 => "refused_rate_limited",
+        400..=499 => "refused_bad_request",
+        503 => "refused_unavailable",
+        _ => "error",
+    }
+}
+
+/// Outermost layer: every request, refused or served, gets a durable audit record before its
+/// response leaves. If the record cannot be written, the client gets 503 instead.
+async fn audit_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let request_id = openai::request_id("req");
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| state.audit.pseudonym(&c.0.ip().to_string()));
+    let route = format!("{} {}", req.method(), req.uri().path());
+    let mut record = crate::audit::AuditRecord::event("request");
+    record.request_id = Some(request_id.clone());
+    record.client = client;
+    record.route = Some(route);
+    record.model = Some(state.model_id.clone());
+    // A broken log refuses work before any is done (and recovers once a write succeeds).
+    if !state.audit.healthy() {
+        let mut probe = record.clone();
+        probe.outcome = Some("refused_unavailable".into());
+        if state.audit.append(probe).await.is_err() {
+            return audit_unavailable(&state);
+        }
+    }
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    record.status = Some(status.as_u16());
+    record.outcome = Some(outcome(status).into());
+    record.latency_ms = Some(started.elapsed().as_millis() as u64);
+    if let Some(caller) = resp.extensions().get::<auth::Caller>() {
+        record.token_id = Some(caller.token_id.clone());
+    }
+    if let Some(u) = resp.extensions().get::<Usage>() {
+        record.prompt_tokens = Some(u.prompt_tokens);
+        record.completion_tokens = Some(u.completion_tokens);
+    }
+    if resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    {
+        record.outcome = Some("stream_started".into());
+    }
+    if state.audit.append(record).await.is_err() {
+        return audit_unavailable(&state);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn audit_unavailable(state: &AppState) -> Response {
+    tracing::error!(error = ?state.audit.last_error(), "audit log unavailable: refusing request");
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "audit_unavailable",
+        "the server cannot record this request in its audit log; retry later",
+    );
+    e.retry_after = Some(Duration::from_secs(5));
+    e.into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -201,6 +297,16 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "tokens generated",
             m.generated.load(Ordering::Relaxed),
         ),
+        line(
+            "audit_records_total",
+            "audit records written",
+            state.audit.writes.load(Ordering::Relaxed),
+        ),
+        line(
+            "audit_write_microseconds_total",
+            "time spent waiting for durable audit writes",
+            state.audit.write_us.load(Ordering::Relaxed),
+        ),
     ]
     .concat();
     (
@@ -210,13 +316,45 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Keeps the token cache fresh.
+/// Keeps the token cache fresh, and audits tokens that appear, disappear or expire.
 pub fn spawn_token_reloader(state: Arc<AppState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(auth::RELOAD);
+        let mut known: std::collections::HashMap<String, bool> = state
+            .tokens
+            .records()
+            .iter()
+            .map(|r| (r.id.clone(), r.expired(crate::tokens::now())))
+            .collect();
         loop {
             tick.tick().await;
             state.tokens.refresh();
+            let now = crate::tokens::now();
+            let current: std::collections::HashMap<String, bool> = state
+                .tokens
+                .records()
+                .iter()
+                .map(|r| (r.id.clone(), r.expired(now)))
+                .collect();
+            let mut events = Vec::new();
+            for (id, expired) in &current {
+                match known.get(id) {
+                    None => events.push(("token_created", id)),
+                    Some(false) if *expired => events.push(("token_expired", id)),
+                    _ => {}
+                }
+            }
+            for id in known.keys() {
+                if !current.contains_key(id) {
+                    events.push(("token_revoked", id));
+                }
+            }
+            for (event, id) in events {
+                let mut r = crate::audit::AuditRecord::event(event);
+                r.token_id = Some(id.clone());
+                let _ = state.audit.append(r).await;
+            }
+            known = current;
         }
     });
 }

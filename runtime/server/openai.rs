@@ -259,7 +259,7 @@ fn usage(g: &Generation) -> Value {
     })
 }
 
-fn request_id(prefix: &str) -> String {
+pub fn request_id(prefix: &str) -> String {
     use rand_core::RngCore;
     let mut b = [0u8; 12];
     rand_core::OsRng.fill_bytes(&mut b);
@@ -382,11 +382,17 @@ async fn complete(
     } else {
         "text_completion"
     };
-    Ok(Json(json!({
+    let usage_ext = super::Usage {
+        prompt_tokens: g.prompt_tokens as u64,
+        completion_tokens: g.completion_tokens() as u64,
+    };
+    let mut resp = Json(json!({
         "id": id, "object": object, "created": created, "model": model,
         "choices": [choice], "usage": usage(&g),
     }))
-    .into_response())
+    .into_response();
+    resp.extensions_mut().insert(usage_ext);
+    Ok(resp)
 }
 
 fn engine_stopped() -> ApiError {
@@ -433,6 +439,7 @@ fn sse_stream(
     kind: Kind,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
+    let id_for_audit = id.clone();
     let chunk = move |delta: Value, finish_reason: Value, usage: Option<Value>| {
         let choice = match kind {
             Kind::Chat => {
@@ -477,6 +484,13 @@ fn sse_stream(
         }
         match done.await {
             Ok(Ok(g)) => {
+                let mut r = crate::audit::AuditRecord::event("stream_finished");
+                r.model = Some(state.model_id.clone());
+                r.prompt_tokens = Some(g.prompt_tokens as u64);
+                r.completion_tokens = Some(g.completion_tokens() as u64);
+                r.outcome = Some(finish(g.finish_reason).into());
+                r.detail = Some(id_for_audit.clone());
+                let _ = state.audit.append(r).await;
                 state
                     .metrics
                     .generated

@@ -1,0 +1,153 @@
+//! Audit keys and their forward-secure evolution.
+//!
+//! - `read.key`: the epoch-0 key. Everything can be derived from it, so it is what an auditor
+//!   needs to read and verify the log; `audit init` tells the operator to move it off the host.
+//! - `current.key`: the running epoch's key. Each new epoch (every server start and segment
+//!   rotation) replaces it with `K(e+1) = HKDF(K(e), "epoch")` and the previous key is gone from
+//!   the host, so whoever takes the running host can neither decrypt nor forge records of
+//!   earlier epochs (the AEAD keys of those epochs are not derivable backwards).
+//! - `pseudonym.key`: a stable HMAC key for client addresses (and `--audit-content hmac`), so
+//!   records link a client across epochs without storing its address.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use hkdf::Hkdf;
+use rand_core::{OsRng, RngCore};
+use sha2::Sha256;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::AuditError;
+
+pub const READ_KEY: &str = "read.key";
+pub const CURRENT_KEY: &str = "current.key";
+pub const PSEUDONYM_KEY: &str = "pseudonym.key";
+
+/// One epoch's root key.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct EpochKey {
+    #[zeroize(skip)]
+    pub epoch: u32,
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for EpochKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EpochKey(epoch {})", self.epoch)
+    }
+}
+
+impl EpochKey {
+    pub fn random() -> Self {
+        let mut key = [0u8; 32];
+        OsRng.fill_bytes(&mut key);
+        EpochKey { epoch: 0, key }
+    }
+
+    fn expand(&self, label: &[u8]) -> [u8; 32] {
+        let hk = Hkdf::<Sha256>::from_prk(&self.key).expect("32-byte PRK");
+        let mut out = [0u8; 32];
+        hk.expand(label, &mut out)
+            .expect("32 bytes is a valid HKDF length");
+        out
+    }
+
+    /// The next epoch's key; this one should then be forgotten.
+    pub fn next(&self) -> EpochKey {
+        EpochKey {
+            epoch: self.epoch + 1,
+            key: self.expand(b"securerun audit v1 epoch ratchet"),
+        }
+    }
+
+    /// The key that seals this epoch's records (XChaCha20-Poly1305).
+    pub fn record_key(&self) -> [u8; 32] {
+        self.expand(b"securerun audit v1 record key")
+    }
+
+    /// Derives epoch `target` from this (earlier or equal) epoch.
+    pub fn advance_to(&self, target: u32) -> Option<EpochKey> {
+        if target < self.epoch {
+            return None;
+        }
+        let mut k = self.clone();
+        while k.epoch < target {
+            k = k.next();
+        }
+        Some(k)
+    }
+
+    fn encode(&self) -> String {
+        format!(
+            "securerun-audit-key v1 {} {}\n",
+            self.epoch,
+            hex::encode(self.key)
+        )
+    }
+
+    fn decode(text: &str) -> Option<EpochKey> {
+        let mut parts = text.split_whitespace();
+        if (parts.next(), parts.next()) != (Some("securerun-audit-key"), Some("v1")) {
+            return None;
+        }
+        let epoch = parts.next()?.parse().ok()?;
+        let bytes = hex::decode(parts.next()?).ok()?;
+        Some(EpochKey {
+            epoch,
+            key: bytes.try_into().ok()?,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<EpochKey, AuditError> {
+        let bytes = securerun_models::fsutil::read_bounded(path, 4096)
+            .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))?;
+        EpochKey::decode(&String::from_utf8_lossy(&bytes))
+            .ok_or_else(|| AuditError::Key(format!("{}: not an audit key", path.display())))
+    }
+
+    /// Writes the key (0600) by write-to-temporary + rename, so the file is never half a key.
+    pub fn store(&self, path: &Path) -> Result<(), AuditError> {
+        write_secret(path, self.encode().as_bytes())
+    }
+}
+
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(())
+}
+
+/// The pseudonymization key (created on first use).
+pub fn pseudonym_key(dir: &Path) -> Result<[u8; 32], AuditError> {
+    let path = dir.join(PSEUDONYM_KEY);
+    if let Ok(bytes) = securerun_models::fsutil::read_bounded(&path, 4096) {
+        let key = hex::decode(String::from_utf8_lossy(&bytes).trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| AuditError::Key(format!("{}: not a key", path.display())))?;
+        return Ok(key);
+    }
+    let mut key = [0u8; 32];
+    OsRng.fill_bytes(&mut key);
+    write_secret(&path, hex::encode(key).as_bytes())?;
+    Ok(key)
+}
+
+/// HMAC-SHA256 of `value` under `key`, hex (first 16 bytes): a pseudonym.
+pub fn pseudonym(key: &[u8; 32], value: &str) -> String {
+    use hmac::{Mac, SimpleHmac};
+    let mut mac = <SimpleHmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    mac.update(value.as_bytes());
+    hex::encode(&mac.finalize().into_bytes()[..16])
+}

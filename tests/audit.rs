@@ -1,0 +1,365 @@
+//! The audit log over a real server: every request and operator event recorded, nothing secret
+//! or private in the files, every manipulation of the files detected with its position, and a
+//! server that cannot write its log refusing work instead of serving unaudited.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::{p, securerun};
+use securerun::audit::{keys, segment, EpochKey};
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// Starts a server for MiniLM; `fsize` caps the files it may write (RLIMIT_FSIZE).
+fn serve(state: &Path, fsize: Option<u64>) -> Result<Server, String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_securerun"));
+    cmd.args([
+        "serve",
+        p(&common::minilm()),
+        "--allow-unsigned",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--state-dir", p(state)])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    if let Some(limit) = fsize {
+        // SAFETY: async-signal-safe calls only, in the child before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Over the limit, write() must fail with EFBIG instead of killing the server.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if !line.starts_with("listening on") {
+        let out = child.wait_with_output().unwrap();
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    Ok(Server { child, addr })
+}
+
+/// A raw HTTP/1.1 request; returns the status code.
+fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn token(state: &Path, name: &str, scopes: &str) -> String {
+    let o = securerun(&[
+        "token",
+        "create",
+        "--name",
+        name,
+        "--scopes",
+        scopes,
+        "--state-dir",
+        p(state),
+    ]);
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string()
+}
+
+fn audit(state: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["audit"];
+    a.extend_from_slice(args);
+    a.extend(["--state-dir", p(state)]);
+    securerun(&a)
+}
+
+const SECRET_TEXT: &str = "Patient 4711 reported chest pain at the pump station";
+
+/// A mixed session in two server runs (two epochs); returns the state dir and the token.
+fn session() -> (tempfile::TempDir, String) {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "analyst", "embeddings");
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": SECRET_TEXT}).to_string();
+    for _ in 0..2 {
+        let s = serve(state.path(), None).unwrap();
+        assert_eq!(
+            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
+            200
+        );
+        assert_eq!(call(&s.addr, "POST", "/v1/embeddings", None, &body), 401);
+        assert_eq!(call(&s.addr, "GET", "/v1/models", Some(&t), ""), 403);
+        assert_eq!(
+            call(
+                &s.addr,
+                "POST",
+                "/v1/embeddings",
+                Some(&t),
+                &"x".repeat(2 << 20)
+            ),
+            413
+        );
+        s.stop();
+    }
+    (state, t)
+}
+
+fn export(state: &Path) -> Vec<serde_json::Value> {
+    let o = audit(state, &["export", "--format", "jsonl"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_mixed_session_is_recorded_verifiable_and_private() {
+    let (state, t) = session();
+    let o = audit(state.path(), &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let records = export(state.path());
+    let count = |event: &str, outcome: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == event && (outcome.is_empty() || r["outcome"] == outcome))
+            .count()
+    };
+    assert_eq!(count("server_start", ""), 2);
+    assert_eq!(count("server_stop", ""), 2);
+    assert_eq!(count("model_verification", ""), 2);
+    assert_eq!(count("request", "ok"), 2);
+    assert_eq!(count("request", "refused_unauthenticated"), 2);
+    assert_eq!(count("request", "refused_forbidden"), 2);
+    assert_eq!(count("request", "refused_too_large"), 2);
+    let ok = records.iter().find(|r| r["outcome"] == "ok").unwrap();
+    for field in [
+        "time_ms",
+        "request_id",
+        "token_id",
+        "client",
+        "model",
+        "route",
+        "status",
+        "latency_ms",
+    ] {
+        assert!(!ok[field].is_null(), "{field} missing in {ok}");
+    }
+    // Sequence numbers are consecutive across both epochs.
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
+
+    // Filters and the report.
+    let o = audit(state.path(), &["export", "--event", "server_start"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    let report = String::from_utf8(audit(state.path(), &["report"]).stdout).unwrap();
+    assert!(
+        report.contains("refused_unauthenticated") && report.contains("per token"),
+        "{report}"
+    );
+
+    // Nothing private or secret in the raw files.
+    let secret = t.split('_').nth(2).unwrap();
+    for entry in std::fs::read_dir(state.path().join("audit")).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in [SECRET_TEXT, "Patient", secret, "127.0.0.1", "analyst"] {
+            assert!(
+                !text.contains(needle),
+                "{needle:?} found in the audit files"
+            );
+        }
+    }
+}
+
+fn copy(state: &Path) -> tempfile::TempDir {
+    let c = tempfile::tempdir().unwrap();
+    common::copy_dir(&state.join("audit"), &c.path().join("audit"));
+    c
+}
+
+fn seg(state: &Path, epoch: u32) -> PathBuf {
+    state.join("audit").join(segment::segment_name(epoch))
+}
+
+fn verify_fails(state: &Path, needle: &str) -> String {
+    let o = audit(state, &["verify"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "manipulation not detected ({needle})");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    err
+}
+
+/// Frame boundaries of a segment: (offset, total length).
+fn frames(path: &Path) -> Vec<(usize, usize)> {
+    segment::read(path)
+        .unwrap()
+        .frames
+        .iter()
+        .map(|f| (f.offset as usize, f.body.len() + 4))
+        .collect()
+}
+
+#[test]
+fn every_manipulation_of_the_files_is_detected_with_its_position() {
+    let (state, _) = session();
+    let original = seg(state.path(), 1);
+    let bytes = std::fs::read(&original).unwrap();
+    let fr = frames(&original);
+    assert!(fr.len() >= 5);
+
+    // A flipped byte inside a record.
+    let c = copy(state.path());
+    let mut b = bytes.clone();
+    b[fr[2].0 + 50] ^= 1;
+    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    let err = verify_fails(c.path(), "authentication failed");
+    assert!(err.contains("record 3"), "{err}");
+
+    // A deleted record.
+    let c = copy(state.path());
+    let mut b = bytes.clone();
+    b.drain(fr[2].0..fr[2].0 + fr[2].1);
+    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    verify_fails(c.path(), "sequence number 4");
+
+    // An inserted (duplicated) record.
+    let c = copy(state.path());
+    let mut b = bytes.clone();
+    let dup = bytes[fr[1].0..fr[1].0 + fr[1].1].to_vec();
+    b.splice(fr[2].0..fr[2].0, dup);
+    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    verify_fails(c.path(), "sequence number 2");
+
+    // Two records swapped.
+    let c = copy(state.path());
+    let mut b = bytes[..fr[1].0].to_vec();
+    b.extend_from_slice(&bytes[fr[2].0..fr[2].0 + fr[2].1]);
+    b.extend_from_slice(&bytes[fr[1].0..fr[1].0 + fr[1].1]);
+    b.extend_from_slice(&bytes[fr[2].0 + fr[2].1..]);
+    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    verify_fails(c.path(), "deleted, inserted or reordered");
+
+    // Re-sealed with a later epoch's key (the thief holds the current key, not the earlier
+    // ones): the record's own epoch key no longer opens it.
+    let c = copy(state.path());
+    let k0 = EpochKey::load(&state.path().join("audit").join(keys::READ_KEY)).unwrap();
+    let later = EpochKey::load(&state.path().join("audit").join(keys::CURRENT_KEY)).unwrap();
+    let contents = segment::read(&original).unwrap();
+    let (mut original_head, mut head) = ([0u8; 32], [0u8; 32]);
+    let mut b = Vec::new();
+    for f in &contents.frames {
+        let plain = f
+            .open(&k0.advance_to(1).unwrap().record_key(), &original_head)
+            .unwrap();
+        original_head = segment::chain(&original_head, &f.body);
+        let (frame, next) = segment::seal(&later.record_key(), f.seq, f.epoch, &head, &plain);
+        b.extend_from_slice(&frame);
+        head = next;
+    }
+    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    verify_fails(c.path(), "sealed with another epoch's key");
+
+    // A missing first segment; a missing newest segment.
+    let c = copy(state.path());
+    std::fs::remove_file(seg(c.path(), 1)).unwrap();
+    verify_fails(c.path(), "a segment is missing");
+    let c = copy(state.path());
+    std::fs::remove_file(seg(c.path(), 2)).unwrap();
+    verify_fails(c.path(), "the newest were removed");
+
+    // Whole records cut off the end: caught with an anchor from an earlier verify.
+    let o = audit(state.path(), &["verify"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    let anchor = out.split("head ").nth(1).unwrap().trim().to_string();
+    let c = copy(state.path());
+    let last = seg(c.path(), 2);
+    let fr2 = frames(&last);
+    let b = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &b[..fr2.last().unwrap().0]).unwrap();
+    let o = audit(c.path(), &["verify", "--anchor", &anchor]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cut off the end"));
+
+    // A torn tail (crash mid-write) is reported, and acknowledged by the next epoch.
+    let c = copy(state.path());
+    let last = seg(c.path(), 2);
+    let b = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &b[..b.len() - 7]).unwrap();
+    let o = audit(c.path(), &["verify"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("incomplete record"));
+}
+
+#[test]
+fn a_server_that_cannot_write_its_audit_log_refuses_work() {
+    // Cannot even create the log: does not start.
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("audit"), "not a directory").unwrap();
+    let err = serve(state.path(), None).err().expect("must not start");
+    assert!(err.contains("audit"), "{err}");
+
+    // Runs out of space mid-way: requests get 503 and nothing is corrupted.
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "t", "embeddings");
+    let s = serve(state.path(), Some(4096)).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body))
+        .collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.ends_with(&[503, 503, 503]), "{statuses:?}");
+    assert_eq!(call(&s.addr, "GET", "/healthz", None, ""), 503);
+    let mut child = s.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    let o = audit(state.path(), &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Every request answered 200 has its record.
+    let ok = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .count();
+    assert_eq!(ok, statuses.iter().filter(|&&s| s == 200).count());
+}
