@@ -26,6 +26,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod lockdown;
 mod open;
 pub mod server;
 pub mod signing;

@@ -308,6 +308,15 @@ impl TokenStore {
         Ok(Created { record, token })
     }
 
+    /// Revokes every token; returns how many there were.
+    pub fn revoke_all(&self) -> Result<usize, TokenError> {
+        self.update(|tokens| {
+            let n = tokens.len();
+            tokens.clear();
+            Ok(n)
+        })
+    }
+
     /// Revokes (deletes) a token by id or name.
     pub fn revoke(&self, id_or_name: &str) -> Result<TokenRecord, TokenError> {
         self.update(|tokens| {

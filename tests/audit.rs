@@ -363,3 +363,69 @@ fn a_server_that_cannot_write_its_audit_log_refuses_work() {
         .count();
     assert_eq!(ok, statuses.iter().filter(|&&s| s == 200).count());
 }
+
+#[test]
+fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let admin = token(state.path(), "admin", "admin");
+    let s = serve(state.path(), None).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+
+    assert!(securerun(&[
+        "lockdown",
+        "on",
+        "--reason",
+        "drill",
+        "--state-dir",
+        p(state.path())
+    ])
+    .status
+    .success());
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        503
+    );
+    // Admin requests still work, including turning lockdown off over the API.
+    assert_eq!(
+        call(
+            &s.addr,
+            "POST",
+            "/admin/lockdown",
+            Some(&admin),
+            r#"{"on": false}"#
+        ),
+        200
+    );
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+
+    let o = securerun(&["token", "revoke", "--all", "--state-dir", p(state.path())]);
+    assert!(o.status.success());
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        401
+    );
+    s.stop();
+
+    let events: Vec<String> = export(state.path())
+        .iter()
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect();
+    for e in ["lockdown_on", "lockdown_off", "token_revoked"] {
+        assert!(events.iter().any(|x| x == e), "{e} not audited: {events:?}");
+    }
+    let refused = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "refused_unavailable")
+        .count();
+    assert_eq!(refused, 1);
+}

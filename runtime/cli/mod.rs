@@ -61,6 +61,16 @@ enum Command {
     /// Verify, export, follow and summarize the encrypted audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Refuse (on) or serve again (off) every non-admin request on running servers.
+    Lockdown {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// Why (kept in the lockdown file).
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 /// How inference is isolated.
@@ -221,6 +231,18 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Token(cmd) => token::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
+        Command::Lockdown {
+            state,
+            reason,
+            state_dir,
+        } => (|| {
+            let dir = state_dir
+                .or_else(crate::trust::default_state_dir)
+                .ok_or(crate::trust::TrustError::NoStateDir)?;
+            crate::lockdown::set(&dir, state == "on", &reason)?;
+            eprintln!("lockdown {state} (running servers apply it within a second)");
+            Ok(())
+        })(),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -205,6 +205,8 @@ pub fn run(args: ServeArgs) -> CmdResult {
         audit.append(start).await?;
         let stop_log = audit.clone();
         let state = Arc::new(server::AppState {
+            lockdown: std::sync::atomic::AtomicBool::new(crate::lockdown::is_on(&state_dir)),
+            state_dir: state_dir.clone(),
             audit,
             engine: engine::Engine::start(backend, config.queue),
             model_id: model_id.clone(),

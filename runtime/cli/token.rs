@@ -20,9 +20,14 @@ pub enum TokenCommand {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Revoke a token by id or name; a running server stops accepting it within a second.
+    /// Revoke a token by id or name (or all with --all); a running server stops accepting it
+    /// within a second.
     Revoke {
-        id_or_name: String,
+        #[arg(required_unless_present = "all")]
+        id_or_name: Option<String>,
+        /// Revoke every token (incident response).
+        #[arg(long, conflicts_with = "id_or_name")]
+        all: bool,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -110,10 +115,16 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
         }
         TokenCommand::Revoke {
             id_or_name,
+            all,
             state_dir,
         } => {
-            let r = store(state_dir)?.revoke(&id_or_name)?;
-            eprintln!("revoked token {} ({})", r.id, r.name);
+            if all {
+                let n = store(state_dir)?.revoke_all()?;
+                eprintln!("revoked all {n} tokens");
+            } else if let Some(id) = id_or_name {
+                let r = store(state_dir)?.revoke(&id)?;
+                eprintln!("revoked token {} ({})", r.id, r.name);
+            }
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ pub fn scope_for(path: &str) -> Option<Scope> {
         "/v1/models" | "/v1/chat/completions" | "/v1/completions" => Some(Scope::Inference),
         "/v1/embeddings" => Some(Scope::Embeddings),
         "/metrics" => Some(Scope::Metrics),
-        "/admin/tokens" => Some(Scope::Admin),
+        "/admin/tokens" | "/admin/lockdown" => Some(Scope::Admin),
         p if p.starts_with("/admin/tokens/") => Some(Scope::Admin),
         _ => None,
     }

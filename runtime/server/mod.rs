@@ -37,6 +37,8 @@ pub struct Metrics {
 /// Shared by every handler.
 pub struct AppState {
     pub config: ServeConfig,
+    pub state_dir: std::path::PathBuf,
+    pub lockdown: std::sync::atomic::AtomicBool,
     pub audit: crate::audit::AuditLog,
     pub model_id: String,
     pub started: u64,
@@ -57,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/tokens"),
     ("POST", "/admin/tokens"),
     ("DELETE", "/admin/tokens/example"),
+    ("POST", "/admin/lockdown"),
 ];
 
 /// The application: routes behind the authentication middleware and the body limit.
@@ -76,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/admin/tokens/{id}",
             axum::routing::delete(openai::admin_revoke_token),
         )
+        .route("/admin/lockdown", post(openai::admin_lockdown))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -161,6 +165,18 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         )
         .into_response();
     };
+    if scope != crate::tokens::Scope::Admin && state.lockdown.load(Ordering::Relaxed) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "lockdown",
+            "the server is in lockdown; only administrative requests are served",
+        );
+        e.retry_after = Some(Duration::from_secs(60));
+        let mut resp = e.into_response();
+        resp.extensions_mut().insert(caller);
+        return resp;
+    }
     if !caller.record.scopes.contains(&scope) {
         state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
         return ApiError::new(
@@ -329,6 +345,19 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
         loop {
             tick.tick().await;
             state.tokens.refresh();
+            let lockdown = crate::lockdown::is_on(&state.state_dir);
+            if state.lockdown.swap(lockdown, Ordering::Relaxed) != lockdown {
+                let event = if lockdown {
+                    "lockdown_on"
+                } else {
+                    "lockdown_off"
+                };
+                tracing::warn!(event, "lockdown changed");
+                let _ = state
+                    .audit
+                    .append(crate::audit::AuditRecord::event(event))
+                    .await;
+            }
             let now = crate::tokens::now();
             let current: std::collections::HashMap<String, bool> = state
                 .tokens

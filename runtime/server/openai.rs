@@ -674,6 +674,40 @@ pub async fn admin_revoke_token(
     Ok(Json(json!({"revoked": record.id})).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Lockdown {
+    on: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /admin/lockdown {"on": true|false}`: refuse (or serve again) all non-admin requests.
+pub async fn admin_lockdown(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: Lockdown = parse_json(&body)?;
+    crate::lockdown::set(&state.state_dir, req.on, &req.reason).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "lockdown",
+            e.to_string(),
+        )
+    })?;
+    state.lockdown.store(req.on, Ordering::Relaxed);
+    let mut r = crate::audit::AuditRecord::event(if req.on {
+        "lockdown_on"
+    } else {
+        "lockdown_off"
+    });
+    r.token_id = Some(caller.token_id.clone());
+    let _ = state.audit.append(r).await;
+    Ok(Json(json!({"lockdown": req.on})).into_response())
+}
+
 fn admin_error(e: crate::tokens::TokenError) -> ApiError {
     use crate::tokens::TokenError;
     match e {
