@@ -429,3 +429,75 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
         .count();
     assert_eq!(refused, 1);
 }
+
+/// Like [`call`], returning the status and the `x-request-id` header (None on a dropped
+/// connection).
+fn call_with_id(addr: &str, token: &str, body: &str) -> Option<(u16, Option<String>)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split_whitespace().nth(1)?.parse().ok()?;
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .map(|v| v.trim().to_string());
+    Some((status, id))
+}
+
+#[test]
+fn kill_9_during_traffic_loses_no_answered_request() {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "load", "embeddings");
+    let mut s = serve(state.path(), None).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, t, body, answered) =
+                (s.addr.clone(), t.clone(), body.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while let Some((status, id)) = call_with_id(&addr, &t, &body) {
+                    if status == 200 {
+                        answered.lock().unwrap().push(id.expect("x-request-id"));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.child.kill().unwrap(); // SIGKILL, mid-traffic
+    s.child.wait().unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 5,
+        "only {} requests answered",
+        answered.len()
+    );
+    let o = audit(state.path(), &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recorded: std::collections::HashSet<String> = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["request_id"].as_str().map(str::to_string))
+        .collect();
+    for id in &answered {
+        assert!(
+            recorded.contains(id),
+            "answered request {id} has no audit record"
+        );
+    }
+    // The next start continues the chain after the crash.
+    let s = serve(state.path(), None).unwrap();
+    s.stop();
+    assert!(audit(state.path(), &["verify"]).status.success());
+}

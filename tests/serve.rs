@@ -45,6 +45,8 @@ fn serve(model: &Path, state: &Path, extra: &[&str]) -> Result<Server, String> {
     args.extend_from_slice(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
         .args(&args)
+        // Nobody reads stderr while the server runs: keep it quiet so the pipe never fills.
+        .env("SECURERUN_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -208,7 +208,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             lockdown: std::sync::atomic::AtomicBool::new(crate::lockdown::is_on(&state_dir)),
             state_dir: state_dir.clone(),
             audit,
-            engine: engine::Engine::start(backend, config.queue),
+            engine: engine::Engine::start(backend, config.queue, stop_log.clone()),
             model_id: model_id.clone(),
             started: crate::tokens::now(),
             tokens,
@@ -217,6 +217,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             config: config.clone(),
         });
         server::spawn_token_reloader(state.clone());
+        let shutdown = server::shutdown_signal();
         let scheme = if tls.is_some() { "https" } else { "http" };
         // One line a script can wait for.
         println!("listening on {scheme}://{local} (model {model_id})");
@@ -226,7 +227,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             tls,
             app,
             config.header_timeout,
-            server::shutdown_signal(),
+            shutdown,
             server::DRAIN,
         )
         .await;

@@ -23,6 +23,13 @@ impl Backend {
     pub fn is_text(&self) -> bool {
         matches!(self, Backend::Text(_) | Backend::TextInProcess(_))
     }
+
+    fn restarts(&self) -> u64 {
+        match self {
+            Backend::Text(m) | Backend::Embed(m) => m.restarts,
+            _ => 0,
+        }
+    }
 }
 
 pub enum Job {
@@ -52,14 +59,23 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread; at most `queue` jobs wait behind the running one.
-    pub fn start(mut backend: Backend, queue: usize) -> Engine {
+    /// Worker replacements are audited (`worker_restarted`, with how the worker died).
+    pub fn start(mut backend: Backend, queue: usize, audit: crate::audit::AuditLog) -> Engine {
         let is_text = backend.is_text();
         let (tx, rx) = std_mpsc::sync_channel::<Job>(queue);
         std::thread::Builder::new()
             .name("securerun-engine".into())
             .spawn(move || {
                 for job in rx {
-                    run(&mut backend, job);
+                    let before = backend.restarts();
+                    if let Some(failure) = run(&mut backend, job) {
+                        if backend.restarts() > before {
+                            tracing::warn!(error = %failure, "inference worker replaced");
+                            let r = crate::audit::AuditRecord::event("worker_restarted")
+                                .with_detail(failure);
+                            let _ = audit.append_blocking(r);
+                        }
+                    }
                 }
             })
             .expect("spawn engine thread");
@@ -73,7 +89,8 @@ impl Engine {
     }
 }
 
-fn run(backend: &mut Backend, job: Job) {
+/// Runs one job; returns the error message if it failed.
+fn run(backend: &mut Backend, job: Job) -> Option<String> {
     match job {
         Job::Generate {
             prompt,
@@ -99,7 +116,9 @@ fn run(backend: &mut Backend, job: Job) {
                     .map_err(|e| e.to_string()),
                 _ => Err("this model does not generate text".into()),
             };
+            let failure = result.as_ref().err().cloned();
             let _ = done.send(result);
+            failure
         }
         Job::Embed { texts, done } => {
             let result = match backend {
@@ -107,7 +126,9 @@ fn run(backend: &mut Backend, job: Job) {
                 Backend::EmbedInProcess(m) => m.embed(&texts).map_err(|e| e.to_string()),
                 _ => Err("this model does not compute embeddings".into()),
             };
+            let failure = result.as_ref().err().cloned();
             let _ = done.send(result);
+            failure
         }
     }
 }

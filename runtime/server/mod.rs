@@ -388,21 +388,24 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
     });
 }
 
-/// Waits for SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        } else {
-            std::future::pending::<()>().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are registered when this is called (not when
+/// the future is first polled), so a signal sent right after "listening" is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = int.recv() => {},
+                }
+            }
+            _ => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
+        tracing::info!("shutdown requested: no new connections, draining");
     }
-    tracing::info!("shutdown requested: no new connections, draining");
 }
 
 /// How long in-flight requests get to finish after a shutdown signal.
