@@ -36,6 +36,8 @@ fn serve(state: &Path, fsize: Option<u64>) -> Result<Server, String> {
         "127.0.0.1:0",
     ])
     .args(["--state-dir", p(state)])
+    // Nobody reads stderr while the server runs: keep it quiet so the pipe never fills.
+    .env("SECURERUN_LOG", "warn")
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     if let Some(limit) = fsize {
