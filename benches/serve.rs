@@ -29,7 +29,7 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_securerun")
 }
 
-fn serve(model: &Path, state: &Path) -> Server {
+fn serve(model: &Path, state: &Path, audit_sync: &str) -> Server {
     let mut child = Command::new(bin())
         .args([
             "serve",
@@ -37,6 +37,8 @@ fn serve(model: &Path, state: &Path) -> Server {
             "--allow-unsigned",
             "--listen",
             "127.0.0.1:0",
+            "--audit-sync",
+            audit_sync,
         ])
         .args(["--state-dir", state.to_str().unwrap()])
         .env("SECURERUN_LOG", "warn")
@@ -151,23 +153,14 @@ fn main() {
             pct(&mut lat, 0.99)
         ));
     };
-    let enc = serve(&models.join("all-minilm-l6-v2"), state.path());
-    run(
-        "GET /healthz (no auth)",
-        &enc.1,
-        8,
-        2 + 998 * scale,
-        "/healthz",
-        None,
-    );
-    run(
-        "GET /v1/models (auth + rate limit)",
-        &enc.1,
-        8,
-        2 + 998 * scale,
-        "/v1/models",
-        None,
-    );
+    for sync in ["buffered", "fsync"] {
+        let enc = serve(&models.join("all-minilm-l6-v2"), state.path(), sync);
+        let label = format!("GET /healthz (audit {sync})");
+        run(&label, &enc.1, 8, 2 + 998 * scale, "/healthz", None);
+        let label = format!("GET /v1/models (auth+limits, audit {sync})");
+        run(&label, &enc.1, 8, 2 + 998 * scale, "/v1/models", None);
+    }
+    let enc = serve(&models.join("all-minilm-l6-v2"), state.path(), "fsync");
     let embed = r#"{"model": "all-minilm-l6-v2", "input": "A man is eating food."}"#.to_string();
     run(
         "POST /v1/embeddings (1 sentence)",
@@ -178,7 +171,7 @@ fn main() {
         Some(embed),
     );
     drop(enc);
-    let llm = serve(&models.join("smollm2-135m-instruct"), state.path());
+    let llm = serve(&models.join("smollm2-135m-instruct"), state.path(), "fsync");
     let complete = r#"{"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}"#.to_string();
     run(
         "POST /v1/completions (4 tokens)",
@@ -191,5 +184,37 @@ fn main() {
     drop(llm);
     for r in rows {
         println!("{r}");
+    }
+    // The audit writer alone: records/s with 8 concurrent appenders.
+    for (label, durability) in [
+        ("fsync", securerun::audit::Durability::Fsync),
+        ("buffered", securerun::audit::Durability::Buffered),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let log = securerun::audit::AuditLog::open(dir.path(), durability).unwrap();
+        let n = 200 + 4800 * scale;
+        let started = Instant::now();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..n / 8 {
+                        let mut r = securerun::audit::AuditRecord::event("request");
+                        r.route = Some("GET /v1/models".into());
+                        r.status = Some(200);
+                        log.append_blocking(r).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "audit writer, {label:<8} 8 appenders        {:>8.0} records/s  mean wait {:.3} ms",
+            n as f64 / secs,
+            log.write_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e3 / n as f64
+        );
     }
 }
