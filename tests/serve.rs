@@ -361,6 +361,11 @@ fn every_route_refuses_every_bad_token_and_serves_a_good_one() {
         400
     );
     body["max_tokens"] = 4.into();
+    body["messages"][0]["content"] = "word ".repeat(5000).into();
+    let r = post(&s, "/v1/chat/completions", Some(&good), &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("4096"), "{}", r.body);
+    body["messages"][0]["content"] = "Hi".into();
     body["model"] = "gpt-4".into();
     assert_eq!(
         post(&s, "/v1/chat/completions", Some(&good), &body).status,

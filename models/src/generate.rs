@@ -34,6 +34,9 @@ pub struct GenerationParams {
     pub stop: Vec<String>,
     /// Keep going past end-of-sequence tokens (benchmarks use this for fixed-length runs).
     pub ignore_eos: bool,
+    /// Refuse prompts longer than this (a server's cap, below the model's context).
+    #[serde(default)]
+    pub max_prompt_tokens: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -43,6 +46,7 @@ impl Default for GenerationParams {
             sampling: SamplingParams::default(),
             stop: Vec::new(),
             ignore_eos: false,
+            max_prompt_tokens: None,
         }
     }
 }
@@ -206,6 +210,15 @@ impl TextModel {
             return Err(GenerateError::EmptyPrompt);
         }
         let max_context = self.lm.max_context();
+        if let Some(cap) = params
+            .max_prompt_tokens
+            .filter(|&cap| prompt_ids.len() > cap)
+        {
+            return Err(GenerateError::PromptTooLong {
+                prompt_tokens: prompt_ids.len(),
+                max_context: cap,
+            });
+        }
         if prompt_ids.len() >= max_context {
             return Err(GenerateError::PromptTooLong {
                 prompt_tokens: prompt_ids.len(),

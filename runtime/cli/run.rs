@@ -102,6 +102,7 @@ pub fn run(args: RunArgs) -> CmdResult {
         },
         stop: args.stop.clone(),
         ignore_eos: false,
+        max_prompt_tokens: None,
     };
     let stdout = std::io::stdout();
     let tty = stdout.is_terminal();

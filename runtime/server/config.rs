@@ -20,6 +20,8 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub default_max_tokens: u32,
     pub max_tokens_cap: u32,
+    /// Longest prompt accepted, in tokens (below the model's own context).
+    pub max_prompt_tokens: usize,
     pub max_embedding_inputs: usize,
     /// Requests waiting behind the running one before 503.
     pub queue: usize,
@@ -53,6 +55,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1 << 20,
             default_max_tokens: 256,
             max_tokens_cap: 4096,
+            max_prompt_tokens: 4096,
             max_embedding_inputs: 256,
             queue: 16,
             generation_timeout: Duration::from_secs(300),

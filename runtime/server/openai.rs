@@ -236,6 +236,7 @@ fn params(state: &AppState, s: &Sampling) -> Result<GenerationParams, ApiError> 
         },
         stop,
         ignore_eos: false,
+        max_prompt_tokens: Some(state.config.max_prompt_tokens),
     })
 }
 
