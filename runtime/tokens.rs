@@ -230,13 +230,7 @@ impl TokenStore {
     ) -> Result<T, TokenError> {
         crate::trust::create_private_dir(&self.dir).map_err(io_err(&self.dir))?;
         let lock_path = self.dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
+        let lock = crate::trust::open_lock_file(&lock_path).map_err(io_err(&lock_path))?;
         lock.lock().map_err(io_err(&lock_path))?;
         let mut store = self.read()?;
         let out = change(&mut store.tokens)?;

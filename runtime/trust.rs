@@ -77,6 +77,17 @@ pub fn read_key(path: &Path) -> Result<PublicKey, TrustError> {
 }
 
 /// Adds a key to the store; returns its id.
+/// Opens (creating, 0600) a lock file; the caller takes `lock()` or `try_lock()` on it.
+pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Creates `dir` (and missing parents) with mode 0700.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -159,12 +159,7 @@ impl AuditLog {
     pub fn open(dir: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
         init(dir)?;
         let lock_path = dir.join("writer.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
+        let lock = crate::trust::open_lock_file(&lock_path)
             .map_err(|e| AuditError::Io(format!("{}: {e}", lock_path.display())))?;
         lock.try_lock().map_err(|_| {
             AuditError::Io(format!(
