@@ -176,6 +176,11 @@ impl Limiters {
     pub fn failed_auth(&self, ip: IpAddr) {
         if self.failures.check_key(&ip).is_err() {
             let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+            // Many distinct addresses (think IPv6) must not grow this without bound.
+            if locked.len() > 100_000 {
+                let now = Instant::now();
+                locked.retain(|_, until| *until > now);
+            }
             locked.insert(ip, Instant::now() + LOCKOUT);
             tracing::warn!(
                 "authentication failures over the limit from one client; it is locked out"
