@@ -27,6 +27,10 @@ impl Server {
 
 /// Starts a server for MiniLM; `fsize` caps the files it may write (RLIMIT_FSIZE).
 fn serve(state: &Path, fsize: Option<u64>) -> Result<Server, String> {
+    serve_with(state, fsize, &[])
+}
+
+fn serve_with(state: &Path, fsize: Option<u64>, extra: &[&str]) -> Result<Server, String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_securerun"));
     cmd.args([
         "serve",
@@ -35,6 +39,7 @@ fn serve(state: &Path, fsize: Option<u64>) -> Result<Server, String> {
         "--listen",
         "127.0.0.1:0",
     ])
+    .args(extra)
     .args(["--state-dir", p(state)])
     // Nobody reads stderr while the server runs: keep it quiet so the pipe never fills.
     .env("SECURERUN_LOG", "warn")
@@ -502,4 +507,36 @@ fn kill_9_during_traffic_loses_no_answered_request() {
     let s = serve(state.path(), None).unwrap();
     s.stop();
     assert!(audit(state.path(), &["verify"]).status.success());
+}
+
+#[test]
+fn audit_content_hmac_is_testable_and_full_is_opt_in_and_encrypted() {
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": SECRET_TEXT}).to_string();
+    for mode in ["hmac", "full"] {
+        let state = tempfile::tempdir().unwrap();
+        let t = token(state.path(), "t", "embeddings");
+        let s = serve_with(state.path(), None, &["--audit-content", mode]).unwrap();
+        assert_eq!(
+            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
+            200
+        );
+        s.stop();
+        let record = export(state.path())
+            .into_iter()
+            .find(|r| r["outcome"] == "ok")
+            .unwrap();
+        if mode == "hmac" {
+            let o = audit(state.path(), &["hmac", SECRET_TEXT]);
+            let fingerprint = String::from_utf8(o.stdout).unwrap().trim().to_string();
+            assert_eq!(record["content_hmac"][0], fingerprint.as_str(), "{record}");
+            assert!(record.get("content").is_none());
+        } else {
+            assert_eq!(record["content"]["texts"][0], SECRET_TEXT, "{record}");
+        }
+        // Either way the files on disk never hold the text.
+        for entry in std::fs::read_dir(state.path().join("audit")).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(!String::from_utf8_lossy(&bytes).contains("Patient"));
+        }
+    }
 }

@@ -52,6 +52,13 @@ pub struct AuditRecord {
     pub prompt_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<u64>,
+    /// `--audit-content hmac`: keyed HMACs of the texts sent (one per message or input), so an
+    /// investigator can test whether a known text was sent without the log holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_hmac: Option<Vec<String>>,
+    /// `--audit-content full`: the texts sent and the completion (encrypted like every record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<serde_json::Value>,
     /// Free-form detail for operator events (never secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

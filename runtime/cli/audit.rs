@@ -58,6 +58,13 @@ pub enum AuditCommand {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// The keyed HMAC of a text or client address, to search an export made with
+    /// `--audit-content hmac` (or the `client` field) for it.
+    Hmac {
+        text: String,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 impl LogArgs {
@@ -162,6 +169,22 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             }
         }
         AuditCommand::Report { log } => report(&log.verified()?),
+        AuditCommand::Hmac { text, state_dir } => {
+            let state = state_dir
+                .or_else(crate::trust::default_state_dir)
+                .ok_or(crate::trust::TrustError::NoStateDir)?;
+            let dir = audit::audit_dir(&state);
+            let path = dir.join(audit::keys::PSEUDONYM_KEY);
+            if !path.exists() {
+                return Err(format!(
+                    "{}: no pseudonym key (has a server run here?)",
+                    path.display()
+                )
+                .into());
+            }
+            let key = audit::keys::pseudonym_key(&dir)?;
+            println!("{}", audit::keys::pseudonym(&key, &text));
+        }
     }
     Ok(())
 }

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// process crash, not a power loss).
     #[arg(long, value_enum, default_value = "fsync")]
     audit_sync: AuditSync,
+    /// What of prompts and completions the audit log keeps: none (default), hmac (testable
+    /// fingerprints), full (the texts, encrypted; personal data).
+    #[arg(long, value_enum, value_name = "MODE")]
+    audit_content: Option<server::config::AuditContent>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -76,6 +80,9 @@ pub fn run(args: ServeArgs) -> CmdResult {
         config.model_name = args.model_name.clone();
     }
     config.insecure_public_http |= args.insecure_public_http;
+    if let Some(c) = args.audit_content {
+        config.audit_content = c;
+    }
     config.validate()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
@@ -196,10 +203,11 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let mut start = crate::audit::AuditRecord::event("server_start");
         start.model = Some(model_id.clone());
         start.detail = Some(format!(
-            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, tokens {}",
+            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, tokens {}",
             tls.is_some(),
             config.client_ca.is_some(),
             durability,
+            config.audit_content,
             tokens.records().len()
         ));
         audit.append(start).await?;

@@ -7,6 +7,18 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// How much request content reaches the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditContent {
+    /// Counts and metadata only (default).
+    None,
+    /// Keyed HMACs of each text sent: testable, not readable.
+    Hmac,
+    /// The texts and completions themselves (encrypted in the log). Personal data: opt in.
+    Full,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
@@ -29,6 +41,8 @@ pub struct ServeConfig {
     pub generation_timeout: Duration,
     #[serde(with = "secs")]
     pub header_timeout: Duration,
+    /// What of the prompts and completions the audit log keeps: none (default), hmac, full.
+    pub audit_content: AuditContent,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
     /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
@@ -61,6 +75,7 @@ impl Default for ServeConfig {
             generation_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
             auth_failures_per_min: 10,
+            audit_content: AuditContent::None,
             insecure_public_http: false,
         }
     }

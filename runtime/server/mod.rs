@@ -198,6 +198,13 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
     resp
 }
 
+/// The texts of a request (and its completion), for `--audit-content hmac|full`.
+#[derive(Debug, Clone, Default)]
+pub struct Content {
+    pub texts: Vec<String>,
+    pub completion: Option<String>,
+}
+
 /// Token counts a handler reports for the audit record.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
@@ -253,6 +260,19 @@ async fn audit_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     if let Some(u) = resp.extensions().get::<Usage>() {
         record.prompt_tokens = Some(u.prompt_tokens);
         record.completion_tokens = Some(u.completion_tokens);
+    }
+    if let Some(c) = resp.extensions_mut().remove::<Content>() {
+        match state.config.audit_content {
+            config::AuditContent::None => {}
+            config::AuditContent::Hmac => {
+                record.content_hmac =
+                    Some(c.texts.iter().map(|t| state.audit.pseudonym(t)).collect());
+            }
+            config::AuditContent::Full => {
+                record.content =
+                    Some(serde_json::json!({"texts": c.texts, "completion": c.completion}));
+            }
+        }
     }
     if resp
         .headers()

@@ -282,9 +282,11 @@ pub async fn chat(
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
+    let texts = req.messages.iter().map(|m| m.content.clone()).collect();
     complete(
         state,
         caller,
+        texts,
         Prompt::Chat(req.messages),
         req.sampling,
         Kind::Chat,
@@ -301,6 +303,7 @@ pub async fn completions(
     complete(
         state,
         caller,
+        vec![req.prompt.clone()],
         Prompt::Text(req.prompt),
         req.sampling,
         Kind::Text,
@@ -311,6 +314,7 @@ pub async fn completions(
 async fn complete(
     state: Arc<AppState>,
     caller: Caller,
+    texts: Vec<String>,
     prompt: Prompt,
     sampling: Sampling,
     kind: Kind,
@@ -356,7 +360,12 @@ async fn complete(
             kind,
             include_usage,
         );
-        return Ok(Sse::new(stream).into_response());
+        let mut resp = Sse::new(stream).into_response();
+        resp.extensions_mut().insert(super::Content {
+            texts,
+            completion: None,
+        });
+        return Ok(resp);
     }
     // Non-streaming: drain pieces (the engine needs the channel read), then the result.
     let mut pieces_rx = pieces_rx;
@@ -393,6 +402,10 @@ async fn complete(
     }))
     .into_response();
     resp.extensions_mut().insert(usage_ext);
+    resp.extensions_mut().insert(super::Content {
+        texts,
+        completion: Some(g.text),
+    });
     Ok(resp)
 }
 
@@ -474,7 +487,12 @@ fn sse_stream(
                 ))
                 .await;
         }
+        let keep_text = state.config.audit_content == super::config::AuditContent::Full;
+        let mut completion = String::new();
         while let Some(piece) = pieces.recv().await {
+            if keep_text {
+                completion.push_str(&piece);
+            }
             if tx
                 .send(chunk(json!({"content": piece}), Value::Null, None))
                 .await
@@ -491,6 +509,9 @@ fn sse_stream(
                 r.completion_tokens = Some(g.completion_tokens() as u64);
                 r.outcome = Some(finish(g.finish_reason).into());
                 r.detail = Some(id_for_audit.clone());
+                if keep_text {
+                    r.content = Some(json!({"completion": completion}));
+                }
                 let _ = state.audit.append(r).await;
                 state
                     .metrics
@@ -551,6 +572,7 @@ pub async fn embeddings(
         EmbeddingInput::One(s) => vec![s],
         EmbeddingInput::Many(v) => v,
     };
+    let audited = texts.clone();
     if texts.is_empty() || texts.len() > state.config.max_embedding_inputs {
         return Err(ApiError::bad_request(format!(
             "input must hold 1 to {} strings",
@@ -584,11 +606,16 @@ pub async fn embeddings(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    Ok(Json(json!({
+    let mut resp = Json(json!({
         "object": "list", "data": data, "model": state.model_id,
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
     }))
-    .into_response())
+    .into_response();
+    resp.extensions_mut().insert(super::Content {
+        texts: audited,
+        completion: None,
+    });
+    Ok(resp)
 }
 
 pub async fn models(
