@@ -12,6 +12,12 @@ pub fn is_on(state: &Path) -> bool {
     std::fs::symlink_metadata(flag_path(state)).is_ok()
 }
 
+/// The flag's text (since when, and the reason given), if lockdown is on.
+pub fn describe(state: &Path) -> Option<String> {
+    let bytes = securerun_models::fsutil::read_bounded(&flag_path(state), 4096).ok()?;
+    Some(String::from_utf8_lossy(&bytes).trim().to_string())
+}
+
 pub fn set(state: &Path, on: bool, reason: &str) -> std::io::Result<()> {
     let path = flag_path(state);
     if on {

@@ -1,6 +1,7 @@
 //! The audit log over a real server: every request and operator event recorded, nothing secret
-//! or private in the files, every manipulation of the files detected with its position, and a
-//! server that cannot write its log refusing work instead of serving unaudited.
+//! or private in the files, every manipulation of the files detected with its position, signed
+//! checkpoints checked with the public root alone, retention by crypto-shredding, and a server
+//! that cannot write its log refusing work instead of serving unaudited.
 
 mod common;
 
@@ -122,7 +123,8 @@ fn audit(state: &Path, args: &[&str]) -> std::process::Output {
 
 const SECRET_TEXT: &str = "Patient 4711 reported chest pain at the pump station";
 
-/// A mixed session in two server runs (two epochs); returns the state dir and the token.
+/// A mixed session: a token created with no server running (epoch 1, recorded by the CLI),
+/// then two server runs (epochs 2 and 3); returns the state dir and the token.
 fn session() -> (tempfile::TempDir, String) {
     let state = tempfile::tempdir().unwrap();
     let t = token(state.path(), "analyst", "embeddings");
@@ -205,10 +207,25 @@ fn a_mixed_session_is_recorded_verifiable_and_private() {
         "{report}"
     );
 
+    // The CLI's token creation is recorded (epoch 1), with the token's id, never its secret.
+    let created = records
+        .iter()
+        .find(|r| r["event"] == "token_created")
+        .unwrap();
+    assert_eq!(
+        created["token_id"],
+        t.split('_').nth(1).unwrap(),
+        "{created}"
+    );
+    assert!(created["detail"]
+        .as_str()
+        .unwrap()
+        .contains("by the securerun CLI"));
+    assert_eq!(count("sandbox_started", "strict"), 2);
+
     // Nothing private or secret in the raw files.
     let secret = t.split('_').nth(2).unwrap();
-    for entry in std::fs::read_dir(state.path().join("audit")).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+    for bytes in raw_files(&state.path().join("audit")) {
         let text = String::from_utf8_lossy(&bytes);
         for needle in [SECRET_TEXT, "Patient", secret, "127.0.0.1", "analyst"] {
             assert!(
@@ -217,6 +234,20 @@ fn a_mixed_session_is_recorded_verifiable_and_private() {
             );
         }
     }
+}
+
+/// The contents of every file under `dir`.
+fn raw_files(dir: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(raw_files(&path));
+        } else {
+            out.push(std::fs::read(&path).unwrap());
+        }
+    }
+    out
 }
 
 fn copy(state: &Path) -> tempfile::TempDir {
@@ -251,7 +282,8 @@ fn frames(path: &Path) -> Vec<(usize, usize)> {
 #[test]
 fn every_manipulation_of_the_files_is_detected_with_its_position() {
     let (state, _) = session();
-    let original = seg(state.path(), 1);
+    // Epoch 1 holds the CLI's token record; 2 and 3 the two server runs.
+    let original = seg(state.path(), 2);
     let bytes = std::fs::read(&original).unwrap();
     let fr = frames(&original);
     assert!(fr.len() >= 5);
@@ -260,24 +292,26 @@ fn every_manipulation_of_the_files_is_detected_with_its_position() {
     let c = copy(state.path());
     let mut b = bytes.clone();
     b[fr[2].0 + 50] ^= 1;
-    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
     let err = verify_fails(c.path(), "authentication failed");
-    assert!(err.contains("record 3"), "{err}");
+    // Record numbers run on from epoch 1's records.
+    let first = frames(&seg(state.path(), 1)).len() as u64;
+    assert!(err.contains(&format!("record {}", first + 3)), "{err}");
 
     // A deleted record.
     let c = copy(state.path());
     let mut b = bytes.clone();
     b.drain(fr[2].0..fr[2].0 + fr[2].1);
-    std::fs::write(seg(c.path(), 1), &b).unwrap();
-    verify_fails(c.path(), "sequence number 4");
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
+    verify_fails(c.path(), &format!("sequence number {}", first + 4));
 
     // An inserted (duplicated) record.
     let c = copy(state.path());
     let mut b = bytes.clone();
     let dup = bytes[fr[1].0..fr[1].0 + fr[1].1].to_vec();
     b.splice(fr[2].0..fr[2].0, dup);
-    std::fs::write(seg(c.path(), 1), &b).unwrap();
-    verify_fails(c.path(), "sequence number 2");
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
+    verify_fails(c.path(), &format!("sequence number {}", first + 2));
 
     // Two records swapped.
     let c = copy(state.path());
@@ -285,7 +319,7 @@ fn every_manipulation_of_the_files_is_detected_with_its_position() {
     b.extend_from_slice(&bytes[fr[2].0..fr[2].0 + fr[2].1]);
     b.extend_from_slice(&bytes[fr[1].0..fr[1].0 + fr[1].1]);
     b.extend_from_slice(&bytes[fr[2].0 + fr[2].1..]);
-    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
     verify_fails(c.path(), "deleted, inserted or reordered");
 
     // Re-sealed with a later epoch's key (the thief holds the current key, not the earlier
@@ -294,49 +328,66 @@ fn every_manipulation_of_the_files_is_detected_with_its_position() {
     let k0 = EpochKey::load(&state.path().join("audit").join(keys::READ_KEY)).unwrap();
     let later = EpochKey::load(&state.path().join("audit").join(keys::CURRENT_KEY)).unwrap();
     let contents = segment::read(&original).unwrap();
-    let (mut original_head, mut head) = ([0u8; 32], [0u8; 32]);
+    let head_before = segment::read(&seg(state.path(), 1))
+        .unwrap()
+        .frames
+        .iter()
+        .fold([0u8; 32], |h, f| segment::chain(&h, &f.body));
+    let (mut original_head, mut head) = (head_before, head_before);
     let mut b = Vec::new();
     for f in &contents.frames {
         let plain = f
-            .open(&k0.advance_to(1).unwrap().record_key(), &original_head)
+            .open(&k0.advance_to(2).unwrap().record_key(), &original_head)
             .unwrap();
         original_head = segment::chain(&original_head, &f.body);
         let (frame, next) = segment::seal(&later.record_key(), f.seq, f.epoch, &head, &plain);
         b.extend_from_slice(&frame);
         head = next;
     }
-    std::fs::write(seg(c.path(), 1), &b).unwrap();
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
     verify_fails(c.path(), "sealed with another epoch's key");
 
-    // A missing first segment; a missing newest segment.
-    let c = copy(state.path());
-    std::fs::remove_file(seg(c.path(), 1)).unwrap();
-    verify_fails(c.path(), "a segment is missing");
+    // A missing middle segment; a missing newest segment.
     let c = copy(state.path());
     std::fs::remove_file(seg(c.path(), 2)).unwrap();
+    verify_fails(c.path(), "a segment is missing");
+    let c = copy(state.path());
+    std::fs::remove_file(seg(c.path(), 3)).unwrap();
     verify_fails(c.path(), "the newest were removed");
 
-    // Whole records cut off the end: caught with an anchor from an earlier verify.
+    // Whole records cut off the end: the stop's checkpoint attests them; so does an anchor
+    // from an earlier verify.
     let o = audit(state.path(), &["verify"]);
     let out = String::from_utf8(o.stdout).unwrap();
     let anchor = out.split("head ").nth(1).unwrap().trim().to_string();
     let c = copy(state.path());
-    let last = seg(c.path(), 2);
-    let fr2 = frames(&last);
+    let last = seg(c.path(), 3);
+    let fr3 = frames(&last);
     let b = std::fs::read(&last).unwrap();
-    std::fs::write(&last, &b[..fr2.last().unwrap().0]).unwrap();
+    std::fs::write(&last, &b[..fr3.last().unwrap().0]).unwrap();
+    verify_fails(c.path(), "cut off the end");
     let o = audit(c.path(), &["verify", "--anchor", &anchor]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cut off the end"));
 
-    // A torn tail (crash mid-write) is reported, and acknowledged by the next epoch.
+    // A torn tail (a crash while a batch was written, so no checkpoint attests it yet) is
+    // reported, the complete records stand, and the next epoch acknowledges it.
     let c = copy(state.path());
-    let last = seg(c.path(), 2);
-    let b = std::fs::read(&last).unwrap();
-    std::fs::write(&last, &b[..b.len() - 7]).unwrap();
+    let last = seg(c.path(), 3);
+    let mut b = std::fs::read(&last).unwrap();
+    b.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&last, &b).unwrap();
     let o = audit(c.path(), &["verify"]);
-    assert!(o.status.success());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("incomplete record"));
+    let s = serve(c.path(), None).unwrap();
+    s.stop();
+    let o = audit(c.path(), &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let acknowledged = export(c.path())
+        .into_iter()
+        .any(|r| r["outcome"] == "torn_tail_found");
+    assert!(acknowledged);
 }
 
 #[test]
@@ -534,9 +585,243 @@ fn audit_content_hmac_is_testable_and_full_is_opt_in_and_encrypted() {
             assert_eq!(record["content"]["texts"][0], SECRET_TEXT, "{record}");
         }
         // Either way the files on disk never hold the text.
-        for entry in std::fs::read_dir(state.path().join("audit")).unwrap() {
-            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        for bytes in raw_files(&state.path().join("audit")) {
             assert!(!String::from_utf8_lossy(&bytes).contains("Patient"));
         }
     }
+}
+
+#[test]
+fn signed_checkpoints_verify_with_the_public_root_alone_and_catch_rewrites() {
+    let (state, _) = session();
+    let dir = state.path().join("audit");
+    // The auditor keeps audit.pub; the host need not hold the read key for this check.
+    let off_host = tempfile::tempdir().unwrap();
+    let root = off_host.path().join("audit.pub");
+    std::fs::copy(dir.join("audit.pub"), &root).unwrap();
+    std::fs::rename(dir.join(keys::READ_KEY), off_host.path().join("read.key")).unwrap();
+    let o = audit(state.path(), &["verify", "--public", p(&root)]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The stop's checkpoint attests every record: none is left unattested.
+    assert!(
+        out.contains("integrity only") && out.contains("checkpoint (0)"),
+        "{out}"
+    );
+    // Without the read key, reading is refused with a hint, not a crash.
+    let o = audit(state.path(), &["export"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--key"));
+    let read_key = off_host.path().join("read.key");
+    let key_args = ["--key", p(&read_key)];
+    let verify_with_key = |c: &Path, needle: &str| {
+        for args in [vec!["verify"], vec!["verify", "--public", p(&root)]] {
+            let mut a = args.clone();
+            if args.len() == 1 {
+                a.extend(key_args);
+            }
+            let o = audit(c, &a);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{a:?}: not detected ({needle})");
+            assert!(err.contains(needle), "{a:?}: expected {needle:?} in {err}");
+        }
+    };
+
+    let lines = |c: &Path| -> Vec<String> {
+        std::fs::read_to_string(c.join("audit/checkpoints.jsonl"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let write_lines = |c: &Path, l: &[String]| {
+        std::fs::write(c.join("audit/checkpoints.jsonl"), l.join("\n") + "\n").unwrap()
+    };
+    assert!(
+        lines(state.path()).len() >= 4,
+        "handovers and stop checkpoints"
+    );
+
+    // An edited checkpoint (its head changed) no longer verifies.
+    let c = copy(state.path());
+    let mut l = lines(c.path());
+    let mut v: serde_json::Value = serde_json::from_str(&l[1]).unwrap();
+    v["head"] = "00".repeat(32).into();
+    l[1] = v.to_string();
+    write_lines(c.path(), &l);
+    verify_with_key(c.path(), "does not verify");
+
+    // The checkpoints removed altogether.
+    let c = copy(state.path());
+    std::fs::remove_file(c.path().join("audit/checkpoints.jsonl")).unwrap();
+    verify_with_key(c.path(), "checkpoints were removed");
+
+    // A thief of the host's current key rewrites an earlier epoch and re-signs a checkpoint
+    // for it: the earlier epoch's key is gone, so the signature cannot be made.
+    let c = copy(state.path());
+    let current = EpochKey::load(&dir.join(keys::CURRENT_KEY)).unwrap();
+    let mut l = lines(c.path());
+    let victim: securerun::audit::checkpoint::Checkpoint = serde_json::from_str(&l[1]).unwrap();
+    let mut forged =
+        securerun::audit::checkpoint::Checkpoint::sign(&current, victim.seq, &[7; 32], None)
+            .unwrap();
+    forged.epoch = victim.epoch;
+    l[1] = serde_json::to_string(&forged).unwrap();
+    write_lines(c.path(), &l);
+    verify_with_key(c.path(), "does not verify");
+
+    // Records cut off the end are caught by the final checkpoint, without any anchor.
+    let c = copy(state.path());
+    let last = seg(c.path(), 3);
+    let b = std::fs::read(&last).unwrap();
+    std::fs::write(&last, &b[..frames(&last).last().unwrap().0]).unwrap();
+    verify_with_key(c.path(), "cut off the end");
+}
+
+#[test]
+fn retention_shreds_old_epochs_for_good_and_the_rest_still_verifies() {
+    let (state, _) = session();
+    let dir = state.path().join("audit");
+    let off_host = tempfile::tempdir().unwrap();
+    let key = off_host.path().join("read.key");
+    std::fs::rename(dir.join(keys::READ_KEY), &key).unwrap();
+    let before = export_with(state.path(), &["--key", p(&key)]);
+
+    // Without --yes: a plan, nothing changes.
+    let o = audit(
+        state.path(),
+        &["shred", "--before-epoch", "3", "--key", p(&key)],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("would shred epochs 1..2"));
+    assert!(seg(state.path(), 1).exists());
+    assert_eq!(EpochKey::load(&key).unwrap().epoch, 0);
+    // The current epoch is never shredded; nor is a log that does not verify.
+    let o = audit(
+        state.path(),
+        &["shred", "--before-epoch", "9", "--key", p(&key), "--yes"],
+    );
+    assert!(!o.status.success());
+    let c = copy(state.path());
+    let mut b = std::fs::read(seg(c.path(), 2)).unwrap();
+    b[60] ^= 1;
+    std::fs::write(seg(c.path(), 2), &b).unwrap();
+    let o = audit(
+        c.path(),
+        &["shred", "--before-epoch", "3", "--key", p(&key), "--yes"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not shredding"));
+    assert!(seg(c.path(), 1).exists());
+
+    // Shredding by age: every epoch that ended over a second ago, i.e. all but the newest.
+    let old_segment = std::fs::read(seg(state.path(), 2)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = audit(
+        state.path(),
+        &["shred", "--older-than", "1s", "--key", p(&key), "--yes"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!seg(state.path(), 1).exists() && !seg(state.path(), 2).exists());
+    let new_key = EpochKey::load(&key).unwrap();
+    assert_eq!(new_key.epoch, 3);
+    // The new read key cannot reach back: epoch 2's records are unreadable for good.
+    assert!(new_key.advance_to(2).is_none());
+    let frame = &segment::read_bytes(&old_segment).frames[0];
+    let k3_record_key = new_key.record_key();
+    assert!(frame.open(&k3_record_key, &[0; 32]).is_none());
+
+    // What remains verifies (with the new read key, and with the public root), and the
+    // shredding itself is on record.
+    let o = audit(state.path(), &["verify", "--key", p(&key)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = audit(
+        state.path(),
+        &["verify", "--public", p(&dir.join("audit.pub"))],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let after = export_with(state.path(), &["--key", p(&key)]);
+    assert!(after.len() < before.len());
+    assert_eq!(
+        after[0]["seq"].as_u64().unwrap(),
+        before
+            .iter()
+            .find(|r| r["event"] == "audit_epoch_start"
+                && r["detail"].as_str().unwrap().starts_with("epoch 3"))
+            .unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    );
+    assert!(after.iter().any(|r| r["event"] == "audit_shredded"));
+    // Deleting the oldest retained segment is not mistaken for retention.
+    let c = copy(state.path());
+    std::fs::remove_file(seg(c.path(), 3)).unwrap();
+    let o = audit(c.path(), &["verify", "--key", p(&key)]);
+    assert!(!o.status.success());
+}
+
+fn export_with(state: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["export"];
+    args.extend_from_slice(extra);
+    let o = audit(state, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn epochs_rotate_by_time_and_cli_actions_beside_a_running_server_are_recorded() {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "t", "embeddings");
+    let config = state.path().join("serve.toml");
+    std::fs::write(&config, "audit_rotate = 1\n").unwrap();
+    let s = serve_with(state.path(), None, &["--config", p(&config)]).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
+            200
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    // A trust change while the server holds the log: spooled, then recorded by the server.
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("site");
+    assert!(securerun(&["keygen", "--out", p(&prefix)]).status.success());
+    let o = securerun(&[
+        "trust",
+        "add",
+        p(&dir.path().join("site.pub")),
+        "--state-dir",
+        p(state.path()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    s.stop();
+    let o = audit(state.path(), &["verify"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let records = export(state.path());
+    let rotations = records
+        .iter()
+        .filter(|r| r["event"] == "audit_epoch_start")
+        .filter(|r| r["detail"].as_str().unwrap().contains("rotation"))
+        .count();
+    assert!(rotations >= 2, "{rotations} rotations");
+    let trusted = records
+        .iter()
+        .find(|r| r["event"] == "trust_key_added")
+        .expect("spooled trust change recorded");
+    assert!(trusted["detail"]
+        .as_str()
+        .unwrap()
+        .contains("by the securerun CLI"));
+    assert!(!state
+        .path()
+        .join("audit/spool")
+        .read_dir()
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".json")));
 }

@@ -66,6 +66,24 @@ impl EpochKey {
         self.expand(b"securerun audit v1 record key")
     }
 
+    /// The key that signs this epoch's checkpoints (ECDSA P-256), derived so that it evolves
+    /// and is erased with the epoch key.
+    pub fn checkpoint_key(&self) -> crate::signing::PrivateKey {
+        // A 32-byte string is a valid P-256 scalar unless it is zero or >= the group order
+        // (probability ~2^-32); the counter picks the next candidate in that case.
+        for counter in 0u8..=255 {
+            let mut label = b"securerun audit v1 checkpoint key ".to_vec();
+            label.push(counter);
+            let mut bytes = self.expand(&label);
+            let key = p256::ecdsa::SigningKey::from_slice(&bytes);
+            bytes.zeroize();
+            if let Ok(k) = key {
+                return crate::signing::PrivateKey::P256(k);
+            }
+        }
+        unreachable!("256 consecutive invalid P-256 scalars from HKDF")
+    }
+
     /// Derives epoch `target` from this (earlier or equal) epoch.
     pub fn advance_to(&self, target: u32) -> Option<EpochKey> {
         if target < self.epoch {

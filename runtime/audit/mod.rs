@@ -7,8 +7,11 @@
 //! cannot be written, the server refuses work (fail closed). Keys evolve forward per epoch
 //! ([`keys`]); [`verify`] checks everything with the epoch-0 key kept off the host.
 
+pub mod checkpoint;
 pub mod keys;
+pub mod retention;
 pub mod segment;
+pub mod spool;
 pub mod verify;
 
 use std::fs::{File, OpenOptions};
@@ -93,6 +96,8 @@ pub enum AuditError {
     Key(String),
     #[error("the audit log is not writable ({0}); refusing unaudited work")]
     Unavailable(String),
+    #[error("{0}: another securerun process is writing this audit log")]
+    Busy(String),
 }
 
 /// How records reach the disk.
@@ -106,12 +111,37 @@ pub enum Durability {
 
 /// Segment size at which a new epoch and segment begin.
 const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+/// Default age at which a new epoch and segment begin: retention (crypto-shredding) works in
+/// whole epochs, so epochs must not grow without bound in time either.
+pub const DEFAULT_ROTATE_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// How the writer behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterOptions {
+    pub durability: Durability,
+    /// Start a new epoch once the current one is this old (and on every start, and at 64 MiB).
+    pub rotate_after: std::time::Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            durability: Durability::Fsync,
+            rotate_after: DEFAULT_ROTATE_AFTER,
+        }
+    }
+}
 /// Records per group commit at most.
 const BATCH: usize = 512;
 
-struct Pending {
-    record: AuditRecord,
-    done: std_mpsc::SyncSender<Result<(), AuditError>>,
+/// What the writer thread is asked to do.
+enum Pending {
+    Record {
+        record: Box<AuditRecord>,
+        done: std_mpsc::SyncSender<Result<(), AuditError>>,
+    },
+    /// Sign a checkpoint now (if anything is unattested), e.g. before the process exits.
+    Checkpoint(std_mpsc::SyncSender<Result<(), AuditError>>),
 }
 
 /// Where the log and its keys live.
@@ -130,6 +160,7 @@ pub fn init(dir: &Path) -> Result<bool, AuditError> {
     }
     let k0 = EpochKey::random();
     k0.store(&dir.join(keys::READ_KEY))?;
+    checkpoint::write_root(dir, &k0)?;
     k0.store(&current)?;
     keys::pseudonym_key(dir)?;
     Ok(true)
@@ -144,6 +175,7 @@ pub struct AuditLog {
     healthy: Arc<AtomicBool>,
     last_error: Arc<Mutex<Option<String>>>,
     pseudonym_key: [u8; 32],
+    dir: PathBuf,
     /// Total microseconds spent waiting for durable writes, and count (for /metrics).
     pub write_us: Arc<AtomicU64>,
     pub writes: Arc<AtomicU64>,
@@ -156,7 +188,12 @@ struct Writer {
     len: u64,
     seq: u64,
     head: [u8; 32],
-    durability: Durability,
+    options: WriterOptions,
+    /// When the current epoch began.
+    epoch_started: Instant,
+    /// Records written since the last checkpoint, and when that was.
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
 }
 
 impl AuditLog {
@@ -164,20 +201,40 @@ impl AuditLog {
     /// one) in a new segment, after the chain found on disk. A torn tail in the previous
     /// segment is reported in the first record of the new one.
     pub fn open(dir: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
+        Self::open_with(
+            dir,
+            WriterOptions {
+                durability,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Self::open`] with every writer option. Events that CLI commands spooled while this
+    /// directory's writer was busy are recorded first.
+    pub fn open_with(dir: &Path, options: WriterOptions) -> Result<AuditLog, AuditError> {
         init(dir)?;
         let lock_path = dir.join("writer.lock");
         let lock = crate::trust::open_lock_file(&lock_path)
             .map_err(|e| AuditError::Io(format!("{}: {e}", lock_path.display())))?;
-        lock.try_lock().map_err(|_| {
-            AuditError::Io(format!(
-                "{}: another securerun process is writing this audit log",
-                dir.display()
-            ))
-        })?;
+        lock.try_lock()
+            .map_err(|_| AuditError::Busy(dir.display().to_string()))?;
         let old = EpochKey::load(&dir.join(keys::CURRENT_KEY))?;
         let segments = segment::list_segments(dir).map_err(|e| AuditError::Io(e.to_string()))?;
-        let mut seq = 0;
-        let mut head = [0u8; 32];
+        let torn_checkpoint = checkpoint::cut_torn_tail(dir)?;
+        // The chain resumes from the oldest segment kept (after retention, from its handover).
+        let first_epoch = segments.first().map_or(1, |(e, _)| *e);
+        let (mut seq, mut head) = checkpoint::start_of(&[], first_epoch)
+            .or_else(|| {
+                let list = checkpoint::read(dir).ok()?.list;
+                checkpoint::start_of(&list, first_epoch)
+            })
+            .ok_or_else(|| {
+                AuditError::Io(format!(
+                    "{}: no checkpoint says where epoch {first_epoch} began; run securerun audit verify",
+                    dir.display()
+                ))
+            })?;
         let mut torn = None;
         for (epoch, path) in &segments {
             let contents = segment::read(path)
@@ -193,17 +250,10 @@ impl AuditLog {
         let last_epoch = segments.last().map_or(0, |(e, _)| *e);
         let key = old
             .advance_to(old.epoch.max(last_epoch) + 1)
-            .expect("forward");
-        let path = dir.join(segment::segment_name(key.epoch));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
-        // Only now forget the old key: the new segment exists for the new one.
-        key.store(&dir.join(keys::CURRENT_KEY))?;
+            .ok_or_else(|| AuditError::Key("epoch counter exhausted".into()))?;
+        let file = begin_epoch(dir, &old, &key, seq, &head)?;
         drop(old);
+        let now = Instant::now();
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             key,
@@ -211,7 +261,10 @@ impl AuditLog {
             len: 0,
             seq,
             head,
-            durability,
+            options,
+            epoch_started: now,
+            since_checkpoint: 0,
+            last_checkpoint: now,
         };
         let mut first = AuditRecord::event("audit_epoch_start")
             .with_detail(format!("epoch {}, after record {seq}", writer.key.epoch));
@@ -219,7 +272,15 @@ impl AuditLog {
             first.outcome = Some("torn_tail_found".into());
             first.detail = Some(t);
         }
-        writer.append(std::slice::from_ref(&first))?;
+        if let Some(t) = torn_checkpoint {
+            let detail = first.detail.take().unwrap_or_default();
+            first.detail = Some(format!("{detail}; {t}"));
+        }
+        let mut startup = vec![first];
+        let spooled = spool::take(dir)?;
+        startup.extend(spooled.records.iter().cloned());
+        writer.append(&startup)?;
+        spool::remove(&spooled);
         let pseudonym_key = keys::pseudonym_key(dir)?;
         let (tx, rx) = std_mpsc::channel::<Pending>();
         let healthy = Arc::new(AtomicBool::new(true));
@@ -235,6 +296,7 @@ impl AuditLog {
             healthy,
             last_error,
             pseudonym_key,
+            dir: dir.to_path_buf(),
             write_us: Arc::default(),
             writes: Arc::default(),
         })
@@ -245,7 +307,10 @@ impl AuditLog {
         let started = Instant::now();
         let (done, wait) = std_mpsc::sync_channel(1);
         self.tx
-            .send(Pending { record, done })
+            .send(Pending::Record {
+                record: Box::new(record),
+                done,
+            })
             .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
         let r = wait
             .recv()
@@ -262,6 +327,32 @@ impl AuditLog {
         tokio::task::spawn_blocking(move || log.append_blocking(record))
             .await
             .unwrap_or_else(|_| Err(AuditError::Unavailable("audit task failed".into())))
+    }
+
+    /// Signs a checkpoint of everything written so far and waits until it is durable.
+    pub fn checkpoint_now(&self) -> Result<(), AuditError> {
+        let (done, wait) = std_mpsc::sync_channel(1);
+        self.tx
+            .send(Pending::Checkpoint(done))
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
+        wait.recv()
+            .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
+    }
+
+    /// Checkpoints and lets the writer go (a CLI command's log, before the process exits).
+    pub fn close(self) -> Result<(), AuditError> {
+        self.checkpoint_now()
+    }
+
+    /// Records the operator actions CLI commands spooled while this log was being written
+    /// (see [`spool`]), then removes their files.
+    pub fn ingest_spool(&self) -> Result<usize, AuditError> {
+        let spooled = spool::take(&self.dir)?;
+        for r in &spooled.records {
+            self.append_blocking(r.clone())?;
+        }
+        spool::remove(&spooled);
+        Ok(spooled.records.len())
     }
 
     /// Whether the last write succeeded.
@@ -285,15 +376,35 @@ impl Writer {
         healthy: Arc<AtomicBool>,
         last_error: Arc<Mutex<Option<String>>>,
     ) {
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = match rx.recv_timeout(checkpoint::EVERY) {
+                Ok(Pending::Checkpoint(done)) => {
+                    let r = if self.since_checkpoint > 0 {
+                        self.checkpoint()
+                    } else {
+                        Ok(())
+                    };
+                    let _ = done.send(r);
+                    continue;
+                }
+                Ok(Pending::Record { record, done }) => (*record, done),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    self.checkpoint_if_due(&last_error);
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut batch = vec![first];
-            while batch.len() < BATCH {
+            // A checkpoint request met while batching runs after the batch.
+            let mut checkpoint_wanted = None;
+            while batch.len() < BATCH && checkpoint_wanted.is_none() {
                 match rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(Pending::Record { record, done }) => batch.push((*record, done)),
+                    Ok(Pending::Checkpoint(done)) => checkpoint_wanted = Some(done),
                     Err(_) => break,
                 }
             }
-            let records: Vec<AuditRecord> = batch.iter().map(|p| p.record.clone()).collect();
+            let records: Vec<AuditRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
             let result = self.append(&records);
             healthy.store(result.is_ok(), Ordering::Relaxed);
             if let Ok(mut e) = last_error.lock() {
@@ -302,21 +413,56 @@ impl Writer {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "audit write failed; requests are refused until it succeeds");
             }
-            for p in batch {
-                let _ = p.done.send(
+            for (_, done) in batch {
+                let _ = done.send(
                     result
                         .clone()
                         .map_err(|e| AuditError::Unavailable(e.to_string())),
                 );
             }
+            if let Some(done) = checkpoint_wanted {
+                let _ = done.send(result.clone().and_then(|_| self.checkpoint()));
+            } else if result.is_ok() {
+                self.checkpoint_if_due(&last_error);
+            }
         }
         // All senders gone: the server is shutting down; the last batch is already synced.
+        // A final checkpoint attests how far the log went.
+        if self.since_checkpoint > 0 {
+            if let Err(e) = self.checkpoint() {
+                tracing::error!(error = %e, "final audit checkpoint failed");
+            }
+        }
+    }
+
+    /// Signs a checkpoint if enough records or time have passed since the last one. A failed
+    /// checkpoint is reported and retried later; the records themselves are already durable.
+    fn checkpoint_if_due(&mut self, last_error: &Mutex<Option<String>>) {
+        let due = self.since_checkpoint >= checkpoint::EVERY_RECORDS
+            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= checkpoint::EVERY);
+        if !due {
+            return;
+        }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "audit checkpoint failed; retrying after the next write");
+            if let Ok(mut le) = last_error.lock() {
+                *le = Some(e.to_string());
+            }
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        let c = checkpoint::Checkpoint::sign(&self.key, self.seq, &self.head, None)?;
+        checkpoint::append(&self.dir, &c, true)?;
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
     }
 
     /// Seals and writes `records`, then syncs. On failure the file is cut back to its last good
     /// length, so a failed batch leaves no partial frame behind.
     fn append(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
-        if self.len > ROTATE_BYTES {
+        if self.len > ROTATE_BYTES || self.epoch_started.elapsed() >= self.options.rotate_after {
             self.rotate()?;
         }
         let record_key = self.key.record_key();
@@ -332,7 +478,7 @@ impl Writer {
         let written = self
             .file
             .write_all(&bytes)
-            .and_then(|_| match self.durability {
+            .and_then(|_| match self.options.durability {
                 Durability::Fsync => self.file.sync_data(),
                 Durability::Buffered => Ok(()),
             });
@@ -343,22 +489,50 @@ impl Writer {
         self.len += bytes.len() as u64;
         self.seq = seq;
         self.head = head;
+        self.since_checkpoint += records.len() as u64;
         Ok(())
     }
 
+    /// Ends the current epoch: the next epoch's segment, handover checkpoint and key; the
+    /// current key is then forgotten. The new epoch's first record says why it began.
     fn rotate(&mut self) -> Result<(), AuditError> {
         let next = self.key.next();
-        let path = self.dir.join(segment::segment_name(next.epoch));
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
-        next.store(&self.dir.join(keys::CURRENT_KEY))?;
+        let file = begin_epoch(&self.dir, &self.key, &next, self.seq, &self.head)?;
         self.key = next;
         self.file = file;
         self.len = 0;
-        Ok(())
+        self.epoch_started = Instant::now();
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        let first = AuditRecord::event("audit_epoch_start").with_detail(format!(
+            "epoch {}, after record {} (rotation)",
+            self.key.epoch, self.seq
+        ));
+        self.append(std::slice::from_ref(&first))
     }
+}
+
+/// Starts epoch `next` after `(seq, head)`: appends the handover checkpoint signed by `old`
+/// (naming `next`'s checkpoint key), creates the new segment, then replaces the host's key.
+/// Each step is durable before the next, so a crash leaves the old key with at most a handover
+/// and an empty segment, which the next start skips past (every segment keeps its handover).
+fn begin_epoch(
+    dir: &Path,
+    old: &EpochKey,
+    next: &EpochKey,
+    seq: u64,
+    head: &[u8; 32],
+) -> Result<File, AuditError> {
+    let handover = checkpoint::Checkpoint::sign(old, seq, head, Some(next))?;
+    checkpoint::append(dir, &handover, true)?;
+    let path = dir.join(segment::segment_name(next.epoch));
+    let file = OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
+    // Only now forget the old key: the new segment and the handover exist for the new one.
+    next.store(&dir.join(keys::CURRENT_KEY))?;
+    Ok(file)
 }

@@ -123,7 +123,11 @@ pub struct Contents {
 }
 
 pub fn read(path: &Path) -> std::io::Result<Contents> {
-    let bytes = std::fs::read(path)?;
+    Ok(read_bytes(&std::fs::read(path)?))
+}
+
+/// Splits a segment's bytes into frames (see [`read`]).
+pub fn read_bytes(bytes: &[u8]) -> Contents {
     let mut c = Contents {
         len: bytes.len() as u64,
         ..Default::default()
@@ -151,5 +155,5 @@ pub fn read(path: &Path) -> std::io::Result<Contents> {
         });
         pos += 4 + len;
     }
-    Ok(c)
+    c
 }

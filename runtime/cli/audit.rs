@@ -1,4 +1,5 @@
-//! `securerun audit verify|export|tail|report`: reading the audit log with the epoch-0 key.
+//! `securerun audit verify|export|tail|report|hmac|shred`: reading, checking and retaining the
+//! audit log with the read key (or, for `verify`, the public checkpoint root alone).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,36 +7,65 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::CmdResult;
-use crate::audit::{self, verify, AuditRecord, EpochKey};
+use crate::audit::{self, retention, verify, AuditRecord, EpochKey};
 
 #[derive(Args, Clone)]
 pub struct LogArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// The epoch-0 read key (default: read.key in the audit directory).
+    /// The read key (default: read.key in the audit directory; keep it off the host).
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
 }
 
+/// A time filter: unix seconds, an RFC 3339 time (`2026-11-22T10:00:00Z`), a UTC date
+/// (`2026-11-22`), or an age (`90m`, `24h`, `7d`: that long ago).
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(secs);
+    }
+    if let Ok(age) = crate::tokens::parse_duration(s) {
+        return Ok(crate::tokens::now().saturating_sub(age));
+    }
+    if let Ok(t) = s.parse::<jiff::Timestamp>() {
+        return u64::try_from(t.as_second()).map_err(|_| format!("{s:?} is before 1970"));
+    }
+    if let Ok(d) = s.parse::<jiff::civil::Date>() {
+        let t = d
+            .to_datetime(jiff::civil::Time::midnight())
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .map_err(|e| e.to_string())?;
+        return u64::try_from(t.timestamp().as_second())
+            .map_err(|_| format!("{s:?} is before 1970"));
+    }
+    Err(format!(
+        "{s:?}: expected unix seconds, an RFC 3339 time (2026-11-22T10:00:00Z), a date (2026-11-22) or an age (24h, 7d)"
+    ))
+}
+
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify every record; exit non-zero with the first bad position.
+    /// Verify every record and checkpoint; exit non-zero with the first bad position.
     Verify {
         #[command(flatten)]
         log: LogArgs,
         /// A head printed by an earlier verify (`SEQ:HASH`): the log must still contain it.
         #[arg(long, value_name = "SEQ:HASH")]
         anchor: Option<String>,
+        /// Integrity only, without the read key: check the chain against the checkpoints
+        /// signed under this root (`audit.pub`, kept off the host). Nothing is decrypted.
+        #[arg(long, value_name = "AUDIT.PUB", conflicts_with = "key")]
+        public: Option<PathBuf>,
     },
     /// Export verified records, decrypted, one JSON object per line.
     Export {
         #[command(flatten)]
         log: LogArgs,
-        /// Unix seconds.
-        #[arg(long)]
+        /// Records at or after: unix seconds, RFC 3339, a date, or an age (24h, 7d).
+        #[arg(long, value_parser = parse_time)]
         since: Option<u64>,
-        /// Unix seconds.
-        #[arg(long)]
+        /// Records at or before (same forms as --since).
+        #[arg(long, value_parser = parse_time)]
         until: Option<u64>,
         #[arg(long, value_name = "ID")]
         token: Option<String>,
@@ -58,6 +88,27 @@ pub enum AuditCommand {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Retention: make every epoch before a point unreadable for good (crypto-shredding) by
+    /// replacing the read key with a later epoch's, then delete those segments. Without
+    /// --yes, only says what it would do.
+    Shred {
+        #[command(flatten)]
+        log: LogArgs,
+        /// Shred epochs before this one.
+        #[arg(
+            long,
+            value_name = "EPOCH",
+            required_unless_present = "older_than",
+            conflicts_with = "older_than"
+        )]
+        before_epoch: Option<u32>,
+        /// Shred epochs that ended longer ago than this (e.g. 90d).
+        #[arg(long, value_name = "AGE", value_parser = crate::tokens::parse_duration)]
+        older_than: Option<u64>,
+        /// Do it (irreversible once every other copy of the old read key is destroyed).
+        #[arg(long)]
+        yes: bool,
+    },
     /// The keyed HMAC of a text or client address, to search an export made with
     /// `--audit-content hmac` (or the `client` field) for it.
     Hmac {
@@ -68,18 +119,28 @@ pub enum AuditCommand {
 }
 
 impl LogArgs {
-    fn open(&self) -> Result<(PathBuf, EpochKey), Box<dyn std::error::Error>> {
+    fn dir(&self) -> Result<PathBuf, crate::trust::TrustError> {
         let state = self
             .state_dir
             .clone()
             .or_else(crate::trust::default_state_dir)
             .ok_or(crate::trust::TrustError::NoStateDir)?;
-        let dir = audit::audit_dir(&state);
-        let key_path = self
-            .key
-            .clone()
-            .unwrap_or_else(|| dir.join(audit::keys::READ_KEY));
-        Ok((dir, EpochKey::load(&key_path)?))
+        Ok(audit::audit_dir(&state))
+    }
+
+    fn key_path(&self) -> Result<PathBuf, crate::trust::TrustError> {
+        Ok(match &self.key {
+            Some(k) => k.clone(),
+            None => self.dir()?.join(audit::keys::READ_KEY),
+        })
+    }
+
+    fn open(&self) -> Result<(PathBuf, EpochKey), Box<dyn std::error::Error>> {
+        let (dir, key_path) = (self.dir()?, self.key_path()?);
+        let key = EpochKey::load(&key_path).map_err(|e| {
+            format!("{e} (pass the read key kept off this host with --key, or check integrity alone with audit verify --public audit.pub)")
+        })?;
+        Ok((dir, key))
     }
 
     fn verified(&self) -> Result<verify::Verified, Box<dyn std::error::Error>> {
@@ -88,45 +149,65 @@ impl LogArgs {
     }
 }
 
+/// One exported record: the record, its sequence number and its time in RFC 3339.
 fn print(seq: u64, r: &AuditRecord) -> Result<(), Box<dyn std::error::Error>> {
     let mut v = serde_json::to_value(r)?;
     v["seq"] = seq.into();
+    if let Ok(t) = jiff::Timestamp::from_millisecond(r.time_ms as i64) {
+        v["time"] = t.to_string().into();
+    }
     println!("{v}");
     Ok(())
 }
 
+fn parse_anchor(anchor: &str) -> Result<(u64, [u8; 32]), String> {
+    let usage = "--anchor is SEQ:HASH as printed by audit verify";
+    let (seq, hash) = anchor.split_once(':').ok_or(usage)?;
+    let seq = seq.parse().map_err(|_| usage)?;
+    let hash = hex::decode(hash)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or(usage)?;
+    Ok((seq, hash))
+}
+
 pub fn run(cmd: AuditCommand) -> CmdResult {
     match cmd {
-        AuditCommand::Verify { log, anchor } => {
-            let v = log.verified()?;
-            if let Some(anchor) = anchor {
-                let (seq, hash) = anchor
-                    .split_once(':')
-                    .ok_or("--anchor is SEQ:HASH as printed by audit verify")?;
-                let seq: u64 = seq.parse().map_err(|_| "--anchor: bad sequence number")?;
-                let count = v.records.len() as u64;
-                if count < seq {
-                    return Err(format!("audit log invalid: it ends at record {count}, before the anchor's record {seq} (records were cut off the end)").into());
-                }
-                // Every record was just authenticated; the anchor pins how far the log went.
-                let (dir, _) = log.open()?;
-                let at = verify::head_at(&dir, seq)?;
-                if !at.eq_ignore_ascii_case(hash) {
-                    return Err(format!("audit log invalid: the head at record {seq} is {at}, not the anchor's {hash}").into());
-                }
-            }
+        AuditCommand::Verify {
+            log,
+            anchor,
+            public,
+        } => {
+            let anchor = anchor.as_deref().map(parse_anchor).transpose()?;
+            let dir = log.dir()?;
+            let access = match &public {
+                Some(p) => verify::Access::Integrity(crate::trust::read_key(p)?),
+                None => verify::Access::Read(log.open()?.1),
+            };
+            let v = verify::verify_with(&dir, &access, anchor)?;
             for t in &v.torn {
                 eprintln!(
                     "note: {t} (a crash during a write; every complete record before it verified)"
                 );
             }
-            println!(
-                "ok: {} records in {} segments verified; head {}:{}",
-                v.records.len(),
-                v.segments,
-                v.records.len(),
-                hex::encode(v.head)
-            );
+            if v.first_epoch > 1 {
+                eprintln!(
+                    "note: epochs before {} were shredded (retention); records 1..{} are gone",
+                    v.first_epoch, v.first_seq
+                );
+            }
+            let unattested = v.last_seq - v.attested_seq.max(v.first_seq);
+            if public.is_some() {
+                println!(
+                    "ok (integrity only, nothing decrypted): {} records in {} segments chained, {} signed checkpoints agree; records after {} are not yet attested by a checkpoint ({unattested}); head {}:{}",
+                    v.count, v.segments, v.checkpoints, v.attested_seq, v.last_seq, hex::encode(v.head)
+                );
+            } else {
+                println!(
+                    "ok: {} records in {} segments verified, {} signed checkpoints agree ({unattested} records since the last); head {}:{}",
+                    v.count, v.segments, v.checkpoints, v.last_seq, hex::encode(v.head)
+                );
+            }
         }
         AuditCommand::Export {
             log,
@@ -169,6 +250,12 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             }
         }
         AuditCommand::Report { log } => report(&log.verified()?),
+        AuditCommand::Shred {
+            log,
+            before_epoch,
+            older_than,
+            yes,
+        } => shred(&log, before_epoch, older_than, yes)?,
         AuditCommand::Hmac { text, state_dir } => {
             let state = state_dir
                 .or_else(crate::trust::default_state_dir)
@@ -186,6 +273,49 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             println!("{}", audit::keys::pseudonym(&key, &text));
         }
     }
+    Ok(())
+}
+
+fn shred(
+    log: &LogArgs,
+    before_epoch: Option<u32>,
+    older_than: Option<u64>,
+    yes: bool,
+) -> CmdResult {
+    let (dir, key) = log.open()?;
+    let before = match (before_epoch, older_than) {
+        (Some(e), _) => e,
+        (None, Some(age)) => retention::epoch_for_age(
+            &dir,
+            audit::now_ms().saturating_sub(age.saturating_mul(1000)),
+        )?,
+        (None, None) => return Err("pass --before-epoch or --older-than".into()),
+    };
+    let plan = retention::plan(&dir, &key, before)?;
+    let what = format!(
+        "epochs {}..{} ({} segment files, {} records)",
+        key.epoch.max(1),
+        before - 1,
+        plan.segments.len(),
+        plan.records
+    );
+    if !yes {
+        println!(
+            "would shred {what}; the read key would become epoch {before}'s. Pass --yes to do it."
+        );
+        return Ok(());
+    }
+    let key_path = log.key_path()?;
+    retention::execute(&dir, &key, &key_path, &plan)?;
+    let mut r = AuditRecord::event("audit_shredded").with_detail(format!(
+        "{what} shredded; the log now starts at epoch {before}"
+    ));
+    r.outcome = Some("ok".into());
+    super::record_admin(log.state_dir.as_deref(), r)?;
+    println!(
+        "shredded {what}; {} now holds epoch {before}'s read key: destroy every other copy of the old one",
+        key_path.display()
+    );
     Ok(())
 }
 

@@ -198,6 +198,44 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 
 type CmdResult = Result<(), Box<dyn std::error::Error>>;
 
+/// Records an operator action taken by a CLI command in the state directory's audit log
+/// (creating the log if needed; see `audit::spool`). With `observed_by_server`, a running server
+/// records the change itself (it watches tokens and lockdown), so nothing is spooled.
+pub(crate) fn record_admin_with(
+    state_dir: Option<&std::path::Path>,
+    record: crate::audit::AuditRecord,
+    observed_by_server: bool,
+) -> CmdResult {
+    let state = state_dir
+        .map(std::path::Path::to_path_buf)
+        .or_else(crate::trust::default_state_dir)
+        .ok_or(crate::trust::TrustError::NoStateDir)?;
+    let dir = crate::audit::audit_dir(&state);
+    if crate::audit::init(&dir)? {
+        eprintln!(
+            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key)",
+            dir.display(),
+            dir.join(crate::audit::keys::READ_KEY).display()
+        );
+    }
+    let mut record = record;
+    record.detail = Some(match record.detail.take() {
+        Some(d) => format!("{d} (by the securerun CLI)"),
+        None => "by the securerun CLI".into(),
+    });
+    match crate::audit::spool::record_admin(&dir, record, !observed_by_server) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(format!("the action was done but could not be audited: {e}").into()),
+    }
+}
+
+pub(crate) fn record_admin(
+    state_dir: Option<&std::path::Path>,
+    record: crate::audit::AuditRecord,
+) -> CmdResult {
+    record_admin_with(state_dir, record, false)
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     // Panics are reported by the catch below as one line, not by the default hook's backtrace.
@@ -241,7 +279,11 @@ pub fn main() -> ExitCode {
                 .ok_or(crate::trust::TrustError::NoStateDir)?;
             crate::lockdown::set(&dir, state == "on", &reason)?;
             eprintln!("lockdown {state} (running servers apply it within a second)");
-            Ok(())
+            let mut r = crate::audit::AuditRecord::event(&format!("lockdown_{state}"));
+            if !reason.is_empty() {
+                r.detail = Some(format!("reason: {}", reason.replace('\n', " ")));
+            }
+            record_admin_with(Some(&dir), r, true)
         })(),
     });
     match result {

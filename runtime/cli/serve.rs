@@ -115,7 +115,13 @@ pub fn run(args: ServeArgs) -> CmdResult {
         AuditSync::Fsync => crate::audit::Durability::Fsync,
         AuditSync::Buffered => crate::audit::Durability::Buffered,
     };
-    let audit = crate::audit::AuditLog::open(&audit_dir, durability)?;
+    let audit = crate::audit::AuditLog::open_with(
+        &audit_dir,
+        crate::audit::WriterOptions {
+            durability,
+            rotate_after: config.audit_rotate,
+        },
+    )?;
     let tokens = auth::TokenCache::new(TokenStore::new(&state_dir))?;
     if tokens.records().is_empty() {
         eprintln!(
@@ -169,17 +175,44 @@ pub fn run(args: ServeArgs) -> CmdResult {
             } else {
                 Task::Generate
             };
-            let m = Box::new(ConfinedModel::start(source, task, opts.limits, settings)?);
+            let started = ConfinedModel::start(source, task, opts.limits, settings);
+            let mut rec = crate::audit::AuditRecord::event("sandbox_started");
+            rec.outcome = Some(sandbox.clone());
+            rec.detail = Some(match &started {
+                Ok(m) => m
+                    .layers()
+                    .iter()
+                    .map(|l| {
+                        let state = if l.enforced {
+                            "enforced"
+                        } else {
+                            "NOT enforced"
+                        };
+                        format!("{} {state}", l.name)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(e) => format!("worker failed to start: {e}"),
+            });
+            audit.append_blocking(rec)?;
+            let m = Box::new(started?);
             if is_embedder {
                 engine::Backend::Embed(m)
             } else {
                 engine::Backend::Text(m)
             }
         }
-        None if is_embedder => {
-            engine::Backend::EmbedInProcess(Box::new(crate::open_embedder(model, &opts)?))
+        None => {
+            let mut rec = crate::audit::AuditRecord::event("sandbox_started");
+            rec.outcome = Some(sandbox.clone());
+            rec.detail = Some("inference runs in the server process, unconfined".into());
+            audit.append_blocking(rec)?;
+            if is_embedder {
+                engine::Backend::EmbedInProcess(Box::new(crate::open_embedder(model, &opts)?))
+            } else {
+                engine::Backend::TextInProcess(Box::new(crate::open_text_model(model, &opts)?))
+            }
         }
-        None => engine::Backend::TextInProcess(Box::new(crate::open_text_model(model, &opts)?)),
     };
     let model_id = config.model_name.clone().unwrap_or_else(|| {
         let name = model
@@ -203,25 +236,32 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let mut start = crate::audit::AuditRecord::event("server_start");
         start.model = Some(model_id.clone());
         start.detail = Some(format!(
-            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, tokens {}",
+            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}",
             tls.is_some(),
             config.client_ca.is_some(),
             durability,
             config.audit_content,
+            config.audit_rotate.as_secs(),
             tokens.records().len()
         ));
         audit.append(start).await?;
         let stop_log = audit.clone();
+        let metrics = Arc::new(server::Metrics::default());
         let state = Arc::new(server::AppState {
             lockdown: std::sync::atomic::AtomicBool::new(crate::lockdown::is_on(&state_dir)),
             state_dir: state_dir.clone(),
             audit,
-            engine: engine::Engine::start(backend, config.queue, stop_log.clone()),
+            engine: engine::Engine::start(
+                backend,
+                config.queue,
+                stop_log.clone(),
+                metrics.clone(),
+            ),
             model_id: model_id.clone(),
             started: crate::tokens::now(),
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),
-            metrics: server::Metrics::default(),
+            metrics,
             config: config.clone(),
         });
         server::spawn_token_reloader(state.clone());
@@ -242,6 +282,8 @@ pub fn run(args: ServeArgs) -> CmdResult {
         stop_log
             .append(crate::audit::AuditRecord::event("server_stop"))
             .await?;
+        // The last checkpoint attests everything up to the stop record.
+        tokio::task::spawn_blocking(move || stop_log.checkpoint_now()).await??;
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }

@@ -279,8 +279,14 @@ fn state(dir: Option<PathBuf>) -> Result<PathBuf, crate::trust::TrustError> {
 pub fn trust(cmd: TrustCommand) -> CmdResult {
     match cmd {
         TrustCommand::Add { key, state_dir } => {
-            let id = crate::trust::add(&state(state_dir)?, &key)?;
+            let dir = state(state_dir)?;
+            let id = crate::trust::add(&dir, &key)?;
             eprintln!("trusted key {id}");
+            super::record_admin(
+                Some(&dir),
+                crate::audit::AuditRecord::event("trust_key_added")
+                    .with_detail(format!("key {id}")),
+            )?;
         }
         TrustCommand::List { state_dir } => {
             for (path, key) in crate::trust::load(&state(state_dir)?)? {
@@ -288,8 +294,14 @@ pub fn trust(cmd: TrustCommand) -> CmdResult {
             }
         }
         TrustCommand::Remove { id, state_dir } => {
-            crate::trust::remove(&state(state_dir)?, &id)?;
+            let dir = state(state_dir)?;
+            crate::trust::remove(&dir, &id)?;
             eprintln!("removed key {id}");
+            super::record_admin(
+                Some(&dir),
+                crate::audit::AuditRecord::event("trust_key_removed")
+                    .with_detail(format!("key {id}")),
+            )?;
         }
     }
     Ok(())

@@ -63,6 +63,18 @@ fn store(dir: Option<PathBuf>) -> Result<TokenStore, crate::trust::TrustError> {
     Ok(TokenStore::new(&dir))
 }
 
+/// An audit record of a token change: id, name, scopes and expiry, never the secret.
+fn token_event(event: &str, r: &tokens::TokenRecord) -> crate::audit::AuditRecord {
+    let mut rec = crate::audit::AuditRecord::event(event).with_detail(format!(
+        "name {:?}, scopes {}, expires {}",
+        r.name,
+        r.scope_list(),
+        when(r.expires)
+    ));
+    rec.token_id = Some(r.id.clone());
+    rec
+}
+
 fn when(secs: Option<u64>) -> String {
     secs.map_or_else(|| "never".into(), |s| format!("unix {s}"))
 }
@@ -77,8 +89,18 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             };
             let expires = a.expires.map(|d| tokens::now() + d);
             let scopes: BTreeSet<Scope> = a.scopes.into_iter().collect();
-            let created = store(a.state_dir)?.create(&a.name, scopes, a.models, limits, expires)?;
+            let store = store(a.state_dir.clone())?;
+            let created = store.create(&a.name, scopes, a.models, limits, expires)?;
             let r = &created.record;
+            // Unaudited, the token must not exist: it is revoked again and nothing is shown.
+            if let Err(e) = super::record_admin_with(
+                a.state_dir.as_deref(),
+                token_event("token_created", r),
+                true,
+            ) {
+                let _ = store.revoke(&r.id);
+                return Err(format!("token not created: {e}").into());
+            }
             eprintln!(
                 "created token {} ({}), scopes {}, expires {}; the secret below is shown once",
                 r.id,
@@ -118,12 +140,22 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             all,
             state_dir,
         } => {
+            // Revocation takes effect first; the record follows (a failure to audit is
+            // reported, but never keeps a token alive).
             if all {
-                let n = store(state_dir)?.revoke_all()?;
+                let n = store(state_dir.clone())?.revoke_all()?;
                 eprintln!("revoked all {n} tokens");
+                let r = crate::audit::AuditRecord::event("tokens_revoked_all")
+                    .with_detail(format!("{n} tokens"));
+                super::record_admin_with(state_dir.as_deref(), r, true)?;
             } else if let Some(id) = id_or_name {
-                let r = store(state_dir)?.revoke(&id)?;
+                let r = store(state_dir.clone())?.revoke(&id)?;
                 eprintln!("revoked token {} ({})", r.id, r.name);
+                super::record_admin_with(
+                    state_dir.as_deref(),
+                    token_event("token_revoked", &r),
+                    true,
+                )?;
             }
         }
     }

@@ -43,6 +43,10 @@ pub struct ServeConfig {
     pub header_timeout: Duration,
     /// What of the prompts and completions the audit log keeps: none (default), hmac, full.
     pub audit_content: AuditContent,
+    /// Start a new audit epoch (segment and key) after this long; retention shreds whole
+    /// epochs, so this is its granularity. Default one day.
+    #[serde(with = "secs")]
+    pub audit_rotate: Duration,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
     /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
@@ -76,6 +80,7 @@ impl Default for ServeConfig {
             header_timeout: Duration::from_secs(10),
             auth_failures_per_min: 10,
             audit_content: AuditContent::None,
+            audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
             insecure_public_http: false,
         }
     }
@@ -110,6 +115,9 @@ impl ServeConfig {
             return Err(
                 "max_body_bytes >= 1024, queue >= 1 and max_tokens_cap >= 1 are required".into(),
             );
+        }
+        if self.audit_rotate < Duration::from_secs(1) {
+            return Err("audit_rotate must be at least 1 second".into());
         }
         if self.default_max_tokens > self.max_tokens_cap {
             return Err("default_max_tokens exceeds max_tokens_cap".into());

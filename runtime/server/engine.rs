@@ -60,7 +60,12 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; at most `queue` jobs wait behind the running one.
     /// Worker replacements are audited (`worker_restarted`, with how the worker died).
-    pub fn start(mut backend: Backend, queue: usize, audit: crate::audit::AuditLog) -> Engine {
+    pub fn start(
+        mut backend: Backend,
+        queue: usize,
+        audit: crate::audit::AuditLog,
+        metrics: std::sync::Arc<super::Metrics>,
+    ) -> Engine {
         let is_text = backend.is_text();
         let (tx, rx) = std_mpsc::sync_channel::<Job>(queue);
         std::thread::Builder::new()
@@ -70,7 +75,18 @@ impl Engine {
                     let before = backend.restarts();
                     if let Some(failure) = run(&mut backend, job) {
                         if backend.restarts() > before {
+                            use std::sync::atomic::Ordering::Relaxed;
                             tracing::warn!(error = %failure, "inference worker replaced");
+                            metrics.worker_restarts.fetch_add(1, Relaxed);
+                            // A seccomp kill means the worker tried something the sandbox
+                            // forbids: recorded as a violation, not just a crash.
+                            if failure.contains(crate::worker::SECCOMP_KILL) {
+                                metrics.sandbox_violations.fetch_add(1, Relaxed);
+                                let mut v = crate::audit::AuditRecord::event("sandbox_violation")
+                                    .with_detail(failure.clone());
+                                v.outcome = Some("worker_killed".into());
+                                let _ = audit.append_blocking(v);
+                            }
                             let r = crate::audit::AuditRecord::event("worker_restarted")
                                 .with_detail(failure);
                             let _ = audit.append_blocking(r);

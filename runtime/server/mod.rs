@@ -31,7 +31,11 @@ pub struct Metrics {
     pub unauthorized: AtomicU64,
     pub forbidden: AtomicU64,
     pub limited: AtomicU64,
+    pub lockouts: AtomicU64,
     pub generated: AtomicU64,
+    pub worker_restarts: AtomicU64,
+    pub sandbox_violations: AtomicU64,
+    pub audit_failures: AtomicU64,
 }
 
 /// Shared by every handler.
@@ -45,7 +49,7 @@ pub struct AppState {
     pub engine: engine::Engine,
     pub tokens: auth::TokenCache,
     pub limiters: auth::Limiters,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Every route the server registers, with its method; the deny-by-default test walks this list.
@@ -111,6 +115,7 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         .map(|c| c.0.ip())
         .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
     if let Some(wait) = state.limiters.locked_out(ip) {
+        state.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
         let mut r = crate::audit::AuditRecord::event("client_locked_out");
         r.client = Some(state.audit.pseudonym(&ip.to_string()));
         r.route = Some(path.clone());
@@ -291,6 +296,7 @@ async fn audit_requests(State(state): State<Arc<AppState>>, req: Request, next: 
 }
 
 fn audit_unavailable(state: &AppState) -> Response {
+    state.metrics.audit_failures.fetch_add(1, Ordering::Relaxed);
     tracing::error!(error = ?state.audit.last_error(), "audit log unavailable: refusing request");
     let mut e = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -304,47 +310,66 @@ fn audit_unavailable(state: &AppState) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
-    let line = |name: &str, help: &str, v: u64| {
-        format!("# HELP securerun_{name} {help}\n# TYPE securerun_{name} counter\nsecurerun_{name} {v}\n")
-    };
-    let body = [
-        line(
-            "requests_total",
-            "HTTP requests received",
-            m.requests.load(Ordering::Relaxed),
-        ),
-        line(
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let counters: [(&str, &str, u64); 11] = [
+        ("requests_total", "HTTP requests received", get(&m.requests)),
+        (
             "unauthorized_total",
             "requests refused for a missing or invalid token",
-            m.unauthorized.load(Ordering::Relaxed),
+            get(&m.unauthorized),
         ),
-        line(
-            "forbidden_total",
-            "requests refused for scope",
-            m.forbidden.load(Ordering::Relaxed),
-        ),
-        line(
+        ("forbidden_total", "requests refused for scope", get(&m.forbidden)),
+        (
             "rate_limited_total",
             "requests refused by a rate limit or lockout",
-            m.limited.load(Ordering::Relaxed),
+            get(&m.limited),
         ),
-        line(
-            "generated_tokens_total",
-            "tokens generated",
-            m.generated.load(Ordering::Relaxed),
+        (
+            "lockout_refusals_total",
+            "requests refused because their client is locked out after failed authentications",
+            get(&m.lockouts),
         ),
-        line(
+        ("generated_tokens_total", "tokens generated", get(&m.generated)),
+        (
+            "worker_restarts_total",
+            "inference workers that died or broke the protocol and were replaced",
+            get(&m.worker_restarts),
+        ),
+        (
+            "sandbox_violations_total",
+            "inference workers killed by the seccomp filter",
+            get(&m.sandbox_violations),
+        ),
+        (
+            "audit_unavailable_total",
+            "requests refused because the audit log could not be written",
+            get(&m.audit_failures),
+        ),
+        (
             "audit_records_total",
             "audit records written",
-            state.audit.writes.load(Ordering::Relaxed),
+            get(&state.audit.writes),
         ),
-        line(
+        (
             "audit_write_microseconds_total",
-            "time spent waiting for durable audit writes",
-            state.audit.write_us.load(Ordering::Relaxed),
+            "time spent waiting for durable audit writes (divide by audit_records_total for the mean)",
+            get(&state.audit.write_us),
         ),
-    ]
-    .concat();
+    ];
+    let mut body: String = counters
+        .iter()
+        .map(|(name, help, v)| {
+            format!("# HELP securerun_{name} {help}\n# TYPE securerun_{name} counter\nsecurerun_{name} {v}\n")
+        })
+        .collect();
+    body.push_str(&format!(
+        "# HELP securerun_lockdown 1 while the server refuses every non-admin request\n# TYPE securerun_lockdown gauge\nsecurerun_lockdown {}\n",
+        u8::from(state.lockdown.load(Ordering::Relaxed))
+    ));
+    body.push_str(&format!(
+        "# HELP securerun_audit_healthy 1 while the audit log accepts writes\n# TYPE securerun_audit_healthy gauge\nsecurerun_audit_healthy {}\n",
+        u8::from(state.audit.healthy())
+    ));
     (
         [("content-type", "text/plain; version=0.0.4")],
         Body::from(body),
@@ -365,6 +390,11 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
         loop {
             tick.tick().await;
             state.tokens.refresh();
+            // Operator actions CLI commands left while this server holds the log.
+            let audit = state.audit.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.ingest_spool()).await {
+                tracing::error!(error = %e, "could not record spooled operator actions");
+            }
             let lockdown = crate::lockdown::is_on(&state.state_dir);
             if state.lockdown.swap(lockdown, Ordering::Relaxed) != lockdown {
                 let event = if lockdown {
@@ -373,10 +403,9 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
                     "lockdown_off"
                 };
                 tracing::warn!(event, "lockdown changed");
-                let _ = state
-                    .audit
-                    .append(crate::audit::AuditRecord::event(event))
-                    .await;
+                let mut r = crate::audit::AuditRecord::event(event);
+                r.detail = crate::lockdown::describe(&state.state_dir);
+                let _ = state.audit.append(r).await;
             }
             let now = crate::tokens::now();
             let current: std::collections::HashMap<String, bool> = state

@@ -413,7 +413,7 @@ fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> WorkerError {
             use std::os::unix::process::ExitStatusExt;
             let how = match (status.code(), status.signal()) {
                 (_, Some(libc::SIGSYS)) => {
-                    "was killed by the seccomp filter (forbidden system call)".into()
+                    format!("was killed by {}", super::SECCOMP_KILL)
                 }
                 (_, Some(libc::SIGKILL)) => "was killed (SIGKILL)".into(),
                 (_, Some(libc::SIGABRT)) => {

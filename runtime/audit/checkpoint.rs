@@ -1,0 +1,357 @@
+//! Signed checkpoints: `(epoch, record count, chain head, time)` statements signed with the
+//! epoch's ECDSA P-256 key, appended to `checkpoints.jsonl` beside the segments.
+//!
+//! Why: the hash chain proves records are consistent with each other; a checkpoint is a
+//! signed, shippable statement of how far the log went, which an auditor can check with a
+//! public key alone (no read key, nothing decrypted) and keep off the host.
+//!
+//! Keys: epoch E's signing key is derived from the epoch key `K(E)` (HKDF), so it evolves and
+//! is erased with it: whoever takes the running host can sign for the current epoch only. The
+//! read key derives every later epoch's public key; for holders of the public root alone
+//! (`audit.pub`, epoch 0's public key, written when the log is created), each epoch's first
+//! checkpoint is a *handover*, signed by the previous epoch's key, that names the next epoch's
+//! public key. A verifier walks that chain from the root.
+//!
+//! When: at every epoch start (the handover), after every [`EVERY_RECORDS`] records or
+//! [`EVERY`] of activity, and when the writer stops.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::EpochKey;
+use super::AuditError;
+use crate::signing::PublicKey;
+
+pub const CHECKPOINTS: &str = "checkpoints.jsonl";
+/// Epoch 0's checkpoint public key: the root an auditor without the read key trusts.
+pub const ROOT_PUB: &str = "audit.pub";
+/// A checkpoint after this many records...
+pub const EVERY_RECORDS: u64 = 1000;
+/// ...or this long after the previous one, whichever comes first (if anything was written).
+pub const EVERY: Duration = Duration::from_secs(60);
+/// Largest checkpoints file read (a line is about 250 bytes; a handover about 400).
+const MAX_FILE: u64 = 256 * 1024 * 1024;
+
+/// One signed statement about the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The epoch whose key signed this.
+    pub epoch: u32,
+    /// Records in the log so far (the sequence number of the last one).
+    pub seq: u64,
+    /// Chain head (hex) after record `seq`.
+    pub head: String,
+    pub time_ms: u64,
+    /// Handover only: the epoch that starts now, and its checkpoint public key (SPKI PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_epoch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<String>,
+    /// Base64 DER ECDSA P-256/SHA-256 signature over [`Checkpoint::message`].
+    pub sig: String,
+}
+
+impl Checkpoint {
+    /// A signed checkpoint of `(seq, head)` by `key`'s epoch; with `next`, a handover to it.
+    pub fn sign(
+        key: &EpochKey,
+        seq: u64,
+        head: &[u8; 32],
+        next: Option<&EpochKey>,
+    ) -> Result<Checkpoint, AuditError> {
+        let next_key = next
+            .map(|n| n.checkpoint_key().public_key().to_pem())
+            .transpose()
+            .map_err(|e| AuditError::Key(e.to_string()))?;
+        let mut c = Checkpoint {
+            epoch: key.epoch,
+            seq,
+            head: hex::encode(head),
+            time_ms: super::now_ms(),
+            next_epoch: next.map(|n| n.epoch),
+            next_key,
+            sig: String::new(),
+        };
+        c.sig = crate::signing::bundle::b64_encode(&key.checkpoint_key().sign(&c.message()));
+        Ok(c)
+    }
+
+    /// The exact bytes signed: every field but the signature, unambiguously.
+    pub fn message(&self) -> Vec<u8> {
+        format!(
+            "securerun-audit-checkpoint v1\nepoch {}\nseq {}\nhead {}\ntime_ms {}\nnext_epoch {}\nnext_key {}\n",
+            self.epoch,
+            self.seq,
+            self.head,
+            self.time_ms,
+            self.next_epoch.map_or("-".to_string(), |e| e.to_string()),
+            self.next_key.as_deref().map_or("-".to_string(), |k| k.trim().replace('\n', "|")),
+        )
+        .into_bytes()
+    }
+
+    pub fn verify(&self, key: &PublicKey) -> bool {
+        crate::signing::bundle::b64_decode(&self.sig)
+            .map(|der| key.verify(&self.message(), &der))
+            .unwrap_or(false)
+    }
+
+    /// The handover's next public key, parsed.
+    pub fn next_public_key(&self) -> Option<PublicKey> {
+        self.next_key
+            .as_deref()
+            .and_then(|pem| PublicKey::from_pem(pem).ok())
+    }
+}
+
+/// Appends one checkpoint line; `sync` makes it durable before returning. A failed write is
+/// cut back so no partial line stays behind.
+pub fn append(dir: &Path, c: &Checkpoint, sync: bool) -> Result<(), AuditError> {
+    let path = dir.join(CHECKPOINTS);
+    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let mut line = serde_json::to_string(c).map_err(|e| AuditError::Io(e.to_string()))?;
+    line.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let written = f
+        .write_all(line.as_bytes())
+        .and_then(|_| if sync { f.sync_data() } else { Ok(()) });
+    if let Err(e) = written {
+        let _ = f.set_len(len);
+        return Err(io(e));
+    }
+    Ok(())
+}
+
+/// The checkpoints file as read: complete lines parsed, and a torn last line (a crash during
+/// a write) reported rather than taken.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    pub list: Vec<Checkpoint>,
+    pub torn: Option<String>,
+}
+
+/// Reads `checkpoints.jsonl`; a malformed complete line is an error naming it.
+pub fn read(dir: &Path) -> Result<Checkpoints, String> {
+    let path = dir.join(CHECKPOINTS);
+    let bytes = match securerun_models::fsutil::read_bounded(&path, MAX_FILE) {
+        Ok(b) => b,
+        Err(securerun_models::fsutil::OpenError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(Checkpoints::default())
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut out = Checkpoints::default();
+    let mut rest = bytes.as_slice();
+    let mut line_no = 0;
+    while !rest.is_empty() {
+        line_no += 1;
+        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+            out.torn = Some(format!(
+                "{CHECKPOINTS} line {line_no} is incomplete ({} bytes)",
+                rest.len()
+            ));
+            break;
+        };
+        let c: Checkpoint = serde_json::from_slice(&rest[..end])
+            .map_err(|e| format!("{CHECKPOINTS} line {line_no}: not a checkpoint: {e}"))?;
+        out.list.push(c);
+        rest = &rest[end + 1..];
+    }
+    Ok(out)
+}
+
+/// Where the chain stood when `epoch` began, as its handover states it: `(0, zeros)` for epoch
+/// 1. After retention shredded the epochs before it, this is where the log now starts.
+pub fn start_of(list: &[Checkpoint], epoch: u32) -> Option<(u64, [u8; 32])> {
+    if epoch <= 1 {
+        return Some((0, [0; 32]));
+    }
+    let c = list.iter().find(|c| c.next_epoch == Some(epoch))?;
+    let head = hex::decode(&c.head).ok()?.try_into().ok()?;
+    Some((c.seq, head))
+}
+
+/// Cuts an incomplete last line (a crash while a checkpoint was written) so the next one
+/// starts on a line of its own; returns what was cut, for the new epoch's first record to
+/// report. Only the writer, holding the lock, calls this.
+pub fn cut_torn_tail(dir: &Path) -> Result<Option<String>, AuditError> {
+    let path = dir.join(CHECKPOINTS);
+    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(io)?;
+    f.set_len(keep as u64)
+        .and_then(|_| f.sync_all())
+        .map_err(io)?;
+    Ok(Some(format!(
+        "{CHECKPOINTS} ended in an incomplete line of {} bytes at byte {keep} (cut)",
+        bytes.len() - keep
+    )))
+}
+
+/// Writes the root public key (epoch 0's checkpoint key) for auditors.
+pub fn write_root(dir: &Path, k0: &EpochKey) -> Result<(), AuditError> {
+    let pem = k0
+        .checkpoint_key()
+        .public_key()
+        .to_pem()
+        .map_err(|e| AuditError::Key(e.to_string()))?;
+    let path = dir.join(ROOT_PUB);
+    std::fs::write(&path, pem).map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Which public key signs for which epoch, as far as a verifier knows.
+pub enum KeySource {
+    /// The read key (epoch r): every epoch ≥ r's key is derived; earlier ones are unknown.
+    ReadKey(EpochKey),
+    /// Only the public root: epochs are learned from handovers.
+    Root(PublicKey),
+}
+
+/// Checks every checkpoint's signature, in file order, learning epoch keys from handovers.
+/// Returns, for each checkpoint, whether its signer was known (checkpoints of shredded epochs
+/// cannot be checked by a retained read key and are skipped).
+pub fn authenticate(list: &[Checkpoint], source: &KeySource) -> Result<Vec<bool>, String> {
+    use std::collections::BTreeMap;
+    let mut learned: BTreeMap<u32, PublicKey> = BTreeMap::new();
+    if let KeySource::Root(root) = source {
+        learned.insert(0, root.clone());
+    }
+    let mut checked = Vec::with_capacity(list.len());
+    for (i, c) in list.iter().enumerate() {
+        let n = i + 1;
+        let key = match source {
+            KeySource::ReadKey(k) => k
+                .advance_to(c.epoch)
+                .map(|k| k.checkpoint_key().public_key()),
+            KeySource::Root(_) => learned.get(&c.epoch).cloned(),
+        };
+        let Some(key) = key else {
+            if matches!(source, KeySource::Root(_)) {
+                return Err(format!(
+                    "checkpoint {n} (epoch {}): no handover names this epoch's key",
+                    c.epoch
+                ));
+            }
+            checked.push(false);
+            continue;
+        };
+        if !c.verify(&key) {
+            return Err(format!(
+                "checkpoint {n} (epoch {}, record {}): the signature does not verify (forged or edited)",
+                c.epoch, c.seq
+            ));
+        }
+        match (c.next_epoch, c.next_public_key()) {
+            (None, None) if c.next_key.is_none() => {}
+            (Some(e), Some(k)) if e > c.epoch => {
+                if let KeySource::ReadKey(rk) = source {
+                    let derived = rk.advance_to(e).map(|k| k.checkpoint_key().public_key());
+                    if derived.map(|d| d.hint().ok()) != Some(k.hint().ok()) {
+                        return Err(format!(
+                            "checkpoint {n}: the handover to epoch {e} names a key that is not that epoch's"
+                        ));
+                    }
+                }
+                if let Some(old) = learned.insert(e, k.clone()) {
+                    if old.hint().ok() != k.hint().ok() {
+                        return Err(format!(
+                            "checkpoint {n}: a second handover to epoch {e} names another key"
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "checkpoint {n} (epoch {}): malformed handover",
+                    c.epoch
+                ))
+            }
+        }
+        checked.push(true);
+    }
+    Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_verifies_only_unchanged_and_with_its_epoch_key() {
+        let k0 = EpochKey::random();
+        let k1 = k0.next();
+        let c = Checkpoint::sign(&k0, 7, &[3; 32], Some(&k1)).unwrap();
+        assert!(c.verify(&k0.checkpoint_key().public_key()));
+        assert!(!c.verify(&k1.checkpoint_key().public_key()));
+        for edit in [
+            |c: &mut Checkpoint| c.seq += 1,
+            |c: &mut Checkpoint| c.head = "00".repeat(32),
+            |c: &mut Checkpoint| c.time_ms += 1,
+            |c: &mut Checkpoint| c.next_epoch = Some(9),
+            |c: &mut Checkpoint| c.next_key = None,
+        ] {
+            let mut bad = c.clone();
+            edit(&mut bad);
+            assert!(!bad.verify(&k0.checkpoint_key().public_key()));
+        }
+    }
+
+    #[test]
+    fn the_root_walks_handovers_and_refuses_unknown_epochs() {
+        let k0 = EpochKey::random();
+        let k1 = k0.next();
+        let k2 = k1.next();
+        let list = vec![
+            Checkpoint::sign(&k0, 0, &[0; 32], Some(&k1)).unwrap(),
+            Checkpoint::sign(&k1, 5, &[1; 32], None).unwrap(),
+            Checkpoint::sign(&k1, 9, &[2; 32], Some(&k2)).unwrap(),
+            Checkpoint::sign(&k2, 12, &[3; 32], None).unwrap(),
+        ];
+        let root = KeySource::Root(k0.checkpoint_key().public_key());
+        assert_eq!(authenticate(&list, &root).unwrap(), vec![true; 4]);
+        // Without the handover into epoch 2, epoch 2's checkpoint has no known key.
+        let cut = [list[0].clone(), list[1].clone(), list[3].clone()];
+        assert!(authenticate(&cut, &root)
+            .unwrap_err()
+            .contains("no handover"));
+        // A retained read key (epoch 2) checks what it can derive and skips the rest.
+        let retained = KeySource::ReadKey(k2.clone());
+        assert_eq!(
+            authenticate(&list, &retained).unwrap(),
+            vec![false, false, false, true]
+        );
+        // A forger holding epoch 2's key cannot sign for epoch 1.
+        let mut forged = Checkpoint::sign(&k2, 7, &[9; 32], None).unwrap();
+        forged.epoch = 1;
+        let with_forgery = [list[0].clone(), forged];
+        assert!(authenticate(&with_forgery, &root)
+            .unwrap_err()
+            .contains("does not verify"));
+    }
+}
