@@ -153,13 +153,7 @@ fn session() -> (tempfile::TempDir, String) {
 }
 
 fn export(state: &Path) -> Vec<serde_json::Value> {
-    let o = audit(state, &["export", "--format", "jsonl"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    export_with(state, &["--format", "jsonl"])
 }
 
 #[test]

@@ -6,8 +6,6 @@
 //! second, keeping the time the action happened. A server that starts records whatever an
 //! earlier one left behind, so a spooled action is never lost.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand_core::{OsRng, RngCore};
@@ -34,19 +32,9 @@ pub fn put(dir: &Path, record: &AuditRecord) -> Result<(), AuditError> {
     let mut nonce = [0u8; 8];
     OsRng.fill_bytes(&mut nonce);
     let name = format!("{:016}-{}.json", record.time_ms, hex::encode(nonce));
-    let tmp = spool.join(format!(".{name}.tmp"));
-    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", tmp.display()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
     let json = serde_json::to_vec(record).map_err(|e| AuditError::Io(e.to_string()))?;
-    f.write_all(&json).and_then(|_| f.sync_all()).map_err(io)?;
-    // Complete files only: the writer never sees half a record.
-    std::fs::rename(&tmp, spool.join(&name)).map_err(io)?;
-    Ok(())
+    // Written aside and renamed: the writer never sees half a record.
+    super::keys::write_secret(&spool.join(name), &json)
 }
 
 /// Reads every complete spool file. One that does not parse is recorded as such (its name

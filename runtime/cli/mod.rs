@@ -211,13 +211,7 @@ pub(crate) fn record_admin_with(
         .or_else(crate::trust::default_state_dir)
         .ok_or(crate::trust::TrustError::NoStateDir)?;
     let dir = crate::audit::audit_dir(&state);
-    if crate::audit::init(&dir)? {
-        eprintln!(
-            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key)",
-            dir.display(),
-            dir.join(crate::audit::keys::READ_KEY).display()
-        );
-    }
+    init_audit(&dir)?;
     let mut record = record;
     record.detail = Some(match record.detail.take() {
         Some(d) => format!("{d} (by the securerun CLI)"),
@@ -227,6 +221,20 @@ pub(crate) fn record_admin_with(
         Ok(()) => Ok(()),
         Err(e) => Err(format!("the action was done but could not be audited: {e}").into()),
     }
+}
+
+/// Creates the audit log if it does not exist yet, and tells the operator where its read key
+/// is and that it belongs off the host.
+pub(crate) fn init_audit(dir: &std::path::Path) -> Result<(), crate::audit::AuditError> {
+    if crate::audit::init(dir)? {
+        eprintln!(
+            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key) and give {} to your auditors",
+            dir.display(),
+            dir.join(crate::audit::keys::READ_KEY).display(),
+            dir.join(crate::audit::checkpoint::ROOT_PUB).display()
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn record_admin(

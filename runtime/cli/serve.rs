@@ -104,13 +104,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
     // The audit log first: verification, sandbox and start-up are recorded, and a server that
     // cannot audit does not start.
     let audit_dir = crate::audit::audit_dir(&state_dir);
-    if crate::audit::init(&audit_dir)? {
-        eprintln!(
-            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key)",
-            audit_dir.display(),
-            audit_dir.join(crate::audit::keys::READ_KEY).display()
-        );
-    }
+    super::init_audit(&audit_dir)?;
     let durability = match args.audit_sync {
         AuditSync::Fsync => crate::audit::Durability::Fsync,
         AuditSync::Buffered => crate::audit::Durability::Buffered,
