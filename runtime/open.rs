@@ -55,6 +55,11 @@ impl std::str::FromStr for DeviceChoice {
 }
 
 impl DeviceChoice {
+    /// Whether this build and host can use the device (CUDA needs the `cuda` feature).
+    pub fn check(self) -> Result<(), Error> {
+        self.open().map(drop)
+    }
+
     fn open(self) -> Result<Device, Error> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),

@@ -166,6 +166,15 @@ impl RunModelArgs {
             }
             SandboxMode::Strict => securerun_sandbox::Mode::Strict,
         };
+        // The confined worker computes on CPU; its GPU profile (securerun_sandbox::gpu) is
+        // defined but not wired to a CUDA worker yet. Never fall back to CPU silently.
+        if let DeviceChoice::Cuda(n) = self.device {
+            self.device.check()?;
+            return Err(format!(
+                "--device cuda:{n} runs only in process for now: pass --sandbox=off as well (the confined worker is CPU-only)"
+            )
+            .into());
+        }
         let mut settings = crate::worker::WorkerSettings::for_model(0)?;
         settings.mode = mode;
         settings.memory_budget = match self.worker_memory {

@@ -66,6 +66,7 @@ pub fn main(args: &[String]) -> ExitCode {
         address_space: memory,
         open_files: OPEN_FILES,
         extra_syscalls: Vec::new(),
+        grants: Vec::new(),
     };
     let report = match securerun_sandbox::confine(&confinement) {
         Ok(report) => report,
@@ -216,6 +217,7 @@ pub fn probe_main(args: &[String]) -> ExitCode {
         address_space: 1 << 30,
         open_files: OPEN_FILES,
         extra_syscalls: Vec::new(),
+        grants: Vec::new(),
     };
     let report = match securerun_sandbox::confine(&confinement) {
         Ok(report) => report,

@@ -2,9 +2,11 @@
 //! thread (landlock on ABI < 8 restricts only the calling thread; `unshare(CLONE_NEWUSER)`
 //! refuses a threaded process) and before any untrusted byte is parsed.
 
+use std::path::PathBuf;
+
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, Ruleset, RulesetAttr,
-    RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, LandlockStatus, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 /// How strictly a layer that cannot be enforced is treated.
@@ -26,6 +28,24 @@ pub struct Confinement {
     pub open_files: u64,
     /// Extra system calls to allow (e.g. `ioctl` for a GPU worker).
     pub extra_syscalls: Vec<libc::c_long>,
+    /// Paths landlock still lets the worker open (none for a CPU worker; device nodes for a
+    /// GPU worker, see [`crate::gpu`]).
+    pub grants: Vec<Grant>,
+}
+
+/// A path the worker may still open under landlock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub path: PathBuf,
+    pub access: GrantAccess,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantAccess {
+    /// Read files (and list directories) beneath the path; never execute or write.
+    Read,
+    /// Read, write and ioctl on a device node (ioctl needs landlock ABI >= 5 to be governed).
+    Device,
 }
 
 /// One layer and whether it took effect.
@@ -90,7 +110,7 @@ pub fn confine(c: &Confinement) -> Result<Report, ConfineError> {
     let ns = unshare_namespaces();
     report.push("namespaces", ns);
     mandatory(&mut report, "no_new_privs", no_new_privs())?;
-    mandatory(&mut report, "landlock", landlock())?;
+    mandatory(&mut report, "landlock", landlock_with(&c.grants))?;
     mandatory(
         &mut report,
         "seccomp",
@@ -199,6 +219,12 @@ fn abi_from(version: i32) -> Option<ABI> {
 /// required in full. Applies to the calling thread (and threads it creates later); [`confine`]
 /// calls it while the process has one thread. Needs no_new_privs (set here by the crate).
 pub fn landlock() -> Result<String, String> {
+    landlock_with(&[])
+}
+
+/// [`landlock`], except that each grant's path stays reachable with its access. A grant whose
+/// path does not exist is skipped (a GPU profile lists every possible device node).
+pub fn landlock_with(grants: &[Grant]) -> Result<String, String> {
     let version = landlock_abi();
     let abi = abi_from(version).ok_or("landlock is not available in this kernel")?;
     let err = |e: landlock::RulesetError| format!("landlock: {e}");
@@ -217,11 +243,28 @@ pub fn landlock() -> Result<String, String> {
         ruleset = ruleset.scope(Scope::from_all(abi)).map_err(err)?;
         what.push("abstract sockets, signals");
     }
-    let status = ruleset
-        .create()
-        .map_err(err)?
-        .restrict_self()
-        .map_err(err)?;
+    let mut created = ruleset.create().map_err(err)?;
+    let mut granted = Vec::new();
+    for g in grants {
+        let Ok(fd) = PathFd::new(&g.path) else {
+            continue;
+        };
+        let is_dir = std::fs::metadata(&g.path).is_ok_and(|m| m.is_dir());
+        let wanted: BitFlags<AccessFs> = match g.access {
+            GrantAccess::Read => AccessFs::ReadFile | AccessFs::ReadDir,
+            GrantAccess::Device => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
+        };
+        // Only rights this ABI knows, and for a file only the rights a file can carry.
+        let mut access = wanted & AccessFs::from_all(abi);
+        if !is_dir {
+            access &= AccessFs::from_file(abi);
+        }
+        created = created
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(err)?;
+        granted.push(g.path.display().to_string());
+    }
+    let status = created.restrict_self().map_err(err)?;
     if status.ruleset != RulesetStatus::FullyEnforced {
         return Err(format!("landlock: ruleset {:?}", status.ruleset));
     }
@@ -229,8 +272,13 @@ pub fn landlock() -> Result<String, String> {
         LandlockStatus::Available { effective_abi, .. } => format!("{effective_abi:?}"),
         other => format!("{other:?}"),
     };
+    let except = if granted.is_empty() {
+        String::new()
+    } else {
+        format!(" except {}", granted.join(", "))
+    };
     Ok(format!(
-        "ABI {version} ({kernel}): {} denied",
+        "ABI {version} ({kernel}): {} denied{except}",
         what.join(", ")
     ))
 }

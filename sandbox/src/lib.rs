@@ -7,16 +7,20 @@
 //!   process before it touches untrusted input; strict (fail closed) or permissive.
 //! - [`frame`]: versioned, length-prefixed frames with hard size limits and timeouts.
 //! - [`probe`]: escape attempts that must fail inside a confined process.
+//! - [`gpu`]: the extra grants and system calls a CUDA worker needs, as data.
 //!
 //! This crate knows nothing of models, HTTP or tokens. Linux only; the seccomp policy is written
 //! for x86_64.
 
 pub mod confine;
 pub mod frame;
+pub mod gpu;
 pub mod probe;
 pub mod seccomp;
 pub mod spawn;
 
-pub use confine::{confine, landlock_abi, ConfineError, Confinement, Layer, Mode, Report};
+pub use confine::{
+    confine, landlock_abi, ConfineError, Confinement, Grant, GrantAccess, Layer, Mode, Report,
+};
 pub use frame::{Channel, FrameError, PROTOCOL_VERSION};
 pub use spawn::{inherited, spawn, WorkerProcess, WorkerSpec};

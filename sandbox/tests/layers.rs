@@ -75,3 +75,55 @@ fn seccomp_alone_denies_files_sockets_and_fork() {
     assert_eq!(outcome.1, Some(libc::EPERM), "socket");
     assert_eq!(outcome.2, Some(libc::EPERM), "fork");
 }
+
+#[test]
+fn a_landlock_grant_opens_one_device_node_and_nothing_else() {
+    // /dev/null stands in for a GPU device node: granted read-write, everything else denied.
+    let outcome = std::thread::spawn(|| {
+        securerun_sandbox::confine::no_new_privs().unwrap();
+        let detail = securerun_sandbox::confine::landlock_with(&[
+            securerun_sandbox::Grant {
+                path: "/dev/null".into(),
+                access: securerun_sandbox::GrantAccess::Device,
+            },
+            securerun_sandbox::Grant {
+                path: "/nonexistent/device".into(),
+                access: securerun_sandbox::GrantAccess::Device,
+            },
+        ])
+        .unwrap();
+        (
+            detail,
+            open("/dev/null", libc::O_RDWR),
+            open("/dev/zero", libc::O_RDONLY),
+            open("/etc/passwd", libc::O_RDONLY),
+        )
+    })
+    .join()
+    .unwrap();
+    assert!(outcome.0.contains("except /dev/null"), "{}", outcome.0);
+    assert_eq!(outcome.1, None, "the granted node opens");
+    assert_eq!(outcome.2, Some(libc::EACCES), "another device node");
+    assert_eq!(outcome.3, Some(libc::EACCES), "a file");
+}
+
+#[test]
+fn the_gpu_profile_allows_ioctl_which_the_cpu_profile_denies() {
+    let ioctl_errno = |extra: Vec<libc::c_long>| {
+        std::thread::spawn(move || {
+            securerun_sandbox::confine::no_new_privs().unwrap();
+            let program = securerun_sandbox::seccomp::allowlist_filter(&extra).unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD on stdin's descriptor writes one int into `n`.
+            errno_of(unsafe { libc::ioctl(0, libc::FIONREAD, &mut n) })
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(ioctl_errno(Vec::new()), Some(libc::EPERM));
+    assert_ne!(
+        ioctl_errno(securerun_sandbox::gpu::nvidia().extra_syscalls),
+        Some(libc::EPERM)
+    );
+}
