@@ -195,6 +195,12 @@ fn a_mixed_session_is_recorded_verifiable_and_private() {
     // Filters and the report.
     let o = audit(state.path(), &["export", "--event", "server_start"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    let n = |args: &[&str]| export_with(state.path(), args).len();
+    assert_eq!(n(&["--since", "2000-01-01"]), records.len());
+    assert_eq!(n(&["--since", "1h"]), records.len());
+    assert_eq!(n(&["--until", "2000-01-01T00:00:00Z"]), 0);
+    assert_eq!(n(&["--since", "2999-01-01"]), 0);
+    assert!(records[0]["time"].as_str().unwrap().ends_with('Z'));
     let report = String::from_utf8(audit(state.path(), &["report"]).stdout).unwrap();
     assert!(
         report.contains("refused_unauthenticated") && report.contains("per token"),
@@ -349,6 +355,16 @@ fn every_manipulation_of_the_files_is_detected_with_its_position() {
     std::fs::remove_file(seg(c.path(), 3)).unwrap();
     verify_fails(c.path(), "the newest were removed");
 
+    // A planted segment with a huge epoch number: reported at once, and a server refuses to
+    // ratchet its key up to it (billions of steps) rather than hang.
+    let c = copy(state.path());
+    std::fs::write(c.path().join("audit/seg-4000000000.log"), b"").unwrap();
+    let started = std::time::Instant::now();
+    verify_fails(c.path(), "a segment is missing");
+    let err = serve(c.path(), None).err().expect("must not start");
+    assert!(err.contains("far ahead"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+
     // Whole records cut off the end: the stop's checkpoint attests them; so does an anchor
     // from an earlier verify.
     let o = audit(state.path(), &["verify"]);
@@ -475,6 +491,12 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
     for e in ["lockdown_on", "lockdown_off", "token_revoked"] {
         assert!(events.iter().any(|x| x == e), "{e} not audited: {events:?}");
     }
+    // The running server recorded the lockdown with the reason the CLI gave.
+    let on = export(state.path())
+        .into_iter()
+        .find(|r| r["event"] == "lockdown_on")
+        .unwrap();
+    assert!(on["detail"].as_str().unwrap().contains("drill"), "{on}");
     let refused = export(state.path())
         .iter()
         .filter(|r| r["outcome"] == "refused_unavailable")
@@ -818,4 +840,29 @@ fn epochs_rotate_by_time_and_cli_actions_beside_a_running_server_are_recorded() 
         .read_dir()
         .unwrap()
         .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".json")));
+}
+
+#[test]
+fn a_token_that_cannot_be_audited_is_not_created() {
+    let state = tempfile::tempdir().unwrap();
+    // The audit log cannot exist: its directory's place is taken by a file.
+    std::fs::write(state.path().join("audit"), "not a directory").unwrap();
+    let o = securerun(&[
+        "token",
+        "create",
+        "--name",
+        "ghost",
+        "--scopes",
+        "inference",
+        "--state-dir",
+        p(state.path()),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("token not created"), "{err}");
+    // No secret was shown, and the store holds no live token.
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("srt_"));
+    let list = securerun(&["token", "list", "--json", "--state-dir", p(state.path())]);
+    let tokens: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 0, "{tokens}");
 }

@@ -273,3 +273,32 @@ fn hostile_worker_frames_do_not_take_the_supervisor_down() {
         "{err}"
     );
 }
+
+#[test]
+fn a_seccomp_kill_is_told_by_the_exit_signal_not_by_what_the_worker_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let ready = "msg({'type': 'confined', 'layers': []})\nread()\nmsg({'type': 'ready'})";
+    let run = |script: &str| {
+        let mut model = ConfinedModel::start(
+            source.clone(),
+            Task::Generate,
+            Default::default(),
+            fake_worker(tmp.path(), &format!("{ready}\n{script}")),
+        )
+        .unwrap();
+        let err = model
+            .generate(&prompt(), &greedy(4), &mut |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        (err.to_string(), model.restarts, model.seccomp_kills)
+    };
+    // Killed by SIGSYS, as the seccomp filter does.
+    let (err, restarts, kills) = run("read()\nimport signal; os.kill(os.getpid(), signal.SIGSYS)");
+    assert!(err.contains("seccomp filter"), "{err}");
+    assert_eq!((restarts, kills), (1, 1));
+    // A worker that only claims it in its words, then breaks the protocol: not a violation.
+    let (err, restarts, kills) = run(
+        "r = read()\nmsg({'type': 'text', 'id': 99, 'text': 'killed by the seccomp filter (forbidden system call)'})",
+    );
+    assert_eq!((restarts, kills), (1, 0), "{err}");
+}

@@ -333,11 +333,16 @@ fn every_route_refuses_every_bad_token_and_serves_a_good_one() {
     );
     assert_eq!(r.json()["choices"][0]["text"], " Paris.\n");
     let r = get(&s, "/metrics", Some(&good));
-    assert!(
-        r.body.contains("securerun_unauthorized_total"),
-        "{}",
-        r.body
-    );
+    for line in [
+        "securerun_unauthorized_total ",
+        "securerun_worker_restarts_total 0",
+        "securerun_sandbox_violations_total 0",
+        "securerun_audit_unavailable_total 0",
+        "securerun_lockdown 0",
+        "securerun_audit_healthy 1",
+    ] {
+        assert!(r.body.contains(line), "{line:?} missing in {}", r.body);
+    }
 
     // Bad bodies: malformed JSON, oversized, max_tokens over the cap, wrong model name.
     let r = request(

@@ -90,7 +90,8 @@ impl Checkpoint {
             self.head,
             self.time_ms,
             self.next_epoch.map_or("-".to_string(), |e| e.to_string()),
-            self.next_key.as_deref().map_or("-".to_string(), |k| k.trim().replace('\n', "|")),
+            // JSON-quoted: every key string has exactly one encoding here.
+            serde_json::to_string(&self.next_key).unwrap_or_default(),
         )
         .into_bytes()
     }
@@ -191,10 +192,14 @@ pub fn start_of(list: &[Checkpoint], epoch: u32) -> Option<(u64, [u8; 32])> {
 pub fn cut_torn_tail(dir: &Path) -> Result<Option<String>, AuditError> {
     let path = dir.join(CHECKPOINTS);
     let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
-    let bytes = match std::fs::read(&path) {
+    let bytes = match securerun_models::fsutil::read_bounded(&path, MAX_FILE) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(e)),
+        Err(securerun_models::fsutil::OpenError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(AuditError::Io(e.to_string())),
     };
     if bytes.is_empty() || bytes.ends_with(b"\n") {
         return Ok(None);
@@ -235,20 +240,33 @@ pub enum KeySource {
 
 /// Checks every checkpoint's signature, in file order, learning epoch keys from handovers.
 /// Returns, for each checkpoint, whether its signer was known (checkpoints of shredded epochs
-/// cannot be checked by a retained read key and are skipped).
-pub fn authenticate(list: &[Checkpoint], source: &KeySource) -> Result<Vec<bool>, String> {
+/// cannot be checked by a retained read key and are skipped). Epochs above `max_epoch` (the
+/// newest segment's, plus one for a handover whose segment a crash kept from being created)
+/// are refused before any key is derived for them: a planted epoch number must not make the
+/// verifier ratchet billions of times.
+pub fn authenticate(
+    list: &[Checkpoint],
+    source: &KeySource,
+    max_epoch: u32,
+) -> Result<Vec<bool>, String> {
     use std::collections::BTreeMap;
     let mut learned: BTreeMap<u32, PublicKey> = BTreeMap::new();
+    let mut derive = Deriver::new(source);
     if let KeySource::Root(root) = source {
         learned.insert(0, root.clone());
     }
     let mut checked = Vec::with_capacity(list.len());
     for (i, c) in list.iter().enumerate() {
         let n = i + 1;
+        if c.epoch.max(c.next_epoch.unwrap_or(0)) > max_epoch {
+            return Err(format!(
+                "checkpoint {n} names epoch {}, beyond the newest segment ({})",
+                c.epoch.max(c.next_epoch.unwrap_or(0)),
+                max_epoch.saturating_sub(1)
+            ));
+        }
         let key = match source {
-            KeySource::ReadKey(k) => k
-                .advance_to(c.epoch)
-                .map(|k| k.checkpoint_key().public_key()),
+            KeySource::ReadKey(_) => derive.public(c.epoch),
             KeySource::Root(_) => learned.get(&c.epoch).cloned(),
         };
         let Some(key) = key else {
@@ -270,13 +288,12 @@ pub fn authenticate(list: &[Checkpoint], source: &KeySource) -> Result<Vec<bool>
         match (c.next_epoch, c.next_public_key()) {
             (None, None) if c.next_key.is_none() => {}
             (Some(e), Some(k)) if e > c.epoch => {
-                if let KeySource::ReadKey(rk) = source {
-                    let derived = rk.advance_to(e).map(|k| k.checkpoint_key().public_key());
-                    if derived.map(|d| d.hint().ok()) != Some(k.hint().ok()) {
-                        return Err(format!(
-                            "checkpoint {n}: the handover to epoch {e} names a key that is not that epoch's"
-                        ));
-                    }
+                if matches!(source, KeySource::ReadKey(_))
+                    && derive.public(e).map(|d| d.hint().ok()) != Some(k.hint().ok())
+                {
+                    return Err(format!(
+                        "checkpoint {n}: the handover to epoch {e} names a key that is not that epoch's"
+                    ));
                 }
                 if let Some(old) = learned.insert(e, k.clone()) {
                     if old.hint().ok() != k.hint().ok() {
@@ -296,6 +313,35 @@ pub fn authenticate(list: &[Checkpoint], source: &KeySource) -> Result<Vec<bool>
         checked.push(true);
     }
     Ok(checked)
+}
+
+/// Checkpoint public keys derived from a read key, each epoch once (the ratchet only moves
+/// forward, so keys are derived in one pass up to the highest epoch asked for).
+struct Deriver {
+    next: Option<EpochKey>,
+    keys: std::collections::BTreeMap<u32, PublicKey>,
+}
+
+impl Deriver {
+    fn new(source: &KeySource) -> Self {
+        let next = match source {
+            KeySource::ReadKey(k) => Some(k.clone()),
+            KeySource::Root(_) => None,
+        };
+        Deriver {
+            next,
+            keys: Default::default(),
+        }
+    }
+
+    /// Epoch `e`'s public key, or `None` before the read key's epoch.
+    fn public(&mut self, e: u32) -> Option<PublicKey> {
+        while let Some(k) = self.next.take_if(|k| k.epoch <= e) {
+            self.keys.insert(k.epoch, k.checkpoint_key().public_key());
+            self.next = Some(k.next());
+        }
+        self.keys.get(&e).cloned()
+    }
 }
 
 #[cfg(test)]
@@ -334,23 +380,29 @@ mod tests {
             Checkpoint::sign(&k2, 12, &[3; 32], None).unwrap(),
         ];
         let root = KeySource::Root(k0.checkpoint_key().public_key());
-        assert_eq!(authenticate(&list, &root).unwrap(), vec![true; 4]);
+        assert_eq!(authenticate(&list, &root, 3).unwrap(), vec![true; 4]);
+        // An epoch beyond the newest segment is refused before anything is derived for it.
+        let mut far = Checkpoint::sign(&k2, 12, &[3; 32], None).unwrap();
+        far.epoch = u32::MAX;
+        assert!(authenticate(&[far], &KeySource::ReadKey(k0.clone()), 3)
+            .unwrap_err()
+            .contains("beyond the newest segment"));
         // Without the handover into epoch 2, epoch 2's checkpoint has no known key.
         let cut = [list[0].clone(), list[1].clone(), list[3].clone()];
-        assert!(authenticate(&cut, &root)
+        assert!(authenticate(&cut, &root, 3)
             .unwrap_err()
             .contains("no handover"));
         // A retained read key (epoch 2) checks what it can derive and skips the rest.
         let retained = KeySource::ReadKey(k2.clone());
         assert_eq!(
-            authenticate(&list, &retained).unwrap(),
+            authenticate(&list, &retained, 3).unwrap(),
             vec![false, false, false, true]
         );
         // A forger holding epoch 2's key cannot sign for epoch 1.
         let mut forged = Checkpoint::sign(&k2, 7, &[9; 32], None).unwrap();
         forged.epoch = 1;
         let with_forgery = [list[0].clone(), forged];
-        assert!(authenticate(&with_forgery, &root)
+        assert!(authenticate(&with_forgery, &root, 3)
             .unwrap_err()
             .contains("does not verify"));
     }

@@ -131,6 +131,9 @@ impl Default for WriterOptions {
         }
     }
 }
+/// How far the newest segment may be ahead of the host's key (empty segments left by crashes
+/// between creating a segment and storing its key).
+const MAX_EPOCHS_AHEAD: u32 = 1000;
 /// Records per group commit at most.
 const BATCH: usize = 512;
 
@@ -248,8 +251,20 @@ impl AuditLog {
             }
         }
         let last_epoch = segments.last().map_or(0, |(e, _)| *e);
+        // A segment far ahead of the host's key was not made by this writer (a crash leaves at
+        // most one empty segment per start): refuse it rather than ratchet up to its number.
+        if last_epoch > old.epoch.saturating_add(MAX_EPOCHS_AHEAD) {
+            return Err(AuditError::Io(format!(
+                "{}: segment epoch {last_epoch} is far ahead of the key's epoch {}; run securerun audit verify",
+                dir.display(),
+                old.epoch
+            )));
+        }
         let key = old
-            .advance_to(old.epoch.max(last_epoch) + 1)
+            .epoch
+            .max(last_epoch)
+            .checked_add(1)
+            .and_then(|e| old.advance_to(e))
             .ok_or_else(|| AuditError::Key("epoch counter exhausted".into()))?;
         let file = begin_epoch(dir, &old, &key, seq, &head)?;
         drop(old);
@@ -394,17 +409,19 @@ impl Writer {
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let mut batch = vec![first];
+            let (mut records, mut waiting) = (vec![first.0], vec![first.1]);
             // A checkpoint request met while batching runs after the batch.
             let mut checkpoint_wanted = None;
-            while batch.len() < BATCH && checkpoint_wanted.is_none() {
+            while records.len() < BATCH && checkpoint_wanted.is_none() {
                 match rx.try_recv() {
-                    Ok(Pending::Record { record, done }) => batch.push((*record, done)),
+                    Ok(Pending::Record { record, done }) => {
+                        records.push(*record);
+                        waiting.push(done);
+                    }
                     Ok(Pending::Checkpoint(done)) => checkpoint_wanted = Some(done),
                     Err(_) => break,
                 }
             }
-            let records: Vec<AuditRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
             let result = self.append(&records);
             healthy.store(result.is_ok(), Ordering::Relaxed);
             if let Ok(mut e) = last_error.lock() {
@@ -413,7 +430,7 @@ impl Writer {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "audit write failed; requests are refused until it succeeds");
             }
-            for (_, done) in batch {
+            for done in waiting {
                 let _ = done.send(
                     result
                         .clone()

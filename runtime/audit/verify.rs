@@ -87,8 +87,11 @@ pub fn verify_with(
         Access::Read(k) => KeySource::ReadKey(k.clone()),
         Access::Integrity(root) => KeySource::Root(root.clone()),
     };
-    let authentic = checkpoint::authenticate(&cps.list, &source)
+    let newest = all.last().map_or(0, |(e, _)| *e);
+    let authentic = checkpoint::authenticate(&cps.list, &source, newest.saturating_add(1))
         .map_err(|e| bad(checkpoint::CHECKPOINTS, e))?;
+    let handed_over: std::collections::BTreeSet<u32> =
+        cps.list.iter().filter_map(|c| c.next_epoch).collect();
 
     // Where verification starts: epoch 1, or the read key's epoch after retention; with the
     // public root, the oldest segment still present.
@@ -166,6 +169,15 @@ pub fn verify_with(
     check_checkpoints(start_seq, &start_head)?;
 
     let mut pending_torn: Option<String> = None;
+    let mut epoch_key = match access {
+        Access::Read(k) => Some(k.advance_to(first_epoch).ok_or_else(|| {
+            bad(
+                segment::segment_name(first_epoch),
+                "epoch precedes the read key",
+            )
+        })?),
+        Access::Integrity(_) => None,
+    };
     for (i, (epoch, path)) in segments.iter().enumerate() {
         let name = segment::segment_name(*epoch);
         if *epoch != first_epoch + i as u32 {
@@ -177,20 +189,22 @@ pub fn verify_with(
                 ),
             ));
         }
-        if !cps.list.iter().any(|c| c.next_epoch == Some(*epoch)) {
+        if !handed_over.contains(epoch) {
             return Err(bad(
                 &name,
                 format!("no checkpoint hands over to epoch {epoch} (checkpoints were removed)"),
             ));
         }
-        let record_key = match access {
-            Access::Read(k) => Some(
-                k.advance_to(*epoch)
-                    .ok_or_else(|| bad(&name, "epoch precedes the read key"))?
-                    .record_key(),
-            ),
-            Access::Integrity(_) => None,
-        };
+        // Epochs are consecutive from here, so the key moves forward one step per segment.
+        if let Some(k) = epoch_key.as_mut() {
+            if k.epoch < *epoch {
+                *k = k.next();
+            }
+            if k.epoch != *epoch {
+                return Err(bad(&name, "epoch precedes the read key"));
+            }
+        }
+        let record_key = epoch_key.as_ref().map(EpochKey::record_key);
         let contents = segment::read(path).map_err(|e| bad(&name, e.to_string()))?;
         for (j, frame) in contents.frames.iter().enumerate() {
             let expected_seq = v.last_seq + 1;

@@ -24,10 +24,11 @@ impl Backend {
         matches!(self, Backend::Text(_) | Backend::TextInProcess(_))
     }
 
-    fn restarts(&self) -> u64 {
+    /// Worker replacements and, of those, seccomp kills so far.
+    fn restarts(&self) -> (u64, u64) {
         match self {
-            Backend::Text(m) | Backend::Embed(m) => m.restarts,
-            _ => 0,
+            Backend::Text(m) | Backend::Embed(m) => (m.restarts, m.seccomp_kills),
+            _ => (0, 0),
         }
     }
 }
@@ -74,13 +75,14 @@ impl Engine {
                 for job in rx {
                     let before = backend.restarts();
                     if let Some(failure) = run(&mut backend, job) {
-                        if backend.restarts() > before {
+                        let after = backend.restarts();
+                        if after.0 > before.0 {
                             use std::sync::atomic::Ordering::Relaxed;
                             tracing::warn!(error = %failure, "inference worker replaced");
                             metrics.worker_restarts.fetch_add(1, Relaxed);
                             // A seccomp kill means the worker tried something the sandbox
                             // forbids: recorded as a violation, not just a crash.
-                            if failure.contains(crate::worker::SECCOMP_KILL) {
+                            if after.1 > before.1 {
                                 metrics.sandbox_violations.fetch_add(1, Relaxed);
                                 let mut v = crate::audit::AuditRecord::event("sandbox_violation")
                                     .with_detail(failure.clone());

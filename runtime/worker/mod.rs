@@ -16,9 +16,6 @@ use std::process::Stdio;
 use std::time::Duration;
 
 pub use protocol::{LayerMsg, Task};
-
-/// How a worker death by the seccomp filter is described (and recognised in errors).
-pub const SECCOMP_KILL: &str = "the seccomp filter (forbidden system call)";
 pub use supervisor::{ConfinedModel, WorkerError, WorkerSettings};
 
 use securerun_sandbox::probe::{EXIT_BLOCKED, EXIT_ESCAPED, PROBES};

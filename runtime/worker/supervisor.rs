@@ -85,6 +85,8 @@ pub struct ConfinedModel {
     failures: u32,
     /// Worker replacements so far (deaths, protocol breaks, timeouts).
     pub restarts: u64,
+    /// Of those, workers the seccomp filter killed (SIGSYS): sandbox violations.
+    pub seccomp_kills: u64,
 }
 
 impl ConfinedModel {
@@ -106,6 +108,7 @@ impl ConfinedModel {
             next_id: 1,
             failures: 0,
             restarts: 0,
+            seccomp_kills: 0,
         };
         model.ensure_worker()?;
         Ok(model)
@@ -198,7 +201,8 @@ impl ConfinedModel {
                 Ok(Live { process })
             }
             Err(e) => {
-                let e = explain_death(&mut process, e);
+                let (e, seccomp_kill) = explain_death(&mut process, e);
+                self.seccomp_kills += u64::from(seccomp_kill);
                 let _ = process.child.kill();
                 let _ = process.child.wait();
                 Err(e)
@@ -223,7 +227,8 @@ impl ConfinedModel {
     fn discard(&mut self, e: WorkerError) -> WorkerError {
         let e = match self.live.take() {
             Some(mut live) => {
-                let e = explain_death(&mut live.process, e);
+                let (e, seccomp_kill) = explain_death(&mut live.process, e);
+                self.seccomp_kills += u64::from(seccomp_kill);
                 let _ = live.process.child.kill();
                 let _ = live.process.child.wait();
                 e
@@ -404,16 +409,19 @@ fn frame_error(e: FrameError) -> WorkerError {
     }
 }
 
-/// If the worker is gone, says how it died (signal, exit status) instead of "exited".
-fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> WorkerError {
-    let WorkerError::Died(_) = e else { return e };
+/// If the worker is gone, says how it died (signal, exit status) instead of "exited", and
+/// whether the seccomp filter killed it (from the exit status, never from anything it said).
+fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> (WorkerError, bool) {
+    let WorkerError::Died(_) = e else {
+        return (e, false);
+    };
     // Give the kernel a moment to reap a process whose socket just closed.
     for _ in 0..50 {
         if let Ok(Some(status)) = process.child.try_wait() {
             use std::os::unix::process::ExitStatusExt;
             let how = match (status.code(), status.signal()) {
                 (_, Some(libc::SIGSYS)) => {
-                    format!("was killed by {}", super::SECCOMP_KILL)
+                    "was killed by the seccomp filter (forbidden system call)".into()
                 }
                 (_, Some(libc::SIGKILL)) => "was killed (SIGKILL)".into(),
                 (_, Some(libc::SIGABRT)) => {
@@ -423,9 +431,12 @@ fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> WorkerError {
                 (Some(code), None) => format!("exited with status {code}"),
                 (None, None) => "exited".into(),
             };
-            return WorkerError::Died(how);
+            return (
+                WorkerError::Died(how),
+                status.signal() == Some(libc::SIGSYS),
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    e
+    (e, false)
 }
