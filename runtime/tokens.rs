@@ -98,7 +98,33 @@ pub struct TokenRecord {
     pub expires: Option<u64>,
 }
 
+/// What may be shown of a token outside the store: everything but the secret's hash (a hash
+/// of a 256-bit secret cannot be reversed, but it is a verifier and stays in the store).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenView<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub scopes: &'a BTreeSet<Scope>,
+    pub models: &'a [String],
+    pub limits: &'a Limits,
+    pub created: u64,
+    pub expires: Option<u64>,
+}
+
 impl TokenRecord {
+    /// The record without its secret hash, for APIs and listings.
+    pub fn view(&self) -> TokenView<'_> {
+        TokenView {
+            id: &self.id,
+            name: &self.name,
+            scopes: &self.scopes,
+            models: &self.models,
+            limits: &self.limits,
+            created: self.created,
+            expires: self.expires,
+        }
+    }
+
     pub fn expired(&self, now: u64) -> bool {
         self.expires.is_some_and(|e| now >= e)
     }
@@ -263,9 +289,9 @@ impl TokenStore {
         limits: Limits,
         expires: Option<u64>,
     ) -> Result<Created, TokenError> {
-        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control()) {
+        if !valid_name(name) {
             return Err(TokenError::Invalid(
-                "a token name is 1 to 64 printable characters".into(),
+                "a token name is 1 to 64 printable characters, without control, bidirectional or invisible formatting characters".into(),
             ));
         }
         if scopes.is_empty() {
@@ -321,6 +347,26 @@ impl TokenStore {
             Ok(tokens.remove(i))
         })
     }
+}
+
+/// Token names appear in listings, logs and audit exports read by people: no control
+/// characters, no bidirectional overrides or invisible format characters (which can make a name
+/// display as another), no leading or trailing space.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.trim() == name
+        && !name.chars().any(|c| c.is_control() || is_format_char(c))
+}
+
+/// Unicode format characters (general category Cf) and other invisible characters that
+/// change how text displays.
+fn is_format_char(c: char) -> bool {
+    matches!(c as u32,
+        0x00AD | 0x034F | 0x061C | 0x115F | 0x1160 | 0x17B4 | 0x17B5 | 0x180B..=0x180F
+        | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x206F | 0x3164 | 0xFE00..=0xFE0F
+        | 0xFEFF | 0xFFA0 | 0xFFF0..=0xFFFB | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+        | 0xE0000..=0xE0FFF)
 }
 
 /// Why a presented token was not accepted.

@@ -25,7 +25,7 @@ impl ChatMessage {
 }
 
 /// Why a chat prompt could not be rendered.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ChatError {
     #[error("the model has no chat template (tokenizer_config.json has no \"chat_template\")")]
     NoTemplate,

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
 
 use crate::arch::{self, Architecture, CausalLm};
-use crate::chat::{ChatError, ChatMessage, ChatTemplate};
+use crate::chat::{ChatError, ChatMessage};
 use crate::detok::Detokenizer;
 use crate::load::{self, LoadError, LoadOptions};
+use crate::prompt::PromptEncoder;
 use crate::sampling::SamplingParams;
 use crate::source::ModelSource;
 use crate::stop::{StopMatcher, StopScan};
-use crate::tokenizer::{self, TokenizerError};
+use crate::tokenizer::TokenizerError;
 
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -119,8 +120,7 @@ impl From<candle_core::Error> for GenerateError {
 pub struct TextModel {
     arch: Architecture,
     lm: Box<dyn CausalLm>,
-    tokenizer: Tokenizer,
-    chat: Result<ChatTemplate, Arc<ChatError>>,
+    encoder: PromptEncoder,
     eos: Vec<u32>,
 }
 
@@ -130,17 +130,11 @@ impl TextModel {
         let parts = load::common(source, opts)?;
         let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
         let lm = arch::load_causal_lm(parts.arch, &parts.config, vb, parts.dtype, &opts.device)?;
-        let chat = match source.aux("tokenizer_config.json") {
-            Some(bytes) => ChatTemplate::from_tokenizer_config(bytes),
-            None => Err(ChatError::NoTemplate),
-        }
-        .map_err(Arc::new);
         let eos = load::eos_ids(source, &parts.tokenizer);
         Ok(TextModel {
             arch: parts.arch,
             lm,
-            tokenizer: parts.tokenizer,
-            chat,
+            encoder: PromptEncoder::new(parts.tokenizer, source),
             eos,
         })
     }
@@ -150,7 +144,12 @@ impl TextModel {
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.encoder.tokenizer()
+    }
+
+    /// The tokenizer and chat template alone.
+    pub fn encoder(&self) -> &PromptEncoder {
+        &self.encoder
     }
 
     /// End-of-sequence token ids.
@@ -164,25 +163,13 @@ impl TextModel {
 
     /// Renders chat messages to the exact prompt text the model sees.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, GenerateError> {
-        match &self.chat {
-            Ok(t) => Ok(t.render(messages, true)?),
-            Err(e) => Err(GenerateError::Chat(clone_chat_error(e))),
-        }
+        self.encoder.render_chat(messages)
     }
 
     /// Tokenizes a prompt the way transformers does: raw text with the tokenizer's special
     /// tokens, chat text without (the template already contains them).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerateError> {
-        let ids = match prompt {
-            Prompt::Text(text) => tokenizer::encode(&self.tokenizer, text, true)?,
-            Prompt::Chat(messages) => {
-                tokenizer::encode(&self.tokenizer, &self.render_chat(messages)?, false)?
-            }
-        };
-        if ids.is_empty() {
-            return Err(GenerateError::EmptyPrompt);
-        }
-        Ok(ids)
+        self.encoder.prompt_ids(prompt)
     }
 
     /// Generates, calling `on_text` with each complete piece of text as soon as it is known
@@ -251,7 +238,7 @@ impl TextModel {
             }
             run.context.push(next);
             generated += 1;
-            if let Some(piece) = run.detok.push(&self.tokenizer, next)? {
+            if let Some(piece) = run.detok.push(self.encoder.tokenizer(), next)? {
                 if let Step::Stop(reason) = run.emit(&piece, on_text) {
                     finish = reason;
                     by_stop_string = reason == FinishReason::Stop;
@@ -266,7 +253,7 @@ impl TextModel {
         // End of stream: release what the detokenizer and the stop matcher still hold, unless
         // the client cancelled or a stop string already ended the text.
         if finish != FinishReason::Cancelled && !by_stop_string {
-            if let Some(rest) = run.detok.flush(&self.tokenizer)? {
+            if let Some(rest) = run.detok.flush(self.encoder.tokenizer())? {
                 if let Step::Stop(reason) = run.emit(&rest, on_text) {
                     finish = reason;
                     by_stop_string = reason == FinishReason::Stop;
@@ -322,13 +309,5 @@ impl Run {
         } else {
             Step::Go
         }
-    }
-}
-
-fn clone_chat_error(e: &ChatError) -> ChatError {
-    match e {
-        ChatError::NoTemplate => ChatError::NoTemplate,
-        ChatError::Config(s) => ChatError::Config(s.clone()),
-        ChatError::Template(s) => ChatError::Template(s.clone()),
     }
 }

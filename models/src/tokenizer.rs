@@ -18,8 +18,13 @@ pub enum TokenizerError {
 /// Parses `tokenizer.json` bytes. Truncation and padding baked into the file are switched off:
 /// a silently truncated prompt is a wrong answer, and padding is the caller's business.
 pub fn load(bytes: &[u8]) -> Result<Tokenizer, TokenizerError> {
-    let mut tok =
-        Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
+    // The tokenizers crate panics on some malformed files (e.g. a bad `decoder` section): a
+    // model file must never take the process down.
+    let mut tok = crate::panic_guard::catch(|| Tokenizer::from_bytes(bytes))
+        .map_err(|panic| {
+            TokenizerError::Invalid(format!("the tokenizers crate panicked: {panic}"))
+        })?
+        .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
     tok.with_padding(None);
     tok.with_truncation(None)
         .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
@@ -28,7 +33,8 @@ pub fn load(bytes: &[u8]) -> Result<Tokenizer, TokenizerError> {
 
 /// Encodes `text` to ids.
 pub fn encode(tok: &Tokenizer, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-    tok.encode(text, add_special)
+    crate::panic_guard::catch(|| tok.encode(text, add_special))
+        .map_err(|panic| TokenizerError::Encode(format!("the tokenizers crate panicked: {panic}")))?
         .map(|e| e.get_ids().to_vec())
         .map_err(|e| TokenizerError::Encode(e.to_string()))
 }

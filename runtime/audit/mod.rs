@@ -65,6 +65,10 @@ pub struct AuditRecord {
     /// Free-form detail for operator events (never secrets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// How many requests this record stands for (`refused_summary`: refusals counted rather
+    /// than recorded one by one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl AuditRecord {
@@ -334,6 +338,23 @@ impl AuditLog {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.writes.fetch_add(1, Ordering::Relaxed);
         r
+    }
+
+    /// Hands a record to the writer without waiting for it to be durable: for destructors
+    /// (a request whose client vanished), where nothing can wait. Records are written in the
+    /// order they are handed over, so a later durable append or checkpoint covers it.
+    pub fn submit(&self, record: AuditRecord) {
+        let (done, _ignored) = std_mpsc::sync_channel(1);
+        if self
+            .tx
+            .send(Pending::Record {
+                record: Box::new(record),
+                done,
+            })
+            .is_ok()
+        {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Async form of [`Self::append_blocking`] (the wait runs on a blocking thread).

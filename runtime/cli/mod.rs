@@ -177,32 +177,11 @@ impl RunModelArgs {
         }
         let mut settings = crate::worker::WorkerSettings::for_model(0)?;
         settings.mode = mode;
-        settings.memory_budget = match self.worker_memory {
-            Some(mib) => mib << 20,
-            None => {
-                let weights = std::fs::metadata(&self.model.model).map_or(0, |m| {
-                    if m.is_dir() {
-                        dir_size(&self.model.model)
-                    } else {
-                        m.len()
-                    }
-                });
-                weights.saturating_mul(4).saturating_add(4 << 30)
-            }
-        };
+        // Without --worker-memory the budget follows the verified weights when the worker
+        // starts (`worker::supervisor::default_memory_budget`), never the directory listing.
+        settings.memory_budget = self.worker_memory.map(|mib| mib << 20);
         Ok(Some(settings))
     }
-}
-
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.metadata().ok())
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
-            .sum()
-    })
 }
 
 type CmdResult = Result<(), Box<dyn std::error::Error>>;

@@ -66,7 +66,7 @@ fn fresh_seed() -> u64 {
 
 enum Model {
     InProcess(Box<crate::TextModel>),
-    Confined(crate::worker::ConfinedModel),
+    Confined(Box<crate::worker::ConfinedModel>),
 }
 
 pub fn run(args: RunArgs) -> CmdResult {
@@ -74,12 +74,12 @@ pub fn run(args: RunArgs) -> CmdResult {
     let opts = args.common.open_options()?;
     let mut model = match args.common.worker_settings()? {
         None => Model::InProcess(Box::new(open_text_model(&args.common.model.model, &opts)?)),
-        Some(settings) => Model::Confined(open_confined(
+        Some(settings) => Model::Confined(Box::new(open_confined(
             &args.common.model.model,
             &opts,
             Task::Generate,
             Some(settings),
-        )?),
+        )?)),
     };
     let prompt = if args.chat {
         let mut messages = Vec::new();

@@ -150,7 +150,12 @@ pub fn run(args: ServeArgs) -> CmdResult {
         }
     }
     audit.append_blocking(rec)?;
-    let (source, _) = verified?;
+    let (source, verification) = verified?;
+    // The tokenizer and chat template, loaded here: the server counts and bounds prompts itself.
+    let encoder = Arc::new(
+        securerun_models::PromptEncoder::load(&source)
+            .map_err(|e| format!("{}: {e}", model.display()))?,
+    );
     let is_embedder = source
         .aux_json::<serde_json::Value>("config.json")
         .ok()
@@ -169,7 +174,24 @@ pub fn run(args: ServeArgs) -> CmdResult {
             } else {
                 Task::Generate
             };
-            let started = ConfinedModel::start(source, task, opts.limits, settings);
+            let started = ConfinedModel::start(source, task, opts.limits, settings).map(|mut m| {
+                // A replacement worker (after a crash) must compute with the verified bytes:
+                // the signature is checked again over the files it will receive, and a
+                // mismatch refuses the worker (recorded as a failed request and restart).
+                if verification.is_some() {
+                    let trust = opts.trust.clone();
+                    let signature = opts
+                        .signature
+                        .clone()
+                        .unwrap_or_else(|| crate::signing::default_signature_path(model));
+                    m.set_reverify(Box::new(move |source| {
+                        crate::signing::verify_source(source, &signature, &trust, &())
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }));
+                }
+                m
+            });
             let mut rec = crate::audit::AuditRecord::event("sandbox_started");
             rec.outcome = Some(sandbox.clone());
             rec.detail = Some(match &started {
@@ -218,6 +240,21 @@ pub fn run(args: ServeArgs) -> CmdResult {
             .to_string()
     });
 
+    let open_files = server::connections::raise_open_file_limit();
+    // Keep half of the descriptors for everything that is not a client connection.
+    let max_connections = config.max_connections.min(
+        usize::try_from(open_files / 2)
+            .unwrap_or(usize::MAX)
+            .max(16),
+    );
+    let limits = server::connections::ConnectionLimits {
+        max_connections,
+        max_connections_per_client: config.max_connections_per_client,
+        idle_timeout: config.idle_timeout,
+        send_timeout: config.send_timeout,
+        max_head_bytes: config.max_header_bytes.saturating_mul(4).max(16 * 1024),
+    };
+    let proxies = server::client::TrustedProxies::parse(&config.trusted_proxies)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("securerun-http")
@@ -230,13 +267,15 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let mut start = crate::audit::AuditRecord::event("server_start");
         start.model = Some(model_id.clone());
         start.detail = Some(format!(
-            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}",
+            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}, connections {max_connections} ({} per client), trusted proxies {}",
             tls.is_some(),
             config.client_ca.is_some(),
             durability,
             config.audit_content,
             config.audit_rotate.as_secs(),
-            tokens.records().len()
+            tokens.records().len(),
+            config.max_connections_per_client,
+            config.trusted_proxies.len()
         ));
         audit.append(start).await?;
         let stop_log = audit.clone();
@@ -244,13 +283,18 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let state = Arc::new(server::AppState {
             lockdown: std::sync::atomic::AtomicBool::new(crate::lockdown::is_on(&state_dir)),
             state_dir: state_dir.clone(),
+            ledgers: server::ledger::Ledgers::new(audit.clone()),
             audit,
             engine: engine::Engine::start(
                 backend,
                 config.queue,
                 stop_log.clone(),
                 metrics.clone(),
+                tokio::runtime::Handle::current(),
             ),
+            encoder,
+            proxies,
+            shutdown: tokio::sync::watch::channel(false).0,
             model_id: model_id.clone(),
             started: crate::tokens::now(),
             tokens,
@@ -259,20 +303,32 @@ pub fn run(args: ServeArgs) -> CmdResult {
             config: config.clone(),
         });
         server::spawn_token_reloader(state.clone());
-        let shutdown = server::shutdown_signal();
+        let signal = server::shutdown_signal();
+        let stopping = state.clone();
+        let shutdown = async move {
+            signal.await;
+            // Running requests end now, each with its record (`shutdown`).
+            stopping.begin_shutdown();
+        };
         let scheme = if tls.is_some() { "https" } else { "http" };
         // One line a script can wait for.
         println!("listening on {scheme}://{local} (model {model_id})");
-        let app = server::router(state);
-        server::tls::serve(
+        let app = server::router(state.clone());
+        server::connections::serve(
             listener,
             tls,
             app,
-            config.header_timeout,
+            limits,
+            Arc::new(server::ServerEvents(state.clone())),
             shutdown,
             server::DRAIN,
         )
         .await;
+        // Every request's record is written before the server's last ones.
+        let unsettled = state.ledgers.settle(std::time::Duration::from_secs(10)).await;
+        if unsettled > 0 {
+            tracing::warn!(unsettled, "request records still open at exit");
+        }
         stop_log
             .append(crate::audit::AuditRecord::event("server_stop"))
             .await?;

@@ -113,7 +113,8 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
         TokenCommand::List { json, state_dir } => {
             let records = store(state_dir)?.load()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&records)?);
+                let views: Vec<_> = records.iter().map(|r| r.view()).collect();
+                println!("{}", serde_json::to_string_pretty(&views)?);
             } else {
                 let now = tokens::now();
                 for r in records {

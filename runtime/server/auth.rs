@@ -49,7 +49,7 @@ impl TokenCache {
             store,
             stamp: Mutex::new(None),
         };
-        cache.refresh();
+        cache.refresh()?;
         Ok(cache)
     }
 
@@ -66,9 +66,11 @@ impl TokenCache {
     }
 
     /// Re-reads the store if its file changed (mtime, size or inode). A store that cannot be
-    /// read keeps the previous records only if it vanished mid-replace; a corrupt store empties
-    /// the cache (fail closed).
-    pub fn refresh(&self) {
+    /// read or parsed changes nothing: the last good token set stays in force (revocations
+    /// already seen stay revoked; a planted or half-written file cannot empty the server or
+    /// make it record revocations that never happened) and the error is returned, to be
+    /// logged and counted; the read is retried at the next refresh.
+    pub fn refresh(&self) -> Result<(), tokens::TokenError> {
         use std::os::unix::fs::MetadataExt;
         let stamp = std::fs::metadata(self.store.path()).ok().map(|m| {
             (
@@ -77,23 +79,16 @@ impl TokenCache {
                 m.ino(),
             )
         });
-        let Ok(mut last) = self.stamp.lock() else {
-            return;
-        };
+        let mut last = self.stamp.lock().unwrap_or_else(|p| p.into_inner());
         if *last == stamp {
-            return;
+            return Ok(());
         }
-        let records = match self.store.load() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "token store unreadable; refusing all tokens");
-                Vec::new()
-            }
-        };
+        let records = self.store.load()?;
         if let Ok(mut w) = self.records.write() {
             *w = Arc::new(records);
         }
         *last = stamp;
+        Ok(())
     }
 }
 
@@ -173,8 +168,11 @@ impl Limiters {
     }
 
     /// Records a failed authentication; locks the client out once it exceeds the rate.
-    pub fn failed_auth(&self, ip: IpAddr) {
+    /// Returns true when this failure starts a lockout.
+    pub fn failed_auth(&self, ip: IpAddr) -> bool {
+        let mut locked_now = false;
         if self.failures.check_key(&ip).is_err() {
+            locked_now = true;
             let mut locked = self.locked.lock().unwrap_or_else(|p| p.into_inner());
             // Many distinct addresses (think IPv6) must not grow this without bound.
             if locked.len() > 100_000 {
@@ -189,6 +187,7 @@ impl Limiters {
         if self.failures.len() > 100_000 {
             self.failures.retain_recent();
         }
+        locked_now
     }
 
     /// One request by this token.
@@ -201,18 +200,20 @@ impl Limiters {
             })
     }
 
-    /// Reserves `max_tokens` of this token's generated-token budget.
-    pub fn generation(&self, record: &TokenRecord, max_tokens: u32) -> Result<(), Limited> {
+    /// Reserves `tokens` of this token's per-minute token budget: prompt (or embedding input)
+    /// tokens plus the most it may generate.
+    pub fn tokens(&self, record: &TokenRecord, tokens: u64) -> Result<(), Limited> {
         let l = limiter(&self.generated, &record.id, record.limits.tokens_per_min);
-        match l.check_n(NonZeroU32::new(max_tokens.max(1)).expect("max(1)")) {
+        let n = u32::try_from(tokens.max(1)).unwrap_or(u32::MAX);
+        match l.check_n(NonZeroU32::new(n).expect("max(1)")) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(n)) => Err(Limited {
                 retry_after: wait_of(n),
-                what: "generated-token budget",
+                what: "token budget",
             }),
             Err(_) => Err(Limited {
                 retry_after: Duration::from_secs(60),
-                what: "generated-token budget (max_tokens exceeds the per-minute budget)",
+                what: "token budget (this request alone needs more than the per-minute budget)",
             }),
         }
     }
@@ -220,11 +221,12 @@ impl Limiters {
 
 /// Authenticates the `Authorization: Bearer` value.
 pub fn authenticate(cache: &TokenCache, header: Option<&str>) -> Result<Caller, Rejection> {
-    let token = header
-        .ok_or(Rejection::Missing)?
-        .strip_prefix("Bearer ")
-        .ok_or(Rejection::Malformed)?
-        .trim();
+    // RFC 7235: the scheme name is case-insensitive.
+    let header = header.ok_or(Rejection::Missing)?;
+    let token = match header.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => return Err(Rejection::Malformed),
+    };
     let records = cache.records();
     let record = tokens::authenticate(&records, token, tokens::now())?;
     Ok(Caller {

@@ -41,6 +41,30 @@ pub struct ServeConfig {
     pub generation_timeout: Duration,
     #[serde(with = "secs")]
     pub header_timeout: Duration,
+    /// Connections open at once; more are closed on accept. Capped below the open-file limit.
+    pub max_connections: usize,
+    /// Connections open at once from one client address (the TCP peer).
+    pub max_connections_per_client: usize,
+    /// A connection with no request in flight (including one that sends only part of a
+    /// request, a partial HTTP/2 preface or a TLS handshake) is closed after this long.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+    /// A response that makes no progress for this long (the client stopped reading, or holds
+    /// an HTTP/2 flow-control window at zero) is cut off and its generation cancelled.
+    #[serde(with = "secs")]
+    pub send_timeout: Duration,
+    /// A request body must arrive whole within this long...
+    #[serde(with = "secs")]
+    pub body_timeout: Duration,
+    /// ...and, after its first seconds, at no less than this many bytes per second.
+    pub min_body_rate: u64,
+    /// Request line and headers, in bytes; larger requests get 431 (before anything else).
+    pub max_header_bytes: usize,
+    /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the client.
+    /// Nobody else's is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Warn (log and `/metrics`) when the audit volume has less free space than this, MiB.
+    pub audit_min_free_mb: u64,
     /// What of the prompts and completions the audit log keeps: none (default), hmac, full.
     pub audit_content: AuditContent,
     /// Start a new audit epoch (segment and key) after this long; retention shreds whole
@@ -78,6 +102,15 @@ impl Default for ServeConfig {
             queue: 16,
             generation_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
+            max_connections: 1024,
+            max_connections_per_client: 64,
+            idle_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            min_body_rate: 1024,
+            max_header_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
+            audit_min_free_mb: 512,
             auth_failures_per_min: 10,
             audit_content: AuditContent::None,
             audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
@@ -116,6 +149,24 @@ impl ServeConfig {
                 "max_body_bytes >= 1024, queue >= 1 and max_tokens_cap >= 1 are required".into(),
             );
         }
+        if self.max_connections == 0 || self.max_connections_per_client == 0 {
+            return Err("max_connections and max_connections_per_client must be at least 1".into());
+        }
+        for (name, d) in [
+            ("header_timeout", self.header_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("send_timeout", self.send_timeout),
+            ("body_timeout", self.body_timeout),
+            ("generation_timeout", self.generation_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be at least 1 second"));
+            }
+        }
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            return Err("max_header_bytes must be between 1024 and 1048576".into());
+        }
+        super::client::TrustedProxies::parse(&self.trusted_proxies)?;
         if self.audit_rotate < Duration::from_secs(1) {
             return Err("audit_rotate must be at least 1 second".into());
         }

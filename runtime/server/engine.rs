@@ -1,15 +1,25 @@
 //! The model behind the server: one OS thread owns the (confined or in-process) model and runs
-//! jobs one at a time; handlers talk to it through channels. Streaming pieces flow back over a
-//! bounded channel; a client that goes away closes it, which cancels the generation.
+//! jobs one at a time; handlers talk to it through channels.
+//!
+//! The engine never waits on a client. Each job carries its deadline and a cancellation flag
+//! that its handler raises when the client goes: a job whose client has gone, or whose deadline
+//! has passed, is dropped before it touches the model; a running one stops at its next text
+//! piece (and, in a confined worker, while the supervisor waits for the worker, prefill
+//! included). Text pieces go back over a bounded channel with a bounded wait
+//! ([`PIECE_SEND_WAIT`]): a consumer that stops taking them cancels the generation.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use securerun_models::{Generation, GenerationParams, Prompt};
+use securerun_models::{Generation, GenerationParams};
 
-use crate::worker::ConfinedModel;
+use crate::worker::supervisor::RequestControl;
+use crate::worker::{ConfinedModel, WorkerError};
 
 /// What the engine can run.
 pub enum Backend {
@@ -33,23 +43,103 @@ impl Backend {
     }
 }
 
+/// A job's deadline and cancellation flag, shared with the handler that submitted it.
+#[derive(Clone)]
+pub struct JobControl {
+    cancelled: Arc<AtomicBool>,
+    pub deadline: Instant,
+}
+
+impl JobControl {
+    pub fn new(deadline: Instant) -> Self {
+        JobControl {
+            cancelled: Arc::default(),
+            deadline,
+        }
+    }
+
+    /// Stops the job (its client went away, or its authorization ended).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Relaxed)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.is_cancelled() || Instant::now() >= self.deadline
+    }
+
+    /// A guard that cancels the job when dropped (a handler future dropped because its client
+    /// went away).
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop(self.clone())
+    }
+}
+
+pub struct CancelOnDrop(JobControl);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Why a job failed, typed until the HTTP edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request itself is at fault (prompt too long, bad template input...).
+    #[error("{0}")]
+    Request(String),
+    /// The worker failed; it has been (or will be) replaced.
+    #[error("{0}")]
+    Worker(String),
+    /// The job was dropped before it ran (client gone or deadline passed).
+    #[error("the request was dropped before it ran")]
+    Dropped,
+}
+
+impl From<WorkerError> for EngineError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Request(m) => EngineError::Request(m),
+            other => EngineError::Worker(other.to_string()),
+        }
+    }
+}
+
 pub enum Job {
     Generate {
-        prompt: Prompt,
+        prompt_ids: Vec<u32>,
         params: GenerationParams,
-        /// Text pieces as they are generated; dropped receiver = cancel.
+        control: JobControl,
+        /// Text pieces as they are generated; a closed or stalled receiver cancels.
         pieces: mpsc::Sender<String>,
-        done: oneshot::Sender<Result<Generation, String>>,
+        done: oneshot::Sender<Result<Generation, EngineError>>,
     },
     Embed {
         texts: Vec<String>,
-        done: oneshot::Sender<Result<Vec<Vec<f32>>, String>>,
+        control: JobControl,
+        done: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     },
+}
+
+impl Job {
+    fn control(&self) -> &JobControl {
+        match self {
+            Job::Generate { control, .. } | Job::Embed { control, .. } => control,
+        }
+    }
 }
 
 /// The engine cannot take another job now.
 #[derive(Debug)]
 pub struct Busy;
+
+/// Longest the engine waits for room in a job's piece channel before it gives up on the
+/// consumer and cancels the generation.
+pub const PIECE_SEND_WAIT: Duration = Duration::from_secs(2);
 
 /// Handle to the engine thread.
 #[derive(Clone)]
@@ -61,23 +151,31 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine thread; at most `queue` jobs wait behind the running one.
     /// Worker replacements are audited (`worker_restarted`, with how the worker died).
+    /// `runtime` is the server's Tokio runtime (bounded waits on piece channels use its timer).
     pub fn start(
         mut backend: Backend,
         queue: usize,
         audit: crate::audit::AuditLog,
         metrics: std::sync::Arc<super::Metrics>,
+        runtime: tokio::runtime::Handle,
     ) -> Engine {
         let is_text = backend.is_text();
         let (tx, rx) = std_mpsc::sync_channel::<Job>(queue);
         std::thread::Builder::new()
             .name("securerun-engine".into())
             .spawn(move || {
+                use std::sync::atomic::Ordering::Relaxed;
                 for job in rx {
+                    if job.control().should_stop() {
+                        // Its client has gone or its time is up: it never touches the model.
+                        metrics.jobs_dropped.fetch_add(1, Relaxed);
+                        drop_job(job);
+                        continue;
+                    }
                     let before = backend.restarts();
-                    if let Some(failure) = run(&mut backend, job) {
+                    if let Some(failure) = run(&mut backend, job, &runtime) {
                         let after = backend.restarts();
                         if after.0 > before.0 {
-                            use std::sync::atomic::Ordering::Relaxed;
                             tracing::warn!(error = %failure, "inference worker replaced");
                             metrics.worker_restarts.fetch_add(1, Relaxed);
                             // A seccomp kill means the worker tried something the sandbox
@@ -107,44 +205,92 @@ impl Engine {
     }
 }
 
-/// Runs one job; returns the error message if it failed.
-fn run(backend: &mut Backend, job: Job) -> Option<String> {
+fn drop_job(job: Job) {
+    match job {
+        Job::Generate { done, .. } => {
+            let _ = done.send(Err(EngineError::Dropped));
+        }
+        Job::Embed { done, .. } => {
+            let _ = done.send(Err(EngineError::Dropped));
+        }
+    }
+}
+
+/// Sends a piece, waiting at most [`PIECE_SEND_WAIT`] for room; false when the consumer is
+/// gone or stalled.
+fn send_piece(
+    pieces: &mpsc::Sender<String>,
+    piece: &str,
+    runtime: &tokio::runtime::Handle,
+) -> bool {
+    match pieces.try_send(piece.to_string()) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(piece)) => runtime
+            .block_on(pieces.send_timeout(piece, PIECE_SEND_WAIT))
+            .is_ok(),
+    }
+}
+
+/// Runs one job; returns the worker failure message if the worker failed.
+fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Option<String> {
     match job {
         Job::Generate {
-            prompt,
+            prompt_ids,
             params,
+            control,
             pieces,
             done,
         } => {
             let mut on_text = |piece: &str| {
-                // blocking_send waits while the client is slow; a closed channel (client gone)
-                // cancels the generation.
-                if pieces.blocking_send(piece.to_string()).is_err() {
+                if control.should_stop() || !send_piece(&pieces, piece, runtime) {
                     ControlFlow::Break(())
                 } else {
                     ControlFlow::Continue(())
                 }
             };
             let result = match backend {
-                Backend::Text(m) => m
-                    .generate(&prompt, &params, &mut on_text)
-                    .map_err(|e| e.to_string()),
+                Backend::Text(m) => {
+                    let stop = || control.should_stop() || pieces.is_closed();
+                    let rc = RequestControl {
+                        deadline: Some(control.deadline),
+                        cancelled: &stop,
+                    };
+                    m.generate_ids(&prompt_ids, &params, &rc, &mut on_text)
+                        .map_err(EngineError::from)
+                }
                 Backend::TextInProcess(m) => m
-                    .generate(&prompt, &params, &mut on_text)
-                    .map_err(|e| e.to_string()),
-                _ => Err("this model does not generate text".into()),
+                    .generate_from_ids(&prompt_ids, &params, &mut on_text)
+                    .map_err(|e| EngineError::Request(e.to_string())),
+                _ => Err(EngineError::Request(
+                    "this model does not generate text".into(),
+                )),
             };
-            let failure = result.as_ref().err().cloned();
+            let failure = match &result {
+                Err(EngineError::Worker(m)) => Some(m.clone()),
+                _ => None,
+            };
             let _ = done.send(result);
             failure
         }
-        Job::Embed { texts, done } => {
+        Job::Embed {
+            texts,
+            control: _,
+            done,
+        } => {
             let result = match backend {
-                Backend::Embed(m) => m.embed(&texts).map_err(|e| e.to_string()),
-                Backend::EmbedInProcess(m) => m.embed(&texts).map_err(|e| e.to_string()),
-                _ => Err("this model does not compute embeddings".into()),
+                Backend::Embed(m) => m.embed(&texts).map_err(EngineError::from),
+                Backend::EmbedInProcess(m) => m
+                    .embed(&texts)
+                    .map_err(|e| EngineError::Request(e.to_string())),
+                _ => Err(EngineError::Request(
+                    "this model does not compute embeddings".into(),
+                )),
             };
-            let failure = result.as_ref().err().cloned();
+            let failure = match &result {
+                Err(EngineError::Worker(m)) => Some(m.clone()),
+                _ => None,
+            };
             let _ = done.send(result);
             failure
         }

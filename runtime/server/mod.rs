@@ -3,13 +3,18 @@
 //! confined worker; this process keeps the network, TLS keys and tokens.
 
 pub mod auth;
+pub mod body;
+pub mod client;
 pub mod config;
+pub mod connections;
 pub mod engine;
+pub mod interrupt;
+pub mod ledger;
 pub mod openai;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +27,10 @@ use axum::routing::{get, post};
 use axum::Router;
 
 pub use config::ServeConfig;
+use ledger::{Fate, Ledger};
 use openai::ApiError;
 
-/// Counters for `/metrics`.
+/// Counters and gauges for `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
     pub requests: AtomicU64,
@@ -36,6 +42,15 @@ pub struct Metrics {
     pub worker_restarts: AtomicU64,
     pub sandbox_violations: AtomicU64,
     pub audit_failures: AtomicU64,
+    pub token_store_errors: AtomicU64,
+    pub jobs_dropped: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_timed_out: AtomicU64,
+    pub responses_stalled: AtomicU64,
+    pub malformed: AtomicU64,
+    pub audit_free_bytes: AtomicU64,
+    pub audit_disk_low: AtomicBool,
 }
 
 /// Shared by every handler.
@@ -47,9 +62,74 @@ pub struct AppState {
     pub model_id: String,
     pub started: u64,
     pub engine: engine::Engine,
+    /// The model's tokenizer and chat template, here in the server: prompt lengths, budgets and
+    /// usage are counted on this side, never taken from the worker.
+    pub encoder: Arc<securerun_models::PromptEncoder>,
     pub tokens: auth::TokenCache,
     pub limiters: auth::Limiters,
     pub metrics: Arc<Metrics>,
+    pub proxies: client::TrustedProxies,
+    /// Every request's pending audit record ([`ledger`]).
+    pub ledgers: Arc<ledger::Ledgers>,
+    /// Flips to true when shutdown begins: running requests end with `shutdown`.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl AppState {
+    /// Starts the shutdown of running requests (streams end with a final error event).
+    pub fn begin_shutdown(&self) {
+        self.ledgers.shutting_down.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Connection events: metrics, and malformed requests recorded like other anonymous refusals.
+pub struct ServerEvents(pub Arc<AppState>);
+
+impl connections::ConnectionEvents for ServerEvents {
+    fn refused(&self, peer: SocketAddr, per_client: bool) {
+        self.0
+            .metrics
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(client = %peer, per_client, "connection refused: cap reached");
+    }
+
+    fn timed_out(&self, _peer: SocketAddr, stalled: bool) {
+        let m = &self.0.metrics;
+        if stalled {
+            m.responses_stalled.fetch_add(1, Ordering::Relaxed);
+        } else {
+            m.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn malformed(&self, peer: SocketAddr, status: u16) {
+        let state = &self.0;
+        state.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+        let mut record = crate::audit::AuditRecord::event("request");
+        record.request_id = Some(openai::request_id("req"));
+        record.client = Some(state.audit.pseudonym(&peer.ip().to_string()));
+        record.route = Some("(malformed HTTP, refused by the parser)".into());
+        let ledger = Ledger::open(record, peer.ip(), &state.ledgers);
+        tokio::spawn(async move {
+            let _ = ledger
+                .finish(Fate {
+                    status: Some(status),
+                    outcome: "refused_malformed",
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                })
+                .await;
+        });
+    }
+
+    fn open(&self, count: usize) {
+        self.0
+            .metrics
+            .connections_open
+            .store(count as u64, Ordering::Relaxed);
+    }
 }
 
 /// Every route the server registers, with its method; the deny-by-default test walks this list.
@@ -66,7 +146,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/lockdown"),
 ];
 
-/// The application: routes behind the authentication middleware and the body limit.
+/// The application: routes behind body bounds, authentication and the audit ledger (outermost).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -92,8 +172,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such route",
             )
         })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            body::buffer_body,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             audit_requests,
@@ -101,8 +185,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The outcome to record for a response, when its status alone does not say it.
+#[derive(Clone, Copy)]
+pub struct RecordedOutcome(pub &'static str);
+
+fn refused(resp: impl IntoResponse, outcome: &'static str) -> Response {
+    let mut resp = resp.into_response();
+    resp.extensions_mut().insert(RecordedOutcome(outcome));
+    resp
+}
+
 /// Deny by default: every request except [`auth::PUBLIC`] paths needs a valid token with the
-/// route's scope.
+/// route's scope. A valid token is served even from an address that is locked out after failed
+/// authentications: the lockout only makes further failures cheap to refuse.
 async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let path = req.uri().path().to_string();
@@ -111,25 +206,8 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
     }
     let ip = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
-    if let Some(wait) = state.limiters.locked_out(ip) {
-        state.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
-        let mut r = crate::audit::AuditRecord::event("client_locked_out");
-        r.client = Some(state.audit.pseudonym(&ip.to_string()));
-        r.route = Some(path.clone());
-        let _ = state.audit.append(r).await;
-        state.metrics.limited.fetch_add(1, Ordering::Relaxed);
-        let mut e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "locked_out",
-            "too many failed authentications from this client; retry later",
-        );
-        e.retry_after = Some(wait);
-        return e.into_response();
-    }
+        .get::<client::ClientIp>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0);
     let header = req
         .headers()
         .get("authorization")
@@ -137,10 +215,26 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
     let caller = match auth::authenticate(&state.tokens, header) {
         Ok(c) => c,
         Err(rejection) => {
-            state.limiters.failed_auth(ip);
+            if let Some(wait) = state.limiters.locked_out(ip) {
+                state.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
+                state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+                let mut e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "locked_out",
+                    "too many failed authentications from this client; retry later",
+                );
+                e.retry_after = Some(wait);
+                return refused(e, "refused_locked_out");
+            }
+            if state.limiters.failed_auth(ip) {
+                // Recorded once, when the lockout begins.
+                let mut r = crate::audit::AuditRecord::event("client_locked_out");
+                r.client = Some(state.audit.pseudonym(&ip.to_string()));
+                let _ = state.audit.append(r).await;
+            }
             state.metrics.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let client = state.audit.pseudonym(&ip.to_string());
-            tracing::info!(client = %client, path = %path, reason = ?rejection, "unauthenticated request refused");
+            tracing::debug!(reason = ?rejection, "unauthenticated request refused");
             let message = match rejection {
                 crate::tokens::Rejection::Missing => "missing bearer token",
                 crate::tokens::Rejection::Malformed => "malformed bearer token",
@@ -161,6 +255,9 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
             return resp;
         }
     };
+    if let Some(ledger) = req.extensions().get::<Ledger>() {
+        ledger.update(|r| r.token_id = Some(caller.token_id.clone()));
+    }
     let Some(scope) = auth::scope_for(&path) else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
@@ -178,9 +275,7 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
             "the server is in lockdown; only administrative requests are served",
         );
         e.retry_after = Some(Duration::from_secs(60));
-        let mut resp = e.into_response();
-        resp.extensions_mut().insert(caller);
-        return resp;
+        return refused(e, "refused_lockdown");
     }
     if !caller.record.scopes.contains(&scope) {
         state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
@@ -197,10 +292,8 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         return ApiError::limited(l).into_response();
     }
     tracing::info!(token = %caller.token_id, path = %path, "request");
-    req.extensions_mut().insert(caller.clone());
-    let mut resp = next.run(req).await;
-    resp.extensions_mut().insert(caller);
-    resp
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 /// The texts of a request (and its completion), for `--audit-content hmac|full`.
@@ -223,7 +316,9 @@ fn outcome(status: StatusCode) -> &'static str {
         401 => "refused_unauthenticated",
         403 => "refused_forbidden",
         404 => "not_found",
+        408 => "refused_body_timeout",
         413 => "refused_too_large",
+        431 => "refused_header_too_large",
         429 => "refused_rate_limited",
         400..=499 => "refused_bad_request",
         503 => "refused_unavailable",
@@ -231,68 +326,133 @@ fn outcome(status: StatusCode) -> &'static str {
     }
 }
 
-/// Outermost layer: every request, refused or served, gets a durable audit record before its
-/// response leaves. If the record cannot be written, the client gets 503 instead.
-async fn audit_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
+/// Marks a streamed response: its stream task owns the request's audit record.
+#[derive(Clone, Copy)]
+pub struct Streaming;
+
+/// The size of the request line and headers, as the client sent them (approximately: names,
+/// values and separators).
+fn head_bytes(req: &Request) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Outermost layer: opens the request's audit record ([`ledger`]) and writes it, durably,
+/// before an ordinary response leaves. A request whose record cannot be written is answered
+/// 503 instead; a streamed one hands its record to the stream task.
+async fn audit_requests(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let request_id = openai::request_id("req");
-    let client = req
+    let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| state.audit.pseudonym(&c.0.ip().to_string()));
-    let route = format!("{} {}", req.method(), req.uri().path());
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let ip = state.proxies.client(peer, req.headers());
     let mut record = crate::audit::AuditRecord::event("request");
     record.request_id = Some(request_id.clone());
-    record.client = client;
-    record.route = Some(route);
+    record.client = Some(state.audit.pseudonym(&ip.to_string()));
+    record.route = Some(format!(
+        "{} {}",
+        req.method(),
+        ledger::bounded_path(req.uri().path())
+    ));
     record.model = Some(state.model_id.clone());
+    let ledger = Ledger::open(record, ip, &state.ledgers);
+    req.extensions_mut().insert(client::ClientIp(ip));
+    req.extensions_mut().insert(ledger.clone());
+    if head_bytes(&req) > state.config.max_header_bytes {
+        let e = ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            "header_too_large",
+            format!(
+                "the request line and headers exceed {} bytes",
+                state.config.max_header_bytes
+            ),
+        );
+        return finish(&state, &ledger, &request_id, e.into_response()).await;
+    }
     // A broken log refuses work before any is done (and recovers once a write succeeds).
-    if !state.audit.healthy() {
-        let mut probe = record.clone();
-        probe.outcome = Some("refused_unavailable".into());
-        if state.audit.append(probe).await.is_err() {
-            return audit_unavailable(&state);
-        }
-    }
-    let mut resp = next.run(req).await;
-    let status = resp.status();
-    record.status = Some(status.as_u16());
-    record.outcome = Some(outcome(status).into());
-    record.latency_ms = Some(started.elapsed().as_millis() as u64);
-    if let Some(caller) = resp.extensions().get::<auth::Caller>() {
-        record.token_id = Some(caller.token_id.clone());
-    }
-    if let Some(u) = resp.extensions().get::<Usage>() {
-        record.prompt_tokens = Some(u.prompt_tokens);
-        record.completion_tokens = Some(u.completion_tokens);
-    }
-    if let Some(c) = resp.extensions_mut().remove::<Content>() {
-        match state.config.audit_content {
-            config::AuditContent::None => {}
-            config::AuditContent::Hmac => {
-                record.content_hmac =
-                    Some(c.texts.iter().map(|t| state.audit.pseudonym(t)).collect());
-            }
-            config::AuditContent::Full => {
-                record.content =
-                    Some(serde_json::json!({"texts": c.texts, "completion": c.completion}));
-            }
-        }
-    }
-    if resp
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    if !state.audit.healthy()
+        && state
+            .audit
+            .append(crate::audit::AuditRecord::event("audit_probe"))
+            .await
+            .is_err()
     {
-        record.outcome = Some("stream_started".into());
-    }
-    if state.audit.append(record).await.is_err() {
+        let _ = ledger
+            .finish(Fate {
+                status: Some(503),
+                outcome: "refused_unavailable",
+                prompt_tokens: None,
+                completion_tokens: None,
+            })
+            .await;
         return audit_unavailable(&state);
     }
-    if let Ok(v) = axum::http::HeaderValue::from_str(&request_id) {
+    let resp = next.run(req).await;
+    if resp.extensions().get::<Streaming>().is_some() {
+        return with_request_id(resp, &request_id);
+    }
+    finish(&state, &ledger, &request_id, resp).await
+}
+
+/// Writes the record of an ordinary response, then releases the response.
+async fn finish(
+    state: &AppState,
+    ledger: &Ledger,
+    request_id: &str,
+    mut resp: Response,
+) -> Response {
+    let status = resp.status();
+    let recorded = resp
+        .extensions()
+        .get::<RecordedOutcome>()
+        .map_or_else(|| outcome(status), |o| o.0);
+    let usage = resp.extensions().get::<Usage>().copied();
+    if let Some(c) = resp.extensions_mut().remove::<Content>() {
+        ledger.update(|r| record_content(state, r, c));
+    }
+    let fate = Fate {
+        status: Some(status.as_u16()),
+        outcome: recorded,
+        prompt_tokens: usage.map(|u| u.prompt_tokens),
+        completion_tokens: usage.map(|u| u.completion_tokens),
+    };
+    if ledger.finish(fate).await.is_err() {
+        return audit_unavailable(state);
+    }
+    with_request_id(resp, request_id)
+}
+
+fn with_request_id(mut resp: Response, request_id: &str) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
+}
+
+/// Adds the texts of a request to its record as `--audit-content` says.
+pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, c: Content) {
+    match state.config.audit_content {
+        config::AuditContent::None => {}
+        config::AuditContent::Hmac => {
+            record.content_hmac = Some(c.texts.iter().map(|t| state.audit.pseudonym(t)).collect());
+        }
+        config::AuditContent::Full => {
+            record.content =
+                Some(serde_json::json!({"texts": c.texts, "completion": c.completion}));
+        }
+    }
 }
 
 fn audit_unavailable(state: &AppState) -> Response {
@@ -311,7 +471,7 @@ fn audit_unavailable(state: &AppState) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 11] = [
+    let counters: [(&str, &str, u64); 18] = [
         ("requests_total", "HTTP requests received", get(&m.requests)),
         (
             "unauthorized_total",
@@ -351,6 +511,41 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             get(&state.audit.writes),
         ),
         (
+            "token_store_errors_total",
+            "failed reads of the token store (the last good token set stays in force)",
+            get(&m.token_store_errors),
+        ),
+        (
+            "jobs_dropped_total",
+            "queued jobs dropped unrun because their client left or their deadline passed",
+            get(&m.jobs_dropped),
+        ),
+        (
+            "connections_refused_total",
+            "connections closed on accept because a connection cap was reached",
+            get(&m.connections_refused),
+        ),
+        (
+            "connections_timed_out_total",
+            "connections closed for idling (no request in flight)",
+            get(&m.connections_timed_out),
+        ),
+        (
+            "responses_stalled_total",
+            "responses cut off because the client stopped reading",
+            get(&m.responses_stalled),
+        ),
+        (
+            "malformed_requests_total",
+            "requests refused by the HTTP parser before any handler",
+            get(&m.malformed),
+        ),
+        (
+            "requests_summarized_total",
+            "anonymous refusals counted in refused_summary records instead of one record each",
+            get(&state.ledgers.refusals.summarized),
+        ),
+        (
             "audit_write_microseconds_total",
             "time spent waiting for durable audit writes (divide by audit_records_total for the mean)",
             get(&state.audit.write_us),
@@ -365,6 +560,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     body.push_str(&format!(
         "# HELP securerun_lockdown 1 while the server refuses every non-admin request\n# TYPE securerun_lockdown gauge\nsecurerun_lockdown {}\n",
         u8::from(state.lockdown.load(Ordering::Relaxed))
+    ));
+    body.push_str(&format!(
+        "# HELP securerun_connections_open connections open now\n# TYPE securerun_connections_open gauge\nsecurerun_connections_open {}\n",
+        get(&m.connections_open)
+    ));
+    body.push_str(&format!(
+        "# HELP securerun_audit_free_bytes free space on the audit log's volume\n# TYPE securerun_audit_free_bytes gauge\nsecurerun_audit_free_bytes {}\n",
+        get(&m.audit_free_bytes)
+    ));
+    body.push_str(&format!(
+        "# HELP securerun_audit_disk_low 1 while the audit volume has less free space than audit_min_free_mb\n# TYPE securerun_audit_disk_low gauge\nsecurerun_audit_disk_low {}\n",
+        u8::from(m.audit_disk_low.load(Ordering::Relaxed))
     ));
     body.push_str(&format!(
         "# HELP securerun_audit_healthy 1 while the audit log accepts writes\n# TYPE securerun_audit_healthy gauge\nsecurerun_audit_healthy {}\n",
@@ -387,9 +594,27 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
             .iter()
             .map(|r| (r.id.clone(), r.expired(crate::tokens::now())))
             .collect();
+        let mut last_summary = std::time::Instant::now();
+        let mut last_disk_check: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
-            state.tokens.refresh();
+            if let Err(e) = state.tokens.refresh() {
+                state
+                    .metrics
+                    .token_store_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "token store unreadable; keeping the last good token set");
+            }
+            if last_summary.elapsed() >= ledger::SUMMARY_EVERY {
+                last_summary = std::time::Instant::now();
+                for r in state.ledgers.refusals.drain() {
+                    let _ = state.audit.append(r).await;
+                }
+            }
+            if last_disk_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                last_disk_check = Some(std::time::Instant::now());
+                check_audit_space(&state);
+            }
             // Operator actions CLI commands left while this server holds the log.
             let audit = state.audit.clone();
             if let Ok(Err(e)) = tokio::task::spawn_blocking(move || audit.ingest_spool()).await {
@@ -435,6 +660,38 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
             known = current;
         }
     });
+}
+
+/// Updates the audit volume's free-space gauge and warns when it runs low.
+fn check_audit_space(state: &AppState) {
+    let Some(free) = free_bytes(&crate::audit::audit_dir(&state.state_dir)) else {
+        return;
+    };
+    state
+        .metrics
+        .audit_free_bytes
+        .store(free, Ordering::Relaxed);
+    let low = free < state.config.audit_min_free_mb.saturating_mul(1 << 20);
+    let was = state.metrics.audit_disk_low.swap(low, Ordering::Relaxed);
+    if low && !was {
+        tracing::warn!(
+            free_mib = free >> 20,
+            threshold_mib = state.config.audit_min_free_mb,
+            "the audit log's volume is running out of space; when it is full, requests are refused"
+        );
+    }
+}
+
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs with a NUL-terminated path and a zeroed out-struct it fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are registered when this is called (not when

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -20,7 +20,9 @@ use securerun_models::{
 };
 
 use super::auth::{Caller, Limited};
-use super::engine::Job;
+use super::engine::{EngineError, Job, JobControl};
+use super::interrupt::{self, Interruption};
+use super::ledger::{Fate, Ledger};
 use super::AppState;
 
 /// An error in OpenAI's JSON shape.
@@ -30,6 +32,10 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// The outcome for the audit record, when the status alone does not say it.
+    pub outcome: Option<&'static str>,
+    /// Token counts so far (a request interrupted while it ran).
+    pub usage: Option<super::Usage>,
 }
 
 impl ApiError {
@@ -45,7 +51,20 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            outcome: None,
+            usage: None,
         }
+    }
+
+    /// The error as one server-sent event (a stream's final word).
+    pub fn event(&self) -> Event {
+        Event::default().data(self.body().to_string())
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message, "type": self.kind, "param": null, "code": self.code,
+        }})
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -82,10 +101,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "message": self.message, "type": self.kind, "param": null, "code": self.code,
-        }});
-        let mut resp = (self.status, Json(body)).into_response();
+        let mut resp = (self.status, Json(self.body())).into_response();
+        if let Some(o) = self.outcome {
+            resp.extensions_mut().insert(super::RecordedOutcome(o));
+        }
+        if let Some(u) = self.usage {
+            resp.extensions_mut().insert(u);
+        }
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
@@ -252,14 +274,6 @@ fn finish(reason: FinishReason) -> &'static str {
     }
 }
 
-fn usage(g: &Generation) -> Value {
-    json!({
-        "prompt_tokens": g.prompt_tokens,
-        "completion_tokens": g.completion_tokens(),
-        "total_tokens": g.prompt_tokens + g.completion_tokens(),
-    })
-}
-
 pub fn request_id(prefix: &str) -> String {
     use rand_core::RngCore;
     let mut b = [0u8; 12];
@@ -276,6 +290,7 @@ enum Kind {
 pub async fn chat(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_json(&body)?;
@@ -283,9 +298,13 @@ pub async fn chat(
         return Err(ApiError::bad_request("messages must not be empty"));
     }
     let texts = req.messages.iter().map(|m| m.content.clone()).collect();
-    complete(
+    let call = Call {
         state,
         caller,
+        ledger,
+    };
+    complete(
+        call,
         texts,
         Prompt::Chat(req.messages),
         req.sampling,
@@ -297,12 +316,17 @@ pub async fn chat(
 pub async fn completions(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(&body)?;
-    complete(
+    let call = Call {
         state,
         caller,
+        ledger,
+    };
+    complete(
+        call,
         vec![req.prompt.clone()],
         Prompt::Text(req.prompt),
         req.sampling,
@@ -311,72 +335,143 @@ pub async fn completions(
     .await
 }
 
-async fn complete(
+/// One authenticated request: the server, who asked, and its audit record.
+struct Call {
     state: Arc<AppState>,
     caller: Caller,
+    ledger: Ledger,
+}
+
+/// Tokenizes a prompt here, in the server, on a blocking thread.
+async fn encode_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+    let encoder = state.encoder.clone();
+    tokio::task::spawn_blocking(move || encoder.prompt_ids(&prompt))
+        .await
+        .map_err(|_| engine_stopped())?
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+async fn complete(
+    call: Call,
     texts: Vec<String>,
     prompt: Prompt,
     sampling: Sampling,
     kind: Kind,
 ) -> Result<Response, ApiError> {
+    let Call {
+        state,
+        caller,
+        ledger,
+    } = call;
     check_model(&state, &caller, &sampling.model)?;
     if !state.engine.is_text {
         return Err(ApiError::bad_request(
             "this model computes embeddings; use /v1/embeddings",
         ));
     }
+    let deadline = Instant::now() + state.config.generation_timeout;
     let params = params(&state, &sampling)?;
+    // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
+    // never depend on what the worker says.
+    let prompt_ids = encode_prompt(&state, prompt).await?;
+    let prompt_tokens = prompt_ids.len() as u64;
+    if prompt_ids.len() > state.config.max_prompt_tokens {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} tokens; at most {} are accepted",
+            prompt_ids.len(),
+            state.config.max_prompt_tokens
+        )));
+    }
     state
         .limiters
-        .generation(&caller.record, params.max_tokens as u32)
+        .tokens(&caller.record, prompt_tokens + params.max_tokens as u64)
         .map_err(ApiError::limited)?;
+    let control = JobControl::new(deadline);
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
-    state
-        .engine
-        .submit(Job::Generate {
-            prompt,
-            params,
-            pieces: pieces_tx,
-            done: done_tx,
-        })
-        .map_err(|_| ApiError::busy())?;
+    let job = Job::Generate {
+        prompt_ids,
+        params,
+        control: control.clone(),
+        pieces: pieces_tx,
+        done: done_tx,
+    };
     let id = request_id(if kind == Kind::Chat {
         "chatcmpl"
     } else {
         "cmpl"
     });
     let created = crate::tokens::now();
-    let model = state.model_id.clone();
     if sampling.stream {
-        let include_usage = sampling.stream_options.is_some_and(|o| o.include_usage);
-        let stream = sse_stream(
-            state.clone(),
-            pieces_rx,
-            done_rx,
+        // Record before acting: the stream's start is durable before generation begins; its
+        // one `request` record follows when it ends.
+        if let Some(mut marker) = ledger.snapshot() {
+            marker.event = "stream_started".into();
+            marker.prompt_tokens = Some(prompt_tokens);
+            if state.audit.append(marker).await.is_err() {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "audit_unavailable",
+                    "the server cannot record this request in its audit log; retry later",
+                ));
+            }
+        }
+        state.engine.submit(job).map_err(|_| ApiError::busy())?;
+        let stream = StreamTask {
+            state: state.clone(),
+            caller,
+            ledger,
+            control,
+            pieces: pieces_rx,
+            done: done_rx,
             id,
             created,
-            model,
             kind,
-            include_usage,
-        );
-        let mut resp = Sse::new(stream).into_response();
-        resp.extensions_mut().insert(super::Content {
+            include_usage: sampling.stream_options.is_some_and(|o| o.include_usage),
+            prompt_tokens,
             texts,
-            completion: None,
-        });
+        };
+        let mut resp = Sse::new(stream.spawn()).into_response();
+        resp.extensions_mut().insert(super::Streaming);
         return Ok(resp);
     }
+    state.engine.submit(job).map_err(|_| ApiError::busy())?;
+    // Dropped with this future (the client went away): the job stops.
+    let _cancel = control.cancel_on_drop();
     // Non-streaming: drain pieces (the engine needs the channel read), then the result.
     let mut pieces_rx = pieces_rx;
     let drain = async move { while pieces_rx.recv().await.is_some() {} };
-    let timeout = state.config.generation_timeout;
-    let (_, done) = tokio::time::timeout(timeout, async { tokio::join!(drain, done_rx) })
-        .await
-        .map_err(|_| timed_out("generation"))?;
-    let g = done
-        .map_err(|_| engine_stopped())?
-        .map_err(generation_error)?;
+    let mut done_rx = done_rx;
+    let finished = tokio::select! {
+        (_, done) = async { tokio::join!(drain, &mut done_rx) } => Ok(done),
+        why = interrupt::interrupted(&state, &caller, deadline) => Err(why),
+    };
+    let g = match finished {
+        Ok(done) => done
+            .map_err(|_| engine_stopped())?
+            .map_err(generation_error)?,
+        Err(why) => {
+            control.cancel();
+            // The worker's last word on how far it got, briefly.
+            let so_far = tokio::time::timeout(CANCEL_WAIT, done_rx).await;
+            let completion = match so_far {
+                Ok(Ok(Ok(g))) => g.completion_tokens() as u64,
+                _ => 0,
+            };
+            state
+                .metrics
+                .generated
+                .fetch_add(completion, Ordering::Relaxed);
+            let mut e = why.error();
+            e.outcome = Some(why.outcome());
+            e.usage = Some(super::Usage {
+                prompt_tokens,
+                completion_tokens: completion,
+            });
+            return Err(e);
+        }
+    };
     state
         .metrics
         .generated
@@ -393,12 +488,12 @@ async fn complete(
         "text_completion"
     };
     let usage_ext = super::Usage {
-        prompt_tokens: g.prompt_tokens as u64,
+        prompt_tokens,
         completion_tokens: g.completion_tokens() as u64,
     };
     let mut resp = Json(json!({
-        "id": id, "object": object, "created": created, "model": model,
-        "choices": [choice], "usage": usage(&g),
+        "id": id, "object": object, "created": created, "model": state.model_id,
+        "choices": [choice], "usage": usage_json(usage_ext),
     }))
     .into_response();
     resp.extensions_mut().insert(usage_ext);
@@ -409,6 +504,9 @@ async fn complete(
     Ok(resp)
 }
 
+/// How long an interrupted request waits for the engine to say how far it got.
+const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
 fn engine_stopped() -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -418,133 +516,281 @@ fn engine_stopped() -> ApiError {
     )
 }
 
-fn timed_out(what: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::GATEWAY_TIMEOUT,
-        "server_error",
-        "timeout",
-        format!("{what} timed out"),
-    )
-}
-
-fn generation_error(message: String) -> ApiError {
+fn generation_error(e: EngineError) -> ApiError {
     // Request errors from the model (prompt too long, bad template input) are the client's;
     // worker failures are ours.
-    if message.contains("inference worker") {
-        ApiError::new(
+    match e {
+        EngineError::Request(m) => ApiError::bad_request(m),
+        EngineError::Worker(m) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "worker_failed",
-            message,
-        )
-    } else {
-        ApiError::bad_request(message)
+            m,
+        ),
+        EngineError::Dropped => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "server_error",
+            "timeout",
+            "the request timed out before it ran",
+        ),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sse_stream(
+fn usage_json(u: super::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+/// A streamed completion: owns the request's audit record until the stream ends.
+struct StreamTask {
     state: Arc<AppState>,
-    mut pieces: mpsc::Receiver<String>,
-    done: oneshot::Receiver<Result<Generation, String>>,
+    caller: Caller,
+    ledger: Ledger,
+    control: JobControl,
+    pieces: mpsc::Receiver<String>,
+    done: oneshot::Receiver<Result<Generation, EngineError>>,
     id: String,
     created: u64,
-    model: String,
     kind: Kind,
     include_usage: bool,
-) -> impl Stream<Item = Result<Event, Infallible>> {
-    let id_for_audit = id.clone();
-    let chunk = move |delta: Value, finish_reason: Value, usage: Option<Value>| {
-        let choice = match kind {
+    prompt_tokens: u64,
+    texts: Vec<String>,
+}
+
+/// How a stream ended, before its record is written.
+enum StreamEnd {
+    Finished,
+    /// The client went away (`false`) or stopped reading for `send_timeout` (`true`).
+    Client {
+        stalled: bool,
+    },
+    Interrupted(Interruption),
+}
+
+impl StreamTask {
+    /// Starts the task; returns the body stream hyper sends.
+    fn spawn(self) -> impl Stream<Item = Result<Event, Infallible>> {
+        let (tx, rx) = mpsc::channel(16);
+        let (drained_tx, drained_rx) = oneshot::channel();
+        tokio::spawn(self.run(tx, drained_rx));
+        Drained {
+            rx,
+            drained: Some(drained_tx),
+        }
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Value, usage: Option<Value>) -> Event {
+        let choice = match self.kind {
             Kind::Chat => {
                 json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null})
             }
             Kind::Text => {
                 json!({"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")),
-                                 "finish_reason": finish_reason, "logprobs": null})
+                       "finish_reason": finish_reason, "logprobs": null})
             }
         };
-        let object = if kind == Kind::Chat {
+        let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
             "text_completion"
         };
-        let mut v = json!({"id": id, "object": object, "created": created, "model": model,
-                           "choices": [choice]});
+        let mut v = json!({"id": self.id, "object": object, "created": self.created,
+                           "model": self.state.model_id, "choices": [choice]});
         if let Some(u) = usage {
             v["usage"] = u;
             v["choices"] = json!([]);
         }
         Event::default().data(v.to_string())
-    };
-    async_stream(move |tx| async move {
-        if kind == Kind::Chat {
-            let _ = tx
-                .send(chunk(
-                    json!({"role": "assistant", "content": ""}),
-                    Value::Null,
-                    None,
-                ))
-                .await;
-        }
-        let keep_text = state.config.audit_content == super::config::AuditContent::Full;
+    }
+
+    async fn run(mut self, tx: mpsc::Sender<Event>, drained: oneshot::Receiver<()>) {
+        let wait = self.state.config.send_timeout;
+        let send = |tx: &mpsc::Sender<Event>, ev: Event| {
+            let tx = tx.clone();
+            async move {
+                match tx.send_timeout(ev, wait).await {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(true),
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(false),
+                }
+            }
+        };
+        let keep_text = self.state.config.audit_content == super::config::AuditContent::Full;
         let mut completion = String::new();
-        while let Some(piece) = pieces.recv().await {
-            if keep_text {
-                completion.push_str(&piece);
-            }
-            if tx
-                .send(chunk(json!({"content": piece}), Value::Null, None))
-                .await
-                .is_err()
-            {
-                return; // client gone: dropping `pieces` cancels the generation
+        let mut pieces = 0u64;
+        let state = self.state.clone();
+        let caller = self.caller.clone();
+        let interruption = interrupt::interrupted(&state, &caller, self.control.deadline);
+        tokio::pin!(interruption);
+        let mut end = StreamEnd::Finished;
+        if self.kind == Kind::Chat {
+            let role = self.chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                None,
+            );
+            if let Err(stalled) = send(&tx, role).await {
+                end = StreamEnd::Client { stalled };
             }
         }
-        match done.await {
-            Ok(Ok(g)) => {
-                let mut r = crate::audit::AuditRecord::event("stream_finished");
-                r.model = Some(state.model_id.clone());
-                r.prompt_tokens = Some(g.prompt_tokens as u64);
-                r.completion_tokens = Some(g.completion_tokens() as u64);
-                r.outcome = Some(finish(g.finish_reason).into());
-                r.detail = Some(id_for_audit.clone());
-                if keep_text {
-                    r.content = Some(json!({"completion": completion}));
+        if matches!(end, StreamEnd::Finished) {
+            end = loop {
+                tokio::select! {
+                    piece = self.pieces.recv() => match piece {
+                        Some(piece) => {
+                            pieces += 1;
+                            if keep_text {
+                                completion.push_str(&piece);
+                            }
+                            let ev = self.chunk(json!({"content": piece}), Value::Null, None);
+                            if let Err(stalled) = send(&tx, ev).await {
+                                break StreamEnd::Client { stalled };
+                            }
+                        }
+                        None => break StreamEnd::Finished,
+                    },
+                    why = &mut interruption => break StreamEnd::Interrupted(why),
                 }
-                let _ = state.audit.append(r).await;
-                state
-                    .metrics
-                    .generated
-                    .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
-                let _ = tx
-                    .send(chunk(json!({}), json!(finish(g.finish_reason)), None))
-                    .await;
-                if include_usage {
-                    let _ = tx
-                        .send(chunk(json!({}), Value::Null, Some(usage(&g))))
-                        .await;
-                }
-            }
-            Ok(Err(message)) => {
-                let e = json!({"error": {"message": message, "type": "server_error", "param": null, "code": "generation_failed"}});
-                let _ = tx.send(Event::default().data(e.to_string())).await;
-            }
-            Err(_) => {}
+            };
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        // Whatever ended it, the generation stops now (a no-op if it already has).
+        self.control.cancel();
+        self.pieces.close();
+        let generation = match tokio::time::timeout(CANCEL_WAIT, &mut self.done).await {
+            Ok(Ok(r)) => Some(r),
+            _ => None,
+        };
+        let completion_tokens = match &generation {
+            Some(Ok(g)) => g.completion_tokens() as u64,
+            _ => pieces,
+        };
+        state
+            .metrics
+            .generated
+            .fetch_add(completion_tokens, Ordering::Relaxed);
+        let mut status = 200;
+        let outcome: &str = match end {
+            StreamEnd::Client { stalled } => {
+                if stalled {
+                    state
+                        .metrics
+                        .responses_stalled
+                        .fetch_add(1, Ordering::Relaxed);
+                    "send_timeout"
+                } else {
+                    "client_closed"
+                }
+            }
+            StreamEnd::Interrupted(why) => {
+                let _ = send(&tx, why.error().event()).await;
+                let _ = send(&tx, Event::default().data("[DONE]")).await;
+                why.outcome()
+            }
+            StreamEnd::Finished => {
+                let last = match &generation {
+                    Some(Ok(g)) => {
+                        let mut events =
+                            vec![self.chunk(json!({}), json!(finish(g.finish_reason)), None)];
+                        if self.include_usage {
+                            let u = super::Usage {
+                                prompt_tokens: self.prompt_tokens,
+                                completion_tokens,
+                            };
+                            events.push(self.chunk(json!({}), Value::Null, Some(usage_json(u))));
+                        }
+                        Ok(events)
+                    }
+                    Some(Err(e)) => Err(generation_error_ref(e)),
+                    None => Err(engine_stopped()),
+                };
+                let outcome = match last {
+                    Ok(events) => {
+                        let mut r = Ok(());
+                        for ev in events {
+                            r = r.and(send(&tx, ev).await);
+                        }
+                        r = r.and(send(&tx, Event::default().data("[DONE]")).await);
+                        drop(tx);
+                        // Delivered only once hyper has taken the last event for the client.
+                        match (r, tokio::time::timeout(wait, drained).await) {
+                            (Ok(()), Ok(Ok(()))) => "ok",
+                            (Err(true), _) | (Ok(()), Err(_)) => {
+                                state
+                                    .metrics
+                                    .responses_stalled
+                                    .fetch_add(1, Ordering::Relaxed);
+                                "send_timeout"
+                            }
+                            _ => "client_closed",
+                        }
+                    }
+                    Err(e) => {
+                        status = e.status.as_u16();
+                        let _ = send(&tx, e.event()).await;
+                        let _ = send(&tx, Event::default().data("[DONE]")).await;
+                        if status == 400 {
+                            "refused_bad_request"
+                        } else {
+                            "error"
+                        }
+                    }
+                };
+                outcome
+            }
+        };
+        let content = super::Content {
+            texts: std::mem::take(&mut self.texts),
+            completion: keep_text.then_some(completion),
+        };
+        self.ledger
+            .update(|r| super::record_content(&state, r, content));
+        let fate = Fate {
+            status: Some(status),
+            outcome,
+            prompt_tokens: Some(self.prompt_tokens),
+            completion_tokens: Some(completion_tokens),
+        };
+        if let Err(e) = self.ledger.finish(fate).await {
+            tracing::error!(error = %e, "could not record the end of a stream");
+        }
+    }
+}
+
+fn generation_error_ref(e: &EngineError) -> ApiError {
+    generation_error(match e {
+        EngineError::Request(m) => EngineError::Request(m.clone()),
+        EngineError::Worker(m) => EngineError::Worker(m.clone()),
+        EngineError::Dropped => EngineError::Dropped,
     })
 }
 
-/// A stream fed by an async task through a small channel (the task stops when the client goes).
-fn async_stream<F, Fut>(task: F) -> impl Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(task(tx));
-    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+/// The SSE body: events from the stream task; tells the task when hyper has taken the last.
+struct Drained {
+    rx: mpsc::Receiver<Event>,
+    drained: Option<oneshot::Sender<()>>,
+}
+
+impl Stream for Drained {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) => {
+                if let Some(d) = self.drained.take() {
+                    let _ = d.send(());
+                }
+                std::task::Poll::Ready(None)
+            }
+            std::task::Poll::Ready(Some(ev)) => std::task::Poll::Ready(Some(Ok(ev))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
 }
 
 pub async fn embeddings(
@@ -579,19 +825,40 @@ pub async fn embeddings(
             state.config.max_embedding_inputs
         )));
     }
+    let encoder = state.encoder.clone();
+    let counted = texts.clone();
+    let input_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&counted))
+        .await
+        .map_err(|_| engine_stopped())?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?
+        .iter()
+        .map(|&n| n as u64)
+        .sum();
+    state
+        .limiters
+        .tokens(&caller.record, input_tokens)
+        .map_err(ApiError::limited)?;
+    let deadline = Instant::now() + state.config.generation_timeout;
+    let control = JobControl::new(deadline);
     let (done_tx, done_rx) = oneshot::channel();
     state
         .engine
         .submit(Job::Embed {
             texts,
+            control: control.clone(),
             done: done_tx,
         })
         .map_err(|_| ApiError::busy())?;
-    let vectors = tokio::time::timeout(state.config.generation_timeout, done_rx)
-        .await
-        .map_err(|_| timed_out("embedding"))?
-        .map_err(|_| engine_stopped())?
-        .map_err(generation_error)?;
+    let _cancel = control.cancel_on_drop();
+    let vectors = tokio::select! {
+        done = done_rx => done.map_err(|_| engine_stopped())?.map_err(generation_error)?,
+        why = interrupt::interrupted(&state, &caller, deadline) => {
+            control.cancel();
+            let mut e = why.error();
+            e.outcome = Some(why.outcome());
+            return Err(e);
+        }
+    };
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -608,9 +875,13 @@ pub async fn embeddings(
         .collect();
     let mut resp = Json(json!({
         "object": "list", "data": data, "model": state.model_id,
-        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
     }))
     .into_response();
+    resp.extensions_mut().insert(super::Usage {
+        prompt_tokens: input_tokens,
+        completion_tokens: 0,
+    });
     resp.extensions_mut().insert(super::Content {
         texts: audited,
         completion: None,
@@ -635,7 +906,8 @@ pub async fn models(
 /// `GET /admin/tokens`: every token record (never a secret).
 pub async fn admin_list_tokens(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let records = state.tokens.store().load().map_err(admin_error)?;
-    Ok(Json(json!({"object": "list", "data": records})).into_response())
+    let views: Vec<_> = records.iter().map(|r| r.view()).collect();
+    Ok(Json(json!({"object": "list", "data": views})).into_response())
 }
 
 #[derive(Deserialize)]
@@ -669,7 +941,19 @@ pub async fn admin_create_token(
             .max(1),
         tokens_per_min: req.tokens_per_min.unwrap_or(defaults.tokens_per_min).max(1),
     };
-    let expires = req.expires_in.map(|s| crate::tokens::now() + s);
+    let expires = match req.expires_in {
+        None => None,
+        Some(s) => Some(
+            crate::tokens::now()
+                .checked_add(s)
+                .filter(|_| s <= MAX_EXPIRES_IN)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "expires_in must be at most {MAX_EXPIRES_IN} seconds (10 years)"
+                    ))
+                })?,
+        ),
+    };
     let created = state
         .tokens
         .store()
@@ -681,11 +965,11 @@ pub async fn admin_create_token(
             expires,
         )
         .map_err(admin_error)?;
-    state.tokens.refresh();
+    let _ = state.tokens.refresh();
     tracing::info!(by = %caller.token_id, token = %created.record.id, "token created");
     Ok((
         StatusCode::CREATED,
-        Json(json!({"token": created.token, "record": created.record})),
+        Json(json!({"token": created.token, "record": created.record.view()})),
     )
         .into_response())
 }
@@ -697,7 +981,7 @@ pub async fn admin_revoke_token(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
     let record = state.tokens.store().revoke(&id).map_err(admin_error)?;
-    state.tokens.refresh();
+    let _ = state.tokens.refresh();
     tracing::info!(by = %caller.token_id, token = %record.id, "token revoked");
     Ok(Json(json!({"revoked": record.id})).into_response())
 }
@@ -732,9 +1016,16 @@ pub async fn admin_lockdown(
         "lockdown_off"
     });
     r.token_id = Some(caller.token_id.clone());
+    // The reason is recorded even when long: cut, never dropped.
+    if !req.reason.is_empty() {
+        r.detail = Some(super::ledger::bounded_text(&req.reason, 512));
+    }
     let _ = state.audit.append(r).await;
     Ok(Json(json!({"lockdown": req.on})).into_response())
 }
+
+/// The longest token lifetime the admin API accepts (ten years).
+const MAX_EXPIRES_IN: u64 = 10 * 366 * 24 * 3600;
 
 fn admin_error(e: crate::tokens::TokenError) -> ApiError {
     use crate::tokens::TokenError;

@@ -117,8 +117,12 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
         let Some(msg) = recv(channel) else {
             return ExitCode::SUCCESS; // supervisor gone or closed the channel
         };
-        let (id, prompt, params) = match msg {
-            ToWorker::Generate { id, prompt, params } => (id, prompt, params),
+        let (id, prompt_ids, params) = match msg {
+            ToWorker::Generate {
+                id,
+                prompt_ids,
+                params,
+            } => (id, prompt_ids, params),
             ToWorker::Cancel { .. } => continue, // for a request already finished
             _ => return fail(channel, None, "unexpected message".into()),
         };
@@ -149,7 +153,7 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
                 }
                 ControlFlow::Continue(())
             };
-            model.generate(&prompt, &params, &mut on_text)
+            model.generate_from_ids(&prompt_ids, &params, &mut on_text)
         };
         if lost {
             return ExitCode::SUCCESS;

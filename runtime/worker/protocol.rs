@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use securerun_models::source::{AuxFile, Layout, Origin, SourceParts};
-use securerun_models::{FinishReason, GenerationParams, Limits, Prompt};
+use securerun_models::{FinishReason, GenerationParams, Limits};
 
 use crate::signing::bundle::{b64_decode, b64_encode};
 
@@ -33,9 +33,10 @@ pub enum ToWorker {
         source: PartsMsg,
         limits: Limits,
     },
+    /// Generate from prompt ids the supervisor tokenized (its counts are the ones enforced).
     Generate {
         id: u64,
-        prompt: Prompt,
+        prompt_ids: Vec<u32>,
         params: GenerationParams,
     },
     Embed {

@@ -9,7 +9,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use securerun_models::{Generation, GenerationParams, Limits, ModelSource, Prompt};
+use securerun_models::{
+    FinishReason, Generation, GenerationParams, Limits, ModelSource, Prompt, PromptEncoder,
+};
 use securerun_sandbox::{Channel, FrameError, Mode, WorkerProcess, WorkerSpec};
 
 use super::protocol::{FromWorker, LayerMsg, PartsMsg, Task, ToWorker, MAX_FROM_WORKER};
@@ -29,6 +31,8 @@ pub enum WorkerError {
         "the inference worker did not answer within {0:?}; it was stopped and will be restarted"
     )]
     Timeout(Duration),
+    #[error("the model files changed on disk since they were verified ({0}); refusing to start a worker on them")]
+    Reverification(String),
     #[error("{0}")]
     Request(String),
 }
@@ -40,8 +44,8 @@ pub struct WorkerSettings {
     pub program: PathBuf,
     pub mode: Mode,
     /// Address-space budget; a worker that exceeds it fails its allocation and dies, the host
-    /// is unaffected.
-    pub memory_budget: u64,
+    /// is unaffected. `None`: derived from the verified weights ([`default_memory_budget`]).
+    pub memory_budget: Option<u64>,
     /// Compute threads in the worker.
     pub threads: usize,
     /// Longest wait for the worker to load a model.
@@ -51,13 +55,13 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    /// Defaults for a model of `weight_bytes`: a budget of 4x the weights (f16 weights become
-    /// f32 tensors, plus the mapping) plus 4 GiB for activations, KV cache and allocator arenas.
+    /// Defaults; the memory budget follows the verified weights when the worker starts.
     pub fn for_model(weight_bytes: u64) -> std::io::Result<Self> {
+        let _ = weight_bytes;
         Ok(WorkerSettings {
             program: std::env::current_exe()?,
             mode: Mode::Strict,
-            memory_budget: weight_bytes.saturating_mul(4).saturating_add(4 << 30),
+            memory_budget: None,
             threads: std::env::var("RAYON_NUM_THREADS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -68,6 +72,59 @@ impl WorkerSettings {
     }
 }
 
+/// The default address-space budget for `weight_bytes` of verified weights: 4x the weights (f16
+/// weights become f32 tensors, plus the mapping) plus 4 GiB for activations, KV cache and
+/// allocator arenas, but never more than the machine's physical memory. It is computed from the
+/// weights the signature covers (the files the worker receives), never from a directory
+/// listing, so an unsigned sparse file beside the model cannot lift it.
+pub fn default_memory_budget(weight_bytes: u64) -> u64 {
+    let wanted = weight_bytes.saturating_mul(4).saturating_add(4 << 30);
+    wanted.min(physical_memory().unwrap_or(u64::MAX))
+}
+
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf takes an integer name and returns a number.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && size > 0).then(|| (pages as u64).saturating_mul(size as u64))
+}
+
+/// What the caller of one request knows that the worker does not: when the request must end
+/// and whether its client is still there. The supervisor checks both while it waits.
+pub struct RequestControl<'a> {
+    /// The request's wall-clock deadline; past it, generation is cancelled.
+    pub deadline: Option<Instant>,
+    /// True once the client has gone (polled while waiting, even during prefill).
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl RequestControl<'_> {
+    /// No deadline, never cancelled from outside.
+    pub fn none() -> RequestControl<'static> {
+        RequestControl {
+            deadline: None,
+            cancelled: &|| false,
+        }
+    }
+
+    fn should_stop(&self) -> bool {
+        (self.cancelled)() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// How often the supervisor looks up from a silent worker to check cancellation and deadlines.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a worker gets to acknowledge a cancellation before it is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+/// Checks a model source again before a worker is started on it (see
+/// [`ConfinedModel::set_reverify`]).
+pub type Reverify = Box<dyn FnMut(&ModelSource) -> Result<(), String> + Send>;
+
 struct Live {
     process: WorkerProcess,
 }
@@ -75,6 +132,13 @@ struct Live {
 /// A model served by a confined worker process.
 pub struct ConfinedModel {
     source: Arc<ModelSource>,
+    /// The tokenizer and chat template, in the supervisor: prompt ids and counts are ours.
+    encoder: Arc<PromptEncoder>,
+    /// Run before every replacement worker: the bytes it computes with must still be the
+    /// verified ones.
+    reverify: Option<Reverify>,
+    /// Whether a worker was started before (the first start follows verification directly).
+    started_once: bool,
     task: Task,
     limits: Limits,
     settings: WorkerSettings,
@@ -98,7 +162,12 @@ impl ConfinedModel {
         limits: Limits,
         settings: WorkerSettings,
     ) -> Result<Self, WorkerError> {
+        let encoder =
+            PromptEncoder::load(&source).map_err(|e| WorkerError::Refused(e.to_string()))?;
         let mut model = ConfinedModel {
+            encoder: Arc::new(encoder),
+            reverify: None,
+            started_once: false,
             source,
             task,
             limits,
@@ -112,6 +181,17 @@ impl ConfinedModel {
         };
         model.ensure_worker()?;
         Ok(model)
+    }
+
+    /// The tokenizer and chat template: count and bound prompts before submitting them.
+    pub fn encoder(&self) -> Arc<PromptEncoder> {
+        self.encoder.clone()
+    }
+
+    /// Sets the check run before every replacement worker starts (re-verification of the
+    /// signature over the files the worker will receive). If it fails, no worker starts.
+    pub fn set_reverify(&mut self, check: Reverify) {
+        self.reverify = Some(check);
     }
 
     /// The confinement layers the current worker reported.
@@ -145,6 +225,12 @@ impl ConfinedModel {
     }
 
     fn spawn(&mut self) -> Result<Live, WorkerError> {
+        if self.started_once {
+            if let Some(check) = self.reverify.as_mut() {
+                check(&self.source).map_err(WorkerError::Reverification)?;
+            }
+        }
+        self.started_once = true;
         let (parts, files) = self
             .source
             .parts()
@@ -159,7 +245,11 @@ impl ConfinedModel {
             args: vec![
                 "__worker".into(),
                 mode.into(),
-                self.settings.memory_budget.to_string().into(),
+                self.settings
+                    .memory_budget
+                    .unwrap_or_else(|| default_memory_budget(self.source.weight_bytes()))
+                    .to_string()
+                    .into(),
                 fds.len().to_string().into(),
             ],
             env: vec![(
@@ -247,9 +337,31 @@ impl ConfinedModel {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, WorkerError> {
+        let ids = self
+            .encoder
+            .prompt_ids(prompt)
+            .map_err(|e| WorkerError::Request(e.to_string()))?;
+        self.generate_ids(&ids, params, &RequestControl::none(), on_text)
+    }
+
+    /// Generates from prompt ids the supervisor computed itself ([`Self::encoder`]).
+    ///
+    /// Everything the worker says is checked: every frame must arrive whole within the frame
+    /// timeout (a worker that drips bytes cannot stretch it), text pieces must be non-empty and
+    /// at most `max_tokens + 1` of them, and the final counts must agree with what the
+    /// supervisor knows. The returned prompt count is the supervisor's own. Past `control`'s
+    /// deadline or once its client is gone, the worker is told to cancel and gets
+    /// [`CANCEL_GRACE`] to finish; a worker that does not is killed and replaced.
+    pub fn generate_ids(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &GenerationParams,
+        control: &RequestControl<'_>,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, WorkerError> {
         let id = self.next_id;
         self.next_id += 1;
-        let timeout = self.settings.frame_timeout;
+        let frame_timeout = self.settings.frame_timeout;
         let max_tokens = params.max_tokens;
         let live = self.ensure_worker()?;
         let result = (|| {
@@ -257,26 +369,66 @@ impl ConfinedModel {
                 &mut live.process.channel,
                 &ToWorker::Generate {
                     id,
-                    prompt: prompt.clone(),
+                    prompt_ids: prompt_ids.to_vec(),
                     params: params.clone(),
                 },
             )?;
             let mut text = String::new();
-            let mut cancelled = false;
+            let mut pieces = 0usize;
+            let mut cancel_sent: Option<Instant> = None;
             loop {
-                match read(&mut live.process.channel, timeout)? {
+                let msg = loop {
+                    let frame_deadline = Instant::now() + frame_timeout;
+                    let waited = wait_for_frame(&live.process.channel, frame_deadline, || {
+                        cancel_sent.is_none() && control.should_stop()
+                    });
+                    match waited {
+                        Wait::Ready => {
+                            break read_by(
+                                &mut live.process.channel,
+                                frame_deadline,
+                                frame_timeout,
+                            )?
+                        }
+                        Wait::Stop => {
+                            cancel_sent = Some(Instant::now());
+                            write(&mut live.process.channel, &ToWorker::Cancel { id })?;
+                        }
+                        Wait::TimedOut => return Err(WorkerError::Timeout(frame_timeout)),
+                    }
+                    if let Some(at) = cancel_sent {
+                        if at.elapsed() > CANCEL_GRACE {
+                            return Err(WorkerError::Timeout(CANCEL_GRACE));
+                        }
+                    }
+                };
+                if let Some(at) = cancel_sent {
+                    if at.elapsed() > CANCEL_GRACE {
+                        return Err(WorkerError::Timeout(CANCEL_GRACE));
+                    }
+                }
+                match msg {
                     FromWorker::Text {
                         id: got,
                         text: piece,
                     } if got == id => {
+                        if piece.is_empty() {
+                            return Err(WorkerError::Protocol("an empty text piece".into()));
+                        }
+                        pieces += 1;
+                        if pieces > max_tokens + 1 {
+                            return Err(WorkerError::Protocol(format!(
+                                "more text pieces than max_tokens {max_tokens} allows"
+                            )));
+                        }
                         if text.len() + piece.len() > max_tokens.saturating_mul(64).max(4096) {
                             return Err(WorkerError::Protocol(
                                 "more text than max_tokens allows".into(),
                             ));
                         }
                         text.push_str(&piece);
-                        if !cancelled && on_text(&piece).is_break() {
-                            cancelled = true;
+                        if cancel_sent.is_none() && on_text(&piece).is_break() {
+                            cancel_sent = Some(Instant::now());
                             write(&mut live.process.channel, &ToWorker::Cancel { id })?;
                         }
                     }
@@ -294,10 +446,29 @@ impl ConfinedModel {
                                 token_ids.len()
                             )));
                         }
+                        if prompt_tokens != prompt_ids.len() {
+                            return Err(WorkerError::Protocol(format!(
+                                "{prompt_tokens} prompt tokens reported for {} sent",
+                                prompt_ids.len()
+                            )));
+                        }
+                        // Each piece comes from at least one token, except a final flush of
+                        // text held back (stop-string lookahead).
+                        if pieces > token_ids.len() + 1 {
+                            return Err(WorkerError::Protocol(format!(
+                                "{pieces} text pieces for {} tokens",
+                                token_ids.len()
+                            )));
+                        }
+                        let finish_reason = if cancel_sent.is_some() {
+                            FinishReason::Cancelled
+                        } else {
+                            finish_reason
+                        };
                         return Ok(Generation {
                             text,
                             token_ids,
-                            prompt_tokens,
+                            prompt_tokens: prompt_ids.len(),
                             finish_reason,
                             prefill_time: Duration::from_micros(prefill_us),
                             decode_time: Duration::from_micros(decode_us),
@@ -335,7 +506,8 @@ impl ConfinedModel {
                     texts: texts.to_vec(),
                 },
             )?;
-            match read(&mut live.process.channel, timeout)? {
+            let deadline = Instant::now() + timeout;
+            match read_by(&mut live.process.channel, deadline, timeout)? {
                 FromWorker::Embeddings { id: got, vectors } if got == id => {
                     let dim = vectors.first().map_or(0, Vec::len);
                     let sane = vectors.len() == texts.len()
@@ -386,6 +558,44 @@ fn kind(msg: &FromWorker) -> &'static str {
 fn write(channel: &mut Channel, msg: &ToWorker) -> Result<(), WorkerError> {
     let bytes = serde_json::to_vec(msg).map_err(|e| WorkerError::Spawn(e.to_string()))?;
     channel.send(&bytes).map_err(frame_error)
+}
+
+enum Wait {
+    Ready,
+    Stop,
+    TimedOut,
+}
+
+/// Waits for the worker's next frame until `deadline`, looking up every [`POLL`] to ask
+/// `stop` whether the request should be cancelled.
+fn wait_for_frame(channel: &Channel, deadline: Instant, mut stop: impl FnMut() -> bool) -> Wait {
+    loop {
+        if stop() {
+            return Wait::Stop;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Wait::TimedOut;
+        }
+        if channel.wait_readable(left.min(POLL)) {
+            return Wait::Ready;
+        }
+    }
+}
+
+/// Reads one message that must arrive whole by `deadline`.
+fn read_by(
+    channel: &mut Channel,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<FromWorker, WorkerError> {
+    let bytes = channel
+        .recv_by(MAX_FROM_WORKER, deadline)
+        .map_err(|e| match e {
+            FrameError::Timeout => WorkerError::Timeout(timeout),
+            other => frame_error(other),
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| WorkerError::Protocol(format!("bad message: {e}")))
 }
 
 /// Reads one message; every malformed or oversized frame is a protocol error.

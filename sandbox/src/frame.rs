@@ -4,7 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Version of the frame format and of the messages inside it; both sides must agree.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -77,16 +77,74 @@ impl Channel {
         Ok(payload)
     }
 
+    /// Receives one frame of at most `max` payload bytes that must arrive, whole, by
+    /// `deadline`. Unlike [`Self::recv`], a peer that drips a byte at a time cannot stretch the
+    /// wait: each read waits only for what is left of the deadline.
+    pub fn recv_by(&mut self, max: usize, deadline: Instant) -> Result<Vec<u8>, FrameError> {
+        let mut len = [0u8; 4];
+        self.read_by(&mut len, deadline)?;
+        let len = u32::from_le_bytes(len) as u64;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        if len - 1 > max as u64 {
+            return Err(FrameError::TooLarge {
+                len: len - 1,
+                max: max as u64,
+            });
+        }
+        let mut version = [0u8; 1];
+        self.read_by(&mut version, deadline)?;
+        if version[0] != PROTOCOL_VERSION {
+            return Err(FrameError::Version { got: version[0] });
+        }
+        let mut payload = vec![0u8; (len - 1) as usize];
+        self.read_by(&mut payload, deadline)?;
+        Ok(payload)
+    }
+
     /// Whether a frame (or EOF) is waiting, without blocking.
     pub fn readable(&self) -> bool {
+        self.wait_readable(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for a frame (or EOF) to start arriving.
+    pub fn wait_readable(&self, timeout: Duration) -> bool {
         let mut pfd = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&self.stream),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd, count 1, zero timeout.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, count 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         n > 0 && pfd.revents != 0
+    }
+
+    fn read_by(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), FrameError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FrameError::Timeout);
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut buf[filled..]) {
+                Ok(0) => return Err(FrameError::Closed),
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(FrameError::Timeout)
+                }
+                Err(e) => return Err(FrameError::Io(e)),
+            }
+        }
+        Ok(())
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -150,5 +208,27 @@ mod tests {
             a.recv(1024, Some(Duration::from_millis(20))),
             Err(FrameError::Timeout)
         ));
+    }
+
+    #[test]
+    fn a_dripping_peer_cannot_stretch_the_frame_deadline() {
+        let (mut a, mut raw) = pair();
+        let drip = std::thread::spawn(move || {
+            // A 100-byte frame, one byte every 50 ms: 5 s in all, each read well inside any
+            // per-read timeout.
+            raw.write_all(&[101, 0, 0, 0, PROTOCOL_VERSION]).unwrap();
+            for _ in 0..100 {
+                if raw.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let r = a.recv_by(1024, started + Duration::from_millis(400));
+        assert!(matches!(r, Err(FrameError::Timeout)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(a);
+        drip.join().unwrap();
     }
 }

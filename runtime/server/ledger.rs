@@ -1,0 +1,309 @@
+//! Exactly one audit record per request, whatever happens to it.
+//!
+//! The outermost middleware opens a [`Ledger`] entry for every request that reaches the
+//! application. Whoever learns the request's fate writes the record: the middleware for an
+//! ordinary response (before the response leaves), the stream task for a streamed one (when
+//! the stream ends, with its final usage and whether the client got it all). If nobody does —
+//! the client closed the connection, reset its HTTP/2 stream, or the server is going down —
+//! dropping the last handle writes it with `client_closed` or `shutdown`. Taking the record out
+//! of the entry is what makes it exactly one.
+//!
+//! Anonymous refusals are where a flood lands, so they pass through [`RefusalSampler`]: each
+//! client address gets a few individual records per second, and the rest are counted into a
+//! periodic `refused_summary` record, so the log grows by a bounded amount per attacking
+//! address while every refusal is still accounted for.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultKeyedRateLimiter, Quota};
+
+use crate::audit::{AuditError, AuditLog, AuditRecord};
+
+/// The longest route recorded; longer paths are cut (at a character boundary) and marked.
+pub const MAX_RECORDED_PATH: usize = 256;
+
+/// Individual records per second per client address for anonymous refusals (burst
+/// [`REFUSAL_BURST`]); the rest go into `refused_summary`.
+const REFUSALS_PER_SEC: u32 = 2;
+const REFUSAL_BURST: u32 = 10;
+/// Distinct (client, outcome) counters kept between summaries; more are pooled as "other".
+const MAX_SUMMARY_KEYS: usize = 4096;
+/// How often counted refusals are written out.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// Cuts `path` to [`MAX_RECORDED_PATH`] bytes.
+pub fn bounded_path(path: &str) -> String {
+    bounded_text(path, MAX_RECORDED_PATH)
+}
+
+/// Cuts `text` to `max` bytes (at a character boundary), saying so.
+pub fn bounded_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...(cut, {} bytes)", &text[..end], text.len())
+}
+
+/// Rate-limits individual records of anonymous refusals per client and counts the rest.
+pub struct RefusalSampler {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    counts: Mutex<HashMap<(String, String), u64>>,
+    /// Refusals counted for summaries so far (for `/metrics`).
+    pub summarized: AtomicU64,
+}
+
+impl Default for RefusalSampler {
+    fn default() -> Self {
+        let quota = Quota::per_second(NonZeroU32::new(REFUSALS_PER_SEC).expect("non-zero"))
+            .allow_burst(NonZeroU32::new(REFUSAL_BURST).expect("non-zero"));
+        RefusalSampler {
+            limiter: governor::RateLimiter::keyed(quota),
+            counts: Mutex::default(),
+            summarized: Default::default(),
+        }
+    }
+}
+
+impl RefusalSampler {
+    /// Whether this refusal gets its own record; if not, it is counted for the next summary.
+    pub fn admit(&self, ip: IpAddr, client: &str, outcome: &str) -> bool {
+        if self.limiter.check_key(&ip).is_ok() {
+            if self.limiter.len() > 100_000 {
+                self.limiter.retain_recent();
+            }
+            return true;
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if counts.len() < MAX_SUMMARY_KEYS
+            || counts.contains_key(&(client.to_string(), outcome.to_string()))
+        {
+            (client.to_string(), outcome.to_string())
+        } else {
+            ("other".to_string(), outcome.to_string())
+        };
+        *counts.entry(key).or_insert(0) += 1;
+        self.summarized.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// The counted refusals as `refused_summary` records (one per client), and resets them.
+    pub fn drain(&self) -> Vec<AuditRecord> {
+        let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut by_client: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for ((client, outcome), n) in counts {
+            by_client.entry(client).or_default().push((outcome, n));
+        }
+        by_client
+            .into_iter()
+            .map(|(client, mut outcomes)| {
+                outcomes.sort();
+                let total: u64 = outcomes.iter().map(|(_, n)| n).sum();
+                let mut r = AuditRecord::event("refused_summary");
+                r.client = Some(client);
+                r.outcome = Some("refused_counted".into());
+                r.detail = Some(format!(
+                    "{total} refused requests not recorded one by one in the last {} s: {}",
+                    SUMMARY_EVERY.as_secs(),
+                    outcomes
+                        .iter()
+                        .map(|(o, n)| format!("{o} {n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                r.count = Some(total);
+                r
+            })
+            .collect()
+    }
+}
+
+/// What every request's ledger entry shares.
+pub struct Ledgers {
+    pub audit: AuditLog,
+    /// Set when shutdown begins: records of requests dropped from then on say `shutdown`.
+    pub shutting_down: AtomicBool,
+    pub refusals: RefusalSampler,
+    /// Entries whose record is not written yet (shutdown waits for them).
+    pending: AtomicUsize,
+}
+
+impl Ledgers {
+    pub fn new(audit: AuditLog) -> Arc<Self> {
+        Arc::new(Ledgers {
+            audit,
+            shutting_down: AtomicBool::new(false),
+            refusals: RefusalSampler::default(),
+            pending: AtomicUsize::new(0),
+        })
+    }
+
+    /// Waits up to `limit` for every open request record to be written.
+    pub async fn settle(&self, limit: Duration) -> usize {
+        let until = Instant::now() + limit;
+        while self.pending.load(Ordering::Relaxed) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+struct Entry {
+    record: Mutex<Option<AuditRecord>>,
+    started: Instant,
+    ip: IpAddr,
+    book: Arc<Ledgers>,
+}
+
+/// A request's pending audit record (cheap to clone; all clones share it).
+#[derive(Clone)]
+pub struct Ledger(Arc<Entry>);
+
+/// How a request ended, for its record.
+pub struct Fate<'a> {
+    pub status: Option<u16>,
+    pub outcome: &'a str,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+impl Ledger {
+    pub fn open(record: AuditRecord, ip: IpAddr, book: &Arc<Ledgers>) -> Self {
+        book.pending.fetch_add(1, Ordering::Relaxed);
+        Ledger(Arc::new(Entry {
+            record: Mutex::new(Some(record)),
+            started: Instant::now(),
+            ip,
+            book: book.clone(),
+        }))
+    }
+
+    /// Changes the pending record (no effect once it is written).
+    pub fn update(&self, f: impl FnOnce(&mut AuditRecord)) {
+        if let Some(r) = self
+            .0
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            f(r);
+        }
+    }
+
+    /// A copy of the pending record (for a `stream_started` marker).
+    pub fn snapshot(&self) -> Option<AuditRecord> {
+        self.0
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Writes the record with its fate and waits until it is durable (or counted, for an
+    /// anonymous refusal over its client's rate). Later calls do nothing.
+    pub async fn finish(&self, fate: Fate<'_>) -> Result<(), AuditError> {
+        let Some(record) = self.take(fate) else {
+            return Ok(());
+        };
+        let r = self.0.book.audit.append(record).await;
+        self.0.book.pending.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    /// Takes the record out with its fate filled in; `None` if already written, or if it was
+    /// counted for a summary instead.
+    fn take(&self, fate: Fate<'_>) -> Option<AuditRecord> {
+        let mut record = self
+            .0
+            .record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        record.status = fate.status;
+        let record = self.fill(record, fate);
+        if record.is_none() {
+            self.0.book.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        record
+    }
+
+    fn fill(&self, mut record: AuditRecord, fate: Fate<'_>) -> Option<AuditRecord> {
+        record.outcome = Some(fate.outcome.to_string());
+        record.latency_ms = Some(self.0.started.elapsed().as_millis() as u64);
+        record.prompt_tokens = fate.prompt_tokens.or(record.prompt_tokens);
+        record.completion_tokens = fate.completion_tokens.or(record.completion_tokens);
+        let anonymous = record.token_id.is_none() && fate.status.is_some_and(|s| s >= 400);
+        if anonymous {
+            let client = record.client.clone().unwrap_or_default();
+            if !self.0.book.refusals.admit(self.0.ip, &client, fate.outcome) {
+                return None;
+            }
+        }
+        Some(record)
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let Some(mut record) = self
+            .record
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        // Nobody learned this request's fate: its client went away (or its task was dropped
+        // at shutdown). Recorded without waiting: this runs in a destructor.
+        let outcome = if self.book.shutting_down.load(Ordering::Relaxed) {
+            "shutdown"
+        } else {
+            "client_closed"
+        };
+        record.outcome = Some(outcome.into());
+        record.latency_ms = Some(self.started.elapsed().as_millis() as u64);
+        self.book.audit.submit(record);
+        self.book.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_paths_are_cut_at_a_character_boundary() {
+        let p = format!("/{}", "é".repeat(400));
+        let cut = bounded_path(&p);
+        assert!(cut.len() < MAX_RECORDED_PATH + 40, "{}", cut.len());
+        assert!(cut.contains("cut, 801 bytes"));
+        assert_eq!(bounded_path("/v1/models"), "/v1/models");
+    }
+
+    #[test]
+    fn refusals_over_the_rate_are_counted_not_dropped() {
+        let s = RefusalSampler::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let admitted = (0..1000)
+            .filter(|_| s.admit(ip, "c1", "refused_unauthenticated"))
+            .count();
+        assert!((REFUSAL_BURST as usize..REFUSAL_BURST as usize + 5).contains(&admitted));
+        let summary = s.drain();
+        assert_eq!(summary.len(), 1);
+        assert_eq!(
+            summary[0].count,
+            Some(1000 - admitted as u64),
+            "every refusal is accounted for"
+        );
+        assert!(s.drain().is_empty());
+    }
+}
