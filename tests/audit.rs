@@ -499,7 +499,7 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
     assert!(on["detail"].as_str().unwrap().contains("drill"), "{on}");
     let refused = export(state.path())
         .iter()
-        .filter(|r| r["outcome"] == "refused_unavailable")
+        .filter(|r| r["outcome"] == "refused_lockdown")
         .count();
     assert_eq!(refused, 1);
 }

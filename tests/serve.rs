@@ -426,7 +426,11 @@ fn revocation_rate_limits_and_lockout_apply_while_running() {
     assert_eq!(r.json()["error"]["code"], "locked_out");
     assert!(r.headers.contains_key("retry-after"));
     let r = get(&s, "/v1/models", Some(&good));
-    assert_eq!(r.status, 200, "a valid token is never refused by the lockout: {}", r.body);
+    assert_eq!(
+        r.status, 200,
+        "a valid token is never refused by the lockout: {}",
+        r.body
+    );
 }
 
 #[test]

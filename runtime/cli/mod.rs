@@ -180,6 +180,12 @@ impl RunModelArgs {
         // Without --worker-memory the budget follows the verified weights when the worker
         // starts (`worker::supervisor::default_memory_budget`), never the directory listing.
         settings.memory_budget = self.worker_memory.map(|mib| mib << 20);
+        // Test-only hook, compiled out of release builds: the adversarial suite replaces the
+        // worker with a hostile program speaking the frame protocol.
+        #[cfg(debug_assertions)]
+        if let Some(program) = std::env::var_os("SECURERUN_TEST_WORKER_PROGRAM") {
+            settings.program = program.into();
+        }
         Ok(Some(settings))
     }
 }

@@ -329,6 +329,10 @@ pub fn run(args: ServeArgs) -> CmdResult {
         if unsettled > 0 {
             tracing::warn!(unsettled, "request records still open at exit");
         }
+        // Refusals counted since the last summary are recorded too.
+        for r in state.ledgers.refusals.drain() {
+            stop_log.append(r).await?;
+        }
         stop_log
             .append(crate::audit::AuditRecord::event("server_stop"))
             .await?;

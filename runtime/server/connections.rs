@@ -165,7 +165,10 @@ impl Activity {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let oldest = waiting.values().copied().min()?;
-        (now.saturating_sub(oldest) > limits.send_timeout.as_millis() as u64).then_some(true)
+        // Twice the send timeout: a stream task notices a stalled client first (after one) and
+        // ends it with its own record; this catches what no task watches.
+        let stalled_for = now.saturating_sub(oldest);
+        (stalled_for > 2 * limits.send_timeout.as_millis() as u64).then_some(true)
     }
 }
 

@@ -378,7 +378,11 @@ impl ConfinedModel {
             let mut cancel_sent: Option<Instant> = None;
             loop {
                 let msg = loop {
-                    let frame_deadline = Instant::now() + frame_timeout;
+                    // A cancelled request's worker gets CANCEL_GRACE to say Done, no more.
+                    let mut frame_deadline = Instant::now() + frame_timeout;
+                    if let Some(at) = cancel_sent {
+                        frame_deadline = frame_deadline.min(at + CANCEL_GRACE);
+                    }
                     let waited = wait_for_frame(&live.process.channel, frame_deadline, || {
                         cancel_sent.is_none() && control.should_stop()
                     });
@@ -394,12 +398,10 @@ impl ConfinedModel {
                             cancel_sent = Some(Instant::now());
                             write(&mut live.process.channel, &ToWorker::Cancel { id })?;
                         }
-                        Wait::TimedOut => return Err(WorkerError::Timeout(frame_timeout)),
-                    }
-                    if let Some(at) = cancel_sent {
-                        if at.elapsed() > CANCEL_GRACE {
-                            return Err(WorkerError::Timeout(CANCEL_GRACE));
+                        Wait::TimedOut if cancel_sent.is_some() => {
+                            return Err(WorkerError::Timeout(CANCEL_GRACE))
                         }
+                        Wait::TimedOut => return Err(WorkerError::Timeout(frame_timeout)),
                     }
                 };
                 if let Some(at) = cancel_sent {

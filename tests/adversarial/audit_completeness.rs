@@ -1,0 +1,95 @@
+//! Every request that reached a handler has exactly one `request` record, whatever its client
+//! or the server did: aborted mid-generation, cut off by shutdown mid-stream.
+
+use std::io::Read;
+use std::time::Duration;
+
+use super::common;
+use super::harness::*;
+
+/// Before the fix an aborted non-streamed request left no record at all (the middleware's
+/// future was dropped before it could write one).
+#[test]
+fn an_aborted_request_has_exactly_one_record() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    {
+        let _conn = send(
+            s.addr,
+            "POST",
+            "/v1/completions",
+            Some(&t),
+            &completion("Once upon a time", 400, false),
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+        // Dropped here: the client closes mid-generation.
+    }
+    let (status, _) = call(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        &completion("The capital of France is", 2, false),
+    );
+    assert_eq!(status, 200);
+    s.stop_after(|records| {
+        let requests: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"] == "request" && r["route"] == "POST /v1/completions")
+            .collect();
+        assert_eq!(requests.len(), 2, "{requests:?}");
+        let aborted: Vec<_> = requests
+            .iter()
+            .filter(|r| r["outcome"] == "client_closed")
+            .collect();
+        assert_eq!(aborted.len(), 1, "{requests:?}");
+        assert!(aborted[0]["token_id"].is_string() && aborted[0]["request_id"].is_string());
+        let mut ids: Vec<_> = requests
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap())
+            .collect();
+        ids.dedup();
+        assert_eq!(ids.len(), 2, "one record per request id");
+    });
+}
+
+/// A stream cut off by SIGTERM ends with a final error event, and its record says `shutdown`
+/// with the tokens generated so far. Before the fix it had a `stream_started` record and no end.
+#[test]
+fn a_stream_cut_by_shutdown_is_recorded() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    let mut conn = send(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        &completion("Count from one to one thousand: one, two,", 2000, true),
+    );
+    let mut first = [0u8; 512];
+    conn.read_exact(&mut first).unwrap();
+    let state_dir = s.state.clone();
+    let reader = std::thread::spawn(move || {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+        String::from_utf8_lossy(&rest).into_owned()
+    });
+    s.stop();
+    let text = reader.join().unwrap();
+    assert!(text.contains("\"code\":\"shutdown\""), "{text}");
+    let records = records_of(&state_dir);
+    let stream = records
+        .iter()
+        .find(|r| r["event"] == "request" && r["route"] == "POST /v1/completions")
+        .expect("the stream's record");
+    assert_eq!(stream["outcome"], "shutdown", "{stream}");
+    assert!(
+        stream["completion_tokens"].as_u64().unwrap() > 0,
+        "{stream}"
+    );
+    assert!(records.iter().any(|r| r["event"] == "stream_started"));
+}

@@ -1,0 +1,175 @@
+//! A hostile worker cannot hold the supervisor: per-frame deadlines that a drip-feeding worker
+//! cannot stretch, empty or excess text frames refused, a cancellation that is ignored ends in
+//! a kill, a silent worker meets the request's deadline, and the worker's counts are checked.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use securerun::worker::supervisor::{RequestControl, CANCEL_GRACE};
+use securerun::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
+use securerun_models::{GenerationParams, SamplingParams};
+
+use super::common;
+use super::harness::fake_worker;
+
+fn params(max_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn start(
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+    frame_timeout: Duration,
+) -> ConfinedModel {
+    let source = securerun::open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let mut settings = WorkerSettings::for_model(0).unwrap();
+    settings.program = fake_worker(dir, name, script);
+    settings.load_timeout = Duration::from_secs(5);
+    settings.frame_timeout = frame_timeout;
+    ConfinedModel::start(source, Task::Generate, Default::default(), settings).unwrap()
+}
+
+fn generate(
+    m: &mut ConfinedModel,
+    max_tokens: usize,
+    deadline: Option<Instant>,
+) -> Result<securerun_models::Generation, WorkerError> {
+    let control = RequestControl {
+        deadline,
+        cancelled: &|| false,
+    };
+    m.generate_ids(
+        &[504, 3575, 282, 4649, 314],
+        &params(max_tokens),
+        &control,
+        &mut |_| ControlFlow::Continue(()),
+    )
+}
+
+const DONE: &str = "msg({'type': 'done', 'id': r['id'], 'finish_reason': 'Length', 'prompt_tokens': len(r['prompt_ids']), 'token_ids': [1] * N, 'prefill_us': 1, 'decode_us': 1})";
+
+#[test]
+fn a_worker_that_drips_a_frame_cannot_stretch_the_frame_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    // One valid frame, one byte every 200 ms: each read is quick, the frame takes 20 s.
+    let mut m = start(
+        tmp.path(),
+        "drip",
+        "r = read()\np = json.dumps({'type': 'text', 'id': r['id'], 'text': 'x'}).encode()\n\
+         ch.write(struct.pack('<I', len(p) + 1) + bytes([1]))\nfor b in p:\n    ch.write(bytes([b]))\n    time.sleep(0.2)\ntime.sleep(60)",
+        Duration::from_secs(2),
+    );
+    let started = Instant::now();
+    let err = generate(&mut m, 4, None).unwrap_err();
+    assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(m.restarts, 1, "the worker is replaced");
+}
+
+#[test]
+fn empty_and_excess_text_frames_and_false_counts_are_protocol_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("empty", "r = read()\nfor _ in range(100000): msg({'type': 'text', 'id': r['id'], 'text': ''})", "empty text piece"),
+        ("excess", "r = read()\nfor _ in range(50): msg({'type': 'text', 'id': r['id'], 'text': 'a'})\ntime.sleep(30)", "more text pieces"),
+        (
+            "lying",
+            &*format!("r = read()\nN = 2\nmsg({{'type': 'text', 'id': r['id'], 'text': 'a'}})\n{}", DONE.replace("len(r['prompt_ids'])", "999")),
+            "prompt tokens reported",
+        ),
+        (
+            "too_many_tokens",
+            &*format!("r = read()\nN = 500\n{DONE}"),
+            "tokens for max_tokens",
+        ),
+    ];
+    for (name, script, expected) in cases {
+        let mut m = start(tmp.path(), name, script, Duration::from_secs(10));
+        let err = generate(&mut m, 8, None).unwrap_err();
+        assert!(matches!(err, WorkerError::Protocol(_)), "{name}: {err}");
+        assert!(err.to_string().contains(expected), "{name}: {err}");
+        assert_eq!(m.restarts, 1, "{name}");
+    }
+}
+
+#[test]
+fn a_silent_worker_meets_the_request_deadline_and_an_ignored_cancel_ends_in_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Silent forever, frame timeout far away: only the request's deadline can end it.
+    let mut m = start(
+        tmp.path(),
+        "silent",
+        "r = read()\ntime.sleep(600)",
+        Duration::from_secs(300),
+    );
+    let started = Instant::now();
+    let err = generate(&mut m, 8, Some(Instant::now() + Duration::from_secs(1))).unwrap_err();
+    assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(1) + CANCEL_GRACE + Duration::from_secs(2),
+        "{took:?}"
+    );
+    assert_eq!(m.restarts, 1);
+
+    // Keeps talking after Cancel and never says Done.
+    let mut m = start(
+        tmp.path(),
+        "deaf",
+        "r = read()\nwhile True:\n    msg({'type': 'text', 'id': r['id'], 'text': 'a'})\n    time.sleep(0.05)",
+        Duration::from_secs(300),
+    );
+    let started = Instant::now();
+    let mut seen = 0;
+    let control = RequestControl {
+        deadline: None,
+        cancelled: &|| false,
+    };
+    let err = m
+        .generate_ids(&[1, 2], &params(100_000), &control, &mut |_| {
+            seen += 1;
+            if seen == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
+    assert!(started.elapsed() < CANCEL_GRACE + Duration::from_secs(3));
+    assert_eq!(m.restarts, 1);
+}
+
+#[test]
+fn a_cooperative_cancel_keeps_the_worker_and_reports_cancelled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = start(
+        tmp.path(),
+        "polite",
+        "while True:\n    r = read()\n    if r['type'] != 'generate': continue\n    n = 0\n    ch_ready = False\n    \
+         while True:\n        msg({'type': 'text', 'id': r['id'], 'text': 'a'})\n        n += 1\n        time.sleep(0.05)\n        \
+         import select\n        if select.select([ch], [], [], 0)[0]:\n            read()\n            break\n    \
+         msg({'type': 'done', 'id': r['id'], 'finish_reason': 'Cancelled', 'prompt_tokens': len(r['prompt_ids']), 'token_ids': [1] * n, 'prefill_us': 1, 'decode_us': 1})",
+        Duration::from_secs(10),
+    );
+    let g = generate(
+        &mut m,
+        1000,
+        Some(Instant::now() + Duration::from_millis(500)),
+    )
+    .unwrap();
+    assert_eq!(g.finish_reason, securerun_models::FinishReason::Cancelled);
+    assert_eq!(m.restarts, 0);
+}
