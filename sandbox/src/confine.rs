@@ -398,47 +398,86 @@ fn empty_root() -> Result<String, String> {
     ))
 }
 
+fn pipe() -> Result<(libc::c_int, libc::c_int), String> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", errno()));
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn close(fds: &[libc::c_int]) {
+    for &fd in fds {
+        // SAFETY: closing descriptors this module created and owns.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// The worker's end of the abort relay (see [`relay_abort`]); -1 when there is none.
+static ABORT_RELAY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// SIGABRT handler of a worker that is PID 1 of its namespace. The kernel ignores signals a
+/// namespace's init sends itself without a handler, so glibc's `abort` ends in a fault
+/// (SIGSEGV) instead of SIGABRT; this handler tells the reaper first, which then dies by
+/// SIGABRT as the worker meant to. Async-signal-safe: one `write` of one byte.
+extern "C" fn relay_abort(_sig: libc::c_int) {
+    let fd = ABORT_RELAY.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write of one byte from a static buffer to a descriptor we own.
+        unsafe { libc::write(fd, b"A".as_ptr().cast(), 1) };
+    }
+}
+
 /// Forks into the PID namespace created by `unshare`: returns in the child (PID 1 there) and
 /// never returns in the parent, which reaps the child (see [`confine`]).
 fn enter_pid_namespace(last_cap: Option<u32>) -> Result<String, String> {
-    let mut pipe = [0 as libc::c_int; 2];
-    // SAFETY: pipe2 writes two descriptors into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe2: {}", errno()));
-    }
-    let [alive_r, alive_w] = pipe;
+    // The reaper holds `alive_w` while it lives; the worker writes to `abort_w` when it aborts.
+    let (alive_r, alive_w) = pipe()?;
+    let (abort_r, abort_w) = match pipe() {
+        Ok(p) => p,
+        Err(e) => {
+            close(&[alive_r, alive_w]);
+            return Err(e);
+        }
+    };
     // SAFETY: the process is single-threaded (precondition of `confine`), so the child may do
     // anything after fork.
     match unsafe { libc::fork() } {
         -1 => {
             let e = errno();
-            // SAFETY: closing the two descriptors pipe2 returned.
-            unsafe {
-                libc::close(alive_r);
-                libc::close(alive_w);
-            }
+            close(&[alive_r, alive_w, abort_r, abort_w]);
             Err(format!("fork into the PID namespace: {e}"))
         }
         0 => {
-            // SAFETY: prctl with integer arguments; then the read end of the pipe is polled
-            // and both ends closed.
+            close(&[alive_w, abort_r]);
+            // SAFETY: prctl with integer arguments.
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
+                return Err(format!("PR_SET_PDEATHSIG: {}", errno()));
+            }
+            // A hang-up means the reaper died before the parent-death signal was armed. (A
+            // PID 1 cannot compare getppid: its parent is outside the namespace, so it reads 0
+            // either way.)
+            let mut pfd = libc::pollfd {
+                fd: alive_r,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd on the stack, without waiting.
+            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+            close(&[alive_r]);
+            if n != 0 {
+                // SAFETY: _exit has no preconditions; the supervisor is gone.
+                unsafe { libc::_exit(1) };
+            }
+            ABORT_RELAY.store(abort_w, std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: installs a handler that only makes one async-signal-safe call.
             unsafe {
-                libc::close(alive_w);
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(format!("PR_SET_PDEATHSIG: {}", errno()));
-                }
-                // The reaper holds the write end while it lives: a hang-up means it died
-                // before the parent-death signal was armed. (A PID 1 cannot compare getppid:
-                // its parent is outside the namespace, so it reads 0 either way.)
-                let mut pfd = libc::pollfd {
-                    fd: alive_r,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                let n = libc::poll(&mut pfd, 1, 0);
-                libc::close(alive_r);
-                if n != 0 {
-                    libc::_exit(1);
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = relay_abort as extern "C" fn(libc::c_int) as usize;
+                libc::sigemptyset(&mut action.sa_mask);
+                if libc::sigaction(libc::SIGABRT, &action, std::ptr::null_mut()) != 0 {
+                    return Err(format!("sigaction(SIGABRT): {}", errno()));
                 }
             }
             // SAFETY: getpid has no preconditions.
@@ -453,35 +492,36 @@ fn enter_pid_namespace(last_cap: Option<u32>) -> Result<String, String> {
             )
         }
         child => {
-            // SAFETY: closing our copy of the read end.
-            unsafe { libc::close(alive_r) };
-            reap(child, alive_w, last_cap)
+            close(&[alive_r, abort_w]);
+            reap(child, &[alive_w, abort_r], abort_r, last_cap)
         }
     }
 }
 
-/// The reaper: holds nothing but `alive` (the worker watches it), confines itself as far as it
-/// can (best effort: it runs no untrusted code and holds no descriptor, so a failure here
-/// weakens nothing the worker could use), waits for the worker and ends the same way.
-fn reap(child: libc::pid_t, alive: libc::c_int, last_cap: Option<u32>) -> ! {
-    // SAFETY: close_range on descriptor numbers: everything but `alive` (stdio, the IPC socket
-    // and the model files belong to the worker, and must close when the worker does).
-    unsafe {
-        if alive > 0 {
-            libc::syscall(
-                libc::SYS_close_range,
-                0u32,
-                (alive - 1) as libc::c_uint,
-                0u32,
-            );
+/// The reaper: holds nothing but its two pipe ends, `keep` (the worker watches one; `abort`
+/// tells it the worker aborted), confines itself as far as it can (best effort: it runs no
+/// untrusted code and holds no other descriptor, so a failure here weakens nothing the worker
+/// could use), waits for the worker and ends the same way.
+fn reap(
+    child: libc::pid_t,
+    keep: &[libc::c_int; 2],
+    abort: libc::c_int,
+    last_cap: Option<u32>,
+) -> ! {
+    // Everything but `keep`: stdio, the IPC socket and the model files belong to the worker,
+    // and must close when the worker does.
+    let mut keep = *keep;
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 0;
+    for fd in keep {
+        if (fd as libc::c_uint) > from {
+            // SAFETY: close_range on descriptor numbers.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd as libc::c_uint - 1, 0u32) };
         }
-        libc::syscall(
-            libc::SYS_close_range,
-            (alive + 1) as libc::c_uint,
-            libc::c_uint::MAX,
-            0u32,
-        );
+        from = fd as libc::c_uint + 1;
     }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0u32) };
     let _ = no_new_privs();
     let _ = drop_capabilities(last_cap);
     let _ = crate::seccomp::install_reaper();
@@ -498,7 +538,13 @@ fn reap(child: libc::pid_t, alive: libc::c_int, last_cap: Option<u32>) -> ! {
         }
     }
     if libc::WIFSIGNALED(status) {
-        let sig = libc::WTERMSIG(status);
+        let mut sig = libc::WTERMSIG(status);
+        let mut byte = 0u8;
+        // SAFETY: read of one byte into a local; the worker (the only writer) is gone, so this
+        // returns at once: 1 if it said it was aborting, else 0 (end of file).
+        if unsafe { libc::read(abort, (&mut byte as *mut u8).cast(), 1) } == 1 {
+            sig = libc::SIGABRT;
+        }
         // SAFETY: restoring the default action for `sig`, unblocking it and sending it to
         // ourselves: the reaper dies the way the worker died (no core: RLIMIT_CORE is 0).
         unsafe {
