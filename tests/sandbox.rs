@@ -39,7 +39,20 @@ fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    for layer in ["rlimits", "no_new_privs", "landlock", "seccomp"] {
+    for layer in [
+        "rlimits",
+        "parent death signal",
+        "oom_score_adj",
+        "namespaces",
+        "empty root",
+        "pid namespace",
+        "no_new_privs",
+        "capabilities",
+        "landlock",
+        "signal isolation",
+        "seccomp",
+        "thread cap",
+    ] {
         assert!(
             out.lines()
                 .any(|l| l.contains(layer) && l.contains("enforced")),
@@ -93,6 +106,52 @@ fn worker_runs_under_seccomp_and_no_new_privs_and_matches_in_process() {
     assert_eq!(out.token_ids, expected.token_ids);
     assert_eq!(out.text, expected.text);
     assert!(out.text.starts_with(" Paris."), "{:?}", out.text);
+}
+
+#[test]
+fn the_real_worker_is_pid_1_without_capabilities_capped_in_threads_and_first_for_the_oom_killer() {
+    let model = common::smollm2();
+    let mut confined = open_confined(
+        &model,
+        &common::unsigned(),
+        Task::Generate,
+        Some(settings()),
+    )
+    .unwrap();
+    let spawned = confined.worker_pid().unwrap();
+    // The supervisor's child is the PID namespace's reaper; the worker is its only child.
+    let pid = securerun_sandbox::spawn::confined_pid(spawned);
+    assert_ne!(pid, spawned, "no PID namespace");
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(adj.trim(), "1000");
+    let status = || std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let before = status();
+    assert_eq!(
+        field(&before, "NSpid:").split_whitespace().last(),
+        Some("1")
+    );
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+        assert_eq!(field(&before, set), "0000000000000000", "{set}");
+    }
+    // tripwires, clone3 -> ENOSYS, the allowlist, and the thread cap installed after loading.
+    assert_eq!(field(&before, "Seccomp_filters:"), "4", "{before}");
+    let out = confined
+        .generate(&prompt(), &greedy(8), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(out.text.starts_with(" Paris"), "{:?}", out.text);
+    // Inference ran on the threads that existed before the cap: none was added.
+    assert_eq!(
+        field(&status(), "Threads:"),
+        field(&before, "Threads:"),
+        "{before}"
+    );
 }
 
 #[test]

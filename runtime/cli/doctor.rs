@@ -15,21 +15,23 @@ pub fn run(_args: DoctorArgs) -> CmdResult {
     let layers = crate::worker::host_layers(&program)?;
     let mut ok = true;
     for layer in &layers {
-        // Namespaces are best effort: reported, not required.
-        let required = layer.name != "namespaces";
+        // Namespace-based layers are best effort: reported, not required (confine itself
+        // refuses strict mode when they were possible but failed, or when no signal isolation
+        // is left).
+        let required = !securerun_sandbox::confine::is_optional(&layer.name);
         let mark = match (layer.enforced, required) {
             (true, _) => "enforced",
             (false, true) => "MISSING",
             (false, false) => "unavailable (optional)",
         };
         ok &= layer.enforced || !required;
-        println!("  {:<13} {:<22} {}", layer.name, mark, layer.detail);
+        println!("  {:<19} {:<22} {}", layer.name, mark, layer.detail);
     }
     println!("escape attempts from a confined worker:");
     for probe in crate::worker::run_probes(&program) {
         ok &= probe.blocked;
         println!(
-            "  {:<12} {:<8} {:<45} {}",
+            "  {:<17} {:<8} {:<45} {}",
             probe.name,
             if probe.blocked { "blocked" } else { "ESCAPED" },
             probe.attempt,

@@ -30,6 +30,27 @@ pub struct ProbeResult {
     pub how: String,
 }
 
+/// Starts every compute thread the worker will use, then forbids new ones for good (the thread
+/// cap, [`securerun_sandbox::forbid_new_threads`]). candle 0.11 computes on three pools, each
+/// built lazily on first use and sized by `RAYON_NUM_THREADS` (set by the supervisor): rayon's
+/// global pool (gemm, tokenizers), candle's private rayon pool (`Device::with_context`) and
+/// its barrier pool (quantized kernels). Each is built here and runs one task on every thread,
+/// so every thread exists and has started before the cap. The worker calls this once its
+/// model is loaded.
+pub(crate) fn start_threads_then_cap() -> Result<(), String> {
+    let started = std::panic::catch_unwind(|| {
+        // An error only means that the global pool exists already.
+        let _ = rayon::ThreadPoolBuilder::new().build_global();
+        rayon::broadcast(|_| ());
+        candle_core::utils::with_threadpool(|| rayon::broadcast(|_| ()));
+        candle_core::utils::barrier_pool().execute(|_| ());
+    });
+    if started.is_err() {
+        return Err("cannot start the compute threads".into());
+    }
+    securerun_sandbox::forbid_new_threads().map_err(|e| e.to_string())
+}
+
 fn probe_spec(program: &Path, args: &[&str]) -> WorkerSpec {
     WorkerSpec {
         program: program.to_path_buf(),

@@ -110,6 +110,9 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
+    if let Err(e) = super::start_threads_then_cap() {
+        return fail(channel, None, e);
+    }
     if !send(channel, &FromWorker::Ready) {
         return ExitCode::FAILURE;
     }
@@ -179,6 +182,9 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
 }
 
 fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
+    if let Err(e) = super::start_threads_then_cap() {
+        return fail(channel, None, e);
+    }
     if !send(channel, &FromWorker::Ready) {
         return ExitCode::FAILURE;
     }

@@ -22,6 +22,14 @@ pub const PROBES: &[(&str, &str)] = &[
     ("ptrace", "ptrace-attach to the parent"),
     ("read-memory", "read the parent's memory (process_vm_readv)"),
     ("proc-mem", "open /proc/<parent>/mem"),
+    (
+        "signal-supervisor",
+        "kill/tgkill/tkill the supervisor (signal 0)",
+    ),
+    ("sigio-owner", "route SIGIO to the supervisor (F_SETOWN...)"),
+    ("thread-flood", "start threads after the thread cap"),
+    ("capability", "use CAP_SETPCAP, CAP_IPC_LOCK, CAP_NET_ADMIN"),
+    ("stat-host-path", "stat /etc/passwd"),
 ];
 
 fn errno() -> std::io::Error {
@@ -45,6 +53,11 @@ pub fn run(name: &str, parent: libc::pid_t) -> ! {
         "ptrace" => check(unsafe { libc::ptrace(libc::PTRACE_ATTACH, parent, 0usize, 0usize) }),
         "read-memory" => read_memory(parent),
         "proc-mem" => open_path(&format!("/proc/{parent}/mem"), libc::O_RDONLY),
+        "signal-supervisor" => signal_supervisor(parent),
+        "sigio-owner" => sigio_owner(parent),
+        "thread-flood" => thread_flood(),
+        "capability" => capability(),
+        "stat-host-path" => stat_path("/etc/passwd"),
         _ => {
             eprintln!("unknown probe {name:?}");
             std::process::exit(EXIT_SETUP)
@@ -140,4 +153,161 @@ fn read_memory(parent: libc::pid_t) -> Result<(), std::io::Error> {
     };
     // SAFETY: one local iovec over a stack buffer of the stated length.
     check(unsafe { libc::process_vm_readv(parent, &local, 1, &remote, 1, 0) } as libc::c_long)
+}
+
+/// Runs every attempt; the probe escapes if any one of them succeeds. The error lists each
+/// refusal.
+fn any_of(attempts: Vec<(&str, Result<(), std::io::Error>)>) -> Result<(), std::io::Error> {
+    let mut refusals = Vec::new();
+    for (what, r) in attempts {
+        match r {
+            Ok(()) => {
+                eprintln!("{what} succeeded");
+                return Ok(());
+            }
+            Err(e) => refusals.push(format!("{what}: {e}")),
+        }
+    }
+    Err(std::io::Error::other(refusals.join("; ")))
+}
+
+fn check_int(ret: libc::c_int) -> Result<(), std::io::Error> {
+    check(libc::c_long::from(ret))
+}
+
+/// Signal 0: the kernel's permission check without delivering anything (a probe that got
+/// through must not actually hurt the supervisor).
+fn signal_supervisor(parent: libc::pid_t) -> Result<(), std::io::Error> {
+    // SAFETY: signal-sending system calls with integer arguments; signal 0 delivers nothing.
+    any_of(vec![
+        ("kill", check_int(unsafe { libc::kill(parent, 0) })),
+        (
+            "tgkill",
+            check(unsafe { libc::syscall(libc::SYS_tgkill, parent, parent, 0) }),
+        ),
+        (
+            "tkill",
+            check(unsafe { libc::syscall(libc::SYS_tkill, parent, 0) }),
+        ),
+    ])
+}
+
+/// Asks for SIGIO on stdin (/dev/null in a spawned process) to go to the supervisor, or for
+/// a signal of its choice: a worker that could do this could signal whom it likes.
+fn sigio_owner(parent: libc::pid_t) -> Result<(), std::io::Error> {
+    let fd = 0;
+    // SAFETY: F_GETFD on a descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        eprintln!("stdin is not open: {}", errno());
+        std::process::exit(EXIT_SETUP);
+    }
+    // <linux/fcntl.h> values the libc crate does not export.
+    const F_SETSIG: libc::c_int = 10;
+    const F_SETOWN_EX: libc::c_int = 15;
+    const F_OWNER_PID: libc::c_int = 1;
+    #[repr(C)]
+    struct FOwnerEx {
+        kind: libc::c_int,
+        pid: libc::pid_t,
+    }
+    let owner = FOwnerEx {
+        kind: F_OWNER_PID,
+        pid: parent,
+    };
+    // SAFETY: fcntl on an open descriptor with integer arguments, or a pointer to a local
+    // f_owner_ex for F_SETOWN_EX.
+    any_of(vec![
+        (
+            "F_SETOWN",
+            check_int(unsafe { libc::fcntl(fd, libc::F_SETOWN, parent) }),
+        ),
+        (
+            "F_SETOWN_EX",
+            check_int(unsafe { libc::fcntl(fd, F_SETOWN_EX, &owner) }),
+        ),
+        (
+            "F_SETSIG",
+            check_int(unsafe { libc::fcntl(fd, F_SETSIG, libc::SIGUSR1) }),
+        ),
+        (
+            "F_SETFL O_ASYNC",
+            check_int(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_ASYNC) }),
+        ),
+    ])
+}
+
+/// Installs the thread cap, as the worker does once its compute threads run, then tries to
+/// start threads.
+fn thread_flood() -> Result<(), std::io::Error> {
+    if let Err(e) = crate::forbid_new_threads() {
+        eprintln!("{e}");
+        std::process::exit(EXIT_SETUP);
+    }
+    let mut refusals = Vec::new();
+    for _ in 0..16 {
+        match std::thread::Builder::new().spawn(|| ()) {
+            Ok(_) => return Ok(()),
+            Err(e) => refusals.push(e),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "16 thread starts refused: {}",
+        refusals.first().map_or(String::new(), |e| e.to_string())
+    )))
+}
+
+/// Actions that need a capability and that the system-call filter lets through, so that only
+/// the (empty) capability sets stop them: dropping from the bounding set (CAP_SETPCAP, in the
+/// worker's own user namespace), locking memory with RLIMIT_MEMLOCK 0 (CAP_IPC_LOCK), forcing
+/// a socket buffer size (CAP_NET_ADMIN) on the IPC socket.
+fn capability() -> Result<(), std::io::Error> {
+    let len = 4096;
+    // SAFETY: an anonymous private mapping of one page, unmapped if it was made.
+    let locked = unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_LOCKED,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            Err(errno())
+        } else {
+            libc::munmap(p, len);
+            Ok(())
+        }
+    };
+    let size: libc::c_int = 1 << 20;
+    // SAFETY: prctl with integer arguments; setsockopt with a pointer to a local int of the
+    // stated size on the IPC socket (fd 3).
+    any_of(vec![
+        (
+            "PR_CAPBSET_DROP",
+            // Capability 0 is CAP_CHOWN.
+            check_int(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, 0 as libc::c_ulong) }),
+        ),
+        ("mmap MAP_LOCKED", locked),
+        (
+            "SO_RCVBUFFORCE",
+            check_int(unsafe {
+                libc::setsockopt(
+                    crate::spawn::CHANNEL_FD,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }),
+        ),
+    ])
+}
+
+fn stat_path(path: &str) -> Result<(), std::io::Error> {
+    let c = CString::new(path).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path and a stat buffer on the stack.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    check_int(unsafe { libc::stat(c.as_ptr(), &mut st) })
 }

@@ -3,7 +3,13 @@
 //!
 //! The child gets a cleared environment (plus the variables the caller names), stdin and stdout
 //! on /dev/null, the IPC socket as fd 3 and the passed descriptors as fds 4, 5, ...; every other
-//! descriptor is closed before `exec`.
+//! descriptor is closed before `exec`. It dies with SIGKILL when the supervisor does
+//! (`PR_SET_PDEATHSIG`, armed before `exec`; if the supervisor died before that, the child
+//! does not start).
+//!
+//! The parent-death signal is tied to the *thread* that spawned the worker: spawn from a thread
+//! that lives as long as the worker should (the main thread, or a long-lived engine thread,
+//! never a pool thread that may be retired while the worker runs).
 
 use std::ffi::OsString;
 use std::io;
@@ -19,12 +25,15 @@ use crate::frame::Channel;
 pub const CHANNEL_FD: RawFd = 3;
 /// The first descriptor passed with [`WorkerSpec::fds`].
 pub const FIRST_PASSED_FD: RawFd = 4;
+/// Environment variable with the supervisor's pid, so that the worker can check its parent is
+/// still the one that started it if it must arm the parent-death signal again.
+pub const SUPERVISOR_PID_ENV: &str = "SECURERUN_SUPERVISOR_PID";
 
 /// What to start.
 pub struct WorkerSpec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
-    /// The only environment variables the worker sees.
+    /// The only environment variables the worker sees (besides [`SUPERVISOR_PID_ENV`]).
     pub env: Vec<(OsString, OsString)>,
     /// Descriptors handed over, in order, as fds 4, 5, ...
     pub fds: Vec<OwnedFd>,
@@ -43,19 +52,30 @@ pub fn spawn(spec: WorkerSpec) -> io::Result<WorkerProcess> {
     let (ours, theirs) = UnixStream::pair()?;
     let mut sources: Vec<RawFd> = vec![theirs.as_raw_fd()];
     sources.extend(spec.fds.iter().map(|fd| fd.as_raw_fd()));
+    // Captured before the fork: the child compares its parent with it.
+    let supervisor = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(SUPERVISOR_PID_ENV, supervisor.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(spec.stderr);
     let targets_end = CHANNEL_FD + sources.len() as RawFd;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (fcntl, dup2, close_range) on descriptor numbers; it allocates nothing
-    // (`sources` was built before the fork and is only read).
+    // system calls (prctl, getppid, fcntl, dup2, close_range) on integers and descriptor
+    // numbers; it allocates nothing (`sources` was built before the fork and is only read).
     unsafe {
         cmd.pre_exec(move || {
+            // Die with the supervisor; if it already died (we were reparented before the
+            // signal was armed), do not start at all.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != supervisor {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
             // First move every source above the target range, so that placing one cannot
             // overwrite another that is still to be placed.
             let mut high = [0 as RawFd; 64];
@@ -118,4 +138,23 @@ pub fn inherited(count: usize) -> io::Result<(Channel, Vec<OwnedFd>)> {
         .map(|i| take(FIRST_PASSED_FD + i as RawFd))
         .collect::<io::Result<Vec<_>>>()?;
     Ok((channel, fds))
+}
+
+/// The pid of the confined worker itself, for a worker process `pid` the supervisor started:
+/// in a PID namespace, `pid` is the reaper and the worker is its only child; otherwise `pid`
+/// itself. Reads /proc (for diagnostics and tests; signals go to `pid`, whose death takes the
+/// worker with it).
+pub fn confined_pid(pid: u32) -> u32 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pid;
+    };
+    let parent_line = format!("PPid:\t{pid}");
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/status"))
+                .is_ok_and(|s| s.lines().any(|l| l == parent_line))
+        })
+        .unwrap_or(pid)
 }
