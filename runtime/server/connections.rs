@@ -254,6 +254,9 @@ impl http_body::Body for WatchedBody {
     }
 }
 
+/// Kernel send buffer per connection (Linux doubles it for bookkeeping).
+const SEND_BUFFER: usize = 128 * 1024;
+
 /// How often each connection's watchdog looks.
 const WATCH: Duration = Duration::from_millis(250);
 
@@ -310,6 +313,10 @@ pub async fn serve(
             continue;
         };
         events.open(limits.max_connections - open.available_permits());
+        // Bounded kernel memory per connection: a client that stops reading can pin at most
+        // this much of the host's socket memory (autotuning would grow it to megabytes), and
+        // a stalled response is noticed (and cut) instead of vanishing into the kernel.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let activity = Activity::new();
         let watched = activity.clone();
         let app = app
