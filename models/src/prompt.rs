@@ -25,6 +25,9 @@ impl PromptEncoder {
     /// Loads `tokenizer.json` and the chat template of `tokenizer_config.json` (a missing or
     /// broken template is reported when a chat prompt needs it, not here).
     pub fn load(source: &ModelSource) -> Result<Self, LoadError> {
+        // The configuration comes first, as for the model itself, so a model that cannot load
+        // is refused for the same reason here.
+        crate::load::config(source)?;
         let bytes = source
             .aux("tokenizer.json")
             .ok_or(TokenizerError::Missing)?;

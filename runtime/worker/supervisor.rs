@@ -35,6 +35,9 @@ pub enum WorkerError {
     Reverification(String),
     #[error("{0}")]
     Request(String),
+    /// The model's configuration or tokenizer, read in the supervisor, is unusable.
+    #[error("{0}")]
+    Model(String),
 }
 
 /// How to run workers.
@@ -163,7 +166,7 @@ impl ConfinedModel {
         settings: WorkerSettings,
     ) -> Result<Self, WorkerError> {
         let encoder =
-            PromptEncoder::load(&source).map_err(|e| WorkerError::Refused(e.to_string()))?;
+            PromptEncoder::load(&source).map_err(|e| WorkerError::Model(e.to_string()))?;
         let mut model = ConfinedModel {
             encoder: Arc::new(encoder),
             reverify: None,
