@@ -52,35 +52,25 @@ impl Channel {
     }
 
     /// Receives one frame of at most `max` payload bytes, waiting at most `timeout` (forever
-    /// if `None`) for it to start and for each read after.
+    /// if `None`) for the whole frame.
     pub fn recv(&mut self, max: usize, timeout: Option<Duration>) -> Result<Vec<u8>, FrameError> {
-        self.stream.set_read_timeout(timeout)?;
-        let mut len = [0u8; 4];
-        self.read_exact(&mut len)?;
-        let len = u32::from_le_bytes(len) as u64;
-        if len == 0 {
-            return Err(FrameError::Empty);
+        match timeout {
+            Some(t) => self.recv_by(max, Instant::now() + t),
+            None => {
+                self.stream.set_read_timeout(None)?;
+                self.recv_frame(max, None)
+            }
         }
-        if len - 1 > max as u64 {
-            return Err(FrameError::TooLarge {
-                len: len - 1,
-                max: max as u64,
-            });
-        }
-        let mut version = [0u8; 1];
-        self.read_exact(&mut version)?;
-        if version[0] != PROTOCOL_VERSION {
-            return Err(FrameError::Version { got: version[0] });
-        }
-        let mut payload = vec![0u8; (len - 1) as usize];
-        self.read_exact(&mut payload)?;
-        Ok(payload)
     }
 
     /// Receives one frame of at most `max` payload bytes that must arrive, whole, by
     /// `deadline`. Unlike [`Self::recv`], a peer that drips a byte at a time cannot stretch the
     /// wait: each read waits only for what is left of the deadline.
     pub fn recv_by(&mut self, max: usize, deadline: Instant) -> Result<Vec<u8>, FrameError> {
+        self.recv_frame(max, Some(deadline))
+    }
+
+    fn recv_frame(&mut self, max: usize, deadline: Option<Instant>) -> Result<Vec<u8>, FrameError> {
         let mut len = [0u8; 4];
         self.read_by(&mut len, deadline)?;
         let len = u32::from_le_bytes(len) as u64;
@@ -121,14 +111,18 @@ impl Channel {
         n > 0 && pfd.revents != 0
     }
 
-    fn read_by(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), FrameError> {
+    /// Fills `buf`, each read waiting only for what is left of `deadline` (no deadline: the
+    /// socket's blocking reads).
+    fn read_by(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> Result<(), FrameError> {
         let mut filled = 0;
         while filled < buf.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(FrameError::Timeout);
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(FrameError::Timeout);
+                }
+                self.stream.set_read_timeout(Some(left))?;
             }
-            self.stream.set_read_timeout(Some(left))?;
             match self.stream.read(&mut buf[filled..]) {
                 Ok(0) => return Err(FrameError::Closed),
                 Ok(n) => filled += n,
@@ -149,14 +143,6 @@ impl Channel {
 
     pub fn stream(&self) -> &UnixStream {
         &self.stream
-    }
-
-    fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), FrameError> {
-        self.stream.read_exact(buf).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => FrameError::Closed,
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Timeout,
-            _ => FrameError::Io(e),
-        })
     }
 }
 
