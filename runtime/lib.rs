@@ -30,6 +30,7 @@ pub mod lockdown;
 mod open;
 pub mod server;
 pub mod signing;
+pub mod state_dir;
 pub mod tokens;
 pub mod worker;
 

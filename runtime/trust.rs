@@ -23,6 +23,8 @@ pub fn default_state_dir() -> Option<PathBuf> {
 pub enum TrustError {
     #[error("no state directory: set SECURERUN_STATE_DIR or pass --state-dir")]
     NoStateDir,
+    #[error(transparent)]
+    StateDir(#[from] crate::state_dir::StateDirError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -58,7 +60,25 @@ pub fn load(state: &Path) -> Result<Vec<(PathBuf, PublicKey)>, TrustError> {
         if path.extension().and_then(|e| e.to_str()) != Some("pub") {
             continue;
         }
-        keys.push((path.clone(), read_key(&path)?));
+        // Never through a symlink planted in the store.
+        let pem = securerun_models::fsutil::read_bounded(&path, 64 * 1024).map_err(|e| {
+            TrustError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+        let key = std::str::from_utf8(&pem)
+            .map_err(|_| TrustError::Io {
+                path: path.clone(),
+                source: std::io::Error::other("not UTF-8"),
+            })
+            .and_then(|pem| {
+                PublicKey::from_pem(pem).map_err(|source| TrustError::Key {
+                    path: path.clone(),
+                    source,
+                })
+            })?;
+        keys.push((path.clone(), key));
     }
     keys.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(keys)
@@ -84,6 +104,7 @@ pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(path)
 }
@@ -112,7 +133,8 @@ pub fn add(state: &Path, key_file: &Path) -> Result<String, TrustError> {
     let path = dir.join(format!("{id}.pub"));
     let tmp = dir.join(format!(".{id}.tmp-{}", std::process::id()));
     let pem = key.to_pem().map_err(key_err)?;
-    std::fs::write(&tmp, pem)
+    let _ = std::fs::remove_file(&tmp);
+    crate::state_dir::write_public(&tmp, pem.as_bytes())
         .and_then(|_| std::fs::rename(&tmp, &path))
         .map_err(|source| TrustError::Io { path, source })?;
     Ok(id)

@@ -227,7 +227,8 @@ pub fn write_root(dir: &Path, k0: &EpochKey) -> Result<(), AuditError> {
         .to_pem()
         .map_err(|e| AuditError::Key(e.to_string()))?;
     let path = dir.join(ROOT_PUB);
-    std::fs::write(&path, pem).map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))
+    crate::state_dir::write_public(&path, pem.as_bytes())
+        .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))
 }
 
 /// Which public key signs for which epoch, as far as a verifier knows.

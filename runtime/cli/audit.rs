@@ -120,11 +120,7 @@ pub enum AuditCommand {
 
 impl LogArgs {
     fn dir(&self) -> Result<PathBuf, crate::trust::TrustError> {
-        let state = self
-            .state_dir
-            .clone()
-            .or_else(crate::trust::default_state_dir)
-            .ok_or(crate::trust::TrustError::NoStateDir)?;
+        let state = crate::state_dir::resolve(self.state_dir.clone())?;
         Ok(audit::audit_dir(&state))
     }
 
@@ -257,9 +253,7 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             yes,
         } => shred(&log, before_epoch, older_than, yes)?,
         AuditCommand::Hmac { text, state_dir } => {
-            let state = state_dir
-                .or_else(crate::trust::default_state_dir)
-                .ok_or(crate::trust::TrustError::NoStateDir)?;
+            let state = crate::state_dir::resolve(state_dir)?;
             let dir = audit::audit_dir(&state);
             let path = dir.join(audit::keys::PSEUDONYM_KEY);
             if !path.exists() {

@@ -200,10 +200,7 @@ pub(crate) fn record_admin_with(
     record: crate::audit::AuditRecord,
     observed_by_server: bool,
 ) -> CmdResult {
-    let state = state_dir
-        .map(std::path::Path::to_path_buf)
-        .or_else(crate::trust::default_state_dir)
-        .ok_or(crate::trust::TrustError::NoStateDir)?;
+    let state = crate::state_dir::resolve(state_dir.map(std::path::Path::to_path_buf))?;
     let dir = crate::audit::audit_dir(&state);
     init_audit(&dir)?;
     let mut record = record;
@@ -276,9 +273,7 @@ pub fn main() -> ExitCode {
             reason,
             state_dir,
         } => (|| {
-            let dir = state_dir
-                .or_else(crate::trust::default_state_dir)
-                .ok_or(crate::trust::TrustError::NoStateDir)?;
+            let dir = crate::state_dir::resolve(state_dir)?;
             crate::lockdown::set(&dir, state == "on", &reason)?;
             eprintln!("lockdown {state} (running servers apply it within a second)");
             let mut r = crate::audit::AuditRecord::event(&format!("lockdown_{state}"));

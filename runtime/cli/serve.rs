@@ -96,11 +96,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             config.listen
         );
     }
-    let state_dir = args
-        .common
-        .trust
-        .state_dir()
-        .ok_or(crate::trust::TrustError::NoStateDir)?;
+    let state_dir = args.common.trust.state_dir()?;
     // The audit log first: verification, sandbox and start-up are recorded, and a server that
     // cannot audit does not start.
     let audit_dir = crate::audit::audit_dir(&state_dir);

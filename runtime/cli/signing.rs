@@ -2,7 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -74,10 +74,9 @@ pub struct TrustArgs {
 
 impl TrustArgs {
     /// `--state-dir`, else the default state directory.
-    pub fn state_dir(&self) -> Option<PathBuf> {
-        self.state_dir
-            .clone()
-            .or_else(crate::trust::default_state_dir)
+    /// Checked (see [`crate::state_dir`]).
+    pub fn state_dir(&self) -> Result<PathBuf, crate::state_dir::StateDirError> {
+        crate::state_dir::resolve(self.state_dir.clone())
     }
 
     /// Everything trusted: the flags plus the keys in the trust store.
@@ -86,14 +85,14 @@ impl TrustArgs {
         for path in &self.trust_keys {
             policy.keys.push(crate::trust::read_key(path)?);
         }
-        if let Some(state) = self
-            .state_dir
-            .clone()
-            .or_else(crate::trust::default_state_dir)
-        {
-            policy
+        // The trust store decides which keys may sign models: never read from a state
+        // directory others could write to.
+        match self.state_dir() {
+            Ok(state) => policy
                 .keys
-                .extend(crate::trust::load(&state)?.into_iter().map(|(_, k)| k));
+                .extend(crate::trust::load(&state)?.into_iter().map(|(_, k)| k)),
+            Err(crate::state_dir::StateDirError::None) => {}
+            Err(e) => return Err(e.into()),
         }
         for path in &self.trust_cas {
             policy.cas.add_pem_file(path)?;
@@ -151,6 +150,9 @@ fn write_new(path: &Path, contents: &[u8], mode: u32, force: bool) -> CmdResult 
                 format!("{}: {e}", path.display())
             }
         })?;
+    // Exactly `mode`, whatever the umask: a public key or signature must stay readable by
+    // others, a private key by nobody else (fchmod, on the handle just created).
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.write_all(contents)?;
     f.sync_all()?;
     Ok(())
@@ -272,8 +274,7 @@ pub enum TrustCommand {
 }
 
 fn state(dir: Option<PathBuf>) -> Result<PathBuf, crate::trust::TrustError> {
-    dir.or_else(crate::trust::default_state_dir)
-        .ok_or(crate::trust::TrustError::NoStateDir)
+    Ok(crate::state_dir::resolve(dir)?)
 }
 
 pub fn trust(cmd: TrustCommand) -> CmdResult {

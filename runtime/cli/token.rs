@@ -57,9 +57,7 @@ pub struct CreateArgs {
 }
 
 fn store(dir: Option<PathBuf>) -> Result<TokenStore, crate::trust::TrustError> {
-    let dir = dir
-        .or_else(crate::trust::default_state_dir)
-        .ok_or(crate::trust::TrustError::NoStateDir)?;
+    let dir = crate::state_dir::resolve(dir)?;
     Ok(TokenStore::new(&dir))
 }
 

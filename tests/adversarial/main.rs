@@ -8,4 +8,5 @@ mod harness;
 
 mod audit_completeness;
 mod clients;
+mod local_users;
 mod workers;
