@@ -22,6 +22,7 @@
 //! ```
 
 pub mod arch;
+pub mod budget;
 pub mod chat;
 pub mod detok;
 pub mod embed;

@@ -164,7 +164,10 @@ pub fn run(args: ServeArgs) -> CmdResult {
         .unwrap_or(false);
     let sandbox = format!("{:?}", args.common.sandbox).to_lowercase();
     let backend = match args.common.worker_settings()? {
-        Some(settings) => {
+        Some(mut settings) => {
+            // The memory estimate covers the longest request this server accepts.
+            settings.context_limit =
+                Some(config.max_prompt_tokens as u64 + u64::from(config.max_tokens_cap));
             let task = if is_embedder {
                 Task::Embed
             } else {

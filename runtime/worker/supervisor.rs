@@ -55,6 +55,9 @@ pub struct WorkerSettings {
     pub load_timeout: Duration,
     /// Longest silence from the worker during a request (between two frames).
     pub frame_timeout: Duration,
+    /// The most positions a request can use (prompt + generated), for the memory estimate;
+    /// `None`: the model's own `max_position_embeddings`.
+    pub context_limit: Option<u64>,
 }
 
 impl WorkerSettings {
@@ -71,6 +74,7 @@ impl WorkerSettings {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             load_timeout: Duration::from_secs(600),
             frame_timeout: Duration::from_secs(300),
+            context_limit: None,
         })
     }
 }
@@ -94,6 +98,39 @@ fn physical_memory() -> Option<u64> {
         )
     };
     (pages > 0 && size > 0).then(|| (pages as u64).saturating_mul(size as u64))
+}
+
+/// Refuses, here in the supervisor and before any worker exists, a model whose configuration
+/// implies more memory than the worker's budget (weights at f32, rotary tables, KV cache at the
+/// context limit, activations): a model file decides those sizes.
+fn check_memory(
+    source: &ModelSource,
+    task: Task,
+    settings: &WorkerSettings,
+) -> Result<(), WorkerError> {
+    let budget = settings
+        .memory_budget
+        .unwrap_or_else(|| default_memory_budget(source.weight_bytes()));
+    let est = securerun_models::budget::estimate(source, 4, settings.context_limit)
+        .map_err(|e| WorkerError::Model(e.to_string()))?;
+    let needed = match task {
+        Task::Generate => est.total(),
+        // Encoders keep no KV cache and compute on short inputs.
+        Task::Embed => est.weights.saturating_add(est.activations.min(1 << 30)),
+    };
+    if needed > budget {
+        let mib = |b: u64| b >> 20;
+        return Err(WorkerError::Model(format!(
+            "the model needs about {} MiB (weights {} MiB at f32, KV cache {} MiB, rotary tables {} MiB, activations {} MiB), more than the worker's memory budget of {} MiB: pass --worker-memory with more, or serve a shorter context",
+            mib(needed),
+            mib(est.weights),
+            mib(est.kv_cache),
+            mib(est.rotary),
+            mib(est.activations),
+            mib(budget)
+        )));
+    }
+    Ok(())
 }
 
 /// What the caller of one request knows that the worker does not: when the request must end
@@ -167,6 +204,7 @@ impl ConfinedModel {
     ) -> Result<Self, WorkerError> {
         let encoder =
             PromptEncoder::load(&source).map_err(|e| WorkerError::Model(e.to_string()))?;
+        check_memory(&source, task, &settings)?;
         let mut model = ConfinedModel {
             encoder: Arc::new(encoder),
             reverify: None,

@@ -173,3 +173,48 @@ fn a_cooperative_cancel_keeps_the_worker_and_reports_cancelled() {
     assert_eq!(g.finish_reason, securerun_models::FinishReason::Cancelled);
     assert_eq!(m.restarts, 0);
 }
+
+/// A configuration that implies more memory than the worker may have (here: a rotary table and
+/// KV cache for a million positions) is refused in the supervisor, with the estimate, before any
+/// worker starts. Before the fix the worker started and died in its allocation.
+#[test]
+fn a_config_that_cannot_fit_is_refused_before_the_worker_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::copy_dir(&common::smollm2(), &model);
+    let config_path = model.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["max_position_embeddings"] = 1_000_000.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let o = common::securerun(&[
+        "run",
+        common::p(&model),
+        "--allow-unsigned",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+        "--worker-memory",
+        "2048",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("needs about") && err.contains("KV cache"),
+        "{err}"
+    );
+    // The real config fits the same budget.
+    let o = common::securerun(&[
+        "run",
+        common::p(&common::smollm2()),
+        "--allow-unsigned",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "1",
+        "--worker-memory",
+        "4096",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

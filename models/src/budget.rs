@@ -1,0 +1,66 @@
+//! What a model will allocate, estimated from its headers and configuration before anything is
+//! built: a model file decides sizes (weights, rotary tables, KV cache), so a supervisor must be
+//! able to refuse one that cannot fit, in its own process and with a clear reason, instead of
+//! letting the worker find out by dying.
+
+use crate::source::ModelSource;
+use crate::LoadError;
+
+/// Bytes a model needs, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Every tensor at the compute dtype (f32 on CPU).
+    pub weights: u64,
+    /// Rotary position tables (cos and sin) for every position the config allows.
+    pub rotary: u64,
+    /// Keys and values for `context` positions in every layer.
+    pub kv_cache: u64,
+    /// Working memory for one step: logits, attention scores and MLP activations at `context`.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights
+            .saturating_add(self.rotary)
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.activations)
+    }
+}
+
+fn field(config: &serde_json::Value, name: &str) -> Option<u64> {
+    config.get(name).and_then(serde_json::Value::as_u64)
+}
+
+/// Estimates what the model of `source` allocates at `compute_bytes` per element (4 for f32)
+/// when it serves up to `context` positions (the model's own limit if `None`).
+pub fn estimate(
+    source: &ModelSource,
+    compute_bytes: u64,
+    context: Option<u64>,
+) -> Result<MemoryEstimate, LoadError> {
+    let config = crate::load::config(source)?;
+    let elements: u64 = source
+        .tensors()
+        .map(|(_, t)| t.shape.iter().map(|&d| d as u64).product::<u64>())
+        .fold(0u64, u64::saturating_add);
+    let weights = elements.saturating_mul(compute_bytes);
+    let layers = field(&config, "num_hidden_layers").unwrap_or(0);
+    let heads = field(&config, "num_attention_heads").unwrap_or(1).max(1);
+    let kv_heads = field(&config, "num_key_value_heads").unwrap_or(heads);
+    let hidden = field(&config, "hidden_size").unwrap_or(0);
+    let head_dim = field(&config, "head_dim").unwrap_or(hidden / heads);
+    let intermediate = field(&config, "intermediate_size").unwrap_or(4 * hidden);
+    let vocab = field(&config, "vocab_size").unwrap_or(0);
+    let max_positions = field(&config, "max_position_embeddings").unwrap_or(0);
+    let context = context.map_or(max_positions, |c| c.min(max_positions.max(1)));
+    let mul = |xs: &[u64]| xs.iter().fold(1u64, |a, &b| a.saturating_mul(b));
+    Ok(MemoryEstimate {
+        weights,
+        rotary: mul(&[2, max_positions, head_dim, compute_bytes]),
+        kv_cache: mul(&[2, layers, kv_heads, head_dim, context, compute_bytes]),
+        activations: mul(&[vocab, compute_bytes])
+            .saturating_add(mul(&[heads, context, context.min(8192), compute_bytes]))
+            .saturating_add(mul(&[context, hidden + 2 * intermediate, compute_bytes])),
+    })
+}
