@@ -22,8 +22,10 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
-    /// Loads `tokenizer.json` and the chat template of `tokenizer_config.json` (a missing or
-    /// broken template is reported when a chat prompt needs it, not here).
+    /// Loads `tokenizer.json` only: a supervisor counts tokens but never runs the model's chat
+    /// template (code from the model file), which the confined worker renders
+    /// ([`Self::rendered_ids`] tokenizes the result). Chat prompts given to this encoder
+    /// directly are refused.
     pub fn load(source: &ModelSource) -> Result<Self, LoadError> {
         // The configuration comes first, as for the model itself, so a model that cannot load
         // is refused for the same reason here.
@@ -31,8 +33,15 @@ impl PromptEncoder {
         let bytes = source
             .aux("tokenizer.json")
             .ok_or(TokenizerError::Missing)?;
-        Ok(Self::new(tokenizer::load(bytes)?, source))
+        Ok(PromptEncoder {
+            tokenizer: tokenizer::load(bytes)?,
+            chat: Err(Arc::new(ChatError::Template(
+                "chat templates are rendered by the model worker, not here".into(),
+            ))),
+        })
     }
+
+    /// The tokenizer and the model's chat template (for a process that runs the model).
 
     pub(crate) fn new(tokenizer: Tokenizer, source: &ModelSource) -> Self {
         let chat = match source.aux("tokenizer_config.json") {
@@ -64,6 +73,15 @@ impl PromptEncoder {
                 tokenizer::encode(&self.tokenizer, &self.render_chat(messages)?, false)?
             }
         };
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        Ok(ids)
+    }
+
+    /// Tokenizes a chat prompt already rendered with the template (by whoever ran it).
+    pub fn rendered_ids(&self, rendered: &str) -> Result<Vec<u32>, GenerateError> {
+        let ids = tokenizer::encode(&self.tokenizer, rendered, false)?;
         if ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }

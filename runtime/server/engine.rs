@@ -123,12 +123,20 @@ pub enum Job {
         control: JobControl,
         done: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     },
+    /// Render chat messages with the model's template (in the worker when confined).
+    Render {
+        messages: Vec<securerun_models::ChatMessage>,
+        control: JobControl,
+        done: oneshot::Sender<Result<String, EngineError>>,
+    },
 }
 
 impl Job {
     fn control(&self) -> &JobControl {
         match self {
-            Job::Generate { control, .. } | Job::Embed { control, .. } => control,
+            Job::Generate { control, .. }
+            | Job::Embed { control, .. }
+            | Job::Render { control, .. } => control,
         }
     }
 }
@@ -213,6 +221,9 @@ fn drop_job(job: Job) {
         Job::Embed { done, .. } => {
             let _ = done.send(Err(EngineError::Dropped));
         }
+        Job::Render { done, .. } => {
+            let _ = done.send(Err(EngineError::Dropped));
+        }
     }
 }
 
@@ -261,6 +272,27 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                 }
                 Backend::TextInProcess(m) => m
                     .generate_from_ids(&prompt_ids, &params, &mut on_text)
+                    .map_err(|e| EngineError::Request(e.to_string())),
+                _ => Err(EngineError::Request(
+                    "this model does not generate text".into(),
+                )),
+            };
+            let failure = match &result {
+                Err(EngineError::Worker(m)) => Some(m.clone()),
+                _ => None,
+            };
+            let _ = done.send(result);
+            failure
+        }
+        Job::Render {
+            messages,
+            control: _,
+            done,
+        } => {
+            let result = match backend {
+                Backend::Text(m) => m.render_chat(&messages).map_err(EngineError::from),
+                Backend::TextInProcess(m) => m
+                    .render_chat(&messages)
                     .map_err(|e| EngineError::Request(e.to_string())),
                 _ => Err(EngineError::Request(
                     "this model does not generate text".into(),

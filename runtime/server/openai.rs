@@ -342,11 +342,35 @@ struct Call {
     ledger: Ledger,
 }
 
-/// Tokenizes a prompt here, in the server, on a blocking thread.
-async fn encode_prompt(state: &AppState, prompt: Prompt) -> Result<Vec<u32>, ApiError> {
+/// Tokenizes a prompt here, in the server, on a blocking thread. A chat prompt is first
+/// rendered by the engine (the template is code from the model file: in a confined worker it
+/// runs under the sandbox and its memory cap); its tokens are counted here either way.
+async fn encode_prompt(
+    state: &AppState,
+    prompt: Prompt,
+    control: &JobControl,
+) -> Result<Vec<u32>, ApiError> {
     let encoder = state.encoder.clone();
-    tokio::task::spawn_blocking(move || encoder.prompt_ids(&prompt))
-        .await
+    let encoded = match prompt {
+        Prompt::Chat(messages) => {
+            let (done, rendered) = oneshot::channel();
+            state
+                .engine
+                .submit(Job::Render {
+                    messages,
+                    control: control.clone(),
+                    done,
+                })
+                .map_err(|_| ApiError::busy())?;
+            let text = rendered
+                .await
+                .map_err(|_| engine_stopped())?
+                .map_err(generation_error)?;
+            tokio::task::spawn_blocking(move || encoder.rendered_ids(&text)).await
+        }
+        text => tokio::task::spawn_blocking(move || encoder.prompt_ids(&text)).await,
+    };
+    encoded
         .map_err(|_| engine_stopped())?
         .map_err(|e| ApiError::bad_request(e.to_string()))
 }
@@ -373,7 +397,8 @@ async fn complete(
     let params = params(&state, &sampling)?;
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
-    let prompt_ids = encode_prompt(&state, prompt).await?;
+    let control = JobControl::new(deadline);
+    let prompt_ids = encode_prompt(&state, prompt, &control).await?;
     let prompt_tokens = prompt_ids.len() as u64;
     if prompt_ids.len() > state.config.max_prompt_tokens {
         return Err(ApiError::bad_request(format!(
@@ -386,7 +411,6 @@ async fn complete(
         .limiters
         .tokens(&caller.record, prompt_tokens + params.max_tokens as u64)
         .map_err(ApiError::limited)?;
-    let control = JobControl::new(deadline);
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let job = Job::Generate {

@@ -126,6 +126,19 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
                 prompt_ids,
                 params,
             } => (id, prompt_ids, params),
+            ToWorker::Render { id, messages } => {
+                let reply = match model.render_chat(&messages) {
+                    Ok(text) => FromWorker::Rendered { id, text },
+                    Err(e) => FromWorker::Failed {
+                        id: Some(id),
+                        error: e.to_string(),
+                    },
+                };
+                if !send(channel, &reply) {
+                    return ExitCode::SUCCESS;
+                }
+                continue;
+            }
             ToWorker::Cancel { .. } => continue, // for a request already finished
             _ => return fail(channel, None, "unexpected message".into()),
         };

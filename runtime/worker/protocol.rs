@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use securerun_models::source::{AuxFile, Layout, Origin, SourceParts};
-use securerun_models::{FinishReason, GenerationParams, Limits};
+use securerun_models::{ChatMessage, FinishReason, GenerationParams, Limits};
 
 use crate::signing::bundle::{b64_decode, b64_encode};
 
@@ -42,6 +42,12 @@ pub enum ToWorker {
     Embed {
         id: u64,
         texts: Vec<String>,
+    },
+    /// Render chat messages with the model's template (templates come from the model file, so
+    /// they run here, confined, not in the supervisor).
+    Render {
+        id: u64,
+        messages: Vec<ChatMessage>,
     },
     /// Stop request `id` (its client went away).
     Cancel {
@@ -80,6 +86,11 @@ pub enum FromWorker {
     Embeddings {
         id: u64,
         vectors: Vec<Vec<f32>>,
+    },
+    /// The rendered chat prompt for request `id`.
+    Rendered {
+        id: u64,
+        text: String,
     },
 }
 

@@ -378,11 +378,50 @@ impl ConfinedModel {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, WorkerError> {
-        let ids = self
-            .encoder
-            .prompt_ids(prompt)
-            .map_err(|e| WorkerError::Request(e.to_string()))?;
+        let ids = match prompt {
+            Prompt::Text(_) => self.encoder.prompt_ids(prompt),
+            Prompt::Chat(messages) => {
+                let text = self.render_chat(messages)?;
+                self.encoder.rendered_ids(&text)
+            }
+        }
+        .map_err(|e| WorkerError::Request(e.to_string()))?;
         self.generate_ids(&ids, params, &RequestControl::none(), on_text)
+    }
+
+    /// Renders chat messages with the model's template, in the worker: a template is code from
+    /// the model file, so it runs under the worker's memory cap and sandbox. The supervisor
+    /// then tokenizes the text itself ([`PromptEncoder::rendered_ids`]).
+    pub fn render_chat(
+        &mut self,
+        messages: &[securerun_models::ChatMessage],
+    ) -> Result<String, WorkerError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let timeout = self.settings.frame_timeout;
+        let live = self.ensure_worker()?;
+        let result = (|| {
+            write(
+                &mut live.process.channel,
+                &ToWorker::Render {
+                    id,
+                    messages: messages.to_vec(),
+                },
+            )?;
+            let deadline = Instant::now() + timeout;
+            match read_by(&mut live.process.channel, deadline, timeout)? {
+                FromWorker::Rendered { id: got, text } if got == id => Ok(text),
+                FromWorker::Failed {
+                    id: Some(got),
+                    error,
+                } if got == id => Err(WorkerError::Request(error)),
+                other => Err(WorkerError::Protocol(format!(
+                    "unexpected {}",
+                    kind(&other)
+                ))),
+            }
+        })();
+        self.settle(result)
     }
 
     /// Generates from prompt ids the supervisor computed itself ([`Self::encoder`]).
@@ -595,6 +634,7 @@ fn kind(msg: &FromWorker) -> &'static str {
         FromWorker::Text { .. } => "text for another request",
         FromWorker::Done { .. } => "completion for another request",
         FromWorker::Embeddings { .. } => "embeddings for another request",
+        FromWorker::Rendered { .. } => "a rendered prompt for another request",
     }
 }
 

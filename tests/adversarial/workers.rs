@@ -218,3 +218,33 @@ fn a_config_that_cannot_fit_is_refused_before_the_worker_starts() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// A chat template is code from the model file. One that doubles a string forty times must not
+/// take the server's memory: templates render in the confined worker, whose address space is
+/// capped, so the worker dies and is replaced, and the server keeps serving.
+#[test]
+fn a_memory_hungry_chat_template_is_contained_in_the_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    common::copy_dir(&common::smollm2(), &model);
+    let path = model.join("tokenizer_config.json");
+    let mut tc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    tc["chat_template"] = "{% set ns = namespace(x='aaaaaaaa') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}".into();
+    std::fs::write(&path, tc.to_string()).unwrap();
+    let state = tmp.path().join("state");
+    let s = super::harness::Server::start(&model, &state, "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    let chat = serde_json::json!({"model": "model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).to_string();
+    let (status, body) =
+        super::harness::call(s.addr, "POST", "/v1/chat/completions", Some(&t), &chat);
+    assert!(status == 503 || status == 400, "{status} {body}");
+    let (status, body) = super::harness::call(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        &serde_json::json!({"model": "model", "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    s.stop();
+}
