@@ -42,7 +42,6 @@ impl PromptEncoder {
     }
 
     /// The tokenizer and the model's chat template (for a process that runs the model).
-
     pub(crate) fn new(tokenizer: Tokenizer, source: &ModelSource) -> Self {
         let chat = match source.aux("tokenizer_config.json") {
             Some(bytes) => ChatTemplate::from_tokenizer_config(bytes),
