@@ -34,11 +34,11 @@ impl Backend {
         matches!(self, Backend::Text(_) | Backend::TextInProcess(_))
     }
 
-    /// Worker replacements and, of those, seccomp kills so far.
-    fn restarts(&self) -> (u64, u64) {
+    /// Worker replacements, seccomp kills and failed worker starts so far.
+    fn restarts(&self) -> (u64, u64, u64) {
         match self {
-            Backend::Text(m) | Backend::Embed(m) => (m.restarts, m.seccomp_kills),
-            _ => (0, 0),
+            Backend::Text(m) | Backend::Embed(m) => (m.restarts, m.seccomp_kills, m.start_failures),
+            _ => (0, 0, 0),
         }
     }
 }
@@ -183,6 +183,15 @@ impl Engine {
                     let before = backend.restarts();
                     if let Some(failure) = run(&mut backend, job, &runtime) {
                         let after = backend.restarts();
+                        if after.2 > before.2 {
+                            // No worker could start (e.g. the weights changed on disk since
+                            // they were verified): recorded, and retried with backoff.
+                            tracing::error!(error = %failure, "inference worker could not start");
+                            let mut r = crate::audit::AuditRecord::event("worker_start_failed")
+                                .with_detail(failure.clone());
+                            r.outcome = Some("refused".into());
+                            let _ = audit.append_blocking(r);
+                        }
                         if after.0 > before.0 {
                             tracing::warn!(error = %failure, "inference worker replaced");
                             metrics.worker_restarts.fetch_add(1, Relaxed);

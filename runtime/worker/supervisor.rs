@@ -191,6 +191,8 @@ pub struct ConfinedModel {
     pub restarts: u64,
     /// Of those, workers the seccomp filter killed (SIGSYS): sandbox violations.
     pub seccomp_kills: u64,
+    /// Workers that could not be started (refused re-verification included).
+    pub start_failures: u64,
 }
 
 impl ConfinedModel {
@@ -219,6 +221,7 @@ impl ConfinedModel {
             failures: 0,
             restarts: 0,
             seccomp_kills: 0,
+            start_failures: 0,
         };
         model.ensure_worker()?;
         Ok(model)
@@ -258,6 +261,7 @@ impl ConfinedModel {
                 }
                 Err(e) => {
                     self.failures += 1;
+                    self.start_failures += 1;
                     return Err(e);
                 }
             }

@@ -509,3 +509,73 @@ fn small_hardening() {
     assert!(!body.contains("secret_sha256"));
     s.stop();
 }
+
+/// Behind a trusted proxy, the forwarded address is the client: one guesser behind the proxy is
+/// locked out without locking out the proxy's other clients; from anyone else the header is
+/// ignored (a client cannot pick a fresh identity per request to dodge its lockout).
+#[test]
+fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &common::minilm(),
+        state.path(),
+        &format!("{FAST}trusted_proxies = [\"127.0.0.1\"]\n"),
+        &[],
+    );
+    let forwarded = |xff: &str, token: &str| {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        write!(c, "GET /v1/models HTTP/1.1\r\nhost: x\r\nx-forwarded-for: {xff}\r\nauthorization: Bearer {token}\r\nconnection: close\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        parse(&out).0
+    };
+    for _ in 0..12 {
+        forwarded("203.0.113.7", "srt_nope");
+    }
+    assert_eq!(
+        forwarded("203.0.113.7", "srt_nope"),
+        429,
+        "the guesser is locked out"
+    );
+    assert_eq!(
+        forwarded("203.0.113.8", "srt_nope"),
+        401,
+        "another client behind the proxy is not"
+    );
+    s.stop();
+
+    // Without trusted proxies, the header changes nothing: rotating it does not dodge a lockout.
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::minilm(), state.path(), FAST, &[]);
+    let mut last = 0;
+    for i in 0..14 {
+        let mut c = TcpStream::connect(s.addr).unwrap();
+        write!(c, "GET /v1/models HTTP/1.1\r\nhost: x\r\nx-forwarded-for: 198.51.100.{i}\r\nauthorization: Bearer srt_nope\r\nconnection: close\r\n\r\n").unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        last = parse(&out).0;
+    }
+    assert_eq!(last, 429);
+    s.stop();
+}
+
+/// HTTP that the parser refuses never reaches a handler, and is still recorded.
+#[test]
+fn malformed_http_is_recorded() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::minilm(), state.path(), FAST, &[]);
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nbad header line without colon\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    assert_eq!(parse(&out).0, 400);
+    s.stop_after(|records| {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["event"] == "request" && r["outcome"] == "refused_malformed"),
+            "{records:?}"
+        );
+    });
+}

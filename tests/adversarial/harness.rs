@@ -19,21 +19,27 @@ pub struct Server {
 impl Server {
     /// Starts `securerun serve MODEL` with `config` (TOML) on an ephemeral loopback port.
     pub fn start(model: &Path, state: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_with(model, state, config, env, &["--allow-unsigned"])
+    }
+
+    /// [`Self::start`] with other `serve` arguments instead of `--allow-unsigned`.
+    pub fn start_with(
+        model: &Path,
+        state: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Server {
         let cfg = state.join("serve.toml");
         std::fs::create_dir_all(state).unwrap();
         std::fs::write(&cfg, format!("listen = \"127.0.0.1:0\"\n{config}")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_securerun"));
-        cmd.args([
-            "serve",
-            p(model),
-            "--allow-unsigned",
-            "--state-dir",
-            p(state),
-        ])
-        .args(["--config", p(&cfg)])
-        .env("SECURERUN_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        cmd.args(["serve", p(model), "--state-dir", p(state)])
+            .args(args)
+            .args(["--config", p(&cfg)])
+            .env("SECURERUN_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }

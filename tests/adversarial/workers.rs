@@ -248,3 +248,113 @@ fn a_memory_hungry_chat_template_is_contained_in_the_worker() {
     assert_eq!(status, 200, "{body}");
     s.stop();
 }
+
+/// The worker that replaces a crashed one computes with the verified bytes: weights changed in
+/// place on disk after verification are caught by the signature check before the new worker
+/// starts, the request fails, and the refusal is recorded. Before the fix the new worker loaded
+/// the changed weights.
+#[test]
+fn a_replacement_worker_never_loads_weights_changed_since_verification() {
+    use std::io::{Seek, SeekFrom, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("minilm");
+    common::copy_dir(&common::minilm(), &model);
+    let key = tmp.path().join("site");
+    assert!(common::securerun(&["keygen", "--out", common::p(&key)])
+        .status
+        .success());
+    let o = common::securerun(&[
+        "sign",
+        common::p(&model),
+        "--key",
+        common::p(&tmp.path().join("site.key")),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let state = tmp.path().join("state");
+    let pubkey = tmp.path().join("site.pub");
+    let s = super::harness::Server::start_with(
+        &model,
+        &state,
+        "",
+        &[],
+        &["--trust-key", common::p(&pubkey)],
+    );
+    let t = s.token("c", &["--scopes", "embeddings"]);
+    let body = serde_json::json!({"model": "minilm", "input": "hello"}).to_string();
+    assert_eq!(
+        super::harness::call(s.addr, "POST", "/v1/embeddings", Some(&t), &body).0,
+        200
+    );
+    // Rewrite one weight byte in place (same inode, so the server's mapping sees it).
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(model.join("model.safetensors"))
+        .unwrap();
+    f.seek(SeekFrom::End(-4)).unwrap();
+    f.write_all(&[0x7f]).unwrap();
+    f.sync_all().unwrap();
+    // Kill the worker (the server's child) so a replacement is needed.
+    let children = server_children(s.child.id());
+    assert!(!children.is_empty());
+    for pid in children {
+        // SAFETY: signalling a process by pid (our server's worker).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(super::harness::call(s.addr, "POST", "/v1/embeddings", Some(&t), &body).0);
+    }
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    s.stop_after(|records| {
+        assert!(
+            records.iter().any(|r| r["event"] == "worker_start_failed"
+                && r["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("changed on disk"))),
+            "the refusal is recorded: {records:?}"
+        );
+    });
+}
+
+/// The children of a running server (its worker), by pid.
+fn server_children(server: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{server}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The worker's memory cap follows the verified weights: a huge sparse file that no signature
+/// covers, dropped beside the model, must not lift it. Before the fix the CLI summed the
+/// directory listing (here: 1 TB) into the budget.
+#[test]
+fn an_unsigned_sparse_file_does_not_lift_the_memory_cap() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("minilm");
+    common::copy_dir(&common::minilm(), &model);
+    let junk = std::fs::File::create(model.join("junk.bin")).unwrap();
+    junk.set_len(1 << 40).unwrap();
+    let state = tmp.path().join("state");
+    let s = super::harness::Server::start(&model, &state, "", &[]);
+    let workers = server_children(s.child.id());
+    assert!(!workers.is_empty());
+    for pid in workers {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max address space"))
+            .unwrap();
+        let cap: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        let weights = std::fs::metadata(model.join("model.safetensors"))
+            .unwrap()
+            .len();
+        assert!(cap <= 4 * weights + (4 << 30), "{line}");
+    }
+    s.stop();
+}
