@@ -329,9 +329,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             tracing::warn!(unsettled, "request records still open at exit");
         }
         // Refusals counted since the last summary are recorded too.
-        for r in state.ledgers.refusals.drain() {
-            stop_log.append(r).await?;
-        }
+        server::write_refusal_summaries(&stop_log, &state.ledgers).await;
         stop_log
             .append(crate::audit::AuditRecord::event("server_stop"))
             .await?;

@@ -43,7 +43,12 @@ impl BodyError {
                 "body_timeout",
                 "the request body arrived too slowly",
             ),
-            BodyError::Broken => ApiError::bad_request("the request body could not be read"),
+            BodyError::Broken => {
+                // The client reset or closed while sending: its request ends here.
+                let mut e = ApiError::bad_request("the request body could not be read");
+                e.outcome = Some("client_closed");
+                e
+            }
         }
         .into_response()
     }

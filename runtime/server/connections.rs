@@ -1,8 +1,11 @@
 //! Accepting and keeping connections, with every resource a client controls bounded.
 //!
-//! - **How many**: at most `max_connections` open at once and `max_connections_per_client` from
-//!   one address. Over either cap a new connection is closed at once (no TLS, no parsing), so
-//!   existing clients keep being served, and service resumes by itself when the flood stops.
+//! - **How many**: at most `max_connections_per_client` from one address, closed at once over
+//!   it (no TLS, no parsing). At `max_connections` in all, a new connection evicts the
+//!   connection that has been idle (no request in flight) the longest; only if none is idle is
+//!   the new one closed. A flood of idle or half-open connections from many addresses thus
+//!   cannot lock out a client that comes to send a request, and requests in flight are never
+//!   cut for room.
 //! - **How long idle**: a connection with no request in flight is closed after
 //!   `idle_timeout` (this also ends a partial request line or headers, a partial HTTP/2
 //!   preface, and a connection that never sends a byte); a TLS handshake gets the same time.
@@ -119,6 +122,88 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Evictions that may be under way at once: the open count can exceed `max_connections` by
+/// this much while evicted connections close.
+const EVICTION_SLACK: usize = 64;
+
+/// Every open connection, for eviction.
+#[derive(Default)]
+struct Connections {
+    open: Mutex<HashMap<u64, Arc<ConnEntry>>>,
+    next: AtomicU64,
+    evicting: AtomicUsize,
+}
+
+struct ConnEntry {
+    id: u64,
+    activity: Arc<Activity>,
+    evict: Arc<tokio::sync::Notify>,
+    evicted: std::sync::atomic::AtomicBool,
+    table: std::sync::Weak<Connections>,
+}
+
+/// A connection's place in the table; leaving it (drop) frees the place.
+struct Admitted(Arc<ConnEntry>);
+
+impl std::ops::Deref for Admitted {
+    type Target = ConnEntry;
+    fn deref(&self) -> &ConnEntry {
+        &self.0
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(table) = self.0.table.upgrade() {
+            if self.0.evicted.load(Ordering::Relaxed) {
+                table.evicting.fetch_sub(1, Ordering::Relaxed);
+            }
+            table
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.0.id);
+        }
+    }
+}
+
+impl Connections {
+    fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Admits a connection, evicting the longest-idle one when `max` are open.
+    fn admit(self: &Arc<Self>, max: usize) -> Option<Admitted> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= max {
+            if self.evicting.load(Ordering::Relaxed) >= EVICTION_SLACK {
+                return None;
+            }
+            let victim = open
+                .values()
+                .filter(|c| {
+                    !c.evicted.load(Ordering::Relaxed)
+                        && c.activity.in_flight.load(Ordering::Relaxed) == 0
+                })
+                .min_by_key(|c| c.activity.idle_since())?
+                .clone();
+            victim.evicted.store(true, Ordering::Relaxed);
+            self.evicting.fetch_add(1, Ordering::Relaxed);
+            victim.evict.notify_one();
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(ConnEntry {
+            id,
+            activity: Activity::new(),
+            evict: Arc::default(),
+            evicted: Default::default(),
+            table: Arc::downgrade(self),
+        });
+        open.insert(id, entry.clone());
+        Some(Admitted(entry))
+    }
+}
+
 /// Milliseconds since `epoch`, for lock-free timestamps.
 fn ms_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -146,6 +231,11 @@ impl Activity {
             waiting_on_client: Mutex::default(),
             next_body: AtomicU64::new(0),
         })
+    }
+
+    /// When it last started or finished a request (its creation if never), as an instant.
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_change.load(Ordering::Relaxed))
     }
 
     fn touch(&self) {
@@ -286,7 +376,7 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
-    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let table = Arc::new(Connections::default());
     let per_client = Arc::new(PerClient::default());
     tokio::pin!(shutdown);
     loop {
@@ -302,22 +392,23 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            events.refused(peer, false);
-            drop(stream);
-            continue;
-        };
         let Some(slot) = per_client.take(peer.ip(), limits.max_connections_per_client) else {
             events.refused(peer, true);
             drop(stream);
             continue;
         };
-        events.open(limits.max_connections - open.available_permits());
+        let Some(entry) = table.admit(limits.max_connections) else {
+            events.refused(peer, false);
+            drop(stream);
+            continue;
+        };
+        events.open(table.len());
         // Bounded kernel memory per connection: a client that stops reading can pin at most
         // this much of the host's socket memory (autotuning would grow it to megabytes), and
         // a stalled response is noticed (and cut) instead of vanishing into the kernel.
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
-        let activity = Activity::new();
+        let activity = entry.activity.clone();
+        let evict = entry.evict.clone();
         let watched = activity.clone();
         let app = app
             .clone()
@@ -338,9 +429,8 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let events = events.clone();
-        let open = open.clone();
+        let table = table.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let _slot = slot;
             let result = match tls {
                 Some(acceptor) => {
@@ -349,7 +439,8 @@ pub async fn serve(
                         Ok(Ok(tls)) => {
                             let conn =
                                 builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                            watch(watcher.watch(conn.into_owned()), &activity, &limits).await
+                            watch(watcher.watch(conn.into_owned()), &activity, &evict, &limits)
+                                .await
                         }
                         _ => {
                             tracing::debug!(client = %peer, "TLS handshake failed or timed out");
@@ -360,7 +451,7 @@ pub async fn serve(
                 None => {
                     let conn =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watch(watcher.watch(conn.into_owned()), &activity, &limits).await
+                    watch(watcher.watch(conn.into_owned()), &activity, &evict, &limits).await
                 }
             };
             match result {
@@ -368,8 +459,8 @@ pub async fn serve(
                 Outcome::Closed(None) => {}
                 Outcome::Cut { stalled } => events.timed_out(peer, stalled),
             }
-            drop(_permit);
-            events.open(limits.max_connections - open.available_permits());
+            drop(entry);
+            events.open(table.len());
         });
     }
     drop(listener);
@@ -388,8 +479,13 @@ enum Outcome {
     Cut { stalled: bool },
 }
 
-/// Drives a connection, closing it when its watchdog says so.
-async fn watch<F, E>(conn: F, activity: &Activity, limits: &ConnectionLimits) -> Outcome
+/// Drives a connection, closing it when its watchdog says so or when it is evicted.
+async fn watch<F, E>(
+    conn: F,
+    activity: &Activity,
+    evict: &tokio::sync::Notify,
+    limits: &ConnectionLimits,
+) -> Outcome
 where
     F: std::future::Future<Output = Result<(), E>>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -402,6 +498,7 @@ where
             result = &mut conn => {
                 return Outcome::Closed(result.err().and_then(|e| malformed_status(e.into())));
             }
+            _ = evict.notified() => return Outcome::Cut { stalled: false },
             _ = tick.tick() => {
                 if let Some(stalled) = activity.verdict(limits) {
                     return Outcome::Cut { stalled };

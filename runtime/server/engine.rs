@@ -252,6 +252,19 @@ fn send_piece(
     }
 }
 
+/// Hands a job's result to its handler; returns the worker failure, if the worker failed.
+fn reply<T>(
+    done: oneshot::Sender<Result<T, EngineError>>,
+    result: Result<T, EngineError>,
+) -> Option<String> {
+    let failure = match &result {
+        Err(EngineError::Worker(m)) => Some(m.clone()),
+        _ => None,
+    };
+    let _ = done.send(result);
+    failure
+}
+
 /// Runs one job; returns the worker failure message if the worker failed.
 fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Option<String> {
     match job {
@@ -286,20 +299,17 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                     "this model does not generate text".into(),
                 )),
             };
-            let failure = match &result {
-                Err(EngineError::Worker(m)) => Some(m.clone()),
-                _ => None,
-            };
-            let _ = done.send(result);
-            failure
+            reply(done, result)
         }
         Job::Render {
             messages,
-            control: _,
+            control,
             done,
         } => {
             let result = match backend {
-                Backend::Text(m) => m.render_chat(&messages).map_err(EngineError::from),
+                Backend::Text(m) => m
+                    .render_chat_by(&messages, Some(control.deadline))
+                    .map_err(EngineError::from),
                 Backend::TextInProcess(m) => m
                     .render_chat(&messages)
                     .map_err(|e| EngineError::Request(e.to_string())),
@@ -307,20 +317,17 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                     "this model does not generate text".into(),
                 )),
             };
-            let failure = match &result {
-                Err(EngineError::Worker(m)) => Some(m.clone()),
-                _ => None,
-            };
-            let _ = done.send(result);
-            failure
+            reply(done, result)
         }
         Job::Embed {
             texts,
-            control: _,
+            control,
             done,
         } => {
             let result = match backend {
-                Backend::Embed(m) => m.embed(&texts).map_err(EngineError::from),
+                Backend::Embed(m) => m
+                    .embed_by(&texts, Some(control.deadline))
+                    .map_err(EngineError::from),
                 Backend::EmbedInProcess(m) => m
                     .embed(&texts)
                     .map_err(|e| EngineError::Request(e.to_string())),
@@ -328,12 +335,7 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                     "this model does not compute embeddings".into(),
                 )),
             };
-            let failure = match &result {
-                Err(EngineError::Worker(m)) => Some(m.clone()),
-                _ => None,
-            };
-            let _ = done.send(result);
-            failure
+            reply(done, result)
         }
     }
 }

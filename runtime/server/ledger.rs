@@ -33,6 +33,8 @@ const REFUSALS_PER_SEC: u32 = 2;
 const REFUSAL_BURST: u32 = 10;
 /// Distinct (client, outcome) counters kept between summaries; more are pooled as "other".
 const MAX_SUMMARY_KEYS: usize = 4096;
+/// Most `refused_summary` records per summary (the rest are pooled as "other").
+const MAX_SUMMARY_RECORDS: usize = 64;
 /// How often counted refusals are written out.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
@@ -95,12 +97,28 @@ impl RefusalSampler {
         false
     }
 
-    /// The counted refusals as `refused_summary` records (one per client), and resets them.
+    /// The counted refusals as `refused_summary` records, and resets them: one record per
+    /// client for the [`MAX_SUMMARY_RECORDS`] busiest, one for all the others together, so a
+    /// flood from many addresses costs a bounded number of writes.
     pub fn drain(&self) -> Vec<AuditRecord> {
         let counts = std::mem::take(&mut *self.counts.lock().unwrap_or_else(|p| p.into_inner()));
         let mut by_client: HashMap<String, Vec<(String, u64)>> = HashMap::new();
         for ((client, outcome), n) in counts {
             by_client.entry(client).or_default().push((outcome, n));
+        }
+        if by_client.len() > MAX_SUMMARY_RECORDS {
+            let mut clients: Vec<(String, u64)> = by_client
+                .iter()
+                .map(|(c, o)| (c.clone(), o.iter().map(|(_, n)| n).sum()))
+                .collect();
+            clients.sort_by_key(|c| std::cmp::Reverse(c.1));
+            let mut others: HashMap<String, u64> = HashMap::new();
+            for (client, _) in clients.into_iter().skip(MAX_SUMMARY_RECORDS) {
+                for (outcome, n) in by_client.remove(&client).unwrap_or_default() {
+                    *others.entry(outcome).or_insert(0) += n;
+                }
+            }
+            by_client.entry("other".into()).or_default().extend(others);
         }
         by_client
             .into_iter()
@@ -153,6 +171,15 @@ impl Ledgers {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.pending.load(Ordering::Relaxed)
+    }
+}
+
+/// One record on its way to the log; counted down when dropped.
+struct Pending<'a>(&'a Ledgers);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -214,9 +241,10 @@ impl Ledger {
         let Some(record) = self.take(fate) else {
             return Ok(());
         };
-        let r = self.0.book.audit.append(record).await;
-        self.0.book.pending.fetch_sub(1, Ordering::Relaxed);
-        r
+        // Counted down even if this future is dropped mid-wait (the write itself completes on
+        // its blocking thread either way).
+        let _written = Pending(&self.0.book);
+        self.0.book.audit.append(record).await
     }
 
     /// Takes the record out with its fate filled in; `None` if already written, or if it was
@@ -241,8 +269,9 @@ impl Ledger {
         record.latency_ms = Some(self.0.started.elapsed().as_millis() as u64);
         record.prompt_tokens = fate.prompt_tokens.or(record.prompt_tokens);
         record.completion_tokens = fate.completion_tokens.or(record.completion_tokens);
-        let anonymous = record.token_id.is_none() && fate.status.is_some_and(|s| s >= 400);
-        if anonymous {
+        // Anything without a token — refusals and the public `/healthz` alike — is where a
+        // flood lands: sampled per client address, the rest counted.
+        if record.token_id.is_none() {
             let client = record.client.clone().unwrap_or_default();
             if !self.0.book.refusals.admit(self.0.ip, &client, fate.outcome) {
                 return None;

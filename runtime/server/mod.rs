@@ -212,7 +212,15 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok());
-    let caller = match auth::authenticate(&state.tokens, header) {
+    let mut authenticated = auth::authenticate(&state.tokens, header);
+    if let Err(crate::tokens::Rejection::Unknown) = authenticated {
+        // Perhaps created a moment ago: look at the store now (a stat, and a read only if it
+        // changed) rather than at the next periodic reload.
+        if state.tokens.refresh().is_ok() {
+            authenticated = auth::authenticate(&state.tokens, header);
+        }
+    }
+    let caller = match authenticated {
         Ok(c) => c,
         Err(rejection) => {
             if let Some(wait) = state.limiters.locked_out(ip) {
@@ -557,26 +565,38 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             format!("# HELP securerun_{name} {help}\n# TYPE securerun_{name} counter\nsecurerun_{name} {v}\n")
         })
         .collect();
-    body.push_str(&format!(
-        "# HELP securerun_lockdown 1 while the server refuses every non-admin request\n# TYPE securerun_lockdown gauge\nsecurerun_lockdown {}\n",
-        u8::from(state.lockdown.load(Ordering::Relaxed))
-    ));
-    body.push_str(&format!(
-        "# HELP securerun_connections_open connections open now\n# TYPE securerun_connections_open gauge\nsecurerun_connections_open {}\n",
-        get(&m.connections_open)
-    ));
-    body.push_str(&format!(
-        "# HELP securerun_audit_free_bytes free space on the audit log's volume\n# TYPE securerun_audit_free_bytes gauge\nsecurerun_audit_free_bytes {}\n",
-        get(&m.audit_free_bytes)
-    ));
-    body.push_str(&format!(
-        "# HELP securerun_audit_disk_low 1 while the audit volume has less free space than audit_min_free_mb\n# TYPE securerun_audit_disk_low gauge\nsecurerun_audit_disk_low {}\n",
-        u8::from(m.audit_disk_low.load(Ordering::Relaxed))
-    ));
-    body.push_str(&format!(
-        "# HELP securerun_audit_healthy 1 while the audit log accepts writes\n# TYPE securerun_audit_healthy gauge\nsecurerun_audit_healthy {}\n",
-        u8::from(state.audit.healthy())
-    ));
+    let gauges: [(&str, &str, u64); 5] = [
+        (
+            "lockdown",
+            "1 while the server refuses every non-admin request",
+            u64::from(state.lockdown.load(Ordering::Relaxed)),
+        ),
+        (
+            "connections_open",
+            "connections open now",
+            get(&m.connections_open),
+        ),
+        (
+            "audit_free_bytes",
+            "free space on the audit log's volume",
+            get(&m.audit_free_bytes),
+        ),
+        (
+            "audit_disk_low",
+            "1 while the audit volume has less free space than audit_min_free_mb",
+            u64::from(m.audit_disk_low.load(Ordering::Relaxed)),
+        ),
+        (
+            "audit_healthy",
+            "1 while the audit log accepts writes",
+            u64::from(state.audit.healthy()),
+        ),
+    ];
+    for (name, help, v) in gauges {
+        body.push_str(&format!(
+            "# HELP securerun_{name} {help}\n# TYPE securerun_{name} gauge\nsecurerun_{name} {v}\n"
+        ));
+    }
     (
         [("content-type", "text/plain; version=0.0.4")],
         Body::from(body),
@@ -594,7 +614,7 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
             .iter()
             .map(|r| (r.id.clone(), r.expired(crate::tokens::now())))
             .collect();
-        let mut last_summary = std::time::Instant::now();
+        spawn_refusal_summaries(state.clone());
         let mut last_disk_check: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
@@ -604,12 +624,6 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
                     .token_store_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "token store unreadable; keeping the last good token set");
-            }
-            if last_summary.elapsed() >= ledger::SUMMARY_EVERY {
-                last_summary = std::time::Instant::now();
-                for r in state.ledgers.refusals.drain() {
-                    let _ = state.audit.append(r).await;
-                }
             }
             if last_disk_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 last_disk_check = Some(std::time::Instant::now());
@@ -660,6 +674,30 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
             known = current;
         }
     });
+}
+
+/// Writes the counted anonymous refusals every [`ledger::SUMMARY_EVERY`], in its own task so a
+/// flood's bookkeeping never delays token reloads, revocations or lockdown.
+fn spawn_refusal_summaries(state: Arc<AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ledger::SUMMARY_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            write_refusal_summaries(&state.audit, &state.ledgers).await;
+        }
+    });
+}
+
+/// Writes the pending `refused_summary` records: handed over together, one durable wait.
+pub async fn write_refusal_summaries(audit: &crate::audit::AuditLog, ledgers: &ledger::Ledgers) {
+    let mut records = ledgers.refusals.drain();
+    if let Some(last) = records.pop() {
+        for r in records {
+            audit.submit(r);
+        }
+        let _ = audit.append(last).await;
+    }
 }
 
 /// Updates the audit volume's free-space gauge and warns when it runs low.

@@ -400,6 +400,8 @@ async fn complete(
     let control = JobControl::new(deadline);
     let prompt_ids = encode_prompt(&state, prompt, &control).await?;
     let prompt_tokens = prompt_ids.len() as u64;
+    // Known now: recorded even if the client goes away before the answer.
+    ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));
     if prompt_ids.len() > state.config.max_prompt_tokens {
         return Err(ApiError::bad_request(format!(
             "the prompt has {} tokens; at most {} are accepted",

@@ -156,6 +156,23 @@ impl RequestControl<'_> {
     }
 }
 
+/// When a request's worker is given up on and killed: [`CANCEL_GRACE`] past the request's
+/// deadline; with no deadline, [`CANCEL_GRACE`] after a cancellation. A client that merely goes
+/// away does not get the worker killed (that would let any client force restarts, say during a
+/// long prefill): the worker stops at its next token, and the deadline bounds the wait.
+fn kill_after(deadline: Option<Instant>, cancel_sent: Option<Instant>) -> Instant {
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    match (deadline, cancel_sent) {
+        (Some(d), _) => d + CANCEL_GRACE,
+        (None, Some(c)) => c + CANCEL_GRACE,
+        (None, None) => far,
+    }
+}
+
+/// Once a frame starts to arrive, the rest must follow within this long (frames are at most a
+/// few MiB over a local socket): a worker that sends half a frame cannot hold the supervisor.
+const FRAME_COMPLETE: Duration = Duration::from_secs(5);
+
 /// How often the supervisor looks up from a silent worker to check cancellation and deadlines.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a worker gets to acknowledge a cancellation before it is killed.
@@ -400,6 +417,15 @@ impl ConfinedModel {
         &mut self,
         messages: &[securerun_models::ChatMessage],
     ) -> Result<String, WorkerError> {
+        self.render_chat_by(messages, None)
+    }
+
+    /// [`Self::render_chat`] within a request deadline (then the worker is killed).
+    pub fn render_chat_by(
+        &mut self,
+        messages: &[securerun_models::ChatMessage],
+        deadline: Option<Instant>,
+    ) -> Result<String, WorkerError> {
         let id = self.next_id;
         self.next_id += 1;
         let timeout = self.settings.frame_timeout;
@@ -412,8 +438,12 @@ impl ConfinedModel {
                     messages: messages.to_vec(),
                 },
             )?;
-            let deadline = Instant::now() + timeout;
-            match read_by(&mut live.process.channel, deadline, timeout)? {
+            let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
+            if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
+                return Err(WorkerError::Timeout(timeout));
+            }
+            let by = limit.min(Instant::now() + FRAME_COMPLETE);
+            match read_by(&mut live.process.channel, by, timeout)? {
                 FromWorker::Rendered { id: got, text } if got == id => Ok(text),
                 FromWorker::Failed {
                     id: Some(got),
@@ -462,36 +492,29 @@ impl ConfinedModel {
             let mut cancel_sent: Option<Instant> = None;
             loop {
                 let msg = loop {
-                    // A cancelled request's worker gets CANCEL_GRACE to say Done, no more.
-                    let mut frame_deadline = Instant::now() + frame_timeout;
-                    if let Some(at) = cancel_sent {
-                        frame_deadline = frame_deadline.min(at + CANCEL_GRACE);
-                    }
+                    let limit = kill_after(control.deadline, cancel_sent);
+                    let frame_deadline = (Instant::now() + frame_timeout).min(limit);
                     let waited = wait_for_frame(&live.process.channel, frame_deadline, || {
                         cancel_sent.is_none() && control.should_stop()
                     });
                     match waited {
                         Wait::Ready => {
-                            break read_by(
-                                &mut live.process.channel,
-                                frame_deadline,
-                                frame_timeout,
-                            )?
+                            // A frame has started: it must arrive whole, and soon.
+                            let by = frame_deadline.min(Instant::now() + FRAME_COMPLETE);
+                            break read_by(&mut live.process.channel, by, frame_timeout)?;
                         }
                         Wait::Stop => {
                             cancel_sent = Some(Instant::now());
                             write(&mut live.process.channel, &ToWorker::Cancel { id })?;
                         }
-                        Wait::TimedOut if cancel_sent.is_some() => {
+                        Wait::TimedOut if Instant::now() >= limit => {
                             return Err(WorkerError::Timeout(CANCEL_GRACE))
                         }
                         Wait::TimedOut => return Err(WorkerError::Timeout(frame_timeout)),
                     }
                 };
-                if let Some(at) = cancel_sent {
-                    if at.elapsed() > CANCEL_GRACE {
-                        return Err(WorkerError::Timeout(CANCEL_GRACE));
-                    }
+                if Instant::now() >= kill_after(control.deadline, cancel_sent) {
+                    return Err(WorkerError::Timeout(CANCEL_GRACE));
                 }
                 match msg {
                     FromWorker::Text {
@@ -580,6 +603,16 @@ impl ConfinedModel {
 
     /// Embeds `texts` in the worker.
     pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, WorkerError> {
+        self.embed_by(texts, None)
+    }
+
+    /// [`Self::embed`] within a request deadline: a worker that has not answered
+    /// [`CANCEL_GRACE`] past it is killed and replaced (embeddings cannot be cancelled midway).
+    pub fn embed_by(
+        &mut self,
+        texts: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Vec<f32>>, WorkerError> {
         let id = self.next_id;
         self.next_id += 1;
         let timeout = self.settings.frame_timeout;
@@ -592,8 +625,12 @@ impl ConfinedModel {
                     texts: texts.to_vec(),
                 },
             )?;
-            let deadline = Instant::now() + timeout;
-            match read_by(&mut live.process.channel, deadline, timeout)? {
+            let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
+            if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
+                return Err(WorkerError::Timeout(timeout));
+            }
+            let by = limit.min(Instant::now() + FRAME_COMPLETE);
+            match read_by(&mut live.process.channel, by, timeout)? {
                 FromWorker::Embeddings { id: got, vectors } if got == id => {
                     let dim = vectors.first().map_or(0, Vec::len);
                     let sane = vectors.len() == texts.len()

@@ -168,17 +168,18 @@ fn bound_socket(source: [u8; 4]) -> std::io::Result<socket2::Socket> {
     Ok(sock)
 }
 
-/// 2,000 idle connections from one address take at most its per-client share; a valid client
-/// from elsewhere is served throughout; idle connections are closed after `idle_timeout`, and
-/// service resumes by itself. Before the fix every connection was accepted and kept, and a
-/// connection that sent nothing was never closed.
+/// 2,000 idle connections from 16 addresses: each address gets at most its per-client share,
+/// and once the global cap is reached new connections evict the longest-idle ones, so a valid
+/// client that connects afresh is served every time; idle connections are closed after
+/// `idle_timeout`, and service resumes by itself. Before the fix every connection was accepted
+/// and kept, and a connection that sent nothing was never closed.
 #[test]
 fn two_thousand_idle_connections_do_not_starve_valid_clients() {
     let state = tempfile::tempdir().unwrap();
     let s = Server::start(
         &common::minilm(),
         state.path(),
-        &format!("{FAST}max_connections_per_client = 32\n"),
+        &format!("{FAST}max_connections_per_client = 32\nmax_connections = 128\n"),
         &[],
     );
     let t = s.token(
@@ -187,21 +188,23 @@ fn two_thousand_idle_connections_do_not_starve_valid_clients() {
     );
     let mut idle = Vec::new();
     for i in 0..2000u32 {
-        // Several attacking addresses; each gets at most 32 connections.
-        let src = [127, 0, 1, (i % 8) as u8 + 2];
+        // Sixteen attacking addresses: together four times the global cap.
+        let src = [127, 0, 1, (i % 16) as u8 + 2];
         if let Ok(c) = connect_from(s.addr, src) {
             idle.push(c);
         }
     }
     let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hello"}).to_string();
-    let (status, _) = call(s.addr, "POST", "/v1/embeddings", Some(&t), &body);
-    assert_eq!(status, 200);
-    assert!(metric(s.addr, &t, "connections_open") <= 8 * 32 + 2);
-    // Every connection over the caps was refused on accept or, once idle, closed.
+    for _ in 0..5 {
+        let (status, _) = call(s.addr, "POST", "/v1/embeddings", Some(&t), &body);
+        assert_eq!(status, 200);
+    }
+    assert!(metric(s.addr, &t, "connections_open") <= 128 + 64 + 2);
+    // Every connection over the caps was refused on accept, evicted or, once idle, closed.
     assert!(eventually(Duration::from_secs(10), || {
         metric(s.addr, &t, "connections_refused_total")
             + metric(s.addr, &t, "connections_timed_out_total")
-            >= 2000 - 8 * 32
+            >= 2000 - 128
     }));
     // A connection that sends only part of a request line is closed after idle_timeout.
     let mut partial = TcpStream::connect(s.addr).unwrap();
@@ -577,5 +580,76 @@ fn malformed_http_is_recorded() {
                 .any(|r| r["event"] == "request" && r["outcome"] == "refused_malformed"),
             "{records:?}"
         );
+    });
+}
+
+/// A token that expires while its stream runs: the stream ends within about a second of the
+/// expiry with a final `token_expired` event.
+#[test]
+fn expiry_ends_a_running_stream() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), FAST, &[]);
+    let t = s.token("short", &["--scopes", "inference", "--expires", "6s"]);
+    let mut conn = send(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        &completion("Count from one to one thousand: one, two,", 2000, true),
+    );
+    let mut first = [0u8; 256];
+    conn.read_exact(&mut first).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("\"code\":\"token_expired\""), "{text}");
+    s.stop();
+}
+
+/// `/healthz` needs no token, so it is where an anonymous flood goes once refusals are cheap:
+/// it is sampled like refusals (bounded log growth) and every call is still accounted for.
+#[test]
+fn a_healthz_flood_is_sampled_and_counted() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::minilm(), state.path(), FAST, &[]);
+    let audit_dir = state.path().join("audit");
+    let size = |d: &std::path::Path| -> u64 {
+        std::fs::read_dir(d)
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let before = size(&audit_dir);
+    let n = 2000u64;
+    let started = Instant::now();
+    for _ in 0..n {
+        assert_eq!(call(s.addr, "GET", "/healthz", None, "").0, 200);
+    }
+    let secs = started.elapsed().as_secs_f64().max(1.0);
+    let grown = size(&audit_dir) - before;
+    assert!(
+        (grown as f64) / secs < 8.0 * 1024.0,
+        "{grown} bytes in {secs:.1} s"
+    );
+    s.stop_after(|records| {
+        let one_by_one = records
+            .iter()
+            .filter(|r| r["event"] == "request" && r["route"] == "GET /healthz")
+            .count() as u64;
+        let counted: u64 = records
+            .iter()
+            .filter(|r| r["event"] == "refused_summary")
+            .map(|r| r["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(one_by_one + counted, n);
     });
 }

@@ -358,3 +358,40 @@ fn an_unsigned_sparse_file_does_not_lift_the_memory_cap() {
     }
     s.stop();
 }
+
+/// A worker that starts a frame and never finishes it, or never answers an embedding request,
+/// meets the request's deadline (then it is killed and replaced), not the 300 s frame timeout.
+#[test]
+fn half_a_frame_or_a_silent_embedder_cannot_outlast_the_deadline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = start(
+        tmp.path(),
+        "half",
+        "r = read()\nch.write(b'\\x10')\ntime.sleep(600)",
+        Duration::from_secs(300),
+    );
+    let started = Instant::now();
+    let err = generate(&mut m, 8, Some(Instant::now() + Duration::from_secs(1))).unwrap_err();
+    assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let source = securerun::open_source(&common::minilm(), &common::unsigned()).unwrap();
+    let mut settings = WorkerSettings::for_model(0).unwrap();
+    settings.program = fake_worker(tmp.path(), "mute", "r = read()\ntime.sleep(600)");
+    settings.frame_timeout = Duration::from_secs(300);
+    let mut e = ConfinedModel::start(source, Task::Embed, Default::default(), settings).unwrap();
+    let started = Instant::now();
+    let err = e
+        .embed_by(
+            &["hi".into()],
+            Some(Instant::now() + Duration::from_secs(1)),
+        )
+        .unwrap_err();
+    assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1) + CANCEL_GRACE + Duration::from_secs(2));
+    assert_eq!(e.restarts, 1);
+}
