@@ -330,8 +330,17 @@ pub fn run(args: ServeArgs) -> CmdResult {
         }
         // Refusals counted since the last summary are recorded too.
         server::write_refusal_summaries(&stop_log, &state.ledgers).await;
+        // The server's own count, so an auditor can match it against the records: every
+        // request has one `request` record or is counted in a `refused_summary`.
+        let dispatched = state
+            .metrics
+            .dispatched
+            .load(std::sync::atomic::Ordering::Relaxed);
         stop_log
-            .append(crate::audit::AuditRecord::event("server_stop"))
+            .append(
+                crate::audit::AuditRecord::event("server_stop")
+                    .with_detail(format!("{dispatched} requests since start")),
+            )
             .await?;
         // The last checkpoint attests everything up to the stop record.
         tokio::task::spawn_blocking(move || stop_log.checkpoint_now()).await??;

@@ -29,7 +29,6 @@ use http_body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -55,6 +54,44 @@ pub trait ConnectionEvents: Send + Sync + 'static {
     fn malformed(&self, peer: SocketAddr, status: u16);
     /// The number of open connections changed.
     fn open(&self, count: usize);
+    /// hyper has parsed a request and hands it over (called synchronously, before any future
+    /// runs: whatever happens to the request afterwards, this has happened).
+    fn dispatched(&self, req: &mut axum::extract::Request);
+}
+
+/// The service hyper calls for each request of one connection.
+#[derive(Clone)]
+struct Dispatch {
+    app: Router,
+    activity: Arc<Activity>,
+    peer: SocketAddr,
+    events: Arc<dyn ConnectionEvents>,
+}
+
+impl tower::Service<hyper::Request<hyper::body::Incoming>> for Dispatch {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        // Counted in flight, and opened in the audit ledger, now: a request dropped before its
+        // future first runs (its client closed at once) is still seen.
+        let ticket = InFlight::new(self.activity.clone());
+        let mut req = req.map(Body::new);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo::<SocketAddr>(self.peer));
+        self.events.dispatched(&mut req);
+        let app = self.app.clone();
+        Box::pin(async move {
+            let resp = tower::ServiceExt::oneshot(app, req).await?;
+            Ok(resp.map(|b| Body::new(WatchedBody::new(b, ticket))))
+        })
+    }
 }
 
 /// Raises the soft open-file limit to the hard limit and returns it: every connection is a
@@ -409,22 +446,12 @@ pub async fn serve(
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let activity = entry.activity.clone();
         let evict = entry.evict.clone();
-        let watched = activity.clone();
-        let app = app
-            .clone()
-            .layer(axum::Extension(axum::extract::ConnectInfo::<SocketAddr>(
-                peer,
-            )))
-            .layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| {
-                    let ticket = InFlight::new(watched.clone());
-                    async move {
-                        let resp = next.run(req).await;
-                        resp.map(|b| Body::new(WatchedBody::new(b, ticket)))
-                    }
-                },
-            ));
-        let service = TowerToHyperService::new(app);
+        let service = hyper_util::service::TowerToHyperService::new(Dispatch {
+            app: app.clone(),
+            activity: activity.clone(),
+            peer,
+            events: events.clone(),
+        });
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();

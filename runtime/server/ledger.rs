@@ -184,6 +184,7 @@ impl Drop for Pending<'_> {
 }
 
 struct Entry {
+    request_id: String,
     record: Mutex<Option<AuditRecord>>,
     started: Instant,
     ip: IpAddr,
@@ -206,11 +207,16 @@ impl Ledger {
     pub fn open(record: AuditRecord, ip: IpAddr, book: &Arc<Ledgers>) -> Self {
         book.pending.fetch_add(1, Ordering::Relaxed);
         Ledger(Arc::new(Entry {
+            request_id: record.request_id.clone().unwrap_or_default(),
             record: Mutex::new(Some(record)),
             started: Instant::now(),
             ip,
             book: book.clone(),
         }))
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.0.request_id
     }
 
     /// Changes the pending record (no effect once it is written).

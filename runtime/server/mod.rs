@@ -50,6 +50,9 @@ pub struct Metrics {
     pub responses_stalled: AtomicU64,
     pub malformed: AtomicU64,
     pub audit_free_bytes: AtomicU64,
+    /// Requests hyper handed to the application (each has exactly one `request` record, or is
+    /// counted in a `refused_summary`).
+    pub dispatched: AtomicU64,
     pub audit_disk_low: AtomicBool,
 }
 
@@ -129,6 +132,11 @@ impl connections::ConnectionEvents for ServerEvents {
             .metrics
             .connections_open
             .store(count as u64, Ordering::Relaxed);
+    }
+
+    fn dispatched(&self, req: &mut Request) {
+        self.0.metrics.dispatched.fetch_add(1, Ordering::Relaxed);
+        open_ledger(&self.0, req);
     }
 }
 
@@ -359,24 +367,11 @@ async fn audit_requests(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let request_id = openai::request_id("req");
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-    let ip = state.proxies.client(peer, req.headers());
-    let mut record = crate::audit::AuditRecord::event("request");
-    record.request_id = Some(request_id.clone());
-    record.client = Some(state.audit.pseudonym(&ip.to_string()));
-    record.route = Some(format!(
-        "{} {}",
-        req.method(),
-        ledger::bounded_path(req.uri().path())
-    ));
-    record.model = Some(state.model_id.clone());
-    let ledger = Ledger::open(record, ip, &state.ledgers);
-    req.extensions_mut().insert(client::ClientIp(ip));
-    req.extensions_mut().insert(ledger.clone());
+    let ledger = match req.extensions().get::<Ledger>() {
+        Some(l) => l.clone(),
+        None => open_ledger(&state, &mut req),
+    };
+    let request_id = ledger.request_id().to_string();
     if head_bytes(&req) > state.config.max_header_bytes {
         let e = ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -412,6 +407,29 @@ async fn audit_requests(
         return with_request_id(resp, &request_id);
     }
     finish(&state, &ledger, &request_id, resp).await
+}
+
+/// Opens a request's audit record and attributes it to its client (through a trusted proxy if
+/// one forwarded it); both go into the request's extensions.
+pub fn open_ledger(state: &Arc<AppState>, req: &mut Request) -> Ledger {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let ip = state.proxies.client(peer, req.headers());
+    let mut record = crate::audit::AuditRecord::event("request");
+    record.request_id = Some(openai::request_id("req"));
+    record.client = Some(state.audit.pseudonym(&ip.to_string()));
+    record.route = Some(format!(
+        "{} {}",
+        req.method(),
+        ledger::bounded_path(req.uri().path())
+    ));
+    record.model = Some(state.model_id.clone());
+    let ledger = Ledger::open(record, ip, &state.ledgers);
+    req.extensions_mut().insert(client::ClientIp(ip));
+    req.extensions_mut().insert(ledger.clone());
+    ledger
 }
 
 /// Writes the record of an ordinary response, then releases the response.
