@@ -8,10 +8,11 @@
 //! included). Text pieces go back over a bounded channel with a bounded wait
 //! ([`PIECE_SEND_WAIT`]): a consumer that stops taking them cancels the generation.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -152,7 +153,7 @@ pub const PIECE_SEND_WAIT: Duration = Duration::from_secs(2);
 /// Handle to the engine thread.
 #[derive(Clone)]
 pub struct Engine {
-    jobs: std_mpsc::SyncSender<Job>,
+    queue: Arc<JobQueue>,
     pub is_text: bool,
 }
 
@@ -168,12 +169,18 @@ impl Engine {
         runtime: tokio::runtime::Handle,
     ) -> Engine {
         let is_text = backend.is_text();
-        let (tx, rx) = std_mpsc::sync_channel::<Job>(queue);
+        let jobs = Arc::new(JobQueue {
+            jobs: Mutex::default(),
+            ready: Condvar::new(),
+            capacity: queue,
+        });
+        let rx = jobs.clone();
         std::thread::Builder::new()
             .name("securerun-engine".into())
             .spawn(move || {
                 use std::sync::atomic::Ordering::Relaxed;
-                for job in rx {
+                loop {
+                    let job = rx.next();
                     if job.control().should_stop() {
                         // Its client has gone or its time is up: it never touches the model.
                         metrics.jobs_dropped.fetch_add(1, Relaxed);
@@ -212,13 +219,53 @@ impl Engine {
                 }
             })
             .expect("spawn engine thread");
-        Engine { jobs: tx, is_text }
+        Engine {
+            queue: jobs,
+            is_text,
+        }
     }
 
     /// Queues a job; `Err` when the queue is full or the engine is gone (the caller answers
     /// 503). The refused job is dropped, which closes its channels.
     pub fn submit(&self, job: Job) -> Result<(), Busy> {
-        self.jobs.try_send(job).map_err(|_| Busy)
+        self.queue.push(job)
+    }
+}
+
+/// The jobs waiting for the engine. Jobs whose client has gone (or whose deadline passed) give
+/// their place up when the queue is full, so clients that submit and vanish cannot keep the
+/// queue full for everyone else.
+struct JobQueue {
+    jobs: Mutex<VecDeque<Job>>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+impl JobQueue {
+    fn push(&self, job: Job) -> Result<(), Busy> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if jobs.len() >= self.capacity {
+            let (dead, live): (VecDeque<Job>, VecDeque<Job>) =
+                jobs.drain(..).partition(|j| j.control().should_stop());
+            *jobs = live;
+            dead.into_iter().for_each(drop_job);
+        }
+        if jobs.len() >= self.capacity {
+            return Err(Busy);
+        }
+        jobs.push_back(job);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    fn next(&self) -> Job {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(job) = jobs.pop_front() {
+                return job;
+            }
+            jobs = self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 

@@ -653,3 +653,42 @@ fn a_healthz_flood_is_sampled_and_counted() {
         assert_eq!(one_by_one + counted, n);
     });
 }
+
+/// Jobs whose clients left give up their queue places: clients that submit and vanish cannot
+/// keep the queue full (503) for everyone else. Before the fix they held their places until
+/// the engine reached them.
+#[test]
+fn abandoned_jobs_do_not_hold_the_queue() {
+    let state = tempfile::tempdir().unwrap();
+    let worker = fake_worker(
+        state.path(),
+        "slow",
+        "while True:\n    r = read()\n    if r['type'] != 'generate': continue\n    time.sleep(2)\n    \
+         msg({'type': 'text', 'id': r['id'], 'text': 'a'})\n    \
+         msg({'type': 'done', 'id': r['id'], 'finish_reason': 'Length', 'prompt_tokens': len(r['prompt_ids']), 'token_ids': [1], 'prefill_us': 1, 'decode_us': 1})",
+    );
+    let s = Server::start(
+        &common::smollm2(),
+        state.path(),
+        &format!("{FAST}queue = 2\n"),
+        &[("SECURERUN_TEST_WORKER_PROGRAM", worker.to_str().unwrap())],
+    );
+    let t = s.token("c", &["--scopes", "inference", "--rate", "100000/min"]);
+    let body = completion("hello", 1, false);
+    let running = {
+        let (addr, t, body) = (s.addr, t.clone(), body.clone());
+        std::thread::spawn(move || call(addr, "POST", "/v1/completions", Some(&t), &body).0)
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Two clients queue behind it, then leave.
+    let leavers: Vec<_> = (0..2)
+        .map(|_| send(s.addr, "POST", "/v1/completions", Some(&t), &body))
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    drop(leavers);
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, out) = call(s.addr, "POST", "/v1/completions", Some(&t), &body);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(running.join().unwrap(), 200);
+    s.stop();
+}
