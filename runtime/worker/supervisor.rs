@@ -430,31 +430,14 @@ impl ConfinedModel {
         self.next_id += 1;
         let timeout = self.settings.frame_timeout;
         let live = self.ensure_worker()?;
-        let result = (|| {
-            write(
-                &mut live.process.channel,
-                &ToWorker::Render {
-                    id,
-                    messages: messages.to_vec(),
-                },
-            )?;
-            let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
-            if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
-                return Err(WorkerError::Timeout(timeout));
-            }
-            let by = limit.min(Instant::now() + FRAME_COMPLETE);
-            match read_by(&mut live.process.channel, by, timeout)? {
-                FromWorker::Rendered { id: got, text } if got == id => Ok(text),
-                FromWorker::Failed {
-                    id: Some(got),
-                    error,
-                } if got == id => Err(WorkerError::Request(error)),
-                other => Err(WorkerError::Protocol(format!(
-                    "unexpected {}",
-                    kind(&other)
-                ))),
-            }
-        })();
+        let msg = ToWorker::Render {
+            id,
+            messages: messages.to_vec(),
+        };
+        let result = round_trip(live, &msg, timeout, deadline).and_then(|reply| match reply {
+            FromWorker::Rendered { id: got, text } if got == id => Ok(text),
+            other => Err(unexpected(other, id)),
+        });
         self.settle(result)
     }
 
@@ -617,44 +600,57 @@ impl ConfinedModel {
         self.next_id += 1;
         let timeout = self.settings.frame_timeout;
         let live = self.ensure_worker()?;
-        let result = (|| {
-            write(
-                &mut live.process.channel,
-                &ToWorker::Embed {
-                    id,
-                    texts: texts.to_vec(),
-                },
-            )?;
-            let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
-            if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
-                return Err(WorkerError::Timeout(timeout));
-            }
-            let by = limit.min(Instant::now() + FRAME_COMPLETE);
-            match read_by(&mut live.process.channel, by, timeout)? {
-                FromWorker::Embeddings { id: got, vectors } if got == id => {
-                    let dim = vectors.first().map_or(0, Vec::len);
-                    let sane = vectors.len() == texts.len()
-                        && vectors
-                            .iter()
-                            .all(|v| v.len() == dim && v.iter().all(|x| x.is_finite()));
-                    if !sane {
-                        return Err(WorkerError::Protocol(
-                            "embeddings do not match the request".into(),
-                        ));
-                    }
-                    Ok(vectors)
+        let msg = ToWorker::Embed {
+            id,
+            texts: texts.to_vec(),
+        };
+        let result = round_trip(live, &msg, timeout, deadline).and_then(|reply| match reply {
+            FromWorker::Embeddings { id: got, vectors } if got == id => {
+                let dim = vectors.first().map_or(0, Vec::len);
+                let sane = vectors.len() == texts.len()
+                    && vectors
+                        .iter()
+                        .all(|v| v.len() == dim && v.iter().all(|x| x.is_finite()));
+                if !sane {
+                    return Err(WorkerError::Protocol(
+                        "embeddings do not match the request".into(),
+                    ));
                 }
-                FromWorker::Failed {
-                    id: Some(got),
-                    error,
-                } if got == id => Err(WorkerError::Request(error)),
-                other => Err(WorkerError::Protocol(format!(
-                    "unexpected {}",
-                    kind(&other)
-                ))),
+                Ok(vectors)
             }
-        })();
+            other => Err(unexpected(other, id)),
+        });
         self.settle(result)
+    }
+}
+
+/// Sends a request that has exactly one reply and waits for it: at most `timeout`, and at most
+/// until the worker is given up on past `deadline`; a reply that has started must be whole
+/// within [`FRAME_COMPLETE`].
+fn round_trip(
+    live: &mut Live,
+    msg: &ToWorker,
+    timeout: Duration,
+    deadline: Option<Instant>,
+) -> Result<FromWorker, WorkerError> {
+    write(&mut live.process.channel, msg)?;
+    let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
+    if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
+        return Err(WorkerError::Timeout(timeout));
+    }
+    let by = limit.min(Instant::now() + FRAME_COMPLETE);
+    read_by(&mut live.process.channel, by, timeout)
+}
+
+/// A reply that is not the one expected for request `id`: the worker's own failure report for
+/// it (a request error), or a protocol error.
+fn unexpected(reply: FromWorker, id: u64) -> WorkerError {
+    match reply {
+        FromWorker::Failed {
+            id: Some(got),
+            error,
+        } if got == id => WorkerError::Request(error),
+        other => WorkerError::Protocol(format!("unexpected {}", kind(&other))),
     }
 }
 
