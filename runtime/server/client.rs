@@ -61,6 +61,19 @@ impl TrustedProxies {
     }
 }
 
+/// The key that per-client limits use (lockouts, connection caps, audit sampling): an IPv4
+/// address, or the /64 network of an IPv6 address (one subscriber's allocation: an attacker
+/// with a /64 has 2^64 addresses and must not get 2^64 allowances).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// IPv4-mapped IPv6 addresses count as the IPv4 address they carry.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -101,5 +114,17 @@ mod tests {
         let none = TrustedProxies::default();
         assert_eq!(none.client(proxy, &headers(&["1.2.3.4"])), proxy);
         assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(limit_key(a), limit_key(b));
+        assert_ne!(limit_key(a), limit_key(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        assert_eq!(limit_key(v4), v4);
+        assert_eq!(limit_key("::ffff:192.0.2.7".parse().unwrap()), v4);
     }
 }

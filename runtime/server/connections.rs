@@ -159,6 +159,10 @@ impl Drop for ClientSlot {
     }
 }
 
+/// How long every response of a connection must have waited on its client before the
+/// connection may be evicted for room.
+const STALL_EVICTABLE: Duration = Duration::from_millis(250);
+
 /// Evictions that may be under way at once: the open count can exceed `max_connections` by
 /// this much while evicted connections close.
 const EVICTION_SLACK: usize = 64;
@@ -173,6 +177,7 @@ struct Connections {
 
 struct ConnEntry {
     id: u64,
+    ip: IpAddr,
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
     evicted: std::sync::atomic::AtomicBool,
@@ -210,20 +215,30 @@ impl Connections {
     }
 
     /// Admits a connection, evicting the longest-idle one when `max` are open.
-    fn admit(self: &Arc<Self>, max: usize) -> Option<Admitted> {
+    fn admit(self: &Arc<Self>, max: usize, ip: IpAddr, clients: &PerClient) -> Option<Admitted> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.len() >= max {
             if self.evicting.load(Ordering::Relaxed) >= EVICTION_SLACK {
                 return None;
             }
+            // Evictable: no request in flight, or every response stalled on its client for a
+            // while (an HTTP/2 window held at zero keeps a request "in flight" at no cost).
+            // Among those, the connection of the address holding the most connections, then
+            // the one idle or stalled the longest: a flood's own connections go first.
+            let counts = clients.counts.lock().unwrap_or_else(|p| p.into_inner());
             let victim = open
                 .values()
-                .filter(|c| {
-                    !c.evicted.load(Ordering::Relaxed)
-                        && c.activity.in_flight.load(Ordering::Relaxed) == 0
-                })
-                .min_by_key(|c| c.activity.idle_since())?
+                .filter(|c| !c.evicted.load(Ordering::Relaxed))
+                .filter_map(|c| c.activity.evictable_since().map(|since| (c, since)))
+                .max_by_key(|(c, since)| {
+                    (
+                        counts.get(&c.ip).copied().unwrap_or(0),
+                        std::cmp::Reverse(*since),
+                    )
+                })?
+                .0
                 .clone();
+            drop(counts);
             victim.evicted.store(true, Ordering::Relaxed);
             self.evicting.fetch_add(1, Ordering::Relaxed);
             victim.evict.notify_one();
@@ -231,6 +246,7 @@ impl Connections {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(ConnEntry {
             id,
+            ip,
             activity: Activity::new(),
             evict: Arc::default(),
             evicted: Default::default(),
@@ -270,9 +286,26 @@ impl Activity {
         })
     }
 
-    /// When it last started or finished a request (its creation if never), as an instant.
-    fn idle_since(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_change.load(Ordering::Relaxed))
+    /// Since when the connection could be closed without cutting work that is progressing:
+    /// idle since its last request (or creation), or with every response in flight stalled on
+    /// its client for at least [`STALL_EVICTABLE`]. `None` while work progresses.
+    fn evictable_since(&self) -> Option<Instant> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        if in_flight == 0 {
+            return Some(
+                self.epoch + Duration::from_millis(self.last_change.load(Ordering::Relaxed)),
+            );
+        }
+        let waiting = self
+            .waiting_on_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if waiting.len() < in_flight {
+            return None;
+        }
+        let newest = *waiting.values().max()?;
+        let since = self.epoch + Duration::from_millis(newest);
+        (since.elapsed() >= STALL_EVICTABLE).then_some(since)
     }
 
     fn touch(&self) {
@@ -429,12 +462,13 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let Some(slot) = per_client.take(peer.ip(), limits.max_connections_per_client) else {
+        let client = super::client::limit_key(peer.ip());
+        let Some(slot) = per_client.take(client, limits.max_connections_per_client) else {
             events.refused(peer, true);
             drop(stream);
             continue;
         };
-        let Some(entry) = table.admit(limits.max_connections) else {
+        let Some(entry) = table.admit(limits.max_connections, client, &per_client) else {
             events.refused(peer, false);
             drop(stream);
             continue;

@@ -31,6 +31,8 @@ pub const MAX_RECORDED_PATH: usize = 256;
 /// [`REFUSAL_BURST`]); the rest go into `refused_summary`.
 const REFUSALS_PER_SEC: u32 = 2;
 const REFUSAL_BURST: u32 = 10;
+/// Individual records per second for anonymous requests from all addresses together.
+const REFUSALS_OVERALL: u32 = 50;
 /// Distinct (client, outcome) counters kept between summaries; more are pooled as "other".
 const MAX_SUMMARY_KEYS: usize = 4096;
 /// Most `refused_summary` records per summary (the rest are pooled as "other").
@@ -58,6 +60,9 @@ pub fn bounded_text(text: &str, max: usize) -> String {
 /// Rate-limits individual records of anonymous refusals per client and counts the rest.
 pub struct RefusalSampler {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// All addresses together: many addresses (an IPv6 range, a botnet) cannot multiply the
+    /// log's growth without bound.
+    overall: governor::DefaultDirectRateLimiter,
     counts: Mutex<HashMap<(String, String), u64>>,
     /// Refusals counted for summaries so far (for `/metrics`).
     pub summarized: AtomicU64,
@@ -67,8 +72,11 @@ impl Default for RefusalSampler {
     fn default() -> Self {
         let quota = Quota::per_second(NonZeroU32::new(REFUSALS_PER_SEC).expect("non-zero"))
             .allow_burst(NonZeroU32::new(REFUSAL_BURST).expect("non-zero"));
+        let overall = Quota::per_second(NonZeroU32::new(REFUSALS_OVERALL).expect("non-zero"))
+            .allow_burst(NonZeroU32::new(4 * REFUSALS_OVERALL).expect("non-zero"));
         RefusalSampler {
             limiter: governor::RateLimiter::keyed(quota),
+            overall: governor::RateLimiter::direct(overall),
             counts: Mutex::default(),
             summarized: Default::default(),
         }
@@ -78,7 +86,8 @@ impl Default for RefusalSampler {
 impl RefusalSampler {
     /// Whether this refusal gets its own record; if not, it is counted for the next summary.
     pub fn admit(&self, ip: IpAddr, client: &str, outcome: &str) -> bool {
-        if self.limiter.check_key(&ip).is_ok() {
+        let key = super::client::limit_key(ip);
+        if self.limiter.check_key(&key).is_ok() && self.overall.check().is_ok() {
             if self.limiter.len() > 100_000 {
                 self.limiter.retain_recent();
             }

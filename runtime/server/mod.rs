@@ -110,6 +110,8 @@ impl connections::ConnectionEvents for ServerEvents {
     fn malformed(&self, peer: SocketAddr, status: u16) {
         let state = &self.0;
         state.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+        // A request too, for the count in `server_stop`.
+        state.metrics.dispatched.fetch_add(1, Ordering::Relaxed);
         let mut record = crate::audit::AuditRecord::event("request");
         record.request_id = Some(openai::request_id("req"));
         record.client = Some(state.audit.pseudonym(&peer.ip().to_string()));
@@ -212,10 +214,11 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
     if auth::PUBLIC.contains(&path.as_str()) {
         return next.run(req).await;
     }
-    let ip = req
-        .extensions()
-        .get::<client::ClientIp>()
-        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0);
+    let ip = client::limit_key(
+        req.extensions()
+            .get::<client::ClientIp>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0),
+    );
     let header = req
         .headers()
         .get("authorization")

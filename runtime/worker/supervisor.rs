@@ -634,9 +634,12 @@ fn round_trip(
     deadline: Option<Instant>,
 ) -> Result<FromWorker, WorkerError> {
     write(&mut live.process.channel, msg)?;
-    let limit = (Instant::now() + timeout).min(kill_after(deadline, None));
+    let started = Instant::now();
+    let limit = (started + timeout).min(kill_after(deadline, None));
     if let Wait::TimedOut = wait_for_frame(&live.process.channel, limit, || false) {
-        return Err(WorkerError::Timeout(timeout));
+        // Say how long it really waited (the deadline may have come before the timeout).
+        let waited = Duration::from_millis(started.elapsed().as_millis() as u64);
+        return Err(WorkerError::Timeout(waited));
     }
     let by = limit.min(Instant::now() + FRAME_COMPLETE);
     read_by(&mut live.process.channel, by, timeout)

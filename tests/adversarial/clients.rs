@@ -692,3 +692,82 @@ fn abandoned_jobs_do_not_hold_the_queue() {
     assert_eq!(running.join().unwrap(), 200);
     s.stop();
 }
+
+/// Connections that keep an anonymous response "in flight" at no cost (an HTTP/2 window held
+/// at zero) are evictable once stalled, so they cannot hold every slot either.
+#[test]
+fn zero_window_http2_connections_cannot_hold_every_slot() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &common::minilm(),
+        state.path(),
+        &format!("{FAST}max_connections_per_client = 16\nmax_connections = 32\n"),
+        &[],
+    );
+    let t = s.token("c", &["--scopes", "embeddings", "--rate", "100000/min"]);
+    let addr = s.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut held = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..8u8 {
+                        let Ok(sock) = bound_socket([127, 0, 2, i + 2]) else {
+                            continue;
+                        };
+                        let _ = sock.set_nonblocking(true);
+                        let _ = sock.connect(&addr.into());
+                        let std_stream: TcpStream = sock.into();
+                        let Ok(tcp) = tokio::net::TcpStream::from_std(std_stream) else {
+                            continue;
+                        };
+                        let _ = tcp.writable().await;
+                        let Ok((mut send, conn)) = hyper::client::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .initial_stream_window_size(0)
+                        .initial_connection_window_size(0)
+                        .handshake::<_, http_body_util::Empty<hyper::body::Bytes>>(
+                            hyper_util::rt::TokioIo::new(tcp),
+                        )
+                        .await
+                        else {
+                            continue;
+                        };
+                        tokio::spawn(conn);
+                        let req = hyper::Request::get(format!("http://{addr}/v1/models"))
+                            .body(http_body_util::Empty::new())
+                            .unwrap();
+                        if let Ok(resp) = send.send_request(req).await {
+                            held.push((send, resp));
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                drop(held);
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(4));
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hello"}).to_string();
+    let mut ok = 0;
+    for _ in 0..6 {
+        if call(s.addr, "POST", "/v1/embeddings", Some(&t), &body).0 == 200 {
+            ok += 1;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    assert_eq!(
+        ok, 6,
+        "a valid client was starved by zero-window connections"
+    );
+    s.stop();
+}
