@@ -309,14 +309,7 @@ fn an_anonymous_flood_cannot_fill_the_disk_through_the_audit_log() {
     assert_eq!(parse(&got).0, 408, "{}", String::from_utf8_lossy(&got));
 
     let audit_dir = state.path().join("audit");
-    let size = |d: &std::path::Path| -> u64 {
-        std::fs::read_dir(d)
-            .unwrap()
-            .filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.len())
-            .sum()
-    };
-    let before = size(&audit_dir);
+    let before = dir_bytes(&audit_dir);
     let n = 3000;
     let flood_started = Instant::now();
     for _ in 0..n {
@@ -324,7 +317,7 @@ fn an_anonymous_flood_cannot_fill_the_disk_through_the_audit_log() {
         assert!(status == 401 || status == 429);
     }
     let secs = flood_started.elapsed().as_secs_f64().max(1.0);
-    let grown = size(&audit_dir) - before;
+    let grown = dir_bytes(&audit_dir) - before;
     assert!(
         (grown as f64) / secs < 8.0 * 1024.0,
         "{grown} bytes of audit log in {secs:.1} s from one address"
@@ -637,21 +630,14 @@ fn a_healthz_flood_is_sampled_and_counted() {
     let state = tempfile::tempdir().unwrap();
     let s = Server::start(&common::minilm(), state.path(), FAST, &[]);
     let audit_dir = state.path().join("audit");
-    let size = |d: &std::path::Path| -> u64 {
-        std::fs::read_dir(d)
-            .unwrap()
-            .filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.len())
-            .sum()
-    };
-    let before = size(&audit_dir);
+    let before = dir_bytes(&audit_dir);
     let n = 2000u64;
     let started = Instant::now();
     for _ in 0..n {
         assert_eq!(call(s.addr, "GET", "/healthz", None, "").0, 200);
     }
     let secs = started.elapsed().as_secs_f64().max(1.0);
-    let grown = size(&audit_dir) - before;
+    let grown = dir_bytes(&audit_dir) - before;
     assert!(
         (grown as f64) / secs < 8.0 * 1024.0,
         "{grown} bytes in {secs:.1} s"
