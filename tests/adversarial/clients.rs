@@ -773,3 +773,24 @@ fn zero_window_http2_connections_cannot_hold_every_slot() {
     );
     s.stop();
 }
+
+/// Low free space on the audit volume is reported before it runs out: with a threshold above
+/// any real disk, the gauge says so.
+#[test]
+fn low_audit_disk_space_is_reported() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &common::minilm(),
+        state.path(),
+        &format!("{FAST}audit_min_free_mb = 1000000000\n"),
+        &[],
+    );
+    let t = s.token("m", &["--scopes", "metrics"]);
+    assert!(eventually(Duration::from_secs(10), || metric(
+        s.addr,
+        &t,
+        "audit_disk_low"
+    ) == 1));
+    assert!(metric(s.addr, &t, "audit_free_bytes") > 0);
+    s.stop();
+}
