@@ -50,8 +50,9 @@ fn serve_with(state: &Path, fsize: Option<u64>, extra: &[&str]) -> Result<Server
         // SAFETY: async-signal-safe calls only, in the child before exec.
         unsafe {
             cmd.pre_exec(move || {
-                // Over the limit, write() must fail with EFBIG instead of killing the server.
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                // The default SIGXFSZ disposition (terminate) stays: the server itself must turn
+                // the limit into an EFBIG error it handles, not die of it.
+                libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
                 let lim = libc::rlimit {
                     rlim_cur: limit,
                     rlim_max: limit,

@@ -246,6 +246,11 @@ pub fn main() -> ExitCode {
         Some("__probe") => return crate::worker::process::probe_main(&argv[2..]),
         _ => {}
     }
+    // A file-size limit (RLIMIT_FSIZE) reached while writing the audit log must be an error the
+    // writer handles (requests refused, the fault recorded), not a signal that kills the
+    // process and leaves a torn record.
+    // SAFETY: installing SIG_IGN for one signal; no handler code runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
