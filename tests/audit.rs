@@ -867,3 +867,51 @@ fn a_token_that_cannot_be_audited_is_not_created() {
     let tokens: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(tokens.as_array().unwrap().len(), 0, "{tokens}");
 }
+
+/// While the read key stays on the host, every server start says so.
+#[test]
+fn serve_warns_while_the_read_key_is_on_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let start = |state: &Path| {
+        let log = state.join("stderr.txt");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
+            .args([
+                "serve",
+                p(&common::minilm()),
+                "--allow-unsigned",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--state-dir", p(state)])
+            .env("SECURERUN_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("listening on"), "{line}");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let first = start(state.path());
+    assert!(first.contains("read.key is still on this host"), "{first}");
+    let second = start(state.path());
+    assert!(
+        second.contains("read.key is still on this host"),
+        "{second}"
+    );
+    // Moved off the host: no warning.
+    let off = tempfile::tempdir().unwrap();
+    std::fs::rename(
+        state.path().join("audit/read.key"),
+        off.path().join("read.key"),
+    )
+    .unwrap();
+    let third = start(state.path());
+    assert!(!third.contains("still on this host"), "{third}");
+}

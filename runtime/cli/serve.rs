@@ -101,6 +101,15 @@ pub fn run(args: ServeArgs) -> CmdResult {
     // cannot audit does not start.
     let audit_dir = crate::audit::audit_dir(&state_dir);
     super::init_audit(&audit_dir)?;
+    // The read key decrypts every record: while it stays on the host, a thief of the disk
+    // reads the whole log. Said at every start until it is moved.
+    let read_key = audit_dir.join(crate::audit::keys::READ_KEY);
+    if std::fs::symlink_metadata(&read_key).is_ok() {
+        eprintln!(
+            "warning: {} is still on this host: anyone who can read it can read the whole audit log; move it off the host (auditors pass it back with --key)",
+            read_key.display()
+        );
+    }
     let durability = match args.audit_sync {
         AuditSync::Fsync => crate::audit::Durability::Fsync,
         AuditSync::Buffered => crate::audit::Durability::Buffered,
