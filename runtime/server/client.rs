@@ -29,7 +29,8 @@ impl TrustedProxies {
             .map(TrustedProxies)
     }
 
-    fn contains(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is a configured proxy.
+    pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         self.0.iter().any(|net| net.contains(&ip))
     }

@@ -57,6 +57,9 @@ pub trait ConnectionEvents: Send + Sync + 'static {
     /// hyper has parsed a request and hands it over (called synchronously, before any future
     /// runs: whatever happens to the request afterwards, this has happened).
     fn dispatched(&self, req: &mut axum::extract::Request);
+    /// Whether `peer` is exempt from the per-client cap (a trusted reverse proxy carries many
+    /// clients on its connections; they are told apart by the forwarded address).
+    fn shared_peer(&self, peer: SocketAddr) -> bool;
 }
 
 /// The service hyper calls for each request of one connection.
@@ -463,7 +466,12 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let client = super::client::limit_key(peer.ip());
-        let Some(slot) = per_client.take(client, limits.max_connections_per_client) else {
+        let per_client_cap = if events.shared_peer(peer) {
+            limits.max_connections
+        } else {
+            limits.max_connections_per_client
+        };
+        let Some(slot) = per_client.take(client, per_client_cap) else {
             events.refused(peer, true);
             drop(stream);
             continue;

@@ -136,6 +136,10 @@ impl connections::ConnectionEvents for ServerEvents {
             .store(count as u64, Ordering::Relaxed);
     }
 
+    fn shared_peer(&self, peer: SocketAddr) -> bool {
+        self.0.proxies.contains(peer.ip())
+    }
+
     fn dispatched(&self, req: &mut Request) {
         self.0.metrics.dispatched.fetch_add(1, Ordering::Relaxed);
         open_ledger(&self.0, req);

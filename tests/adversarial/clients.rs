@@ -531,7 +531,7 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
     let s = Server::start(
         &common::minilm(),
         state.path(),
-        &format!("{FAST}trusted_proxies = [\"127.0.0.1\"]\n"),
+        &format!("{FAST}trusted_proxies = [\"127.0.0.1\"]\nmax_connections_per_client = 16\n"),
         &[],
     );
     let forwarded = |xff: &str, token: &str| {
@@ -549,11 +549,17 @@ fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
         429,
         "the guesser is locked out"
     );
+    // The proxy itself is not held to the per-client connection cap (16 here).
+    let held: Vec<_> = (0..40)
+        .map(|_| TcpStream::connect(s.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         forwarded("203.0.113.8", "srt_nope"),
         401,
         "another client behind the proxy is not"
     );
+    drop(held);
     s.stop();
 
     // Without trusted proxies, the header changes nothing: rotating it does not dodge a lockout.
