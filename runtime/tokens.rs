@@ -125,6 +125,20 @@ impl TokenRecord {
         }
     }
 
+    /// An audit record of a change to this token: id, name, scopes and expiry, never the
+    /// secret.
+    pub fn audit_event(&self, event: &str) -> crate::audit::AuditRecord {
+        let mut rec = crate::audit::AuditRecord::event(event).with_detail(format!(
+            "name {:?}, scopes {}, expires {}",
+            self.name,
+            self.scope_list(),
+            self.expires
+                .map_or_else(|| "never".into(), |s| format!("unix {s}"))
+        ));
+        rec.token_id = Some(self.id.clone());
+        rec
+    }
+
     pub fn expired(&self, now: u64) -> bool {
         self.expires.is_some_and(|e| now >= e)
     }
@@ -289,6 +303,19 @@ impl TokenStore {
         limits: Limits,
         expires: Option<u64>,
     ) -> Result<Created, TokenError> {
+        let created = Self::prepare(name, scopes, models, limits, expires)?;
+        self.insert(&created.record)?;
+        Ok(created)
+    }
+
+    /// A token made and checked but not stored: its record can be audited before it exists.
+    pub fn prepare(
+        name: &str,
+        scopes: BTreeSet<Scope>,
+        models: Vec<String>,
+        limits: Limits,
+        expires: Option<u64>,
+    ) -> Result<Created, TokenError> {
         if !valid_name(name) {
             return Err(TokenError::Invalid(
                 "a token name is 1 to 64 printable characters, without control, bidirectional or invisible formatting characters".into(),
@@ -317,6 +344,11 @@ impl TokenStore {
             created: now(),
             expires,
         };
+        Ok(Created { record, token })
+    }
+
+    /// Stores a prepared token (names are unique).
+    pub fn insert(&self, record: &TokenRecord) -> Result<(), TokenError> {
         let stored = record.clone();
         self.update(move |tokens| {
             if tokens.iter().any(|t| t.name == stored.name) {
@@ -324,8 +356,15 @@ impl TokenStore {
             }
             tokens.push(stored);
             Ok(())
-        })?;
-        Ok(Created { record, token })
+        })
+    }
+
+    /// The token with this id or name.
+    pub fn find(&self, id_or_name: &str) -> Result<TokenRecord, TokenError> {
+        self.load()?
+            .into_iter()
+            .find(|t| t.id == id_or_name || t.name == id_or_name)
+            .ok_or_else(|| TokenError::NotFound(id_or_name.to_string()))
     }
 
     /// Revokes every token; returns how many there were.

@@ -1,19 +1,21 @@
-//! Signed checkpoints: `(epoch, record count, chain head, time)` statements signed with the
-//! epoch's ECDSA P-256 key, appended to `checkpoints.jsonl` beside the segments.
+//! Signed checkpoints and the chain of epoch signing keys.
 //!
-//! Why: the hash chain proves records are consistent with each other; a checkpoint is a
-//! signed, shippable statement of how far the log went, which an auditor can check with a
-//! public key alone (no read key, nothing decrypted) and keep off the host.
+//! A checkpoint is a signed head: `(epoch, record count, chain head, time)`, signed with the
+//! epoch's checkpoint key (ECDSA P-256, fresh per epoch, see [`super::keys`]). Epoch E's
+//! checkpoints are appended to `cp-EEEEEEEE.jsonl`. Its last one is its *final* checkpoint,
+//! which is also the handover: it names the next epoch, the next epoch's checkpoint public key
+//! and a commitment to its record key. Epoch 0 has no records: `cp-00000000.jsonl` holds only
+//! the genesis handover, signed by the root key whose public half is `audit.pub`, and that
+//! root secret is dropped as soon as it has signed.
 //!
-//! Keys: epoch E's signing key is derived from the epoch key `K(E)` (HKDF), so it evolves and
-//! is erased with it: whoever takes the running host can sign for the current epoch only. The
-//! read key derives every later epoch's public key; for holders of the public root alone
-//! (`audit.pub`, epoch 0's public key, written when the log is created), each epoch's first
-//! checkpoint is a *handover*, signed by the previous epoch's key, that names the next epoch's
-//! public key. A verifier walks that chain from the root.
+//! So a verifier needs `audit.pub` and nothing secret: it walks the handovers from the root
+//! and learns each epoch's public key from a signature it has already checked. A read key
+//! decrypts and cannot sign anything. A closed epoch without a final checkpoint, a checkpoint
+//! file after an epoch that never handed over, and any line that does not verify are errors.
 //!
-//! When: at every epoch start (the handover), after every [`EVERY_RECORDS`] records or
-//! [`EVERY`] of activity, and when the writer stops.
+//! When: the handover at every epoch start, a checkpoint after every [`EVERY_RECORDS`] records
+//! or [`EVERY`] of activity, and when the writer stops. Each is also sent to the configured
+//! sinks ([`super::sink`]) so the newest signed head lives off the host.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -22,24 +24,26 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::keys::EpochKey;
+use super::keys::EpochSecrets;
+use super::segment::{self, Kind};
 use super::AuditError;
 use crate::signing::PublicKey;
 
-pub const CHECKPOINTS: &str = "checkpoints.jsonl";
-/// Epoch 0's checkpoint public key: the root an auditor without the read key trusts.
+/// The root public key: the only thing an auditor must trust.
 pub const ROOT_PUB: &str = "audit.pub";
 /// A checkpoint after this many records...
 pub const EVERY_RECORDS: u64 = 1000;
 /// ...or this long after the previous one, whichever comes first (if anything was written).
 pub const EVERY: Duration = Duration::from_secs(60);
-/// Largest checkpoints file read (a line is about 250 bytes; a handover about 400).
-const MAX_FILE: u64 = 256 * 1024 * 1024;
+/// Largest per-epoch checkpoints file read (a line is about 300 bytes; an epoch ends at
+/// 64 MiB of records, so at most a few hundred lines).
+const MAX_FILE: u64 = 16 * 1024 * 1024;
 
 /// One signed statement about the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Checkpoint {
+    pub v: u32,
     /// The epoch whose key signed this.
     pub epoch: u32,
     /// Records in the log so far (the sequence number of the last one).
@@ -47,51 +51,59 @@ pub struct Checkpoint {
     /// Chain head (hex) after record `seq`.
     pub head: String,
     pub time_ms: u64,
-    /// Handover only: the epoch that starts now, and its checkpoint public key (SPKI PEM).
+    /// Final checkpoint only: the epoch that starts now, its checkpoint public key (SPKI
+    /// PEM) and the commitment to its record key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_epoch: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_commit: Option<String>,
     /// Base64 DER ECDSA P-256/SHA-256 signature over [`Checkpoint::message`].
     pub sig: String,
 }
 
 impl Checkpoint {
-    /// A signed checkpoint of `(seq, head)` by `key`'s epoch; with `next`, a handover to it.
+    /// A signed checkpoint of `(seq, head)` by `key`'s epoch; with `next`, the epoch's final
+    /// checkpoint, handing over to it.
     pub fn sign(
-        key: &EpochKey,
+        key: &EpochSecrets,
         seq: u64,
         head: &[u8; 32],
-        next: Option<&EpochKey>,
+        next: Option<&EpochSecrets>,
     ) -> Result<Checkpoint, AuditError> {
         let next_key = next
-            .map(|n| n.checkpoint_key().public_key().to_pem())
+            .map(|n| n.public_key().to_pem())
             .transpose()
             .map_err(|e| AuditError::Key(e.to_string()))?;
         let mut c = Checkpoint {
+            v: 2,
             epoch: key.epoch,
             seq,
             head: hex::encode(head),
             time_ms: super::now_ms(),
             next_epoch: next.map(|n| n.epoch),
             next_key,
+            next_commit: next.map(EpochSecrets::record_commitment),
             sig: String::new(),
         };
-        c.sig = crate::signing::bundle::b64_encode(&key.checkpoint_key().sign(&c.message()));
+        c.sig = crate::signing::bundle::b64_encode(&key.sign(&c.message()));
         Ok(c)
     }
 
     /// The exact bytes signed: every field but the signature, unambiguously.
     pub fn message(&self) -> Vec<u8> {
         format!(
-            "securerun-audit-checkpoint v1\nepoch {}\nseq {}\nhead {}\ntime_ms {}\nnext_epoch {}\nnext_key {}\n",
+            "securerun-audit-checkpoint v{}\nepoch {}\nseq {}\nhead {}\ntime_ms {}\nnext_epoch {}\nnext_key {}\nnext_commit {}\n",
+            self.v,
             self.epoch,
             self.seq,
             self.head,
             self.time_ms,
             self.next_epoch.map_or("-".to_string(), |e| e.to_string()),
-            // JSON-quoted: every key string has exactly one encoding here.
+            // JSON-quoted: every string has exactly one encoding here.
             serde_json::to_string(&self.next_key).unwrap_or_default(),
+            serde_json::to_string(&self.next_commit).unwrap_or_default(),
         )
         .into_bytes()
     }
@@ -102,32 +114,61 @@ impl Checkpoint {
             .unwrap_or(false)
     }
 
-    /// The handover's next public key, parsed.
-    pub fn next_public_key(&self) -> Option<PublicKey> {
-        self.next_key
-            .as_deref()
-            .and_then(|pem| PublicKey::from_pem(pem).ok())
+    pub fn is_final(&self) -> bool {
+        self.next_epoch.is_some()
+    }
+
+    pub fn head_bytes(&self) -> Option<[u8; 32]> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&self.head, &mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("a checkpoint serializes");
+        line.push('\n');
+        line
+    }
+
+    /// Parses a checkpoint out of a line that may carry a prefix (a syslog or journal line
+    /// kept as an anchor): the JSON object from the first `{` to the last `}`.
+    pub fn from_line(line: &str) -> Option<Checkpoint> {
+        let (start, end) = (line.find('{')?, line.rfind('}')?);
+        serde_json::from_str(line.get(start..=end)?).ok()
     }
 }
 
-/// Appends one checkpoint line; `sync` makes it durable before returning. A failed write is
-/// cut back so no partial line stays behind.
-pub fn append(dir: &Path, c: &Checkpoint, sync: bool) -> Result<(), AuditError> {
-    let path = dir.join(CHECKPOINTS);
-    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
-    let mut line = serde_json::to_string(c).map_err(|e| AuditError::Io(e.to_string()))?;
-    line.push('\n');
-    let mut f = std::fs::OpenOptions::new()
+/// Opens (creating if `create`) an epoch's checkpoints file for appending.
+pub fn open_for_append(dir: &Path, epoch: u32, create: bool) -> Result<std::fs::File, AuditError> {
+    let path = dir.join(Kind::Checkpoints.name(epoch));
+    let f = std::fs::OpenOptions::new()
         .append(true)
-        .create(true)
+        .create(create)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
-        .map_err(io)?;
+        .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
+    if !f
+        .metadata()
+        .map_err(|e| AuditError::Io(e.to_string()))?
+        .is_file()
+    {
+        return Err(AuditError::Io(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Appends one checkpoint line and syncs it. A failed write is cut back so no partial line
+/// stays behind.
+pub fn append(f: &mut std::fs::File, c: &Checkpoint) -> Result<(), AuditError> {
+    let io = |e: std::io::Error| AuditError::Io(format!("checkpoint: {e}"));
     let len = f.metadata().map_err(io)?.len();
     let written = f
-        .write_all(line.as_bytes())
-        .and_then(|_| if sync { f.sync_data() } else { Ok(()) });
+        .write_all(c.to_line().as_bytes())
+        .and_then(|_| f.sync_data());
     if let Err(e) = written {
         let _ = f.set_len(len);
         return Err(io(e));
@@ -135,214 +176,213 @@ pub fn append(dir: &Path, c: &Checkpoint, sync: bool) -> Result<(), AuditError> 
     Ok(())
 }
 
-/// The checkpoints file as read: complete lines parsed, and a torn last line (a crash during
-/// a write) reported rather than taken.
+/// An epoch's checkpoints file as read: complete lines parsed, and a torn last line (a crash
+/// during a write) reported with the length of the complete part.
 #[derive(Debug, Default)]
-pub struct Checkpoints {
+pub struct EpochFile {
     pub list: Vec<Checkpoint>,
-    pub torn: Option<String>,
+    pub torn_at: Option<u64>,
 }
 
-/// Reads `checkpoints.jsonl`; a malformed complete line is an error naming it.
-pub fn read(dir: &Path) -> Result<Checkpoints, String> {
-    let path = dir.join(CHECKPOINTS);
-    let bytes = match securerun_models::fsutil::read_bounded(&path, MAX_FILE) {
+/// Reads `cp-E.jsonl` (bounded, not following links); a missing file reads as empty; a
+/// complete line that is not a checkpoint is an error naming it.
+pub fn read_epoch(dir: &Path, epoch: u32) -> Result<EpochFile, String> {
+    let name = Kind::Checkpoints.name(epoch);
+    let bytes = match securerun_models::fsutil::read_bounded(&dir.join(&name), MAX_FILE) {
         Ok(b) => b,
         Err(securerun_models::fsutil::OpenError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
-            return Ok(Checkpoints::default())
+            return Ok(EpochFile::default())
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(format!("{name}: {e}")),
     };
-    let mut out = Checkpoints::default();
-    let mut rest = bytes.as_slice();
+    let mut out = EpochFile::default();
+    let mut pos = 0usize;
     let mut line_no = 0;
-    while !rest.is_empty() {
+    while pos < bytes.len() {
         line_no += 1;
-        let Some(end) = rest.iter().position(|&b| b == b'\n') else {
-            out.torn = Some(format!(
-                "{CHECKPOINTS} line {line_no} is incomplete ({} bytes)",
-                rest.len()
-            ));
+        let Some(end) = bytes[pos..].iter().position(|&b| b == b'\n') else {
+            out.torn_at = Some(pos as u64);
             break;
         };
-        let c: Checkpoint = serde_json::from_slice(&rest[..end])
-            .map_err(|e| format!("{CHECKPOINTS} line {line_no}: not a checkpoint: {e}"))?;
+        let c: Checkpoint = serde_json::from_slice(&bytes[pos..pos + end])
+            .map_err(|e| format!("{name} line {line_no}: not a checkpoint: {e}"))?;
         out.list.push(c);
-        rest = &rest[end + 1..];
+        pos += end + 1;
     }
     Ok(out)
 }
 
-/// Where the chain stood when `epoch` began, as its handover states it: `(0, zeros)` for epoch
-/// 1. After retention shredded the epochs before it, this is where the log now starts.
-pub fn start_of(list: &[Checkpoint], epoch: u32) -> Option<(u64, [u8; 32])> {
-    if epoch <= 1 {
-        return Some((0, [0; 32]));
-    }
-    let c = list.iter().find(|c| c.next_epoch == Some(epoch))?;
-    let head = hex::decode(&c.head).ok()?.try_into().ok()?;
-    Some((c.seq, head))
+/// Where a problem was found, and what it is.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("audit log invalid at {place}: {reason}")]
+pub struct Problem {
+    pub place: String,
+    pub reason: String,
 }
 
-/// Cuts an incomplete last line (a crash while a checkpoint was written) so the next one
-/// starts on a line of its own; returns what was cut, for the new epoch's first record to
-/// report. Only the writer, holding the lock, calls this.
-pub fn cut_torn_tail(dir: &Path) -> Result<Option<String>, AuditError> {
-    let path = dir.join(CHECKPOINTS);
-    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
-    let bytes = match securerun_models::fsutil::read_bounded(&path, MAX_FILE) {
-        Ok(b) => b,
-        Err(securerun_models::fsutil::OpenError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            return Ok(None)
+pub fn problem(place: impl Into<String>, reason: impl Into<String>) -> Problem {
+    Problem {
+        place: place.into(),
+        reason: reason.into(),
+    }
+}
+
+/// One epoch as the signed checkpoints describe it.
+#[derive(Debug, Clone)]
+pub struct Epoch {
+    pub epoch: u32,
+    pub key: PublicKey,
+    /// Where the chain stood when the epoch began (from the previous epoch's final).
+    pub start: (u64, [u8; 32]),
+    /// The commitment to this epoch's record key (none for epoch 0).
+    pub commit: Option<String>,
+    /// Its checkpoints, every signature checked, in order; the last is final if it handed over.
+    pub checkpoints: Vec<Checkpoint>,
+    /// The checkpoints file ended in an incomplete line (the newest epoch only: a crash).
+    pub torn_at: Option<u64>,
+}
+
+impl Epoch {
+    pub fn final_checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoints.last().filter(|c| c.is_final())
+    }
+
+    /// The last signed head: `(seq, head, time)`.
+    pub fn last_head(&self) -> (u64, [u8; 32], Option<u64>) {
+        match self.checkpoints.last() {
+            Some(c) => (c.seq, c.head_bytes().unwrap_or_default(), Some(c.time_ms)),
+            None => (self.start.0, self.start.1, None),
         }
-        Err(e) => return Err(AuditError::Io(e.to_string())),
-    };
-    if bytes.is_empty() || bytes.ends_with(b"\n") {
-        return Ok(None);
     }
-    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io)?;
-    f.set_len(keep as u64)
-        .and_then(|_| f.sync_all())
-        .map_err(io)?;
-    Ok(Some(format!(
-        "{CHECKPOINTS} ended in an incomplete line of {} bytes at byte {keep} (cut)",
-        bytes.len() - keep
-    )))
 }
 
-/// Writes the root public key (epoch 0's checkpoint key) for auditors.
-pub fn write_root(dir: &Path, k0: &EpochKey) -> Result<(), AuditError> {
-    let pem = k0
-        .checkpoint_key()
-        .public_key()
-        .to_pem()
-        .map_err(|e| AuditError::Key(e.to_string()))?;
+/// Walks the checkpoint files from the root: epoch 0's genesis handover, then each epoch's
+/// checkpoints under the key the previous final named, until an epoch without a final (the
+/// open one). Every signature is checked; epochs are consecutive by construction.
+/// `progress` is called once per epoch.
+pub fn walk(
+    dir: &Path,
+    root: &PublicKey,
+    mut progress: impl FnMut(u32),
+) -> Result<Vec<Epoch>, Problem> {
+    let mut epochs: Vec<Epoch> = Vec::new();
+    let mut next = Some(Epoch {
+        epoch: 0,
+        key: root.clone(),
+        start: (0, [0; 32]),
+        commit: None,
+        checkpoints: Vec::new(),
+        torn_at: None,
+    });
+    while let Some(mut e) = next.take() {
+        progress(e.epoch);
+        let name = Kind::Checkpoints.name(e.epoch);
+        let file = read_epoch(dir, e.epoch).map_err(|r| problem(&name, r))?;
+        if e.epoch == 0 && file.list.is_empty() {
+            return Err(problem(
+                &name,
+                "the genesis handover is missing (is this an audit directory?)",
+            ));
+        }
+        let mut last_seq = e.start.0;
+        for (i, c) in file.list.iter().enumerate() {
+            let place = format!("{name} line {}", i + 1);
+            if c.v != 2 || c.epoch != e.epoch {
+                return Err(problem(
+                    place,
+                    format!(
+                        "a checkpoint of epoch {} (v{}) in epoch {}'s file",
+                        c.epoch, c.v, e.epoch
+                    ),
+                ));
+            }
+            if !c.verify(&e.key) {
+                return Err(problem(
+                    place,
+                    "the signature does not verify under this epoch's key (forged or edited)",
+                ));
+            }
+            if c.seq < last_seq || c.head_bytes().is_none() {
+                return Err(problem(
+                    place,
+                    "record count goes backwards or head is malformed",
+                ));
+            }
+            last_seq = c.seq;
+            if c.is_final() && i + 1 != file.list.len() {
+                return Err(problem(
+                    place,
+                    "checkpoints follow the epoch's final checkpoint",
+                ));
+            }
+            if e.epoch == 0 && !c.is_final() {
+                return Err(problem(place, "epoch 0 holds only the genesis handover"));
+            }
+        }
+        e.checkpoints = file.list;
+        e.torn_at = file.torn_at;
+        if let Some(f) = e.final_checkpoint() {
+            let place = format!("{name} line {}", e.checkpoints.len());
+            let (Some(n), Some(key), Some(commit)) = (
+                f.next_epoch,
+                f.next_key
+                    .as_deref()
+                    .and_then(|p| PublicKey::from_pem(p).ok()),
+                f.next_commit.clone(),
+            ) else {
+                return Err(problem(place, "malformed final checkpoint"));
+            };
+            if Some(n) != e.epoch.checked_add(1) {
+                return Err(problem(place, format!("hands over to epoch {n}")));
+            }
+            if e.torn_at.is_some() {
+                return Err(problem(
+                    &name,
+                    "an incomplete line before the final checkpoint",
+                ));
+            }
+            next = Some(Epoch {
+                epoch: n,
+                key,
+                start: (f.seq, f.head_bytes().expect("checked above")),
+                commit: Some(commit),
+                checkpoints: Vec::new(),
+                torn_at: None,
+            });
+        }
+        epochs.push(e);
+    }
+    Ok(epochs)
+}
+
+/// Writes the root public key for auditors.
+pub fn write_root(dir: &Path, root: &PublicKey) -> Result<(), AuditError> {
+    let pem = root.to_pem().map_err(|e| AuditError::Key(e.to_string()))?;
     let path = dir.join(ROOT_PUB);
     crate::state_dir::write_public(&path, pem.as_bytes())
         .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))
 }
 
-/// Which public key signs for which epoch, as far as a verifier knows.
-pub enum KeySource {
-    /// The read key (epoch r): every epoch ≥ r's key is derived; earlier ones are unknown.
-    ReadKey(EpochKey),
-    /// Only the public root: epochs are learned from handovers.
-    Root(PublicKey),
+/// Reads a root public key (`audit.pub`), bounded and without following links.
+pub fn read_root(path: &Path) -> Result<PublicKey, AuditError> {
+    let bytes = securerun_models::fsutil::read_bounded(path, 16 * 1024)
+        .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))?;
+    PublicKey::from_pem(&String::from_utf8_lossy(&bytes))
+        .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))
 }
 
-/// Checks every checkpoint's signature, in file order, learning epoch keys from handovers.
-/// Returns, for each checkpoint, whether its signer was known (checkpoints of shredded epochs
-/// cannot be checked by a retained read key and are skipped). Epochs above `max_epoch` (the
-/// newest segment's, plus one for a handover whose segment a crash kept from being created)
-/// are refused before any key is derived for them: a planted epoch number must not make the
-/// verifier ratchet billions of times.
-pub fn authenticate(
-    list: &[Checkpoint],
-    source: &KeySource,
-    max_epoch: u32,
-) -> Result<Vec<bool>, String> {
-    use std::collections::BTreeMap;
-    let mut learned: BTreeMap<u32, PublicKey> = BTreeMap::new();
-    let mut derive = Deriver::new(source);
-    if let KeySource::Root(root) = source {
-        learned.insert(0, root.clone());
-    }
-    let mut checked = Vec::with_capacity(list.len());
-    for (i, c) in list.iter().enumerate() {
-        let n = i + 1;
-        if c.epoch.max(c.next_epoch.unwrap_or(0)) > max_epoch {
-            return Err(format!(
-                "checkpoint {n} names epoch {}, beyond the newest segment ({})",
-                c.epoch.max(c.next_epoch.unwrap_or(0)),
-                max_epoch.saturating_sub(1)
-            ));
-        }
-        let key = match source {
-            KeySource::ReadKey(_) => derive.public(c.epoch),
-            KeySource::Root(_) => learned.get(&c.epoch).cloned(),
-        };
-        let Some(key) = key else {
-            if matches!(source, KeySource::Root(_)) {
-                return Err(format!(
-                    "checkpoint {n} (epoch {}): no handover names this epoch's key",
-                    c.epoch
-                ));
-            }
-            checked.push(false);
-            continue;
-        };
-        if !c.verify(&key) {
-            return Err(format!(
-                "checkpoint {n} (epoch {}, record {}): the signature does not verify (forged or edited)",
-                c.epoch, c.seq
-            ));
-        }
-        match (c.next_epoch, c.next_public_key()) {
-            (None, None) if c.next_key.is_none() => {}
-            (Some(e), Some(k)) if e > c.epoch => {
-                if matches!(source, KeySource::ReadKey(_))
-                    && derive.public(e).map(|d| d.hint().ok()) != Some(k.hint().ok())
-                {
-                    return Err(format!(
-                        "checkpoint {n}: the handover to epoch {e} names a key that is not that epoch's"
-                    ));
-                }
-                if let Some(old) = learned.insert(e, k.clone()) {
-                    if old.hint().ok() != k.hint().ok() {
-                        return Err(format!(
-                            "checkpoint {n}: a second handover to epoch {e} names another key"
-                        ));
-                    }
-                }
-            }
-            _ => {
-                return Err(format!(
-                    "checkpoint {n} (epoch {}): malformed handover",
-                    c.epoch
-                ))
-            }
-        }
-        checked.push(true);
-    }
-    Ok(checked)
+/// Is `c` one of this log's signed heads? Returns the epoch it belongs to when its signature
+/// verifies under the key the walk learned for its epoch.
+pub fn authenticate<'a>(epochs: &'a [Epoch], c: &Checkpoint) -> Option<&'a Epoch> {
+    let e = epochs.iter().find(|e| e.epoch == c.epoch)?;
+    (c.v == 2 && c.verify(&e.key)).then_some(e)
 }
 
-/// Checkpoint public keys derived from a read key, each epoch once (the ratchet only moves
-/// forward, so keys are derived in one pass up to the highest epoch asked for).
-struct Deriver {
-    next: Option<EpochKey>,
-    keys: std::collections::BTreeMap<u32, PublicKey>,
-}
-
-impl Deriver {
-    fn new(source: &KeySource) -> Self {
-        let next = match source {
-            KeySource::ReadKey(k) => Some(k.clone()),
-            KeySource::Root(_) => None,
-        };
-        Deriver {
-            next,
-            keys: Default::default(),
-        }
-    }
-
-    /// Epoch `e`'s public key, or `None` before the read key's epoch.
-    fn public(&mut self, e: u32) -> Option<PublicKey> {
-        while let Some(k) = self.next.take_if(|k| k.epoch <= e) {
-            self.keys.insert(k.epoch, k.checkpoint_key().public_key());
-            self.next = Some(k.next());
-        }
-        self.keys.get(&e).cloned()
-    }
+/// The segment of `epoch`, for messages.
+pub fn segment_place(epoch: u32) -> String {
+    segment::segment_name(epoch)
 }
 
 #[cfg(test)]
@@ -351,60 +391,27 @@ mod tests {
 
     #[test]
     fn a_checkpoint_verifies_only_unchanged_and_with_its_epoch_key() {
-        let k0 = EpochKey::random();
-        let k1 = k0.next();
-        let c = Checkpoint::sign(&k0, 7, &[3; 32], Some(&k1)).unwrap();
-        assert!(c.verify(&k0.checkpoint_key().public_key()));
-        assert!(!c.verify(&k1.checkpoint_key().public_key()));
+        let k1 = EpochSecrets::generate(1);
+        let k2 = EpochSecrets::generate(2);
+        let c = Checkpoint::sign(&k1, 7, &[3; 32], Some(&k2)).unwrap();
+        assert!(c.verify(&k1.public_key()));
+        assert!(!c.verify(&k2.public_key()));
         for edit in [
             |c: &mut Checkpoint| c.seq += 1,
             |c: &mut Checkpoint| c.head = "00".repeat(32),
             |c: &mut Checkpoint| c.time_ms += 1,
             |c: &mut Checkpoint| c.next_epoch = Some(9),
             |c: &mut Checkpoint| c.next_key = None,
+            |c: &mut Checkpoint| c.next_commit = Some("00".repeat(32)),
         ] {
             let mut bad = c.clone();
             edit(&mut bad);
-            assert!(!bad.verify(&k0.checkpoint_key().public_key()));
+            assert!(!bad.verify(&k1.public_key()));
         }
-    }
-
-    #[test]
-    fn the_root_walks_handovers_and_refuses_unknown_epochs() {
-        let k0 = EpochKey::random();
-        let k1 = k0.next();
-        let k2 = k1.next();
-        let list = vec![
-            Checkpoint::sign(&k0, 0, &[0; 32], Some(&k1)).unwrap(),
-            Checkpoint::sign(&k1, 5, &[1; 32], None).unwrap(),
-            Checkpoint::sign(&k1, 9, &[2; 32], Some(&k2)).unwrap(),
-            Checkpoint::sign(&k2, 12, &[3; 32], None).unwrap(),
-        ];
-        let root = KeySource::Root(k0.checkpoint_key().public_key());
-        assert_eq!(authenticate(&list, &root, 3).unwrap(), vec![true; 4]);
-        // An epoch beyond the newest segment is refused before anything is derived for it.
-        let mut far = Checkpoint::sign(&k2, 12, &[3; 32], None).unwrap();
-        far.epoch = u32::MAX;
-        assert!(authenticate(&[far], &KeySource::ReadKey(k0.clone()), 3)
-            .unwrap_err()
-            .contains("beyond the newest segment"));
-        // Without the handover into epoch 2, epoch 2's checkpoint has no known key.
-        let cut = [list[0].clone(), list[1].clone(), list[3].clone()];
-        assert!(authenticate(&cut, &root, 3)
-            .unwrap_err()
-            .contains("no handover"));
-        // A retained read key (epoch 2) checks what it can derive and skips the rest.
-        let retained = KeySource::ReadKey(k2.clone());
-        assert_eq!(
-            authenticate(&list, &retained, 3).unwrap(),
-            vec![false, false, false, true]
+        let syslog = format!(
+            "<110>1 2026-11-30T00:00:00Z host securerun - - - {}",
+            c.to_line()
         );
-        // A forger holding epoch 2's key cannot sign for epoch 1.
-        let mut forged = Checkpoint::sign(&k2, 7, &[9; 32], None).unwrap();
-        forged.epoch = 1;
-        let with_forgery = [list[0].clone(), forged];
-        assert!(authenticate(&with_forgery, &root, 3)
-            .unwrap_err()
-            .contains("does not verify"));
+        assert_eq!(Checkpoint::from_line(&syslog), Some(c));
     }
 }

@@ -1,135 +1,157 @@
-//! Audit keys and their forward-secure evolution.
+//! The host's audit keys: one epoch's secrets at a time, and the pseudonymization key.
 //!
-//! - `read.key`: the epoch-0 key. Everything can be derived from it, so it is what an auditor
-//!   needs to read and verify the log; `audit init` tells the operator to move it off the host.
-//! - `current.key`: the running epoch's key. Each new epoch (every server start and segment
-//!   rotation) replaces it with `K(e+1) = HKDF(K(e), "epoch")` and the previous key is gone from
-//!   the host, so whoever takes the running host can neither decrypt nor forge records of
-//!   earlier epochs (the AEAD keys of those epochs are not derivable backwards).
-//! - `pseudonym.key`: a stable HMAC key for client addresses (and `--audit-content hmac`), so
-//!   records link a client across epochs without storing its address.
+//! - `current.key` (0600): the running epoch's two secrets, each fresh from the OS random
+//!   generator when the epoch begins: the *record key* that seals its records
+//!   (XChaCha20-Poly1305) and the *checkpoint key* that signs its checkpoints (ECDSA P-256).
+//!   Nothing derives one epoch's keys from another's, so a copy of `current.key` (a thief, a
+//!   backup) reads and signs that epoch only: neither earlier epochs (their keys were erased)
+//!   nor later ones (fresh randomness the copy does not contain).
+//! - `next.key` exists only while an epoch is being handed over (see `writer::begin_epoch`).
+//! - Each epoch's record key reaches the auditor as `key-EEEEEEEE.wrap`, encrypted to the
+//!   auditor's public key ([`super::recipient`]); the host keeps no key that opens them.
+//! - `pseudonym.key` (0600): a long-lived HMAC key for client addresses and `--audit-content
+//!   hmac`. It is a secret: whoever holds it can test guesses of addresses and texts against
+//!   the log's pseudonyms. It is kept apart from the log's keys and never written to a log.
+//!
+//! Old epochs' keys are erased on disk by overwriting the file in place and syncing before it is
+//! replaced ([`erase_file`]), and in memory by [`Secret`].
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use hkdf::Hkdf;
 use rand_core::{OsRng, RngCore};
-use sha2::Sha256;
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
+use super::secret::Secret;
 use super::AuditError;
+use crate::signing::PublicKey;
 
-pub const READ_KEY: &str = "read.key";
 pub const CURRENT_KEY: &str = "current.key";
+pub const NEXT_KEY: &str = "next.key";
 pub const PSEUDONYM_KEY: &str = "pseudonym.key";
+const EPOCH_KEY_TAG: &str = "securerun-audit-epoch v2";
 
-/// One epoch's root key.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct EpochKey {
-    #[zeroize(skip)]
+/// One epoch's secrets.
+pub struct EpochSecrets {
     pub epoch: u32,
-    key: [u8; 32],
+    record: Secret,
+    signing: Secret,
 }
 
-impl std::fmt::Debug for EpochKey {
+impl std::fmt::Debug for EpochSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "EpochKey(epoch {})", self.epoch)
+        write!(f, "EpochSecrets(epoch {})", self.epoch)
     }
 }
 
-impl EpochKey {
-    pub fn random() -> Self {
-        let mut key = [0u8; 32];
-        OsRng.fill_bytes(&mut key);
-        EpochKey { epoch: 0, key }
+impl EpochSecrets {
+    /// Fresh secrets for `epoch`.
+    pub fn generate(epoch: u32) -> Self {
+        EpochSecrets {
+            epoch,
+            record: Secret::random(),
+            signing: random_p256_scalar(),
+        }
     }
 
-    fn expand(&self, label: &[u8]) -> [u8; 32] {
-        let hk = Hkdf::<Sha256>::from_prk(&self.key).expect("32-byte PRK");
-        let mut out = [0u8; 32];
-        hk.expand(label, &mut out)
-            .expect("32 bytes is a valid HKDF length");
+    pub fn record_key(&self) -> &[u8; 32] {
+        self.record.expose()
+    }
+
+    /// The checkpoint signing key, for one use (dropped, and zeroed by p256, right after).
+    fn signing_key(&self) -> p256::ecdsa::SigningKey {
+        p256::ecdsa::SigningKey::from_slice(self.signing.expose())
+            .expect("checked to be a valid P-256 scalar when generated or loaded")
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::P256(*self.signing_key().verifying_key())
+    }
+
+    /// DER ECDSA P-256/SHA-256 signature over `message`.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        use p256::ecdsa::signature::Signer;
+        let sig: p256::ecdsa::Signature = self.signing_key().sign(message);
+        sig.to_der().as_bytes().to_vec()
+    }
+
+    /// A commitment to the record key, named in the handover that begins this epoch: the
+    /// auditor checks that the key unwrapped from `key-E.wrap` is the one the signer meant.
+    pub fn record_commitment(&self) -> String {
+        record_commitment(self.record.expose())
+    }
+
+    fn encode(&self) -> Zeroizing<String> {
+        let (r, s) = (self.record.to_hex(), self.signing.to_hex());
+        let mut out = Zeroizing::new(String::with_capacity(EPOCH_KEY_TAG.len() + 150));
+        out.push_str(EPOCH_KEY_TAG);
+        out.push(' ');
+        out.push_str(&self.epoch.to_string());
+        out.push(' ');
+        out.push_str(&r);
+        out.push(' ');
+        out.push_str(&s);
+        out.push('\n');
         out
     }
 
-    /// The next epoch's key; this one should then be forgotten.
-    pub fn next(&self) -> EpochKey {
-        EpochKey {
-            epoch: self.epoch + 1,
-            key: self.expand(b"securerun audit v1 epoch ratchet"),
-        }
-    }
-
-    /// The key that seals this epoch's records (XChaCha20-Poly1305).
-    pub fn record_key(&self) -> [u8; 32] {
-        self.expand(b"securerun audit v1 record key")
-    }
-
-    /// The key that signs this epoch's checkpoints (ECDSA P-256), derived so that it evolves
-    /// and is erased with the epoch key.
-    pub fn checkpoint_key(&self) -> crate::signing::PrivateKey {
-        // A 32-byte string is a valid P-256 scalar unless it is zero or >= the group order
-        // (probability ~2^-32); the counter picks the next candidate in that case.
-        for counter in 0u8..=255 {
-            let mut label = b"securerun audit v1 checkpoint key ".to_vec();
-            label.push(counter);
-            let mut bytes = self.expand(&label);
-            let key = p256::ecdsa::SigningKey::from_slice(&bytes);
-            bytes.zeroize();
-            if let Ok(k) = key {
-                return crate::signing::PrivateKey::P256(k);
-            }
-        }
-        unreachable!("256 consecutive invalid P-256 scalars from HKDF")
-    }
-
-    /// Derives epoch `target` from this (earlier or equal) epoch.
-    pub fn advance_to(&self, target: u32) -> Option<EpochKey> {
-        if target < self.epoch {
-            return None;
-        }
-        let mut k = self.clone();
-        while k.epoch < target {
-            k = k.next();
-        }
-        Some(k)
-    }
-
-    fn encode(&self) -> String {
-        format!(
-            "securerun-audit-key v1 {} {}\n",
-            self.epoch,
-            hex::encode(self.key)
-        )
-    }
-
-    fn decode(text: &str) -> Option<EpochKey> {
-        let mut parts = text.split_whitespace();
-        if (parts.next(), parts.next()) != (Some("securerun-audit-key"), Some("v1")) {
-            return None;
-        }
+    fn decode(text: &str) -> Option<EpochSecrets> {
+        let rest = text.strip_prefix(EPOCH_KEY_TAG)?;
+        let mut parts = rest.split_whitespace();
         let epoch = parts.next()?.parse().ok()?;
-        let bytes = hex::decode(parts.next()?).ok()?;
-        Some(EpochKey {
+        let record = Secret::from_hex(parts.next()?)?;
+        let signing = Secret::from_hex(parts.next()?)?;
+        if parts.next().is_some() || p256::ecdsa::SigningKey::from_slice(signing.expose()).is_err()
+        {
+            return None;
+        }
+        Some(EpochSecrets {
             epoch,
-            key: bytes.try_into().ok()?,
+            record,
+            signing,
         })
     }
 
-    pub fn load(path: &Path) -> Result<EpochKey, AuditError> {
-        let bytes = securerun_models::fsutil::read_bounded(path, 4096)
-            .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))?;
-        EpochKey::decode(&String::from_utf8_lossy(&bytes))
-            .ok_or_else(|| AuditError::Key(format!("{}: not an audit key", path.display())))
+    /// Reads an epoch key file (O_NOFOLLOW, regular, bounded; the buffer is zeroed after).
+    pub fn load(path: &Path) -> Result<EpochSecrets, AuditError> {
+        let bytes = Zeroizing::new(
+            securerun_models::fsutil::read_bounded(path, 4096)
+                .map_err(|e| AuditError::Key(format!("{}: {e}", path.display())))?,
+        );
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(EpochSecrets::decode)
+            .ok_or_else(|| AuditError::Key(format!("{}: not an audit epoch key", path.display())))
     }
 
-    /// Writes the key (0600) by write-to-temporary + rename, so the file is never half a key.
+    /// Writes the secrets to a new file (0600) by write-aside + rename.
     pub fn store(&self, path: &Path) -> Result<(), AuditError> {
         write_secret(path, self.encode().as_bytes())
     }
 }
 
+/// A P-256 scalar drawn in place: 32 random bytes, redrawn in the (≈2⁻³²) case they are zero
+/// or not below the group order.
+fn random_p256_scalar() -> Secret {
+    loop {
+        let s = Secret::random();
+        if p256::ecdsa::SigningKey::from_slice(s.expose()).is_ok() {
+            return s;
+        }
+    }
+}
+
+pub fn record_commitment(record_key: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"securerun-audit v2 record key commitment\n");
+    h.update(record_key);
+    hex::encode(h.finalize())
+}
+
+/// Writes `bytes` to `path` (0600) through a new file renamed into place, so the file is never
+/// half written. The file must not exist as anything but a regular file we may replace.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
@@ -138,34 +160,116 @@ pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path);
     Ok(())
 }
 
-/// The pseudonymization key (created on first use).
-pub fn pseudonym_key(dir: &Path) -> Result<[u8; 32], AuditError> {
-    let path = dir.join(PSEUDONYM_KEY);
-    if let Ok(bytes) = securerun_models::fsutil::read_bounded(&path, 4096) {
-        let key = hex::decode(String::from_utf8_lossy(&bytes).trim())
-            .ok()
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .ok_or_else(|| AuditError::Key(format!("{}: not a key", path.display())))?;
-        return Ok(key);
+/// Overwrites a key file's bytes with zeros in place and syncs them, so the old key is gone
+/// from the disk blocks the file used, not only from its name. A missing file is fine.
+pub fn erase_file(path: &Path) -> Result<(), AuditError> {
+    use std::os::unix::fs::FileExt;
+    let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
+    let f = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let meta = f.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(AuditError::Io(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
     }
-    let mut key = [0u8; 32];
-    OsRng.fill_bytes(&mut key);
-    write_secret(&path, hex::encode(key).as_bytes())?;
+    let zeros = vec![0u8; meta.len().min(1 << 20) as usize];
+    f.write_all_at(&zeros, 0)
+        .and_then(|_| f.sync_all())
+        .map_err(io)
+}
+
+/// Makes a rename or a new directory entry in `path`'s directory durable.
+pub fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// The pseudonymization key (created on first use, 0600, its own file).
+pub fn pseudonym_key(dir: &Path) -> Result<Secret, AuditError> {
+    let path = dir.join(PSEUDONYM_KEY);
+    match securerun_models::fsutil::read_bounded(&path, 4096) {
+        Ok(bytes) => {
+            let bytes = Zeroizing::new(bytes);
+            return std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| Secret::from_hex(t.trim()))
+                .ok_or_else(|| AuditError::Key(format!("{}: not a key", path.display())));
+        }
+        Err(securerun_models::fsutil::OpenError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AuditError::Key(e.to_string())),
+    }
+    let key = Secret::random();
+    write_secret(&path, key.to_hex().as_bytes())?;
     Ok(key)
 }
 
 /// HMAC-SHA256 of `value` under `key`, hex (first 16 bytes): a pseudonym.
-pub fn pseudonym(key: &[u8; 32], value: &str) -> String {
+pub fn pseudonym(key: &Secret, value: &str) -> String {
     use hmac::{Mac, SimpleHmac};
-    let mut mac = <SimpleHmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+    let mut mac =
+        <SimpleHmac<Sha256> as Mac>::new_from_slice(key.expose()).expect("any key length");
     mac.update(value.as_bytes());
     hex::encode(&mac.finalize().into_bytes()[..16])
+}
+
+/// 32 random bytes (nonces, names).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    OsRng.fill_bytes(&mut b);
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_secrets_round_trip_and_are_independent() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = EpochSecrets::generate(4);
+        let b = EpochSecrets::generate(5);
+        assert_ne!(a.record_key(), b.record_key());
+        a.store(&dir.path().join("k")).unwrap();
+        let back = EpochSecrets::load(&dir.path().join("k")).unwrap();
+        assert_eq!(back.epoch, 4);
+        assert_eq!(back.record_key(), a.record_key());
+        let sig = a.sign(b"m");
+        assert!(back.public_key().verify(b"m", &sig));
+        assert!(!b.public_key().verify(b"m", &sig));
+    }
+
+    #[test]
+    fn erasing_overwrites_the_bytes_in_place() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        EpochSecrets::generate(1).store(&path).unwrap();
+        let ino = std::fs::metadata(&path).unwrap().ino();
+        erase_file(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino);
+        assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
+    }
 }

@@ -1,22 +1,31 @@
 //! The local, encrypted, tamper-evident audit log.
 //!
 //! Every user request (refused ones included) and every operator action becomes one record:
-//! serialized to JSON, sealed with XChaCha20-Poly1305 under the current epoch's key, bound into
-//! a hash chain ([`segment`]), and written to an append-only segment file. A request is answered
-//! only after its record is durable (group commit: one `fdatasync` per batch); if the log
-//! cannot be written, the server refuses work (fail closed). Keys evolve forward per epoch
-//! ([`keys`]); [`verify`] checks everything with the epoch-0 key kept off the host.
+//! serialized to JSON, sealed with XChaCha20-Poly1305 under the current epoch's record key,
+//! bound into a hash chain ([`segment`]), and written to an append-only segment file. A request
+//! is answered only after its record is durable (group commit: one `fdatasync` per batch); if
+//! the log cannot be written, the server refuses work (fail closed) until it can, and the next
+//! record says what happened ([`writer`]).
+//!
+//! Integrity and confidentiality are separate. Each epoch has two fresh random secrets
+//! ([`keys`]): a record key, delivered to the auditor encrypted to the auditor's public key
+//! ([`recipient`]), and a checkpoint signing key, whose public half the previous epoch's final
+//! checkpoint names ([`checkpoint`]). An auditor verifies with `audit.pub` alone and reads with
+//! the read key; the read key signs nothing. The newest signed heads also go off the host
+//! ([`sink`]) so that cutting the end of the log is detected ([`verify`]).
 
 pub mod checkpoint;
 pub mod keys;
+pub mod recipient;
 pub mod retention;
+pub mod secret;
 pub mod segment;
+pub mod sink;
 pub mod spool;
+pub mod v1;
 pub mod verify;
+mod writer;
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -25,7 +34,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-pub use keys::EpochKey;
+pub use recipient::{ReadKey, Recipient};
+pub use sink::SinkSpec;
 
 /// One audited event. Never holds a token secret or, unless `content` is enabled, any prompt
 /// or completion text.
@@ -69,6 +79,13 @@ pub struct AuditRecord {
     /// than recorded one by one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Taken from the spool: a CLI command did this while a server held the log, and the
+    /// server recorded it later (its time is bounded by the spool file's age).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spooled: Option<bool>,
+    /// `audit_shredded`: the first epoch kept (every earlier one was shredded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
 }
 
 impl AuditRecord {
@@ -102,6 +119,9 @@ pub enum AuditError {
     Unavailable(String),
     #[error("{0}: another securerun process is writing this audit log")]
     Busy(String),
+    /// The files on disk are not what this host's writer left: it will not attest over them.
+    #[error("the audit log cannot be continued: {0}; run securerun audit verify")]
+    Untrusted(String),
 }
 
 /// How records reach the disk.
@@ -120,11 +140,17 @@ const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_ROTATE_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How the writer behaves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WriterOptions {
     pub durability: Durability,
     /// Start a new epoch once the current one is this old (and on every start, and at 64 MiB).
     pub rotate_after: std::time::Duration,
+    /// Where each signed checkpoint is also sent.
+    pub sinks: Vec<SinkSpec>,
+    /// For a log created now: the auditor's public key. Without one (and without a
+    /// `recipient.pub` already in the directory) a read key is generated on the host, and
+    /// `serve` warns at every start until it is moved off.
+    pub recipient: Option<Recipient>,
 }
 
 impl Default for WriterOptions {
@@ -132,23 +158,10 @@ impl Default for WriterOptions {
         WriterOptions {
             durability: Durability::Fsync,
             rotate_after: DEFAULT_ROTATE_AFTER,
+            sinks: Vec::new(),
+            recipient: None,
         }
     }
-}
-/// How far the newest segment may be ahead of the host's key (empty segments left by crashes
-/// between creating a segment and storing its key).
-const MAX_EPOCHS_AHEAD: u32 = 1000;
-/// Records per group commit at most.
-const BATCH: usize = 512;
-
-/// What the writer thread is asked to do.
-enum Pending {
-    Record {
-        record: Box<AuditRecord>,
-        done: std_mpsc::SyncSender<Result<(), AuditError>>,
-    },
-    /// Sign a checkpoint now (if anything is unattested), e.g. before the process exits.
-    Checkpoint(std_mpsc::SyncSender<Result<(), AuditError>>),
 }
 
 /// Where the log and its keys live.
@@ -156,57 +169,51 @@ pub fn audit_dir(state: &Path) -> PathBuf {
     state.join("audit")
 }
 
-/// Creates the audit directory and the epoch-0 key if absent; returns whether it was created
-/// now (the caller tells the operator to move `read.key` off the host).
-pub fn init(dir: &Path) -> Result<bool, AuditError> {
-    crate::trust::create_private_dir(dir)
-        .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
-    let current = dir.join(keys::CURRENT_KEY);
-    if current.exists() {
-        return Ok(false);
-    }
-    let k0 = EpochKey::random();
-    k0.store(&dir.join(keys::READ_KEY))?;
-    checkpoint::write_root(dir, &k0)?;
-    k0.store(&current)?;
-    keys::pseudonym_key(dir)?;
-    Ok(true)
+/// How [`init`] found the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// A log was already there.
+    Existing,
+    /// Created now, with the read key on this host (to be moved off).
+    WithHostReadKey,
+    /// Created now for an auditor's recipient key: no read key on this host.
+    ForRecipient,
+}
+
+/// Creates the audit log if the directory holds none: see [`writer::init`].
+pub fn init(dir: &Path, recipient: Option<Recipient>) -> Result<Created, AuditError> {
+    writer::init(dir, recipient)
+}
+
+/// Audit fault and sink counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Times the log became unwritable (each fault once, however long it lasted).
+    pub faults: AtomicU64,
+    /// Records that could not be written (their requests were refused).
+    pub records_refused: AtomicU64,
+    /// Datagram checkpoint sends that failed.
+    pub sink_errors: Arc<AtomicU64>,
+    /// Live files found deleted or replaced (and restored from the open descriptor).
+    pub files_restored: AtomicU64,
 }
 
 /// The writer: a thread that seals, appends and syncs records in batches.
 #[derive(Clone)]
 pub struct AuditLog {
-    /// Held for the writer's lifetime: one writer per audit directory.
-    _lock: Arc<File>,
-    tx: std_mpsc::Sender<Pending>,
+    tx: std_mpsc::Sender<writer::Pending>,
     healthy: Arc<AtomicBool>,
     last_error: Arc<Mutex<Option<String>>>,
-    pseudonym_key: [u8; 32],
+    pseudonym_key: Arc<secret::Secret>,
     dir: PathBuf,
+    pub counters: Arc<Counters>,
     /// Total microseconds spent waiting for durable writes, and count (for /metrics).
     pub write_us: Arc<AtomicU64>,
     pub writes: Arc<AtomicU64>,
 }
 
-struct Writer {
-    dir: PathBuf,
-    key: EpochKey,
-    file: File,
-    len: u64,
-    seq: u64,
-    head: [u8; 32],
-    options: WriterOptions,
-    /// When the current epoch began.
-    epoch_started: Instant,
-    /// Records written since the last checkpoint, and when that was.
-    since_checkpoint: u64,
-    last_checkpoint: Instant,
-}
-
 impl AuditLog {
-    /// Opens the log for appending: starts a new epoch (ratcheting the key, erasing the old
-    /// one) in a new segment, after the chain found on disk. A torn tail in the previous
-    /// segment is reported in the first record of the new one.
+    /// Opens the log for appending (see [`Self::open_with`]).
     pub fn open(dir: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
         Self::open_with(
             dir,
@@ -217,105 +224,55 @@ impl AuditLog {
         )
     }
 
-    /// [`Self::open`] with every writer option. Events that CLI commands spooled while this
-    /// directory's writer was busy are recorded first.
+    /// Opens the log for appending: creates it if the directory holds none, authenticates the
+    /// newest epoch with the key this host holds (refusing to go on over anything it cannot
+    /// authenticate), closes that epoch with a signed final checkpoint and begins a new one.
+    /// Events that CLI commands spooled while this directory's writer was busy are recorded
+    /// first.
     pub fn open_with(dir: &Path, options: WriterOptions) -> Result<AuditLog, AuditError> {
-        init(dir)?;
+        init(dir, options.recipient)?;
         let lock_path = dir.join("writer.lock");
         let lock = crate::trust::open_lock_file(&lock_path)
             .map_err(|e| AuditError::Io(format!("{}: {e}", lock_path.display())))?;
-        lock.try_lock()
-            .map_err(|_| AuditError::Busy(dir.display().to_string()))?;
-        let old = EpochKey::load(&dir.join(keys::CURRENT_KEY))?;
-        let segments = segment::list_segments(dir).map_err(|e| AuditError::Io(e.to_string()))?;
-        let torn_checkpoint = checkpoint::cut_torn_tail(dir)?;
-        // The chain resumes from the oldest segment kept (after retention, from its handover).
-        let first_epoch = segments.first().map_or(1, |(e, _)| *e);
-        let (mut seq, mut head) = checkpoint::start_of(&[], first_epoch)
-            .or_else(|| {
-                let list = checkpoint::read(dir).ok()?.list;
-                checkpoint::start_of(&list, first_epoch)
-            })
-            .ok_or_else(|| {
-                AuditError::Io(format!(
-                    "{}: no checkpoint says where epoch {first_epoch} began; run securerun audit verify",
-                    dir.display()
-                ))
-            })?;
-        let mut torn = None;
-        for (epoch, path) in &segments {
-            let contents = segment::read(path)
-                .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
-            for f in &contents.frames {
-                head = segment::chain(&head, &f.body);
-                seq = f.seq;
-            }
-            if let Some(at) = contents.torn_at {
-                torn = Some(format!("segment {epoch} ends in an incomplete record at byte {at} (after record {seq})"));
-            }
-        }
-        let last_epoch = segments.last().map_or(0, |(e, _)| *e);
-        // A segment far ahead of the host's key was not made by this writer (a crash leaves at
-        // most one empty segment per start): refuse it rather than ratchet up to its number.
-        if last_epoch > old.epoch.saturating_add(MAX_EPOCHS_AHEAD) {
+        if !lock
+            .metadata()
+            .map_err(|e| AuditError::Io(e.to_string()))?
+            .is_file()
+        {
             return Err(AuditError::Io(format!(
-                "{}: segment epoch {last_epoch} is far ahead of the key's epoch {}; run securerun audit verify",
-                dir.display(),
-                old.epoch
+                "{}: not a regular file",
+                lock_path.display()
             )));
         }
-        let key = old
-            .epoch
-            .max(last_epoch)
-            .checked_add(1)
-            .and_then(|e| old.advance_to(e))
-            .ok_or_else(|| AuditError::Key("epoch counter exhausted".into()))?;
-        let file = begin_epoch(dir, &old, &key, seq, &head)?;
-        drop(old);
-        let now = Instant::now();
-        let mut writer = Writer {
-            dir: dir.to_path_buf(),
-            key,
-            file,
-            len: 0,
-            seq,
-            head,
-            options,
-            epoch_started: now,
-            since_checkpoint: 0,
-            last_checkpoint: now,
-        };
-        let mut first = AuditRecord::event("audit_epoch_start")
-            .with_detail(format!("epoch {}, after record {seq}", writer.key.epoch));
-        if let Some(t) = torn {
-            first.outcome = Some("torn_tail_found".into());
-            first.detail = Some(t);
-        }
-        if let Some(t) = torn_checkpoint {
-            let detail = first.detail.take().unwrap_or_default();
-            first.detail = Some(format!("{detail}; {t}"));
-        }
-        let mut startup = vec![first];
+        lock.try_lock()
+            .map_err(|_| AuditError::Busy(dir.display().to_string()))?;
+        let sinks = sink::Sinks::new(options.sinks.clone());
+        let counters = Arc::new(Counters {
+            sink_errors: sinks.errors.clone(),
+            ..Default::default()
+        });
+        let mut w = writer::Writer::open(dir, options, sinks, counters.clone(), lock)?;
         let spooled = spool::take(dir)?;
+        let mut startup = vec![w.epoch_start_record()];
         startup.extend(spooled.records.iter().cloned());
-        writer.append(&startup)?;
+        w.append(&startup)?;
         spool::remove(&spooled);
-        let pseudonym_key = keys::pseudonym_key(dir)?;
-        let (tx, rx) = std_mpsc::channel::<Pending>();
+        let pseudonym_key = Arc::new(keys::pseudonym_key(dir)?);
+        let (tx, rx) = std_mpsc::channel::<writer::Pending>();
         let healthy = Arc::new(AtomicBool::new(true));
         let last_error = Arc::new(Mutex::new(None));
         let (h, le) = (healthy.clone(), last_error.clone());
         std::thread::Builder::new()
             .name("securerun-audit".into())
-            .spawn(move || writer.run(rx, h, le))
+            .spawn(move || w.run(rx, h, le))
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(AuditLog {
-            _lock: Arc::new(lock),
             tx,
             healthy,
             last_error,
             pseudonym_key,
             dir: dir.to_path_buf(),
+            counters,
             write_us: Arc::default(),
             writes: Arc::default(),
         })
@@ -326,7 +283,7 @@ impl AuditLog {
         let started = Instant::now();
         let (done, wait) = std_mpsc::sync_channel(1);
         self.tx
-            .send(Pending::Record {
+            .send(writer::Pending::Record {
                 record: Box::new(record),
                 done,
             })
@@ -347,7 +304,7 @@ impl AuditLog {
         let (done, _ignored) = std_mpsc::sync_channel(1);
         if self
             .tx
-            .send(Pending::Record {
+            .send(writer::Pending::Record {
                 record: Box::new(record),
                 done,
             })
@@ -369,7 +326,7 @@ impl AuditLog {
     pub fn checkpoint_now(&self) -> Result<(), AuditError> {
         let (done, wait) = std_mpsc::sync_channel(1);
         self.tx
-            .send(Pending::Checkpoint(done))
+            .send(writer::Pending::Checkpoint(done))
             .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
         wait.recv()
             .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
@@ -391,7 +348,7 @@ impl AuditLog {
         Ok(spooled.records.len())
     }
 
-    /// Whether the last write succeeded.
+    /// Whether the log is writable (the last write, checkpoint and file check succeeded).
     pub fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -403,174 +360,4 @@ impl AuditLog {
     pub fn pseudonym(&self, value: &str) -> String {
         keys::pseudonym(&self.pseudonym_key, value)
     }
-}
-
-impl Writer {
-    fn run(
-        mut self,
-        rx: std_mpsc::Receiver<Pending>,
-        healthy: Arc<AtomicBool>,
-        last_error: Arc<Mutex<Option<String>>>,
-    ) {
-        loop {
-            let first = match rx.recv_timeout(checkpoint::EVERY) {
-                Ok(Pending::Checkpoint(done)) => {
-                    let r = if self.since_checkpoint > 0 {
-                        self.checkpoint()
-                    } else {
-                        Ok(())
-                    };
-                    let _ = done.send(r);
-                    continue;
-                }
-                Ok(Pending::Record { record, done }) => (*record, done),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    self.checkpoint_if_due(&last_error);
-                    continue;
-                }
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let (mut records, mut waiting) = (vec![first.0], vec![first.1]);
-            // A checkpoint request met while batching runs after the batch.
-            let mut checkpoint_wanted = None;
-            while records.len() < BATCH && checkpoint_wanted.is_none() {
-                match rx.try_recv() {
-                    Ok(Pending::Record { record, done }) => {
-                        records.push(*record);
-                        waiting.push(done);
-                    }
-                    Ok(Pending::Checkpoint(done)) => checkpoint_wanted = Some(done),
-                    Err(_) => break,
-                }
-            }
-            let result = self.append(&records);
-            healthy.store(result.is_ok(), Ordering::Relaxed);
-            if let Ok(mut e) = last_error.lock() {
-                *e = result.as_ref().err().map(|e| e.to_string());
-            }
-            if let Err(e) = &result {
-                tracing::error!(error = %e, "audit write failed; requests are refused until it succeeds");
-            }
-            for done in waiting {
-                let _ = done.send(
-                    result
-                        .clone()
-                        .map_err(|e| AuditError::Unavailable(e.to_string())),
-                );
-            }
-            if let Some(done) = checkpoint_wanted {
-                let _ = done.send(result.clone().and_then(|_| self.checkpoint()));
-            } else if result.is_ok() {
-                self.checkpoint_if_due(&last_error);
-            }
-        }
-        // All senders gone: the server is shutting down; the last batch is already synced.
-        // A final checkpoint attests how far the log went.
-        if self.since_checkpoint > 0 {
-            if let Err(e) = self.checkpoint() {
-                tracing::error!(error = %e, "final audit checkpoint failed");
-            }
-        }
-    }
-
-    /// Signs a checkpoint if enough records or time have passed since the last one. A failed
-    /// checkpoint is reported and retried later; the records themselves are already durable.
-    fn checkpoint_if_due(&mut self, last_error: &Mutex<Option<String>>) {
-        let due = self.since_checkpoint >= checkpoint::EVERY_RECORDS
-            || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= checkpoint::EVERY);
-        if !due {
-            return;
-        }
-        if let Err(e) = self.checkpoint() {
-            tracing::error!(error = %e, "audit checkpoint failed; retrying after the next write");
-            if let Ok(mut le) = last_error.lock() {
-                *le = Some(e.to_string());
-            }
-        }
-    }
-
-    fn checkpoint(&mut self) -> Result<(), AuditError> {
-        let c = checkpoint::Checkpoint::sign(&self.key, self.seq, &self.head, None)?;
-        checkpoint::append(&self.dir, &c, true)?;
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        Ok(())
-    }
-
-    /// Seals and writes `records`, then syncs. On failure the file is cut back to its last good
-    /// length, so a failed batch leaves no partial frame behind.
-    fn append(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
-        if self.len > ROTATE_BYTES || self.epoch_started.elapsed() >= self.options.rotate_after {
-            self.rotate()?;
-        }
-        let record_key = self.key.record_key();
-        let (mut seq, mut head) = (self.seq, self.head);
-        let mut bytes = Vec::new();
-        for r in records {
-            seq += 1;
-            let json = serde_json::to_vec(r).map_err(|e| AuditError::Io(e.to_string()))?;
-            let (frame, next) = segment::seal(&record_key, seq, self.key.epoch, &head, &json);
-            bytes.extend_from_slice(&frame);
-            head = next;
-        }
-        let written = self
-            .file
-            .write_all(&bytes)
-            .and_then(|_| match self.options.durability {
-                Durability::Fsync => self.file.sync_data(),
-                Durability::Buffered => Ok(()),
-            });
-        if let Err(e) = written {
-            let _ = self.file.set_len(self.len);
-            return Err(AuditError::Io(e.to_string()));
-        }
-        self.len += bytes.len() as u64;
-        self.seq = seq;
-        self.head = head;
-        self.since_checkpoint += records.len() as u64;
-        Ok(())
-    }
-
-    /// Ends the current epoch: the next epoch's segment, handover checkpoint and key; the
-    /// current key is then forgotten. The new epoch's first record says why it began.
-    fn rotate(&mut self) -> Result<(), AuditError> {
-        let next = self.key.next();
-        let file = begin_epoch(&self.dir, &self.key, &next, self.seq, &self.head)?;
-        self.key = next;
-        self.file = file;
-        self.len = 0;
-        self.epoch_started = Instant::now();
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        let first = AuditRecord::event("audit_epoch_start").with_detail(format!(
-            "epoch {}, after record {} (rotation)",
-            self.key.epoch, self.seq
-        ));
-        self.append(std::slice::from_ref(&first))
-    }
-}
-
-/// Starts epoch `next` after `(seq, head)`: appends the handover checkpoint signed by `old`
-/// (naming `next`'s checkpoint key), creates the new segment, then replaces the host's key.
-/// Each step is durable before the next, so a crash leaves the old key with at most a handover
-/// and an empty segment, which the next start skips past (every segment keeps its handover).
-fn begin_epoch(
-    dir: &Path,
-    old: &EpochKey,
-    next: &EpochKey,
-    seq: u64,
-    head: &[u8; 32],
-) -> Result<File, AuditError> {
-    let handover = checkpoint::Checkpoint::sign(old, seq, head, Some(next))?;
-    checkpoint::append(dir, &handover, true)?;
-    let path = dir.join(segment::segment_name(next.epoch));
-    let file = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| AuditError::Io(format!("{}: {e}", path.display())))?;
-    // Only now forget the old key: the new segment and the handover exist for the new one.
-    next.store(&dir.join(keys::CURRENT_KEY))?;
-    Ok(file)
 }

@@ -1,91 +1,100 @@
-//! Retention by crypto-shredding.
+//! Retention: removing whole old epochs.
 //!
-//! Every epoch's key derives from the one before it and never the other way, so replacing the
-//! read key `K(r)` by `K(N)` makes epochs r..N-1 unreadable for good — on this host, in every
-//! backup, anywhere their ciphertext was copied — once every copy of the old read key is gone.
-//! Their segment files are then deleted here too. The checkpoints stay (they hold counts and
-//! hashes, no personal data), so the retained log still verifies from where it now starts.
+//! Each epoch's records are readable only through its record key, which exists only in its
+//! wrap file (`key-E.wrap`, encrypted to the auditor). Retention overwrites and deletes the
+//! wrap files and segments of the epochs before a point. Copies made earlier (backups, the
+//! auditor's own copy) stay readable with the read key they were wrapped to: for shredding to
+//! reach them, the auditor rotates to a new read key (`audit keygen` + `audit recipient`) and
+//! destroys the old one once the epochs wrapped to it are gone.
+//!
+//! Retention acts only on a log that verifies completely against the root key: it uses signed
+//! checkpoints only (an epoch's age is its signed final checkpoint's time), refuses on any line
+//! or file that does not verify, and never touches the open epoch. The checkpoint files stay
+//! (they hold counts and hashes, no personal data), so the rest verifies from where it starts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::checkpoint;
-use super::keys::EpochKey;
+use super::recipient;
 use super::segment;
 use super::verify;
+use crate::signing::PublicKey;
 
 /// What shredding up to an epoch does (or would do).
 #[derive(Debug)]
 pub struct Plan {
-    /// Epochs before this one are shredded; the new read key is this epoch's.
+    /// Epochs before this one are shredded.
     pub before_epoch: u32,
-    /// Segment files removed, and the records in them.
-    pub segments: Vec<(u32, std::path::PathBuf)>,
+    /// Files removed (segments and wraps), and the records in the segments.
+    pub files: Vec<PathBuf>,
+    pub epochs: (u32, u32),
     pub records: u64,
 }
 
-/// Picks the first epoch to keep: every epoch that ended before `cutoff_ms` is shredded. An
-/// epoch ends where the handover to the next begins; the newest epoch is always kept.
-pub fn epoch_for_age(dir: &Path, cutoff_ms: u64) -> Result<u32, String> {
-    let cps = checkpoint::read(dir)?;
-    let newest = segment::list_segments(dir)
-        .map_err(|e| e.to_string())?
-        .last()
-        .map_or(1, |(e, _)| *e);
-    Ok(cps
-        .list
+/// The first epoch to keep so that every epoch whose signed final checkpoint is older than
+/// `cutoff_ms` goes; the open epoch is always kept.
+pub fn epoch_for_age(dir: &Path, root: &PublicKey, cutoff_ms: u64) -> Result<u32, String> {
+    let epochs = checkpoint::walk(dir, root, |_| {}).map_err(|e| e.to_string())?;
+    Ok(epochs
         .iter()
+        .filter_map(|e| e.final_checkpoint())
         .filter(|c| c.time_ms < cutoff_ms)
         .filter_map(|c| c.next_epoch)
-        .filter(|e| *e <= newest)
         .max()
         .unwrap_or(1))
 }
 
-/// Checks that the log verifies with `key` and that shredding before `before_epoch` is
-/// possible; returns what would go. An invalid log is never shredded: that would destroy
-/// the evidence.
-pub fn plan(dir: &Path, key: &EpochKey, before_epoch: u32) -> Result<Plan, String> {
-    let v = verify::verify(dir, key).map_err(|e| format!("not shredding: {e}"))?;
-    let segments = segment::list_segments(dir).map_err(|e| e.to_string())?;
-    let newest = segments.last().map_or(0, |(e, _)| *e);
-    if before_epoch <= key.epoch.max(1) {
+/// Verifies the whole log (integrity, with the root key) and says what shredding before
+/// `before_epoch` would remove. An invalid log is never shredded: that would destroy evidence.
+pub fn plan(dir: &Path, root: &PublicKey, before_epoch: u32) -> Result<Plan, String> {
+    let material = verify::Material {
+        root,
+        read: None,
+        anchors: &[],
+    };
+    let v = verify::verify(dir, &material, |_, _| {}).map_err(|e| format!("not shredding: {e}"))?;
+    if before_epoch <= v.first_epoch {
         return Err(format!(
-            "nothing to shred: the read key already starts at epoch {}",
-            key.epoch.max(1)
+            "nothing to shred: the log already starts at epoch {}",
+            v.first_epoch
         ));
     }
-    if before_epoch > newest {
+    if before_epoch > v.open_epoch {
         return Err(format!(
-            "epoch {before_epoch} does not exist (the newest is {newest}); the current epoch is never shredded"
+            "epoch {before_epoch} does not exist yet (the newest is {}); the open epoch is never shredded",
+            v.open_epoch
         ));
     }
-    // The log as it will be must verify from its new start, or nothing is done.
-    let new_key = key.advance_to(before_epoch).ok_or("epoch order")?;
-    let kept = verify::verify(dir, &new_key)
-        .map_err(|e| format!("not shredding: the retained log would not verify: {e}"))?;
+    let epochs = checkpoint::walk(dir, root, |_| {}).map_err(|e| e.to_string())?;
+    let kept_from = epochs
+        .iter()
+        .find(|e| e.epoch == before_epoch)
+        .map(|e| e.start.0)
+        .ok_or("epoch order")?;
+    let mut files = Vec::new();
+    for e in v.first_epoch..before_epoch {
+        for name in [segment::segment_name(e), recipient::wrap_name(e)] {
+            let path = dir.join(name);
+            if securerun_models::fsutil::exists_no_follow(&path) {
+                files.push(path);
+            }
+        }
+    }
     Ok(Plan {
         before_epoch,
-        segments: segments
-            .into_iter()
-            .filter(|(e, _)| *e < before_epoch)
-            .collect(),
-        records: v.count.saturating_sub(kept.count),
+        files,
+        epochs: (v.first_epoch, before_epoch - 1),
+        records: kept_from.saturating_sub(v.first_seq),
     })
 }
 
-/// Carries out `plan`: writes the new read key to `key_path` (replacing the old one, which is
-/// the actual shredding), then deletes the shredded segments.
-pub fn execute(dir: &Path, key: &EpochKey, key_path: &Path, plan: &Plan) -> Result<(), String> {
-    let new_key = key
-        .advance_to(plan.before_epoch)
-        .ok_or("the read key is newer than the retention point")?;
-    new_key.store(key_path).map_err(|e| e.to_string())?;
-    for (_, path) in &plan.segments {
+/// Carries out `plan` (after its `audit_shredded` record is durable): wrap files are
+/// overwritten in place before they are removed, then the segments go.
+pub fn execute(dir: &Path, plan: &Plan) -> Result<(), String> {
+    for path in &plan.files {
+        super::keys::erase_file(path).map_err(|e| e.to_string())?;
         std::fs::remove_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    // The directory entry removals must reach the disk with the key replacement.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+    super::keys::sync_dir(&dir.join("."));
     Ok(())
 }

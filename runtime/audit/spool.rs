@@ -2,9 +2,10 @@
 //!
 //! Only one process writes the log (it holds `writer.lock`). A command run while no server is
 //! writing appends its record itself; while a server runs, the command leaves the record in
-//! `audit/spool/` (one small file each, 0600, no secrets) and the server records it within a
-//! second, keeping the time the action happened. A server that starts records whatever an
-//! earlier one left behind, so a spooled action is never lost.
+//! `audit/spool/` (one small file each, 0600, no secrets, synced) and the server records it
+//! within a second, marked as spooled, with the time the action happened (bounded by the
+//! file's age). A server that starts records whatever an earlier one left behind, so a spooled
+//! action is never lost. Either way the record is durable before the command acts.
 
 use std::path::{Path, PathBuf};
 
@@ -37,15 +38,32 @@ pub fn put(dir: &Path, record: &AuditRecord) -> Result<(), AuditError> {
     super::keys::write_secret(&spool.join(name), &json)
 }
 
-/// Reads every complete spool file. One that does not parse is recorded as such (its name
-/// and the parse error, never its bytes), so a planted file cannot vanish unnoticed.
+/// Reads the spool. The spool directory must be a real directory (not a link) owned by the
+/// state directory's owner and writable by nobody else; each file must be a regular file with
+/// one link, owned by that owner. A file that fails these checks, or does not parse, is
+/// recorded as `spool_invalid` (its name and the reason, never its bytes) so a planted file
+/// cannot vanish unnoticed. Each record is marked as spooled, and its time is bounded by the
+/// file's change time (which its writer cannot set): a record cannot claim to be older than
+/// its file, nor newer than now.
 pub fn take(dir: &Path) -> Result<Spooled, AuditError> {
+    use std::os::unix::fs::MetadataExt;
     let spool = dir.join(SPOOL);
-    let entries = match std::fs::read_dir(&spool) {
-        Ok(e) => e,
+    let owner = std::fs::symlink_metadata(dir)
+        .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?
+        .uid();
+    let meta = match std::fs::symlink_metadata(&spool) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Spooled::default()),
         Err(e) => return Err(AuditError::Io(format!("{}: {e}", spool.display()))),
     };
+    if !meta.is_dir() || meta.uid() != owner || meta.mode() & 0o022 != 0 {
+        return Err(AuditError::Untrusted(format!(
+            "{}: the spool must be a directory owned by the state directory's owner and writable by nobody else",
+            spool.display()
+        )));
+    }
+    let entries = std::fs::read_dir(&spool)
+        .map_err(|e| AuditError::Io(format!("{}: {e}", spool.display())))?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -54,17 +72,57 @@ pub fn take(dir: &Path) -> Result<Spooled, AuditError> {
     names.sort();
     names.truncate(MAX_FILES);
     let mut out = Spooled::default();
+    let now = super::now_ms();
     for name in names {
         let path = spool.join(&name);
-        let record = securerun_models::fsutil::read_bounded(&path, MAX_FILE)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<AuditRecord>(&b).map_err(|e| e.to_string()));
+        let record = read_spooled(&path, owner).map(|(mut r, changed_ms)| {
+            let bounded = r.time_ms.clamp(changed_ms.saturating_sub(CLOCK_SLACK_MS), now);
+            if bounded != r.time_ms {
+                r.detail = Some(format!(
+                    "{} (its stated time, unix ms {}, was outside the spool file's age and was bounded)",
+                    r.detail.take().unwrap_or_default(),
+                    r.time_ms
+                ));
+                r.time_ms = bounded;
+            }
+            r.spooled = Some(true);
+            r
+        });
         out.records.push(record.unwrap_or_else(|e| {
-            AuditRecord::event("spool_invalid").with_detail(format!("{name}: {e}"))
+            let mut r = AuditRecord::event("spool_invalid").with_detail(format!("{name}: {e}"));
+            r.spooled = Some(true);
+            r
         }));
         out.paths.push(path);
     }
     Ok(out)
+}
+
+/// How much earlier than its file's change time a spooled record may say it happened (the
+/// command writes the record, then the file).
+const CLOCK_SLACK_MS: u64 = 60_000;
+
+fn read_spooled(path: &Path, owner: u32) -> Result<(AuditRecord, u64), String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let f = super::segment::open_regular(path).map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if meta.uid() != owner || meta.nlink() != 1 {
+        return Err(
+            "not a file the state directory's owner created (owner or links differ)".into(),
+        );
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err("too large".into());
+    }
+    let record = serde_json::from_slice::<AuditRecord>(&bytes).map_err(|e| e.to_string())?;
+    let changed_ms =
+        (meta.ctime().max(0) as u64) * 1000 + meta.ctime_nsec().max(0) as u64 / 1_000_000;
+    Ok((record, changed_ms))
 }
 
 /// Removes spool files once their records are durable.
@@ -74,21 +132,17 @@ pub fn remove(spooled: &Spooled) {
     }
 }
 
-/// Records an operator action from a CLI command: directly if no server is writing this log;
-/// else, with `spool_if_busy`, through the spool (without, the running server is trusted to
-/// record the change it observes). Creates the log if this state directory has none yet.
-pub fn record_admin(
-    dir: &Path,
-    record: AuditRecord,
-    spool_if_busy: bool,
-) -> Result<(), AuditError> {
+/// Records an operator action from a CLI command before it is taken: directly (durable) if no
+/// server is writing this log, else through the spool (durable in the spool, recorded by the
+/// server within a second). An error means nothing was recorded, and the caller must not act.
+/// Creates the log if this state directory has none yet.
+pub fn record_admin(dir: &Path, record: AuditRecord) -> Result<(), AuditError> {
     match AuditLog::open(dir, super::Durability::Fsync) {
         Ok(log) => {
             log.append_blocking(record)?;
             log.close()
         }
-        Err(AuditError::Busy(_)) if spool_if_busy => put(dir, &record),
-        Err(AuditError::Busy(_)) => Ok(()),
+        Err(AuditError::Busy(_)) => put(dir, &record),
         Err(e) => Err(e),
     }
 }

@@ -1,162 +1,232 @@
-//! Reading and verifying the log.
+//! Verifying the log with off-host material: the root public key (`audit.pub`), optionally
+//! the read key (to decrypt) and anchors (signed heads kept elsewhere).
 //!
-//! With the read key (epoch 0's, or a later one after retention shredded older epochs) every
-//! record is decrypted and authenticated. Detected: a modified byte (authentication fails), a
-//! deleted, inserted, duplicated or reordered record (sequence or chain mismatch: the AEAD binds
-//! the previous head), a record re-sealed with a later epoch's key (it must open under its own
-//! segment's epoch key, which only the read key derives), a missing or renamed segment (epochs
-//! run on without a gap from the read key's epoch), missing newest segments (the host's current
-//! epoch is ahead of the last segment), a torn tail not acknowledged by the next epoch, and a
-//! checkpoint that is forged, edited, missing for an epoch, disagrees with the chain, or
-//! attests records that are no longer there (records cut off the end).
+//! With the root alone, nothing is decrypted: the signed checkpoints are walked from the
+//! genesis handover (every signature checked, each epoch's key learned from the one before),
+//! and every segment's chain of ciphertexts is compared with them. Detected: a changed,
+//! deleted, inserted, duplicated or reordered record anywhere a checkpoint covers; a closed
+//! epoch without its final checkpoint, or with records after it; a missing segment; files of
+//! an epoch the log never handed over to; planted or renamed files; a torn tail anywhere but
+//! at the very end. With a read key, every record is also decrypted and authenticated, and
+//! each epoch's record key is checked against the commitment its handover signed.
 //!
-//! With only the public root (`audit.pub`), nothing is decrypted: the chain of ciphertexts,
-//! sequence numbers and epochs is checked against the signed checkpoints, and records after the
-//! last checkpoint are reported as not yet attested.
+//! What no verifier can see without help: records after the newest signed head, or whole
+//! newest epochs removed together with their handover. An anchor — a signed head from the
+//! checkpoint sink, `audit anchor`, or any later checkpoint kept off the host — closes that
+//! gap up to the anchor; [`Verified`] says how far the guarantee reaches.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::checkpoint::{self, Checkpoint, KeySource};
-use super::keys::{self, EpochKey};
-use super::segment;
+use super::checkpoint::{self, problem, Checkpoint, Epoch, Problem};
+use super::recipient::{self, ReadKey, Wrapped};
+use super::segment::{self, Kind, Listing};
 use super::AuditRecord;
 use crate::signing::PublicKey;
 
-/// The first problem found, and where.
-#[derive(Debug, thiserror::Error)]
-#[error("audit log invalid at {place}: {reason}")]
-pub struct VerifyError {
-    pub place: String,
-    pub reason: String,
-}
-
-fn bad(place: impl Into<String>, reason: impl Into<String>) -> VerifyError {
-    VerifyError {
-        place: place.into(),
-        reason: reason.into(),
-    }
-}
-
-/// What the verifier holds.
-pub enum Access {
-    /// A read key: decrypt and authenticate every record from its epoch on.
-    Read(EpochKey),
-    /// Only epoch 0's checkpoint public key: integrity against the signed checkpoints.
-    Integrity(PublicKey),
+/// What the verifier holds besides the log.
+pub struct Material<'a> {
+    pub root: &'a PublicKey,
+    pub read: Option<&'a ReadKey>,
+    pub anchors: &'a [Checkpoint],
 }
 
 /// A verified log.
 #[derive(Debug, Default)]
 pub struct Verified {
-    /// Decrypted records (empty with [`Access::Integrity`]).
+    /// Decrypted records (empty without a read key).
     pub records: Vec<(u64, AuditRecord)>,
-    /// Records checked (decrypted or, in integrity mode, chained).
+    /// Records checked (decrypted, or chained).
     pub count: u64,
     /// Sequence number of the last record and the chain head after it.
     pub last_seq: u64,
     pub head: [u8; 32],
-    /// Records before the first one verified (shredded by retention).
+    /// Records before the first one present (shredded by retention).
     pub first_seq: u64,
-    /// The first epoch verified (earlier epochs were shredded).
+    /// The first epoch present (earlier ones were shredded).
     pub first_epoch: u32,
+    /// The newest (open) epoch.
+    pub open_epoch: u32,
     pub segments: usize,
-    /// Checkpoints whose signatures and heads were checked; the last record they attest.
     pub checkpoints: usize,
+    pub anchors: usize,
+    /// The newest record a signed head (checkpoint or anchor) covers, and that head's time.
     pub attested_seq: u64,
-    /// Torn tails found (each acknowledged by the following epoch's first record).
-    pub torn: Vec<String>,
+    pub attested_time_ms: Option<u64>,
+    /// Whether an anchor reached the newest signed head on the host (or beyond).
+    pub anchored: bool,
+    /// Notes: a torn tail at the very end (a crash), shredded epochs.
+    pub notes: Vec<String>,
 }
 
-/// Verifies every segment in `dir` with the read key `key`.
-pub fn verify(dir: &Path, key: &EpochKey) -> Result<Verified, VerifyError> {
-    verify_with(dir, &Access::Read(key.clone()), None)
-}
-
-/// Verifies with what the caller holds; `anchor` is a `(seq, head)` kept from an earlier
-/// verification, which the log must still contain.
-pub fn verify_with(
+/// Verifies everything in `dir`; `progress` is told each epoch as it starts.
+pub fn verify(
     dir: &Path,
-    access: &Access,
-    anchor: Option<(u64, [u8; 32])>,
-) -> Result<Verified, VerifyError> {
-    let all =
-        segment::list_segments(dir).map_err(|e| bad(dir.display().to_string(), e.to_string()))?;
-    let cps = checkpoint::read(dir).map_err(|e| bad(checkpoint::CHECKPOINTS, e))?;
-    let source = match access {
-        Access::Read(k) => KeySource::ReadKey(k.clone()),
-        Access::Integrity(root) => KeySource::Root(root.clone()),
-    };
-    let newest = all.last().map_or(0, |(e, _)| *e);
-    let authentic = checkpoint::authenticate(&cps.list, &source, newest.saturating_add(1))
-        .map_err(|e| bad(checkpoint::CHECKPOINTS, e))?;
-    let handed_over: std::collections::BTreeSet<u32> =
-        cps.list.iter().filter_map(|c| c.next_epoch).collect();
-
-    // Where verification starts: epoch 1, or the read key's epoch after retention; with the
-    // public root, the oldest segment still present.
-    let first_epoch = match access {
-        Access::Read(k) => k.epoch.max(1),
-        Access::Integrity(_) => all.first().map_or(1, |(e, _)| *e),
-    };
-    let segments: Vec<_> = all.iter().filter(|(e, _)| *e >= first_epoch).collect();
-    let (start_seq, start_head) = if first_epoch <= 1 {
-        (0, [0u8; 32])
-    } else {
-        if segments.first().map(|(e, _)| *e) != Some(first_epoch) {
-            return Err(bad(
-                segment::segment_name(first_epoch),
-                "the first retained segment is missing",
+    material: &Material,
+    mut progress: impl FnMut(u32, u32),
+) -> Result<Verified, Problem> {
+    let epochs = checkpoint::walk(dir, material.root, |_| {})?;
+    let open = epochs.last().expect("the walk yields epoch 0 at least");
+    let listing =
+        Listing::of(dir).map_err(|e| problem(dir.display().to_string(), e.to_string()))?;
+    if let Some(name) = listing.unknown.first() {
+        return Err(problem(
+            name,
+            "a file named like the log's but not in the writer's form, or not a regular file (planted or renamed)",
+        ));
+    }
+    // A wrap for the next epoch alone is an interrupted handover (the writer replaces it).
+    let beyond =
+        |(e, kind): &(u32, Kind)| *e > open.epoch && !(*kind == Kind::Wrap && *e == open.epoch + 1);
+    if let Some(((e, kind), _)) = listing.files.iter().find(|(k, _)| beyond(k)) {
+        return Err(problem(
+            kind.name(*e),
+            format!(
+                "epoch {} has no final checkpoint, yet files of epoch {e} exist: a final checkpoint was removed",
+                open.epoch
+            ),
+        ));
+    }
+    // Anchors: each must be a signed head of this log.
+    let mut anchors: BTreeMap<u32, Vec<(usize, &Checkpoint)>> = BTreeMap::new();
+    for (i, a) in material.anchors.iter().enumerate() {
+        let place = format!("anchor {}", i + 1);
+        if a.epoch > open.epoch {
+            return Err(problem(
+                place,
+                format!(
+                    "a signed head of epoch {} (record {}), but the log ends in epoch {}: its newest epochs were removed (or the anchor is another log's)",
+                    a.epoch, a.seq, open.epoch
+                ),
             ));
         }
-        // The state the retained epoch began from, as its handover states it (the first
-        // record's authentication, or the handover's signature, confirms it).
-        checkpoint::start_of(&cps.list, first_epoch).ok_or_else(|| {
-            bad(
-                checkpoint::CHECKPOINTS,
-                format!("no handover to epoch {first_epoch}, where the log now starts"),
-            )
-        })?
-    };
+        if checkpoint::authenticate(&epochs, a).is_none() {
+            return Err(problem(place, "not signed by this log's key for its epoch"));
+        }
+        anchors.entry(a.epoch).or_default().push((i + 1, a));
+    }
 
+    let first_epoch = listing
+        .segments()
+        .map(|(e, _)| e)
+        .next()
+        .ok_or_else(|| problem(dir.display().to_string(), "no segment files"))?;
+    let start = epochs
+        .iter()
+        .find(|e| e.epoch == first_epoch)
+        .map(|e| e.start)
+        .expect("segments beyond the open epoch were refused above");
     let mut v = Verified {
-        first_seq: start_seq,
+        first_seq: start.0,
         first_epoch,
-        last_seq: start_seq,
-        head: start_head,
+        open_epoch: open.epoch,
+        last_seq: start.0,
+        head: start.1,
         ..Default::default()
     };
-    // Checkpoints to compare with the chain, by the record they attest.
-    let mut expect: BTreeMap<u64, Vec<(usize, [u8; 32])>> = BTreeMap::new();
-    for (i, c) in cps.list.iter().enumerate() {
-        if authentic[i] && c.seq >= start_seq {
-            expect
-                .entry(c.seq)
-                .or_default()
-                .push((i + 1, parse_head(c)?));
-            v.checkpoints += 1;
-            v.attested_seq = v.attested_seq.max(c.seq);
-        }
+    if first_epoch > 1 {
+        v.notes.push(format!(
+            "epochs 1..{} are absent (records 1..{}): shredded by retention",
+            first_epoch - 1,
+            start.0
+        ));
     }
-    // The anchor is checked like a checkpoint (numbered 0).
-    if let Some((seq, head)) = anchor {
-        if seq < start_seq {
-            return Err(bad(
-                "anchor",
-                format!("record {seq} is before the retained records (from {start_seq})"),
+    for e in epochs.iter().filter(|e| e.epoch >= first_epoch) {
+        progress(e.epoch, open.epoch);
+        let here = anchors.remove(&e.epoch).unwrap_or_default();
+        verify_epoch(
+            dir,
+            &listing,
+            e,
+            e.epoch == open.epoch,
+            material.read,
+            &here,
+            &mut v,
+        )?;
+    }
+    if let Some((epoch, list)) = anchors.into_iter().next() {
+        return Err(problem(
+            format!("anchor {}", list[0].0),
+            format!("it is a head of epoch {epoch}, which was shredded; it cannot be checked"),
+        ));
+    }
+    if material.read.is_some() && first_epoch > 1 {
+        let recorded = v
+            .records
+            .iter()
+            .any(|(_, r)| r.event == "audit_shredded" && r.epoch >= Some(first_epoch));
+        if !recorded {
+            return Err(problem(
+                segment::segment_name(first_epoch - 1),
+                format!(
+                    "segments of epochs 1..{} are missing and the log records no shredding of them (deleted)",
+                    first_epoch - 1
+                ),
             ));
         }
-        expect.entry(seq).or_default().push((0, head));
     }
-    let mut check_checkpoints = |seq: u64, head: &[u8; 32]| -> Result<(), VerifyError> {
-        for (n, h) in expect.remove(&seq).unwrap_or_default() {
+    let (newest_signed, _, _) = open.last_head();
+    v.anchored =
+        !material.anchors.is_empty() && material.anchors.iter().any(|a| a.seq >= newest_signed);
+    Ok(v)
+}
+
+/// One epoch: its segment against its checkpoints (and anchors), decrypted with a read key.
+fn verify_epoch(
+    dir: &Path,
+    listing: &Listing,
+    e: &Epoch,
+    is_open: bool,
+    read: Option<&ReadKey>,
+    anchors: &[(usize, &Checkpoint)],
+    v: &mut Verified,
+) -> Result<(), Problem> {
+    let name = segment::segment_name(e.epoch);
+    let path = listing
+        .get(e.epoch, Kind::Segment)
+        .ok_or_else(|| problem(&name, "the segment is missing (deleted)"))?;
+    if (v.last_seq, v.head) != e.start {
+        return Err(problem(
+            &name,
+            "the epoch's handover says it began elsewhere than the previous segment ended",
+        ));
+    }
+    let cipher = match read {
+        Some(k) => Some(segment::cipher(epoch_record_key(dir, k, e)?.expose())),
+        None => None,
+    };
+    // Signed heads to meet: (seq → [(place, head)]).
+    let mut expect: BTreeMap<u64, Vec<(String, [u8; 32])>> = BTreeMap::new();
+    for (i, c) in e.checkpoints.iter().enumerate() {
+        let place = format!("{} line {}", Kind::Checkpoints.name(e.epoch), i + 1);
+        expect
+            .entry(c.seq)
+            .or_default()
+            .push((place, c.head_bytes().expect("checked by the walk")));
+        v.checkpoints += 1;
+        if c.seq >= v.attested_seq {
+            v.attested_seq = c.seq;
+            v.attested_time_ms = Some(c.time_ms);
+        }
+    }
+    for (n, a) in anchors {
+        let head = a
+            .head_bytes()
+            .ok_or_else(|| problem(format!("anchor {n}"), "malformed head"))?;
+        expect
+            .entry(a.seq)
+            .or_default()
+            .push((format!("anchor {n}"), head));
+        v.anchors += 1;
+        if a.seq >= v.attested_seq {
+            v.attested_seq = a.seq;
+            v.attested_time_ms = Some(a.time_ms);
+        }
+    }
+    let mut meet = |seq: u64, head: &[u8; 32]| -> Result<(), Problem> {
+        for (place, h) in expect.remove(&seq).unwrap_or_default() {
             if &h != head {
-                let place = if n == 0 {
-                    "anchor".to_string()
-                } else {
-                    format!("checkpoint {n}")
-                };
-                return Err(bad(
+                return Err(problem(
                     place,
                     format!(
                         "it attests a different chain head at record {seq} (the log was rewritten)"
@@ -166,146 +236,134 @@ pub fn verify_with(
         }
         Ok(())
     };
-    check_checkpoints(start_seq, &start_head)?;
-
-    let mut pending_torn: Option<String> = None;
-    let mut epoch_key = match access {
-        Access::Read(k) => Some(k.advance_to(first_epoch).ok_or_else(|| {
-            bad(
-                segment::segment_name(first_epoch),
-                "epoch precedes the read key",
-            )
-        })?),
-        Access::Integrity(_) => None,
-    };
-    for (i, (epoch, path)) in segments.iter().enumerate() {
-        let name = segment::segment_name(*epoch);
-        if *epoch != first_epoch + i as u32 {
-            return Err(bad(
-                &name,
-                format!(
-                    "expected segment of epoch {}: a segment is missing or renamed",
-                    first_epoch + i as u32
-                ),
-            ));
-        }
-        if !handed_over.contains(epoch) {
-            return Err(bad(
-                &name,
-                format!("no checkpoint hands over to epoch {epoch} (checkpoints were removed)"),
-            ));
-        }
-        // Epochs are consecutive from here, so the key moves forward one step per segment.
-        if let Some(k) = epoch_key.as_mut() {
-            if k.epoch < *epoch {
-                *k = k.next();
-            }
-            if k.epoch != *epoch {
-                return Err(bad(&name, "epoch precedes the read key"));
-            }
-        }
-        let record_key = epoch_key.as_ref().map(EpochKey::record_key);
-        let contents = segment::read(path).map_err(|e| bad(&name, e.to_string()))?;
-        for (j, frame) in contents.frames.iter().enumerate() {
-            let expected_seq = v.last_seq + 1;
-            let place = format!("{name} offset {} (record {expected_seq})", frame.offset);
-            if frame.seq != expected_seq {
-                return Err(bad(
-                    place,
-                    format!(
-                        "sequence number {} (a record was deleted, inserted or reordered)",
-                        frame.seq
-                    ),
-                ));
-            }
-            if frame.epoch != *epoch {
-                return Err(bad(
-                    place,
-                    format!("record claims epoch {} inside segment {epoch}", frame.epoch),
-                ));
-            }
-            if let Some(record_key) = &record_key {
-                let plain = frame.open(record_key, &v.head).ok_or_else(|| {
-                    bad(
-                        &place,
-                        "authentication failed (modified, moved, or sealed with another epoch's key)",
-                    )
-                })?;
-                let record: AuditRecord = serde_json::from_slice(&plain).map_err(|e| {
-                    bad(&place, format!("sealed record is not a valid record: {e}"))
-                })?;
-                if j == 0 {
-                    if let Some(t) = pending_torn.take() {
-                        if record.outcome.as_deref() != Some("torn_tail_found") {
-                            return Err(bad(
-                                &place,
-                                format!("{t}, and the next epoch does not acknowledge it"),
-                            ));
-                        }
-                        v.torn.push(t);
-                    }
+    meet(v.last_seq, &v.head.clone())?;
+    let mut reader = segment::Reader::open(path).map_err(|err| problem(&name, err.to_string()))?;
+    loop {
+        let frame = match reader
+            .next_frame()
+            .map_err(|err| problem(&name, err.to_string()))?
+        {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(t) => {
+                let what = format!("{name} ends in an incomplete record at byte {}", t.offset);
+                if !is_open {
+                    return Err(problem(
+                        format!("{name} offset {}", t.offset),
+                        "bytes that are not records inside a closed epoch",
+                    ));
                 }
-                v.records.push((frame.seq, record));
-            } else if j == 0 {
-                if let Some(t) = pending_torn.take() {
-                    v.torn.push(t);
-                }
+                v.notes.push(format!(
+                    "{what} (a crash during a write; every complete record before it verified)"
+                ));
+                break;
             }
-            v.head = segment::chain(&v.head, &frame.body);
-            v.last_seq = frame.seq;
-            v.count += 1;
-            check_checkpoints(frame.seq, &v.head)?;
-        }
-        if let Some(at) = contents.torn_at {
-            pending_torn = Some(format!("{name} ends in an incomplete record at byte {at}"));
-        }
-        v.segments += 1;
-    }
-    if let Some(t) = pending_torn {
-        // The newest segment is torn: a crash; reported, the complete records stand.
-        v.torn.push(t);
-    }
-    // The host's current epoch must be the newest segment's, else newer segments were removed.
-    if let Ok(current) = EpochKey::load(&dir.join(keys::CURRENT_KEY)) {
-        let newest = segments.last().map_or(0, |(e, _)| *e);
-        if current.epoch > newest {
-            return Err(bad(
-                keys::CURRENT_KEY,
-                format!(
-                    "the log is at epoch {} but the newest segment is epoch {newest}: the newest were removed",
-                    current.epoch
-                ),
-            ));
-        }
-    }
-    // Checkpoints left over attest records past the end: they were cut off.
-    if let Some((seq, list)) = expect.iter().next() {
-        let place = match list[0].0 {
-            0 => "anchor".to_string(),
-            n => format!("checkpoint {n}"),
         };
-        return Err(bad(
-            place,
+        let expected_seq = v.last_seq + 1;
+        let place = format!("{name} offset {} (record {expected_seq})", frame.offset);
+        if frame.seq != expected_seq {
+            return Err(problem(
+                place,
+                format!(
+                    "sequence number {} (a record was deleted, inserted or reordered)",
+                    frame.seq
+                ),
+            ));
+        }
+        if frame.epoch != e.epoch {
+            return Err(problem(
+                place,
+                format!(
+                    "record claims epoch {} inside segment {}",
+                    frame.epoch, e.epoch
+                ),
+            ));
+        }
+        if let Some(cipher) = &cipher {
+            let plain = frame.open(cipher, &v.head).ok_or_else(|| {
+                problem(
+                    &place,
+                    "authentication failed (modified, moved, or sealed with another epoch's key)",
+                )
+            })?;
+            let record: AuditRecord = serde_json::from_slice(&plain).map_err(|err| {
+                problem(
+                    &place,
+                    format!("sealed record is not a valid record: {err}"),
+                )
+            })?;
+            v.records.push((frame.seq, record));
+        }
+        v.head = segment::chain(&v.head, &frame.body);
+        v.last_seq = frame.seq;
+        v.count += 1;
+        meet(v.last_seq, &v.head.clone())?;
+    }
+    if let Some(f) = e.final_checkpoint() {
+        if v.last_seq != f.seq {
+            return Err(problem(
+                &name,
+                format!(
+                    "the epoch's final checkpoint closes it at record {}, but the segment ends at record {} (records were {})",
+                    f.seq,
+                    v.last_seq,
+                    if v.last_seq > f.seq { "added after it closed" } else { "cut" }
+                ),
+            ));
+        }
+    }
+    if let Some((seq, list)) = expect.into_iter().next() {
+        return Err(problem(
+            &list[0].0,
             format!(
-                "it attests record {seq}, but the log ends at record {}: records were cut off the end",
+                "it attests record {seq}, but {name} ends at record {}: records were cut off the end",
                 v.last_seq
             ),
         ));
     }
-    Ok(v)
+    v.segments += 1;
+    Ok(())
 }
 
-fn parse_head(c: &Checkpoint) -> Result<[u8; 32], VerifyError> {
-    hex::decode(&c.head)
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| {
-            bad(
-                checkpoint::CHECKPOINTS,
-                format!(
-                    "checkpoint at record {}: head is not 32 bytes of hex",
-                    c.seq
-                ),
-            )
-        })
+/// Epoch `e`'s record key, unwrapped with the read key and checked against the commitment
+/// its handover signed (so a swapped wrap file cannot make forged records readable).
+fn epoch_record_key(
+    dir: &Path,
+    read: &ReadKey,
+    e: &Epoch,
+) -> Result<super::secret::Secret, Problem> {
+    let name = recipient::wrap_name(e.epoch);
+    let wrapped = Wrapped::read(&dir.join(&name)).map_err(|err| problem(&name, err))?;
+    let key = read
+        .unwrap(&wrapped, e.epoch)
+        .map_err(|err| problem(&name, err))?;
+    if e.commit.as_deref() != Some(super::keys::record_commitment(key.expose()).as_str()) {
+        return Err(problem(
+            &name,
+            "the key does not match the commitment the epoch's handover signed (replaced)",
+        ));
+    }
+    Ok(key)
+}
+
+/// Reads anchors: one signed head per line, possibly inside a syslog or journal line;
+/// lines without a checkpoint are skipped, a checkpoint that does not parse is an error.
+pub fn read_anchors(path: &Path) -> Result<Vec<Checkpoint>, String> {
+    let bytes =
+        securerun_models::fsutil::read_bounded(path, 256 << 20).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if !line.contains("\"sig\"") {
+            continue;
+        }
+        out.push(
+            Checkpoint::from_line(line)
+                .ok_or_else(|| format!("{} line {}: not a signed head", path.display(), i + 1))?,
+        );
+    }
+    if out.is_empty() {
+        return Err(format!("{}: no signed heads", path.display()));
+    }
+    Ok(out)
 }

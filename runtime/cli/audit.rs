@@ -1,21 +1,36 @@
-//! `securerun audit verify|export|tail|report|hmac|shred`: reading, checking and retaining the
-//! audit log with the read key (or, for `verify`, the public checkpoint root alone).
+//! `securerun audit ...`: creating, verifying, reading, anchoring and retaining the audit log.
+//!
+//! Trust comes from outside the directory being checked: the root public key (`--public
+//! audit.pub`) and the read key (`--key read.key`) are passed in; keys found in the directory
+//! itself are used only with `--trust-local-key`, which says so.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 
 use super::CmdResult;
-use crate::audit::{self, retention, verify, AuditRecord, EpochKey};
+use crate::audit::checkpoint::{self, Checkpoint};
+use crate::audit::{self, recipient, retention, verify, AuditRecord, ReadKey, Recipient};
+use crate::signing::PublicKey;
 
 #[derive(Args, Clone)]
 pub struct LogArgs {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// The read key (default: read.key in the audit directory; keep it off the host).
-    #[arg(long, value_name = "FILE")]
+    /// An audit directory to check instead of the state directory's (a copy, an archive).
+    #[arg(long, value_name = "AUDIT_DIR", conflicts_with = "state_dir")]
+    dir: Option<PathBuf>,
+    /// The root public key (audit.pub as handed to the auditor, kept off the host).
+    #[arg(long, value_name = "AUDIT.PUB")]
+    public: Option<PathBuf>,
+    /// The read key (kept off the host): decrypts records.
+    #[arg(long, value_name = "READ.KEY")]
     key: Option<PathBuf>,
+    /// Trust audit.pub (and read.key, if present) found in the audit directory itself. Whoever
+    /// can write that directory can then forge the whole log: for a quick local look only.
+    #[arg(long)]
+    trust_local_key: bool,
 }
 
 /// A time filter: unix seconds, an RFC 3339 time (`2026-11-22T10:00:00Z`), a UTC date
@@ -45,17 +60,39 @@ fn parse_time(s: &str) -> Result<u64, String> {
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Verify every record and checkpoint; exit non-zero with the first bad position.
+    /// Make a read key for an auditor (on the auditor's machine): writes the secret to --out
+    /// and prints the recipient line to give the operator (`audit init --recipient`).
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Create the audit log for an auditor's recipient key, so that no read key is ever on
+    /// this host. (Without --recipient, a read key is made here, to be moved off.)
+    Init {
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        #[arg(long, value_name = "RECIPIENT.PUB")]
+        recipient: Option<PathBuf>,
+    },
+    /// Wrap epochs from the next one on to another auditor key (rotation; see `audit shred`).
+    Recipient {
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        file: PathBuf,
+    },
+    /// Verify every checkpoint and record; exit non-zero with the first bad position.
     Verify {
         #[command(flatten)]
         log: LogArgs,
-        /// A head printed by an earlier verify (`SEQ:HASH`): the log must still contain it.
-        #[arg(long, value_name = "SEQ:HASH")]
-        anchor: Option<String>,
-        /// Integrity only, without the read key: check the chain against the checkpoints
-        /// signed under this root (`audit.pub`, kept off the host). Nothing is decrypted.
-        #[arg(long, value_name = "AUDIT.PUB", conflicts_with = "key")]
-        public: Option<PathBuf>,
+        /// Signed heads kept elsewhere (checkpoint sink file, journal or syslog extract, the
+        /// output of `audit anchor`): the log must still contain each of them.
+        #[arg(long, value_name = "FILE")]
+        anchor: Vec<PathBuf>,
+    },
+    /// Print the latest signed head (one JSON line) for storing elsewhere, e.g. from cron.
+    Anchor {
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Export verified records, decrypted, one JSON object per line.
     Export {
@@ -71,6 +108,10 @@ pub enum AuditCommand {
         token: Option<String>,
         #[arg(long, value_name = "EVENT")]
         event: Option<String>,
+        /// One data subject's records (an access request): a client pseudonym (see `audit
+        /// hmac`) or a token id.
+        #[arg(long, value_name = "PSEUDONYM")]
+        subject: Option<String>,
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
         format: String,
     },
@@ -88,9 +129,8 @@ pub enum AuditCommand {
         #[command(flatten)]
         log: LogArgs,
     },
-    /// Retention: make every epoch before a point unreadable for good (crypto-shredding) by
-    /// replacing the read key with a later epoch's, then delete those segments. Without
-    /// --yes, only says what it would do.
+    /// Retention: overwrite and delete the segments and wrapped keys of every epoch before a
+    /// point, on a log that verifies. Without --yes, only says what it would do.
     Shred {
         #[command(flatten)]
         log: LogArgs,
@@ -105,9 +145,21 @@ pub enum AuditCommand {
         /// Shred epochs that ended longer ago than this (e.g. 90d).
         #[arg(long, value_name = "AGE", value_parser = crate::tokens::parse_duration)]
         older_than: Option<u64>,
-        /// Do it (irreversible once every other copy of the old read key is destroyed).
         #[arg(long)]
         yes: bool,
+    },
+    /// Convert a log of the old format: verify it with its read key, keep it aside (it still
+    /// verifies read-only with `audit verify --dir`), start a new log that records where the
+    /// old one ended.
+    Migrate {
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The old log's read key.
+        #[arg(long, value_name = "READ.KEY")]
+        key: PathBuf,
+        /// The new log's auditor recipient (else a read key is made on the host).
+        #[arg(long, value_name = "RECIPIENT.PUB")]
+        recipient: Option<PathBuf>,
     },
     /// The keyed HMAC of a text or client address, to search an export made with
     /// `--audit-content hmac` (or the `client` field) for it.
@@ -120,28 +172,67 @@ pub enum AuditCommand {
 
 impl LogArgs {
     fn dir(&self) -> Result<PathBuf, crate::trust::TrustError> {
+        if let Some(d) = &self.dir {
+            return Ok(d.clone());
+        }
         let state = crate::state_dir::resolve(self.state_dir.clone())?;
         Ok(audit::audit_dir(&state))
     }
 
-    fn key_path(&self) -> Result<PathBuf, crate::trust::TrustError> {
-        Ok(match &self.key {
-            Some(k) => k.clone(),
-            None => self.dir()?.join(audit::keys::READ_KEY),
-        })
+    /// The root key: passed in, or the directory's own with --trust-local-key.
+    fn root(&self, dir: &Path) -> Result<PublicKey, Box<dyn std::error::Error>> {
+        match (&self.public, self.trust_local_key) {
+            (Some(p), _) => Ok(checkpoint::read_root(p)?),
+            (None, true) => {
+                eprintln!(
+                    "warning: trusting {} from the directory being verified: whoever can write it can forge the whole log; pass --public with the copy kept off the host",
+                    checkpoint::ROOT_PUB
+                );
+                Ok(checkpoint::read_root(&dir.join(checkpoint::ROOT_PUB))?)
+            }
+            (None, false) => Err(format!(
+                "pass --public AUDIT.PUB (the root key kept off this host); --trust-local-key uses {}",
+                dir.join(checkpoint::ROOT_PUB).display()
+            )
+            .into()),
+        }
     }
 
-    fn open(&self) -> Result<(PathBuf, EpochKey), Box<dyn std::error::Error>> {
-        let (dir, key_path) = (self.dir()?, self.key_path()?);
-        let key = EpochKey::load(&key_path).map_err(|e| {
-            format!("{e} (pass the read key kept off this host with --key, or check integrity alone with audit verify --public audit.pub)")
+    fn read_key(&self, dir: &Path) -> Result<Option<ReadKey>, Box<dyn std::error::Error>> {
+        let local = dir.join(recipient::READ_KEY);
+        match (&self.key, self.trust_local_key) {
+            (Some(k), _) => Ok(Some(ReadKey::load(k)?)),
+            (None, true) if local.exists() => Ok(Some(ReadKey::load(&local)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Verifies (with progress on long logs) and returns the result.
+    fn verified(
+        &self,
+        anchors: &[Checkpoint],
+        need_read: bool,
+    ) -> Result<verify::Verified, Box<dyn std::error::Error>> {
+        let dir = self.dir()?;
+        let root = self.root(&dir)?;
+        let read = self.read_key(&dir)?;
+        if need_read && read.is_none() {
+            return Err("pass --key READ.KEY (the auditor's read key) to read records".into());
+        }
+        let material = verify::Material {
+            root: &root,
+            read: read.as_ref(),
+            anchors,
+        };
+        let started = std::time::Instant::now();
+        let mut last = started;
+        let v = verify::verify(&dir, &material, |e, of| {
+            if last.elapsed() >= std::time::Duration::from_secs(1) {
+                last = std::time::Instant::now();
+                eprintln!("verifying epoch {e} of {of}...");
+            }
         })?;
-        Ok((dir, key))
-    }
-
-    fn verified(&self) -> Result<verify::Verified, Box<dyn std::error::Error>> {
-        let (dir, key) = self.open()?;
-        Ok(verify::verify(&dir, &key)?)
+        Ok(v)
     }
 }
 
@@ -156,54 +247,107 @@ fn print(seq: u64, r: &AuditRecord) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn parse_anchor(anchor: &str) -> Result<(u64, [u8; 32]), String> {
-    let usage = "--anchor is SEQ:HASH as printed by audit verify";
-    let (seq, hash) = anchor.split_once(':').ok_or(usage)?;
-    let seq = seq.parse().map_err(|_| usage)?;
-    let hash = hex::decode(hash)
-        .ok()
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or(usage)?;
-    Ok((seq, hash))
+fn time(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64).map_or_else(|_| ms.to_string(), |t| t.to_string())
 }
 
 pub fn run(cmd: AuditCommand) -> CmdResult {
     match cmd {
-        AuditCommand::Verify {
-            log,
-            anchor,
-            public,
+        AuditCommand::Keygen { out } => {
+            if out.exists() {
+                return Err(format!("{}: exists; not overwriting a key", out.display()).into());
+            }
+            let k = ReadKey::generate();
+            k.store(&out)?;
+            eprintln!(
+                "wrote the read key to {} (keep it secret, off the audited host); give this line to the operator as recipient.pub:",
+                out.display()
+            );
+            print!("{}", k.recipient().encode());
+        }
+        AuditCommand::Init {
+            state_dir,
+            recipient,
         } => {
-            let anchor = anchor.as_deref().map(parse_anchor).transpose()?;
-            let dir = log.dir()?;
-            let access = match &public {
-                Some(p) => verify::Access::Integrity(crate::trust::read_key(p)?),
-                None => verify::Access::Read(log.open()?.1),
-            };
-            let v = verify::verify_with(&dir, &access, anchor)?;
-            for t in &v.torn {
-                eprintln!(
-                    "note: {t} (a crash during a write; every complete record before it verified)"
-                );
+            let state = crate::state_dir::resolve(state_dir)?;
+            let dir = audit::audit_dir(&state);
+            let r = recipient.as_deref().map(Recipient::load).transpose()?;
+            match audit::init(&dir, r)? {
+                audit::Created::Existing => {
+                    return Err(format!("{}: an audit log exists already", dir.display()).into())
+                }
+                created => super::report_created(&dir, created),
             }
-            if v.first_epoch > 1 {
-                eprintln!(
-                    "note: epochs before {} were shredded (retention); records 1..{} are gone",
-                    v.first_epoch, v.first_seq
-                );
+        }
+        AuditCommand::Recipient { state_dir, file } => {
+            let state = crate::state_dir::resolve(state_dir.clone())?;
+            let dir = audit::audit_dir(&state);
+            let r = Recipient::load(&file)?;
+            let mut rec = AuditRecord::event("audit_recipient_changed").with_detail(format!(
+                "epochs from the next one on are wrapped to {}",
+                hex::encode(r.0)
+            ));
+            rec.outcome = Some("ok".into());
+            super::record_admin(Some(&state), rec)?;
+            crate::state_dir::write_public(&dir.join(recipient::RECIPIENT), r.encode().as_bytes())?;
+            eprintln!(
+                "the next epoch (next server start or rotation) is wrapped to the new recipient"
+            );
+        }
+        AuditCommand::Verify { log, anchor } if audit::v1::is_v1(&log.dir()?) => {
+            if !anchor.is_empty() {
+                return Err("a log of the old format takes no --anchor".into());
             }
-            let unattested = v.last_seq - v.attested_seq.max(v.first_seq);
-            if public.is_some() {
-                println!(
-                    "ok (integrity only, nothing decrypted): {} records in {} segments chained, {} signed checkpoints agree; records after {} are not yet attested by a checkpoint ({unattested}); head {}:{}",
-                    v.count, v.segments, v.checkpoints, v.attested_seq, v.last_seq, hex::encode(v.head)
-                );
+            verify_v1(&log)?;
+        }
+        AuditCommand::Verify { log, anchor } => {
+            let mut anchors = Vec::new();
+            for a in &anchor {
+                anchors.extend(verify::read_anchors(a)?);
+            }
+            let v = log.verified(&anchors, false)?;
+            for n in &v.notes {
+                eprintln!("note: {n}");
+            }
+            let decrypted = if v.records.is_empty() && v.count > 0 {
+                "chained against signed checkpoints (nothing decrypted: pass --key to read)"
             } else {
+                "decrypted, authenticated and chained against signed checkpoints"
+            };
+            println!(
+                "ok: {} records in {} segments {decrypted}; {} signed checkpoints and {} anchors agree; epochs {}..{}, head {}:{}",
+                v.count,
+                v.segments,
+                v.checkpoints,
+                v.anchors,
+                v.first_epoch,
+                v.open_epoch,
+                v.last_seq,
+                hex::encode(v.head)
+            );
+            let when = v.attested_time_ms.map(time).unwrap_or_else(|| "-".into());
+            println!(
+                "guarantee: records {}..{} are attested by a signed head (the newest from {when}); {} records after it are not yet attested",
+                v.first_seq + 1,
+                v.attested_seq,
+                v.last_seq - v.attested_seq.min(v.last_seq)
+            );
+            if !v.anchored {
                 println!(
-                    "ok: {} records in {} segments verified, {} signed checkpoints agree ({unattested} records since the last); head {}:{}",
-                    v.count, v.segments, v.checkpoints, v.last_seq, hex::encode(v.head)
+                    "without an anchor newer than the log's last signed head, removal of the newest epochs (with their handover) cannot be excluded: pass --anchor with heads kept off the host (checkpoint sink, audit anchor)"
                 );
             }
+        }
+        AuditCommand::Anchor { log } => {
+            let dir = log.dir()?;
+            let root = log.root(&dir)?;
+            let epochs = checkpoint::walk(&dir, &root, |_| {})?;
+            let newest = epochs
+                .iter()
+                .rev()
+                .find_map(|e| e.checkpoints.last())
+                .ok_or("no signed head yet")?;
+            print!("{}", newest.to_line());
         }
         AuditCommand::Export {
             log,
@@ -211,9 +355,10 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             until,
             token,
             event,
+            subject,
             format: _,
         } => {
-            for (seq, r) in log.verified()?.records {
+            for (seq, r) in log.verified(&[], true)?.records {
                 let secs = r.time_ms / 1000;
                 if since.is_some_and(|s| secs < s)
                     || until.is_some_and(|u| secs > u)
@@ -221,6 +366,9 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
                         .as_ref()
                         .is_some_and(|t| r.token_id.as_ref() != Some(t))
                     || event.as_ref().is_some_and(|e| &r.event != e)
+                    || subject.as_ref().is_some_and(|s| {
+                        r.client.as_ref() != Some(s) && r.token_id.as_ref() != Some(s)
+                    })
                 {
                     continue;
                 }
@@ -228,30 +376,35 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             }
         }
         AuditCommand::Tail { log, lines, follow } => {
-            let v = log.verified()?;
+            let v = log.verified(&[], true)?;
             let skip = v.records.len().saturating_sub(lines);
-            let mut shown = v.records.len() as u64;
+            let mut shown = v.last_seq;
             for (seq, r) in v.records.iter().skip(skip) {
                 print(*seq, r)?;
             }
             if follow {
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(500));
-                    let v = log.verified()?;
+                    let v = log.verified(&[], true)?;
                     for (seq, r) in v.records.iter().filter(|(s, _)| *s > shown) {
                         print(*seq, r)?;
                     }
-                    shown = v.records.len() as u64;
+                    shown = v.last_seq;
                 }
             }
         }
-        AuditCommand::Report { log } => report(&log.verified()?),
+        AuditCommand::Report { log } => report(&log.verified(&[], true)?),
         AuditCommand::Shred {
             log,
             before_epoch,
             older_than,
             yes,
         } => shred(&log, before_epoch, older_than, yes)?,
+        AuditCommand::Migrate {
+            state_dir,
+            key,
+            recipient,
+        } => migrate(state_dir, &key, recipient.as_deref())?,
         AuditCommand::Hmac { text, state_dir } => {
             let state = crate::state_dir::resolve(state_dir)?;
             let dir = audit::audit_dir(&state);
@@ -276,39 +429,96 @@ fn shred(
     older_than: Option<u64>,
     yes: bool,
 ) -> CmdResult {
-    let (dir, key) = log.open()?;
+    let dir = log.dir()?;
+    let root = log.root(&dir)?;
     let before = match (before_epoch, older_than) {
         (Some(e), _) => e,
         (None, Some(age)) => retention::epoch_for_age(
             &dir,
+            &root,
             audit::now_ms().saturating_sub(age.saturating_mul(1000)),
         )?,
         (None, None) => return Err("pass --before-epoch or --older-than".into()),
     };
-    let plan = retention::plan(&dir, &key, before)?;
+    let plan = retention::plan(&dir, &root, before)?;
     let what = format!(
-        "epochs {}..{} ({} segment files, {} records)",
-        key.epoch.max(1),
-        before - 1,
-        plan.segments.len(),
+        "epochs {}..{} ({} files, {} records)",
+        plan.epochs.0,
+        plan.epochs.1,
+        plan.files.len(),
         plan.records
     );
     if !yes {
-        println!(
-            "would shred {what}; the read key would become epoch {before}'s. Pass --yes to do it."
-        );
+        println!("would shred {what}. Pass --yes to do it.");
         return Ok(());
     }
-    let key_path = log.key_path()?;
-    retention::execute(&dir, &key, &key_path, &plan)?;
-    let mut r = AuditRecord::event("audit_shredded").with_detail(format!(
-        "{what} shredded; the log now starts at epoch {before}"
-    ));
+    // Recorded first: a shredding that cannot be recorded does not happen.
+    let mut r = AuditRecord::event("audit_shredded")
+        .with_detail(format!("{what}; the log now starts at epoch {before}"));
     r.outcome = Some("ok".into());
-    super::record_admin(log.state_dir.as_deref(), r)?;
+    r.epoch = Some(before);
+    let state = log.dir.is_none().then(|| log.state_dir.clone()).flatten();
+    super::record_admin_in(&dir, state.as_deref(), r)?;
+    retention::execute(&dir, &plan)?;
+    println!("shredded {what}");
+    Ok(())
+}
+
+/// A log of the old format, verified read-only with its own read key or root.
+fn verify_v1(log: &LogArgs) -> CmdResult {
+    use audit::v1;
+    let dir = log.dir()?;
+    let access = match (&log.key, &log.public) {
+        (Some(k), _) => v1::verify::Access::Read(v1::keys::EpochKey::load(k)?),
+        (None, Some(p)) => v1::verify::Access::Integrity(crate::trust::read_key(p)?),
+        (None, None) => {
+            return Err(
+                "a log of the old format: pass its read key (--key) or audit.pub (--public)".into(),
+            )
+        }
+    };
+    let v = v1::verify::verify_with(&dir, &access, None)?;
     println!(
-        "shredded {what}; {} now holds epoch {before}'s read key: destroy every other copy of the old one",
-        key_path.display()
+        "ok (old format, read-only): {} records in {} segments, {} signed checkpoints agree; head {}:{}; convert it with securerun audit migrate",
+        v.count,
+        v.segments,
+        v.checkpoints,
+        v.last_seq,
+        hex::encode(v.head)
+    );
+    Ok(())
+}
+
+fn migrate(state_dir: Option<PathBuf>, key: &Path, recipient: Option<&Path>) -> CmdResult {
+    let state = crate::state_dir::resolve(state_dir)?;
+    let dir = audit::audit_dir(&state);
+    if !audit::v1::is_v1(&dir) {
+        return Err(format!("{}: not a log of the old format", dir.display()).into());
+    }
+    let old_key = audit::v1::keys::EpochKey::load(key)?;
+    let v = audit::v1::verify::verify(&dir, &old_key)
+        .map_err(|e| format!("not migrating: the old log does not verify: {e}"))?;
+    let archive = state.join(format!("audit-v1-{}", audit::now_ms()));
+    std::fs::rename(&dir, &archive)?;
+    let r = recipient.map(Recipient::load).transpose()?;
+    let created = audit::init(&dir, r)?;
+    super::report_created(&dir, created);
+    let mut rec = AuditRecord::event("audit_migrated").with_detail(format!(
+        "the log of the old format ({} records, head {}:{}) was verified and kept at {} (verify it with: securerun audit verify --dir {} --key OLD_READ_KEY)",
+        v.count,
+        v.last_seq,
+        hex::encode(v.head),
+        archive.display(),
+        archive.display()
+    ));
+    rec.outcome = Some("ok".into());
+    rec.count = Some(v.count);
+    super::record_admin(Some(&state), rec)?;
+    println!(
+        "migrated: the old log ({} records) is at {}; the new log starts in {}",
+        v.count,
+        archive.display(),
+        dir.display()
     );
     Ok(())
 }
@@ -372,9 +582,9 @@ fn report(v: &verify::Verified) {
         let flag = if *n >= 10 { "  <- burst" } else { "" };
         println!("  {c}: {n}{flag}");
     }
-    if !v.torn.is_empty() {
-        println!("\ntorn tails (crashes during a write):");
-        for t in &v.torn {
+    if !v.notes.is_empty() {
+        println!("\nnotes:");
+        for t in &v.notes {
             println!("  {t}");
         }
     }

@@ -192,47 +192,51 @@ impl RunModelArgs {
 
 type CmdResult = Result<(), Box<dyn std::error::Error>>;
 
-/// Records an operator action taken by a CLI command in the state directory's audit log
-/// (creating the log if needed; see `audit::spool`). With `observed_by_server`, a running server
-/// records the change itself (it watches tokens and lockdown), so nothing is spooled.
-pub(crate) fn record_admin_with(
+/// Records an operator action a CLI command is about to take, in the state directory's audit
+/// log (creating the log if needed; see `audit::spool`). The record is durable (in the log, or
+/// in the spool a running server drains) before this returns; on error the caller must not act.
+pub(crate) fn record_admin(
     state_dir: Option<&std::path::Path>,
     record: crate::audit::AuditRecord,
-    observed_by_server: bool,
 ) -> CmdResult {
     let state = crate::state_dir::resolve(state_dir.map(std::path::Path::to_path_buf))?;
-    let dir = crate::audit::audit_dir(&state);
-    init_audit(&dir)?;
+    record_admin_in(&crate::audit::audit_dir(&state), Some(&state), record)
+}
+
+/// [`record_admin`] for an audit directory given directly.
+pub(crate) fn record_admin_in(
+    dir: &std::path::Path,
+    _state: Option<&std::path::Path>,
+    record: crate::audit::AuditRecord,
+) -> CmdResult {
+    let created = crate::audit::init(dir, None)?;
+    report_created(dir, created);
     let mut record = record;
     record.detail = Some(match record.detail.take() {
         Some(d) => format!("{d} (by the securerun CLI)"),
         None => "by the securerun CLI".into(),
     });
-    match crate::audit::spool::record_admin(&dir, record, !observed_by_server) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(format!("the action was done but could not be audited: {e}").into()),
-    }
+    crate::audit::spool::record_admin(dir, record)
+        .map_err(|e| format!("not done: the action could not be audited: {e}").into())
 }
 
-/// Creates the audit log if it does not exist yet, and tells the operator where its read key
-/// is and that it belongs off the host.
-pub(crate) fn init_audit(dir: &std::path::Path) -> Result<(), crate::audit::AuditError> {
-    if crate::audit::init(dir)? {
-        eprintln!(
-            "note: created the audit log in {}; move {} off this host (it reads and verifies the whole log; the host keeps only the current epoch's key) and give {} to your auditors",
+/// Tells the operator about a log created now: where the read key is and that it belongs off
+/// the host, or that the auditor's recipient key was used.
+pub(crate) fn report_created(dir: &std::path::Path, created: crate::audit::Created) {
+    match created {
+        crate::audit::Created::Existing => {}
+        crate::audit::Created::WithHostReadKey => eprintln!(
+            "note: created the audit log in {}; move {} off this host to the auditor (it reads the whole log; the host needs it for nothing) and give {} to your auditors. To create a log with no read key on the host: securerun audit keygen (on the auditor's machine), then securerun audit init --recipient",
             dir.display(),
-            dir.join(crate::audit::keys::READ_KEY).display(),
+            dir.join(crate::audit::recipient::READ_KEY).display(),
             dir.join(crate::audit::checkpoint::ROOT_PUB).display()
-        );
+        ),
+        crate::audit::Created::ForRecipient => eprintln!(
+            "note: created the audit log in {} for the auditor's recipient key; give {} to your auditors",
+            dir.display(),
+            dir.join(crate::audit::checkpoint::ROOT_PUB).display()
+        ),
     }
-    Ok(())
-}
-
-pub(crate) fn record_admin(
-    state_dir: Option<&std::path::Path>,
-    record: crate::audit::AuditRecord,
-) -> CmdResult {
-    record_admin_with(state_dir, record, false)
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -279,13 +283,14 @@ pub fn main() -> ExitCode {
             state_dir,
         } => (|| {
             let dir = crate::state_dir::resolve(state_dir)?;
-            crate::lockdown::set(&dir, state == "on", &reason)?;
-            eprintln!("lockdown {state} (running servers apply it within a second)");
             let mut r = crate::audit::AuditRecord::event(&format!("lockdown_{state}"));
             if !reason.is_empty() {
                 r.detail = Some(format!("reason: {}", reason.replace('\n', " ")));
             }
-            record_admin_with(Some(&dir), r, true)
+            record_admin(Some(&dir), r)?;
+            crate::lockdown::set(&dir, state == "on", &reason)?;
+            eprintln!("lockdown {state} (running servers apply it within a second)");
+            Ok(())
         })(),
     });
     match result {

@@ -44,6 +44,14 @@ pub struct ServeArgs {
     /// fingerprints), full (the texts, encrypted; personal data).
     #[arg(long, value_enum, value_name = "MODE")]
     audit_content: Option<server::config::AuditContent>,
+    /// Also send every signed audit checkpoint to: file:PATH (e.g. another mount),
+    /// syslog[:SOCKET], journald[:SOCKET]. Repeatable.
+    #[arg(long, value_name = "SINK")]
+    checkpoint_sink: Vec<crate::audit::SinkSpec>,
+    /// For a new audit log: the auditor's recipient key (`audit keygen`), so that no read key
+    /// is ever written to this host.
+    #[arg(long, value_name = "RECIPIENT.PUB")]
+    audit_recipient: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,10 +108,15 @@ pub fn run(args: ServeArgs) -> CmdResult {
     // The audit log first: verification, sandbox and start-up are recorded, and a server that
     // cannot audit does not start.
     let audit_dir = crate::audit::audit_dir(&state_dir);
-    super::init_audit(&audit_dir)?;
+    let recipient = args
+        .audit_recipient
+        .as_deref()
+        .map(crate::audit::Recipient::load)
+        .transpose()?;
+    super::report_created(&audit_dir, crate::audit::init(&audit_dir, recipient)?);
     // The read key decrypts every record: while it stays on the host, a thief of the disk
     // reads the whole log. Said at every start until it is moved.
-    let read_key = audit_dir.join(crate::audit::keys::READ_KEY);
+    let read_key = audit_dir.join(crate::audit::recipient::READ_KEY);
     if std::fs::symlink_metadata(&read_key).is_ok() {
         eprintln!(
             "warning: {} is still on this host: anyone who can read it can read the whole audit log; move it off the host (auditors pass it back with --key)",
@@ -114,11 +127,17 @@ pub fn run(args: ServeArgs) -> CmdResult {
         AuditSync::Fsync => crate::audit::Durability::Fsync,
         AuditSync::Buffered => crate::audit::Durability::Buffered,
     };
+    let mut sinks = args.checkpoint_sink.clone();
+    for s in &config.checkpoint_sink {
+        sinks.push(s.parse()?);
+    }
     let audit = crate::audit::AuditLog::open_with(
         &audit_dir,
         crate::audit::WriterOptions {
             durability,
             rotate_after: config.audit_rotate,
+            sinks,
+            recipient: None,
         },
     )?;
     let tokens = auth::TokenCache::new(TokenStore::new(&state_dir))?;

@@ -281,13 +281,14 @@ pub fn trust(cmd: TrustCommand) -> CmdResult {
     match cmd {
         TrustCommand::Add { key, state_dir } => {
             let dir = state(state_dir)?;
-            let id = crate::trust::add(&dir, &key)?;
-            eprintln!("trusted key {id}");
+            let id = crate::trust::read_key(&key)?.hint()?;
             super::record_admin(
                 Some(&dir),
                 crate::audit::AuditRecord::event("trust_key_added")
                     .with_detail(format!("key {id}")),
             )?;
+            let id = crate::trust::add(&dir, &key)?;
+            eprintln!("trusted key {id}");
         }
         TrustCommand::List { state_dir } => {
             for (path, key) in crate::trust::load(&state(state_dir)?)? {
@@ -296,13 +297,13 @@ pub fn trust(cmd: TrustCommand) -> CmdResult {
         }
         TrustCommand::Remove { id, state_dir } => {
             let dir = state(state_dir)?;
-            crate::trust::remove(&dir, &id)?;
-            eprintln!("removed key {id}");
             super::record_admin(
                 Some(&dir),
                 crate::audit::AuditRecord::event("trust_key_removed")
                     .with_detail(format!("key {id}")),
             )?;
+            crate::trust::remove(&dir, &id)?;
+            eprintln!("removed key {id}");
         }
     }
     Ok(())

@@ -61,18 +61,6 @@ fn store(dir: Option<PathBuf>) -> Result<TokenStore, crate::trust::TrustError> {
     Ok(TokenStore::new(&dir))
 }
 
-/// An audit record of a token change: id, name, scopes and expiry, never the secret.
-fn token_event(event: &str, r: &tokens::TokenRecord) -> crate::audit::AuditRecord {
-    let mut rec = crate::audit::AuditRecord::event(event).with_detail(format!(
-        "name {:?}, scopes {}, expires {}",
-        r.name,
-        r.scope_list(),
-        when(r.expires)
-    ));
-    rec.token_id = Some(r.id.clone());
-    rec
-}
-
 fn when(secs: Option<u64>) -> String {
     secs.map_or_else(|| "never".into(), |s| format!("unix {s}"))
 }
@@ -88,16 +76,19 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             let expires = a.expires.map(|d| tokens::now() + d);
             let scopes: BTreeSet<Scope> = a.scopes.into_iter().collect();
             let store = store(a.state_dir.clone())?;
-            let created = store.create(&a.name, scopes, a.models, limits, expires)?;
+            let created = tokens::TokenStore::prepare(&a.name, scopes, a.models, limits, expires)?;
             let r = &created.record;
-            // Unaudited, the token must not exist: it is revoked again and nothing is shown.
-            if let Err(e) = super::record_admin_with(
-                a.state_dir.as_deref(),
-                token_event("token_created", r),
-                true,
-            ) {
-                let _ = store.revoke(&r.id);
-                return Err(format!("token not created: {e}").into());
+            if store.load()?.iter().any(|t| t.name == r.name) {
+                return Err(tokens::TokenError::DuplicateName(r.name.clone()).into());
+            }
+            // Recorded first: a token whose creation cannot be audited is never stored.
+            super::record_admin(a.state_dir.as_deref(), r.audit_event("token_created"))
+                .map_err(|e| format!("token not created: {e}"))?;
+            if let Err(e) = store.insert(r) {
+                let mut failed = r.audit_event("token_create_failed");
+                failed.outcome = Some("error".into());
+                let _ = super::record_admin(a.state_dir.as_deref(), failed);
+                return Err(e.into());
             }
             eprintln!(
                 "created token {} ({}), scopes {}, expires {}; the secret below is shown once",
@@ -139,22 +130,21 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             all,
             state_dir,
         } => {
-            // Revocation takes effect first; the record follows (a failure to audit is
-            // reported, but never keeps a token alive).
+            // Recorded first, then done: an action the log cannot hold is not taken (and while
+            // the log cannot be written, a running server refuses every request anyway).
+            let store = store(state_dir.clone())?;
             if all {
-                let n = store(state_dir.clone())?.revoke_all()?;
-                eprintln!("revoked all {n} tokens");
+                let n = store.load()?.len();
                 let r = crate::audit::AuditRecord::event("tokens_revoked_all")
                     .with_detail(format!("{n} tokens"));
-                super::record_admin_with(state_dir.as_deref(), r, true)?;
+                super::record_admin(state_dir.as_deref(), r)?;
+                let n = store.revoke_all()?;
+                eprintln!("revoked all {n} tokens");
             } else if let Some(id) = id_or_name {
-                let r = store(state_dir.clone())?.revoke(&id)?;
+                let found = store.find(&id)?;
+                super::record_admin(state_dir.as_deref(), found.audit_event("token_revoked"))?;
+                let r = store.revoke(&found.id)?;
                 eprintln!("revoked token {} ({})", r.id, r.name);
-                super::record_admin_with(
-                    state_dir.as_deref(),
-                    token_event("token_revoked", &r),
-                    true,
-                )?;
             }
         }
     }

@@ -71,6 +71,9 @@ pub struct ServeConfig {
     /// epochs, so this is its granularity. Default one day.
     #[serde(with = "secs")]
     pub audit_rotate: Duration,
+    /// Where each signed audit checkpoint is also sent: `file:PATH` (another mount),
+    /// `syslog[:SOCKET]`, `journald[:SOCKET]`. Added to `--checkpoint-sink`.
+    pub checkpoint_sink: Vec<String>,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
     /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
@@ -114,6 +117,7 @@ impl Default for ServeConfig {
             auth_failures_per_min: 10,
             audit_content: AuditContent::None,
             audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
+            checkpoint_sink: Vec::new(),
             insecure_public_http: false,
         }
     }
@@ -167,6 +171,9 @@ impl ServeConfig {
             return Err("max_header_bytes must be between 1024 and 1048576".into());
         }
         super::client::TrustedProxies::parse(&self.trusted_proxies)?;
+        for s in &self.checkpoint_sink {
+            s.parse::<crate::audit::SinkSpec>()?;
+        }
         if self.audit_rotate < Duration::from_secs(1) {
             return Err("audit_rotate must be at least 1 second".into());
         }

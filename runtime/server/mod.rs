@@ -391,14 +391,9 @@ async fn audit_requests(
         );
         return finish(&state, &ledger, &request_id, e.into_response()).await;
     }
-    // A broken log refuses work before any is done (and recovers once a write succeeds).
-    if !state.audit.healthy()
-        && state
-            .audit
-            .append(crate::audit::AuditRecord::event("audit_probe"))
-            .await
-            .is_err()
-    {
+    // A broken log refuses work before any is done; the writer retries every second and says,
+    // in its first record after, what failed and for how long.
+    if !state.audit.healthy() {
         let _ = ledger
             .finish(Fate {
                 status: Some(503),
@@ -504,7 +499,7 @@ fn audit_unavailable(state: &AppState) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 18] = [
+    let counters: [(&str, &str, u64); 22] = [
         ("requests_total", "HTTP requests received", get(&m.requests)),
         (
             "unauthorized_total",
@@ -582,6 +577,26 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "audit_write_microseconds_total",
             "time spent waiting for durable audit writes (divide by audit_records_total for the mean)",
             get(&state.audit.write_us),
+        ),
+        (
+            "audit_faults_total",
+            "times the audit log became unwritable (write, sync, checkpoint, sink, or a live file deleted)",
+            get(&state.audit.counters.faults),
+        ),
+        (
+            "audit_records_refused_total",
+            "audit records that could not be written (their requests were refused)",
+            get(&state.audit.counters.records_refused),
+        ),
+        (
+            "audit_sink_errors_total",
+            "signed checkpoints a syslog or journald sink did not accept",
+            get(&state.audit.counters.sink_errors),
+        ),
+        (
+            "audit_files_restored_total",
+            "live audit files found deleted or replaced and restored",
+            get(&state.audit.counters.files_restored),
         ),
     ];
     let mut body: String = counters

@@ -980,17 +980,27 @@ pub async fn admin_create_token(
                 })?,
         ),
     };
-    let created = state
-        .tokens
-        .store()
-        .create(
-            &req.name,
-            req.scopes.into_iter().collect(),
-            req.models,
-            limits,
-            expires,
-        )
-        .map_err(admin_error)?;
+    let created = crate::tokens::TokenStore::prepare(
+        &req.name,
+        req.scopes.into_iter().collect(),
+        req.models,
+        limits,
+        expires,
+    )
+    .map_err(admin_error)?;
+    let store = state.tokens.store();
+    if store
+        .load()
+        .map_err(admin_error)?
+        .iter()
+        .any(|t| t.name == created.record.name)
+    {
+        return Err(admin_error(crate::tokens::TokenError::DuplicateName(
+            created.record.name.clone(),
+        )));
+    }
+    record_first(&state, &caller, created.record.audit_event("token_created")).await?;
+    store.insert(&created.record).map_err(admin_error)?;
     let _ = state.tokens.refresh();
     tracing::info!(by = %caller.token_id, token = %created.record.id, "token created");
     Ok((
@@ -1006,7 +1016,10 @@ pub async fn admin_revoke_token(
     Extension(caller): Extension<Caller>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = state.tokens.store().revoke(&id).map_err(admin_error)?;
+    let store = state.tokens.store();
+    let found = store.find(&id).map_err(admin_error)?;
+    record_first(&state, &caller, found.audit_event("token_revoked")).await?;
+    let record = store.revoke(&found.id).map_err(admin_error)?;
     let _ = state.tokens.refresh();
     tracing::info!(by = %caller.token_id, token = %record.id, "token revoked");
     Ok(Json(json!({"revoked": record.id})).into_response())
@@ -1027,6 +1040,16 @@ pub async fn admin_lockdown(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: Lockdown = parse_json(&body)?;
+    let mut r = crate::audit::AuditRecord::event(if req.on {
+        "lockdown_on"
+    } else {
+        "lockdown_off"
+    });
+    // The reason is recorded even when long: cut, never dropped.
+    if !req.reason.is_empty() {
+        r.detail = Some(super::ledger::bounded_text(&req.reason, 512));
+    }
+    record_first(&state, &caller, r).await?;
     crate::lockdown::set(&state.state_dir, req.on, &req.reason).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1036,18 +1059,30 @@ pub async fn admin_lockdown(
         )
     })?;
     state.lockdown.store(req.on, Ordering::Relaxed);
-    let mut r = crate::audit::AuditRecord::event(if req.on {
-        "lockdown_on"
-    } else {
-        "lockdown_off"
-    });
-    r.token_id = Some(caller.token_id.clone());
-    // The reason is recorded even when long: cut, never dropped.
-    if !req.reason.is_empty() {
-        r.detail = Some(super::ledger::bounded_text(&req.reason, 512));
-    }
-    let _ = state.audit.append(r).await;
     Ok(Json(json!({"lockdown": req.on})).into_response())
+}
+
+/// Writes an admin action's record (by the calling token) and waits until it is durable; the
+/// action is taken only after this succeeds, and refused (503) otherwise.
+async fn record_first(
+    state: &AppState,
+    caller: &Caller,
+    mut record: crate::audit::AuditRecord,
+) -> Result<(), ApiError> {
+    record.outcome = Some("ok".into());
+    let by = format!("by token {}", caller.token_id);
+    record.detail = Some(match record.detail.take() {
+        Some(d) => format!("{d}; {by}"),
+        None => by,
+    });
+    state.audit.append(record).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "audit_unavailable",
+            format!("not done: the action could not be audited ({e})"),
+        )
+    })
 }
 
 /// The longest token lifetime the admin API accepts (ten years).
