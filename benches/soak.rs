@@ -223,8 +223,16 @@ fn main() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     let exit = child.wait().unwrap();
-    let verify = run(&["audit", "verify", "--state-dir", st]);
-    let export = run(&["audit", "export", "--format", "jsonl", "--state-dir", st]);
+    let verify = run(&["audit", "verify", "--trust-local-key", "--state-dir", st]);
+    let export = run(&[
+        "audit",
+        "export",
+        "--format",
+        "jsonl",
+        "--trust-local-key",
+        "--state-dir",
+        st,
+    ]);
     let records: Vec<serde_json::Value> = String::from_utf8_lossy(&export.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -30,9 +30,11 @@ pub enum OpenError {
 /// someone other than this user (or root) could modify: model bytes are verified, then used,
 /// and only their owner may be able to change them in between.
 pub fn open_regular(path: &Path) -> Result<File, OpenError> {
+    // O_NONBLOCK: opening a FIFO put where a file was expected must fail the regular-file
+    // check below, not block waiting for a writer (it changes nothing for regular files).
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| {
             if source.raw_os_error() == Some(libc::ELOOP) {

@@ -143,6 +143,7 @@ pub fn open_for_append(dir: &Path, epoch: u32, create: bool) -> Result<std::fs::
     let path = dir.join(Kind::Checkpoints.name(epoch));
     let f = std::fs::OpenOptions::new()
         .append(true)
+        .read(true)
         .create(create)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)

@@ -307,7 +307,7 @@ fn verify_epoch(
                     "the epoch's final checkpoint closes it at record {}, but the segment ends at record {} (records were {})",
                     f.seq,
                     v.last_seq,
-                    if v.last_seq > f.seq { "added after it closed" } else { "cut" }
+                    if v.last_seq > f.seq { "added after it closed" } else { "cut off the end" }
                 ),
             ));
         }

@@ -120,8 +120,10 @@ fn write_wrap(dir: &Path, to: &Recipient, secrets: &EpochSecrets) -> Result<(), 
 /// Creates (or, after a crash, reopens if still empty) an epoch's segment and checkpoint file.
 fn create_epoch_files(dir: &Path, epoch: u32) -> Result<(File, File), AuditError> {
     let path = dir.join(segment::segment_name(epoch));
+    // Readable too: a live file deleted while the writer runs is restored from this descriptor.
     let seg = match std::fs::OpenOptions::new()
         .append(true)
+        .read(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -170,7 +172,8 @@ fn open_append(path: &Path) -> Result<File, AuditError> {
 }
 
 /// Hands epoch `old` over to a new one after `(seq, head)` (see the module docs for the order
-/// of steps). Returns the new epoch's secrets and its open files.
+/// of steps). Returns the new epoch's secrets, its open files, and the final checkpoint if a
+/// file sink did not take it (the caller faults until it does).
 fn begin_epoch(
     dir: &Path,
     old: &EpochSecrets,
@@ -178,7 +181,7 @@ fn begin_epoch(
     head: &[u8; 32],
     to: &Recipient,
     sinks: &Sinks,
-) -> Result<(EpochSecrets, File, File), AuditError> {
+) -> Result<(EpochSecrets, File, File, Option<Checkpoint>), AuditError> {
     let epoch = old
         .epoch
         .checked_add(1)
@@ -194,8 +197,7 @@ fn begin_epoch(
     let sent = sinks.send(&last);
     let (seg, cp) = create_epoch_files(dir, epoch)?;
     promote_next_key(dir)?;
-    sent?;
-    Ok((next, seg, cp))
+    Ok((next, seg, cp, sent.err().map(|_| last)))
 }
 
 /// The old epoch's key is overwritten where it lies, then the next key takes its name.
@@ -272,6 +274,8 @@ pub(super) struct Writer {
     last_checkpoint: Instant,
     last_file_check: Instant,
     fault: Option<Fault>,
+    /// A checkpoint a file sink did not take: resent before anything else is written.
+    unsent: Option<Checkpoint>,
     /// What the start found (reported in the first record).
     notes: Vec<String>,
 }
@@ -340,7 +344,7 @@ impl Writer {
                 Kind::Checkpoints.name(secrets.epoch)
             ));
         }
-        let (next, seg, cp) = begin_epoch(dir, &secrets, seq, &head, &recipient, &sinks)?;
+        let (next, seg, cp, unsent) = begin_epoch(dir, &secrets, seq, &head, &recipient, &sinks)?;
         drop(secrets);
         let now = Instant::now();
         Ok(Writer {
@@ -361,6 +365,7 @@ impl Writer {
             last_checkpoint: now,
             last_file_check: now,
             fault: None,
+            unsent,
             notes,
         })
     }
@@ -505,9 +510,12 @@ impl Writer {
 
     fn checkpoint(&mut self) -> Result<(), AuditError> {
         let c = Checkpoint::sign(&self.secrets, self.seq, &self.head, None)?;
-        let written = checkpoint::append(&mut self.cp, &c).and_then(|_| self.sinks.send(&c));
-        if let Err(e) = written {
+        if let Err(e) = checkpoint::append(&mut self.cp, &c) {
             return Err(self.fail(format!("checkpoint: {e}"), 0));
+        }
+        if let Err(e) = self.sinks.send(&c) {
+            self.unsent = Some(c);
+            return Err(self.fail(e.to_string(), 0));
         }
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
@@ -525,6 +533,12 @@ impl Writer {
             if let Err(e) = self.rotate() {
                 return Err(self.fail(format!("starting a new epoch: {e}"), records.len() as u64));
             }
+        }
+        if let Some(c) = &self.unsent {
+            if let Err(e) = self.sinks.send(c) {
+                return Err(self.fail(e.to_string(), records.len() as u64));
+            }
+            self.unsent = None;
         }
         let recovery = self.fault.as_ref().map(|f| {
             let mut r = AuditRecord::event("audit_fault");
@@ -579,7 +593,7 @@ impl Writer {
     /// Ends the current epoch with its final checkpoint and begins the next (fresh keys); the
     /// current keys are then forgotten. The new epoch's first record says why it began.
     fn rotate(&mut self) -> Result<(), AuditError> {
-        let (next, seg, cp) = begin_epoch(
+        let (next, seg, cp, unsent) = begin_epoch(
             &self.dir,
             &self.secrets,
             self.seq,
@@ -587,6 +601,13 @@ impl Writer {
             &self.recipient,
             &self.sinks,
         )?;
+        if unsent.is_some() {
+            self.unsent = unsent;
+            self.fail(
+                "a checkpoint sink did not take the epoch's final checkpoint".into(),
+                0,
+            );
+        }
         self.secrets = next;
         self.seg = seg;
         self.cp = cp;

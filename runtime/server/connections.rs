@@ -512,7 +512,7 @@ pub async fn serve(
                                 .await
                         }
                         _ => {
-                            tracing::debug!(client = %peer, "TLS handshake failed or timed out");
+                            tracing::debug!("TLS handshake failed or timed out");
                             Outcome::Closed(None)
                         }
                     }

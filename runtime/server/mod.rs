@@ -95,7 +95,7 @@ impl connections::ConnectionEvents for ServerEvents {
             .metrics
             .connections_refused
             .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(client = %peer, per_client, "connection refused: cap reached");
+        tracing::debug!(per_client, "connection refused: cap reached");
     }
 
     fn timed_out(&self, _peer: SocketAddr, stalled: bool) {

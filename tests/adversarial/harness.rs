@@ -73,7 +73,13 @@ impl Server {
     pub fn stop_after(self, check: impl FnOnce(&[serde_json::Value])) {
         let state = self.state.clone();
         self.stop();
-        let o = securerun(&["audit", "verify", "--state-dir", p(&state)]);
+        let o = securerun(&[
+            "audit",
+            "verify",
+            "--trust-local-key",
+            "--state-dir",
+            p(&state),
+        ]);
         assert!(
             o.status.success(),
             "audit verify: {}",
@@ -113,6 +119,7 @@ pub fn records_of(state: &Path) -> Vec<serde_json::Value> {
         "export",
         "--format",
         "jsonl",
+        "--trust-local-key",
         "--state-dir",
         p(state),
     ]);

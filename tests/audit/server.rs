@@ -1,0 +1,420 @@
+//! The log as a server and the CLI write it: what is recorded, what is not in the files, and
+//! what the commands need from the auditor.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::common::{self, p, securerun};
+use crate::harness::*;
+
+/// Every record of a log whose read key is still on the host (tests that are not about keys).
+fn export(state: &Path) -> Vec<serde_json::Value> {
+    let o = audit(state, &["export", "--trust-local-key"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn verify_ok(state: &Path) {
+    let o = audit(state, &["verify", "--trust-local-key"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_mixed_session_is_recorded_verifiable_and_private() {
+    let (state, t, auditor) = session();
+    auditor.passes(state.path(), &[]);
+    let records = auditor.export(state.path(), &[]);
+    let count = |event: &str, outcome: &str| {
+        records
+            .iter()
+            .filter(|r| r["event"] == event && (outcome.is_empty() || r["outcome"] == outcome))
+            .count()
+    };
+    assert_eq!(count("server_start", ""), 2);
+    assert_eq!(count("server_stop", ""), 2);
+    assert_eq!(count("model_verification", ""), 2);
+    assert_eq!(count("request", "ok"), 2);
+    assert_eq!(count("request", "refused_unauthenticated"), 2);
+    assert_eq!(count("request", "refused_forbidden"), 2);
+    assert_eq!(count("request", "refused_too_large"), 2);
+    let ok = records.iter().find(|r| r["outcome"] == "ok").unwrap();
+    for field in [
+        "time_ms",
+        "request_id",
+        "token_id",
+        "client",
+        "model",
+        "route",
+        "status",
+        "latency_ms",
+    ] {
+        assert!(!ok[field].is_null(), "{field} missing in {ok}");
+    }
+    // Sequence numbers are consecutive across both epochs.
+    let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=records.len() as u64).collect::<Vec<_>>());
+
+    // Filters and the report.
+    assert_eq!(
+        auditor
+            .export(state.path(), &["--event", "server_start"])
+            .len(),
+        2
+    );
+    let n = |args: &[&str]| auditor.export(state.path(), args).len();
+    assert_eq!(n(&["--since", "2000-01-01"]), records.len());
+    assert_eq!(n(&["--since", "1h"]), records.len());
+    assert_eq!(n(&["--until", "2000-01-01T00:00:00Z"]), 0);
+    assert_eq!(n(&["--since", "2999-01-01"]), 0);
+    assert!(records[0]["time"].as_str().unwrap().ends_with('Z'));
+    let mut args = vec!["report"];
+    args.extend(auditor.full());
+    let report = String::from_utf8(audit(state.path(), &args).stdout).unwrap();
+    assert!(
+        report.contains("refused_unauthenticated") && report.contains("per token"),
+        "{report}"
+    );
+
+    // The CLI's token creation is recorded (epoch 2), with the token's id, never its secret.
+    let created = records
+        .iter()
+        .find(|r| r["event"] == "token_created")
+        .unwrap();
+    assert_eq!(
+        created["token_id"],
+        t.split('_').nth(1).unwrap(),
+        "{created}"
+    );
+    assert!(created["detail"]
+        .as_str()
+        .unwrap()
+        .contains("by the securerun CLI"));
+    assert_eq!(count("sandbox_started", "strict"), 2);
+
+    // Nothing private or secret in the raw files.
+    let secret = t.split('_').nth(2).unwrap();
+    for bytes in raw_files(&state.path().join("audit")) {
+        let text = String::from_utf8_lossy(&bytes);
+        for needle in [SECRET_TEXT, "Patient", secret, "127.0.0.1", "analyst"] {
+            assert!(
+                !text.contains(needle),
+                "{needle:?} found in the audit files"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_server_that_cannot_write_its_audit_log_refuses_work() {
+    // Cannot even create the log: does not start.
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("audit"), "not a directory").unwrap();
+    let err = serve(state.path(), None).err().expect("must not start");
+    assert!(err.contains("audit"), "{err}");
+
+    // Runs out of space mid-way: requests get 503 and nothing is corrupted.
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "t", "embeddings");
+    let s = serve(state.path(), Some(4096)).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    let statuses: Vec<u16> = (0..20)
+        .map(|_| call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body))
+        .collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(statuses.ends_with(&[503, 503, 503]), "{statuses:?}");
+    assert_eq!(call(&s.addr, "GET", "/healthz", None, ""), 503);
+    let mut child = s.child;
+    let _ = child.kill();
+    let _ = child.wait();
+    verify_ok(state.path());
+    // Every request answered 200 has its record.
+    let ok = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .count();
+    assert_eq!(ok, statuses.iter().filter(|&&s| s == 200).count());
+}
+
+#[test]
+fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let admin = token(state.path(), "admin", "admin");
+    let s = serve(state.path(), None).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+
+    assert!(securerun(&[
+        "lockdown",
+        "on",
+        "--reason",
+        "drill",
+        "--state-dir",
+        p(state.path())
+    ])
+    .status
+    .success());
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        503
+    );
+    // Admin requests still work, including turning lockdown off over the API.
+    assert_eq!(
+        call(
+            &s.addr,
+            "POST",
+            "/admin/lockdown",
+            Some(&admin),
+            r#"{"on": false}"#
+        ),
+        200
+    );
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+
+    let o = securerun(&["token", "revoke", "--all", "--state-dir", p(state.path())]);
+    assert!(o.status.success());
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        401
+    );
+    s.stop();
+
+    let events: Vec<String> = export(state.path())
+        .iter()
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect();
+    for e in ["lockdown_on", "lockdown_off", "token_revoked"] {
+        assert!(events.iter().any(|x| x == e), "{e} not audited: {events:?}");
+    }
+    // The running server recorded the lockdown with the reason the CLI gave.
+    let on = export(state.path())
+        .into_iter()
+        .find(|r| r["event"] == "lockdown_on")
+        .unwrap();
+    assert!(on["detail"].as_str().unwrap().contains("drill"), "{on}");
+    let refused = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "refused_lockdown")
+        .count();
+    assert_eq!(refused, 1);
+}
+
+#[test]
+fn kill_9_during_traffic_loses_no_answered_request() {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "load", "embeddings");
+    let mut s = serve(state.path(), None).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, t, body, answered) =
+                (s.addr.clone(), t.clone(), body.clone(), answered.clone());
+            std::thread::spawn(move || {
+                while let Some((status, id)) = call_with_id(&addr, &t, &body) {
+                    if status == 200 {
+                        answered.lock().unwrap().push(id.expect("x-request-id"));
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.child.kill().unwrap(); // SIGKILL, mid-traffic
+    s.child.wait().unwrap();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    assert!(
+        answered.len() > 5,
+        "only {} requests answered",
+        answered.len()
+    );
+    verify_ok(state.path());
+    let recorded: std::collections::HashSet<String> = export(state.path())
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["request_id"].as_str().map(str::to_string))
+        .collect();
+    for id in &answered {
+        assert!(
+            recorded.contains(id),
+            "answered request {id} has no audit record"
+        );
+    }
+    // The next start continues the chain after the crash.
+    let s = serve(state.path(), None).unwrap();
+    s.stop();
+    verify_ok(state.path());
+}
+
+#[test]
+fn audit_content_hmac_is_testable_and_full_is_opt_in_and_encrypted() {
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": SECRET_TEXT}).to_string();
+    for mode in ["hmac", "full"] {
+        let state = tempfile::tempdir().unwrap();
+        let t = token(state.path(), "t", "embeddings");
+        let s = serve_with(state.path(), None, &["--audit-content", mode]).unwrap();
+        assert_eq!(
+            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
+            200
+        );
+        s.stop();
+        let record = export(state.path())
+            .into_iter()
+            .find(|r| r["outcome"] == "ok")
+            .unwrap();
+        if mode == "hmac" {
+            let o = audit(state.path(), &["hmac", SECRET_TEXT]);
+            let fingerprint = String::from_utf8(o.stdout).unwrap().trim().to_string();
+            assert_eq!(record["content_hmac"][0], fingerprint.as_str(), "{record}");
+            assert!(record.get("content").is_none());
+        } else {
+            assert_eq!(record["content"]["texts"][0], SECRET_TEXT, "{record}");
+        }
+        // Either way the files on disk never hold the text.
+        for bytes in raw_files(&state.path().join("audit")) {
+            assert!(!String::from_utf8_lossy(&bytes).contains("Patient"));
+        }
+    }
+}
+
+#[test]
+fn epochs_rotate_by_time_and_cli_actions_beside_a_running_server_are_recorded() {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "t", "embeddings");
+    let config = state.path().join("serve.toml");
+    std::fs::write(&config, "audit_rotate = 1\n").unwrap();
+    let s = serve_with(state.path(), None, &["--config", p(&config)]).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hi"}).to_string();
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
+            200
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    // A trust change while the server holds the log: spooled, then recorded by the server.
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("site");
+    assert!(securerun(&["keygen", "--out", p(&prefix)]).status.success());
+    let o = securerun(&[
+        "trust",
+        "add",
+        p(&dir.path().join("site.pub")),
+        "--state-dir",
+        p(state.path()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    s.stop();
+    verify_ok(state.path());
+    let records = export(state.path());
+    let rotations = records
+        .iter()
+        .filter(|r| r["event"] == "audit_epoch_start")
+        .filter(|r| r["detail"].as_str().unwrap().contains("rotation"))
+        .count();
+    assert!(rotations >= 2, "{rotations} rotations");
+    let trusted = records
+        .iter()
+        .find(|r| r["event"] == "trust_key_added")
+        .expect("spooled trust change recorded");
+    assert!(trusted["detail"]
+        .as_str()
+        .unwrap()
+        .contains("by the securerun CLI"));
+    assert!(!state
+        .path()
+        .join("audit/spool")
+        .read_dir()
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".json")));
+}
+
+#[test]
+fn a_token_that_cannot_be_audited_is_not_created() {
+    let state = tempfile::tempdir().unwrap();
+    // The audit log cannot exist: its directory's place is taken by a file.
+    std::fs::write(state.path().join("audit"), "not a directory").unwrap();
+    let o = securerun(&[
+        "token",
+        "create",
+        "--name",
+        "ghost",
+        "--scopes",
+        "inference",
+        "--state-dir",
+        p(state.path()),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("token not created"), "{err}");
+    // No secret was shown, and the store holds no live token.
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("srt_"));
+    let list = securerun(&["token", "list", "--json", "--state-dir", p(state.path())]);
+    let tokens: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(tokens.as_array().unwrap().len(), 0, "{tokens}");
+}
+
+/// While the read key stays on the host, every server start says so.
+#[test]
+fn serve_warns_while_the_read_key_is_on_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let start = |state: &Path| {
+        let log = state.join("stderr.txt");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
+            .args([
+                "serve",
+                p(&common::minilm()),
+                "--allow-unsigned",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--state-dir", p(state)])
+            .env("SECURERUN_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("listening on"), "{line}");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let first = start(state.path());
+    assert!(first.contains("read.key is still on this host"), "{first}");
+    let second = start(state.path());
+    assert!(
+        second.contains("read.key is still on this host"),
+        "{second}"
+    );
+    // Moved off the host: no warning.
+    let off = tempfile::tempdir().unwrap();
+    std::fs::rename(
+        state.path().join("audit/read.key"),
+        off.path().join("read.key"),
+    )
+    .unwrap();
+    let third = start(state.path());
+    assert!(!third.contains("still on this host"), "{third}");
+}
