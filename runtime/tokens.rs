@@ -96,6 +96,45 @@ pub struct TokenRecord {
     /// Unix seconds.
     pub created: u64,
     pub expires: Option<u64>,
+    /// The holder's consent to having prompt and completion content recorded
+    /// (`--audit-content`); without it, content is never recorded for this token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_content: Option<Consent>,
+}
+
+/// A consent to content recording: when, and who recorded it (on the data subject's behalf).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    /// Unix seconds.
+    pub time: u64,
+    /// Who created the token with the consent: the CLI, or an admin token's id.
+    pub recorded_by: String,
+    /// What was consented to.
+    pub scope: String,
+}
+
+impl Consent {
+    pub const SCOPE: &'static str =
+        "prompt and completion content in the audit log (--audit-content hmac|full)";
+
+    pub fn now(recorded_by: impl Into<String>) -> Consent {
+        Consent {
+            time: now(),
+            recorded_by: recorded_by.into(),
+            scope: Self::SCOPE.into(),
+        }
+    }
+
+    /// The consent's own audit record.
+    pub fn audit_event(&self, token: &TokenRecord) -> crate::audit::AuditRecord {
+        let mut r = crate::audit::AuditRecord::event("consent_content_given").with_detail(format!(
+            "consent to {} given at unix {}, recorded by {}",
+            self.scope, self.time, self.recorded_by
+        ));
+        r.token_id = Some(token.id.clone());
+        r.outcome = Some("ok".into());
+        r
+    }
 }
 
 /// What may be shown of a token outside the store: everything but the secret's hash (a hash
@@ -109,6 +148,7 @@ pub struct TokenView<'a> {
     pub limits: &'a Limits,
     pub created: u64,
     pub expires: Option<u64>,
+    pub consent_content: Option<&'a Consent>,
 }
 
 impl TokenRecord {
@@ -122,6 +162,7 @@ impl TokenRecord {
             limits: &self.limits,
             created: self.created,
             expires: self.expires,
+            consent_content: self.consent_content.as_ref(),
         }
     }
 
@@ -343,6 +384,7 @@ impl TokenStore {
             limits,
             created: now(),
             expires,
+            consent_content: None,
         };
         Ok(Created { record, token })
     }

@@ -91,6 +91,12 @@ pub fn run(args: ServeArgs) -> CmdResult {
     if let Some(c) = args.audit_content {
         config.audit_content = c;
     }
+    if config.audit_content != server::config::AuditContent::None {
+        eprintln!(
+            "note: audit content ({:?}) is recorded only for tokens created with --consent-content",
+            config.audit_content
+        );
+    }
     config.validate()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(

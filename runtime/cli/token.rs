@@ -52,6 +52,11 @@ pub struct CreateArgs {
     /// Generated-token budget per minute (default 20000).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     tokens_per_min: Option<u32>,
+    /// The token's holder consents to having prompt and completion content recorded in the
+    /// audit log (`serve --audit-content hmac|full`); without it, content is never recorded
+    /// for this token. The consent is itself recorded.
+    #[arg(long)]
+    consent_content: bool,
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 }
@@ -76,7 +81,11 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             let expires = a.expires.map(|d| tokens::now() + d);
             let scopes: BTreeSet<Scope> = a.scopes.into_iter().collect();
             let store = store(a.state_dir.clone())?;
-            let created = tokens::TokenStore::prepare(&a.name, scopes, a.models, limits, expires)?;
+            let mut created =
+                tokens::TokenStore::prepare(&a.name, scopes, a.models, limits, expires)?;
+            if a.consent_content {
+                created.record.consent_content = Some(tokens::Consent::now("the securerun CLI"));
+            }
             let r = &created.record;
             if store.load()?.iter().any(|t| t.name == r.name) {
                 return Err(tokens::TokenError::DuplicateName(r.name.clone()).into());
@@ -84,6 +93,10 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
             // Recorded first: a token whose creation cannot be audited is never stored.
             super::record_admin(a.state_dir.as_deref(), r.audit_event("token_created"))
                 .map_err(|e| format!("token not created: {e}"))?;
+            if let Some(c) = &r.consent_content {
+                super::record_admin(a.state_dir.as_deref(), c.audit_event(r))
+                    .map_err(|e| format!("token not created: {e}"))?;
+            }
             if let Err(e) = store.insert(r) {
                 let mut failed = r.audit_event("token_create_failed");
                 failed.outcome = Some("error".into());
@@ -108,7 +121,7 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
                 let now = tokens::now();
                 for r in records {
                     println!(
-                        "{}  {:<20} {:<34} models={} rate={}/min tokens={}/min expires={}{}",
+                        "{}  {:<20} {:<34} models={} rate={}/min tokens={}/min expires={}{}{}",
                         r.id,
                         r.name,
                         r.scope_list(),
@@ -120,6 +133,12 @@ pub fn run(cmd: TokenCommand) -> CmdResult {
                         r.limits.requests_per_min,
                         r.limits.tokens_per_min,
                         when(r.expires),
+                        r.consent_content
+                            .as_ref()
+                            .map_or(String::new(), |c| format!(
+                                " consent=content(unix {})",
+                                c.time
+                            )),
                         if r.expired(now) { " (EXPIRED)" } else { "" }
                     );
                 }

@@ -90,7 +90,7 @@ impl AppState {
 pub struct ServerEvents(pub Arc<AppState>);
 
 impl connections::ConnectionEvents for ServerEvents {
-    fn refused(&self, peer: SocketAddr, per_client: bool) {
+    fn refused(&self, _peer: SocketAddr, per_client: bool) {
         self.0
             .metrics
             .connections_refused
@@ -469,8 +469,19 @@ fn with_request_id(mut resp: Response, request_id: &str) -> Response {
     resp
 }
 
-/// Adds the texts of a request to its record as `--audit-content` says.
+/// Adds the texts of a request to its record as `--audit-content` says — only for a token whose
+/// holder consented (`token create --consent-content`); for any other, nothing of the content.
 pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, c: Content) {
+    let consented = record.token_id.as_ref().is_some_and(|id| {
+        state
+            .tokens
+            .records()
+            .iter()
+            .any(|t| &t.id == id && t.consent_content.is_some())
+    });
+    if !consented {
+        return;
+    }
     match state.config.audit_content {
         config::AuditContent::None => {}
         config::AuditContent::Hmac => {

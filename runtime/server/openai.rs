@@ -950,6 +950,9 @@ struct CreateToken {
     requests_per_min: Option<u32>,
     #[serde(default)]
     tokens_per_min: Option<u32>,
+    /// The holder consents to content recording (see `token create --consent-content`).
+    #[serde(default)]
+    consent_content: bool,
 }
 
 /// `POST /admin/tokens`: creates a token; the secret is in this response only.
@@ -980,7 +983,7 @@ pub async fn admin_create_token(
                 })?,
         ),
     };
-    let created = crate::tokens::TokenStore::prepare(
+    let mut created = crate::tokens::TokenStore::prepare(
         &req.name,
         req.scopes.into_iter().collect(),
         req.models,
@@ -999,7 +1002,16 @@ pub async fn admin_create_token(
             created.record.name.clone(),
         )));
     }
+    if req.consent_content {
+        created.record.consent_content = Some(crate::tokens::Consent::now(format!(
+            "admin token {}",
+            caller.token_id
+        )));
+    }
     record_first(&state, &caller, created.record.audit_event("token_created")).await?;
+    if let Some(c) = &created.record.consent_content {
+        record_first(&state, &caller, c.audit_event(&created.record)).await?;
+    }
     store.insert(&created.record).map_err(admin_error)?;
     let _ = state.tokens.refresh();
     tracing::info!(by = %caller.token_id, token = %created.record.id, "token created");

@@ -263,21 +263,64 @@ fn kill_9_during_traffic_loses_no_answered_request() {
 }
 
 #[test]
-fn audit_content_hmac_is_testable_and_full_is_opt_in_and_encrypted() {
-    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": SECRET_TEXT}).to_string();
+fn audit_content_is_recorded_only_with_consent_hmac_testable_full_encrypted() {
+    let body = embed_body(SECRET_TEXT);
     for mode in ["hmac", "full"] {
         let state = tempfile::tempdir().unwrap();
-        let t = token(state.path(), "t", "embeddings");
-        let s = serve_with(state.path(), None, &["--audit-content", mode]).unwrap();
-        assert_eq!(
-            call(&s.addr, "POST", "/v1/embeddings", Some(&t), &body),
-            200
+        let without = token(state.path(), "no-consent", "embeddings");
+        let o = securerun(&[
+            "token",
+            "create",
+            "--name",
+            "consented",
+            "--scopes",
+            "embeddings",
+            "--consent-content",
+            "--state-dir",
+            p(state.path()),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let with = String::from_utf8(o.stdout).unwrap().trim().to_string();
+        let list =
+            String::from_utf8(securerun(&["token", "list", "--state-dir", p(state.path())]).stdout)
+                .unwrap();
+        let consent_lines: Vec<&str> = list.lines().filter(|l| l.contains("consent=")).collect();
+        assert!(
+            consent_lines.len() == 1 && consent_lines[0].contains("consented"),
+            "{list}"
         );
+        let s = serve_with(state.path(), None, &["--audit-content", mode]).unwrap();
+        for t in [&without, &with] {
+            assert_eq!(call(&s.addr, "POST", "/v1/embeddings", Some(t), &body), 200);
+        }
         s.stop();
-        let record = export(state.path())
-            .into_iter()
-            .find(|r| r["outcome"] == "ok")
-            .unwrap();
+        let records = export(state.path());
+        let id = |t: &str| t.split('_').nth(1).unwrap().to_string();
+        let ok = |t: &str| {
+            records
+                .iter()
+                .find(|r| {
+                    r["event"] == "request"
+                        && r["outcome"] == "ok"
+                        && r["token_id"] == id(t).as_str()
+                })
+                .unwrap()
+                .clone()
+        };
+        // No consent: nothing of the content, whatever the server's setting.
+        let plain = ok(&without);
+        assert!(plain.get("content").is_none() && plain.get("content_hmac").is_none());
+        // The consent itself is on record: who, when, what.
+        let consent = records
+            .iter()
+            .find(|r| r["event"] == "consent_content_given")
+            .expect("consent recorded");
+        assert_eq!(consent["token_id"], id(&with).as_str());
+        assert!(consent["detail"]
+            .as_str()
+            .unwrap()
+            .contains("securerun CLI"));
+        let record = ok(&with);
         if mode == "hmac" {
             let o = audit(state.path(), &["hmac", SECRET_TEXT]);
             let fingerprint = String::from_utf8(o.stdout).unwrap().trim().to_string();
@@ -286,11 +329,80 @@ fn audit_content_hmac_is_testable_and_full_is_opt_in_and_encrypted() {
         } else {
             assert_eq!(record["content"]["texts"][0], SECRET_TEXT, "{record}");
         }
+        // A data subject's access request: their records only.
+        let mut a = vec!["export", "--trust-local-key", "--subject"];
+        let subject = id(&with);
+        a.push(&subject);
+        let o = audit(state.path(), &a);
+        let mine: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(!mine.is_empty() && mine.iter().all(|r| r["token_id"] == subject.as_str()));
         // Either way the files on disk never hold the text.
         for bytes in raw_files(&state.path().join("audit")) {
             assert!(!String::from_utf8_lossy(&bytes).contains("Patient"));
         }
     }
+}
+
+/// Neither client addresses nor their pseudonyms reach the plaintext server log, even at
+/// debug level.
+#[test]
+fn the_plaintext_server_log_holds_no_address_or_pseudonym() {
+    let state = tempfile::tempdir().unwrap();
+    let t = token(state.path(), "t", "embeddings");
+    let log = state.path().join("server.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args([
+            "serve",
+            p(&common::minilm()),
+            "--allow-unsigned",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            p(state.path()),
+        ])
+        .env("SECURERUN_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    let body = embed_body("hi");
+    assert_eq!(call(&addr, "POST", "/v1/embeddings", Some(&t), &body), 200);
+    assert_eq!(
+        call(&addr, "POST", "/v1/embeddings", Some("srt_wrong"), &body),
+        401
+    );
+    assert_eq!(call(&addr, "POST", "/v1/embeddings", None, &body), 401);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let o = audit(state.path(), &["hmac", "127.0.0.1"]);
+    let pseudonym = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    assert_eq!(pseudonym.len(), 32);
+    assert!(text.lines().count() > 3, "{text}");
+    assert!(
+        !text.contains("127.0.0.1:") || text.lines().all(|l| !l.contains("client")),
+        "{text}"
+    );
+    assert!(!text.contains(&pseudonym), "{text}");
+    // The records do carry the pseudonym (that is where it belongs).
+    assert!(export(state.path())
+        .iter()
+        .any(|r| r["client"] == pseudonym.as_str()));
 }
 
 #[test]
