@@ -530,3 +530,152 @@ fn serve_warns_while_the_read_key_is_on_the_host() {
     let third = start(state.path());
     assert!(!third.contains("still on this host"), "{third}");
 }
+
+/// A log of the old (v1) format: verified read-only, refused by the new writer (never silently
+/// continued or overwritten), and converted by `audit migrate`, which verifies it first.
+#[test]
+fn a_log_of_the_old_format_verifies_read_only_and_migrates() {
+    use securerun::audit::v1;
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("audit");
+    std::fs::create_dir_all(&dir).unwrap();
+    let off = tempfile::tempdir().unwrap();
+    let key_path = off.path().join("old-read.key");
+    let bytes: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
+    std::fs::write(
+        &key_path,
+        format!("securerun-audit-key v1 0 {}\n", hex::encode(bytes)),
+    )
+    .unwrap();
+    let k0 = v1::keys::EpochKey::load(&key_path).unwrap();
+    let k1 = k0.next();
+    let (mut head, mut seg) = ([0u8; 32], Vec::new());
+    for (i, event) in ["server_start", "request", "server_stop"]
+        .iter()
+        .enumerate()
+    {
+        let json = serde_json::to_vec(&securerun::audit::AuditRecord::event(event)).unwrap();
+        let (frame, next) = v1::segment::seal(&k1.record_key(), i as u64 + 1, 1, &head, &json);
+        seg.extend_from_slice(&frame);
+        head = next;
+    }
+    std::fs::write(dir.join("seg-00000001.log"), &seg).unwrap();
+    let lines = [
+        v1::checkpoint::Checkpoint::sign(&k0, 0, &[0; 32], Some(&k1)).unwrap(),
+        v1::checkpoint::Checkpoint::sign(&k1, 3, &head, None).unwrap(),
+    ]
+    .iter()
+    .map(|c| serde_json::to_string(c).unwrap() + "\n")
+    .collect::<String>();
+    std::fs::write(dir.join("checkpoints.jsonl"), lines).unwrap();
+
+    // Read-only verification by the new verifier.
+    let o = audit(state.path(), &["verify", "--key", p(&key_path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("old format"));
+    // The new writer neither continues it nor starts a new log over it.
+    let err = serve(state.path(), None)
+        .err()
+        .expect("must not start over an old log");
+    assert!(err.contains("audit migrate"), "{err}");
+    // A tampered old log is not migrated.
+    let mut bad = seg.clone();
+    bad[40] ^= 1;
+    std::fs::write(dir.join("seg-00000001.log"), &bad).unwrap();
+    let o = audit(state.path(), &["migrate", "--key", p(&key_path)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not migrating"), "{}", stderr(&o));
+    std::fs::write(dir.join("seg-00000001.log"), &seg).unwrap();
+    // Migrated: the old log kept aside (still verifiable), the new one records where it ended.
+    let o = audit(state.path(), &["migrate", "--key", p(&key_path)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let archive = std::fs::read_dir(state.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("audit-v1-")
+        })
+        .expect("the old log is kept");
+    let o = securerun(&[
+        "audit",
+        "verify",
+        "--dir",
+        p(&archive),
+        "--key",
+        p(&key_path),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let migrated = export(state.path())
+        .into_iter()
+        .find(|r| r["event"] == "audit_migrated")
+        .expect("the migration is recorded");
+    assert_eq!(migrated["count"], 3);
+    assert!(migrated["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&hex::encode(head)));
+    serve(state.path(), None).unwrap().stop();
+    verify_ok(state.path());
+}
+
+/// The spool takes only what the state directory's owner left there, marks it as spooled, and
+/// bounds its time by the file's age; a spool that is a link is refused.
+#[test]
+fn the_spool_accepts_only_the_owners_files_and_bounds_their_time() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    token(state.path(), "t", "embeddings");
+    let spool = state.path().join("audit/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut backdated = securerun::audit::AuditRecord::event("token_revoked");
+    backdated.time_ms = 1;
+    std::fs::write(
+        spool.join("0000000000000001-aa.json"),
+        serde_json::to_vec(&backdated).unwrap(),
+    )
+    .unwrap();
+    let foreign = spool.join("0000000000000002-bb.json");
+    std::fs::write(&foreign, serde_json::to_vec(&backdated).unwrap()).unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let started = securerun::audit::now_ms();
+    serve(state.path(), None).unwrap().stop();
+    let records = export(state.path());
+    let taken = records
+        .iter()
+        .find(|r| r["event"] == "token_revoked")
+        .expect("the owner's spooled record");
+    assert_eq!(taken["spooled"], true);
+    assert!(
+        taken["time_ms"].as_u64().unwrap() + 120_000 >= started,
+        "{taken}"
+    );
+    assert!(taken["detail"].as_str().unwrap().contains("bounded"));
+    let invalid = records
+        .iter()
+        .find(|r| r["event"] == "spool_invalid")
+        .expect("the foreign file is reported, not taken");
+    assert!(
+        invalid["detail"].as_str().unwrap().contains("owner"),
+        "{invalid}"
+    );
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["event"] == "token_revoked")
+            .count(),
+        1
+    );
+    // A spool replaced by a link elsewhere: the writer refuses to start.
+    std::fs::remove_dir_all(&spool).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), &spool).unwrap();
+    let err = serve(state.path(), None)
+        .err()
+        .expect("must not take a linked spool");
+    assert!(err.contains("spool"), "{err}");
+}
