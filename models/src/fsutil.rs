@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 /// Why a model file could not be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{path}: is a symbolic link; model files must be regular files (pass the real path)")]
+    #[error("{path}: is a symbolic link; only regular files are read here (pass the real path)")]
     Symlink { path: PathBuf },
     #[error("{path}: not a regular file")]
     NotRegular { path: PathBuf },

@@ -1,10 +1,13 @@
 //! Signed checkpoints and the chain of epoch signing keys.
 //!
-//! A checkpoint is a signed head: `(epoch, record count, chain head, time)`, signed with the
-//! epoch's checkpoint key (ECDSA P-256, fresh per epoch, see [`super::keys`]). Epoch E's
-//! checkpoints are appended to `cp-EEEEEEEE.jsonl`. Its last one is its *final* checkpoint,
-//! which is also the handover: it names the next epoch, the next epoch's checkpoint public key
-//! and a commitment to its record key. Epoch 0 has no records: `cp-00000000.jsonl` holds only
+//! A checkpoint is a signed head: `(epoch, record count, chain head, time)`, signed with a
+//! one-time ECDSA P-256 key (fresh random, see [`super::keys`]) and naming the public key that
+//! signs the next checkpoint; the key that signed is then erased. So keys form a chain from the
+//! root, and whoever copies the host at time T holds only the key of the *next* checkpoint:
+//! every checkpoint already written stays beyond their reach, in the current epoch too. Epoch
+//! E's checkpoints are appended to `cp-EEEEEEEE.jsonl`. Its last one is its *final* checkpoint,
+//! which is also the handover: it names the next epoch, that epoch's first signing key and a
+//! commitment to its record key. Epoch 0 has no records: `cp-00000000.jsonl` holds only
 //! the genesis handover, signed by the root key whose public half is `audit.pub`, and that
 //! root secret is dropped as soon as it has signed.
 //!
@@ -51,40 +54,56 @@ pub struct Checkpoint {
     /// Chain head (hex) after record `seq`.
     pub head: String,
     pub time_ms: u64,
-    /// Final checkpoint only: the epoch that starts now, its checkpoint public key (SPKI
-    /// PEM) and the commitment to its record key.
+    /// The public key (SPKI PEM) that signs the next checkpoint.
+    pub next_key: String,
+    /// Final checkpoint only: the epoch that starts now, and the commitment to its record key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_epoch: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_key: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_commit: Option<String>,
+    /// Retention: epochs before this one may be gone (shredded). Signed by the writer when it
+    /// records the shredding, so removing old segments without it is detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_from: Option<u32>,
     /// Base64 DER ECDSA P-256/SHA-256 signature over [`Checkpoint::message`].
     pub sig: String,
 }
 
 impl Checkpoint {
-    /// A signed checkpoint of `(seq, head)` by `key`'s epoch; with `next`, the epoch's final
-    /// checkpoint, handing over to it.
+    /// A checkpoint of `(seq, head)` signed by `key`, naming `next`'s signing key. If `next`
+    /// is the following epoch's, this is `key`'s epoch's final checkpoint, handing over to it.
     pub fn sign(
         key: &EpochSecrets,
         seq: u64,
         head: &[u8; 32],
-        next: Option<&EpochSecrets>,
+        next: &EpochSecrets,
+    ) -> Result<Checkpoint, AuditError> {
+        Self::sign_retaining(key, seq, head, next, None)
+    }
+
+    /// [`Self::sign`], stating that epochs before `retained_from` may have been shredded.
+    pub fn sign_retaining(
+        key: &EpochSecrets,
+        seq: u64,
+        head: &[u8; 32],
+        next: &EpochSecrets,
+        retained_from: Option<u32>,
     ) -> Result<Checkpoint, AuditError> {
         let next_key = next
-            .map(|n| n.public_key().to_pem())
-            .transpose()
+            .public_key()
+            .to_pem()
             .map_err(|e| AuditError::Key(e.to_string()))?;
+        let handover = next.epoch != key.epoch;
         let mut c = Checkpoint {
             v: 2,
             epoch: key.epoch,
             seq,
             head: hex::encode(head),
             time_ms: super::now_ms(),
-            next_epoch: next.map(|n| n.epoch),
             next_key,
-            next_commit: next.map(EpochSecrets::record_commitment),
+            next_epoch: handover.then_some(next.epoch),
+            next_commit: handover.then(|| next.record_commitment()),
+            retained_from,
             sig: String::new(),
         };
         c.sig = crate::signing::bundle::b64_encode(&key.sign(&c.message()));
@@ -94,7 +113,7 @@ impl Checkpoint {
     /// The exact bytes signed: every field but the signature, unambiguously.
     pub fn message(&self) -> Vec<u8> {
         format!(
-            "securerun-audit-checkpoint v{}\nepoch {}\nseq {}\nhead {}\ntime_ms {}\nnext_epoch {}\nnext_key {}\nnext_commit {}\n",
+            "securerun-audit-checkpoint v{}\nepoch {}\nseq {}\nhead {}\ntime_ms {}\nnext_epoch {}\nnext_key {}\nnext_commit {}\nretained_from {}\n",
             self.v,
             self.epoch,
             self.seq,
@@ -104,6 +123,7 @@ impl Checkpoint {
             // JSON-quoted: every string has exactly one encoding here.
             serde_json::to_string(&self.next_key).unwrap_or_default(),
             serde_json::to_string(&self.next_commit).unwrap_or_default(),
+            self.retained_from.map_or("-".to_string(), |e| e.to_string()),
         )
         .into_bytes()
     }
@@ -116,6 +136,10 @@ impl Checkpoint {
 
     pub fn is_final(&self) -> bool {
         self.next_epoch.is_some()
+    }
+
+    pub fn next_public_key(&self) -> Option<PublicKey> {
+        PublicKey::from_pem(&self.next_key).ok()
     }
 
     pub fn head_bytes(&self) -> Option<[u8; 32]> {
@@ -234,7 +258,9 @@ pub fn problem(place: impl Into<String>, reason: impl Into<String>) -> Problem {
 #[derive(Debug, Clone)]
 pub struct Epoch {
     pub epoch: u32,
-    pub key: PublicKey,
+    /// Every key of the epoch's chain, in order: the handover's, then each checkpoint's
+    /// `next_key`. The last one (unless the epoch is closed) signs its next checkpoint.
+    pub keys: Vec<PublicKey>,
     /// Where the chain stood when the epoch began (from the previous epoch's final).
     pub start: (u64, [u8; 32]),
     /// The commitment to this epoch's record key (none for epoch 0).
@@ -246,6 +272,11 @@ pub struct Epoch {
 }
 
 impl Epoch {
+    /// The key that signs this epoch's next checkpoint (the open epoch's writer holds it).
+    pub fn signer(&self) -> &PublicKey {
+        self.keys.last().expect("an epoch has its handover's key")
+    }
+
     pub fn final_checkpoint(&self) -> Option<&Checkpoint> {
         self.checkpoints.last().filter(|c| c.is_final())
     }
@@ -271,7 +302,7 @@ pub fn walk(
     let mut epochs: Vec<Epoch> = Vec::new();
     let mut next = Some(Epoch {
         epoch: 0,
-        key: root.clone(),
+        keys: vec![root.clone()],
         start: (0, [0; 32]),
         commit: None,
         checkpoints: Vec::new(),
@@ -299,12 +330,15 @@ pub fn walk(
                     ),
                 ));
             }
-            if !c.verify(&e.key) {
+            if !c.verify(e.signer()) {
                 return Err(problem(
                     place,
-                    "the signature does not verify under this epoch's key (forged or edited)",
+                    "the signature does not verify under the key the previous checkpoint named (forged, edited, or a checkpoint before it removed)",
                 ));
             }
+            let Some(next_key) = c.next_public_key() else {
+                return Err(problem(place, "malformed next key"));
+            };
             if c.seq < last_seq || c.head_bytes().is_none() {
                 return Err(problem(
                     place,
@@ -321,18 +355,15 @@ pub fn walk(
             if e.epoch == 0 && !c.is_final() {
                 return Err(problem(place, "epoch 0 holds only the genesis handover"));
             }
+            e.keys.push(next_key);
         }
         e.checkpoints = file.list;
         e.torn_at = file.torn_at;
         if let Some(f) = e.final_checkpoint() {
             let place = format!("{name} line {}", e.checkpoints.len());
-            let (Some(n), Some(key), Some(commit)) = (
-                f.next_epoch,
-                f.next_key
-                    .as_deref()
-                    .and_then(|p| PublicKey::from_pem(p).ok()),
-                f.next_commit.clone(),
-            ) else {
+            let (Some(n), Some(key), Some(commit)) =
+                (f.next_epoch, f.next_public_key(), f.next_commit.clone())
+            else {
                 return Err(problem(place, "malformed final checkpoint"));
             };
             if Some(n) != e.epoch.checked_add(1) {
@@ -346,7 +377,7 @@ pub fn walk(
             }
             next = Some(Epoch {
                 epoch: n,
-                key,
+                keys: vec![key],
                 start: (f.seq, f.head_bytes().expect("checked above")),
                 commit: Some(commit),
                 checkpoints: Vec::new(),
@@ -375,10 +406,11 @@ pub fn read_root(path: &Path) -> Result<PublicKey, AuditError> {
 }
 
 /// Is `c` one of this log's signed heads? Returns the epoch it belongs to when its signature
-/// verifies under the key the walk learned for its epoch.
+/// verifies under one of the keys the walk learned for its epoch (an anchor may be a
+/// checkpoint since removed from the file, signed by the key its predecessor named).
 pub fn authenticate<'a>(epochs: &'a [Epoch], c: &Checkpoint) -> Option<&'a Epoch> {
     let e = epochs.iter().find(|e| e.epoch == c.epoch)?;
-    (c.v == 2 && c.verify(&e.key)).then_some(e)
+    (c.v == 2 && e.keys.iter().any(|k| c.verify(k))).then_some(e)
 }
 
 /// The segment of `epoch`, for messages.
@@ -394,7 +426,7 @@ mod tests {
     fn a_checkpoint_verifies_only_unchanged_and_with_its_epoch_key() {
         let k1 = EpochSecrets::generate(1);
         let k2 = EpochSecrets::generate(2);
-        let c = Checkpoint::sign(&k1, 7, &[3; 32], Some(&k2)).unwrap();
+        let c = Checkpoint::sign(&k1, 7, &[3; 32], &k2).unwrap();
         assert!(c.verify(&k1.public_key()));
         assert!(!c.verify(&k2.public_key()));
         for edit in [
@@ -402,7 +434,7 @@ mod tests {
             |c: &mut Checkpoint| c.head = "00".repeat(32),
             |c: &mut Checkpoint| c.time_ms += 1,
             |c: &mut Checkpoint| c.next_epoch = Some(9),
-            |c: &mut Checkpoint| c.next_key = None,
+            |c: &mut Checkpoint| c.next_key = String::new(),
             |c: &mut Checkpoint| c.next_commit = Some("00".repeat(32)),
         ] {
             let mut bad = c.clone();

@@ -1,12 +1,14 @@
 //! The host's audit keys: one epoch's secrets at a time, and the pseudonymization key.
 //!
-//! - `current.key` (0600): the running epoch's two secrets, each fresh from the OS random
-//!   generator when the epoch begins: the *record key* that seals its records
-//!   (XChaCha20-Poly1305) and the *checkpoint key* that signs its checkpoints (ECDSA P-256).
-//!   Nothing derives one epoch's keys from another's, so a copy of `current.key` (a thief, a
-//!   backup) reads and signs that epoch only: neither earlier epochs (their keys were erased)
-//!   nor later ones (fresh randomness the copy does not contain).
-//! - `next.key` exists only while an epoch is being handed over (see `writer::begin_epoch`).
+//! - `current.key` (0600): the running epoch's secrets, each fresh from the OS random
+//!   generator: the *record key* that seals its records (XChaCha20-Poly1305), the *frame MAC
+//!   key* (the writer's own tag on each frame), and the one-time *checkpoint key* that signs
+//!   the next checkpoint (ECDSA P-256; replaced by a fresh one at every checkpoint). Nothing
+//!   derives one key from another, so a copy of `current.key` (a thief, a backup) reads the
+//!   current epoch and signs its next checkpoint only: neither earlier checkpoints nor earlier
+//!   epochs (their keys were erased), nor later epochs (fresh randomness the copy lacks).
+//! - `next.key` exists only while a checkpoint or an epoch handover is being made (see
+//!   `writer::begin_epoch`).
 //! - Each epoch's record key reaches the auditor as `key-EEEEEEEE.wrap`, encrypted to the
 //!   auditor's public key ([`super::recipient`]); the host keeps no key that opens them.
 //! - `pseudonym.key` (0600): a long-lived HMAC key for client addresses and `--audit-content
@@ -33,11 +35,16 @@ pub const NEXT_KEY: &str = "next.key";
 pub const PSEUDONYM_KEY: &str = "pseudonym.key";
 const EPOCH_KEY_TAG: &str = "securerun-audit-epoch v2";
 
-/// One epoch's secrets.
+/// One epoch's secrets: the record key (wrapped to the auditor), the checkpoint signing key
+/// (one per checkpoint: each checkpoint names the next one's public key, and the used one is
+/// erased, so a copy taken at time T cannot re-sign an earlier checkpoint, not even of the
+/// same epoch), and the frame MAC key (never leaves the host; it lets the writer tell its own
+/// records from ones made with the read key — the auditor can seal records, not MAC them).
 pub struct EpochSecrets {
     pub epoch: u32,
     record: Secret,
     signing: Secret,
+    mac: Secret,
 }
 
 impl std::fmt::Debug for EpochSecrets {
@@ -53,7 +60,29 @@ impl EpochSecrets {
             epoch,
             record: Secret::random(),
             signing: random_p256_scalar(),
+            mac: Secret::random(),
         }
+    }
+
+    /// The same epoch's secrets with the next checkpoint signing key (see the type's docs).
+    pub fn with_next_signing_key(&self) -> Self {
+        EpochSecrets {
+            epoch: self.epoch,
+            record: Secret::from_slice(self.record.expose()).expect("32 bytes"),
+            signing: random_p256_scalar(),
+            mac: Secret::from_slice(self.mac.expose()).expect("32 bytes"),
+        }
+    }
+
+    /// The writer's tag over a frame (HMAC-SHA256, first 16 bytes).
+    pub fn frame_mac(&self, data: &[u8]) -> [u8; 16] {
+        use hmac::{Mac, SimpleHmac};
+        let mut mac =
+            <SimpleHmac<Sha256> as Mac>::new_from_slice(self.mac.expose()).expect("any key length");
+        mac.update(data);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+        out
     }
 
     pub fn record_key(&self) -> &[u8; 32] {
@@ -84,8 +113,12 @@ impl EpochSecrets {
     }
 
     fn encode(&self) -> Zeroizing<String> {
-        let (r, s) = (self.record.to_hex(), self.signing.to_hex());
-        let mut out = Zeroizing::new(String::with_capacity(EPOCH_KEY_TAG.len() + 150));
+        let (r, s, m) = (
+            self.record.to_hex(),
+            self.signing.to_hex(),
+            self.mac.to_hex(),
+        );
+        let mut out = Zeroizing::new(String::with_capacity(EPOCH_KEY_TAG.len() + 250));
         out.push_str(EPOCH_KEY_TAG);
         out.push(' ');
         out.push_str(&self.epoch.to_string());
@@ -93,6 +126,8 @@ impl EpochSecrets {
         out.push_str(&r);
         out.push(' ');
         out.push_str(&s);
+        out.push(' ');
+        out.push_str(&m);
         out.push('\n');
         out
     }
@@ -103,6 +138,7 @@ impl EpochSecrets {
         let epoch = parts.next()?.parse().ok()?;
         let record = Secret::from_hex(parts.next()?)?;
         let signing = Secret::from_hex(parts.next()?)?;
+        let mac = Secret::from_hex(parts.next()?)?;
         if parts.next().is_some() || p256::ecdsa::SigningKey::from_slice(signing.expose()).is_err()
         {
             return None;
@@ -111,6 +147,7 @@ impl EpochSecrets {
             epoch,
             record,
             signing,
+            mac,
         })
     }
 

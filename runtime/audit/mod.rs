@@ -256,6 +256,11 @@ impl AuditLog {
         let mut startup = vec![w.epoch_start_record()];
         startup.extend(spooled.records.iter().cloned());
         w.append(&startup)?;
+        for r in &spooled.records {
+            if let (true, Some(from)) = (r.event == retention::SHREDDED, r.epoch) {
+                w.retain(from)?;
+            }
+        }
         spool::remove(&spooled);
         let pseudonym_key = Arc::new(keys::pseudonym_key(dir)?);
         let (tx, rx) = std_mpsc::channel::<writer::Pending>();
@@ -332,6 +337,17 @@ impl AuditLog {
             .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
     }
 
+    /// Signs a checkpoint stating that epochs before `from` may be shredded (after everything
+    /// submitted so far), and waits until it is durable. Retention deletes nothing before this.
+    pub fn retain(&self, from: u32) -> Result<(), AuditError> {
+        let (done, wait) = std_mpsc::sync_channel(1);
+        self.tx
+            .send(writer::Pending::Retain(from, done))
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
+        wait.recv()
+            .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
+    }
+
     /// Checkpoints and lets the writer go (a CLI command's log, before the process exits).
     pub fn close(self) -> Result<(), AuditError> {
         self.checkpoint_now()
@@ -343,6 +359,11 @@ impl AuditLog {
         let spooled = spool::take(&self.dir)?;
         for r in &spooled.records {
             self.append_blocking(r.clone())?;
+            // A shredding the CLI recorded while this server holds the log: the signed
+            // statement it waits for before deleting anything.
+            if let (true, Some(from)) = (r.event == retention::SHREDDED, r.epoch) {
+                self.retain(from)?;
+            }
         }
         spool::remove(&spooled);
         Ok(spooled.records.len())

@@ -20,6 +20,20 @@ use super::segment;
 use super::verify;
 use crate::signing::PublicKey;
 
+/// The event of a shredding's record; the writer answers it with a signed checkpoint stating
+/// where the log may now begin (`retained_from`).
+pub const SHREDDED: &str = "audit_shredded";
+
+/// The newest signed statement of where retention lets the log begin (1 if none).
+pub fn retained_from(epochs: &[checkpoint::Epoch]) -> u32 {
+    epochs
+        .iter()
+        .flat_map(|e| e.checkpoints.iter())
+        .filter_map(|c| c.retained_from)
+        .max()
+        .unwrap_or(1)
+}
+
 /// What shredding up to an epoch does (or would do).
 #[derive(Debug)]
 pub struct Plan {
@@ -88,8 +102,9 @@ pub fn plan(dir: &Path, root: &PublicKey, before_epoch: u32) -> Result<Plan, Str
     })
 }
 
-/// Carries out `plan` (after its `audit_shredded` record is durable): wrap files are
-/// overwritten in place before they are removed, then the segments go.
+/// Carries out `plan` once its `audit_shredded` record and the writer's signed statement
+/// (`retained_from`) are durable: wrap files are overwritten in place before they are removed,
+/// then the segments go.
 pub fn execute(dir: &Path, plan: &Plan) -> Result<(), String> {
     for path in &plan.files {
         super::keys::erase_file(path).map_err(|e| e.to_string())?;

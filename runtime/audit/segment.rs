@@ -2,7 +2,10 @@
 //! per-epoch file.
 //!
 //! `seg-EEEEEEEE.log` holds the records of epoch E (one segment per epoch, E ≥ 1). A frame is
-//! `[u32 LE length][u64 seq][u32 epoch][24-byte nonce][XChaCha20-Poly1305 ciphertext + tag]`.
+//! `[u32 LE length][u64 seq][u32 epoch][24-byte nonce][XChaCha20-Poly1305 ciphertext + tag]
+//! [16-byte writer MAC]`. The writer MAC (HMAC-SHA256 under a key only the host's writer holds,
+//! over the frame and the previous head) lets the writer refuse, on restart, records that a
+//! holder of the read key sealed in after a crash; verifiers do not have (or need) that key.
 //! The AEAD's associated data binds the sequence number, the epoch and the chain head before the
 //! record, so a record cannot be moved, reordered, replayed or re-sealed under another epoch's
 //! key without failing authentication. The chain head after a record is
@@ -23,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 const AAD_TAG: &[u8] = b"securerun-audit-v2";
 const HEADER: usize = 8 + 4 + 24;
+/// The writer MAC at the end of each frame body.
+const WRITER_MAC: usize = 16;
 /// Largest frame accepted when reading (a record is a few hundred bytes).
 pub const MAX_FRAME: usize = 1 << 20;
 
@@ -69,6 +74,12 @@ impl Listing {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            // The old format's checkpoint file has no place in this one: planted beside a log,
+            // it would steer a verifier to the old format's weaker checks.
+            if name == super::v1::checkpoint::CHECKPOINTS {
+                out.unknown.push(name);
+                continue;
+            }
             let kind = [Kind::Segment, Kind::Checkpoints, Kind::Wrap]
                 .into_iter()
                 .find(|k| name.starts_with(k.affixes().0));
@@ -117,8 +128,10 @@ fn aad(seq: u64, epoch: u32, prev: &[u8; 32]) -> Vec<u8> {
 }
 
 /// Seals one record; returns the frame (with its length prefix) and the new chain head.
+/// `writer_mac` tags the frame and the previous head (see the module docs).
 pub fn seal(
     cipher: &XChaCha20Poly1305,
+    writer_mac: impl Fn(&[u8]) -> [u8; 16],
     seq: u64,
     epoch: u32,
     prev: &[u8; 32],
@@ -139,10 +152,19 @@ pub fn seal(
     body.extend_from_slice(&epoch.to_le_bytes());
     body.extend_from_slice(&nonce);
     body.extend_from_slice(&ct);
+    let tag = writer_mac(&mac_input(&body, prev));
+    body.extend_from_slice(&tag);
     let head = chain(prev, &body);
     let mut frame = (body.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&body);
     (frame, head)
+}
+
+fn mac_input(body: &[u8], prev: &[u8; 32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(body.len() + 32);
+    m.extend_from_slice(body);
+    m.extend_from_slice(prev);
+    m
 }
 
 pub fn cipher(record_key: &[u8; 32]) -> XChaCha20Poly1305 {
@@ -173,11 +195,18 @@ impl Frame {
             .decrypt(
                 XNonce::from_slice(nonce),
                 Payload {
-                    msg: &self.body[HEADER..],
+                    msg: &self.body[HEADER..self.body.len() - WRITER_MAC],
                     aad: &aad(self.seq, self.epoch, prev),
                 },
             )
             .ok()
+    }
+
+    /// Whether the writer MAC is the one `writer_mac` computes (constant time).
+    pub fn writer_made(&self, writer_mac: impl Fn(&[u8]) -> [u8; 16], prev: &[u8; 32]) -> bool {
+        use subtle::ConstantTimeEq;
+        let (sealed, tag) = self.body.split_at(self.body.len() - WRITER_MAC);
+        writer_mac(&mac_input(sealed, prev)).ct_eq(tag).into()
     }
 
     /// Bytes on disk, length prefix included.
@@ -249,7 +278,9 @@ impl Reader {
         let mut len = [0u8; 4];
         self.file.read_exact(&mut len)?;
         let len = u32::from_le_bytes(len) as usize;
-        if !(HEADER + 16..=MAX_FRAME).contains(&len) || (self.len - offset - 4) < len as u64 {
+        if !(HEADER + 16 + WRITER_MAC..=MAX_FRAME).contains(&len)
+            || (self.len - offset - 4) < len as u64
+        {
             return torn;
         }
         let mut body = vec![0u8; len];

@@ -98,6 +98,19 @@ impl Sinks {
         result
     }
 
+    /// Whether every file sink can be opened for appending now (checked every second, so an
+    /// unwritable sink refuses requests at once, not at the next checkpoint).
+    pub fn check_files(&self) -> Result<(), AuditError> {
+        for spec in &self.specs {
+            if let SinkSpec::File(path) = spec {
+                open_append(path).map_err(|e| {
+                    AuditError::Io(format!("checkpoint sink {}: {e}", path.display()))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     fn datagram(&self, socket: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
         let s = self
             .socket
@@ -107,8 +120,8 @@ impl Sinks {
     }
 }
 
-fn append_line(path: &std::path::Path, json: &str) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
@@ -117,6 +130,11 @@ fn append_line(path: &std::path::Path, json: &str) -> std::io::Result<()> {
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
+    Ok(f)
+}
+
+fn append_line(path: &std::path::Path, json: &str) -> std::io::Result<()> {
+    let mut f = open_append(path)?;
     f.write_all(format!("{json}\n").as_bytes())?;
     f.sync_data()
 }
@@ -159,7 +177,7 @@ mod tests {
             "syslog:/nonexistent/socket".parse().unwrap(),
         ]);
         let k = super::super::keys::EpochSecrets::generate(1);
-        let c = Checkpoint::sign(&k, 3, &[1; 32], None).unwrap();
+        let c = Checkpoint::sign(&k, 3, &[1; 32], &k.with_next_signing_key()).unwrap();
         sinks.send(&c).unwrap();
         assert_eq!(sinks.errors.load(Ordering::Relaxed), 1);
         let line = std::fs::read_to_string(&file).unwrap();

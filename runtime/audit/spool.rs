@@ -136,13 +136,29 @@ pub fn remove(spooled: &Spooled) {
 /// server is writing this log, else through the spool (durable in the spool, recorded by the
 /// server within a second). An error means nothing was recorded, and the caller must not act.
 /// Creates the log if this state directory has none yet.
-pub fn record_admin(dir: &Path, record: AuditRecord) -> Result<(), AuditError> {
+pub fn record_admin(dir: &Path, record: AuditRecord) -> Result<Recorded, AuditError> {
     match AuditLog::open(dir, super::Durability::Fsync) {
         Ok(log) => {
+            let shredded = (record.event == super::retention::SHREDDED)
+                .then_some(record.epoch)
+                .flatten();
             log.append_blocking(record)?;
-            log.close()
+            if let Some(from) = shredded {
+                log.retain(from)?;
+            }
+            log.close()?;
+            Ok(Recorded::Direct)
         }
-        Err(AuditError::Busy(_)) => put(dir, &record),
+        Err(AuditError::Busy(_)) => put(dir, &record).map(|_| Recorded::Spooled),
         Err(e) => Err(e),
     }
+}
+
+/// How an operator action was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// In the log, durable.
+    Direct,
+    /// In the spool, durable; a running server records it within a second.
+    Spooled,
 }

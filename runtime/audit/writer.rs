@@ -53,6 +53,8 @@ pub(super) enum Pending {
     },
     /// Sign a checkpoint now (if anything is unattested), e.g. before the process exits.
     Checkpoint(std_mpsc::SyncSender<Result<(), AuditError>>),
+    /// Sign a checkpoint stating that epochs before this one may be shredded.
+    Retain(u32, std_mpsc::SyncSender<Result<(), AuditError>>),
 }
 
 /// Creates the log if `dir` holds none (see the module docs for what "none" means): the
@@ -103,7 +105,7 @@ pub fn init(dir: &Path, recipient: Option<Recipient>) -> Result<Created, AuditEr
     checkpoint::write_root(dir, &root.public_key())?;
     let first = EpochSecrets::generate(1);
     write_wrap(dir, &recipient, &first)?;
-    let genesis = Checkpoint::sign(&root, 0, &[0; 32], Some(&first))?;
+    let genesis = Checkpoint::sign(&root, 0, &[0; 32], &first)?;
     drop(root);
     checkpoint::append(&mut checkpoint::open_for_append(dir, 0, true)?, &genesis)?;
     create_epoch_files(dir, 1)?;
@@ -189,7 +191,7 @@ fn begin_epoch(
     let next = EpochSecrets::generate(epoch);
     write_wrap(dir, to, &next)?;
     next.store(&dir.join(keys::NEXT_KEY))?;
-    let last = Checkpoint::sign(old, seq, head, Some(&next))?;
+    let last = Checkpoint::sign(old, seq, head, &next)?;
     checkpoint::append(
         &mut checkpoint::open_for_append(dir, old.epoch, true)?,
         &last,
@@ -210,40 +212,52 @@ fn promote_next_key(dir: &Path) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// A start that finds `next.key`: finish the handover if its final checkpoint is durable,
-/// else forget the half-made epoch.
+/// A start that finds `next.key` (a checkpoint or an epoch handover was being made): finish
+/// the step if the checkpoint naming that key is durable, else forget the key.
 fn recover_handover(dir: &Path) -> Result<Option<String>, AuditError> {
     let path = dir.join(keys::NEXT_KEY);
     if !securerun_models::fsutil::exists_no_follow(&path) {
         return Ok(None);
     }
-    let Ok(next) = EpochSecrets::load(&path) else {
+    let discard = |what: String| -> Result<Option<String>, AuditError> {
         keys::erase_file(&path)?;
         let _ = std::fs::remove_file(&path);
-        return Ok(Some("an unreadable next.key was discarded".into()));
+        Ok(Some(what))
     };
-    let prev = next.epoch.saturating_sub(1);
-    let file = checkpoint::read_epoch(dir, prev).map_err(AuditError::Untrusted)?;
-    let committed = file.list.last().is_some_and(|c| {
-        c.next_epoch == Some(next.epoch)
-            && c.next_commit.as_deref() == Some(next.record_commitment().as_str())
-            && c.next_key.as_deref() == next.public_key().to_pem().ok().as_deref()
-    });
-    if committed {
-        create_epoch_files(dir, next.epoch)?;
-        promote_next_key(dir)?;
-        Ok(Some(format!(
-            "the handover to epoch {} was interrupted and has been completed",
-            next.epoch
-        )))
-    } else {
-        keys::erase_file(&path)?;
-        let _ = std::fs::remove_file(&path);
-        Ok(Some(format!(
-            "an interrupted handover to epoch {} had not been signed and was discarded",
-            next.epoch
-        )))
+    let Ok(next) = EpochSecrets::load(&path) else {
+        return discard("an unreadable next.key was discarded".into());
+    };
+    // The newest checkpoint on disk: of next's epoch (a key change within it), else of the
+    // epoch before (a handover to it).
+    let mut last = None;
+    for epoch in [next.epoch, next.epoch.saturating_sub(1)] {
+        let file = checkpoint::read_epoch(dir, epoch).map_err(AuditError::Untrusted)?;
+        if let Some(c) = file.list.last() {
+            last = Some(c.clone());
+            break;
+        }
     }
+    let handover = next.epoch != last.as_ref().map_or(next.epoch, |c| c.epoch);
+    let committed = last.as_ref().is_some_and(|c| {
+        Some(c.next_key.as_str()) == next.public_key().to_pem().ok().as_deref()
+            && (!handover
+                || (c.next_epoch == Some(next.epoch)
+                    && c.next_commit.as_deref() == Some(next.record_commitment().as_str())))
+    });
+    if !committed {
+        return discard(format!(
+            "an interrupted checkpoint of epoch {} had not been written; its key was discarded",
+            next.epoch
+        ));
+    }
+    if handover {
+        create_epoch_files(dir, next.epoch)?;
+    }
+    promote_next_key(dir)?;
+    Ok(Some(format!(
+        "an interrupted checkpoint (epoch {}) was completed",
+        next.epoch
+    )))
 }
 
 /// What went wrong with the log, while it is wrong.
@@ -302,7 +316,7 @@ impl Writer {
         let epochs = checkpoint::walk(dir, &root, |_| {}).map_err(|p| untrusted(p.to_string()))?;
         let open = epochs.last().expect("the walk yields epoch 0 at least");
         let mine = open.epoch == secrets.epoch
-            && open.key.to_pem().ok() == secrets.public_key().to_pem().ok()
+            && open.signer().to_pem().ok() == secrets.public_key().to_pem().ok()
             && open.commit.as_deref() == Some(secrets.record_commitment().as_str());
         if !mine {
             return Err(untrusted(format!(
@@ -408,6 +422,12 @@ impl Writer {
                     let _ = done.send(r);
                     continue;
                 }
+                Ok(Pending::Retain(from, done)) => {
+                    let r = self.retain(from);
+                    report(&self);
+                    let _ = done.send(r);
+                    continue;
+                }
                 Ok(Pending::Record { record, done }) => (*record, done),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
                     self.tick();
@@ -419,13 +439,15 @@ impl Writer {
             let (mut records, mut waiting) = (vec![first.0], vec![first.1]);
             // A checkpoint request met while batching runs after the batch.
             let mut checkpoint_wanted = None;
-            while records.len() < BATCH && checkpoint_wanted.is_none() {
+            let mut retain_wanted = None;
+            while records.len() < BATCH && checkpoint_wanted.is_none() && retain_wanted.is_none() {
                 match rx.try_recv() {
                     Ok(Pending::Record { record, done }) => {
                         records.push(*record);
                         waiting.push(done);
                     }
                     Ok(Pending::Checkpoint(done)) => checkpoint_wanted = Some(done),
+                    Ok(Pending::Retain(from, done)) => retain_wanted = Some((from, done)),
                     Err(_) => break,
                 }
             }
@@ -445,6 +467,8 @@ impl Writer {
             }
             if let Some(done) = checkpoint_wanted {
                 let _ = done.send(result.clone().and_then(|_| self.checkpoint_if_any()));
+            } else if let Some((from, done)) = retain_wanted {
+                let _ = done.send(result.clone().and_then(|_| self.retain(from)));
             } else if result.is_ok() {
                 self.checkpoint_if_due();
             }
@@ -457,9 +481,16 @@ impl Writer {
         }
     }
 
-    /// Once a second without traffic: retry a failed log, check the live files, checkpoint.
+    /// Once a second without traffic: retry a failed log, check the live files and file
+    /// sinks, checkpoint.
     fn tick(&mut self) {
         self.check_live_files();
+        if let Err(e) = self.sinks.check_files() {
+            if self.fault.is_none() {
+                tracing::error!(error = %e, "a checkpoint sink cannot be written; requests are refused until it can");
+            }
+            self.fail(e.to_string(), 0);
+        }
         if self.fault.is_some() {
             let _ = self.append(&[]);
         }
@@ -508,10 +539,40 @@ impl Writer {
         }
     }
 
+    /// Signs a checkpoint with the current one-time key, naming a fresh one; the used key is
+    /// then erased (on disk by [`promote_next_key`], in memory when it is dropped). Staged
+    /// through `next.key` like a handover, so a crash at any step loses no key the checkpoint
+    /// chain needs.
     fn checkpoint(&mut self) -> Result<(), AuditError> {
-        let c = Checkpoint::sign(&self.secrets, self.seq, &self.head, None)?;
-        if let Err(e) = checkpoint::append(&mut self.cp, &c) {
+        self.checkpoint_retaining(None)
+    }
+
+    /// A checkpoint that also states where retention lets the log begin (see
+    /// [`Checkpoint::retained_from`]).
+    pub(super) fn retain(&mut self, from: u32) -> Result<(), AuditError> {
+        if self.fault.is_some() {
+            self.append(&[])?;
+        }
+        self.checkpoint_retaining(Some(from))
+    }
+
+    fn checkpoint_retaining(&mut self, retained_from: Option<u32>) -> Result<(), AuditError> {
+        let next = self.secrets.with_next_signing_key();
+        let c =
+            Checkpoint::sign_retaining(&self.secrets, self.seq, &self.head, &next, retained_from)?;
+        let written = next
+            .store(&self.dir.join(keys::NEXT_KEY))
+            .and_then(|_| checkpoint::append(&mut self.cp, &c));
+        if let Err(e) = written {
+            // Nothing changed: a failed append is cut back; the staged key is replaced by the
+            // next attempt, or discarded by the next start.
             return Err(self.fail(format!("checkpoint: {e}"), 0));
+        }
+        // The checkpoint is durable: from now on only the key it names may sign.
+        self.secrets = next;
+        if let Err(e) = promote_next_key(&self.dir) {
+            // next.key holds the key; the next start completes the step.
+            return Err(self.fail(format!("checkpoint key: {e}"), 0));
         }
         if let Err(e) = self.sinks.send(&c) {
             self.unsent = Some(c);
@@ -532,6 +593,11 @@ impl Writer {
         {
             if let Err(e) = self.rotate() {
                 return Err(self.fail(format!("starting a new epoch: {e}"), records.len() as u64));
+            }
+        }
+        if self.fault.is_some() {
+            if let Err(e) = self.sinks.check_files() {
+                return Err(self.fail(e.to_string(), records.len() as u64));
             }
         }
         if let Some(c) = &self.unsent {
@@ -563,7 +629,8 @@ impl Writer {
         for r in &all {
             seq += 1;
             let json = serde_json::to_vec(r).map_err(|e| AuditError::Io(e.to_string()))?;
-            let (frame, next) = segment::seal(&cipher, seq, self.secrets.epoch, &head, &json);
+            let mac = |d: &[u8]| self.secrets.frame_mac(d);
+            let (frame, next) = segment::seal(&cipher, mac, seq, self.secrets.epoch, &head, &json);
             bytes.extend_from_slice(&frame);
             head = next;
         }
@@ -788,13 +855,18 @@ fn authenticate_segment(
                 break;
             }
         };
-        let place = format!("{name} offset {} (record {})", frame.offset, seq + 1);
-        if frame.seq != seq + 1 || frame.epoch != secrets.epoch {
+        let expected = seq
+            .checked_add(1)
+            .ok_or_else(|| format!("{name}: record count overflows"))?;
+        let place = format!("{name} offset {} (record {expected})", frame.offset);
+        if frame.seq != expected || frame.epoch != secrets.epoch {
             return Err(format!("{place}: out of sequence"));
         }
-        if frame.open(&cipher, &head).is_none() {
+        if frame.open(&cipher, &head).is_none()
+            || !frame.writer_made(|d| secrets.frame_mac(d), &head)
+        {
             return Err(format!(
-                "{place}: the record does not authenticate with this host's key"
+                "{place}: the record was not written by this host's writer (it does not authenticate with the writer's keys)"
             ));
         }
         head = segment::chain(&head, &frame.body);

@@ -238,7 +238,20 @@ impl LogArgs {
 
 /// One exported record: the record, its sequence number and its time in RFC 3339.
 fn print(seq: u64, r: &AuditRecord) -> Result<(), Box<dyn std::error::Error>> {
+    print_attested(seq, r, true)
+}
+
+/// [`print`], marking a record no signed head covers yet (`"attested": false`): until the
+/// next checkpoint, the host alone vouches for it.
+fn print_attested(
+    seq: u64,
+    r: &AuditRecord,
+    attested: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut v = serde_json::to_value(r)?;
+    if !attested {
+        v["attested"] = false.into();
+    }
     v["seq"] = seq.into();
     if let Ok(t) = jiff::Timestamp::from_millisecond(r.time_ms as i64) {
         v["time"] = t.to_string().into();
@@ -358,7 +371,8 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             subject,
             format: _,
         } => {
-            for (seq, r) in log.verified(&[], true)?.records {
+            let v = log.verified(&[], true)?;
+            for (seq, r) in v.records {
                 let secs = r.time_ms / 1000;
                 if since.is_some_and(|s| secs < s)
                     || until.is_some_and(|u| secs > u)
@@ -372,7 +386,7 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
                 {
                     continue;
                 }
-                print(seq, &r)?;
+                print_attested(seq, &r, seq <= v.attested_seq)?;
             }
         }
         AuditCommand::Tail { log, lines, follow } => {
@@ -457,8 +471,21 @@ fn shred(
         .with_detail(format!("{what}; the log now starts at epoch {before}"));
     r.outcome = Some("ok".into());
     r.epoch = Some(before);
-    let state = log.dir.is_none().then(|| log.state_dir.clone()).flatten();
-    super::record_admin_in(&dir, state.as_deref(), r)?;
+    if super::record_admin_in(&dir, r)? == audit::spool::Recorded::Spooled {
+        // A running server holds the log: it records the shredding and signs where the log
+        // now begins; nothing is deleted before that signature is on disk.
+        let started = std::time::Instant::now();
+        loop {
+            let epochs = checkpoint::walk(&dir, &root, |_| {})?;
+            if retention::retained_from(&epochs) >= before {
+                break;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(15) {
+                return Err("not done: the running server did not record the shredding within 15 s (nothing was deleted)".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
     retention::execute(&dir, &plan)?;
     println!("shredded {what}");
     Ok(())
@@ -478,6 +505,13 @@ fn verify_v1(log: &LogArgs) -> CmdResult {
         }
     };
     let v = v1::verify::verify_with(&dir, &access, None)?;
+    if v.segments == 0 || v.checkpoints == 0 {
+        return Err(format!(
+            "audit log invalid at {}: no segments or no signed checkpoints (an empty or removed log is not a valid one)",
+            dir.display()
+        )
+        .into());
+    }
     println!(
         "ok (old format, read-only): {} records in {} segments, {} signed checkpoints agree; head {}:{}; convert it with securerun audit migrate",
         v.count,

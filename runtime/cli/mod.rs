@@ -200,15 +200,15 @@ pub(crate) fn record_admin(
     record: crate::audit::AuditRecord,
 ) -> CmdResult {
     let state = crate::state_dir::resolve(state_dir.map(std::path::Path::to_path_buf))?;
-    record_admin_in(&crate::audit::audit_dir(&state), Some(&state), record)
+    record_admin_in(&crate::audit::audit_dir(&state), record)?;
+    Ok(())
 }
 
 /// [`record_admin`] for an audit directory given directly.
 pub(crate) fn record_admin_in(
     dir: &std::path::Path,
-    _state: Option<&std::path::Path>,
     record: crate::audit::AuditRecord,
-) -> CmdResult {
+) -> Result<crate::audit::spool::Recorded, Box<dyn std::error::Error>> {
     let created = crate::audit::init(dir, None)?;
     report_created(dir, created);
     let mut record = record;

@@ -28,7 +28,9 @@ fn reseal(
     while let Ok(Some(f)) = r.next_frame().unwrap() {
         let plain = f.open(&open, &original).expect("the original opens");
         original = segment::chain(&original, &f.body);
-        let (frame, next) = segment::seal(&seal, f.seq, f.epoch, &head, &edit(i, plain));
+        // The writer's MAC key is the host's alone: a forger can only guess the tag.
+        let (frame, next) =
+            segment::seal(&seal, |_| [0u8; 16], f.seq, f.epoch, &head, &edit(i, plain));
         out.extend_from_slice(&frame);
         head = next;
         i += 1;
@@ -277,7 +279,8 @@ fn a_read_key_holder_reads_but_cannot_forge() {
     let mut l = lines(&cp(c.path(), 3));
     let own = EpochSecrets::generate(3);
     let old = Checkpoint::from_line(l.last().unwrap()).unwrap();
-    let mut forged = Checkpoint::sign(&own, old.seq, &[9; 32], None).unwrap();
+    let mut forged =
+        Checkpoint::sign(&own, old.seq, &[9; 32], &own.with_next_signing_key()).unwrap();
     forged.next_epoch = old.next_epoch;
     forged.next_key = old.next_key.clone();
     forged.next_commit = old.next_commit.clone();
@@ -329,8 +332,13 @@ fn a_thief_of_the_running_host_cannot_rewrite_the_past_nor_read_the_future() {
     let mut l = lines(&cp(c.path(), prev));
     for line in l.iter_mut() {
         let old = Checkpoint::from_line(line).unwrap();
-        let mut forged =
-            Checkpoint::sign(&thief, old.seq, &old.head_bytes().unwrap(), None).unwrap();
+        let mut forged = Checkpoint::sign(
+            &thief,
+            old.seq,
+            &old.head_bytes().unwrap(),
+            &thief.with_next_signing_key(),
+        )
+        .unwrap();
         forged.epoch = old.epoch;
         forged.next_epoch = old.next_epoch;
         forged.next_key = old.next_key.clone();
@@ -362,7 +370,14 @@ fn a_thief_of_the_running_host_cannot_rewrite_the_past_nor_read_the_future() {
             .unwrap()
             .seq;
     let forged = br#"{"time_ms":1,"event":"token_created","detail":"nothing to see"}"#;
-    let (frame, _) = segment::seal(&segment::cipher(&record), seq + 1, epoch + 1, &head, forged);
+    let (frame, _) = segment::seal(
+        &segment::cipher(&record),
+        |_| [0u8; 16],
+        seq + 1,
+        epoch + 1,
+        &head,
+        forged,
+    );
     b.extend_from_slice(&frame);
     std::fs::write(&target, &b).unwrap();
     // Integrity alone sees an unattested record; the read key sees the forgery.
@@ -460,7 +475,9 @@ fn the_end_of_the_log_is_anchored_by_the_sink_and_audit_anchor() {
     let k = EpochSecrets::generate(1);
     std::fs::write(
         &bogus,
-        Checkpoint::sign(&k, 1, &[0; 32], None).unwrap().to_line(),
+        Checkpoint::sign(&k, 1, &[0; 32], &k.with_next_signing_key())
+            .unwrap()
+            .to_line(),
     )
     .unwrap();
     auditor.detects(s, &["--anchor", p(&bogus)], "not signed by this log");
@@ -554,8 +571,167 @@ fn retention_acts_only_on_verified_state_and_is_recorded() {
     let o = auditor.verify(s, &[]);
     assert!(!o.status.success());
     assert!(
-        stderr(&o).contains("records no shredding"),
+        stderr(&o).contains("no signed checkpoint records their shredding"),
         "{}",
         stderr(&o)
     );
+}
+
+/// Findings of the attack review (each failed before its fix).
+mod review {
+    use super::*;
+
+    /// A planted `checkpoints.jsonl` (the old format's file) must not steer verify into the
+    /// old format's checks, where an emptied log passed with `--public`.
+    #[test]
+    fn a_planted_old_format_file_does_not_downgrade_verification() {
+        let (state, _, auditor) = session();
+        let c = copy(state.path());
+        let dir = c.path().join("audit");
+        for e in 1..=newest_epoch(c.path()) {
+            std::fs::remove_file(seg(c.path(), e)).unwrap();
+        }
+        std::fs::write(dir.join("checkpoints.jsonl"), b"").unwrap();
+        auditor.detects(c.path(), &[], "not in the writer's form");
+        // The writer refuses it too.
+        let c = copy(state.path());
+        std::fs::write(c.path().join("audit/checkpoints.jsonl"), b"").unwrap();
+        assert!(serve(c.path(), None).is_err());
+    }
+
+    /// Deleting the oldest segments is not retention: only a signed checkpoint says where the
+    /// log may begin.
+    #[test]
+    fn deleting_the_oldest_segments_is_not_passed_off_as_retention() {
+        let (state, _, auditor) = session();
+        let c = copy(state.path());
+        for e in 1..=3 {
+            std::fs::remove_file(seg(c.path(), e)).unwrap();
+        }
+        auditor.detects(
+            c.path(),
+            &[],
+            "no signed checkpoint records their shredding",
+        );
+    }
+
+    /// A holder of the read key who can write the disk seals records in after a crash (they
+    /// authenticate with the record key); the writer does not attest over them.
+    #[test]
+    fn records_sealed_in_with_the_read_key_stop_the_writer() {
+        let state = tempfile::tempdir().unwrap();
+        let s = state.path();
+        let t = token(s, "t", "embeddings");
+        let auditor = Auditor::take(s);
+        let server = serve(s, None).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                call(
+                    &server.addr,
+                    "POST",
+                    "/v1/embeddings",
+                    Some(&t),
+                    &embed_body("x")
+                ),
+                200
+            );
+        }
+        let mut child = server.child;
+        child.kill().unwrap(); // no stop checkpoint: the epoch's records are unattested
+        child.wait().unwrap();
+        let open = newest_epoch(s);
+        let key = record_key(s, &auditor, open);
+        let forged = reseal(&seg(s, open), &key, &key, start_of(s, open), |i, plain| {
+            if i == 1 {
+                br#"{"time_ms":1,"event":"request","outcome":"ok","token_id":"ffffffffffffffff"}"#
+                    .to_vec()
+            } else {
+                plain
+            }
+        });
+        std::fs::write(seg(s, open), &forged).unwrap();
+        // The auditor sees records no signed head covers (and export marks them)...
+        let out = auditor.passes(s, &[]);
+        assert!(out.contains("not yet attested"), "{out}");
+        assert!(auditor
+            .export(s, &[])
+            .iter()
+            .any(|r| r["token_id"] == "ffffffffffffffff" && r["attested"] == false));
+        // ...and the writer will not sign over them.
+        let err = serve(s, None)
+            .err()
+            .expect("must not attest forged records");
+        assert!(err.contains("not written by this host's writer"), "{err}");
+    }
+
+    /// A thief of the running host holds only the key of the *next* checkpoint: checkpoints
+    /// already written, in the open epoch too, cannot be re-signed.
+    #[test]
+    fn a_stolen_key_cannot_re_sign_a_checkpoint_of_the_open_epoch() {
+        let state = tempfile::tempdir().unwrap();
+        let s = state.path();
+        let t = token(s, "t", "embeddings");
+        let auditor = Auditor::take(s);
+        let server = serve(s, None).unwrap();
+        // Over 1000 records: a checkpoint inside the open epoch.
+        for _ in 0..1100 {
+            assert_eq!(call(&server.addr, "GET", "/v1/models", Some(&t), ""), 403);
+        }
+        let open = newest_epoch(s);
+        assert!(!lines(&cp(s, open)).is_empty(), "a checkpoint was written");
+        let stolen = tempfile::tempdir().unwrap();
+        std::fs::copy(s.join("audit/current.key"), stolen.path().join("k")).unwrap();
+        let mut child = server.child;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let thief = EpochSecrets::load(&stolen.path().join("k")).unwrap();
+        // Cut the records the checkpoint attests and re-sign it for the shorter log.
+        let c = copy(s);
+        let fr = frames(&seg(c.path(), open));
+        let b = std::fs::read(seg(c.path(), open)).unwrap();
+        std::fs::write(seg(c.path(), open), &b[..fr[10].0]).unwrap();
+        let mut head = start_of(s, open);
+        let mut r = segment::Reader::open(&seg(c.path(), open)).unwrap();
+        let mut last = 0;
+        while let Ok(Some(f)) = r.next_frame().unwrap() {
+            head = segment::chain(&head, &f.body);
+            last = f.seq;
+        }
+        let forged = Checkpoint::sign(&thief, last, &head, &thief.with_next_signing_key()).unwrap();
+        write_lines(
+            &cp(c.path(), open),
+            &[forged.to_line().trim_end().to_string()],
+        );
+        auditor.detects(c.path(), &[], "does not verify");
+    }
+
+    /// The sink file stays a valid anchor after a legitimate shredding: heads of shredded
+    /// epochs are skipped with a note.
+    #[test]
+    fn the_sink_file_still_anchors_after_retention() {
+        let sink_dir = tempfile::tempdir().unwrap();
+        let sink = sink_dir.path().join("heads.jsonl");
+        let spec = format!("file:{}", sink.display());
+        let (state, _, auditor) = session_with(&["--checkpoint-sink", &spec]);
+        let s = state.path();
+        let mut a = vec!["shred", "--before-epoch", "4", "--yes"];
+        a.extend(auditor.public_only());
+        let o = audit(s, &a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = auditor.passes(s, &["--anchor", p(&sink)]);
+        assert!(out.contains("heads of shredded epochs"), "{out}");
+        // While a server runs, the shredding is recorded and signed by it before anything goes.
+        let server = serve_with(s, None, &["--checkpoint-sink", &spec]).unwrap();
+        let open = newest_epoch(s);
+        let mut a = vec!["shred", "--before-epoch"];
+        let before = open.to_string();
+        a.push(&before);
+        a.push("--yes");
+        a.extend(auditor.public_only());
+        let o = audit(s, &a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        server.stop();
+        let out = auditor.passes(s, &["--anchor", p(&sink)]);
+        assert!(out.contains("shredded by retention"), "{out}");
+    }
 }

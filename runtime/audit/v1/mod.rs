@@ -12,7 +12,17 @@ use std::path::Path;
 
 pub use super::{now_ms, AuditError, AuditRecord};
 
-/// The v1 layout: one `checkpoints.jsonl` for all epochs (v2 has one file per epoch).
+/// The v1 layout: one `checkpoints.jsonl` for all epochs, and none of the current format's
+/// files (a `checkpoints.jsonl` planted beside a current log does not make it an old one).
 pub fn is_v1(dir: &Path) -> bool {
-    securerun_models::fsutil::exists_no_follow(&dir.join(checkpoint::CHECKPOINTS))
+    let has = |name: &str| securerun_models::fsutil::exists_no_follow(&dir.join(name));
+    let current_format = std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(|e| e.ok()).any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            (n.starts_with("cp-") && n.ends_with(".jsonl"))
+                || (n.starts_with("key-") && n.ends_with(".wrap"))
+                || n == super::recipient::RECIPIENT
+        })
+    });
+    has(checkpoint::CHECKPOINTS) && !current_format
 }
