@@ -209,15 +209,17 @@ pub(crate) fn record_admin_in(
     dir: &std::path::Path,
     record: crate::audit::AuditRecord,
 ) -> Result<crate::audit::spool::Recorded, Box<dyn std::error::Error>> {
-    let created = crate::audit::init(dir, None)?;
+    let not_done = |e: crate::audit::AuditError| -> Box<dyn std::error::Error> {
+        format!("not done: the action could not be audited: {e}").into()
+    };
+    let created = crate::audit::init(dir, None).map_err(not_done)?;
     report_created(dir, created);
     let mut record = record;
     record.detail = Some(match record.detail.take() {
         Some(d) => format!("{d} (by the securerun CLI)"),
         None => "by the securerun CLI".into(),
     });
-    crate::audit::spool::record_admin(dir, record)
-        .map_err(|e| format!("not done: the action could not be audited: {e}").into())
+    crate::audit::spool::record_admin(dir, record).map_err(not_done)
 }
 
 /// Tells the operator about a log created now: where the read key is and that it belongs off

@@ -37,6 +37,21 @@ pub fn serve_env(
     extra: &[&str],
     env: &[(&str, &Path)],
 ) -> Result<Server, String> {
+    spawn(state, fsize, extra, env, None)
+}
+
+/// A server whose log (at `level`) goes to the file `log`.
+pub fn serve_logging(state: &Path, level: &str, log: &Path) -> Server {
+    spawn(state, None, &[], &[], Some((level, log))).unwrap()
+}
+
+fn spawn(
+    state: &Path,
+    fsize: Option<u64>,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+    log: Option<(&str, &Path)>,
+) -> Result<Server, String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_securerun"));
     cmd.envs(env.iter().map(|(k, v)| (*k, *v)));
     cmd.args([
@@ -48,10 +63,17 @@ pub fn serve_env(
     ])
     .args(extra)
     .args(["--state-dir", p(state)])
-    // Nobody reads stderr while the server runs: keep it quiet so the pipe never fills.
-    .env("SECURERUN_LOG", "off")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .stdout(Stdio::piped());
+    match log {
+        Some((level, file)) => {
+            cmd.env("SECURERUN_LOG", level)
+                .stderr(std::fs::File::create(file).unwrap());
+        }
+        // Nobody reads stderr while the server runs: keep it quiet so the pipe never fills.
+        None => {
+            cmd.env("SECURERUN_LOG", "off").stderr(Stdio::piped());
+        }
+    }
     if let Some(limit) = fsize {
         // SAFETY: async-signal-safe calls only, in the child before exec.
         unsafe {
@@ -75,7 +97,8 @@ pub fn serve_env(
         .unwrap();
     if !line.starts_with("listening on") {
         let out = child.wait_with_output().unwrap();
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        let logged = log.map(|(_, f)| std::fs::read_to_string(f).unwrap_or_default());
+        return Err(logged.unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned()));
     }
     let addr = line
         .split_whitespace()

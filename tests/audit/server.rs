@@ -1,11 +1,9 @@
 //! The log as a server and the CLI write it: what is recorded, what is not in the files, and
 //! what the commands need from the auditor.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use crate::common::{self, p, securerun};
+use crate::common::{p, securerun};
 use crate::harness::*;
 
 /// Every record of a log whose read key is still on the host (tests that are not about keys).
@@ -354,31 +352,8 @@ fn the_plaintext_server_log_holds_no_address_or_pseudonym() {
     let state = tempfile::tempdir().unwrap();
     let t = token(state.path(), "t", "embeddings");
     let log = state.path().join("server.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
-        .args([
-            "serve",
-            p(&common::minilm()),
-            "--allow-unsigned",
-            "--listen",
-            "127.0.0.1:0",
-            "--state-dir",
-            p(state.path()),
-        ])
-        .env("SECURERUN_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .trim_start_matches("http://")
-        .to_string();
+    let server = serve_logging(state.path(), "debug", &log);
+    let addr = server.addr.clone();
     let body = embed_body("hi");
     assert_eq!(call(&addr, "POST", "/v1/embeddings", Some(&t), &body), 200);
     assert_eq!(
@@ -386,9 +361,7 @@ fn the_plaintext_server_log_holds_no_address_or_pseudonym() {
         401
     );
     assert_eq!(call(&addr, "POST", "/v1/embeddings", None, &body), 401);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    child.wait().unwrap();
+    server.stop();
     let text = std::fs::read_to_string(&log).unwrap();
     let o = audit(state.path(), &["hmac", "127.0.0.1"]);
     let pseudonym = String::from_utf8(o.stdout).unwrap().trim().to_string();
@@ -481,6 +454,32 @@ fn a_token_that_cannot_be_audited_is_not_created() {
     let list = securerun(&["token", "list", "--json", "--state-dir", p(state.path())]);
     let tokens: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(tokens.as_array().unwrap().len(), 0, "{tokens}");
+    // Nor does any other operator action take effect unrecorded.
+    let o = securerun(&["lockdown", "on", "--state-dir", p(state.path())]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not done"), "{}", stderr(&o));
+    assert!(!state.path().join("lockdown").exists());
+    let keys = tempfile::tempdir().unwrap();
+    assert!(
+        securerun(&["keygen", "--out", p(&keys.path().join("site"))])
+            .status
+            .success()
+    );
+    let o = securerun(&[
+        "trust",
+        "add",
+        p(&keys.path().join("site.pub")),
+        "--state-dir",
+        p(state.path()),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        !state.path().join("trust").exists()
+            || std::fs::read_dir(state.path().join("trust"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 /// While the read key stays on the host, every server start says so.
@@ -489,28 +488,7 @@ fn serve_warns_while_the_read_key_is_on_the_host() {
     let state = tempfile::tempdir().unwrap();
     let start = |state: &Path| {
         let log = state.join("stderr.txt");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_securerun"))
-            .args([
-                "serve",
-                p(&common::minilm()),
-                "--allow-unsigned",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--state-dir", p(state)])
-            .env("SECURERUN_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("listening on"), "{line}");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        assert!(child.wait().unwrap().success());
+        serve_logging(state, "error", &log).stop();
         std::fs::read_to_string(&log).unwrap()
     };
     let first = start(state.path());
