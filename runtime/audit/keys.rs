@@ -188,9 +188,15 @@ pub fn record_commitment(record_key: &[u8; 32]) -> String {
 }
 
 /// Writes `bytes` to `path` (0600) through a new file renamed into place, so the file is never
-/// half written. The file must not exist as anything but a regular file we may replace.
+/// half written. The file must not exist as anything but a regular file we may replace. The
+/// temporary is `.NAME.tmp`: a crash before the rename leaves a hidden file that no reader
+/// takes for one of the log's own (`key-E.tmp` would look planted and stop the writer).
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let _ = std::fs::remove_file(&tmp);
     let io = |e: std::io::Error| AuditError::Io(format!("{}: {e}", path.display()));
     let mut f = std::fs::OpenOptions::new()

@@ -215,3 +215,78 @@ fn an_unwritable_checkpoint_sink_refuses_work_until_it_is_back() {
         "{faults:?}"
     );
 }
+
+/// An LD_PRELOAD shim that kills the process (SIGKILL) just before its Nth `rename()` of a path
+/// containing `$CRASH_AT`: a crash at an exact step of an epoch handover.
+fn crash_shim(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("crash.c");
+    std::fs::write(
+        &src,
+        r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static int seen = 0;
+int rename(const char *from, const char *to) {
+    const char *at = getenv("CRASH_AT");
+    const char *nth = getenv("CRASH_NTH");
+    if (at && strstr(from, at) && ++seen == (nth ? atoi(nth) : 1)) { kill(getpid(), SIGKILL); pause(); }
+    int (*real)(const char *, const char *) = (int (*)(const char *, const char *))dlsym(RTLD_NEXT, "rename");
+    return real(from, to);
+}
+"#,
+    )
+    .unwrap();
+    let lib = dir.join("crash.so");
+    let o = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o", p(&lib), p(&src), "-ldl"])
+        .output()
+        .expect("a C compiler (the Rust toolchain's linker)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lib
+}
+
+/// kill -9 at each step of an epoch handover (the wrapped key renamed into place, the next key
+/// staged, the next key promoted): the next start completes or discards the step, and the log
+/// verifies. (A crash before the first of these once left `key-E.tmp`, which the writer took
+/// for a planted file and refused to start over.)
+#[test]
+fn a_crash_at_any_step_of_a_handover_leaves_a_log_that_starts_and_verifies() {
+    let state = tempfile::tempdir().unwrap();
+    let s = state.path();
+    let t = token(s, "t", "embeddings");
+    let auditor = Auditor::take(s);
+    let shim = crash_shim(s);
+    for (at, nth) in [("key-0", "1"), ("next.key", "1"), ("next.key", "2")] {
+        let crashed = serve_env(
+            s,
+            None,
+            &[],
+            &[
+                ("LD_PRELOAD", &shim),
+                ("CRASH_AT", Path::new(at)),
+                ("CRASH_NTH", Path::new(nth)),
+            ],
+        );
+        assert!(
+            crashed.is_err(),
+            "the crash point {at} #{nth} was not reached"
+        );
+        let server = serve(s, None).unwrap_or_else(|e| panic!("after a crash at {at} #{nth}: {e}"));
+        assert_eq!(
+            call(
+                &server.addr,
+                "POST",
+                "/v1/embeddings",
+                Some(&t),
+                &embed_body("x")
+            ),
+            200
+        );
+        server.stop();
+        auditor.passes(s, &[]);
+    }
+}
