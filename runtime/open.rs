@@ -144,7 +144,7 @@ fn load_options(opts: &OpenOptions) -> Result<LoadOptions, Error> {
     Ok(LoadOptions {
         limits: opts.limits,
         device: opts.device.open()?,
-        dtype: None,
+        ..Default::default()
     })
 }
 

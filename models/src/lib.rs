@@ -24,11 +24,13 @@
 pub mod arch;
 pub mod budget;
 pub mod chat;
+pub mod decoder;
 pub mod detok;
 pub mod embed;
 pub mod fsutil;
 pub mod generate;
 pub mod inspect;
+pub mod kernels;
 pub mod load;
 pub mod pack;
 mod panic_guard;

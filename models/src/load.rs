@@ -20,6 +20,18 @@ pub struct LoadOptions {
     /// Compute dtype; `None` picks f32 on CPU (candle's CPU kernels are fastest and exact there)
     /// and the weights' own float type on an accelerator.
     pub dtype: Option<DType>,
+    /// Which forward pass runs a model both can run.
+    pub engine: Engine,
+}
+
+/// The forward pass: the project's own decoder where it supports the model (llama-style, f32
+/// on CPU today), else candle-transformers; or candle-transformers always, the reference that
+/// tests and comparisons hold the own decoder to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    #[default]
+    Best,
+    Reference,
 }
 
 impl Default for LoadOptions {
@@ -28,6 +40,7 @@ impl Default for LoadOptions {
             limits: Limits::default(),
             device: Device::Cpu,
             dtype: None,
+            engine: Engine::Best,
         }
     }
 }

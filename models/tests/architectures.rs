@@ -225,3 +225,36 @@ fn seeded_sampling_is_reproducible() {
         "different seeds should differ on a random model"
     );
 }
+
+/// The owned decoder against candle-transformers (the reference) on the same generated llama:
+/// the same greedy tokens, with and without the KV cache, over a prompt long enough to use
+/// several positions per layer (grouped heads included: the generated config has fewer KV
+/// heads than heads).
+#[test]
+fn the_owned_llama_decoder_matches_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let source = Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+    let mut models = [
+        TextModel::load(&source, &LoadOptions::default()).unwrap(),
+        TextModel::load(
+            &source,
+            &LoadOptions {
+                engine: securerun_models::load::Engine::Reference,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    ];
+    for text in ["hello world", "hello hello world world hello world hello"] {
+        let mut tokens = Vec::new();
+        for model in models.iter_mut() {
+            let prompt = model.prompt_ids(&Prompt::Text(text.into())).unwrap();
+            let out = model
+                .generate_from_ids(&prompt, &greedy(12), &mut |_| ControlFlow::Continue(()))
+                .unwrap();
+            tokens.push(out.token_ids);
+        }
+        assert_eq!(tokens[0], tokens[1], "{text:?}");
+    }
+}

@@ -198,14 +198,20 @@ pub fn load_causal_lm(
     vb: VarBuilder<'static>,
     dtype: DType,
     device: &Device,
+    engine: crate::load::Engine,
 ) -> Result<Box<dyn CausalLm>, ArchError> {
     Ok(match arch {
-        Architecture::Llama => Box::new(llama::Model::load(
-            parse_config(arch, config)?,
-            vb,
-            dtype,
-            device,
-        )?),
+        Architecture::Llama => {
+            let config: candle_transformers::models::llama::LlamaConfig =
+                parse_config(arch, config)?;
+            if engine == crate::load::Engine::Best
+                && crate::decoder::llama::supported(&config, dtype, device)
+            {
+                Box::new(llama::Owned::load(config, vb)?)
+            } else {
+                Box::new(llama::Model::load(config, vb, dtype, device)?)
+            }
+        }
         Architecture::Mistral => Box::new(mistral::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen2 => Box::new(qwen2::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen3 => Box::new(qwen3::Model::load(parse_config(arch, config)?, vb)?),
