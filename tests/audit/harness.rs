@@ -21,6 +21,16 @@ impl Server {
     }
 }
 
+/// A test that fails leaves no server behind (a stopped one is already reaped: nothing happens).
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Starts a server for MiniLM; `fsize` caps the files it may write (RLIMIT_FSIZE).
 pub fn serve(state: &Path, fsize: Option<u64>) -> Result<Server, String> {
     serve_with(state, fsize, &[])

@@ -97,17 +97,37 @@ fn matvec_with(isa: Isa, w: &[f32], x: &[f32], y: &mut [f32]) {
     y.par_chunks_mut(per)
         .zip(w.par_chunks(per * cols))
         .for_each(|(ys, ws)| {
-            for (out, row) in ys.iter_mut().zip(ws.chunks_exact(cols)) {
-                *out = dot_with(isa, row, x);
-            }
+            rows_dot(isa, ws, x, ys);
         });
+}
+
+/// `ys[i] = ws_row_i · x` for consecutive rows: four rows at a time where the CPU has
+/// AVX-512, so four weight streams are in flight at once (one stream cannot keep the memory
+/// system busy) and each load of `x` serves four rows.
+fn rows_dot(isa: Isa, ws: &[f32], x: &[f32], ys: &mut [f32]) {
+    let cols = x.len();
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        while r + 4 <= ys.len() {
+            let w4 = &ws[r * cols..(r + 4) * cols];
+            // SAFETY: `Isa::Avx512` is only used when the CPU reports avx512f; `w4` holds
+            // exactly four rows of `x.len()` values.
+            let out = unsafe { x86::dot4_avx512(w4, x) };
+            ys[r..r + 4].copy_from_slice(&out);
+            r += 4;
+        }
+    }
+    for (out, row) in ys[r..].iter_mut().zip(ws[r * cols..].chunks_exact(cols)) {
+        *out = dot_with(isa, row, x);
+    }
 }
 
 /// `Y = X Wᵀ` for `n` rows of `X` (`x.len() == n * cols`): every weight row is read once and
 /// applied to all rows of `X` while it is in cache. For prompts (several tokens at once).
 pub fn matmul_t(w: &[f32], x: &[f32], cols: usize, y: &mut [f32]) {
     let isa = isa();
-    assert!(cols > 0 && x.len() % cols == 0, "matmul_t shape");
+    assert!(cols > 0 && x.len().is_multiple_of(cols), "matmul_t shape");
     let n = x.len() / cols;
     let rows = w.len() / cols;
     assert_eq!(w.len(), rows * cols, "matmul_t weight shape");
@@ -120,10 +140,8 @@ pub fn matmul_t(w: &[f32], x: &[f32], cols: usize, y: &mut [f32]) {
         .map(|(b, ws)| {
             let r = ws.len() / cols;
             let mut out = vec![0f32; n * r];
-            for (j, row) in ws.chunks_exact(cols).enumerate() {
-                for (t, xt) in x.chunks_exact(cols).enumerate() {
-                    out[t * r + j] = dot_with(isa, row, xt);
-                }
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                rows_dot(isa, ws, xt, &mut out[t * r..(t + 1) * r]);
             }
             (b * per, out)
         })
@@ -176,6 +194,48 @@ mod x86 {
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
         _mm512_reduce_add_ps(sum)
+    }
+
+    /// Four dot products of consecutive rows of `w` (`4 * x.len()` values) with `x`.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f; `w.len()` must be `4 * x.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; 4] {
+        let n = x.len();
+        debug_assert_eq!(w.len(), 4 * n);
+        let (pw, px) = (w.as_ptr(), x.as_ptr());
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+        );
+        let mut i = 0;
+        // SAFETY (all loads below): row k's index k*n + i + 15 < (k+1)*n while i + 16 <= n;
+        // the masked tail touches only lanes below n.
+        while i + 16 <= n {
+            let xv = _mm512_loadu_ps(px.add(i));
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(n + i)), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(2 * n + i)), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(3 * n + i)), xv, a3);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)).wrapping_sub(1) as __mmask16;
+            let xv = _mm512_maskz_loadu_ps(m, px.add(i));
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(i)), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(n + i)), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(2 * n + i)), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(3 * n + i)), xv, a3);
+        }
+        [
+            _mm512_reduce_add_ps(a0),
+            _mm512_reduce_add_ps(a1),
+            _mm512_reduce_add_ps(a2),
+            _mm512_reduce_add_ps(a3),
+        ]
     }
 
     /// # Safety
