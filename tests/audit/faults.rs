@@ -88,11 +88,24 @@ fn a_live_segment_deleted_or_replaced_is_restored_and_recorded() {
         .any(|r| r["detail"].as_str().unwrap().contains("was replaced")));
 }
 
+/// Compiles an LD_PRELOAD shim from C `source` into `dir/NAME.so`.
+fn compile_shim(dir: &Path, name: &str, source: &str) -> std::path::PathBuf {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let lib = dir.join(format!("{name}.so"));
+    let o = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o", p(&lib), p(&src), "-ldl"])
+        .output()
+        .expect("a C compiler (the Rust toolchain's linker)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lib
+}
+
 /// An LD_PRELOAD shim makes `fdatasync` fail with EIO while a trigger file exists.
 fn eio_shim(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("eio.c");
-    std::fs::write(
-        &src,
+    compile_shim(
+        dir,
+        "eio",
         r#"
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -107,14 +120,6 @@ int fdatasync(int fd) {
 }
 "#,
     )
-    .unwrap();
-    let lib = dir.join("eio.so");
-    let o = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o", p(&lib), p(&src), "-ldl"])
-        .output()
-        .expect("a C compiler (the Rust toolchain's linker)");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    lib
 }
 
 #[test]
@@ -219,9 +224,9 @@ fn an_unwritable_checkpoint_sink_refuses_work_until_it_is_back() {
 /// An LD_PRELOAD shim that kills the process (SIGKILL) just before its Nth `rename()` of a path
 /// containing `$CRASH_AT`: a crash at an exact step of an epoch handover.
 fn crash_shim(dir: &Path) -> std::path::PathBuf {
-    let src = dir.join("crash.c");
-    std::fs::write(
-        &src,
+    compile_shim(
+        dir,
+        "crash",
         r#"
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -239,14 +244,6 @@ int rename(const char *from, const char *to) {
 }
 "#,
     )
-    .unwrap();
-    let lib = dir.join("crash.so");
-    let o = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-o", p(&lib), p(&src), "-ldl"])
-        .output()
-        .expect("a C compiler (the Rust toolchain's linker)");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    lib
 }
 
 /// kill -9 at each step of an epoch handover (the wrapped key renamed into place, the next key

@@ -18,7 +18,9 @@ pub fn supported(config: &LlamaConfig, dtype: DType, device: &candle_core::Devic
         && config.num_attention_heads > 0
         && kv > 0
         && config.num_attention_heads.is_multiple_of(kv)
-        && config.hidden_size.is_multiple_of(config.num_attention_heads)
+        && config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
         && (config.hidden_size / config.num_attention_heads).is_multiple_of(2)
 }
 
