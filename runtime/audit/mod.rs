@@ -269,7 +269,12 @@ impl AuditLog {
         let (h, le) = (healthy.clone(), last_error.clone());
         std::thread::Builder::new()
             .name("securerun-audit".into())
-            .spawn(move || w.run(rx, h, le))
+            .spawn(move || {
+                if let Some(closer) = w.run(rx, h, le) {
+                    // `w` (and with it the lock) is gone by now.
+                    let _ = closer.send(Ok(()));
+                }
+            })
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(AuditLog {
             tx,
@@ -348,9 +353,16 @@ impl AuditLog {
             .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
     }
 
-    /// Checkpoints and lets the writer go (a CLI command's log, before the process exits).
+    /// Checkpoints, stops the writer and waits until it has let the log's lock go (a CLI
+    /// command's log: the next command, or a server starting, finds the log free).
     pub fn close(self) -> Result<(), AuditError> {
-        self.checkpoint_now()
+        self.checkpoint_now()?;
+        let (done, wait) = std_mpsc::sync_channel(1);
+        self.tx
+            .send(writer::Pending::Close(done))
+            .map_err(|_| AuditError::Unavailable("the audit writer stopped".into()))?;
+        wait.recv()
+            .unwrap_or_else(|_| Err(AuditError::Unavailable("the audit writer stopped".into())))
     }
 
     /// Records the operator actions CLI commands spooled while this log was being written

@@ -55,6 +55,8 @@ pub(super) enum Pending {
     Checkpoint(std_mpsc::SyncSender<Result<(), AuditError>>),
     /// Sign a checkpoint stating that epochs before this one may be shredded.
     Retain(u32, std_mpsc::SyncSender<Result<(), AuditError>>),
+    /// Checkpoint, stop, and let the lock go; answered once the lock is released.
+    Close(std_mpsc::SyncSender<Result<(), AuditError>>),
 }
 
 /// Creates the log if `dir` holds none (see the module docs for what "none" means): the
@@ -402,12 +404,15 @@ impl Writer {
         r
     }
 
+    /// Writes until every sender is gone or a [`Pending::Close`] arrives; returns the closer
+    /// to answer once this writer (and its lock) is dropped.
     pub(super) fn run(
         mut self,
         rx: std_mpsc::Receiver<Pending>,
         healthy: Arc<AtomicBool>,
         last_error: Arc<Mutex<Option<String>>>,
-    ) {
+    ) -> Option<std_mpsc::SyncSender<Result<(), AuditError>>> {
+        let mut closer = None;
         let report = |w: &Writer| {
             healthy.store(w.fault.is_none(), Ordering::Relaxed);
             if let Ok(mut e) = last_error.lock() {
@@ -427,6 +432,10 @@ impl Writer {
                     report(&self);
                     let _ = done.send(r);
                     continue;
+                }
+                Ok(Pending::Close(done)) => {
+                    closer = Some(done);
+                    break;
                 }
                 Ok(Pending::Record { record, done }) => (*record, done),
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
@@ -448,6 +457,10 @@ impl Writer {
                     }
                     Ok(Pending::Checkpoint(done)) => checkpoint_wanted = Some(done),
                     Ok(Pending::Retain(from, done)) => retain_wanted = Some((from, done)),
+                    Ok(Pending::Close(done)) => {
+                        closer = Some(done);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
@@ -473,12 +486,16 @@ impl Writer {
                 self.checkpoint_if_due();
             }
             report(&self);
+            if closer.is_some() {
+                break;
+            }
         }
-        // All senders gone: the server is shutting down; the last batch is already synced.
-        // A final checkpoint attests how far the log went.
+        // All senders gone or asked to close: the last batch is already synced. A final
+        // checkpoint attests how far the log went.
         if let Err(e) = self.checkpoint_if_any() {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
+        closer
     }
 
     /// Once a second without traffic: retry a failed log, check the live files and file
