@@ -169,6 +169,20 @@ pub fn call_with_id(addr: &str, token: &str, body: &str) -> Option<(u16, Option<
     Some((status, id))
 }
 
+/// An embeddings request that must succeed.
+pub fn embeds(addr: &str, token: &str, text: &str) {
+    assert_eq!(
+        call(
+            addr,
+            "POST",
+            "/v1/embeddings",
+            Some(token),
+            &embed_body(text)
+        ),
+        200
+    );
+}
+
 pub fn embed_body(text: &str) -> String {
     serde_json::json!({"model": "all-minilm-l6-v2", "input": text}).to_string()
 }

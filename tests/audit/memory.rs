@@ -57,30 +57,12 @@ fn a_memory_image_of_the_server_holds_no_earlier_epoch_key() {
         if seen.last().map(|k| k.0) != Some(secrets.0) {
             seen.push(secrets);
         }
-        assert_eq!(
-            call(
-                &server.addr,
-                "POST",
-                "/v1/embeddings",
-                Some(&t),
-                &embed_body("tick")
-            ),
-            200
-        );
+        embeds(&server.addr, &t, "tick");
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
     assert!(seen.len() >= 4, "epochs seen: {}", seen.len());
     // Quiesce on a request, then read the current key and take the image.
-    assert_eq!(
-        call(
-            &server.addr,
-            "POST",
-            "/v1/embeddings",
-            Some(&t),
-            &embed_body("tick")
-        ),
-        200
-    );
+    embeds(&server.addr, &t, "tick");
     let current = epoch_secrets(&s.join("audit/current.key"));
     let image = memory_image(server.child.id());
     assert!(image.len() > 1 << 20);

@@ -298,16 +298,7 @@ fn a_thief_of_the_running_host_cannot_rewrite_the_past_nor_read_the_future() {
     // Two runs; the thief copies the host's state (current.key included) during the second.
     let run = |text: &str| {
         let server = serve(s, None).unwrap();
-        assert_eq!(
-            call(
-                &server.addr,
-                "POST",
-                "/v1/embeddings",
-                Some(&t),
-                &embed_body(text)
-            ),
-            200
-        );
+        embeds(&server.addr, &t, text);
         server
     };
     run("first run").stop();
@@ -625,16 +616,7 @@ mod review {
         let auditor = Auditor::take(s);
         let server = serve(s, None).unwrap();
         for _ in 0..3 {
-            assert_eq!(
-                call(
-                    &server.addr,
-                    "POST",
-                    "/v1/embeddings",
-                    Some(&t),
-                    &embed_body("x")
-                ),
-                200
-            );
+            embeds(&server.addr, &t, "x");
         }
         drop(server); // SIGKILL: no stop checkpoint, the epoch's records are unattested
         let open = newest_epoch(s);
