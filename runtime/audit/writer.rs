@@ -566,11 +566,14 @@ impl Writer {
 
     /// A checkpoint that also states where retention lets the log begin (see
     /// [`Checkpoint::retained_from`]).
+    /// Signs `retained_from`, never beyond the current epoch: the open epoch is never
+    /// shredded, so no record (a spooled one claiming epoch 4,294,967,295, say) can sign away
+    /// segments that do not exist yet.
     pub(super) fn retain(&mut self, from: u32) -> Result<(), AuditError> {
         if self.fault.is_some() {
             self.append(&[])?;
         }
-        self.checkpoint_retaining(Some(from))
+        self.checkpoint_retaining(Some(from.min(self.secrets.epoch)))
     }
 
     fn checkpoint_retaining(&mut self, retained_from: Option<u32>) -> Result<(), AuditError> {

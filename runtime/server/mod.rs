@@ -472,6 +472,10 @@ fn with_request_id(mut resp: Response, request_id: &str) -> Response {
 /// Adds the texts of a request to its record as `--audit-content` says — only for a token whose
 /// holder consented (`token create --consent-content`); for any other, nothing of the content.
 pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, c: Content) {
+    // The common case (no content kept) costs nothing on the request path.
+    if state.config.audit_content == config::AuditContent::None {
+        return;
+    }
     let consented = record.token_id.as_ref().is_some_and(|id| {
         state
             .tokens

@@ -604,6 +604,27 @@ mod review {
             &[],
             "no signed checkpoint records their shredding",
         );
+
+        // A shredding record claiming a far-future epoch is signed only up to the epoch that
+        // was open: segments of later epochs stay protected.
+        let s = state.path();
+        let spool = s.join("audit/spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        let mut r = securerun::audit::AuditRecord::event("audit_shredded");
+        r.epoch = Some(u32::MAX);
+        std::fs::write(
+            spool.join(format!("{:016}-cc.json", r.time_ms)),
+            serde_json::to_vec(&r).unwrap(),
+        )
+        .unwrap();
+        // The next start opens this epoch and signs the (clamped) statement in it.
+        let open = newest_epoch(s) + 1;
+        serve(s, None).unwrap().stop();
+        serve(s, None).unwrap().stop();
+        for e in 1..=open {
+            std::fs::remove_file(seg(s, e)).unwrap();
+        }
+        auditor.detects(s, &[], "no signed checkpoint records their shredding");
     }
 
     /// A holder of the read key who can write the disk seals records in after a crash (they
