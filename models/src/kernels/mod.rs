@@ -10,6 +10,12 @@
 
 use rayon::prelude::*;
 
+pub mod formats;
+mod matrix;
+
+pub use formats::{QActs, QKind, QMatrix};
+pub use matrix::{widen, Bytes, Elems, Input, Matrix, WeightType};
+
 /// What the CPU offers, detected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
@@ -34,6 +40,37 @@ pub fn isa() -> Isa {
             }
         }
         Isa::Portable
+    })
+}
+
+/// Whether the CPU has AVX-512 VNNI (with BW and VL) for the quantized kernels.
+pub fn has_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether the CPU converts f16 in hardware next to AVX2 (F16C).
+pub fn has_f16c() -> bool {
+    static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F16C.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     })
 }
 
@@ -155,128 +192,7 @@ pub fn matmul_t(w: &[f32], x: &[f32], cols: usize, y: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// The CPU must support avx512f; `a` and `b` must have equal lengths.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY (all loads below): every index read is < n, the length of both slices; the
-        // masked tail load touches only the lanes its mask enables.
-        while i + 64 <= n {
-            for (k, a_k) in acc.iter_mut().enumerate() {
-                let o = i + k * 16;
-                *a_k =
-                    _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(o)), _mm512_loadu_ps(pb.add(o)), *a_k);
-            }
-            i += 64;
-        }
-        while i + 16 <= n {
-            acc[0] = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i)),
-                _mm512_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            i += 16;
-        }
-        if i < n {
-            let mask: __mmask16 = (1u32 << (n - i)).wrapping_sub(1) as __mmask16;
-            acc[1] = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(mask, pa.add(i)),
-                _mm512_maskz_loadu_ps(mask, pb.add(i)),
-                acc[1],
-            );
-        }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-        _mm512_reduce_add_ps(sum)
-    }
-
-    /// Four dot products of consecutive rows of `w` (`4 * x.len()` values) with `x`.
-    ///
-    /// # Safety
-    /// The CPU must support avx512f; `w.len()` must be `4 * x.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; 4] {
-        let n = x.len();
-        debug_assert_eq!(w.len(), 4 * n);
-        let (pw, px) = (w.as_ptr(), x.as_ptr());
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
-        let mut i = 0;
-        // SAFETY (all loads below): row k's index k*n + i + 15 < (k+1)*n while i + 16 <= n;
-        // the masked tail touches only lanes below n.
-        while i + 16 <= n {
-            let xv = _mm512_loadu_ps(px.add(i));
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(n + i)), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(2 * n + i)), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(3 * n + i)), xv, a3);
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = (1u32 << (n - i)).wrapping_sub(1) as __mmask16;
-            let xv = _mm512_maskz_loadu_ps(m, px.add(i));
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(i)), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(n + i)), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(2 * n + i)), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pw.add(3 * n + i)), xv, a3);
-        }
-        [
-            _mm512_reduce_add_ps(a0),
-            _mm512_reduce_add_ps(a1),
-            _mm512_reduce_add_ps(a2),
-            _mm512_reduce_add_ps(a3),
-        ]
-    }
-
-    /// # Safety
-    /// The CPU must support avx2 and fma; `a` and `b` must have equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        // SAFETY (all loads below): every index read is < n, the length of both slices.
-        while i + 32 <= n {
-            for (k, a_k) in acc.iter_mut().enumerate() {
-                let o = i + k * 8;
-                *a_k =
-                    _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *a_k);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let hi = _mm256_extractf128_ps(s, 1);
-        let lo = _mm256_castps256_ps128(s);
-        let s4 = _mm_add_ps(hi, lo);
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-        let mut sum = _mm_cvtss_f32(s1);
-        while i < n {
-            sum = (*pa.add(i)).mul_add(*pb.add(i), sum);
-            i += 1;
-        }
-        sum
-    }
-}
+mod x86;
 
 #[cfg(test)]
 mod tests {
@@ -354,6 +270,114 @@ mod tests {
                         "{isa:?} {rows}x{cols} row {i}: {g} vs {r}"
                     );
                 }
+            }
+        }
+    }
+
+    const SHAPES: &[(usize, usize)] =
+        &[(1, 32), (3, 96), (5, 576), (17, 256), (64, 1536), (9, 2048)];
+
+    #[test]
+    fn sixteen_bit_rows_match_the_scalar_reference() {
+        for &(rows, cols) in SHAPES.iter().chain(&[(4, 1), (7, 17), (4, 33), (6, 47)]) {
+            let w = values(rows * cols, 11);
+            let x = values(cols, 12);
+            let bf: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            for isa in isas() {
+                for (bits, is_bf16) in [(&bf, true), (&hf, false)] {
+                    let m = if is_bf16 {
+                        Matrix::bf16(rows, cols, Elems::owned(bits.clone()))
+                    } else {
+                        Matrix::f16(rows, cols, Elems::owned(bits.clone()))
+                    };
+                    let mut y = vec![f32::NAN; rows];
+                    m.apply_with_isa(isa, &mut Input::new(&x, cols), &mut y);
+                    for (r, got) in y.iter().enumerate() {
+                        let row = &bits[r * cols..(r + 1) * cols];
+                        let want = if is_bf16 {
+                            matrix::dot_16_scalar::<true>(row, &x)
+                        } else {
+                            matrix::dot_16_scalar::<false>(row, &x)
+                        };
+                        assert!(
+                            close(*got, want, cols),
+                            "{isa:?} bf16={is_bf16} {rows}x{cols} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_rows_match_the_scalar_reference_on_every_tier() {
+        for &(rows, cols) in SHAPES {
+            let w = values(rows * cols, 13);
+            let x = values(cols, 14);
+            for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4K] {
+                if !cols.is_multiple_of(kind.tile()) {
+                    continue;
+                }
+                let q = QMatrix::quantize(kind, &w, rows, cols);
+                let mut a = QActs::default();
+                a.quantize(&x, q.blocks);
+                for r in 0..rows {
+                    let want = formats::dot_q_scalar(&q, r, &a);
+                    for tier in ["scalar", "avx2", "avx512"] {
+                        let got = matrix::dot_q_tier(tier, &q, r, &a);
+                        assert!(
+                            (got - want).abs() <= 1e-4 * (1.0 + want.abs()) * (cols as f32).sqrt(),
+                            "{kind:?} {tier} {rows}x{cols} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+                // The threaded product over many rows equals the per-row kernel.
+                let m = Matrix::quantized(q.clone());
+                let mut y = vec![f32::NAN; rows];
+                m.apply(&mut Input::new(&x, cols), &mut y);
+                for (r, got) in y.iter().enumerate() {
+                    assert_eq!(
+                        *got,
+                        matrix::dot_q_tier("best", &q, r, &a),
+                        "{kind:?} row {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_input_rows_equal_one_product_per_row_at_every_precision() {
+        let (n, rows, cols) = (5, 37, 256);
+        let w = values(rows * cols, 15);
+        let x = values(n * cols, 16);
+        let bf: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let mats = [
+            Matrix::f32(rows, cols, Elems::owned(w.clone())),
+            Matrix::bf16(rows, cols, Elems::owned(bf)),
+            Matrix::quantized(QMatrix::quantize(QKind::Q8_0, &w, rows, cols)),
+            Matrix::quantized(QMatrix::quantize(QKind::Q4_0, &w, rows, cols)),
+            Matrix::quantized(QMatrix::quantize(QKind::Q4K, &w, rows, cols)),
+        ];
+        for m in &mats {
+            let mut y = vec![f32::NAN; n * rows];
+            m.apply(&mut Input::new(&x, cols), &mut y);
+            for t in 0..n {
+                let mut one = vec![f32::NAN; rows];
+                m.apply(
+                    &mut Input::new(&x[t * cols..(t + 1) * cols], cols),
+                    &mut one,
+                );
+                assert_eq!(
+                    &y[t * rows..(t + 1) * rows],
+                    &one[..],
+                    "{:?}",
+                    m.weight_type()
+                );
             }
         }
     }

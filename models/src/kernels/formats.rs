@@ -1,0 +1,498 @@
+//! Block-quantized weight formats, produced at load from the verified f32/16-bit tensors and
+//! repacked for the kernels, and the 8-bit activations they are multiplied with.
+//!
+//! Every format stores, per block of 32 weights of a row, unsigned codes `u` and a scale `s`
+//! (f16), so that `w = s·u − m` with `m` either a fixed multiple of `s` (Q8_0: `u = q + 128`,
+//! `m = 128 s`; Q4_0: `m = 8 s`) or a per-block minimum (Q4_K). A dot product with activations
+//! quantized per block as `x = dx·q` is then
+//!
+//! ```text
+//!   Σ_b s_b·dx_b·(Σ_i u_i·q_i)  −  Σ_b m_b·(dx_b·Σ_i q_i)
+//! ```
+//!
+//! The first sum is what the integer dot-product instructions (AVX-512 VNNI `vpdpbusd`:
+//! unsigned × signed bytes) compute; the second is a short f32 dot product with a per-activation
+//! vector computed once per input. The values are those of llama.cpp's Q8_0 / Q4_0 / Q4_K (same
+//! rounding rules, same 32- and 256-wide blocks); only the layout differs: rows are padded to an
+//! even number of blocks so that one 512-bit register holds two blocks, and Q4 packs the two
+//! blocks' nibbles so one 256-bit load unpacks into 64 codes in order. Q4_K's six-bit sub-block
+//! scales and minima are expanded at load into the per-block `s` and `m` (f16).
+
+use half::f16;
+
+/// Weights per block.
+pub const BLOCK: usize = 32;
+/// Q4_K super-block (its scales are quantized per 256 weights).
+pub const SUPER_BLOCK: usize = 256;
+
+/// A quantized weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QKind {
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl QKind {
+    /// How many input columns a row must be a multiple of.
+    pub fn tile(self) -> usize {
+        match self {
+            QKind::Q4K => SUPER_BLOCK,
+            _ => BLOCK,
+        }
+    }
+
+    /// Bytes of codes per block.
+    pub fn code_bytes(self) -> usize {
+        match self {
+            QKind::Q8_0 => BLOCK,
+            _ => BLOCK / 2,
+        }
+    }
+
+    fn fixed_offset(self) -> Option<f32> {
+        match self {
+            QKind::Q8_0 => Some(128.0),
+            QKind::Q4_0 => Some(8.0),
+            QKind::Q4K => None,
+        }
+    }
+}
+
+/// A row-major quantized matrix.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub kind: QKind,
+    pub rows: usize,
+    pub cols: usize,
+    /// Blocks per row including padding (even).
+    pub blocks: usize,
+    /// Codes: `blocks * code_bytes` per row.
+    pub codes: Vec<u8>,
+    /// Scales (f16 bits), `blocks` per row.
+    pub scales: Vec<u16>,
+    /// Per-block offsets `m` (f16 bits): `blocks` per row, for every kind (fixed multiples of
+    /// the scale for Q8_0 and Q4_0, computed here once).
+    pub mins: Vec<u16>,
+}
+
+/// Padded blocks per row for `cols` columns.
+pub fn padded_blocks(cols: usize) -> usize {
+    cols.div_ceil(BLOCK).next_multiple_of(2)
+}
+
+impl QMatrix {
+    /// Quantizes a row-major f32 matrix. `cols` must be a multiple of `kind.tile()`.
+    pub fn quantize(kind: QKind, w: &[f32], rows: usize, cols: usize) -> Self {
+        assert!(
+            cols > 0 && cols.is_multiple_of(kind.tile()),
+            "quantize shape"
+        );
+        assert_eq!(w.len(), rows * cols, "quantize length");
+        let blocks = padded_blocks(cols);
+        let cb = kind.code_bytes();
+        let mut m = QMatrix {
+            kind,
+            rows,
+            cols,
+            blocks,
+            codes: vec![0u8; rows * blocks * cb],
+            scales: vec![0u16; rows * blocks],
+            mins: vec![0u16; rows * blocks],
+        };
+        let mut u = vec![0u8; blocks * BLOCK];
+        let mut s = vec![0f32; blocks];
+        let mut mins = vec![0f32; blocks];
+        for r in 0..rows {
+            let row = &w[r * cols..(r + 1) * cols];
+            u.fill(match kind {
+                QKind::Q8_0 => 128,
+                QKind::Q4_0 => 8,
+                QKind::Q4K => 0,
+            });
+            s.fill(0.0);
+            mins.fill(0.0);
+            match kind {
+                QKind::Q8_0 => {
+                    for (b, x) in row.chunks_exact(BLOCK).enumerate() {
+                        s[b] = quantize_q8_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
+                    }
+                }
+                QKind::Q4_0 => {
+                    for (b, x) in row.chunks_exact(BLOCK).enumerate() {
+                        s[b] = quantize_q4_0_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
+                    }
+                }
+                QKind::Q4K => {
+                    for (sb, x) in row.chunks_exact(SUPER_BLOCK).enumerate() {
+                        let n = SUPER_BLOCK / BLOCK;
+                        let range = sb * n..(sb + 1) * n;
+                        quantize_q4k_super_block(
+                            x,
+                            &mut u[sb * SUPER_BLOCK..(sb + 1) * SUPER_BLOCK],
+                            &mut s[range.clone()],
+                            &mut mins[range],
+                        );
+                    }
+                }
+            }
+            let off = kind.fixed_offset();
+            for b in 0..blocks {
+                // The stored scale is what the kernels multiply with; offsets derive from it.
+                let sb = f16::from_f32(s[b]);
+                m.scales[r * blocks + b] = sb.to_bits();
+                let mb = match off {
+                    Some(o) => sb.to_f32() * o,
+                    None => mins[b],
+                };
+                m.mins[r * blocks + b] = f16::from_f32(mb).to_bits();
+            }
+            let codes = &mut m.codes[r * blocks * cb..(r + 1) * blocks * cb];
+            pack_codes(kind, &u, codes);
+        }
+        m
+    }
+
+    /// Codes of row `r`.
+    pub fn row_codes(&self, r: usize) -> &[u8] {
+        let n = self.blocks * self.kind.code_bytes();
+        &self.codes[r * n..(r + 1) * n]
+    }
+
+    pub fn row_scales(&self, r: usize) -> &[u16] {
+        &self.scales[r * self.blocks..(r + 1) * self.blocks]
+    }
+
+    pub fn row_mins(&self, r: usize) -> &[u16] {
+        &self.mins[r * self.blocks..(r + 1) * self.blocks]
+    }
+
+    /// The unsigned code of column `c` of row `r`.
+    fn code(&self, r: usize, c: usize) -> u8 {
+        let codes = self.row_codes(r);
+        match self.kind {
+            QKind::Q8_0 => codes[c],
+            _ => {
+                // Pairs of blocks: byte j holds code j (low nibble) and code j + 32 (high).
+                let (pair, j) = (c / (2 * BLOCK), c % (2 * BLOCK));
+                let byte = codes[pair * BLOCK + (j % BLOCK)];
+                if j < BLOCK {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }
+            }
+        }
+    }
+
+    /// Row `r` as f32 values (for embedding lookups and tests).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert_eq!(out.len(), self.cols);
+        let (s, m) = (self.row_scales(r), self.row_mins(r));
+        for (c, o) in out.iter_mut().enumerate() {
+            let b = c / BLOCK;
+            *o = f16::from_bits(s[b]).to_f32() * self.code(r, c) as f32
+                - f16::from_bits(m[b]).to_f32();
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 2 * (self.scales.len() + self.mins.len())
+    }
+}
+
+fn pack_codes(kind: QKind, u: &[u8], out: &mut [u8]) {
+    match kind {
+        QKind::Q8_0 => out.copy_from_slice(u),
+        _ => {
+            for (pair, o) in u.chunks_exact(2 * BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+                for j in 0..BLOCK {
+                    o[j] = (pair[j] & 0x0F) | (pair[j + BLOCK] << 4);
+                }
+            }
+        }
+    }
+}
+
+/// Q8_0: `d = max|x| / 127`, `q = round(x / d)`; codes `q + 128`. Returns `d`.
+fn quantize_q8_block(x: &[f32], u: &mut [u8]) -> f32 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (o, v) in u.iter_mut().zip(x) {
+        *o = ((v * id).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+    }
+    d
+}
+
+/// Q4_0: the value of largest magnitude maps to −8; `d = max / −8`, `q = x/d + 8` in 0..=15.
+fn quantize_q4_0_block(x: &[f32], u: &mut [u8]) -> f32 {
+    let mut max = 0f32;
+    for &v in x {
+        if v.abs() > max.abs() {
+            max = v;
+        }
+    }
+    let d = max / -8.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    for (o, v) in u.iter_mut().zip(x) {
+        *o = ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+    }
+    d
+}
+
+/// Q4_K: per 32-weight sub-block a scale and minimum fitted by weighted least squares over a
+/// small grid of candidate scales; the eight scales and eight minima of a super-block are then
+/// quantized to six bits against two f16 super-scales, and the codes re-derived from those
+/// quantized values (what llama.cpp's Q4_K stores). Writes codes, effective scales and minima.
+fn quantize_q4k_super_block(x: &[f32], u: &mut [u8], s: &mut [f32], m: &mut [f32]) {
+    let n = SUPER_BLOCK / BLOCK;
+    let mut scales = [0f32; 8];
+    let mut mins = [0f32; 8];
+    for j in 0..n {
+        let xb = &x[j * BLOCK..(j + 1) * BLOCK];
+        let av = (xb.iter().map(|v| v * v).sum::<f32>() / BLOCK as f32).sqrt();
+        let weights: Vec<f32> = xb.iter().map(|v| av + v.abs()).collect();
+        let (sc, mn) = fit_scale_min(xb, &weights, 15);
+        scales[j] = sc;
+        mins[j] = mn;
+    }
+    let max_scale = scales.iter().fold(0f32, |a, &v| a.max(v));
+    let max_min = mins.iter().fold(0f32, |a, &v| a.max(v));
+    let d = f16::from_f32(max_scale / 63.0).to_f32();
+    let dmin = f16::from_f32(max_min / 63.0).to_f32();
+    for j in 0..n {
+        let ls = if max_scale > 0.0 {
+            (scales[j] * 63.0 / max_scale).round().clamp(0.0, 63.0)
+        } else {
+            0.0
+        };
+        let lm = if max_min > 0.0 {
+            (mins[j] * 63.0 / max_min).round().clamp(0.0, 63.0)
+        } else {
+            0.0
+        };
+        let (sj, mj) = (d * ls, dmin * lm);
+        s[j] = sj;
+        m[j] = mj;
+        for (o, v) in u[j * BLOCK..(j + 1) * BLOCK]
+            .iter_mut()
+            .zip(&x[j * BLOCK..(j + 1) * BLOCK])
+        {
+            *o = if sj > 0.0 {
+                ((v + mj) / sj).round().clamp(0.0, 15.0) as u8
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Fits `x ≈ scale·q − min` with `q` in `0..=nmax` (`min ≥ 0`), minimizing the weighted squared
+/// error over a grid of starting scales refined by least squares. Returns `(scale, min)`.
+fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8) -> (f32, f32) {
+    let nmax = nmax as f32;
+    let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v)).min(0.0);
+    let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    if hi <= lo {
+        return (0.0, -lo);
+    }
+    let err = |scale: f32, min: f32| -> f32 {
+        x.iter()
+            .zip(w)
+            .map(|(&v, &wi)| {
+                let q = if scale > 0.0 {
+                    ((v - min) / scale).round().clamp(0.0, nmax)
+                } else {
+                    0.0
+                };
+                let e = scale * q + min - v;
+                wi * e * e
+            })
+            .sum()
+    };
+    let mut best = ((hi - lo) / nmax, lo);
+    let mut best_err = err(best.0, best.1);
+    for step in 0..=20 {
+        let iscale = (-1.0 + 0.1 * step as f32 + nmax) / (hi - lo);
+        let (mut sw, mut sx, mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32, 0f32, 0f32);
+        for (&v, &wi) in x.iter().zip(w) {
+            let l = (iscale * (v - lo)).round().clamp(0.0, nmax);
+            sw += wi;
+            sx += wi * v;
+            sl += wi * l;
+            sl2 += wi * l * l;
+            sxl += wi * l * v;
+        }
+        let det = sw * sl2 - sl * sl;
+        if det <= 0.0 {
+            continue;
+        }
+        let mut scale = (sw * sxl - sx * sl) / det;
+        let mut min = (sl2 * sx - sl * sxl) / det;
+        if min > 0.0 {
+            min = 0.0;
+            scale = if sl2 > 0.0 { sxl / sl2 } else { 0.0 };
+        }
+        if scale <= 0.0 {
+            continue;
+        }
+        let e = err(scale, min);
+        if e < best_err {
+            best_err = e;
+            best = (scale, min);
+        }
+    }
+    (best.0, -best.1)
+}
+
+/// Activations quantized per block of 32 to signed bytes (llama.cpp's Q8_0 rule), padded with
+/// zero blocks to the matrix's block count.
+#[derive(Debug, Clone, Default)]
+pub struct QActs {
+    pub q: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// `d·Σq` per block (multiplies the weights' per-block offsets).
+    pub c: Vec<f32>,
+    /// `Σq` per block (for kernels that compute `Σ(u − 128)·q`).
+    pub sum: Vec<i32>,
+}
+
+impl QActs {
+    /// Quantizes `x` into `blocks` blocks (reusing this buffer's allocations).
+    pub fn quantize(&mut self, x: &[f32], blocks: usize) {
+        assert!(x.len() <= blocks * BLOCK);
+        self.q.clear();
+        self.q.resize(blocks * BLOCK, 0);
+        self.d.clear();
+        self.d.resize(blocks, 0.0);
+        self.c.clear();
+        self.c.resize(blocks, 0.0);
+        self.sum.clear();
+        self.sum.resize(blocks, 0);
+        for (b, xb) in x.chunks(BLOCK).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in self.q[b * BLOCK..].iter_mut().zip(xb) {
+                let q = (v * id).round().clamp(-127.0, 127.0) as i32;
+                *o = q as i8;
+                sum += q;
+            }
+            self.d[b] = d;
+            self.sum[b] = sum;
+            self.c[b] = d * sum as f32;
+        }
+    }
+}
+
+/// The scalar reference for one quantized row · activations (the kernels are tested against it).
+pub fn dot_q_scalar(m: &QMatrix, r: usize, a: &QActs) -> f32 {
+    let (s, mins) = (m.row_scales(r), m.row_mins(r));
+    let mut acc = 0f32;
+    let mut corr = 0f32;
+    for b in 0..m.blocks {
+        let mut dp = 0i32;
+        for i in 0..BLOCK {
+            let c = b * BLOCK + i;
+            let u = if c < m.cols { m.code(r, c) } else { 0 };
+            dp += u as i32 * a.q[c] as i32;
+        }
+        acc += f16::from_bits(s[b]).to_f32() * a.d[b] * dp as f32;
+        corr += f16::from_bits(mins[b]).to_f32() * a.c[b];
+    }
+    acc - corr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 20000) as f32 / 10000.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn rms(a: &[f32], b: &[f32]) -> f32 {
+        let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let n: f32 = b.iter().map(|y| y * y).sum();
+        (e / n).sqrt()
+    }
+
+    #[test]
+    fn round_trip_error_is_what_each_format_allows() {
+        let (rows, cols) = (8, 512);
+        let w = values(rows * cols, 7);
+        for (kind, bound) in [(QKind::Q8_0, 0.01), (QKind::Q4_0, 0.15), (QKind::Q4K, 0.12)] {
+            let q = QMatrix::quantize(kind, &w, rows, cols);
+            let mut back = vec![0f32; rows * cols];
+            for r in 0..rows {
+                q.dequantize_row(r, &mut back[r * cols..(r + 1) * cols]);
+            }
+            let e = rms(&back, &w);
+            assert!(e < bound, "{kind:?}: relative RMS error {e}");
+        }
+    }
+
+    #[test]
+    fn q4k_fits_better_than_q4_0_on_skewed_rows() {
+        // Rows that are not centred on zero are what the per-block minimum is for.
+        let (rows, cols) = (4, 256);
+        let w: Vec<f32> = values(rows * cols, 9)
+            .iter()
+            .map(|v| v * 0.5 + 0.7)
+            .collect();
+        let err = |kind| {
+            let q = QMatrix::quantize(kind, &w, rows, cols);
+            let mut back = vec![0f32; rows * cols];
+            for r in 0..rows {
+                q.dequantize_row(r, &mut back[r * cols..(r + 1) * cols]);
+            }
+            rms(&back, &w)
+        };
+        assert!(err(QKind::Q4K) < err(QKind::Q4_0));
+    }
+
+    #[test]
+    fn the_scalar_dot_equals_the_dequantized_dot_up_to_activation_rounding() {
+        let (rows, cols) = (3, 96); // three blocks: padded to four
+        let (w, x) = (values(rows * cols, 3), values(cols, 4));
+        for kind in [QKind::Q8_0, QKind::Q4_0] {
+            let q = QMatrix::quantize(kind, &w, rows, cols);
+            assert_eq!(q.blocks, 4);
+            let mut a = QActs::default();
+            a.quantize(&x, q.blocks);
+            let xd: Vec<f32> = (0..cols).map(|i| a.d[i / BLOCK] * a.q[i] as f32).collect();
+            for r in 0..rows {
+                let mut row = vec![0f32; cols];
+                q.dequantize_row(r, &mut row);
+                let want: f32 = row.iter().zip(&xd).map(|(a, b)| a * b).sum();
+                let got = dot_q_scalar(&q, r, &a);
+                assert!(
+                    (got - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{got} {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zero_rows_quantize_to_zero() {
+        for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4K] {
+            let q = QMatrix::quantize(kind, &[0.0; 256], 1, 256);
+            let mut back = vec![1f32; 256];
+            q.dequantize_row(0, &mut back);
+            assert!(back.iter().all(|v| *v == 0.0), "{kind:?}");
+        }
+    }
+}

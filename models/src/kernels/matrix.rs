@@ -1,0 +1,405 @@
+//! Weight matrices kept at run precision (f32, bf16, f16 — owned or straight from the verified
+//! mapping — or block-quantized), and their products with f32 activations split across threads.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::formats::{QActs, QKind, QMatrix};
+use super::{isa, Isa};
+
+/// Bytes that outlive the matrix (a verified read-only mapping).
+pub trait Bytes: Send + Sync {
+    fn bytes(&self) -> &[u8];
+}
+
+/// Elements owned, or viewed in place in a mapping (when aligned for `T`).
+pub struct Elems<T: bytemuck::Pod> {
+    owned: Vec<T>,
+    mapped: Option<Box<dyn Bytes>>,
+}
+
+impl<T: bytemuck::Pod> Elems<T> {
+    pub fn owned(v: Vec<T>) -> Self {
+        Elems {
+            owned: v,
+            mapped: None,
+        }
+    }
+
+    /// Uses the bytes in place if they are aligned for `T` and a whole number of `T`; else
+    /// hands them back.
+    pub fn mapped(bytes: Box<dyn Bytes>) -> Result<Self, Box<dyn Bytes>> {
+        if bytemuck::try_cast_slice::<u8, T>(bytes.bytes()).is_err() {
+            return Err(bytes);
+        }
+        Ok(Elems {
+            owned: Vec::new(),
+            mapped: Some(bytes),
+        })
+    }
+
+    pub fn get(&self) -> &[T] {
+        match &self.mapped {
+            // Checked at construction; the mapping does not move.
+            Some(m) => bytemuck::cast_slice(m.bytes()),
+            None => &self.owned,
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.mapped.is_some()
+    }
+}
+
+/// A weight type at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WeightType {
+    F32,
+    Bf16,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4K,
+}
+
+impl WeightType {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightType::F32 => "f32",
+            WeightType::Bf16 => "bf16",
+            WeightType::F16 => "f16",
+            WeightType::Q8_0 => "q8_0",
+            WeightType::Q4_0 => "q4_0",
+            WeightType::Q4K => "q4_k",
+        }
+    }
+
+    pub fn quant(self) -> Option<QKind> {
+        match self {
+            WeightType::Q8_0 => Some(QKind::Q8_0),
+            WeightType::Q4_0 => Some(QKind::Q4_0),
+            WeightType::Q4K => Some(QKind::Q4K),
+            _ => None,
+        }
+    }
+}
+
+enum Data {
+    F32(Elems<f32>),
+    Bf16(Elems<u16>),
+    F16(Elems<u16>),
+    Q(QMatrix),
+}
+
+/// A row-major `rows × cols` weight matrix (`y = W x`).
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: Data,
+}
+
+/// Activations prepared once for every matrix that reads them (Q, K and V share one input):
+/// the f32 rows, and their 8-bit quantization made on first use by a quantized matrix.
+pub struct Input<'a> {
+    x: &'a [f32],
+    cols: usize,
+    quantized: Option<(usize, Vec<QActs>)>,
+}
+
+impl<'a> Input<'a> {
+    /// `x` holds `x.len() / cols` rows.
+    pub fn new(x: &'a [f32], cols: usize) -> Self {
+        assert!(cols > 0 && x.len().is_multiple_of(cols), "input shape");
+        Input {
+            x,
+            cols,
+            quantized: None,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.x.len() / self.cols
+    }
+
+    fn quantized(&mut self, blocks: usize) -> &[QActs] {
+        let stale = !matches!(&self.quantized, Some((b, _)) if *b == blocks);
+        if stale {
+            let rows: Vec<QActs> = self
+                .x
+                .par_chunks(self.cols)
+                .map(|row| {
+                    let mut a = QActs::default();
+                    a.quantize(row, blocks);
+                    a
+                })
+                .collect();
+            self.quantized = Some((blocks, rows));
+        }
+        &self.quantized.as_ref().expect("just set").1
+    }
+}
+
+impl Matrix {
+    pub fn f32(rows: usize, cols: usize, e: Elems<f32>) -> Self {
+        assert_eq!(e.get().len(), rows * cols, "matrix shape");
+        Matrix {
+            rows,
+            cols,
+            data: Data::F32(e),
+        }
+    }
+
+    pub fn bf16(rows: usize, cols: usize, e: Elems<u16>) -> Self {
+        assert_eq!(e.get().len(), rows * cols, "matrix shape");
+        Matrix {
+            rows,
+            cols,
+            data: Data::Bf16(e),
+        }
+    }
+
+    pub fn f16(rows: usize, cols: usize, e: Elems<u16>) -> Self {
+        assert_eq!(e.get().len(), rows * cols, "matrix shape");
+        Matrix {
+            rows,
+            cols,
+            data: Data::F16(e),
+        }
+    }
+
+    pub fn quantized(q: QMatrix) -> Self {
+        Matrix {
+            rows: q.rows,
+            cols: q.cols,
+            data: Data::Q(q),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn weight_type(&self) -> WeightType {
+        match &self.data {
+            Data::F32(_) => WeightType::F32,
+            Data::Bf16(_) => WeightType::Bf16,
+            Data::F16(_) => WeightType::F16,
+            Data::Q(q) => match q.kind {
+                QKind::Q8_0 => WeightType::Q8_0,
+                QKind::Q4_0 => WeightType::Q4_0,
+                QKind::Q4K => WeightType::Q4K,
+            },
+        }
+    }
+
+    /// Bytes of weights this matrix reads per product.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(e) => 4 * e.get().len(),
+            Data::Bf16(e) | Data::F16(e) => 2 * e.get().len(),
+            Data::Q(q) => q.bytes(),
+        }
+    }
+
+    /// Whether the weights are read in place from the model's mapping (not copied).
+    pub fn is_mapped(&self) -> bool {
+        match &self.data {
+            Data::F32(e) => e.is_mapped(),
+            Data::Bf16(e) | Data::F16(e) => e.is_mapped(),
+            Data::Q(_) => false,
+        }
+    }
+
+    /// Row `r` as f32 (embedding lookups).
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "row index");
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            Data::F32(e) => out.copy_from_slice(&e.get()[range]),
+            Data::Bf16(e) => {
+                for (o, &b) in out.iter_mut().zip(&e.get()[range]) {
+                    *o = widen::<true>(b);
+                }
+            }
+            Data::F16(e) => {
+                for (o, &b) in out.iter_mut().zip(&e.get()[range]) {
+                    *o = widen::<false>(b);
+                }
+            }
+            Data::Q(q) => q.dequantize_row(r, out),
+        }
+    }
+
+    /// `y = x Wᵀ` for every row of `input` (`y` is `[rows of input][self.rows]`). Every weight
+    /// row is read once and applied to all input rows while in cache.
+    pub fn apply(&self, input: &mut Input, y: &mut [f32]) {
+        self.apply_with(isa(), input, y)
+    }
+
+    #[cfg(test)]
+    pub(super) fn apply_with_isa(&self, isa: Isa, input: &mut Input, y: &mut [f32]) {
+        self.apply_with(isa, input, y)
+    }
+
+    fn apply_with(&self, isa: Isa, input: &mut Input, y: &mut [f32]) {
+        assert_eq!(input.cols, self.cols, "input width");
+        let n = input.rows();
+        assert_eq!(y.len(), n * self.rows, "output shape");
+        let x = input.x;
+        let acts: &[QActs] = match &self.data {
+            Data::Q(q) => input.quantized(q.blocks),
+            _ => &[],
+        };
+        let cols = self.cols;
+        let per = super::rows_per_task(self.rows, cols);
+        if n == 1 {
+            y.par_chunks_mut(per).enumerate().for_each(|(i, ys)| {
+                self.rows_dot(isa, i * per, x, acts.first(), ys);
+            });
+            return;
+        }
+        let blocks: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(per))
+            .into_par_iter()
+            .map(|b| {
+                let start = b * per;
+                let r = per.min(self.rows - start);
+                let mut out = vec![0f32; n * r];
+                for t in 0..n {
+                    self.rows_dot(
+                        isa,
+                        start,
+                        &x[t * cols..(t + 1) * cols],
+                        acts.get(t),
+                        &mut out[t * r..(t + 1) * r],
+                    );
+                }
+                (start, out)
+            })
+            .collect();
+        for (start, out) in blocks {
+            let r = out.len() / n;
+            for t in 0..n {
+                y[t * self.rows + start..t * self.rows + start + r]
+                    .copy_from_slice(&out[t * r..(t + 1) * r]);
+            }
+        }
+    }
+
+    /// `ys[i] = row(first + i) · x`.
+    fn rows_dot(&self, isa: Isa, first: usize, x: &[f32], acts: Option<&QActs>, ys: &mut [f32]) {
+        let cols = self.cols;
+        let range = first * cols..(first + ys.len()) * cols;
+        match &self.data {
+            Data::F32(e) => super::rows_dot(isa, &e.get()[range], x, ys),
+            Data::Bf16(e) => rows_dot_16::<true>(isa, &e.get()[range], x, ys),
+            Data::F16(e) => rows_dot_16::<false>(isa, &e.get()[range], x, ys),
+            Data::Q(q) => {
+                let a = acts.expect("quantized activations");
+                for (i, y) in ys.iter_mut().enumerate() {
+                    *y = dot_q(isa, q, first + i, a);
+                }
+            }
+        }
+    }
+}
+
+/// One 16-bit value widened to f32 (exact for both formats).
+#[inline]
+pub fn widen<const BF16: bool>(bits: u16) -> f32 {
+    if BF16 {
+        f32::from_bits((bits as u32) << 16)
+    } else {
+        f16::from_bits(bits).to_f32()
+    }
+}
+
+/// The scalar reference for a 16-bit row · f32 `x`.
+pub fn dot_16_scalar<const BF16: bool>(w: &[u16], x: &[f32]) -> f32 {
+    w.iter()
+        .zip(x)
+        .fold(0f32, |acc, (&b, &v)| widen::<BF16>(b).mul_add(v, acc))
+}
+
+fn rows_dot_16<const BF16: bool>(isa: Isa, ws: &[u16], x: &[f32], ys: &mut [f32]) {
+    let cols = x.len();
+    let mut r = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        while r + 4 <= ys.len() {
+            // SAFETY: `Isa::Avx512` is only used when the CPU reports avx512f; the slice holds
+            // exactly four rows of `cols` values.
+            let out =
+                unsafe { super::x86::dot4_16_avx512::<BF16>(&ws[r * cols..(r + 4) * cols], x) };
+            ys[r..r + 4].copy_from_slice(&out);
+            r += 4;
+        }
+    }
+    for (y, row) in ys[r..].iter_mut().zip(ws[r * cols..].chunks_exact(cols)) {
+        *y = dot_16_with::<BF16>(isa, row, x);
+    }
+}
+
+pub(super) fn dot_16_with<const BF16: bool>(isa: Isa, w: &[u16], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len(), "dot of unequal lengths");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; lengths equal.
+        Isa::Avx512 => unsafe { super::x86::dot_16_avx512::<BF16>(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma if super::has_f16c() => {
+            // SAFETY: avx2, fma and f16c detected; lengths equal.
+            unsafe { super::x86::dot_16_avx2::<BF16>(w, x) }
+        }
+        _ => dot_16_scalar::<BF16>(w, x),
+    }
+}
+
+/// One quantized row · activations on the best kernel this CPU has.
+pub(super) fn dot_q(isa: Isa, q: &QMatrix, r: usize, a: &QActs) -> f32 {
+    let (codes, scales, mins) = (q.row_codes(r), q.row_scales(r), q.row_mins(r));
+    assert!(
+        a.d.len() == q.blocks && a.q.len() == q.blocks * super::formats::BLOCK,
+        "activations quantized for another width"
+    );
+    let q4 = q.kind != QKind::Q8_0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa == Isa::Avx512 && super::has_vnni() {
+            // SAFETY: avx512f/bw/vl/vnni detected; the row and the activations have `blocks`
+            // (even) blocks, checked above and by construction.
+            return unsafe {
+                if q4 {
+                    super::x86::dot_q_vnni::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
+                } else {
+                    super::x86::dot_q_vnni::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
+                }
+            };
+        }
+        if matches!(isa, Isa::Avx512 | Isa::Avx2Fma) && super::has_f16c() {
+            // SAFETY: avx2, fma and f16c detected (every AVX-512 CPU has them); shapes as above.
+            return unsafe {
+                if q4 {
+                    super::x86::dot_q_avx2::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
+                } else {
+                    super::x86::dot_q_avx2::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
+                }
+            };
+        }
+    }
+    let _ = (isa, codes, scales, mins, q4);
+    super::formats::dot_q_scalar(q, r, a)
+}
+
+/// The AVX2 kernel even on an AVX-512 machine (tests compare every tier).
+#[cfg(test)]
+pub(super) fn dot_q_tier(tier: &str, q: &QMatrix, r: usize, a: &QActs) -> f32 {
+    match tier {
+        "scalar" => super::formats::dot_q_scalar(q, r, a),
+        "avx2" => dot_q(Isa::Avx2Fma, q, r, a),
+        _ => dot_q(Isa::Avx512, q, r, a),
+    }
+}
