@@ -73,6 +73,13 @@ impl Embedder {
         let max_seq = source
             .aux_json::<StConfig>("sentence_bert_config.json")?
             .and_then(|c| c.max_seq_length);
+        if opts.precision != crate::Precision::Auto && opts.precision.candle_dtype().is_none() {
+            return Err(crate::arch::ArchError::Precision {
+                arch: parts.arch.name(),
+                precision: opts.precision,
+            }
+            .into());
+        }
         let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
         let encoder = BertEncoder::load(&parts.config, vb, pooling, normalize, max_seq)?;
         Ok(Embedder {

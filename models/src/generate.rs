@@ -128,15 +128,7 @@ impl TextModel {
     /// Builds the model from a resolved source.
     pub fn load(source: &Arc<ModelSource>, opts: &LoadOptions) -> Result<Self, LoadError> {
         let parts = load::common(source, opts)?;
-        let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
-        let lm = arch::load_causal_lm(
-            parts.arch,
-            &parts.config,
-            vb,
-            parts.dtype,
-            &opts.device,
-            opts.engine,
-        )?;
+        let lm = arch::load_causal_lm(parts.arch, &parts.config, source, opts, parts.dtype)?;
         let eos = load::eos_ids(source, &parts.tokenizer);
         Ok(TextModel {
             arch: parts.arch,

@@ -22,6 +22,9 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Which forward pass runs a model both can run.
     pub engine: Engine,
+    /// The precision weights are kept and computed at (`--dtype`). Quantized precisions run on
+    /// the owned decoder only; `Auto` is Q8_0 there and `dtype` (or its default) elsewhere.
+    pub precision: crate::precision::Precision,
 }
 
 /// The forward pass: the project's own decoder where it supports the model (llama-style, f32
@@ -41,6 +44,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             engine: Engine::Best,
+            precision: crate::precision::Precision::Auto,
         }
     }
 }
@@ -93,6 +97,7 @@ pub(crate) fn common(source: &Arc<ModelSource>, opts: &LoadOptions) -> Result<Co
         tokenizer,
         dtype: opts
             .dtype
+            .or(opts.precision.candle_dtype())
             .unwrap_or_else(|| default_dtype(source, &opts.device)),
     })
 }

@@ -379,6 +379,12 @@ impl ModelSource {
         Some((f, &f.header().tensors[idx]))
     }
 
+    /// A tensor and the index of the weight file that holds it.
+    pub fn tensor_in_file(&self, name: &str) -> Option<(usize, &TensorInfo)> {
+        let &(file, idx) = self.index.get(name)?;
+        Some((file, &self.weights[file].header().tensors[idx]))
+    }
+
     /// All tensors, in file then data order.
     pub fn tensors(&self) -> impl Iterator<Item = (&SafetensorsFile, &TensorInfo)> {
         self.weights

@@ -231,30 +231,83 @@ fn seeded_sampling_is_reproducible() {
 /// several positions per layer (grouped heads included: the generated config has fewer KV
 /// heads than heads).
 #[test]
-fn the_owned_llama_decoder_matches_the_reference() {
-    let tmp = tempfile::tempdir().unwrap();
-    common::write_model(tmp.path(), "llama", DType::F32);
-    let source = Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
-    let mut models = [
-        TextModel::load(&source, &LoadOptions::default()).unwrap(),
-        TextModel::load(
-            &source,
-            &LoadOptions {
-                engine: securerun_models::load::Engine::Reference,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    ];
-    for text in ["hello world", "hello hello world world hello world hello"] {
-        let mut tokens = Vec::new();
-        for model in models.iter_mut() {
-            let prompt = model.prompt_ids(&Prompt::Text(text.into())).unwrap();
-            let out = model
-                .generate_from_ids(&prompt, &greedy(12), &mut |_| ControlFlow::Continue(()))
-                .unwrap();
-            tokens.push(out.token_ids);
+fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
+    use securerun_models::{load::Engine, Precision};
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), arch, DType::F32);
+        let source =
+            Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+        let load = |engine| {
+            TextModel::load(
+                &source,
+                &LoadOptions {
+                    engine,
+                    precision: Precision::F32,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let mut models = [load(Engine::Best), load(Engine::Reference)];
+        for text in ["hello world", "hello hello world world hello world hello"] {
+            let mut tokens = Vec::new();
+            for model in models.iter_mut() {
+                let prompt = model.prompt_ids(&Prompt::Text(text.into())).unwrap();
+                let out = model
+                    .generate_from_ids(&prompt, &greedy(12), &mut |_| ControlFlow::Continue(()))
+                    .unwrap();
+                tokens.push(out.token_ids);
+            }
+            assert_eq!(tokens[0], tokens[1], "{arch} {text:?}");
         }
-        assert_eq!(tokens[0], tokens[1], "{text:?}");
     }
+}
+
+#[test]
+fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
+    use securerun_models::Precision;
+    for arch in ["llama", "qwen3"] {
+        for precision in [
+            Precision::Bf16,
+            Precision::Q8_0,
+            Precision::Q4_0,
+            Precision::Q4K,
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            common::write_model(tmp.path(), arch, DType::BF16);
+            let source =
+                Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+            let opts = LoadOptions {
+                precision,
+                ..Default::default()
+            };
+            let mut model = TextModel::load(&source, &opts).unwrap();
+            let prompt = model.prompt_ids(&Prompt::Text("hello".into())).unwrap();
+            let out = model
+                .generate_from_ids(&prompt, &greedy(4), &mut |_| ControlFlow::Continue(()))
+                .unwrap();
+            assert_eq!(out.token_ids.len(), 4, "{arch} {precision}");
+        }
+    }
+    // gemma2 is not on the owned decoder: a quantized precision is refused with the reason.
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "gemma2", DType::F32);
+    let source = Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+    let err = TextModel::load(
+        &source,
+        &LoadOptions {
+            precision: Precision::Q4_0,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(
+            err,
+            securerun_models::LoadError::Arch(securerun_models::arch::ArchError::Precision { .. })
+        ),
+        "{err}"
+    );
 }

@@ -1,5 +1,5 @@
-//! Llama family (Llama 2/3, SmolLM2, TinyLlama): on the owned decoder ([`Owned`]) where it
-//! supports the model, else (and as the reference) via candle-transformers ([`Model`]).
+//! Llama family (Llama 2/3, SmolLM2, TinyLlama) via candle-transformers: the reference the owned
+//! decoder ([`super::owned`]) is tested against, and the path for what it does not run.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -52,38 +52,5 @@ impl CausalLm for Model {
 
     fn max_context(&self) -> usize {
         self.config.max_position_embeddings
-    }
-}
-
-/// Llama on the project's own decoder ([`crate::decoder`]).
-pub struct Owned {
-    decoder: crate::decoder::Decoder,
-}
-
-impl Owned {
-    pub fn load(config: llama::LlamaConfig, vb: VarBuilder<'static>) -> Result<Self, ArchError> {
-        let decoder = build(Architecture::Llama, || {
-            crate::decoder::llama::load(&config, &vb)
-        })?;
-        Ok(Owned { decoder })
-    }
-}
-
-impl CausalLm for Owned {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        let logits = self
-            .decoder
-            .forward(tokens, pos)
-            .map_err(candle_core::Error::Msg)?;
-        let n = logits.len();
-        Tensor::from_vec(logits, n, &Device::Cpu)
-    }
-
-    fn reset(&mut self) {
-        self.decoder.reset();
-    }
-
-    fn max_context(&self) -> usize {
-        self.decoder.shape().max_context
     }
 }

@@ -4,12 +4,12 @@ mod bert;
 mod gemma2;
 mod llama;
 mod mistral;
+mod owned;
 mod phi3;
 mod qwen2;
 mod qwen3;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 pub use bert::{BertEncoder, Pooling};
 
@@ -100,6 +100,11 @@ pub enum ArchError {
     Config { arch: &'static str, reason: String },
     #[error("cannot build the {arch} model from these weights: {reason}")]
     Weights { arch: &'static str, reason: String },
+    #[error("--dtype {precision} needs the project's own decoder, which does not run this {arch} configuration yet; use f32, bf16 or f16")]
+    Precision {
+        arch: &'static str,
+        precision: crate::precision::Precision,
+    },
     #[error("{arch} is an {task} model, not usable for {wanted}")]
     WrongTask {
         arch: &'static str,
@@ -191,39 +196,70 @@ fn build<T>(
     }
 }
 
-/// Builds a causal LM of the detected architecture.
+/// The owned decoder's spec for this model, if it runs it.
+fn owned_spec(
+    arch: Architecture,
+    config: &serde_json::Value,
+) -> Result<Option<crate::decoder::Spec>, ArchError> {
+    use crate::decoder;
+    Ok(match arch {
+        Architecture::Llama => decoder::llama::spec(&parse_config(arch, config)?),
+        Architecture::Mistral => decoder::mistral::spec(&parse_config(arch, config)?, config),
+        Architecture::Qwen2 => decoder::qwen2::spec(&parse_config(arch, config)?, config),
+        Architecture::Qwen3 => decoder::qwen3::spec(&parse_config(arch, config)?, config),
+        _ => None,
+    })
+}
+
+/// Builds a causal LM of the detected architecture: on the owned decoder where it runs the
+/// model on this device (at `opts.precision`), else on candle-transformers at `default_dtype`
+/// or the float precision asked for.
 pub fn load_causal_lm(
     arch: Architecture,
     config: &serde_json::Value,
-    vb: VarBuilder<'static>,
-    dtype: DType,
-    device: &Device,
-    engine: crate::load::Engine,
+    source: &std::sync::Arc<crate::source::ModelSource>,
+    opts: &crate::load::LoadOptions,
+    default_dtype: DType,
 ) -> Result<Box<dyn CausalLm>, ArchError> {
-    Ok(match arch {
-        Architecture::Llama => {
-            let config: candle_transformers::models::llama::LlamaConfig =
-                parse_config(arch, config)?;
-            if engine == crate::load::Engine::Best
-                && crate::decoder::llama::supported(&config, dtype, device)
-            {
-                Box::new(llama::Owned::load(config, vb)?)
-            } else {
-                Box::new(llama::Model::load(config, vb, dtype, device)?)
-            }
+    use crate::precision::Precision;
+    if arch == Architecture::Bert {
+        return Err(ArchError::WrongTask {
+            arch: arch.name(),
+            task: "embeddings",
+            wanted: "text generation",
+        });
+    }
+    let precision = opts.precision;
+    if opts.engine == crate::load::Engine::Best && opts.device.is_cpu() {
+        if let Some(spec) = owned_spec(arch, config)? {
+            return Ok(Box::new(owned::Owned::load(arch, spec, source, precision)?));
         }
+    }
+    let dtype = match (precision, precision.candle_dtype()) {
+        (_, Some(d)) => d,
+        (Precision::Auto, None) => default_dtype,
+        (p, None) => {
+            return Err(ArchError::Precision {
+                arch: arch.name(),
+                precision: p,
+            })
+        }
+    };
+    let device = &opts.device;
+    let vb = crate::weights::var_builder(source.clone(), dtype, device);
+    Ok(match arch {
+        Architecture::Llama => Box::new(llama::Model::load(
+            parse_config(arch, config)?,
+            vb,
+            dtype,
+            device,
+        )?),
         Architecture::Mistral => Box::new(mistral::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen2 => Box::new(qwen2::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Qwen3 => Box::new(qwen3::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Phi3 => Box::new(phi3::Model::load(parse_config(arch, config)?, vb)?),
         Architecture::Gemma2 => Box::new(gemma2::Model::load(parse_config(arch, config)?, vb)?),
-        Architecture::Bert => {
-            return Err(ArchError::WrongTask {
-                arch: arch.name(),
-                task: "embeddings",
-                wanted: "text generation",
-            })
-        }
+        Architecture::Bert => unreachable!("refused above"),
     })
 }
 

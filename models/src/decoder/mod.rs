@@ -7,15 +7,23 @@
 //! copy of what is there), grouped heads index their KV head instead of repeating it, and the
 //! buffers are reused. candle-transformers stays the reference the tests compare against.
 //!
-//! Scope today: f32 weights, llama (`model_type` llama) without rope scaling; everything else
-//! still runs on candle-transformers. The layout leaves room for several sequences per weight
-//! read (`matmul_t` already applies each weight row to many token rows).
+//! Families: llama, mistral, qwen2, qwen3 (one small file each states what differs); phi3 and
+//! gemma2 still run on candle-transformers. Weights are [`Matrix`]es at the run precision
+//! (f32, bf16, f16 in place from the mapping; Q8_0, Q4_0, Q4_K repacked at load). The layout
+//! leaves room for several sequences per weight read ([`Matrix::apply`] already applies each
+//! weight row to many input rows).
 
 pub mod llama;
+pub mod load;
+pub mod mistral;
+pub mod qwen2;
+pub mod qwen3;
 
 use rayon::prelude::*;
 
-use crate::kernels;
+use crate::kernels::{self, Input, Matrix};
+use crate::precision::Role;
+use load::TensorLoader;
 
 /// The shape of a llama-style decoder.
 #[derive(Debug, Clone)]
@@ -30,32 +38,129 @@ pub struct Shape {
     pub rms_eps: f32,
     pub rope_theta: f32,
     pub max_context: usize,
+    /// Attention sees only the last this-many positions (Mistral, Qwen with sliding windows).
+    pub sliding_window: Option<usize>,
 }
 
-/// One layer's weights, row-major `[out][in]` as stored in safetensors.
+/// What a family changes in the shared forward pass.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub shape: Shape,
+    /// Q, K and V projections have biases (Qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of Q and K before rotary (Qwen3).
+    pub qk_norm: bool,
+    /// The output head is the embedding matrix.
+    pub tied: bool,
+}
+
+impl Spec {
+    /// Whether the shared forward pass can run this shape.
+    pub fn valid(&self) -> bool {
+        let s = &self.shape;
+        s.heads > 0
+            && s.kv_heads > 0
+            && s.heads.is_multiple_of(s.kv_heads)
+            && s.head_dim > 0
+            && s.head_dim.is_multiple_of(2)
+            && s.sliding_window != Some(0)
+    }
+}
+
+/// One layer's weights (`[out][in]` as stored in safetensors), at run precision.
 pub struct Layer {
     pub input_norm: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub o: Vec<f32>,
+    pub q: Matrix,
+    pub k: Matrix,
+    pub v: Matrix,
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    pub qk_norm: Option<[Vec<f32>; 2]>,
+    pub o: Matrix,
     pub post_norm: Vec<f32>,
-    pub gate: Vec<f32>,
-    pub up: Vec<f32>,
-    pub down: Vec<f32>,
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
 }
 
 pub struct Weights {
-    pub embed: Vec<f32>,
+    pub embed: Matrix,
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
     /// `None`: tied to `embed`.
-    pub lm_head: Option<Vec<f32>>,
+    pub lm_head: Option<Matrix>,
 }
 
-/// A decoder with its KV cache and scratch buffers.
+/// Whether `config.json` asks for scaled rotary positions (not in the shared forward pass).
+fn has_rope_scaling(raw: &serde_json::Value) -> bool {
+    raw.get("rope_scaling").is_some_and(|v| !v.is_null())
+}
+
+/// `tie_word_embeddings` from `config.json` (absent: not tied).
+fn tied(raw: &serde_json::Value) -> bool {
+    raw.get("tie_word_embeddings")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false)
+}
+
+/// Reads a llama-style decoder's weights (the Hugging Face names every supported family shares).
+pub fn load_weights(spec: &Spec, t: &mut TensorLoader) -> Result<Weights, String> {
+    let s = &spec.shape;
+    let (hid, inter) = (s.hidden, s.intermediate);
+    let (q_out, kv_out) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let mut layers = Vec::with_capacity(s.layers);
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        let a = format!("{p}.self_attn");
+        let mlp = format!("{p}.mlp");
+        layers.push(Layer {
+            input_norm: t.vector(&format!("{p}.input_layernorm.weight"), hid)?,
+            q: t.matrix(&format!("{a}.q_proj.weight"), q_out, hid, Role::Linear)?,
+            k: t.matrix(&format!("{a}.k_proj.weight"), kv_out, hid, Role::Linear)?,
+            v: t.matrix(&format!("{a}.v_proj.weight"), kv_out, hid, Role::Linear)?,
+            qkv_bias: if spec.qkv_bias {
+                Some([
+                    t.vector(&format!("{a}.q_proj.bias"), q_out)?,
+                    t.vector(&format!("{a}.k_proj.bias"), kv_out)?,
+                    t.vector(&format!("{a}.v_proj.bias"), kv_out)?,
+                ])
+            } else {
+                None
+            },
+            qk_norm: if spec.qk_norm {
+                Some([
+                    t.vector(&format!("{a}.q_norm.weight"), s.head_dim)?,
+                    t.vector(&format!("{a}.k_norm.weight"), s.head_dim)?,
+                ])
+            } else {
+                None
+            },
+            o: t.matrix(&format!("{a}.o_proj.weight"), hid, q_out, Role::Linear)?,
+            post_norm: t.vector(&format!("{p}.post_attention_layernorm.weight"), hid)?,
+            gate: t.matrix(&format!("{mlp}.gate_proj.weight"), inter, hid, Role::Linear)?,
+            up: t.matrix(&format!("{mlp}.up_proj.weight"), inter, hid, Role::Linear)?,
+            down: t.matrix(&format!("{mlp}.down_proj.weight"), hid, inter, Role::Linear)?,
+        });
+    }
+    let embed_role = if spec.tied {
+        Role::Head
+    } else {
+        Role::Embedding
+    };
+    Ok(Weights {
+        embed: t.matrix("model.embed_tokens.weight", s.vocab, hid, embed_role)?,
+        layers,
+        norm: t.vector("model.norm.weight", hid)?,
+        lm_head: if spec.tied {
+            None
+        } else {
+            Some(t.matrix("lm_head.weight", s.vocab, hid, Role::Head)?)
+        },
+    })
+}
+
+/// A decoder with its KV cache.
 pub struct Decoder {
-    shape: Shape,
+    spec: Spec,
     w: Weights,
     inv_freq: Vec<f32>,
     /// Per layer, `[position][kv_head][head_dim]`, grown as positions are added.
@@ -65,15 +170,16 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(shape: Shape, w: Weights) -> Self {
-        let d = shape.head_dim;
+    pub fn new(spec: Spec, w: Weights) -> Self {
+        let s = &spec.shape;
+        let d = s.head_dim;
         let inv_freq = (0..d)
             .step_by(2)
-            .map(|i| 1f32 / shape.rope_theta.powf(i as f32 / d as f32))
+            .map(|i| 1f32 / s.rope_theta.powf(i as f32 / d as f32))
             .collect();
-        let layers = shape.layers;
+        let layers = s.layers;
         Decoder {
-            shape,
+            spec,
             w,
             inv_freq,
             k_cache: vec![Vec::new(); layers],
@@ -83,7 +189,7 @@ impl Decoder {
     }
 
     pub fn shape(&self) -> &Shape {
-        &self.shape
+        &self.spec.shape
     }
 
     pub fn reset(&mut self) {
@@ -96,7 +202,7 @@ impl Decoder {
     /// Feeds `tokens` at positions `pos..`, returns the logits of the last one. Positions must
     /// continue the cache (`pos` ≤ what is cached; a smaller `pos` forgets the rest).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        let s = self.shape.clone();
+        let s = self.spec.shape.clone();
         let n = tokens.len();
         if n == 0 {
             return Err("no tokens".into());
@@ -117,13 +223,13 @@ impl Decoder {
             self.v_cache[l].truncate(pos * kv_row);
         }
         let (hid, q_row) = (s.hidden, s.heads * s.head_dim);
-        let mut x = Vec::with_capacity(n * hid);
-        for &t in tokens {
+        let mut x = vec![0f32; n * hid];
+        for (&t, xr) in tokens.iter().zip(x.chunks_exact_mut(hid)) {
             let t = t as usize;
             if t >= s.vocab {
                 return Err(format!("token {t} outside the vocabulary ({})", s.vocab));
             }
-            x.extend_from_slice(&self.w.embed[t * hid..(t + 1) * hid]);
+            self.w.embed.row(t, xr);
         }
         let mut h = vec![0f32; n * hid];
         let mut q = vec![0f32; n * q_row];
@@ -136,9 +242,19 @@ impl Decoder {
         for l in 0..s.layers {
             let layer = &self.w.layers[l];
             rms_norm(&x, &layer.input_norm, s.rms_eps, &mut h);
-            linear(&layer.q, &h, hid, &mut q);
-            linear(&layer.k, &h, hid, &mut k);
-            linear(&layer.v, &h, hid, &mut v);
+            kernels::apply_group(
+                &mut Input::new(&h, hid),
+                &mut [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)],
+            );
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                add_rows(&mut q, bq);
+                add_rows(&mut k, bk);
+                add_rows(&mut v, bv);
+            }
+            if let Some([nq, nk]) = &layer.qk_norm {
+                rms_norm_in_place(&mut q, nq, s.rms_eps);
+                rms_norm_in_place(&mut k, nk, s.rms_eps);
+            }
             for t in 0..n {
                 let p = pos + t;
                 rope(
@@ -157,17 +273,21 @@ impl Decoder {
             self.k_cache[l].extend_from_slice(&k);
             self.v_cache[l].extend_from_slice(&v);
             attention(&s, &q, &self.k_cache[l], &self.v_cache[l], pos, &mut att);
-            linear(&layer.o, &att, q_row, &mut proj);
+            layer.o.apply(&mut Input::new(&att, q_row), &mut proj);
             for (xi, pi) in x.iter_mut().zip(&proj) {
                 *xi += pi;
             }
             rms_norm(&x, &layer.post_norm, s.rms_eps, &mut h);
-            linear(&layer.gate, &h, hid, &mut gate);
-            linear(&layer.up, &h, hid, &mut up);
+            kernels::apply_group(
+                &mut Input::new(&h, hid),
+                &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)],
+            );
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
             }
-            linear(&layer.down, &gate, s.intermediate, &mut proj);
+            layer
+                .down
+                .apply(&mut Input::new(&gate, s.intermediate), &mut proj);
             for (xi, pi) in x.iter_mut().zip(&proj) {
                 *xi += pi;
             }
@@ -177,19 +297,31 @@ impl Decoder {
         let last = &x[(n - 1) * hid..];
         let mut normed = vec![0f32; hid];
         rms_norm(last, &self.w.norm, s.rms_eps, &mut normed);
-        let head = self.w.lm_head.as_deref().unwrap_or(&self.w.embed);
+        let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let mut logits = vec![0f32; s.vocab];
-        kernels::matvec(head, &normed, &mut logits);
+        head.apply(&mut Input::new(&normed, hid), &mut logits);
         Ok(logits)
     }
 }
 
-/// `y = x Wᵀ` for one or several rows of `x` (`cols` wide).
-fn linear(w: &[f32], x: &[f32], cols: usize, y: &mut [f32]) {
-    if x.len() == cols {
-        kernels::matvec(w, x, y);
-    } else {
-        kernels::matmul_t(w, x, cols, y);
+/// Adds `bias` to every row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+/// RMSNorm of every `weight.len()`-wide piece of `x` (per head), in place.
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for xr in x.chunks_exact_mut(d) {
+        let mean = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in xr.iter_mut().zip(weight) {
+            *v = *v * scale * w;
+        }
     }
 }
 
@@ -234,7 +366,8 @@ fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize,
         let kv = head / group;
         let qv = &q[t * q_row + head * d..t * q_row + (head + 1) * d];
         let upto = pos + t + 1;
-        let mut scores: Vec<f32> = (0..upto)
+        let from = s.sliding_window.map_or(0, |w| upto.saturating_sub(w));
+        let mut scores: Vec<f32> = (from..upto)
             .map(|p| {
                 kernels::dot(qv, &k_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d]) * scale
             })
@@ -246,7 +379,8 @@ fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize,
             sum += *sc;
         }
         o.fill(0.0);
-        for (p, sc) in scores.iter().enumerate() {
+        for (i, sc) in scores.iter().enumerate() {
+            let p = from + i;
             let w = sc / sum;
             let vv = &v_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d];
             for (oi, vi) in o.iter_mut().zip(vv) {

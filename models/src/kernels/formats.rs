@@ -19,6 +19,7 @@
 //! scales and minima are expanded at load into the per-block `s` and `m` (f16).
 
 use half::f16;
+use rayon::prelude::*;
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
@@ -100,56 +101,15 @@ impl QMatrix {
             scales: vec![0u16; rows * blocks],
             mins: vec![0u16; rows * blocks],
         };
-        let mut u = vec![0u8; blocks * BLOCK];
-        let mut s = vec![0f32; blocks];
-        let mut mins = vec![0f32; blocks];
-        for r in 0..rows {
-            let row = &w[r * cols..(r + 1) * cols];
-            u.fill(match kind {
-                QKind::Q8_0 => 128,
-                QKind::Q4_0 => 8,
-                QKind::Q4K => 0,
-            });
-            s.fill(0.0);
-            mins.fill(0.0);
-            match kind {
-                QKind::Q8_0 => {
-                    for (b, x) in row.chunks_exact(BLOCK).enumerate() {
-                        s[b] = quantize_q8_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
-                    }
-                }
-                QKind::Q4_0 => {
-                    for (b, x) in row.chunks_exact(BLOCK).enumerate() {
-                        s[b] = quantize_q4_0_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
-                    }
-                }
-                QKind::Q4K => {
-                    for (sb, x) in row.chunks_exact(SUPER_BLOCK).enumerate() {
-                        let n = SUPER_BLOCK / BLOCK;
-                        let range = sb * n..(sb + 1) * n;
-                        quantize_q4k_super_block(
-                            x,
-                            &mut u[sb * SUPER_BLOCK..(sb + 1) * SUPER_BLOCK],
-                            &mut s[range.clone()],
-                            &mut mins[range],
-                        );
-                    }
-                }
-            }
-            let off = kind.fixed_offset();
-            for b in 0..blocks {
-                // The stored scale is what the kernels multiply with; offsets derive from it.
-                let sb = f16::from_f32(s[b]);
-                m.scales[r * blocks + b] = sb.to_bits();
-                let mb = match off {
-                    Some(o) => sb.to_f32() * o,
-                    None => mins[b],
-                };
-                m.mins[r * blocks + b] = f16::from_f32(mb).to_bits();
-            }
-            let codes = &mut m.codes[r * blocks * cb..(r + 1) * blocks * cb];
-            pack_codes(kind, &u, codes);
-        }
+        let rows_out = m
+            .codes
+            .par_chunks_mut(blocks * cb)
+            .zip(m.scales.par_chunks_mut(blocks))
+            .zip(m.mins.par_chunks_mut(blocks))
+            .zip(w.par_chunks(cols));
+        rows_out.for_each(|(((codes, scales), mins_out), row)| {
+            quantize_row(kind, row, codes, scales, mins_out);
+        });
         m
     }
 
@@ -200,6 +160,63 @@ impl QMatrix {
     pub fn bytes(&self) -> usize {
         self.codes.len() + 2 * (self.scales.len() + self.mins.len())
     }
+}
+
+/// One row: codes, scales and offsets into the row's slices.
+fn quantize_row(
+    kind: QKind,
+    row: &[f32],
+    codes: &mut [u8],
+    scales: &mut [u16],
+    mins_out: &mut [u16],
+) {
+    let blocks = scales.len();
+    let mut u = vec![
+        match kind {
+            QKind::Q8_0 => 128u8,
+            QKind::Q4_0 => 8,
+            QKind::Q4K => 0,
+        };
+        blocks * BLOCK
+    ];
+    let mut s = vec![0f32; blocks];
+    let mut mins = vec![0f32; blocks];
+    match kind {
+        QKind::Q8_0 => {
+            for (b, x) in row.chunks_exact(BLOCK).enumerate() {
+                s[b] = quantize_q8_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
+            }
+        }
+        QKind::Q4_0 => {
+            for (b, x) in row.chunks_exact(BLOCK).enumerate() {
+                s[b] = quantize_q4_0_block(x, &mut u[b * BLOCK..(b + 1) * BLOCK]);
+            }
+        }
+        QKind::Q4K => {
+            let n = SUPER_BLOCK / BLOCK;
+            for (sb, x) in row.chunks_exact(SUPER_BLOCK).enumerate() {
+                let range = sb * n..(sb + 1) * n;
+                quantize_q4k_super_block(
+                    x,
+                    &mut u[sb * SUPER_BLOCK..(sb + 1) * SUPER_BLOCK],
+                    &mut s[range.clone()],
+                    &mut mins[range],
+                );
+            }
+        }
+    }
+    let off = kind.fixed_offset();
+    for b in 0..blocks {
+        // The stored scale is what the kernels multiply with; offsets derive from it.
+        let sb = f16::from_f32(s[b]);
+        scales[b] = sb.to_bits();
+        let mb = match off {
+            Some(o) => sb.to_f32() * o,
+            None => mins[b],
+        };
+        mins_out[b] = f16::from_f32(mb).to_bits();
+    }
+    pack_codes(kind, &u, codes);
 }
 
 fn pack_codes(kind: QKind, u: &[u8], out: &mut [u8]) {
@@ -253,7 +270,10 @@ fn quantize_q4k_super_block(x: &[f32], u: &mut [u8], s: &mut [f32], m: &mut [f32
     for j in 0..n {
         let xb = &x[j * BLOCK..(j + 1) * BLOCK];
         let av = (xb.iter().map(|v| v * v).sum::<f32>() / BLOCK as f32).sqrt();
-        let weights: Vec<f32> = xb.iter().map(|v| av + v.abs()).collect();
+        let mut weights = [0f32; BLOCK];
+        for (wi, v) in weights.iter_mut().zip(xb) {
+            *wi = av + v.abs();
+        }
         let (sc, mn) = fit_scale_min(xb, &weights, 15);
         scales[j] = sc;
         mins[j] = mn;

@@ -307,6 +307,44 @@ impl Matrix {
     }
 }
 
+/// Several matrices of the same input width applied to one input in one parallel region (Q, K
+/// and V; gate and up): one dispatch instead of several, the activations quantized once.
+pub fn apply_group(input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
+    let isa = isa();
+    if input.rows() != 1 {
+        for (m, y) in parts.iter_mut() {
+            m.apply_with(isa, input, y);
+        }
+        return;
+    }
+    let x = input.x;
+    let blocks = parts.iter().find_map(|(m, _)| match &m.data {
+        Data::Q(q) => Some(q.blocks),
+        _ => None,
+    });
+    let acts: Option<&QActs> = match blocks {
+        Some(b) => input.quantized(b).first(),
+        None => None,
+    };
+    let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
+    for (m, y) in parts.iter_mut() {
+        assert_eq!(m.cols, x.len(), "input width");
+        assert_eq!(y.len(), m.rows, "output shape");
+        let per = super::rows_per_task(m.rows, m.cols);
+        for (i, ys) in y.chunks_mut(per).enumerate() {
+            tasks.push((*m, i * per, ys));
+        }
+    }
+    tasks.into_par_iter().for_each(|(m, first, ys)| {
+        let a = match &m.data {
+            // Every quantized part has the same width, hence the same block count.
+            Data::Q(_) => acts,
+            _ => None,
+        };
+        m.rows_dot(isa, first, x, a, ys);
+    });
+}
+
 /// One 16-bit value widened to f32 (exact for both formats).
 #[inline]
 pub fn widen<const BF16: bool>(bits: u16) -> f32 {

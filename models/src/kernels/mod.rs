@@ -14,7 +14,7 @@ pub mod formats;
 mod matrix;
 
 pub use formats::{QActs, QKind, QMatrix};
-pub use matrix::{widen, Bytes, Elems, Input, Matrix, WeightType};
+pub use matrix::{apply_group, widen, Bytes, Elems, Input, Matrix, WeightType};
 
 /// What the CPU offers, detected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,172 @@
+//! Reads a decoder's tensors from the verified source at the run precision: float tensors whose
+//! type is the run type are used in place from the read-only mapping; others are converted (or
+//! quantized) once, and their mapped pages released.
+
+use std::sync::Arc;
+
+use crate::kernels::{Bytes, Elems, Matrix, QMatrix, WeightType};
+use crate::precision::{self, Precision, Role};
+use crate::source::ModelSource;
+use crate::strict_safetensors::{Dtype, TensorInfo};
+
+/// A tensor's bytes inside the model's mapping, kept alive by the source.
+struct MappedTensor {
+    source: Arc<ModelSource>,
+    file: usize,
+    info: TensorInfo,
+}
+
+impl Bytes for MappedTensor {
+    fn bytes(&self) -> &[u8] {
+        self.source.weight_files()[self.file].tensor_bytes(&self.info)
+    }
+}
+
+/// Loads tensors by name at a precision; records what each matrix became.
+pub struct TensorLoader {
+    source: Arc<ModelSource>,
+    precision: Precision,
+    /// (tensor, type it runs at, bytes held, read in place).
+    pub report: Vec<(String, WeightType, usize, bool)>,
+}
+
+impl TensorLoader {
+    pub fn new(source: Arc<ModelSource>, precision: Precision) -> Self {
+        TensorLoader {
+            source,
+            precision: precision.resolve(),
+            report: Vec::new(),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.source.tensor(name).is_some()
+    }
+
+    fn find(&self, name: &str, shape: &[usize]) -> Result<(usize, TensorInfo), String> {
+        let (file, info) = self
+            .source
+            .tensor_in_file(name)
+            .ok_or_else(|| format!("tensor {name:?} is missing from the model"))?;
+        if info.shape != shape {
+            return Err(format!(
+                "tensor {name:?} has shape {:?}, the configuration expects {shape:?}",
+                info.shape
+            ));
+        }
+        if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(format!(
+                "tensor {name:?} has dtype {}; weights must be f32, bf16 or f16",
+                info.dtype
+            ));
+        }
+        Ok((file, info.clone()))
+    }
+
+    /// The tensor widened to f32 (a copy); its mapped pages are released afterwards.
+    fn read_f32(&self, file: usize, info: &TensorInfo) -> Vec<f32> {
+        let f = &self.source.weight_files()[file];
+        let bytes = f.tensor_bytes(info);
+        let out = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| crate::kernels::widen::<true>(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            _ => bytes
+                .chunks_exact(2)
+                .map(|b| crate::kernels::widen::<false>(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+        };
+        f.release_pages(info);
+        out
+    }
+
+    /// A norm or bias: always f32.
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, String> {
+        let (file, info) = self.find(name, &[len])?;
+        Ok(self.read_f32(file, &info))
+    }
+
+    /// A `[rows, cols]` weight matrix at the type the precision plans for `role`.
+    pub fn matrix(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        role: Role,
+    ) -> Result<Matrix, String> {
+        let (file, info) = self.find(name, &[rows, cols])?;
+        let t = self.precision.weight_type(role, cols);
+        let m = self.build(file, info, rows, cols, t);
+        self.report
+            .push((name.to_string(), t, m.bytes(), m.is_mapped()));
+        Ok(m)
+    }
+
+    fn build(
+        &self,
+        file: usize,
+        info: TensorInfo,
+        rows: usize,
+        cols: usize,
+        t: WeightType,
+    ) -> Matrix {
+        if precision::in_place(info.dtype, t) {
+            let mapped = Box::new(MappedTensor {
+                source: self.source.clone(),
+                file,
+                info: info.clone(),
+            });
+            match t {
+                WeightType::F32 => {
+                    if let Ok(e) = Elems::<f32>::mapped(mapped) {
+                        return Matrix::f32(rows, cols, e);
+                    }
+                }
+                WeightType::Bf16 => {
+                    if let Ok(e) = Elems::<u16>::mapped(mapped) {
+                        return Matrix::bf16(rows, cols, e);
+                    }
+                }
+                _ => {
+                    if let Ok(e) = Elems::<u16>::mapped(mapped) {
+                        return Matrix::f16(rows, cols, e);
+                    }
+                }
+            }
+            // Misaligned in the file: copied below.
+        }
+        let v = self.read_f32(file, &info);
+        match t {
+            WeightType::F32 => Matrix::f32(rows, cols, Elems::owned(v)),
+            WeightType::Bf16 => Matrix::bf16(
+                rows,
+                cols,
+                Elems::owned(
+                    v.iter()
+                        .map(|x| half::bf16::from_f32(*x).to_bits())
+                        .collect(),
+                ),
+            ),
+            WeightType::F16 => Matrix::f16(
+                rows,
+                cols,
+                Elems::owned(
+                    v.iter()
+                        .map(|x| half::f16::from_f32(*x).to_bits())
+                        .collect(),
+                ),
+            ),
+            q => Matrix::quantized(QMatrix::quantize(
+                q.quant().expect("quantized type"),
+                &v,
+                rows,
+                cols,
+            )),
+        }
+    }
+}
