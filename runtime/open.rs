@@ -28,6 +28,8 @@ pub struct OpenOptions {
     pub device: DeviceChoice,
     /// Draw a progress bar on stderr while hashing a large model, if stderr is a terminal.
     pub progress: bool,
+    /// The precision weights are kept and computed at (`--dtype`; see `securerun_models::precision`).
+    pub precision: securerun_models::Precision,
 }
 
 /// A compute device, as named on the command line: `cpu`, `cuda` or `cuda:N`.
@@ -144,6 +146,7 @@ fn load_options(opts: &OpenOptions) -> Result<LoadOptions, Error> {
     Ok(LoadOptions {
         limits: opts.limits,
         device: opts.device.open()?,
+        precision: opts.precision,
         ..Default::default()
     })
 }
@@ -177,10 +180,11 @@ pub fn open_confined(
         return Err(Error::ConfinedDevice(format!("cuda:{n}")));
     }
     let source = open_source(path, opts)?;
-    let settings = match settings {
+    let mut settings = match settings {
         Some(s) => s,
         None => WorkerSettings::for_model(source.weight_bytes())
             .map_err(|e| WorkerError::Spawn(e.to_string()))?,
     };
+    settings.precision = opts.precision;
     Ok(ConfinedModel::start(source, task, opts.limits, settings)?)
 }

@@ -11,7 +11,12 @@ use securerun::{open_embedder, open_text_model, ChatMessage, GenerationParams, P
 #[test]
 fn smollm2_greedy_decoding_matches_transformers() {
     let reference = common::reference("smollm2.json");
-    let mut model = open_text_model(&common::smollm2(), &common::unsigned()).unwrap();
+    // Equal to transformers' f32 token for token: at f32 (the default, auto, is 8-bit).
+    let opts = securerun::OpenOptions {
+        precision: securerun::models::Precision::F32,
+        ..common::unsigned()
+    };
+    let mut model = open_text_model(&common::smollm2(), &opts).unwrap();
     let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
     let mut long_cases = 0;
     for case in reference["cases"].as_array().unwrap() {

@@ -9,7 +9,8 @@ use crate::LoadError;
 /// Bytes a model needs, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// Every tensor at the compute dtype (f32 on CPU).
+    /// The mapped weight files (address space) plus every tensor converted to the run
+    /// precision (tensors used in place from the mapping add nothing).
     pub weights: u64,
     /// Rotary position tables (cos and sin) for every position the config allows.
     pub rotary: u64,
@@ -32,19 +33,36 @@ fn field(config: &serde_json::Value, name: &str) -> Option<u64> {
     config.get(name).and_then(serde_json::Value::as_u64)
 }
 
-/// Estimates what the model of `source` allocates at `compute_bytes` per element (4 for f32)
-/// when it serves up to `context` positions (the model's own limit if `None`).
+/// Estimates what the model of `source` allocates with weights at `precision` (activations and
+/// KV cache in f32) when it serves up to `context` positions (the model's own limit if `None`).
 pub fn estimate(
     source: &ModelSource,
-    compute_bytes: u64,
+    precision: crate::Precision,
     context: Option<u64>,
 ) -> Result<MemoryEstimate, LoadError> {
+    use crate::precision::{in_place, matrix_bytes, Role};
+    let compute_bytes = 4u64;
     let config = crate::load::config(source)?;
-    let elements: u64 = source
+    let converted: u64 = source
         .tensors()
-        .map(|(_, t)| t.shape.iter().map(|&d| d as u64).product::<u64>())
+        .map(|(_, t)| match t.shape[..] {
+            [rows, cols] => {
+                let wt = precision.weight_type(Role::Linear, cols);
+                if in_place(t.dtype, wt) {
+                    0
+                } else {
+                    matrix_bytes(wt, rows, cols)
+                }
+            }
+            _ => t
+                .shape
+                .iter()
+                .map(|&d| d as u64)
+                .product::<u64>()
+                .saturating_mul(compute_bytes),
+        })
         .fold(0u64, u64::saturating_add);
-    let weights = elements.saturating_mul(compute_bytes);
+    let weights = source.weight_bytes().saturating_add(converted);
     let layers = field(&config, "num_hidden_layers").unwrap_or(0);
     let heads = field(&config, "num_attention_heads").unwrap_or(1).max(1);
     let kv_heads = field(&config, "num_key_value_heads").unwrap_or(heads);

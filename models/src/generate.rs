@@ -116,6 +116,35 @@ impl From<candle_core::Error> for GenerateError {
     }
 }
 
+/// How well a model predicts a text, token by token (teacher forcing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    /// Per predicted token (`ids[1..]`): −log p(token | everything before), in nats.
+    pub nll: Vec<f64>,
+    /// Per predicted token: the model's most likely token at that position.
+    pub top1: Vec<u32>,
+}
+
+impl Score {
+    /// exp(mean negative log-likelihood).
+    pub fn perplexity(&self) -> f64 {
+        if self.nll.is_empty() {
+            return f64::NAN;
+        }
+        (self.nll.iter().sum::<f64>() / self.nll.len() as f64).exp()
+    }
+
+    /// Fraction of positions whose most likely token equals `other`'s.
+    pub fn top1_agreement(&self, other: &Score) -> f64 {
+        let n = self.top1.len().min(other.top1.len());
+        if n == 0 {
+            return f64::NAN;
+        }
+        let same = (0..n).filter(|&i| self.top1[i] == other.top1[i]).count();
+        same as f64 / n as f64
+    }
+}
+
 /// A loaded text-generation model with its tokenizer and chat template.
 pub struct TextModel {
     arch: Architecture,
@@ -136,6 +165,54 @@ impl TextModel {
             encoder: PromptEncoder::new(parts.tokenizer, source),
             eos,
         })
+    }
+
+    /// Scores `ids` (at least two tokens, within the context): every token after the first is
+    /// predicted from the ones before it, in chunks of `chunk` positions.
+    pub fn score(&mut self, ids: &[u32], chunk: usize) -> Result<Score, GenerateError> {
+        if ids.len() < 2 {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let max_context = self.lm.max_context();
+        if ids.len() > max_context {
+            return Err(GenerateError::PromptTooLong {
+                prompt_tokens: ids.len(),
+                max_context,
+            });
+        }
+        self.lm.reset();
+        let inputs = &ids[..ids.len() - 1];
+        let mut score = Score {
+            nll: Vec::with_capacity(inputs.len()),
+            top1: Vec::with_capacity(inputs.len()),
+        };
+        let mut pos = 0;
+        for piece in inputs.chunks(chunk.max(1)) {
+            let logits = match crate::panic_guard::catch(|| self.lm.forward_all(piece, pos)) {
+                Ok(r) => r?,
+                Err(panic) => return Err(GenerateError::Compute(panic)),
+            };
+            let vocab = logits.len() / piece.len();
+            for (i, row) in logits.chunks_exact(vocab).enumerate() {
+                let target = ids[pos + i + 1] as usize;
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let lse =
+                    (row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>()).ln() + max as f64;
+                let logit = row.get(target).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+                score.nll.push(lse - logit);
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                    );
+                score.top1.push(best.0 as u32);
+            }
+            pos += piece.len();
+        }
+        self.lm.reset();
+        Ok(score)
     }
 
     pub fn architecture(&self) -> Architecture {

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::arch::Architecture;
 use crate::source::{Layout, ModelSource, Origin, EMBEDDED_PREFIX};
+use crate::strict_safetensors::Dtype;
 
 /// What `securerun inspect` prints.
 #[derive(Debug, Serialize)]
@@ -32,7 +33,7 @@ pub struct FileReport {
     pub tensors: usize,
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct DtypeReport {
     pub tensors: usize,
     pub parameters: u64,
@@ -137,4 +138,68 @@ fn natural_key(name: &str) -> Vec<(u64, String)> {
             Err(_) => (u64::MAX, p.to_string()),
         })
         .collect()
+}
+
+/// What the weights become at a run precision: the mix of types and the memory they take.
+#[derive(Debug, Clone, Serialize)]
+pub struct PrecisionReport {
+    pub precision: String,
+    /// What `auto` (or the precision itself) resolves to on this CPU.
+    pub resolved: String,
+    /// Per run type: tensors, parameters, bytes.
+    pub types: BTreeMap<String, DtypeReport>,
+    /// Bytes of weights at run precision (norms and biases in f32 included).
+    pub bytes: u64,
+    /// Of those, bytes read in place from the model file's mapping (no copy).
+    pub in_place_bytes: u64,
+}
+
+/// The plan the owned decoder follows at `precision` (families it does not run compute at
+/// f32, bf16 or f16 only).
+pub fn precision_report(source: &ModelSource, precision: crate::Precision) -> PrecisionReport {
+    use crate::precision::{in_place, matrix_bytes, Role};
+    let tied = crate::load::config(source)
+        .ok()
+        .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()))
+        .unwrap_or(false);
+    let mut types: BTreeMap<String, DtypeReport> = BTreeMap::new();
+    let (mut bytes, mut in_place_bytes) = (0u64, 0u64);
+    for (_, t) in source.tensors() {
+        let params: u64 = t.shape.iter().map(|&d| d as u64).product();
+        let (name, b, mapped) = match t.shape[..] {
+            [rows, cols] => {
+                let role = if t.name == "lm_head.weight"
+                    || (tied && t.name.ends_with("embed_tokens.weight"))
+                {
+                    Role::Head
+                } else if t.name.ends_with("embed_tokens.weight") {
+                    Role::Embedding
+                } else {
+                    Role::Linear
+                };
+                let wt = precision.weight_type(role, cols);
+                (
+                    wt.name(),
+                    matrix_bytes(wt, rows, cols),
+                    in_place(t.dtype, wt),
+                )
+            }
+            _ => ("f32", params * 4, t.dtype == Dtype::F32),
+        };
+        let d = types.entry(name.to_string()).or_default();
+        d.tensors += 1;
+        d.parameters += params;
+        d.bytes += b;
+        bytes += b;
+        if mapped {
+            in_place_bytes += b;
+        }
+    }
+    PrecisionReport {
+        precision: precision.to_string(),
+        resolved: precision.resolve().to_string(),
+        types,
+        bytes,
+        in_place_bytes,
+    }
 }

@@ -47,7 +47,9 @@ pub use arch::{Architecture, Task};
 pub use candle_core::{DType, Device};
 pub use chat::ChatMessage;
 pub use embed::{EmbedError, Embedder};
-pub use generate::{FinishReason, GenerateError, Generation, GenerationParams, Prompt, TextModel};
+pub use generate::{
+    FinishReason, GenerateError, Generation, GenerationParams, Prompt, Score, TextModel,
+};
 pub use load::{LoadError, LoadOptions};
 pub use precision::Precision;
 pub use prompt::PromptEncoder;

@@ -15,15 +15,29 @@ pub struct InspectArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also show what the weights become at this run precision (auto, f32, bf16, f16, q8_0,
+    /// q4_0, q4_k): the mix of types after fallbacks, and the memory they take.
+    #[arg(long, value_name = "DTYPE")]
+    dtype: Option<securerun_models::Precision>,
 }
 
 pub fn run(args: InspectArgs) -> CmdResult {
     let source = ModelSource::open(&args.model.model, &args.model.limits())?;
     let report = report(&source);
+    let plan = args
+        .dtype
+        .map(|p| securerun_models::inspect::precision_report(&source, p));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(plan) = &plan {
+            v["run_precision"] = serde_json::to_value(plan)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", render(&report));
+        if let Some(plan) = &plan {
+            print!("{}", render_plan(plan));
+        }
     }
     Ok(())
 }
@@ -41,6 +55,28 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+fn render_plan(p: &securerun_models::inspect::PrecisionReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "at --dtype {} (runs as {}): {} of weights, {} of them read in place from the file",
+        p.precision,
+        p.resolved,
+        human_bytes(p.bytes),
+        human_bytes(p.in_place_bytes)
+    );
+    for (t, v) in &p.types {
+        let _ = writeln!(
+            s,
+            "  {t:<8} {} tensors, {} parameters, {}",
+            v.tensors,
+            v.parameters,
+            human_bytes(v.bytes)
+        );
+    }
+    s
 }
 
 fn render(r: &ModelReport) -> String {

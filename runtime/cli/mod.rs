@@ -122,6 +122,12 @@ struct RunModelArgs {
     /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceChoice,
+    /// Precision the weights are kept and computed at: auto (q8_0 for llama-style models on
+    /// CPUs with 8-bit dot products, else f32), f32, bf16, f16, q8_0, q4_0, q4_k. Quantized
+    /// weights are made at load from the verified tensors; norms stay f32. Default: auto (or
+    /// the serve config's `dtype`).
+    #[arg(long, value_name = "DTYPE")]
+    dtype: Option<securerun_models::Precision>,
     /// Isolation of inference: a confined worker process (strict, the default; permissive),
     /// or none (off).
     #[arg(long, value_enum, value_name = "MODE", default_value = "strict")]
@@ -145,6 +151,7 @@ impl RunModelArgs {
             allow_unsigned: self.allow_unsigned,
             device: self.device,
             progress: true,
+            precision: self.dtype.unwrap_or_default(),
         })
     }
 }

@@ -157,7 +157,8 @@ pub fn run(args: ServeArgs) -> CmdResult {
 
     // Verify, then start the model (confined unless --sandbox=off), then listen.
     super::run::warn_unsigned(&args.common);
-    let opts = args.common.open_options()?;
+    let mut opts = args.common.open_options()?;
+    opts.precision = args.common.dtype.or(config.dtype).unwrap_or_default();
     let model = &args.common.model.model;
     let verified = crate::open_verified(model, &opts);
     let mut rec = crate::audit::AuditRecord::event("model_verification");
@@ -202,6 +203,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             // The memory estimate covers the longest request this server accepts.
             settings.context_limit =
                 Some(config.max_prompt_tokens as u64 + u64::from(config.max_tokens_cap));
+            settings.precision = opts.precision;
             let task = if is_embedder {
                 Task::Embed
             } else {
@@ -300,9 +302,10 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let mut start = crate::audit::AuditRecord::event("server_start");
         start.model = Some(model_id.clone());
         start.detail = Some(format!(
-            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}, connections {max_connections} ({} per client), trusted proxies {}",
+            "listen {local}, tls {}, mtls {}, sandbox {sandbox}, dtype {}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}, connections {max_connections} ({} per client), trusted proxies {}",
             tls.is_some(),
             config.client_ca.is_some(),
+            opts.precision,
             durability,
             config.audit_content,
             config.audit_rotate.as_secs(),

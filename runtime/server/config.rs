@@ -76,6 +76,8 @@ pub struct ServeConfig {
     pub checkpoint_sink: Vec<String>,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
+    /// Precision of the weights (`--dtype` wins): auto, f32, bf16, f16, q8_0, q4_0, q4_k.
+    pub dtype: Option<securerun_models::Precision>,
     /// Serve plain HTTP on a non-loopback address. Dangerous; for a TLS-terminating proxy on a
     /// private network only.
     pub insecure_public_http: bool,
@@ -119,6 +121,7 @@ impl Default for ServeConfig {
             audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
             checkpoint_sink: Vec::new(),
             insecure_public_http: false,
+            dtype: None,
         }
     }
 }

@@ -81,6 +81,7 @@ pub fn main(args: &[String]) -> ExitCode {
         task,
         source,
         limits,
+        precision,
     }) = recv(&mut channel)
     else {
         return fail(&mut channel, None, "expected a load message".into());
@@ -95,6 +96,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     let opts = LoadOptions {
         limits,
+        precision,
         ..Default::default()
     };
     match task {

@@ -32,6 +32,8 @@ pub enum ToWorker {
         task: Task,
         source: PartsMsg,
         limits: Limits,
+        /// The precision to keep the weights at.
+        precision: securerun_models::Precision,
     },
     /// Generate from prompt ids the supervisor tokenized (its counts are the ones enforced).
     Generate {

@@ -58,6 +58,8 @@ pub struct WorkerSettings {
     /// The most positions a request can use (prompt + generated), for the memory estimate;
     /// `None`: the model's own `max_position_embeddings`.
     pub context_limit: Option<u64>,
+    /// The precision the worker loads the weights at (`--dtype`).
+    pub precision: securerun_models::Precision,
 }
 
 impl WorkerSettings {
@@ -75,6 +77,7 @@ impl WorkerSettings {
             load_timeout: Duration::from_secs(600),
             frame_timeout: Duration::from_secs(300),
             context_limit: None,
+            precision: securerun_models::Precision::Auto,
         })
     }
 }
@@ -111,7 +114,12 @@ fn check_memory(
     let budget = settings
         .memory_budget
         .unwrap_or_else(|| default_memory_budget(source.weight_bytes()));
-    let est = securerun_models::budget::estimate(source, 4, settings.context_limit)
+    // Encoders run on candle-transformers in f32 unless a float precision is asked for.
+    let precision = match (task, settings.precision) {
+        (Task::Embed, securerun_models::Precision::Auto) => securerun_models::Precision::F32,
+        (_, p) => p,
+    };
+    let est = securerun_models::budget::estimate(source, precision, settings.context_limit)
         .map_err(|e| WorkerError::Model(e.to_string()))?;
     let needed = match task {
         Task::Generate => est.total(),
@@ -121,7 +129,7 @@ fn check_memory(
     if needed > budget {
         let mib = |b: u64| b >> 20;
         return Err(WorkerError::Model(format!(
-            "the model needs about {} MiB (weights {} MiB at f32, KV cache {} MiB, rotary tables {} MiB, activations {} MiB), more than the worker's memory budget of {} MiB: pass --worker-memory with more, or serve a shorter context",
+            "the model needs about {} MiB (weights {} MiB at {precision} with the mapped files, KV cache {} MiB, rotary tables {} MiB, activations {} MiB), more than the worker's memory budget of {} MiB: pass --worker-memory with more, or serve a shorter context",
             mib(needed),
             mib(est.weights),
             mib(est.kv_cache),
@@ -335,6 +343,7 @@ impl ConfinedModel {
                 task: self.task,
                 source: PartsMsg::from_parts(&parts),
                 limits: self.limits,
+                precision: self.settings.precision,
             };
             write(&mut process.channel, &load)?;
             let left = timeout.saturating_sub(started.elapsed());

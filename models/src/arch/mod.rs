@@ -120,6 +120,15 @@ pub trait CausalLm: Send {
     /// Feeds `tokens` at positions `pos..pos + tokens.len()` and returns the next-token logits
     /// (f32, shape `[vocab]`) for the last position.
     fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor>;
+    /// The logits of every position of `tokens` fed at `pos..` (`[tokens][vocab]`, f32), for
+    /// scoring. By default one forward pass per token.
+    fn forward_all(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for (i, &t) in tokens.iter().enumerate() {
+            out.extend(self.forward(&[t], pos + i)?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
     /// Forgets the KV cache.
     fn reset(&mut self);
     /// Largest context (prompt + generated tokens) the model supports.

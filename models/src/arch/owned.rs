@@ -40,6 +40,12 @@ impl CausalLm for Owned {
         Tensor::from_vec(logits, n, &Device::Cpu)
     }
 
+    fn forward_all(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        self.decoder
+            .forward_all(tokens, pos)
+            .map_err(candle_core::Error::Msg)
+    }
+
     fn reset(&mut self) {
         self.decoder.reset();
     }

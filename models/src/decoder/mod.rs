@@ -202,6 +202,16 @@ impl Decoder {
     /// Feeds `tokens` at positions `pos..`, returns the logits of the last one. Positions must
     /// continue the cache (`pos` ≤ what is cached; a smaller `pos` forgets the rest).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
+        self.run(tokens, pos, false)
+    }
+
+    /// As [`Decoder::forward`], with the logits of every position (`[tokens][vocab]`): for
+    /// scoring a text (perplexity, agreement between precisions).
+    pub fn forward_all(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
+        self.run(tokens, pos, true)
+    }
+
+    fn run(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {
         let s = self.spec.shape.clone();
         let n = tokens.len();
         if n == 0 {
@@ -293,12 +303,12 @@ impl Decoder {
             }
         }
         self.len = pos + n;
-        // Only the last position's logits are needed.
-        let last = &x[(n - 1) * hid..];
-        let mut normed = vec![0f32; hid];
-        rms_norm(last, &self.w.norm, s.rms_eps, &mut normed);
+        // Generation needs only the last position's logits.
+        let rows = if all { &x[..] } else { &x[(n - 1) * hid..] };
+        let mut normed = vec![0f32; rows.len()];
+        rms_norm(rows, &self.w.norm, s.rms_eps, &mut normed);
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
-        let mut logits = vec![0f32; s.vocab];
+        let mut logits = vec![0f32; rows.len() / hid * s.vocab];
         head.apply(&mut Input::new(&normed, hid), &mut logits);
         Ok(logits)
     }

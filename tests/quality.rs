@@ -1,0 +1,84 @@
+//! Quality at every run precision on a fixed text (tests/fixtures/quality.txt) with the real
+//! SmolLM2-135M: teacher-forced top-1 agreement with f32 and perplexity, held to bounds and to
+//! llama.cpp's perplexity for the same type on the same weights (tests/reference/quality.json,
+//! made by benches/quality_llamacpp.py: ours may be worse by at most 1 %).
+
+mod common;
+
+use securerun::models::{Precision, Score};
+use securerun::open_text_model;
+
+fn score(precision: Precision, ids: &[u32]) -> Score {
+    let opts = securerun::OpenOptions {
+        precision,
+        ..common::unsigned()
+    };
+    let mut model = open_text_model(&common::smollm2(), &opts).unwrap();
+    model.score(ids, 64).unwrap()
+}
+
+#[test]
+fn every_precision_keeps_quality_on_a_fixed_text() {
+    let reference = common::reference("quality.json");
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quality.txt"),
+    )
+    .unwrap();
+    let model = open_text_model(&common::smollm2(), &common::unsigned()).unwrap();
+    let ids = model
+        .tokenizer()
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    drop(model);
+    let expected: Vec<u32> = serde_json::from_value(reference["ids"].clone()).unwrap();
+    assert_eq!(
+        ids, expected,
+        "the text tokenizes as when llama.cpp scored it"
+    );
+
+    let f32 = score(Precision::F32, &ids);
+    // (precision, least top-1 agreement with f32, most perplexity over f32)
+    let bounds = [
+        (Precision::Bf16, 0.97, 1.01),
+        (Precision::F16, 0.98, 1.005),
+        (Precision::Q8_0, 0.95, 1.02),
+        (Precision::Q4K, 0.90, 1.05),
+        (Precision::Q4_0, 0.65, 1.25),
+    ];
+    let mut table = format!("f32: perplexity {:.4}\n", f32.perplexity());
+    let mut failures = Vec::new();
+    for (precision, agreement_min, ratio_max) in bounds {
+        let s = score(precision, &ids);
+        let (agree, ppl) = (s.top1_agreement(&f32), s.perplexity());
+        let llamacpp = reference["llamacpp"][precision.to_string()].as_f64();
+        table += &format!(
+            "{precision}: top-1 agreement {agree:.4}, perplexity {ppl:.4} (x{:.4} of f32; llama.cpp {llamacpp:?})\n",
+            ppl / f32.perplexity()
+        );
+        if agree < agreement_min {
+            failures.push(format!("{precision}: agreement {agree} < {agreement_min}"));
+        }
+        if ppl > f32.perplexity() * ratio_max {
+            failures.push(format!("{precision}: perplexity {ppl} > {ratio_max} x f32"));
+        }
+        if let Some(theirs) = llamacpp {
+            if ppl > theirs * 1.01 {
+                failures.push(format!(
+                    "{precision}: perplexity {ppl} > 1.01 x llama.cpp's {theirs}"
+                ));
+            }
+        }
+    }
+    if let Some(theirs) = reference["llamacpp"]["f32"].as_f64() {
+        // The same weights in f32 on both sides: the two engines agree closely.
+        assert!(
+            (f32.perplexity() / theirs - 1.0).abs() < 0.01,
+            "f32 perplexity {} vs llama.cpp {theirs}\n{table}",
+            f32.perplexity()
+        );
+    }
+    eprintln!("{table}");
+    assert!(failures.is_empty(), "{failures:?}\n{table}");
+}
