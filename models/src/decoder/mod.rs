@@ -370,8 +370,10 @@ fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize,
     let (d, q_row, kv_row) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
     let group = s.heads / s.kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    // One task per (token, head): each writes its own slice of `out`.
-    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+    // One task per (token, head): each writes its own slice of `out`. Short contexts are
+    // cheaper on this thread than waking the pool.
+    let work = out.len() * (pos + q.len() / q_row);
+    let one = |(i, o): (usize, &mut [f32])| {
         let (t, head) = (i / s.heads, i % s.heads);
         let kv = head / group;
         let qv = &q[t * q_row + head * d..t * q_row + (head + 1) * d];
@@ -397,5 +399,10 @@ fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize,
                 *oi += w * vi;
             }
         }
-    });
+    };
+    if work < 1 << 16 {
+        out.chunks_mut(d).enumerate().for_each(one);
+    } else {
+        out.par_chunks_mut(d).enumerate().for_each(one);
+    }
 }

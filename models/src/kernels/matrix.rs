@@ -123,7 +123,11 @@ impl<'a> Input<'a> {
 
     fn quantized(&mut self, blocks: usize) -> &[QActs] {
         let stale = !matches!(&self.quantized, Some((b, _)) if *b == blocks);
-        if stale {
+        if stale && self.rows() == 1 {
+            let mut a = QActs::default();
+            a.quantize(self.x, blocks);
+            self.quantized = Some((blocks, vec![a]));
+        } else if stale {
             let rows: Vec<QActs> = self
                 .x
                 .par_chunks(self.cols)
@@ -268,7 +272,33 @@ impl Matrix {
                 let start = b * per;
                 let r = per.min(self.rows - start);
                 let mut out = vec![0f32; n * r];
-                for t in 0..n {
+                let mut t = 0;
+                if self.has_tiles(isa) {
+                    // Four tokens at a time over tiles of four rows; the rows left over go
+                    // one by one, as in a decode step (same sums, same bits).
+                    while t + 4 <= n {
+                        let xs = &x[t * cols..(t + 4) * cols];
+                        let mut k = 0;
+                        while k + 4 <= r {
+                            let tile = self.tile4(start + k, xs);
+                            for (tt, row) in tile.iter().enumerate() {
+                                out[(t + tt) * r + k..(t + tt) * r + k + 4].copy_from_slice(row);
+                            }
+                            k += 4;
+                        }
+                        for tt in t..t + 4 {
+                            self.rows_dot(
+                                isa,
+                                start + k,
+                                &x[tt * cols..(tt + 1) * cols],
+                                None,
+                                &mut out[tt * r + k..(tt + 1) * r],
+                            );
+                        }
+                        t += 4;
+                    }
+                }
+                for t in t..n {
                     self.rows_dot(
                         isa,
                         start,
@@ -289,6 +319,32 @@ impl Matrix {
         }
     }
 
+    /// Whether four-by-four tiles run for this type on this CPU (float weights, AVX-512).
+    fn has_tiles(&self, isa: Isa) -> bool {
+        cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && !matches!(self.data, Data::Q(_))
+    }
+
+    /// Rows `first..first + 4` times the four activation rows `xs`: `[token][row]`.
+    fn tile4(&self, first: usize, xs: &[f32]) -> [[f32; 4]; 4] {
+        let cols = self.cols;
+        let range = first * cols..(first + 4) * cols;
+        assert_eq!(xs.len(), 4 * cols, "tile shape");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: only reached when `has_tiles` saw `Isa::Avx512` (avx512f detected); both
+        // operands hold four rows of `cols` values (the range is inside the matrix: the caller
+        // passes `first + 4 <= rows`, and slicing checks it).
+        unsafe {
+            match &self.data {
+                Data::F32(e) => super::x86::tile4_f32_avx512(&e.get()[range], xs),
+                Data::Bf16(e) => super::x86::tile4_16_avx512::<true>(&e.get()[range], xs),
+                Data::F16(e) => super::x86::tile4_16_avx512::<false>(&e.get()[range], xs),
+                Data::Q(_) => unreachable!("no tiles for quantized weights"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("tiles are x86-64 only")
+    }
+
     /// `ys[i] = row(first + i) · x`.
     fn rows_dot(&self, isa: Isa, first: usize, x: &[f32], acts: Option<&QActs>, ys: &mut [f32]) {
         let cols = self.cols;
@@ -299,8 +355,16 @@ impl Matrix {
             Data::F16(e) => rows_dot_16::<false>(isa, &e.get()[range], x, ys),
             Data::Q(q) => {
                 let a = acts.expect("quantized activations");
-                for (i, y) in ys.iter_mut().enumerate() {
-                    *y = dot_q(isa, q, first + i, a);
+                let mut i = 0;
+                #[cfg(target_arch = "x86_64")]
+                if isa == Isa::Avx512 && super::has_vnni() {
+                    while i + 4 <= ys.len() {
+                        ys[i..i + 4].copy_from_slice(&dot4_q(q, first + i, a));
+                        i += 4;
+                    }
+                }
+                for (j, y) in ys.iter_mut().enumerate().skip(i) {
+                    *y = dot_q(isa, q, first + j, a);
                 }
             }
         }
@@ -393,6 +457,28 @@ pub(super) fn dot_16_with<const BF16: bool>(isa: Isa, w: &[u16], x: &[f32]) -> f
             unsafe { super::x86::dot_16_avx2::<BF16>(w, x) }
         }
         _ => dot_16_scalar::<BF16>(w, x),
+    }
+}
+
+/// Four quantized rows from `r` · activations with AVX-512 VNNI (the caller checked it).
+#[cfg(target_arch = "x86_64")]
+fn dot4_q(q: &QMatrix, r: usize, a: &QActs) -> [f32; 4] {
+    let cb = q.blocks * q.kind.code_bytes();
+    let codes = &q.codes[r * cb..(r + 4) * cb];
+    let scales = &q.scales[r * q.blocks..(r + 4) * q.blocks];
+    let mins = &q.mins[r * q.blocks..(r + 4) * q.blocks];
+    assert!(
+        a.d.len() == q.blocks && a.q.len() == q.blocks * super::formats::BLOCK,
+        "activations quantized for another width"
+    );
+    // SAFETY: only called when avx512f/bw/vl/vnni were detected; the slices hold four rows of
+    // `blocks` (even) blocks and the activations `blocks` blocks, checked above.
+    unsafe {
+        if q.kind == QKind::Q8_0 {
+            super::x86::dot4_q_vnni::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
+        } else {
+            super::x86::dot4_q_vnni::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
+        }
     }
 }
 

@@ -351,6 +351,40 @@ mod tests {
     }
 
     #[test]
+    fn prompt_tiles_give_the_bits_of_decode_steps() {
+        for (n, rows, cols) in [(4, 4, 16), (9, 37, 576), (5, 130, 47), (8, 1536, 576)] {
+            let w = values(rows * cols, 21);
+            let x = values(n * cols, 22);
+            let bf: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            for m in [
+                Matrix::f32(rows, cols, Elems::owned(w.clone())),
+                Matrix::bf16(rows, cols, Elems::owned(bf.clone())),
+                Matrix::f16(rows, cols, Elems::owned(hf.clone())),
+            ] {
+                let mut y = vec![f32::NAN; n * rows];
+                m.apply(&mut Input::new(&x, cols), &mut y);
+                for t in 0..n {
+                    let mut one = vec![f32::NAN; rows];
+                    m.apply(
+                        &mut Input::new(&x[t * cols..(t + 1) * cols], cols),
+                        &mut one,
+                    );
+                    assert_eq!(
+                        &y[t * rows..(t + 1) * rows],
+                        &one[..],
+                        "{:?} {n}x{rows}x{cols} token {t}",
+                        m.weight_type()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn several_input_rows_equal_one_product_per_row_at_every_precision() {
         let (n, rows, cols) = (5, 37, 256);
         let w = values(rows * cols, 15);

@@ -61,6 +61,10 @@ pub unsafe fn dot4_avx512(w: &[f32], x: &[f32]) -> [f32; 4] {
     // the masked tail touches only lanes below n.
     while i + 16 <= n {
         let xv = _mm512_loadu_ps(px.add(i));
+        // The next four rows (see `dot4_16_avx512`).
+        for k in 4..8 {
+            _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(k * n + i) as *const i8);
+        }
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(i)), xv, a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(n + i)), xv, a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(pw.add(2 * n + i)), xv, a2);
@@ -163,6 +167,10 @@ pub unsafe fn dot4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [f32; 4]
     while i + 16 <= n {
         let xv = _mm512_loadu_ps(px.add(i));
         for (k, a) in acc.iter_mut().enumerate() {
+            // The next four rows, while these are summed: more lines in flight than the
+            // prefetcher starts for short rows. (A prefetch never faults; the address is
+            // only computed, with wrapping arithmetic, never dereferenced.)
+            _mm_prefetch::<_MM_HINT_T0>(pw.wrapping_add(4 * n + k * n + i) as *const i8);
             *a = _mm512_fmadd_ps(load16_avx512::<BF16>(pw.add(k * n + i)), xv, *a);
         }
         i += 16;
@@ -400,4 +408,188 @@ pub unsafe fn dot_q_avx2<const Q4: bool>(
         g += 8;
     }
     hsum256(acc) - corr
+}
+
+/// [`dot_q_vnni`] for four consecutive rows at once: each activation load and each block of
+/// scale setup serves four rows, and four weight streams are in flight.
+///
+/// # Safety
+/// As [`dot_q_vnni`], with `codes`, `scales` and `mins` holding four rows each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot4_q_vnni<const Q4: bool>(
+    codes: &[u8],
+    scales: &[u16],
+    mins: &[u16],
+    xq: &[i8],
+    xd: &[f32],
+    xc: &[f32],
+) -> [f32; 4] {
+    let blocks = xd.len();
+    let row_bytes = blocks * if Q4 { 16 } else { 32 };
+    debug_assert!(blocks.is_multiple_of(2));
+    debug_assert_eq!(codes.len(), 4 * row_bytes);
+    debug_assert_eq!(scales.len(), 4 * blocks);
+    debug_assert_eq!(mins.len(), 4 * blocks);
+    debug_assert_eq!(xq.len(), 32 * blocks);
+    let (pc, pq) = (codes.as_ptr(), xq.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut corr = [_mm512_setzero_ps(); 4];
+    let first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let two = _mm512_set1_epi32(2);
+    let nibble = _mm256_set1_epi8(0x0F);
+    let mut g = 0;
+    // SAFETY (all loads below): group loads are masked to the blocks that remain in each row;
+    // code loads of row k stay within k*row_bytes .. (k+1)*row_bytes; activation loads read
+    // blocks b, b + 1 < blocks.
+    while g < blocks {
+        let n = (blocks - g).min(16);
+        let mask = ((1u32 << n) - 1) as __mmask16;
+        let dx = _mm512_maskz_loadu_ps(mask, xd.as_ptr().add(g));
+        let cx = _mm512_maskz_loadu_ps(mask, xc.as_ptr().add(g));
+        let mut s = [_mm512_setzero_ps(); 4];
+        for k in 0..4 {
+            let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                scales.as_ptr().add(k * blocks + g) as *const i16,
+            ));
+            let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                mask,
+                mins.as_ptr().add(k * blocks + g) as *const i16,
+            ));
+            corr[k] = _mm512_fmadd_ps(mw, cx, corr[k]);
+            s[k] = _mm512_mul_ps(dw, dx);
+        }
+        let mut idx = first;
+        let mut p = 0;
+        while p < n {
+            let b = g + p;
+            let xv = _mm512_loadu_si512(pq.add(b * 32) as *const __m512i);
+            for k in 0..4 {
+                // The next four rows (see `dot4_16_avx512`).
+                _mm_prefetch::<_MM_HINT_T0>(
+                    pc.wrapping_add((k + 4) * row_bytes + b * if Q4 { 16 } else { 32 })
+                        as *const i8,
+                );
+                let wv = if Q4 {
+                    let v = _mm256_loadu_si256(pc.add(k * row_bytes + b * 16) as *const __m256i);
+                    let lo = _mm256_and_si256(v, nibble);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                } else {
+                    _mm512_loadu_si512(pc.add(k * row_bytes + b * 32) as *const __m512i)
+                };
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                acc[k] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(dp),
+                    _mm512_permutexvar_ps(idx, s[k]),
+                    acc[k],
+                );
+            }
+            idx = _mm512_add_epi32(idx, two);
+            p += 2;
+        }
+        g += 16;
+    }
+    let mut out = [0f32; 4];
+    for k in 0..4 {
+        out[k] = _mm512_reduce_add_ps(acc[k]) - _mm512_reduce_add_ps(corr[k]);
+    }
+    out
+}
+
+/// A 4 × 4 tile of a matrix product: four weight rows (`w`, `4 * n` values) times four
+/// activation rows (`x`, `4 * n` values): `out[t][k] = w_k · x_t`. Each weight and activation
+/// vector loaded serves four products (a dot product per row loads two vectors per product).
+/// Every product is summed in the same order as [`dot4_avx512`], so prompts and decode steps
+/// give the same bits.
+///
+/// # Safety
+/// The CPU must support avx512f; `w.len() == x.len()`, a multiple of 4.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile4_f32_avx512(w: &[f32], x: &[f32]) -> [[f32; 4]; 4] {
+    let n = w.len() / 4;
+    debug_assert_eq!(x.len(), 4 * n);
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    // SAFETY (all loads below): row k of either operand reads k*n + i .. k*n + i + 16 <= (k+1)*n;
+    // the masked tail touches only lanes below n.
+    while i + 16 <= n {
+        let wv = [
+            _mm512_loadu_ps(pw.add(i)),
+            _mm512_loadu_ps(pw.add(n + i)),
+            _mm512_loadu_ps(pw.add(2 * n + i)),
+            _mm512_loadu_ps(pw.add(3 * n + i)),
+        ];
+        for (t, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_loadu_ps(px.add(t * n + i));
+            for k in 0..4 {
+                row[k] = _mm512_fmadd_ps(wv[k], xv, row[k]);
+            }
+        }
+        i += 16;
+    }
+    if i < n {
+        let m: __mmask16 = (1u32 << (n - i)).wrapping_sub(1) as __mmask16;
+        let wv = [
+            _mm512_maskz_loadu_ps(m, pw.add(i)),
+            _mm512_maskz_loadu_ps(m, pw.add(n + i)),
+            _mm512_maskz_loadu_ps(m, pw.add(2 * n + i)),
+            _mm512_maskz_loadu_ps(m, pw.add(3 * n + i)),
+        ];
+        for (t, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_maskz_loadu_ps(m, px.add(t * n + i));
+            for k in 0..4 {
+                row[k] = _mm512_fmadd_ps(wv[k], xv, row[k]);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for t in 0..4 {
+        for k in 0..4 {
+            out[t][k] = _mm512_reduce_add_ps(acc[t][k]);
+        }
+    }
+    out
+}
+
+/// [`tile4_f32_avx512`] for 16-bit weights (widened once per tile, not once per product), in
+/// the order of [`dot4_16_avx512`].
+///
+/// # Safety
+/// The CPU must support avx512f; `w.len() == x.len()`, a multiple of 4.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [[f32; 4]; 4] {
+    let n = w.len() / 4;
+    debug_assert_eq!(x.len(), 4 * n);
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    // SAFETY (all loads below): row k of either operand reads k*n + i .. k*n + i + 16 <= (k+1)*n.
+    while i + 16 <= n {
+        let wv = [
+            load16_avx512::<BF16>(pw.add(i)),
+            load16_avx512::<BF16>(pw.add(n + i)),
+            load16_avx512::<BF16>(pw.add(2 * n + i)),
+            load16_avx512::<BF16>(pw.add(3 * n + i)),
+        ];
+        for (t, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_loadu_ps(px.add(t * n + i));
+            for k in 0..4 {
+                row[k] = _mm512_fmadd_ps(wv[k], xv, row[k]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [[0f32; 4]; 4];
+    for t in 0..4 {
+        for k in 0..4 {
+            let mut o = _mm512_reduce_add_ps(acc[t][k]);
+            for j in i..n {
+                o += super::widen::<BF16>(*pw.add(k * n + j)) * *px.add(t * n + j);
+            }
+            out[t][k] = o;
+        }
+    }
+    out
 }
