@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::kernels::{Bytes, Elems, Matrix, QMatrix, WeightType};
 use crate::precision::{self, Precision, Role};
 use crate::source::ModelSource;
@@ -67,17 +69,18 @@ impl TensorLoader {
     fn read_f32(&self, file: usize, info: &TensorInfo) -> Vec<f32> {
         let f = &self.source.weight_files()[file];
         let bytes = f.tensor_bytes(info);
+        // In parallel: loading is a pass over every weight, as a decode step is.
         let out = match info.dtype {
             Dtype::F32 => bytes
-                .chunks_exact(4)
+                .par_chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
             Dtype::BF16 => bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|b| crate::kernels::widen::<true>(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
             _ => bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
                 .map(|b| crate::kernels::widen::<false>(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
         };

@@ -507,6 +507,32 @@ mod tests {
     }
 
     #[test]
+    fn hostile_values_quantize_without_panic() {
+        let mut w = values(2 * 256, 5);
+        for (i, v) in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            f32::MIN_POSITIVE / 4.0,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            w[i * 37] = v;
+        }
+        for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4K] {
+            let q = QMatrix::quantize(kind, &w, 2, 256);
+            let mut back = vec![0f32; 256];
+            q.dequantize_row(1, &mut back);
+            let mut a = QActs::default();
+            a.quantize(&w[..256], q.blocks);
+            let _ = dot_q_scalar(&q, 0, &a);
+        }
+    }
+
+    #[test]
     fn zero_rows_quantize_to_zero() {
         for kind in [QKind::Q8_0, QKind::Q4_0, QKind::Q4K] {
             let q = QMatrix::quantize(kind, &[0.0; 256], 1, 256);
