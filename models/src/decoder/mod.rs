@@ -167,6 +167,10 @@ pub struct Decoder {
     k_cache: Vec<Vec<f32>>,
     v_cache: Vec<Vec<f32>>,
     len: usize,
+    /// The decoder's own threads: a forward pass runs on one of them, so each of its parallel
+    /// products is shared with threads that are already awake instead of being handed from the
+    /// caller's thread to sleeping ones and back (about a sixth of a decode step otherwise).
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 impl Decoder {
@@ -185,6 +189,12 @@ impl Decoder {
             k_cache: vec![Vec::new(); layers],
             v_cache: vec![Vec::new(); layers],
             len: 0,
+            // Without a pool (threads refused), passes run on the global one.
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .build()
+                .ok()
+                .map(std::sync::Arc::new),
         }
     }
 
@@ -202,13 +212,20 @@ impl Decoder {
     /// Feeds `tokens` at positions `pos..`, returns the logits of the last one. Positions must
     /// continue the cache (`pos` ≤ what is cached; a smaller `pos` forgets the rest).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        self.run(tokens, pos, false)
+        self.in_pool(tokens, pos, false)
+    }
+
+    fn in_pool(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {
+        match self.pool.clone() {
+            Some(pool) => pool.install(|| self.run(tokens, pos, all)),
+            None => self.run(tokens, pos, all),
+        }
     }
 
     /// As [`Decoder::forward`], with the logits of every position (`[tokens][vocab]`): for
     /// scoring a text (perplexity, agreement between precisions).
     pub fn forward_all(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        self.run(tokens, pos, true)
+        self.in_pool(tokens, pos, true)
     }
 
     fn run(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {

@@ -398,7 +398,9 @@ impl QActs {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (o, v) in self.q[b * BLOCK..].iter_mut().zip(xb) {
-                let q = (v * id).round().clamp(-127.0, 127.0) as i32;
+                // Half away from zero, as `round` (which is a libm call on baseline x86-64).
+                let s = (v * id).clamp(-127.0, 127.0);
+                let q = (s + 0.5f32.copysign(s)) as i32;
                 *o = q as i8;
                 sum += q;
             }
