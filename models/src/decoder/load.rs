@@ -68,24 +68,31 @@ impl TensorLoader {
     /// The tensor widened to f32 (a copy); its mapped pages are released afterwards.
     fn read_f32(&self, file: usize, info: &TensorInfo) -> Vec<f32> {
         let f = &self.source.weight_files()[file];
-        let bytes = f.tensor_bytes(info);
-        // In parallel: loading is a pass over every weight, as a decode step is.
-        let out = match info.dtype {
-            Dtype::F32 => bytes
-                .par_chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .par_chunks_exact(2)
-                .map(|b| crate::kernels::widen::<true>(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-            _ => bytes
-                .par_chunks_exact(2)
-                .map(|b| crate::kernels::widen::<false>(u16::from_le_bytes([b[0], b[1]])))
-                .collect(),
-        };
+        let out = widen_bytes(info.dtype, f.tensor_bytes(info));
         f.release_pages(info);
         out
+    }
+
+    /// Calls `each(first_row, values)` on pieces of about [`PIECE_BYTES`] of the tensor widened
+    /// to f32, releasing each piece's mapped pages once it is done: peak memory during load is
+    /// the weights at run precision plus one piece, not plus a widened copy of the largest
+    /// tensor and its mapped pages.
+    fn stream_rows(
+        &self,
+        file: usize,
+        info: &TensorInfo,
+        cols: usize,
+        mut each: impl FnMut(usize, Vec<f32>),
+    ) {
+        let f = &self.source.weight_files()[file];
+        let bytes = f.tensor_bytes(info);
+        let row_bytes = cols * info.dtype.size() as usize;
+        let rows_per_piece = (PIECE_BYTES / row_bytes.max(1)).max(1);
+        for (i, piece) in bytes.chunks(rows_per_piece * row_bytes).enumerate() {
+            f.populate_range(info, i * rows_per_piece * row_bytes, piece.len());
+            each(i * rows_per_piece, widen_bytes(info.dtype, piece));
+            f.release_range(info, i * rows_per_piece * row_bytes, piece.len());
+        }
     }
 
     /// A norm or bias: always f32.
@@ -119,6 +126,10 @@ impl TensorLoader {
         t: WeightType,
     ) -> Matrix {
         if precision::in_place(info.dtype, t) {
+            // Read in place for the whole run: its pages are mapped in now, at load, rather
+            // than by faults during the first tokens.
+            let f = &self.source.weight_files()[file];
+            f.populate_range(&info, 0, (info.end - info.begin) as usize);
             let mapped = Box::new(MappedTensor {
                 source: self.source.clone(),
                 file,
@@ -143,33 +154,60 @@ impl TensorLoader {
             }
             // Misaligned in the file: copied below.
         }
-        let v = self.read_f32(file, &info);
-        match t {
-            WeightType::F32 => Matrix::f32(rows, cols, Elems::owned(v)),
-            WeightType::Bf16 => Matrix::bf16(
-                rows,
-                cols,
-                Elems::owned(
-                    v.iter()
-                        .map(|x| half::bf16::from_f32(*x).to_bits())
-                        .collect(),
-                ),
-            ),
-            WeightType::F16 => Matrix::f16(
-                rows,
-                cols,
-                Elems::owned(
-                    v.iter()
-                        .map(|x| half::f16::from_f32(*x).to_bits())
-                        .collect(),
-                ),
-            ),
-            q => Matrix::quantized(QMatrix::quantize(
+        let mut m = match t {
+            WeightType::F32 => Target::F32(Vec::with_capacity(rows * cols)),
+            WeightType::Bf16 | WeightType::F16 => Target::U16(Vec::with_capacity(rows * cols)),
+            q => Target::Q(QMatrix::zeroed(
                 q.quant().expect("quantized type"),
-                &v,
                 rows,
                 cols,
             )),
+        };
+        let bf16 = t == WeightType::Bf16;
+        self.stream_rows(file, &info, cols, |first, v| match &mut m {
+            Target::F32(out) => out.extend_from_slice(&v),
+            Target::U16(out) => out.par_extend(v.par_iter().map(|x| {
+                if bf16 {
+                    half::bf16::from_f32(*x).to_bits()
+                } else {
+                    half::f16::from_f32(*x).to_bits()
+                }
+            })),
+            Target::Q(q) => q.quantize_rows(first, &v),
+        });
+        match (m, t) {
+            (Target::F32(v), _) => Matrix::f32(rows, cols, Elems::owned(v)),
+            (Target::U16(v), WeightType::Bf16) => Matrix::bf16(rows, cols, Elems::owned(v)),
+            (Target::U16(v), _) => Matrix::f16(rows, cols, Elems::owned(v)),
+            (Target::Q(q), _) => Matrix::quantized(q),
         }
+    }
+}
+
+/// About how much of a tensor is widened at a time while converting it.
+const PIECE_BYTES: usize = 8 << 20;
+
+/// What a converted tensor is built into.
+enum Target {
+    F32(Vec<f32>),
+    U16(Vec<u16>),
+    Q(QMatrix),
+}
+
+/// Little-endian f32/bf16/f16 bytes widened to f32, in parallel.
+fn widen_bytes(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes
+            .par_chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .par_chunks_exact(2)
+            .map(|b| crate::kernels::widen::<true>(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        _ => bytes
+            .par_chunks_exact(2)
+            .map(|b| crate::kernels::widen::<false>(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
     }
 }

@@ -85,14 +85,22 @@ pub fn padded_blocks(cols: usize) -> usize {
 impl QMatrix {
     /// Quantizes a row-major f32 matrix. `cols` must be a multiple of `kind.tile()`.
     pub fn quantize(kind: QKind, w: &[f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(w.len(), rows * cols, "quantize length");
+        let mut m = QMatrix::zeroed(kind, rows, cols);
+        m.quantize_rows(0, w);
+        m
+    }
+
+    /// A matrix of zeros, to be filled by [`QMatrix::quantize_rows`]. `cols` must be a multiple
+    /// of `kind.tile()`.
+    pub fn zeroed(kind: QKind, rows: usize, cols: usize) -> Self {
         assert!(
             cols > 0 && cols.is_multiple_of(kind.tile()),
             "quantize shape"
         );
-        assert_eq!(w.len(), rows * cols, "quantize length");
         let blocks = padded_blocks(cols);
         let cb = kind.code_bytes();
-        let mut m = QMatrix {
+        QMatrix {
             kind,
             rows,
             cols,
@@ -100,17 +108,25 @@ impl QMatrix {
             codes: vec![0u8; rows * blocks * cb],
             scales: vec![0u16; rows * blocks],
             mins: vec![0u16; rows * blocks],
-        };
-        let rows_out = m
-            .codes
+        }
+    }
+
+    /// Quantizes whole rows `first..` from `w` (a multiple of `cols` values), in parallel: a
+    /// loader can stream a large tensor through in pieces instead of widening all of it first.
+    pub fn quantize_rows(&mut self, first: usize, w: &[f32]) {
+        let (kind, cols, blocks) = (self.kind, self.cols, self.blocks);
+        assert!(w.len().is_multiple_of(cols), "quantize length");
+        let n = w.len() / cols;
+        assert!(first + n <= self.rows, "rows past the matrix");
+        let cb = kind.code_bytes();
+        let rows_out = self.codes[first * blocks * cb..(first + n) * blocks * cb]
             .par_chunks_mut(blocks * cb)
-            .zip(m.scales.par_chunks_mut(blocks))
-            .zip(m.mins.par_chunks_mut(blocks))
+            .zip(self.scales[first * blocks..(first + n) * blocks].par_chunks_mut(blocks))
+            .zip(self.mins[first * blocks..(first + n) * blocks].par_chunks_mut(blocks))
             .zip(w.par_chunks(cols));
         rows_out.for_each(|(((codes, scales), mins_out), row)| {
             quantize_row(kind, row, codes, scales, mins_out);
         });
-        m
     }
 
     /// Codes of row `r`.

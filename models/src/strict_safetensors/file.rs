@@ -109,8 +109,30 @@ impl SafetensorsFile {
     /// does not hold the mapping and the copies in memory at once (peak RSS ~ one copy).
     /// Best effort: an error only means the pages stay resident.
     pub fn release_pages(&self, info: &TensorInfo) {
-        let start = (self.header.data_start() + info.begin) as usize;
-        let len = (info.end - info.begin) as usize;
+        self.release_range(info, 0, (info.end - info.begin) as usize);
+    }
+
+    /// Maps in a tensor's pages (`len` bytes from `offset`) with one call instead of one page
+    /// fault per page (`MADV_POPULATE_READ`), before they are read. Best effort.
+    pub fn populate_range(&self, info: &TensorInfo, offset: usize, len: usize) {
+        let size = (info.end - info.begin) as usize;
+        let offset = offset.min(size);
+        let len = len.min(size - offset);
+        if len > 0 {
+            let start = (self.header.data_start() + info.begin) as usize + offset;
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::PopulateRead, start, len);
+        }
+    }
+
+    /// [`SafetensorsFile::release_pages`] for `len` bytes from `offset` into the tensor (a
+    /// loader streaming a large tensor through in pieces). Ranges past the tensor are clipped.
+    pub fn release_range(&self, info: &TensorInfo, offset: usize, len: usize) {
+        let size = (info.end - info.begin) as usize;
+        let offset = offset.min(size);
+        let len = len.min(size - offset);
+        let start = (self.header.data_start() + info.begin) as usize + offset;
         if len == 0 {
             return;
         }
