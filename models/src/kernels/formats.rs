@@ -161,14 +161,42 @@ impl QMatrix {
         }
     }
 
-    /// Row `r` as f32 values (for embedding lookups and tests).
+    /// Row `r` as f32 values (embedding lookups, prompt tiles).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         assert_eq!(out.len(), self.cols);
-        let (s, m) = (self.row_scales(r), self.row_mins(r));
-        for (c, o) in out.iter_mut().enumerate() {
-            let b = c / BLOCK;
-            *o = f16::from_bits(s[b]).to_f32() * self.code(r, c) as f32
-                - f16::from_bits(m[b]).to_f32();
+        let (s, m, codes) = (self.row_scales(r), self.row_mins(r), self.row_codes(r));
+        let scale = |b: usize| (f16::from_bits(s[b]).to_f32(), f16::from_bits(m[b]).to_f32());
+        match self.kind {
+            QKind::Q8_0 => {
+                for (b, (o, u)) in out
+                    .chunks_mut(BLOCK)
+                    .zip(codes.chunks_exact(BLOCK))
+                    .enumerate()
+                {
+                    let (sb, mb) = scale(b);
+                    for (o, &u) in o.iter_mut().zip(u) {
+                        *o = sb * u as f32 - mb;
+                    }
+                }
+            }
+            _ => {
+                // Pairs of blocks: byte j holds code j (low nibble) and code j + 32 (high).
+                for (pair, bytes) in codes.chunks_exact(BLOCK).enumerate() {
+                    let base = pair * 2 * BLOCK;
+                    if base >= self.cols {
+                        break;
+                    }
+                    let ((s0, m0), (s1, m1)) = (scale(2 * pair), scale(2 * pair + 1));
+                    for (j, &byte) in bytes.iter().enumerate() {
+                        if base + j < self.cols {
+                            out[base + j] = s0 * (byte & 0x0F) as f32 - m0;
+                        }
+                        if base + BLOCK + j < self.cols {
+                            out[base + BLOCK + j] = s1 * (byte >> 4) as f32 - m1;
+                        }
+                    }
+                }
+            }
         }
     }
 
