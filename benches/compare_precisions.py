@@ -25,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 
@@ -89,51 +90,59 @@ def permute_qk(w, n_head):
     return w.reshape(n_head, 2, d // n_head // 2, k).swapaxes(1, 2).reshape(d, k)
 
 
-def make_1b(dir_, gguf_path, smol_gguf):
-    """Random TinyLlama-shaped weights: bf16 safetensors + a GGUF of the same values."""
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocabulary
+    "1b": (2048, 5632, 22, 32, 4, 49152),   # TinyLlama 1.1B's shape
+    "7b": (4096, 11008, 32, 32, 32, 49152),  # Llama 2 7B's shape
+}
+
+
+def make_random(dir_, gguf_path, smol_gguf, size="1b"):
+    """Random llama-shaped weights: bf16 safetensors (+ a GGUF of the same values if
+    `gguf_path`). Tensors are generated one at a time and written as they come, so a 7B model
+    needs memory for one tensor, not the model."""
     import gguf
-    hid, inter, layers, heads, kv_heads, vocab = 2048, 5632, 22, 32, 4, 49152
+    hid, inter, layers, heads, kv_heads, vocab = SHAPES[size]
     head_dim = hid // heads
-    rng = np.random.default_rng(0)
-    tensors = {}
-
-    def rand(shape, scale):
-        w = (rng.standard_normal(shape, dtype=np.float32) * scale)
-        # Round to bf16 so both files hold exactly the same values.
-        return (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
-
-    tensors["model.embed_tokens.weight"] = rand((vocab, hid), 0.02)
-    tensors["model.norm.weight"] = np.ones(hid, np.float32)
-    tensors["lm_head.weight"] = rand((vocab, hid), 0.02)
+    specs = [("model.embed_tokens.weight", (vocab, hid)), ("model.norm.weight", (hid,)),
+             ("lm_head.weight", (vocab, hid))]
     for i in range(layers):
         p = f"model.layers.{i}"
-        tensors[f"{p}.input_layernorm.weight"] = np.ones(hid, np.float32)
-        tensors[f"{p}.post_attention_layernorm.weight"] = np.ones(hid, np.float32)
-        tensors[f"{p}.self_attn.q_proj.weight"] = rand((hid, hid), 0.02)
-        tensors[f"{p}.self_attn.k_proj.weight"] = rand((kv_heads * head_dim, hid), 0.02)
-        tensors[f"{p}.self_attn.v_proj.weight"] = rand((kv_heads * head_dim, hid), 0.02)
-        tensors[f"{p}.self_attn.o_proj.weight"] = rand((hid, hid), 0.02)
-        tensors[f"{p}.mlp.gate_proj.weight"] = rand((inter, hid), 0.02)
-        tensors[f"{p}.mlp.up_proj.weight"] = rand((inter, hid), 0.02)
-        tensors[f"{p}.mlp.down_proj.weight"] = rand((hid, inter), 0.02)
+        specs += [(f"{p}.input_layernorm.weight", (hid,)),
+                  (f"{p}.post_attention_layernorm.weight", (hid,)),
+                  (f"{p}.self_attn.q_proj.weight", (hid, hid)),
+                  (f"{p}.self_attn.k_proj.weight", (kv_heads * head_dim, hid)),
+                  (f"{p}.self_attn.v_proj.weight", (kv_heads * head_dim, hid)),
+                  (f"{p}.self_attn.o_proj.weight", (hid, hid)),
+                  (f"{p}.mlp.gate_proj.weight", (inter, hid)),
+                  (f"{p}.mlp.up_proj.weight", (inter, hid)),
+                  (f"{p}.mlp.down_proj.weight", (hid, inter))]
+    specs.sort()
+
+    def tensor(name, shape):
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        # A fixed seed per tensor: both files get the same values, bf16-exact.
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        w = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        return (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
 
     os.makedirs(dir_, exist_ok=True)
     # safetensors, bf16 (norms too: securerun widens vectors to f32)
-    header, offset, blobs = {}, 0, []
-    for name in sorted(tensors):
-        b = (tensors[name].view(np.uint32) >> 16).astype(np.uint16).tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(tensors[name].shape),
-                        "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
+    header, offset = {}, 0
+    for name, shape in specs:
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * ((8 - len(h) % 8) % 8)
-    with open(os.path.join(dir_, "model.safetensors.tmp"), "wb") as f:
+    tmp = os.path.join(dir_, "model.safetensors.tmp")
+    with open(tmp, "wb") as f:
         f.write(len(h).to_bytes(8, "little"))
         f.write(h)
-        for b in blobs:
-            f.write(b)
-    os.replace(os.path.join(dir_, "model.safetensors.tmp"), os.path.join(dir_, "model.safetensors"))
+        for name, shape in specs:
+            f.write((tensor(name, shape).view(np.uint32) >> 16).astype(np.uint16).tobytes())
+    os.replace(tmp, os.path.join(dir_, "model.safetensors"))
     smol = os.path.join(CACHE, "smollm2-135m-instruct")
     cfg = json.load(open(os.path.join(smol, "config.json")))
     cfg.update({"hidden_size": hid, "intermediate_size": inter, "num_hidden_layers": layers,
@@ -144,6 +153,8 @@ def make_1b(dir_, gguf_path, smol_gguf):
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
         with open(os.path.join(smol, name), "rb") as a, open(os.path.join(dir_, name), "wb") as b:
             b.write(a.read())
+    if gguf_path is None:
+        return
 
     # GGUF: SmolLM2's tokenizer metadata, this shape, same values (BF16 tensors)
     reader = gguf.GGUFReader(smol_gguf)
@@ -172,7 +183,8 @@ def make_1b(dir_, gguf_path, smol_gguf):
                  "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, w in tensors.items():
+    for name, shape in specs:
+        w = tensor(name, shape)
         if name in names:
             out = names[name]
         else:
@@ -216,7 +228,7 @@ def prepare(sizes, dtypes):
         dir_ = os.path.join(CACHE, "llama-1.1b-random")
         base = os.path.join(CACHE, "llama-1.1b-random.BF16.gguf")
         if not os.path.exists(os.path.join(dir_, "model.safetensors")) or not os.path.exists(base):
-            make_1b(dir_, base, q41)
+            make_random(dir_, base, q41, "1b")
         ggufs = {}
         for d in dtypes:
             name, ftype = LLAMA_TYPES[d]
@@ -225,6 +237,12 @@ def prepare(sizes, dtypes):
                 quantize_gguf(base, path, ftype)
             ggufs[d] = path
         out["1b"] = (dir_, ggufs)
+    if "7b" in sizes:
+        # securerun only: does a 7B model at q4_0 fit the worker's budget on a 24 GB machine.
+        dir_ = os.path.join(CACHE, "llama-7b-random")
+        if not os.path.exists(os.path.join(dir_, "model.safetensors")):
+            make_random(dir_, None, q41, "7b")
+        out["7b"] = (dir_, {})
     return out
 
 
@@ -310,7 +328,8 @@ def main():
                     cells.append((size, d, t, p, dec, "securerun"))
                     if args.confined:
                         cells.append((size, d, t, p, dec, "securerun-confined"))
-                    cells.append((size, d, t, p, dec, "llama.cpp"))
+                    if d in models[size][1]:
+                        cells.append((size, d, t, p, dec, "llama.cpp"))
     samples = {c: [] for c in cells}
     for r in range(args.runs):
         for c in cells:
@@ -329,7 +348,7 @@ def main():
                   f"load {s['load_s']:.2f}s rss {s['peak_rss_mb']} MB", file=sys.stderr, flush=True)
 
     def med(c, k):
-        v = [s[k] for s in samples[c]]
+        v = [s[k] for s in samples.get(c, [])]
         return float(np.median(v)) if v else float("nan")
 
     print(f"medians of {args.runs} interleaved runs; prefill N tokens, {args.decode} greedy decode steps")
@@ -350,7 +369,8 @@ def main():
                             cc = a[:5] + ("securerun-confined",)
                             rows.append(("decode confined", med(cc, "decode_tok_s"), med(a, "decode_tok_s")))
                 for name, x, y in rows:
-                    print(f"{size:<6} {d:<5} {t:>3} {name:<14} {x:>10.2f} {y:>10.2f} {x / y:>6.2f}")
+                    ratio = x / y if y == y and y else float("nan")
+                    print(f"{size:<6} {d:<5} {t:>3} {name:<14} {x:>10.2f} {y:>10.2f} {ratio:>6.2f}")
     if args.json:
         json.dump({"|".join(map(str, c)): v for c, v in samples.items()}, open(args.json, "w"), indent=1)
 
