@@ -254,8 +254,9 @@ import numpy as np
 from llama_cpp import Llama
 path, threads, prefill, decode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=max(1024, prefill + decode + 8),
-            n_batch=512, logits_all=False, verbose=False)
+n_ctx = max(1024, prefill + decode + 8)
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+            n_batch=n_ctx, logits_all=False, verbose=False)
 load_s = time.perf_counter() - t0
 text = "The history of the city begins with a small settlement by the river. " * 400
 tokens = llm.tokenize(text.encode(), add_bos=False, special=False)[:prefill]

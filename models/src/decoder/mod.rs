@@ -396,25 +396,24 @@ fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize,
         let qv = &q[t * q_row + head * d..t * q_row + (head + 1) * d];
         let upto = pos + t + 1;
         let from = s.sliding_window.map_or(0, |w| upto.saturating_sub(w));
-        let mut scores: Vec<f32> = (from..upto)
-            .map(|p| {
-                kernels::dot(qv, &k_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d]) * scale
-            })
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut scores = vec![0f32; upto - from];
+        kernels::dot_strided(qv, &k_cache[from * kv_row + kv * d..], kv_row, &mut scores);
+        let max = scores
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
         let mut sum = 0.0;
         for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
+            *sc = (*sc * scale - max).exp();
             sum += *sc;
         }
         o.fill(0.0);
         for (i, sc) in scores.iter().enumerate() {
             let p = from + i;
-            let w = sc / sum;
-            let vv = &v_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d];
-            for (oi, vi) in o.iter_mut().zip(vv) {
-                *oi += w * vi;
-            }
+            kernels::axpy(
+                sc / sum,
+                &v_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d],
+                o,
+            );
         }
     };
     if work < 1 << 16 {

@@ -276,13 +276,24 @@ fn pack_codes(kind: QKind, u: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Rounds half away from zero, as `f32::round` — which is a libm call on baseline x86-64, and
+/// quantizing a model calls it billions of times. Values past ±2^23 are already integers.
+#[inline]
+fn round(x: f32) -> f32 {
+    if x.abs() >= 8_388_608.0 || x.is_nan() {
+        return x;
+    }
+    // Truncation toward zero through an integer conversion (in range: |x| < 2^23).
+    (x + 0.5f32.copysign(x)) as i32 as f32
+}
+
 /// Q8_0: `d = max|x| / 127`, `q = round(x / d)`; codes `q + 128`. Returns `d`.
 fn quantize_q8_block(x: &[f32], u: &mut [u8]) -> f32 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (o, v) in u.iter_mut().zip(x) {
-        *o = ((v * id).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        *o = (round(v * id).clamp(-127.0, 127.0) as i32 + 128) as u8;
     }
     d
 }
@@ -328,12 +339,12 @@ fn quantize_q4k_super_block(x: &[f32], u: &mut [u8], s: &mut [f32], m: &mut [f32
     let dmin = f16::from_f32(max_min / 63.0).to_f32();
     for j in 0..n {
         let ls = if max_scale > 0.0 {
-            (scales[j] * 63.0 / max_scale).round().clamp(0.0, 63.0)
+            round(scales[j] * 63.0 / max_scale).clamp(0.0, 63.0)
         } else {
             0.0
         };
         let lm = if max_min > 0.0 {
-            (mins[j] * 63.0 / max_min).round().clamp(0.0, 63.0)
+            round(mins[j] * 63.0 / max_min).clamp(0.0, 63.0)
         } else {
             0.0
         };
@@ -345,7 +356,7 @@ fn quantize_q4k_super_block(x: &[f32], u: &mut [u8], s: &mut [f32], m: &mut [f32
             .zip(&x[j * BLOCK..(j + 1) * BLOCK])
         {
             *o = if sj > 0.0 {
-                ((v + mj) / sj).round().clamp(0.0, 15.0) as u8
+                round((v + mj) / sj).clamp(0.0, 15.0) as u8
             } else {
                 0
             };
@@ -353,9 +364,22 @@ fn quantize_q4k_super_block(x: &[f32], u: &mut [u8], s: &mut [f32], m: &mut [f32
     }
 }
 
+/// `t` rounded half up and clamped to `0..=nmax`: for values clamped first, the same as
+/// rounding then clamping, and branch-free so the loops below vectorize (NaN becomes 0).
+#[inline]
+fn code_of(t: f32, nmax: f32) -> f32 {
+    (t.clamp(0.0, nmax) + 0.5) as i32 as f32
+}
+
+/// Sums of eight-lane partial sums (the loops below keep eight independent chains so they
+/// vectorize; `x.len()` is a multiple of 8).
+const LANES: usize = 8;
+
 /// Fits `x ≈ scale·q − min` with `q` in `0..=nmax` (`min ≥ 0`), minimizing the weighted squared
-/// error over a grid of starting scales refined by least squares. Returns `(scale, min)`.
+/// error over a grid of starting scales refined by least squares (llama.cpp's Q4_K search:
+/// 21 candidate scales). Returns `(scale, min)`.
 fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8) -> (f32, f32) {
+    debug_assert!(x.len().is_multiple_of(LANES));
     let nmax = nmax as f32;
     let lo = x.iter().fold(f32::INFINITY, |a, &v| a.min(v)).min(0.0);
     let hi = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
@@ -363,32 +387,33 @@ fn fit_scale_min(x: &[f32], w: &[f32], nmax: u8) -> (f32, f32) {
         return (0.0, -lo);
     }
     let err = |scale: f32, min: f32| -> f32 {
-        x.iter()
-            .zip(w)
-            .map(|(&v, &wi)| {
-                let q = if scale > 0.0 {
-                    ((v - min) / scale).round().clamp(0.0, nmax)
-                } else {
-                    0.0
-                };
-                let e = scale * q + min - v;
-                wi * e * e
-            })
-            .sum()
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        let mut acc = [0f32; LANES];
+        for (xc, wc) in x.chunks_exact(LANES).zip(w.chunks_exact(LANES)) {
+            for j in 0..LANES {
+                let q = code_of((xc[j] - min) * inv, nmax);
+                let e = scale * q + min - xc[j];
+                acc[j] += wc[j] * e * e;
+            }
+        }
+        acc.iter().sum()
     };
+    let sw: f32 = w.iter().sum();
+    let sx: f32 = x.iter().zip(w).map(|(v, wi)| wi * v).sum();
     let mut best = ((hi - lo) / nmax, lo);
     let mut best_err = err(best.0, best.1);
     for step in 0..=20 {
         let iscale = (-1.0 + 0.1 * step as f32 + nmax) / (hi - lo);
-        let (mut sw, mut sx, mut sl, mut sl2, mut sxl) = (0f32, 0f32, 0f32, 0f32, 0f32);
-        for (&v, &wi) in x.iter().zip(w) {
-            let l = (iscale * (v - lo)).round().clamp(0.0, nmax);
-            sw += wi;
-            sx += wi * v;
-            sl += wi * l;
-            sl2 += wi * l * l;
-            sxl += wi * l * v;
+        let (mut sl, mut sl2, mut sxl) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        for (xc, wc) in x.chunks_exact(LANES).zip(w.chunks_exact(LANES)) {
+            for j in 0..LANES {
+                let l = code_of(iscale * (xc[j] - lo), nmax);
+                sl[j] += wc[j] * l;
+                sl2[j] += wc[j] * l * l;
+                sxl[j] += wc[j] * l * xc[j];
+            }
         }
+        let (sl, sl2, sxl): (f32, f32, f32) = (sl.iter().sum(), sl2.iter().sum(), sxl.iter().sum());
         let det = sw * sl2 - sl * sl;
         if det <= 0.0 {
             continue;

@@ -92,6 +92,40 @@ fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// `out[p] = q · rows[p * stride ..][..q.len()]` (attention scores over a run of cached keys).
+pub fn dot_strided(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    if out.is_empty() {
+        return;
+    }
+    assert!(
+        stride >= q.len() && rows.len() >= (out.len() - 1) * stride + q.len(),
+        "dot_strided shape"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: avx512f detected; the shape is checked above.
+        unsafe { x86::dot_strided_avx512(q, rows, stride, out) };
+        return;
+    }
+    for (p, o) in out.iter_mut().enumerate() {
+        *o = dot(q, &rows[p * stride..p * stride + q.len()]);
+    }
+}
+
+/// `y += a · x`.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy of unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: avx512f detected; lengths equal.
+        unsafe { x86::axpy_avx512(a, x, y) };
+        return;
+    }
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = a.mul_add(*xi, *yi);
+    }
+}
+
 /// The reference: a plain sum of products, in four lanes like the vector versions.
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 4];
@@ -413,6 +447,28 @@ mod tests {
                     m.weight_type()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn attention_helpers_match_the_scalar_reference() {
+        for (d, stride, count) in [(64, 192, 37), (128, 128, 5), (17, 40, 9), (64, 64, 0)] {
+            let q = values(d, 31);
+            let rows = values(count.max(1) * stride, 32);
+            let mut out = vec![f32::NAN; count];
+            dot_strided(&q, &rows, stride, &mut out);
+            for (p, got) in out.iter().enumerate() {
+                let want = dot_scalar(&q, &rows[p * stride..p * stride + d]);
+                assert!(close(*got, want, d), "d={d} p={p}: {got} vs {want}");
+            }
+            let (x, mut y) = (values(d, 33), values(d, 34));
+            let want: Vec<f32> = y
+                .iter()
+                .zip(&x)
+                .map(|(y, x)| 0.37f32.mul_add(*x, *y))
+                .collect();
+            axpy(0.37, &x, &mut y);
+            assert_eq!(y, want, "axpy d={d}");
         }
     }
 

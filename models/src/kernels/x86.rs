@@ -593,3 +593,65 @@ pub unsafe fn tile4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [[f32; 
     }
     out
 }
+
+/// `out[p] = q · rows[p * stride ..][..q.len()]`: attention scores of one query against a run
+/// of cached keys, four keys per step (one reduction each, no call per key).
+///
+/// # Safety
+/// The CPU must support avx512f; `rows` must hold `(out.len() - 1) * stride + q.len()` values.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_strided_avx512(q: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    let d = q.len();
+    debug_assert!(out.is_empty() || rows.len() >= (out.len() - 1) * stride + d);
+    let (pq, pr) = (q.as_ptr(), rows.as_ptr());
+    let full = d / 16 * 16;
+    let m: __mmask16 = ((1u32 << (d - full)) - 1) as __mmask16;
+    // SAFETY (all loads below): row p reads p*stride .. p*stride + d <= rows.len(); the masked
+    // loads touch only lanes below d.
+    for (p, o) in out.iter_mut().enumerate() {
+        let base = pr.add(p * stride);
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            acc = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pq.add(i)),
+                _mm512_loadu_ps(base.add(i)),
+                acc,
+            );
+            i += 16;
+        }
+        if full < d {
+            acc = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, pq.add(full)),
+                _mm512_maskz_loadu_ps(m, base.add(full)),
+                acc,
+            );
+        }
+        *o = _mm512_reduce_add_ps(acc);
+    }
+}
+
+/// `y += a · x`.
+///
+/// # Safety
+/// The CPU must support avx512f; `x.len() == y.len()`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = y.len();
+    debug_assert_eq!(x.len(), n);
+    let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+    let av = _mm512_set1_ps(a);
+    let mut i = 0;
+    // SAFETY (all accesses below): indices stay below n, the length of both slices.
+    while i + 16 <= n {
+        _mm512_storeu_ps(
+            py.add(i),
+            _mm512_fmadd_ps(av, _mm512_loadu_ps(px.add(i)), _mm512_loadu_ps(py.add(i))),
+        );
+        i += 16;
+    }
+    while i < n {
+        *py.add(i) = a.mul_add(*px.add(i), *py.add(i));
+        i += 1;
+    }
+}
