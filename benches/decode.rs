@@ -67,7 +67,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let started = Instant::now();
     let out = if confined {
-        let mut m = open_confined(&model_dir, &opts, Task::Generate, None)?;
+        // The worker is the securerun binary (this bench binary has no worker mode).
+        let mut settings = securerun::worker::WorkerSettings::for_model(0)?;
+        settings.program = env!("CARGO_BIN_EXE_securerun").into();
+        let mut m = open_confined(&model_dir, &opts, Task::Generate, Some(settings))?;
         let load_s = started.elapsed().as_secs_f64();
         let mut ids = m.encoder().prompt_ids(&Prompt::Text(text))?;
         ids.truncate(prefill_tokens);
