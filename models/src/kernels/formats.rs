@@ -501,18 +501,7 @@ pub fn dot_q_scalar(m: &QMatrix, r: usize, a: &QActs) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 20000) as f32 / 10000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::tests::values;
 
     fn rms(a: &[f32], b: &[f32]) -> f32 {
         let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();

@@ -229,11 +229,11 @@ pub fn matmul_t(w: &[f32], x: &[f32], cols: usize, y: &mut [f32]) {
 mod x86;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Deterministic values in [-1, 1).
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn values(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).max(1);
         (0..n)
             .map(|_| {
