@@ -154,6 +154,55 @@ fn embed_prints_json_vectors_matching_sentence_transformers() {
 }
 
 #[test]
+fn every_dtype_runs_confined_and_inspect_shows_the_plan() {
+    for dtype in ["q8_0", "q4_0", "q4_k", "f16"] {
+        // In the confined worker (the default): the precision travels in the load message.
+        let o = securerun(&[
+            "run",
+            p(&common::smollm2()),
+            "--allow-unsigned",
+            "--dtype",
+            dtype,
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ]);
+        assert!(o.status.success(), "{dtype}: {}", stderr(&o));
+        assert!(!stdout(&o).is_empty(), "{dtype}");
+    }
+    let o = securerun(&[
+        "run",
+        p(&common::smollm2()),
+        "--dtype",
+        "int3",
+        "--prompt",
+        "x",
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown dtype \"int3\""));
+    let o = securerun(&[
+        "inspect",
+        p(&common::smollm2()),
+        "--dtype",
+        "q4_k",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let plan = &r["run_precision"];
+    // SmolLM2's 576-wide rows cannot be tiled by Q4_K: they fall back to q8_0; the 1536-wide
+    // down projections are Q4_K.
+    assert_eq!(plan["types"]["q4_k"]["tensors"], 30, "{plan}");
+    assert!(
+        plan["types"]["q8_0"]["tensors"].as_u64().unwrap() > 100,
+        "{plan}"
+    );
+    assert!(plan["bytes"].as_u64().unwrap() < r["weight_bytes"].as_u64().unwrap() / 3);
+}
+
+#[test]
 fn inspect_describes_a_real_model_and_a_bare_file() {
     let o = securerun(&["inspect", p(&common::minilm()), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

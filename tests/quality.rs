@@ -41,6 +41,8 @@ fn every_precision_keeps_quality_on_a_fixed_text() {
     let f32 = score(Precision::F32, &ids);
     // (precision, least top-1 agreement with f32, most perplexity over f32)
     let bounds = [
+        // The default must not change quality measurably (README: the bar for `auto`).
+        (Precision::Auto, 0.99, 1.001),
         (Precision::Bf16, 0.97, 1.01),
         (Precision::F16, 0.98, 1.005),
         (Precision::Q8_0, 0.95, 1.02),
@@ -52,7 +54,7 @@ fn every_precision_keeps_quality_on_a_fixed_text() {
     for (precision, agreement_min, ratio_max) in bounds {
         let s = score(precision, &ids);
         let (agree, ppl) = (s.top1_agreement(&f32), s.perplexity());
-        let llamacpp = reference["llamacpp"][precision.to_string()].as_f64();
+        let llamacpp = reference["llamacpp"][precision.resolve().to_string()].as_f64();
         table += &format!(
             "{precision}: top-1 agreement {agree:.4}, perplexity {ppl:.4} (x{:.4} of f32; llama.cpp {llamacpp:?})\n",
             ppl / f32.perplexity()

@@ -122,8 +122,8 @@ struct RunModelArgs {
     /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceChoice,
-    /// Precision the weights are kept and computed at: auto (q8_0 for llama-style models on
-    /// CPUs with 8-bit dot products, else f32), f32, bf16, f16, q8_0, q4_0, q4_k. Quantized
+    /// Precision the weights are kept and computed at: auto (16-bit, bf16 or the file's f16,
+    /// where the CPU has 16-bit kernels; else f32), f32, bf16, f16, q8_0, q4_0, q4_k. Quantized
     /// weights are made at load from the verified tensors; norms stay f32. Default: auto (or
     /// the serve config's `dtype`).
     #[arg(long, value_name = "DTYPE")]

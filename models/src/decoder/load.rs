@@ -28,6 +28,8 @@ impl Bytes for MappedTensor {
 pub struct TensorLoader {
     source: Arc<ModelSource>,
     precision: Precision,
+    /// The user asked for `auto` (16-bit files keep their own type).
+    auto: bool,
     /// (tensor, type it runs at, bytes held, read in place).
     pub report: Vec<(String, WeightType, usize, bool)>,
 }
@@ -37,6 +39,7 @@ impl TensorLoader {
         TensorLoader {
             source,
             precision: precision.resolve(),
+            auto: precision == Precision::Auto,
             report: Vec::new(),
         }
     }
@@ -110,7 +113,11 @@ impl TensorLoader {
         role: Role,
     ) -> Result<Matrix, String> {
         let (file, info) = self.find(name, &[rows, cols])?;
-        let t = self.precision.weight_type(role, cols);
+        let mut t = self.precision.weight_type(role, cols);
+        if self.auto && t == WeightType::Bf16 && info.dtype == Dtype::F16 {
+            // `auto` keeps an f16 file's own 16-bit type (read in place, nothing rounded).
+            t = WeightType::F16;
+        }
         let m = self.build(file, info, rows, cols, t);
         self.report
             .push((name.to_string(), t, m.bytes(), m.is_mapped()));
