@@ -66,7 +66,7 @@ fn a_stream_cut_by_shutdown_is_recorded() {
         "POST",
         "/v1/completions",
         Some(&t),
-        &completion("Count from one to one thousand: one, two,", 2000, true),
+        &completion(LONG_PROMPT, 2000, true),
     );
     let mut first = [0u8; 512];
     conn.read_exact(&mut first).unwrap();

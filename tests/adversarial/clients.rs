@@ -36,7 +36,7 @@ fn a_stalled_http2_stream_cannot_hold_the_engine() {
                     .await
                     .unwrap();
             tokio::spawn(conn);
-            let body = completion("Count from one to one thousand: one, two,", 2000, true);
+            let body = completion(LONG_PROMPT, 2000, true);
             let req = hyper::Request::post(format!("http://{addr}/v1/completions"))
                 .header("authorization", format!("Bearer {token}"))
                 .header("content-type", "application/json")
@@ -365,7 +365,7 @@ fn revocation_and_lockdown_end_running_streams() {
             "POST",
             "/v1/completions",
             Some(&t),
-            &completion("Count from one to one thousand: one, two,", 2000, true),
+            &completion(LONG_PROMPT, 2000, true),
         );
         let mut first = [0u8; 256];
         conn.read_exact(&mut first).unwrap();
@@ -610,7 +610,7 @@ fn expiry_ends_a_running_stream() {
         "POST",
         "/v1/completions",
         Some(&t),
-        &completion("Count from one to one thousand: one, two,", 2000, true),
+        &completion(LONG_PROMPT, 2000, true),
     );
     let mut first = [0u8; 256];
     conn.read_exact(&mut first).unwrap();

@@ -188,6 +188,12 @@ pub fn parse(raw: &[u8]) -> (u16, String) {
     (status, body)
 }
 
+/// A prompt SmolLM2 continues greedily for thousands of tokens at every precision (it counts
+/// on), for tests that need a generation still running seconds later. (A prose prompt such as
+/// "Count from one to one thousand" reaches an end-of-sequence token within a few seconds once
+/// decoding is fast.)
+pub const LONG_PROMPT: &str = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,";
+
 pub fn completion(prompt: &str, max_tokens: u32, stream: bool) -> String {
     serde_json::json!({"model": SMOL, "prompt": prompt, "max_tokens": max_tokens,
                        "temperature": 0, "stream": stream})
