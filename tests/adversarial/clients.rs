@@ -212,8 +212,19 @@ fn two_thousand_idle_connections_do_not_starve_valid_clients() {
     );
     let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": "hello"}).to_string();
     for _ in 0..5 {
-        let (status, _) = call(s.addr, "POST", "/v1/embeddings", Some(&t), &body);
-        assert_eq!(status, 200);
+        // Right after the flood up to EVICTION_SLACK evicted connections may still be closing,
+        // and a connection that arrives meanwhile is refused; a refused client retries and
+        // must be served within a second.
+        let status = (0..10)
+            .find_map(|_| {
+                let r = try_call(s.addr, "POST", "/v1/embeddings", Some(&t), &body).ok();
+                if r.is_none() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                r
+            })
+            .map(|(status, _)| status);
+        assert_eq!(status, Some(200));
     }
     assert!(metric(s.addr, &t, "connections_open") <= 128 + 64 + 2);
     // Every connection over the caps was refused on accept, evicted or, once idle, closed.

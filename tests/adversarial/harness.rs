@@ -160,6 +160,30 @@ pub fn send(
 }
 
 /// Status and body of a complete HTTP/1.1 exchange.
+/// [`call`] that reports a refused or reset connection instead of panicking.
+pub fn try_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut conn = TcpStream::connect(addr)?;
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    write!(
+        conn,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut out = Vec::new();
+    conn.read_to_end(&mut out)?;
+    if out.is_empty() {
+        return Err(std::io::ErrorKind::ConnectionReset.into());
+    }
+    Ok(parse(&out))
+}
+
 pub fn call(
     addr: SocketAddr,
     method: &str,
