@@ -149,14 +149,18 @@ pub fn send(
     body: &str,
 ) -> TcpStream {
     let mut conn = TcpStream::connect(addr).unwrap();
+    conn.write_all(request(method, path, token, body).as_bytes())
+        .unwrap();
+    conn
+}
+
+/// One HTTP/1.1 request that closes its connection.
+fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> String {
     let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    write!(
-        conn,
+    format!(
         "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
-    .unwrap();
-    conn
 }
 
 /// Status and body of a complete HTTP/1.1 exchange.
@@ -169,12 +173,7 @@ pub fn try_call(
     body: &str,
 ) -> std::io::Result<(u16, String)> {
     let mut conn = TcpStream::connect(addr)?;
-    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
-    write!(
-        conn,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
+    conn.write_all(request(method, path, token, body).as_bytes())?;
     conn.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut out = Vec::new();
     conn.read_to_end(&mut out)?;
