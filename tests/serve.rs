@@ -629,3 +629,29 @@ fn a_client_that_disconnects_cancels_its_generation_and_sigterm_drains() {
     let status = s.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// `serve --dtype q4_0` runs the model at that precision in the confined worker, and a
+/// quantized precision the model's family cannot run is refused before the server listens.
+#[test]
+fn serve_runs_at_the_precision_asked_for() {
+    let state = tempfile::tempdir().unwrap();
+    let s = serve(&common::smollm2(), state.path(), &["--dtype", "q4_0"]).unwrap();
+    let t = token(state.path(), "q", &["--scopes", "inference"]);
+    std::thread::sleep(Duration::from_millis(600));
+    let r = post(
+        &s,
+        "/v1/completions",
+        Some(&t),
+        &serde_json::json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let text = r.json()["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty(), "{}", r.body);
+    drop(s);
+
+    let state = tempfile::tempdir().unwrap();
+    let err = serve(&common::minilm(), state.path(), &["--dtype", "q8_0"])
+        .err()
+        .expect("an embeddings model at q8_0 is refused");
+    assert!(err.contains("--dtype q8_0"), "{err}");
+}
