@@ -23,7 +23,8 @@ pub struct LoadOptions {
     /// Which forward pass runs a model both can run.
     pub engine: Engine,
     /// The precision weights are kept and computed at (`--dtype`). Quantized precisions run on
-    /// the owned decoder only; `Auto` is Q8_0 there and `dtype` (or its default) elsewhere.
+    /// the owned decoder only; `Auto` is bf16 there ([`crate::Precision::resolve`]) and `dtype`
+    /// (or its default) elsewhere.
     pub precision: crate::precision::Precision,
 }
 

@@ -125,15 +125,6 @@ impl Precision {
             .unwrap_or(WeightType::F16)
     }
 
-    /// Whether this precision needs the project's own decoder (candle-transformers runs only
-    /// float weights).
-    pub fn needs_own_decoder(self) -> bool {
-        matches!(
-            self.resolve(),
-            Precision::Q8_0 | Precision::Q4_0 | Precision::Q4K
-        )
-    }
-
     /// The candle dtype the reference path computes in, for float precisions.
     pub fn candle_dtype(self) -> Option<candle_core::DType> {
         match self {
