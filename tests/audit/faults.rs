@@ -51,14 +51,19 @@ fn a_live_segment_deleted_or_replaced_is_restored_and_recorded() {
         || live.exists(),
     );
     assert!(std::fs::read(&live).unwrap().starts_with(&before));
-    assert_eq!(metric(&server.addr, &t, "audit_files_restored_total"), 1);
+    // The counters move just after the file is back in place: poll, do not race the writer.
+    eventually("the restore is counted", || {
+        metric(&server.addr, &t, "audit_files_restored_total") == 1
+    });
     assert_eq!(
         call(&server.addr, "POST", "/v1/embeddings", Some(&t), &body),
         200
     );
-    // Replaced by another file: restored, the impostor kept aside.
-    std::fs::remove_file(&live).unwrap();
-    std::fs::write(&live, b"forged").unwrap();
+    // Replaced by another file (atomically, so the writer never sees it merely deleted):
+    // restored, the impostor kept aside.
+    let forged = s.join("audit").join(".forged");
+    std::fs::write(&forged, b"forged").unwrap();
+    std::fs::rename(&forged, &live).unwrap();
     eventually("the replaced segment is restored", || {
         std::fs::read(&live)
             .map(|b| b != b"forged")
@@ -69,7 +74,9 @@ fn a_live_segment_deleted_or_replaced_is_restored_and_recorded() {
         .filter_map(|e| e.ok())
         .any(|e| e.file_name().to_string_lossy().starts_with("replaced-"));
     assert!(kept);
-    assert!(metric(&server.addr, &t, "audit_faults_total") >= 2);
+    eventually("both faults are counted", || {
+        metric(&server.addr, &t, "audit_faults_total") >= 2
+    });
     assert_eq!(
         call(&server.addr, "POST", "/v1/embeddings", Some(&t), &body),
         200
