@@ -1,7 +1,8 @@
 //! Matrix–vector throughput of every weight type (GB/s of weights read and µs per product) on
-//! decode shapes of SmolLM2-135M and a 1.1B llama, for docs/benchmarks.md:
+//! decode shapes of SmolLM2-135M and a 1.1B llama, and prompt throughput (GFLOP/s with
+//! `--tokens N` input rows at once), for docs/benchmarks.md:
 //!
-//!     RAYON_NUM_THREADS=2 cargo bench --bench kernels
+//!     RAYON_NUM_THREADS=2 cargo bench --bench kernels [-- --tokens 128]
 //!
 //! Under `cargo test --all-targets` (no `--bench`) one short pass proves it still runs.
 
@@ -34,11 +35,25 @@ fn main() {
     } else {
         &[(64, 64)]
     };
-    let reps = if bench { 200 } else { 2 };
-    println!("{:<12} {:>12} {:>10} {:>10}", "type", "shape", "us", "GB/s");
+    let tokens: usize = std::env::args()
+        .skip_while(|a| a != "--tokens")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let reps = if !bench {
+        2
+    } else if tokens > 1 {
+        (400 / tokens).max(3)
+    } else {
+        200
+    };
+    println!(
+        "{:<12} {:>12} {:>10} {:>10} {:>10}",
+        "type", "shape", "us", "GB/s", "GFLOP/s"
+    );
     for &(rows, cols) in shapes {
         let w = values(rows * cols, 1);
-        let x = values(cols, 2);
+        let x = values(tokens * cols, 2);
         let bf: Vec<u16> = w
             .iter()
             .map(|v| half::bf16::from_f32(*v).to_bits())
@@ -56,7 +71,7 @@ fn main() {
             ),
         ];
         for (name, m) in mats {
-            let mut y = vec![0f32; rows];
+            let mut y = vec![0f32; rows * tokens];
             m.apply(&mut Input::new(&x, cols), &mut y);
             let started = Instant::now();
             for _ in 0..reps {
@@ -64,8 +79,9 @@ fn main() {
             }
             let us = started.elapsed().as_secs_f64() * 1e6 / reps as f64;
             let gbs = m.bytes() as f64 / (us * 1e-6) / 1e9;
+            let gflops = 2.0 * (rows * cols * tokens) as f64 / (us * 1e-6) / 1e9;
             println!(
-                "{name:<12} {:>12} {us:>10.1} {gbs:>10.2}",
+                "{name:<12} {:>12} {us:>10.1} {gbs:>10.2} {gflops:>10.1}",
                 format!("{rows}x{cols}")
             );
         }

@@ -13,16 +13,17 @@
 //! leaves room for several sequences per weight read ([`Matrix::apply`] already applies each
 //! weight row to many input rows).
 
+mod attention;
+mod cache;
 pub mod llama;
 pub mod load;
 pub mod mistral;
 pub mod qwen2;
 pub mod qwen3;
 
-use rayon::prelude::*;
-
 use crate::kernels::{self, Input, Matrix};
 use crate::precision::Role;
+use cache::KvCache;
 use load::TensorLoader;
 
 /// The shape of a llama-style decoder.
@@ -163,9 +164,7 @@ pub struct Decoder {
     spec: Spec,
     w: Weights,
     inv_freq: Vec<f32>,
-    /// Per layer, `[position][kv_head][head_dim]`, grown as positions are added.
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
+    cache: KvCache,
     len: usize,
     /// The decoder's own threads: a forward pass runs on one of them, so each of its parallel
     /// products is shared with threads that are already awake instead of being handed from the
@@ -181,13 +180,12 @@ impl Decoder {
             .step_by(2)
             .map(|i| 1f32 / s.rope_theta.powf(i as f32 / d as f32))
             .collect();
-        let layers = s.layers;
+        let cache = KvCache::new(s.layers, s.kv_heads, d);
         Decoder {
             spec,
             w,
             inv_freq,
-            k_cache: vec![Vec::new(); layers],
-            v_cache: vec![Vec::new(); layers],
+            cache,
             len: 0,
             // Without a pool (threads refused), passes run on the global one.
             pool: rayon::ThreadPoolBuilder::new()
@@ -203,9 +201,7 @@ impl Decoder {
     }
 
     pub fn reset(&mut self) {
-        for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
-            c.clear();
-        }
+        self.cache.truncate(0);
         self.len = 0;
     }
 
@@ -245,10 +241,7 @@ impl Decoder {
             ));
         }
         let kv_row = s.kv_heads * s.head_dim;
-        for l in 0..s.layers {
-            self.k_cache[l].truncate(pos * kv_row);
-            self.v_cache[l].truncate(pos * kv_row);
-        }
+        self.cache.truncate(pos);
         let (hid, q_row) = (s.hidden, s.heads * s.head_dim);
         let mut x = vec![0f32; n * hid];
         for (&t, xr) in tokens.iter().zip(x.chunks_exact_mut(hid)) {
@@ -297,9 +290,8 @@ impl Decoder {
                     &self.inv_freq,
                 );
             }
-            self.k_cache[l].extend_from_slice(&k);
-            self.v_cache[l].extend_from_slice(&v);
-            attention(&s, &q, &self.k_cache[l], &self.v_cache[l], pos, &mut att);
+            self.cache.append(l, pos, &k, &v);
+            attention::attention(&s, &q, self.cache.layer(l), pos, &mut att);
             layer.o.apply(&mut Input::new(&att, q_row), &mut proj);
             for (xi, pi) in x.iter_mut().zip(&proj) {
                 *xi += pi;
@@ -379,46 +371,5 @@ fn rope(row: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
             head[j] = a * cos - b * sin;
             head[j + half] = b * cos + a * sin;
         }
-    }
-}
-
-/// Causal grouped-query attention of the new rows of `q` (at positions `pos..`) over the cache.
-fn attention(s: &Shape, q: &[f32], k_cache: &[f32], v_cache: &[f32], pos: usize, out: &mut [f32]) {
-    let (d, q_row, kv_row) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
-    let group = s.heads / s.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    // One task per (token, head): each writes its own slice of `out`. Short contexts are
-    // cheaper on this thread than waking the pool.
-    let work = out.len() * (pos + q.len() / q_row);
-    let one = |(i, o): (usize, &mut [f32])| {
-        let (t, head) = (i / s.heads, i % s.heads);
-        let kv = head / group;
-        let qv = &q[t * q_row + head * d..t * q_row + (head + 1) * d];
-        let upto = pos + t + 1;
-        let from = s.sliding_window.map_or(0, |w| upto.saturating_sub(w));
-        let mut scores = vec![0f32; upto - from];
-        kernels::dot_strided(qv, &k_cache[from * kv_row + kv * d..], kv_row, &mut scores);
-        let max = scores
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &v| m.max(v * scale));
-        let mut sum = 0.0;
-        for sc in scores.iter_mut() {
-            *sc = (*sc * scale - max).exp();
-            sum += *sc;
-        }
-        o.fill(0.0);
-        for (i, sc) in scores.iter().enumerate() {
-            let p = from + i;
-            kernels::axpy(
-                sc / sum,
-                &v_cache[p * kv_row + kv * d..p * kv_row + (kv + 1) * d],
-                o,
-            );
-        }
-    };
-    if work < 1 << 16 {
-        out.chunks_mut(d).enumerate().for_each(one);
-    } else {
-        out.par_chunks_mut(d).enumerate().for_each(one);
     }
 }

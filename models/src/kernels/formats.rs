@@ -461,22 +461,42 @@ impl QActs {
         self.c.resize(blocks, 0.0);
         self.sum.clear();
         self.sum.resize(blocks, 0);
+        #[cfg(target_arch = "x86_64")]
+        let wide = super::isa() == super::Isa::Avx512;
         for (b, xb) in x.chunks(BLOCK).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (o, v) in self.q[b * BLOCK..].iter_mut().zip(xb) {
-                // Half away from zero, as `round` (which is a libm call on baseline x86-64).
-                let s = (v * id).clamp(-127.0, 127.0);
-                let q = (s + 0.5f32.copysign(s)) as i32;
-                *o = q as i8;
-                sum += q;
-            }
+            let q: &mut [i8; BLOCK] = (&mut self.q[b * BLOCK..(b + 1) * BLOCK])
+                .try_into()
+                .expect("one block");
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: avx512f detected; a chunk holds at most BLOCK values.
+            let (d, sum) = if wide {
+                unsafe { super::x86::quantize_block_avx512(xb, q) }
+            } else {
+                Self::quantize_block_scalar(xb, q)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = Self::quantize_block_scalar(xb, q);
             self.d[b] = d;
             self.sum[b] = sum;
             self.c[b] = d * sum as f32;
         }
+    }
+
+    /// One block (at most 32 values; `q` gets zeros past them): the scale and the codes' sum.
+    pub fn quantize_block_scalar(xb: &[f32], q: &mut [i8; BLOCK]) -> (f32, i32) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        q.fill(0);
+        for (o, v) in q.iter_mut().zip(xb) {
+            // Half away from zero, as `round` (which is a libm call on baseline x86-64).
+            let s = (v * id).clamp(-127.0, 127.0);
+            let c = (s + 0.5f32.copysign(s)) as i32;
+            *o = c as i8;
+            sum += c;
+        }
+        (d, sum)
     }
 }
 
@@ -502,6 +522,27 @@ pub fn dot_q_scalar(m: &QMatrix, r: usize, a: &QActs) -> f32 {
 mod tests {
     use super::*;
     use crate::kernels::tests::values;
+
+    #[test]
+    fn activation_blocks_quantize_to_the_scalar_reference_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::isa() == crate::kernels::Isa::Avx512 {
+            let mut inputs: Vec<Vec<f32>> = (0..=32).map(|n| values(n, n as u32 + 7)).collect();
+            inputs.push(vec![0.0; 32]);
+            inputs.push(vec![-0.0, 1e-30, -1e-30, 3.0e38, -3.0e38, 0.5, -0.5, 127.0]);
+            // Values that land exactly on halves after scaling (ties round away from zero).
+            inputs.push((0..32).map(|i| i as f32 - 15.5).collect());
+            for x in inputs {
+                let (mut a, mut b) = ([1i8; BLOCK], [2i8; BLOCK]);
+                let want = QActs::quantize_block_scalar(&x, &mut a);
+                // SAFETY: avx512f detected; at most 32 values.
+                let got = unsafe { crate::kernels::x86::quantize_block_avx512(&x, &mut b) };
+                assert_eq!(want.0.to_bits(), got.0.to_bits(), "{x:?}");
+                assert_eq!(want.1, got.1, "{x:?}");
+                assert_eq!(a, b, "{x:?}");
+            }
+        }
+    }
 
     fn rms(a: &[f32], b: &[f32]) -> f32 {
         let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();

@@ -655,3 +655,192 @@ pub unsafe fn axpy_avx512(a: f32, x: &[f32], y: &mut [f32]) {
         i += 1;
     }
 }
+
+/// One block of at most 32 activations quantized to signed bytes by llama.cpp's Q8_0 rule (the
+/// rule and rounding of [`super::formats::QActs::quantize_block_scalar`], bit for bit):
+/// returns the scale and the sum of the codes; `q` gets the 32 codes (zero past `x`).
+///
+/// # Safety
+/// The CPU must support avx512f; `x.len() <= 32`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    let n = x.len();
+    debug_assert!(n <= 32);
+    let m0 = ((1u32 << n.min(16)) - 1) as __mmask16;
+    let m1 = ((1u32 << n.saturating_sub(16)) - 1) as __mmask16;
+    // SAFETY: the masks enable only lanes below n = x.len().
+    let v0 = _mm512_maskz_loadu_ps(m0, x.as_ptr());
+    let v1 = _mm512_maskz_loadu_ps(m1, x.as_ptr().wrapping_add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let half = _mm512_set1_ps(0.5);
+    let round = |v: __m512| {
+        let s = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, _mm512_set1_ps(id)), lo), hi);
+        // Half away from zero: s + copysign(0.5, s), truncated.
+        let h = _mm512_or_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(s), sign)),
+            half,
+        );
+        _mm512_cvttps_epi32(_mm512_add_ps(s, h))
+    };
+    let (q0, q1) = (round(v0), round(v1));
+    let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    // SAFETY: each store writes 16 bytes inside the 32-byte array.
+    _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(
+        q.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(q1),
+    );
+    (d, sum)
+}
+
+/// [`super::attention::scores_block`]: four queries at a time, each with two running sums
+/// (even and odd dimensions) so eight independent FMA chains hide the latency; each key row
+/// loaded serves every query of the group.
+///
+/// # Safety
+/// The CPU must support avx512f; shapes as checked by the safe wrapper.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn scores_block_avx512(
+    qs: &[f32],
+    d: usize,
+    kt: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let m = qs.len() / d;
+    let mut q = 0;
+    while q < m {
+        let (pq, po) = (qs.as_ptr().add(q * d), out.as_mut_ptr().add(q * stride));
+        match m - q {
+            1 => scores_tile::<1>(pq, d, kt.as_ptr(), po, stride),
+            2 => scores_tile::<2>(pq, d, kt.as_ptr(), po, stride),
+            3 => scores_tile::<3>(pq, d, kt.as_ptr(), po, stride),
+            _ => scores_tile::<4>(pq, d, kt.as_ptr(), po, stride),
+        }
+        q += 4;
+    }
+}
+
+/// # Safety
+/// `qs` holds `M` rows of `d`, `kt` `d` rows of 16, `out` `M` rows at `stride` of at least 16.
+// Register arrays are indexed by query: the index is the clearer name.
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_tile<const M: usize>(
+    qs: *const f32,
+    d: usize,
+    kt: *const f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    let mut even = [_mm512_setzero_ps(); M];
+    let mut odd = [_mm512_setzero_ps(); M];
+    let mut j = 0;
+    // SAFETY (all accesses below): j + 1 < d for the key rows and query elements read; the
+    // stores write 16 values at q * stride, inside `out` by the caller's contract.
+    while j + 2 <= d {
+        let k0 = _mm512_loadu_ps(kt.add(j * 16));
+        let k1 = _mm512_loadu_ps(kt.add((j + 1) * 16));
+        for q in 0..M {
+            even[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + j)), k0, even[q]);
+            odd[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + j + 1)), k1, odd[q]);
+        }
+        j += 2;
+    }
+    if j < d {
+        let k0 = _mm512_loadu_ps(kt.add(j * 16));
+        for q in 0..M {
+            even[q] = _mm512_fmadd_ps(_mm512_set1_ps(*qs.add(q * d + j)), k0, even[q]);
+        }
+    }
+    for q in 0..M {
+        _mm512_storeu_ps(out.add(q * stride), _mm512_add_ps(even[q], odd[q]));
+    }
+}
+
+/// [`super::attention::weighted_sum`]: 64 dimensions of four queries at a time in sixteen
+/// registers; each value row loaded serves the four queries, the sums never leave registers.
+///
+/// # Safety
+/// The CPU must support avx512f; shapes as checked by the safe wrapper.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn weighted_sum_avx512(
+    ps: &[f32],
+    stride: usize,
+    keys: usize,
+    v: &[f32],
+    v_stride: usize,
+    out: &mut [f32],
+    d: usize,
+) {
+    let m = out.len() / d;
+    let mut c = 0;
+    while c < d {
+        let w = (d - c).min(64);
+        let mut q = 0;
+        while q < m {
+            let (pp, po) = (ps.as_ptr().add(q * stride), out.as_mut_ptr().add(q * d + c));
+            let pv = v.as_ptr().add(c);
+            match m - q {
+                1 => weighted_tile::<1>(pp, stride, keys, pv, v_stride, po, d, w),
+                2 => weighted_tile::<2>(pp, stride, keys, pv, v_stride, po, d, w),
+                3 => weighted_tile::<3>(pp, stride, keys, pv, v_stride, po, d, w),
+                _ => weighted_tile::<4>(pp, stride, keys, pv, v_stride, po, d, w),
+            }
+            q += 4;
+        }
+        c += 64;
+    }
+}
+
+/// # Safety
+/// `ps` holds `M` rows at `stride` of `keys` weights; `v` `keys` rows at `v_stride` of at
+/// least `w` values; `out` `M` rows at `d` of at least `w` values; `w <= 64`.
+// Register arrays are indexed by query: the index is the clearer name.
+#[allow(clippy::needless_range_loop)]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_tile<const M: usize>(
+    ps: *const f32,
+    stride: usize,
+    keys: usize,
+    v: *const f32,
+    v_stride: usize,
+    out: *mut f32,
+    d: usize,
+    w: usize,
+) {
+    let mask = |k: usize| -> __mmask16 {
+        let lanes = w.saturating_sub(k * 16).min(16);
+        ((1u32 << lanes) - 1) as __mmask16
+    };
+    let masks = [mask(0), mask(1), mask(2), mask(3)];
+    let vectors = w.div_ceil(16);
+    let mut acc = [[_mm512_setzero_ps(); 4]; M];
+    // SAFETY (all accesses below): masked loads and stores touch only the first w values of
+    // each value and output row; weights are read at q * stride + i with i < keys.
+    for i in 0..keys {
+        let row = v.add(i * v_stride);
+        let vs = [
+            _mm512_maskz_loadu_ps(masks[0], row),
+            _mm512_maskz_loadu_ps(masks[1], row.wrapping_add(16)),
+            _mm512_maskz_loadu_ps(masks[2], row.wrapping_add(32)),
+            _mm512_maskz_loadu_ps(masks[3], row.wrapping_add(48)),
+        ];
+        for q in 0..M {
+            let p = _mm512_set1_ps(*ps.add(q * stride + i));
+            for k in 0..vectors {
+                acc[q][k] = _mm512_fmadd_ps(p, vs[k], acc[q][k]);
+            }
+        }
+    }
+    for q in 0..M {
+        for k in 0..vectors {
+            _mm512_mask_storeu_ps(out.add(q * d + k * 16), masks[k], acc[q][k]);
+        }
+    }
+}
