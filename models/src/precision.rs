@@ -149,6 +149,7 @@ pub fn matrix_bytes(t: WeightType, rows: usize, cols: usize) -> u64 {
         }
         Some(k) => {
             let blocks = crate::kernels::formats::padded_blocks(cols as usize) as u64;
+            let rows = crate::kernels::formats::padded_rows(rows as usize) as u64;
             rows * blocks * (k.code_bytes() as u64 + 4)
         }
     }

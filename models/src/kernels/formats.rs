@@ -13,16 +13,24 @@
 //! The first sum is what the integer dot-product instructions (AVX-512 VNNI `vpdpbusd`:
 //! unsigned × signed bytes) compute; the second is a short f32 dot product with a per-activation
 //! vector computed once per input. The values are those of llama.cpp's Q8_0 / Q4_0 / Q4_K (same
-//! rounding rules, same 32- and 256-wide blocks); only the layout differs: rows are padded to an
-//! even number of blocks so that one 512-bit register holds two blocks, and Q4 packs the two
-//! blocks' nibbles so one 256-bit load unpacks into 64 codes in order. Q4_K's six-bit sub-block
-//! scales and minima are expanded at load into the per-block `s` and `m` (f16).
+//! rounding rules, same 32- and 256-wide blocks); only the layout differs. Rows are stored in
+//! panels of [`PANEL`] (16) rows, and within a panel block by block, each block's codes
+//! interleaved four columns at a time: 64 bytes hold columns `4g..4g+4` of all sixteen rows, so
+//! one `vpdpbusd` with four activation bytes broadcast adds those columns' products into sixteen
+//! lanes, one per row. A block's eight such steps sum in integer lanes before one conversion and
+//! one scale per row and block; no horizontal sums, no permutes, and every weight vector loaded
+//! serves every token of a prompt tile. Q4 packs groups `h` and `h + 4` of a block as the low
+//! and high nibbles of the same 64 bytes. Per panel and block the sixteen rows' scales (and
+//! offsets) are adjacent, one f16 vector. Q4_K's six-bit sub-block scales and minima are
+//! expanded at load into the per-block `s` and `m` (f16).
 
 use half::f16;
 use rayon::prelude::*;
 
 /// Weights per block.
 pub const BLOCK: usize = 32;
+/// Rows per panel (one 512-bit register of per-row sums).
+pub const PANEL: usize = 16;
 /// Q4_K super-block (its scales are quantized per 256 weights).
 pub const SUPER_BLOCK: usize = 256;
 
@@ -60,26 +68,32 @@ impl QKind {
     }
 }
 
-/// A row-major quantized matrix.
+/// A quantized matrix in panels of [`PANEL`] rows (see the module docs); the last panel is
+/// padded with zero rows.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     pub kind: QKind,
     pub rows: usize,
     pub cols: usize,
-    /// Blocks per row including padding (even).
+    /// Blocks per row.
     pub blocks: usize,
-    /// Codes: `blocks * code_bytes` per row.
+    /// Codes: `blocks * PANEL * code_bytes` per panel.
     pub codes: Vec<u8>,
-    /// Scales (f16 bits), `blocks` per row.
+    /// Scales (f16 bits): per panel and block, the panel's rows'.
     pub scales: Vec<u16>,
-    /// Per-block offsets `m` (f16 bits): `blocks` per row, for every kind (fixed multiples of
-    /// the scale for Q8_0 and Q4_0, computed here once).
+    /// Per-block offsets `m` (f16 bits), laid out as the scales, for every kind (fixed multiples
+    /// of the scale for Q8_0 and Q4_0, computed here once).
     pub mins: Vec<u16>,
 }
 
-/// Padded blocks per row for `cols` columns.
+/// Blocks per row for `cols` columns.
 pub fn padded_blocks(cols: usize) -> usize {
-    cols.div_ceil(BLOCK).next_multiple_of(2)
+    cols.div_ceil(BLOCK)
+}
+
+/// Rows stored for `rows` rows (whole panels).
+pub fn padded_rows(rows: usize) -> usize {
+    rows.next_multiple_of(PANEL)
 }
 
 impl QMatrix {
@@ -99,16 +113,35 @@ impl QMatrix {
             "quantize shape"
         );
         let blocks = padded_blocks(cols);
-        let cb = kind.code_bytes();
+        let (cb, stored) = (kind.code_bytes(), padded_rows(rows));
         QMatrix {
             kind,
             rows,
             cols,
             blocks,
-            codes: vec![0u8; rows * blocks * cb],
-            scales: vec![0u16; rows * blocks],
-            mins: vec![0u16; rows * blocks],
+            codes: vec![0u8; stored * blocks * cb],
+            scales: vec![0u16; stored * blocks],
+            mins: vec![0u16; stored * blocks],
         }
+    }
+
+    /// Panels stored.
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(PANEL)
+    }
+
+    /// Panel `p`: its codes, scales and offsets.
+    pub fn panel(&self, p: usize) -> (&[u8], &[u16], &[u16]) {
+        let (cb, n) = (self.panel_code_bytes(), self.blocks * PANEL);
+        (
+            &self.codes[p * cb..(p + 1) * cb],
+            &self.scales[p * n..(p + 1) * n],
+            &self.mins[p * n..(p + 1) * n],
+        )
+    }
+
+    fn panel_code_bytes(&self) -> usize {
+        self.blocks * PANEL * self.kind.code_bytes()
     }
 
     /// Quantizes whole rows `first..` from `w` (a multiple of `cols` values), in parallel: a
@@ -118,84 +151,67 @@ impl QMatrix {
         assert!(w.len().is_multiple_of(cols), "quantize length");
         let n = w.len() / cols;
         assert!(first + n <= self.rows, "rows past the matrix");
-        let cb = kind.code_bytes();
-        let rows_out = self.codes[first * blocks * cb..(first + n) * blocks * cb]
-            .par_chunks_mut(blocks * cb)
-            .zip(self.scales[first * blocks..(first + n) * blocks].par_chunks_mut(blocks))
-            .zip(self.mins[first * blocks..(first + n) * blocks].par_chunks_mut(blocks))
-            .zip(w.par_chunks(cols));
-        rows_out.for_each(|(((codes, scales), mins_out), row)| {
-            quantize_row(kind, row, codes, scales, mins_out);
+        if n == 0 {
+            return;
+        }
+        let (p0, p1) = (first / PANEL, (first + n).div_ceil(PANEL));
+        let (cb, sb) = (self.panel_code_bytes(), blocks * PANEL);
+        let panels = self.codes[p0 * cb..p1 * cb]
+            .par_chunks_mut(cb)
+            .zip(self.scales[p0 * sb..p1 * sb].par_chunks_mut(sb))
+            .zip(self.mins[p0 * sb..p1 * sb].par_chunks_mut(sb))
+            .enumerate();
+        panels.for_each(|(i, ((codes, scales), mins))| {
+            let p = p0 + i;
+            let rows = (p * PANEL).max(first)..((p + 1) * PANEL).min(first + n);
+            for r in rows {
+                let row = &w[(r - first) * cols..(r - first + 1) * cols];
+                let (u, s, m) = quantize_row(kind, row, blocks);
+                let lane = r % PANEL;
+                for b in 0..blocks {
+                    scales[b * PANEL + lane] = s[b];
+                    mins[b * PANEL + lane] = m[b];
+                    for (j, &code) in u[b * BLOCK..(b + 1) * BLOCK].iter().enumerate() {
+                        let (at, high) = code_position(kind, b, lane, j);
+                        codes[at] = match (kind, high) {
+                            (QKind::Q8_0, _) => code,
+                            (_, false) => (codes[at] & 0xF0) | code,
+                            (_, true) => (codes[at] & 0x0F) | (code << 4),
+                        };
+                    }
+                }
+            }
         });
     }
 
-    /// Codes of row `r`.
-    pub fn row_codes(&self, r: usize) -> &[u8] {
-        let n = self.blocks * self.kind.code_bytes();
-        &self.codes[r * n..(r + 1) * n]
-    }
-
-    pub fn row_scales(&self, r: usize) -> &[u16] {
-        &self.scales[r * self.blocks..(r + 1) * self.blocks]
-    }
-
-    pub fn row_mins(&self, r: usize) -> &[u16] {
-        &self.mins[r * self.blocks..(r + 1) * self.blocks]
+    /// Scale and offset of block `b` of row `r`.
+    pub fn block_scale(&self, r: usize, b: usize) -> (f32, f32) {
+        let at = (r / PANEL * self.blocks + b) * PANEL + r % PANEL;
+        (
+            f16::from_bits(self.scales[at]).to_f32(),
+            f16::from_bits(self.mins[at]).to_f32(),
+        )
     }
 
     /// The unsigned code of column `c` of row `r`.
-    fn code(&self, r: usize, c: usize) -> u8 {
-        let codes = self.row_codes(r);
-        match self.kind {
-            QKind::Q8_0 => codes[c],
-            _ => {
-                // Pairs of blocks: byte j holds code j (low nibble) and code j + 32 (high).
-                let (pair, j) = (c / (2 * BLOCK), c % (2 * BLOCK));
-                let byte = codes[pair * BLOCK + (j % BLOCK)];
-                if j < BLOCK {
-                    byte & 0x0F
-                } else {
-                    byte >> 4
-                }
-            }
+    pub fn code(&self, r: usize, c: usize) -> u8 {
+        let (b, j) = (c / BLOCK, c % BLOCK);
+        let (at, high) = code_position(self.kind, b, r % PANEL, j);
+        let byte = self.codes[r / PANEL * self.panel_code_bytes() + at];
+        match (self.kind, high) {
+            (QKind::Q8_0, _) => byte,
+            (_, false) => byte & 0x0F,
+            (_, true) => byte >> 4,
         }
     }
 
-    /// Row `r` as f32 values (embedding lookups, prompt tiles).
+    /// Row `r` as f32 values (embedding lookups).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert_eq!(out.len(), self.cols);
-        let (s, m, codes) = (self.row_scales(r), self.row_mins(r), self.row_codes(r));
-        let scale = |b: usize| (f16::from_bits(s[b]).to_f32(), f16::from_bits(m[b]).to_f32());
-        match self.kind {
-            QKind::Q8_0 => {
-                for (b, (o, u)) in out
-                    .chunks_mut(BLOCK)
-                    .zip(codes.chunks_exact(BLOCK))
-                    .enumerate()
-                {
-                    let (sb, mb) = scale(b);
-                    for (o, &u) in o.iter_mut().zip(u) {
-                        *o = sb * u as f32 - mb;
-                    }
-                }
-            }
-            _ => {
-                // Pairs of blocks: byte j holds code j (low nibble) and code j + 32 (high).
-                for (pair, bytes) in codes.chunks_exact(BLOCK).enumerate() {
-                    let base = pair * 2 * BLOCK;
-                    if base >= self.cols {
-                        break;
-                    }
-                    let ((s0, m0), (s1, m1)) = (scale(2 * pair), scale(2 * pair + 1));
-                    for (j, &byte) in bytes.iter().enumerate() {
-                        if base + j < self.cols {
-                            out[base + j] = s0 * (byte & 0x0F) as f32 - m0;
-                        }
-                        if base + BLOCK + j < self.cols {
-                            out[base + BLOCK + j] = s1 * (byte >> 4) as f32 - m1;
-                        }
-                    }
-                }
+        assert!(r < self.rows && out.len() == self.cols, "row index");
+        for (b, o) in out.chunks_mut(BLOCK).enumerate() {
+            let (s, m) = self.block_scale(r, b);
+            for (j, o) in o.iter_mut().enumerate() {
+                *o = s * self.code(r, b * BLOCK + j) as f32 - m;
             }
         }
     }
@@ -206,15 +222,19 @@ impl QMatrix {
     }
 }
 
-/// One row: codes, scales and offsets into the row's slices.
-fn quantize_row(
-    kind: QKind,
-    row: &[f32],
-    codes: &mut [u8],
-    scales: &mut [u16],
-    mins_out: &mut [u16],
-) {
-    let blocks = scales.len();
+/// Where code `j` of block `b` of panel row `lane` lives in its panel: the byte, and for Q4
+/// whether it is the high nibble.
+fn code_position(kind: QKind, b: usize, lane: usize, j: usize) -> (usize, bool) {
+    let (g, i) = (j / 4, j % 4);
+    match kind {
+        QKind::Q8_0 => (b * PANEL * BLOCK + g * 64 + lane * 4 + i, false),
+        _ => (b * PANEL * BLOCK / 2 + (g % 4) * 64 + lane * 4 + i, g >= 4),
+    }
+}
+
+/// One row: its unsigned codes (`blocks * BLOCK`), scales and offsets (f16 bits).
+fn quantize_row(kind: QKind, row: &[f32], blocks: usize) -> (Vec<u8>, Vec<u16>, Vec<u16>) {
+    let (mut scales, mut mins_out) = (vec![0u16; blocks], vec![0u16; blocks]);
     let mut u = vec![
         match kind {
             QKind::Q8_0 => 128u8,
@@ -260,20 +280,7 @@ fn quantize_row(
         };
         mins_out[b] = f16::from_f32(mb).to_bits();
     }
-    pack_codes(kind, &u, codes);
-}
-
-fn pack_codes(kind: QKind, u: &[u8], out: &mut [u8]) {
-    match kind {
-        QKind::Q8_0 => out.copy_from_slice(u),
-        _ => {
-            for (pair, o) in u.chunks_exact(2 * BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
-                for j in 0..BLOCK {
-                    o[j] = (pair[j] & 0x0F) | (pair[j + BLOCK] << 4);
-                }
-            }
-        }
-    }
+    (u, scales, mins_out)
 }
 
 /// Rounds half away from zero, as `f32::round` — which is a libm call on baseline x86-64, and
@@ -502,7 +509,6 @@ impl QActs {
 
 /// The scalar reference for one quantized row · activations (the kernels are tested against it).
 pub fn dot_q_scalar(m: &QMatrix, r: usize, a: &QActs) -> f32 {
-    let (s, mins) = (m.row_scales(r), m.row_mins(r));
     let mut acc = 0f32;
     let mut corr = 0f32;
     for b in 0..m.blocks {
@@ -512,8 +518,9 @@ pub fn dot_q_scalar(m: &QMatrix, r: usize, a: &QActs) -> f32 {
             let u = if c < m.cols { m.code(r, c) } else { 0 };
             dp += u as i32 * a.q[c] as i32;
         }
-        acc += f16::from_bits(s[b]).to_f32() * a.d[b] * dp as f32;
-        corr += f16::from_bits(mins[b]).to_f32() * a.c[b];
+        let (s, mb) = m.block_scale(r, b);
+        acc += s * a.d[b] * dp as f32;
+        corr += mb * a.c[b];
     }
     acc - corr
 }
@@ -586,11 +593,11 @@ mod tests {
 
     #[test]
     fn the_scalar_dot_equals_the_dequantized_dot_up_to_activation_rounding() {
-        let (rows, cols) = (3, 96); // three blocks: padded to four
+        let (rows, cols) = (19, 96); // a panel and three rows of the next
         let (w, x) = (values(rows * cols, 3), values(cols, 4));
         for kind in [QKind::Q8_0, QKind::Q4_0] {
             let q = QMatrix::quantize(kind, &w, rows, cols);
-            assert_eq!(q.blocks, 4);
+            assert_eq!((q.blocks, q.panels()), (3, 2));
             let mut a = QActs::default();
             a.quantize(&x, q.blocks);
             let xd: Vec<f32> = (0..cols).map(|i| a.d[i / BLOCK] * a.q[i] as f32).collect();

@@ -4,7 +4,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use super::formats::{QActs, QKind, QMatrix};
+use super::formats::{QActs, QKind, QMatrix, PANEL};
 use super::{isa, Isa};
 
 /// Bytes that outlive the matrix (a verified read-only mapping).
@@ -259,7 +259,7 @@ impl Matrix {
             _ => &[],
         };
         let cols = self.cols;
-        let per = super::rows_per_task(self.rows, cols);
+        let per = self.rows_per_task();
         if n == 1 {
             y.par_chunks_mut(per).enumerate().for_each(|(i, ys)| {
                 self.rows_dot(isa, i * per, x, acts.first(), ys);
@@ -273,6 +273,23 @@ impl Matrix {
                 let r = per.min(self.rows - start);
                 let mut out = vec![0f32; n * r];
                 let mut t = 0;
+                if let Data::Q(q) = &self.data {
+                    // Up to four tokens per panel: each code vector loaded serves them all.
+                    let mut tile = [[0f32; PANEL]; 4];
+                    while t < n {
+                        let k = (n - t).min(4);
+                        let group: Vec<&QActs> = acts[t..t + k].iter().collect();
+                        for p in start / PANEL..(start + r).div_ceil(PANEL) {
+                            panel_q(isa, q, p, &group, &mut tile[..k]);
+                            let rows = p * PANEL..((p + 1) * PANEL).min(start + r);
+                            for (tt, lanes) in tile[..k].iter().enumerate() {
+                                let o = (t + tt) * r + rows.start - start;
+                                out[o..o + rows.len()].copy_from_slice(&lanes[..rows.len()]);
+                            }
+                        }
+                        t += k;
+                    }
+                }
                 if self.has_tiles(isa) {
                     // Four tokens at a time over tiles of four rows; the rows left over go
                     // one by one, as in a decode step (same sums, same bits).
@@ -319,6 +336,15 @@ impl Matrix {
         }
     }
 
+    /// Rows handed to one task: whole panels for quantized weights (a panel is computed whole).
+    fn rows_per_task(&self) -> usize {
+        let per = super::rows_per_task(self.rows, self.cols);
+        match self.data {
+            Data::Q(_) => per.next_multiple_of(PANEL),
+            _ => per,
+        }
+    }
+
     /// Whether four-by-four tiles run for this type on this CPU (float weights, AVX-512).
     fn has_tiles(&self, isa: Isa) -> bool {
         cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && !matches!(self.data, Data::Q(_))
@@ -355,16 +381,13 @@ impl Matrix {
             Data::F16(e) => rows_dot_16::<false>(isa, &e.get()[range], x, ys),
             Data::Q(q) => {
                 let a = acts.expect("quantized activations");
-                let mut i = 0;
-                #[cfg(target_arch = "x86_64")]
-                if isa == Isa::Avx512 && super::has_vnni() {
-                    while i + 4 <= ys.len() {
-                        ys[i..i + 4].copy_from_slice(&dot4_q(q, first + i, a));
-                        i += 4;
-                    }
-                }
-                for (j, y) in ys.iter_mut().enumerate().skip(i) {
-                    *y = dot_q(isa, q, first + j, a);
+                let end = first + ys.len();
+                let mut out = [[0f32; PANEL]];
+                for p in first / PANEL..end.div_ceil(PANEL) {
+                    panel_q(isa, q, p, &[a], &mut out);
+                    let rows = (p * PANEL).max(first)..((p + 1) * PANEL).min(end);
+                    ys[rows.start - first..rows.end - first]
+                        .copy_from_slice(&out[0][rows.start - p * PANEL..rows.end - p * PANEL]);
                 }
             }
         }
@@ -394,7 +417,7 @@ pub fn apply_group(input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
     for (m, y) in parts.iter_mut() {
         assert_eq!(m.cols, x.len(), "input width");
         assert_eq!(y.len(), m.rows, "output shape");
-        let per = super::rows_per_task(m.rows, m.cols);
+        let per = m.rows_per_task();
         for (i, ys) in y.chunks_mut(per).enumerate() {
             tasks.push((*m, i * per, ys));
         }
@@ -460,70 +483,84 @@ pub(super) fn dot_16_with<const BF16: bool>(isa: Isa, w: &[u16], x: &[f32]) -> f
     }
 }
 
-/// Four quantized rows from `r` · activations with AVX-512 VNNI (the caller checked it).
-#[cfg(target_arch = "x86_64")]
-fn dot4_q(q: &QMatrix, r: usize, a: &QActs) -> [f32; 4] {
-    let cb = q.blocks * q.kind.code_bytes();
-    let codes = &q.codes[r * cb..(r + 4) * cb];
-    let scales = &q.scales[r * q.blocks..(r + 4) * q.blocks];
-    let mins = &q.mins[r * q.blocks..(r + 4) * q.blocks];
+/// Panel `p` of `q` times the activations of `acts.len()` (1 to 4) tokens: `out[t][i]` is row
+/// `p * PANEL + i` · token `t` (rows past the matrix come out zero), on the best kernel this CPU
+/// has.
+pub(super) fn panel_q(isa: Isa, q: &QMatrix, p: usize, acts: &[&QActs], out: &mut [[f32; PANEL]]) {
     assert!(
-        a.d.len() == q.blocks && a.q.len() == q.blocks * super::formats::BLOCK,
+        (1..=4).contains(&acts.len()) && out.len() == acts.len(),
+        "tokens per panel"
+    );
+    assert!(
+        acts.iter()
+            .all(|a| a.d.len() == q.blocks && a.q.len() == q.blocks * super::formats::BLOCK),
         "activations quantized for another width"
     );
-    // SAFETY: only called when avx512f/bw/vl/vnni were detected; the slices hold four rows of
-    // `blocks` (even) blocks and the activations `blocks` blocks, checked above.
-    unsafe {
-        if q.kind == QKind::Q8_0 {
-            super::x86::dot4_q_vnni::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
-        } else {
-            super::x86::dot4_q_vnni::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
-        }
-    }
-}
-
-/// One quantized row · activations on the best kernel this CPU has.
-pub(super) fn dot_q(isa: Isa, q: &QMatrix, r: usize, a: &QActs) -> f32 {
-    let (codes, scales, mins) = (q.row_codes(r), q.row_scales(r), q.row_mins(r));
-    assert!(
-        a.d.len() == q.blocks && a.q.len() == q.blocks * super::formats::BLOCK,
-        "activations quantized for another width"
-    );
-    let q4 = q.kind != QKind::Q8_0;
     #[cfg(target_arch = "x86_64")]
     {
-        if isa == Isa::Avx512 && super::has_vnni() {
-            // SAFETY: avx512f/bw/vl/vnni detected; the row and the activations have `blocks`
-            // (even) blocks, checked above and by construction.
-            return unsafe {
-                if q4 {
-                    super::x86::dot_q_vnni::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
-                } else {
-                    super::x86::dot_q_vnni::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
+        let (codes, scales, mins) = q.panel(p);
+        let vnni = isa == Isa::Avx512 && super::has_vnni();
+        let avx2 = matches!(isa, Isa::Avx512 | Isa::Avx2Fma) && super::has_f16c();
+        macro_rules! run {
+            ($kernel:ident, $kind:expr) => {
+                // SAFETY: the kernel's CPU features were detected (every AVX-512 CPU has AVX2,
+                // FMA and F16C); `panel` returns one panel's codes, scales and offsets of
+                // `blocks` blocks, and the activations have `blocks` blocks (checked above).
+                unsafe {
+                    match acts {
+                        [a] => out.copy_from_slice(&$kernel::<$kind, 1>(codes, scales, mins, [a])),
+                        [a, b] => {
+                            out.copy_from_slice(&$kernel::<$kind, 2>(codes, scales, mins, [a, b]))
+                        }
+                        [a, b, c] => out.copy_from_slice(&$kernel::<$kind, 3>(
+                            codes,
+                            scales,
+                            mins,
+                            [a, b, c],
+                        )),
+                        [a, b, c, d] => out.copy_from_slice(&$kernel::<$kind, 4>(
+                            codes,
+                            scales,
+                            mins,
+                            [a, b, c, d],
+                        )),
+                        _ => unreachable!("checked above"),
+                    }
                 }
             };
         }
-        if matches!(isa, Isa::Avx512 | Isa::Avx2Fma) && super::has_f16c() {
-            // SAFETY: avx2, fma and f16c detected (every AVX-512 CPU has them); shapes as above.
-            return unsafe {
-                if q4 {
-                    super::x86::dot_q_avx2::<true>(codes, scales, mins, &a.q, &a.d, &a.c)
-                } else {
-                    super::x86::dot_q_avx2::<false>(codes, scales, mins, &a.q, &a.d, &a.c)
-                }
+        use super::x86::{panel_q_avx2, panel_q_vnni};
+        match q.kind {
+            QKind::Q8_0 if vnni => return run!(panel_q_vnni, false),
+            _ if vnni => return run!(panel_q_vnni, true),
+            QKind::Q8_0 if avx2 => return run!(panel_q_avx2, 0),
+            QKind::Q4_0 if avx2 => return run!(panel_q_avx2, 1),
+            QKind::Q4K if avx2 => return run!(panel_q_avx2, 2),
+            _ => {}
+        }
+    }
+    let _ = isa;
+    for (o, a) in out.iter_mut().zip(acts) {
+        for (i, v) in o.iter_mut().enumerate() {
+            let r = p * PANEL + i;
+            *v = if r < q.rows {
+                super::formats::dot_q_scalar(q, r, a)
+            } else {
+                0.0
             };
         }
     }
-    let _ = (isa, codes, scales, mins, q4);
-    super::formats::dot_q_scalar(q, r, a)
 }
 
-/// The AVX2 kernel even on an AVX-512 machine (tests compare every tier).
+/// One quantized row · activations on the given tier (tests compare every tier).
 #[cfg(test)]
 pub(super) fn dot_q_tier(tier: &str, q: &QMatrix, r: usize, a: &QActs) -> f32 {
-    match tier {
-        "scalar" => super::formats::dot_q_scalar(q, r, a),
-        "avx2" => dot_q(Isa::Avx2Fma, q, r, a),
-        _ => dot_q(Isa::Avx512, q, r, a),
-    }
+    let isa = match tier {
+        "scalar" => return super::formats::dot_q_scalar(q, r, a),
+        "avx2" => Isa::Avx2Fma,
+        _ => Isa::Avx512,
+    };
+    let mut out = [[0f32; PANEL]];
+    panel_q(isa, q, r / PANEL, &[a], &mut out);
+    out[0][r % PANEL]
 }

@@ -4,6 +4,8 @@
 
 use std::arch::x86_64::*;
 
+use super::formats::QActs;
+
 /// # Safety
 /// The CPU must support avx512f; `a` and `b` must have equal lengths.
 #[target_feature(enable = "avx512f")]
@@ -266,233 +268,177 @@ pub unsafe fn dot_16_avx2<const BF16: bool>(w: &[u16], x: &[f32]) -> f32 {
     sum
 }
 
-/// One quantized row (see `super::formats`) · quantized activations, with AVX-512 VNNI:
-/// `vpdpbusd` multiplies 64 unsigned codes (two blocks) by 64 signed activations per
-/// instruction; each block's integer sum is scaled by its `s·dx` (permuted out of a vector of
-/// 16 block scales) and the offsets are subtracted as one f32 dot product per 16 blocks.
+/// One panel of sixteen quantized rows (see `super::formats`) times the 8-bit activations of
+/// `T` tokens, with AVX-512 VNNI: per block, eight `vpdpbusd` (64 codes of the panel each,
+/// four activation bytes broadcast) sum every row's 32 products in its own integer lane; one
+/// conversion, one multiply by the rows' scales times the token's, and one offset correction
+/// per block. Every code vector loaded serves the `T` tokens; each token's sums run in the
+/// same order whatever `T` is, so a prompt gives the bits of decode steps.
 ///
 /// # Safety
-/// The CPU must support avx512f, avx512bw, avx512vl and avx512vnni. `scales`, `mins`, `xd`,
-/// `xc` have the same even length `blocks`; `xq` has `32 * blocks` values; `codes` has
-/// `32 * blocks` (Q8) or `16 * blocks` (Q4) bytes.
+/// The CPU must support avx512f, avx512bw, avx512vl and avx512vnni. `scales` and `mins` hold
+/// `16 * blocks` values, `codes` `512 * blocks` (Q8) or `256 * blocks` (Q4) bytes; each
+/// activation set has `blocks` scales and sums and `32 * blocks` codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn dot_q_vnni<const Q4: bool>(
+// Register arrays are indexed by token: the index is the clearer name.
+#[allow(clippy::needless_range_loop)]
+pub unsafe fn panel_q_vnni<const Q4: bool, const T: usize>(
     codes: &[u8],
     scales: &[u16],
     mins: &[u16],
-    xq: &[i8],
-    xd: &[f32],
-    xc: &[f32],
-) -> f32 {
-    let blocks = scales.len();
-    debug_assert!(blocks.is_multiple_of(2));
-    debug_assert_eq!(xq.len(), 32 * blocks);
-    debug_assert_eq!(codes.len(), if Q4 { 16 } else { 32 } * blocks);
-    let (pc, pq) = (codes.as_ptr(), xq.as_ptr());
-    let mut acc = _mm512_setzero_ps();
-    let mut corr = _mm512_setzero_ps();
-    // Lanes 0..8 take block 2p's scale, lanes 8..16 block 2p + 1's.
-    let first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    let two = _mm512_set1_epi32(2);
-    let nibble = _mm256_set1_epi8(0x0F);
-    let mut g = 0;
-    // SAFETY (all loads below): group loads are masked to the `n` blocks that remain; code and
-    // activation loads read blocks b, b + 1 < blocks.
-    while g < blocks {
-        let n = (blocks - g).min(16);
-        let mask = ((1u32 << n) - 1) as __mmask16;
-        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-            mask,
-            scales.as_ptr().add(g) as *const i16,
-        ));
-        let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-            mask,
-            mins.as_ptr().add(g) as *const i16,
-        ));
-        let dx = _mm512_maskz_loadu_ps(mask, xd.as_ptr().add(g));
-        let cx = _mm512_maskz_loadu_ps(mask, xc.as_ptr().add(g));
-        corr = _mm512_fmadd_ps(mw, cx, corr);
-        let s = _mm512_mul_ps(dw, dx);
-        let mut idx = first;
-        let mut p = 0;
-        while p < n {
-            let b = g + p;
-            let wv = if Q4 {
-                let v = _mm256_loadu_si256(pc.add(b * 16) as *const __m256i);
-                let lo = _mm256_and_si256(v, nibble);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-            } else {
-                _mm512_loadu_si512(pc.add(b * 32) as *const __m512i)
-            };
-            let xv = _mm512_loadu_si512(pq.add(b * 32) as *const __m512i);
-            let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_permutexvar_ps(idx, s), acc);
-            idx = _mm512_add_epi32(idx, two);
-            p += 2;
-        }
-        g += 16;
-    }
-    _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(corr)
-}
-
-/// The same product with AVX2: codes and activations widened to 16 bits and multiplied pairwise
-/// (`vpmaddwd`, exact for 8-bit codes), one block at a time.
-///
-/// # Safety
-/// The CPU must support avx2, fma and f16c; lengths as for [`dot_q_vnni`].
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q_avx2<const Q4: bool>(
-    codes: &[u8],
-    scales: &[u16],
-    mins: &[u16],
-    xq: &[i8],
-    xd: &[f32],
-    xc: &[f32],
-) -> f32 {
-    let blocks = scales.len();
-    debug_assert!(blocks.is_multiple_of(2));
-    let (pc, pq) = (codes.as_ptr(), xq.as_ptr());
-    let nibble = _mm256_set1_epi8(0x0F);
-    let mut acc = _mm256_setzero_ps();
-    let mut corr = 0f32;
-    let block_dot = |u: __m256i, x: __m256i| -> __m256i {
-        let u0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(u));
-        let u1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(u, 1));
-        let x0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x));
-        let x1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1));
-        _mm256_add_epi32(_mm256_madd_epi16(u0, x0), _mm256_madd_epi16(u1, x1))
+    acts: [&QActs; T],
+) -> [[f32; 16]; T] {
+    let blocks = scales.len() / 16;
+    debug_assert_eq!(codes.len(), blocks * if Q4 { 256 } else { 512 });
+    debug_assert!(acts
+        .iter()
+        .all(|a| a.d.len() == blocks && a.q.len() == 32 * blocks));
+    let pc = codes.as_ptr();
+    let nibble = _mm512_set1_epi8(0x0F);
+    // Four activation bytes as one broadcast lane.
+    let four = |t: usize, at: usize| -> __m512i {
+        _mm512_set1_epi32(std::ptr::read_unaligned(
+            acts[t].q.as_ptr().add(at) as *const i32
+        ))
     };
-    let mut g = 0;
-    // SAFETY (all loads below): blocks b, b + 1 < blocks; scale groups are copied into a
-    // zero-padded stack buffer first.
-    while g < blocks {
-        let n = (blocks - g).min(8);
-        let (mut sbits, mut mbits) = ([0u16; 8], [0u16; 8]);
-        sbits[..n].copy_from_slice(&scales[g..g + n]);
-        mbits[..n].copy_from_slice(&mins[g..g + n]);
-        let (mut s, mut m) = ([0f32; 8], [0f32; 8]);
-        _mm256_storeu_ps(
-            s.as_mut_ptr(),
-            _mm256_cvtph_ps(_mm_loadu_si128(sbits.as_ptr() as *const __m128i)),
-        );
-        _mm256_storeu_ps(
-            m.as_mut_ptr(),
-            _mm256_cvtph_ps(_mm_loadu_si128(mbits.as_ptr() as *const __m128i)),
-        );
-        let mut p = 0;
-        while p < n {
-            let b = g + p;
-            let (u0, u1) = if Q4 {
-                let v = _mm256_loadu_si256(pc.add(b * 16) as *const __m256i);
-                (
-                    _mm256_and_si256(v, nibble),
-                    _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
-                )
-            } else {
-                (
-                    _mm256_loadu_si256(pc.add(b * 32) as *const __m256i),
-                    _mm256_loadu_si256(pc.add(b * 32 + 32) as *const __m256i),
-                )
-            };
-            let x0 = _mm256_loadu_si256(pq.add(b * 32) as *const __m256i);
-            let x1 = _mm256_loadu_si256(pq.add(b * 32 + 32) as *const __m256i);
-            let d0 = _mm256_set1_ps(s[p] * xd[b]);
-            let d1 = _mm256_set1_ps(s[p + 1] * xd[b + 1]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(u0, x0)), d0, acc);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(u1, x1)), d1, acc);
-            corr += m[p] * xc[b] + m[p + 1] * xc[b + 1];
-            p += 2;
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    // SAFETY (all accesses below): block b < blocks reads codes b*256.. or b*512.. plus 64 per
+    // step within the block, 16 scales and offsets at b*16, activation codes b*32 + 0..32 and
+    // the activation scale and sum of block b: inside the lengths above.
+    for b in 0..blocks {
+        let ws = _mm512_cvtph_ps(_mm256_loadu_si256(
+            scales.as_ptr().add(b * 16) as *const __m256i
+        ));
+        let ms = _mm512_cvtph_ps(_mm256_loadu_si256(
+            mins.as_ptr().add(b * 16) as *const __m256i
+        ));
+        let mut sums = [[_mm512_setzero_si512(); 2]; T];
+        if Q4 {
+            let base = pc.add(b * 256);
+            for h in 0..4 {
+                let v = _mm512_loadu_si512(base.add(h * 64) as *const __m512i);
+                let lo = _mm512_and_si512(v, nibble);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+                for t in 0..T {
+                    let x = b * 32 + 4 * h;
+                    sums[t][0] = _mm512_dpbusd_epi32(sums[t][0], lo, four(t, x));
+                    sums[t][1] = _mm512_dpbusd_epi32(sums[t][1], hi, four(t, x + 16));
+                }
+            }
+        } else {
+            let base = pc.add(b * 512);
+            for g in 0..8 {
+                let v = _mm512_loadu_si512(base.add(g * 64) as *const __m512i);
+                for t in 0..T {
+                    sums[t][g % 2] =
+                        _mm512_dpbusd_epi32(sums[t][g % 2], v, four(t, b * 32 + 4 * g));
+                }
+            }
         }
-        g += 8;
+        let k = b % 2;
+        for t in 0..T {
+            let dp = _mm512_cvtepi32_ps(_mm512_add_epi32(sums[t][0], sums[t][1]));
+            let dx = _mm512_set1_ps(*acts[t].d.get_unchecked(b));
+            let cx = _mm512_set1_ps(*acts[t].c.get_unchecked(b));
+            acc[t][k] = _mm512_fmadd_ps(dp, _mm512_mul_ps(ws, dx), acc[t][k]);
+            acc[t][k] = _mm512_fnmadd_ps(ms, cx, acc[t][k]);
+        }
     }
-    hsum256(acc) - corr
+    let mut out = [[0f32; 16]; T];
+    for t in 0..T {
+        _mm512_storeu_ps(out[t].as_mut_ptr(), _mm512_add_ps(acc[t][0], acc[t][1]));
+    }
+    out
 }
 
-/// [`dot_q_vnni`] for four consecutive rows at once: each activation load and each block of
-/// scale setup serves four rows, and four weight streams are in flight.
+/// [`panel_q_vnni`] with AVX2 (no 8-bit dot-product instruction): codes made signed by their
+/// fixed offset (`KIND` 0: Q8_0, 128; 1: Q4_0, 8; 2: Q4_K, none — its per-block offsets are
+/// subtracted as in the VNNI kernel), multiplied with `vpmaddubsw` by the sign trick (|code| ×
+/// activation with the code's sign: pair sums stay within 16 bits), eight rows per register.
 ///
 /// # Safety
-/// As [`dot_q_vnni`], with `codes`, `scales` and `mins` holding four rows each.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot4_q_vnni<const Q4: bool>(
+/// The CPU must support avx2, fma and f16c; lengths as for [`panel_q_vnni`].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)]
+pub unsafe fn panel_q_avx2<const KIND: u8, const T: usize>(
     codes: &[u8],
     scales: &[u16],
     mins: &[u16],
-    xq: &[i8],
-    xd: &[f32],
-    xc: &[f32],
-) -> [f32; 4] {
-    let blocks = xd.len();
-    let row_bytes = blocks * if Q4 { 16 } else { 32 };
-    debug_assert!(blocks.is_multiple_of(2));
-    debug_assert_eq!(codes.len(), 4 * row_bytes);
-    debug_assert_eq!(scales.len(), 4 * blocks);
-    debug_assert_eq!(mins.len(), 4 * blocks);
-    debug_assert_eq!(xq.len(), 32 * blocks);
-    let (pc, pq) = (codes.as_ptr(), xq.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut corr = [_mm512_setzero_ps(); 4];
-    let first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    let two = _mm512_set1_epi32(2);
+    acts: [&QActs; T],
+) -> [[f32; 16]; T] {
+    let q4 = KIND != 0;
+    let blocks = scales.len() / 16;
+    debug_assert_eq!(codes.len(), blocks * if q4 { 256 } else { 512 });
+    let pc = codes.as_ptr();
     let nibble = _mm256_set1_epi8(0x0F);
-    let mut g = 0;
-    // SAFETY (all loads below): group loads are masked to the blocks that remain in each row;
-    // code loads of row k stay within k*row_bytes .. (k+1)*row_bytes; activation loads read
-    // blocks b, b + 1 < blocks.
-    while g < blocks {
-        let n = (blocks - g).min(16);
-        let mask = ((1u32 << n) - 1) as __mmask16;
-        let dx = _mm512_maskz_loadu_ps(mask, xd.as_ptr().add(g));
-        let cx = _mm512_maskz_loadu_ps(mask, xc.as_ptr().add(g));
-        let mut s = [_mm512_setzero_ps(); 4];
-        for k in 0..4 {
-            let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                mask,
-                scales.as_ptr().add(k * blocks + g) as *const i16,
-            ));
-            let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
-                mask,
-                mins.as_ptr().add(k * blocks + g) as *const i16,
-            ));
-            corr[k] = _mm512_fmadd_ps(mw, cx, corr[k]);
-            s[k] = _mm512_mul_ps(dw, dx);
-        }
-        let mut idx = first;
-        let mut p = 0;
-        while p < n {
-            let b = g + p;
-            let xv = _mm512_loadu_si512(pq.add(b * 32) as *const __m512i);
-            for k in 0..4 {
-                // The next four rows (see `dot4_16_avx512`).
-                _mm_prefetch::<_MM_HINT_T0>(
-                    pc.wrapping_add((k + 4) * row_bytes + b * if Q4 { 16 } else { 32 })
-                        as *const i8,
-                );
-                let wv = if Q4 {
-                    let v = _mm256_loadu_si256(pc.add(k * row_bytes + b * 16) as *const __m256i);
+    let offset = _mm256_set1_epi8(match KIND {
+        0 => i8::MIN,
+        1 => 8,
+        _ => 0,
+    });
+    let ones = _mm256_set1_epi16(1);
+    let four = |t: usize, at: usize| -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            acts[t].q.as_ptr().add(at) as *const i32
+        ))
+    };
+    // Signed codes · activations, summed per row (eight rows, four codes each).
+    let dot = |c: __m256i, x: __m256i| -> __m256i {
+        let q = if KIND == 2 {
+            c
+        } else {
+            _mm256_sub_epi8(c, offset)
+        };
+        _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)),
+            ones,
+        )
+    };
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    // SAFETY (all accesses below): as in `panel_q_vnni`, in 32-byte halves.
+    for b in 0..blocks {
+        let mut sums = [[_mm256_setzero_si256(); 2]; T];
+        for h in 0..2 {
+            // Rows 8h .. 8h + 8: bytes 32h .. 32h + 32 of every 64-byte group.
+            if q4 {
+                for g in 0..4 {
+                    let v = _mm256_loadu_si256(pc.add(b * 256 + g * 64 + h * 32) as *const __m256i);
                     let lo = _mm256_and_si256(v, nibble);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-                } else {
-                    _mm512_loadu_si512(pc.add(k * row_bytes + b * 32) as *const __m512i)
-                };
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                acc[k] = _mm512_fmadd_ps(
-                    _mm512_cvtepi32_ps(dp),
-                    _mm512_permutexvar_ps(idx, s[k]),
-                    acc[k],
-                );
+                    for t in 0..T {
+                        let x = b * 32 + 4 * g;
+                        sums[t][h] = _mm256_add_epi32(sums[t][h], dot(lo, four(t, x)));
+                        sums[t][h] = _mm256_add_epi32(sums[t][h], dot(hi, four(t, x + 16)));
+                    }
+                }
+            } else {
+                for g in 0..8 {
+                    let v = _mm256_loadu_si256(pc.add(b * 512 + g * 64 + h * 32) as *const __m256i);
+                    for t in 0..T {
+                        sums[t][h] = _mm256_add_epi32(sums[t][h], dot(v, four(t, b * 32 + 4 * g)));
+                    }
+                }
             }
-            idx = _mm512_add_epi32(idx, two);
-            p += 2;
         }
-        g += 16;
+        for h in 0..2 {
+            let at = b * 16 + h * 8;
+            let ws = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(at) as *const __m128i));
+            let ms = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(at) as *const __m128i));
+            for t in 0..T {
+                let dx = _mm256_set1_ps(*acts[t].d.get_unchecked(b));
+                let dp = _mm256_cvtepi32_ps(sums[t][h]);
+                acc[t][h] = _mm256_fmadd_ps(dp, _mm256_mul_ps(ws, dx), acc[t][h]);
+                if KIND == 2 {
+                    let cx = _mm256_set1_ps(*acts[t].c.get_unchecked(b));
+                    acc[t][h] = _mm256_fnmadd_ps(ms, cx, acc[t][h]);
+                }
+            }
+        }
     }
-    let mut out = [0f32; 4];
-    for k in 0..4 {
-        out[k] = _mm512_reduce_add_ps(acc[k]) - _mm512_reduce_add_ps(corr[k]);
+    let mut out = [[0f32; 16]; T];
+    for t in 0..T {
+        _mm256_storeu_ps(out[t].as_mut_ptr(), acc[t][0]);
+        _mm256_storeu_ps(out[t].as_mut_ptr().add(8), acc[t][1]);
     }
     out
 }
