@@ -272,50 +272,16 @@ impl Matrix {
                 let start = b * per;
                 let r = per.min(self.rows - start);
                 let mut out = vec![0f32; n * r];
-                let mut t = 0;
-                if let Data::Q(q) = &self.data {
-                    // Up to four tokens per panel: each code vector loaded serves them all.
-                    let mut tile = [[0f32; PANEL]; 4];
-                    while t < n {
-                        let k = (n - t).min(4);
-                        let group: Vec<&QActs> = acts[t..t + k].iter().collect();
-                        for p in start / PANEL..(start + r).div_ceil(PANEL) {
-                            panel_q(isa, q, p, &group, &mut tile[..k]);
-                            let rows = p * PANEL..((p + 1) * PANEL).min(start + r);
-                            for (tt, lanes) in tile[..k].iter().enumerate() {
-                                let o = (t + tt) * r + rows.start - start;
-                                out[o..o + rows.len()].copy_from_slice(&lanes[..rows.len()]);
-                            }
-                        }
-                        t += k;
-                    }
+                // Rows a few hundred KiB at a time, each slice kept in cache while every
+                // token goes over it (instead of streaming the task's rows once per token
+                // group).
+                let sub = self.rows_in_cache();
+                let mut done = 0;
+                for s0 in (0..r).step_by(sub) {
+                    let s1 = (s0 + sub).min(r);
+                    done = self.prompt_rows(isa, start, s0..s1, r, x, acts, &mut out);
                 }
-                if self.has_tiles(isa) {
-                    // Four tokens at a time over tiles of four rows; the rows left over go
-                    // one by one, as in a decode step (same sums, same bits).
-                    while t + 4 <= n {
-                        let xs = &x[t * cols..(t + 4) * cols];
-                        let mut k = 0;
-                        while k + 4 <= r {
-                            let tile = self.tile4(start + k, xs);
-                            for (tt, row) in tile.iter().enumerate() {
-                                out[(t + tt) * r + k..(t + tt) * r + k + 4].copy_from_slice(row);
-                            }
-                            k += 4;
-                        }
-                        for tt in t..t + 4 {
-                            self.rows_dot(
-                                isa,
-                                start + k,
-                                &x[tt * cols..(tt + 1) * cols],
-                                None,
-                                &mut out[tt * r + k..(tt + 1) * r],
-                            );
-                        }
-                        t += 4;
-                    }
-                }
-                for t in t..n {
+                for t in done..n {
                     self.rows_dot(
                         isa,
                         start,
@@ -343,6 +309,84 @@ impl Matrix {
             Data::Q(_) => per.next_multiple_of(PANEL),
             _ => per,
         }
+    }
+
+    /// Rows of about 256 KiB of weights (whole panels): what a prompt pass keeps in the cache.
+    fn rows_in_cache(&self) -> usize {
+        let row_bytes = (self.bytes() / self.rows.max(1)).max(1);
+        ((256 << 10) / row_bytes).next_multiple_of(PANEL)
+    }
+
+    /// Rows `start + rows` of a task's block (`r` rows from `start`) times the prompt's tokens
+    /// in groups of four, into `out` (`[token][r]`); returns how many tokens were done (the
+    /// rest go one by one).
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_rows(
+        &self,
+        isa: Isa,
+        start: usize,
+        rows: std::ops::Range<usize>,
+        r: usize,
+        x: &[f32],
+        acts: &[QActs],
+        out: &mut [f32],
+    ) -> usize {
+        let (cols, n) = (self.cols, out.len() / r);
+        let mut t = 0;
+        if let Data::Q(q) = &self.data {
+            // Up to four tokens per panel: each code vector loaded serves them all.
+            let mut tile = [[0f32; PANEL]; 4];
+            while t < n {
+                let k = (n - t).min(4);
+                let group: Vec<&QActs> = acts[t..t + k].iter().collect();
+                let (first, end) = (start + rows.start, start + rows.end);
+                for p in first / PANEL..end.div_ceil(PANEL) {
+                    panel_q(isa, q, p, &group, &mut tile[..k]);
+                    let lanes = p * PANEL..((p + 1) * PANEL).min(end);
+                    for (tt, v) in tile[..k].iter().enumerate() {
+                        let o = (t + tt) * r + lanes.start - start;
+                        out[o..o + lanes.len()].copy_from_slice(&v[..lanes.len()]);
+                    }
+                }
+                t += k;
+            }
+        } else if self.has_tiles(isa) {
+            // Four tokens at a time over tiles of four rows; rows left over go one by one, as
+            // in a decode step (same sums, same bits).
+            while t + 4 <= n {
+                let xs = &x[t * cols..(t + 4) * cols];
+                let mut k = rows.start;
+                while k + 4 <= rows.end {
+                    let tile = self.tile4(start + k, xs);
+                    for (tt, row) in tile.iter().enumerate() {
+                        out[(t + tt) * r + k..(t + tt) * r + k + 4].copy_from_slice(row);
+                    }
+                    k += 4;
+                }
+                for tt in t..t + 4 {
+                    self.rows_dot(
+                        isa,
+                        start + k,
+                        &x[tt * cols..(tt + 1) * cols],
+                        None,
+                        &mut out[tt * r + k..tt * r + rows.end],
+                    );
+                }
+                t += 4;
+            }
+            // The tokens left over, for these rows only.
+            for tt in t..n {
+                self.rows_dot(
+                    isa,
+                    start + rows.start,
+                    &x[tt * cols..(tt + 1) * cols],
+                    None,
+                    &mut out[tt * r + rows.start..tt * r + rows.end],
+                );
+            }
+            t = n;
+        }
+        t
     }
 
     /// Whether four-by-four tiles run for this type on this CPU (float weights, AVX-512).

@@ -490,11 +490,61 @@ pub unsafe fn tile4_f32_avx512(w: &[f32], x: &[f32]) -> [[f32; 4]; 4] {
             }
         }
     }
-    let mut out = [[0f32; 4]; 4];
-    for t in 0..4 {
-        for k in 0..4 {
-            out[t][k] = _mm512_reduce_add_ps(acc[t][k]);
+    reduce_tile(&acc)
+}
+
+/// The sixteen sums of a 4 × 4 tile (`acc[t][k]`) reduced together: four rounds of shuffles
+/// and adds fold every accumulator with the same pairing of lanes as `_mm512_reduce_add_ps`
+/// (lane i with i + 8, then i + 4, then (0, 2) and (1, 3), then the two left), so each sum has
+/// the bits of a decode step's reduction, at a quarter of the shuffles.
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_tile(acc: &[[__m512; 4]; 4]) -> [[f32; 4]; 4] {
+    // Ordered by row then token, the result comes out ordered by token then row (see below).
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (t, row) in acc.iter().enumerate() {
+        for (k, a) in row.iter().enumerate() {
+            v[k * 4 + t] = *a;
         }
+    }
+    // Lane i + lane i + 8: two accumulators per vector, eight lanes each.
+    let mut s1 = [_mm512_setzero_ps(); 8];
+    for (p, o) in s1.iter_mut().enumerate() {
+        let (a, b) = (v[2 * p], v[2 * p + 1]);
+        *o = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        );
+    }
+    // Lane i + lane i + 4: four accumulators per vector, one per 128-bit quarter.
+    let mut s2 = [_mm512_setzero_ps(); 4];
+    for (p, o) in s2.iter_mut().enumerate() {
+        let (a, b) = (s1[2 * p], s1[2 * p + 1]);
+        *o = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        );
+    }
+    // Lanes (0 + 2, 1 + 3) of each quarter: two accumulators per quarter.
+    let mut s3 = [_mm512_setzero_ps(); 2];
+    for (p, o) in s3.iter_mut().enumerate() {
+        let (a, b) = (s2[2 * p], s2[2 * p + 1]);
+        *o = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+        );
+    }
+    // The last pair: lane 4q + m ends up holding v[4m + q], which (v ordered [k][t]) is
+    // acc[q][m]: lane 4t + k is acc[t][k].
+    let r = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(s3[0], s3[1]),
+        _mm512_shuffle_ps::<0b11_01_11_01>(s3[0], s3[1]),
+    );
+    let mut lanes = [0f32; 16];
+    // SAFETY: 16 lanes into a 16-value array.
+    _mm512_storeu_ps(lanes.as_mut_ptr(), r);
+    let mut out = [[0f32; 4]; 4];
+    for (t, o) in out.iter_mut().enumerate() {
+        o.copy_from_slice(&lanes[4 * t..4 * t + 4]);
     }
     out
 }
@@ -527,14 +577,12 @@ pub unsafe fn tile4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [[f32; 
         }
         i += 16;
     }
-    let mut out = [[0f32; 4]; 4];
-    for t in 0..4 {
-        for k in 0..4 {
-            let mut o = _mm512_reduce_add_ps(acc[t][k]);
+    let mut out = reduce_tile(&acc);
+    for (t, o) in out.iter_mut().enumerate() {
+        for (k, o) in o.iter_mut().enumerate() {
             for j in i..n {
-                o += super::widen::<BF16>(*pw.add(k * n + j)) * *px.add(t * n + j);
+                *o += super::widen::<BF16>(*pw.add(k * n + j)) * *px.add(t * n + j);
             }
-            out[t][k] = o;
         }
     }
     out
