@@ -7,6 +7,11 @@ use rayon::prelude::*;
 use super::formats::{QActs, QKind, QMatrix, PANEL};
 use super::{isa, Isa};
 
+/// Prompt tokens per f32 tile: each weight vector loaded serves this many products (24
+/// accumulators, four weight vectors and one activation vector fit the 32 registers). 16-bit
+/// weights stay at four: their widening needs registers too, and six measured slower.
+const F32_TOKENS_PER_TILE: usize = 6;
+
 /// Bytes that outlive the matrix (a verified read-only mapping).
 pub trait Bytes: Send + Sync {
     fn bytes(&self) -> &[u8];
@@ -351,27 +356,14 @@ impl Matrix {
                 t += k;
             }
         } else if self.has_tiles(isa) {
-            // Four tokens at a time over tiles of four rows; rows left over go one by one, as
-            // in a decode step (same sums, same bits).
+            // Six (f32) or four tokens at a time over tiles of four rows; rows left
+            // over go one by one, as in a decode step (same sums, same bits).
+            while matches!(self.data, Data::F32(_)) && t + F32_TOKENS_PER_TILE <= n {
+                self.tiles::<F32_TOKENS_PER_TILE>(isa, start, &rows, r, t, x, out);
+                t += F32_TOKENS_PER_TILE;
+            }
             while t + 4 <= n {
-                let xs = &x[t * cols..(t + 4) * cols];
-                let mut k = rows.start;
-                while k + 4 <= rows.end {
-                    let tile = self.tile4(start + k, xs);
-                    for (tt, row) in tile.iter().enumerate() {
-                        out[(t + tt) * r + k..(t + tt) * r + k + 4].copy_from_slice(row);
-                    }
-                    k += 4;
-                }
-                for tt in t..t + 4 {
-                    self.rows_dot(
-                        isa,
-                        start + k,
-                        &x[tt * cols..(tt + 1) * cols],
-                        None,
-                        &mut out[tt * r + k..tt * r + rows.end],
-                    );
-                }
+                self.tiles::<4>(isa, start, &rows, r, t, x, out);
                 t += 4;
             }
             // The tokens left over, for these rows only.
@@ -389,25 +381,59 @@ impl Matrix {
         t
     }
 
+    /// Tokens `t..t + T` over rows `start + rows` in tiles of four rows, into `out`
+    /// (`[token][r]`).
+    #[allow(clippy::too_many_arguments)]
+    fn tiles<const T: usize>(
+        &self,
+        isa: Isa,
+        start: usize,
+        rows: &std::ops::Range<usize>,
+        r: usize,
+        t: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        let cols = self.cols;
+        let xs = &x[t * cols..(t + T) * cols];
+        let mut k = rows.start;
+        while k + 4 <= rows.end {
+            let tile = self.tile::<T>(start + k, xs);
+            for (tt, row) in tile.iter().enumerate() {
+                out[(t + tt) * r + k..(t + tt) * r + k + 4].copy_from_slice(row);
+            }
+            k += 4;
+        }
+        for tt in t..t + T {
+            self.rows_dot(
+                isa,
+                start + k,
+                &x[tt * cols..(tt + 1) * cols],
+                None,
+                &mut out[tt * r + k..tt * r + rows.end],
+            );
+        }
+    }
+
     /// Whether four-by-four tiles run for this type on this CPU (float weights, AVX-512).
     fn has_tiles(&self, isa: Isa) -> bool {
         cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && !matches!(self.data, Data::Q(_))
     }
 
-    /// Rows `first..first + 4` times the four activation rows `xs`: `[token][row]`.
-    fn tile4(&self, first: usize, xs: &[f32]) -> [[f32; 4]; 4] {
+    /// Rows `first..first + 4` times the `T` activation rows `xs`: `[token][row]`.
+    fn tile<const T: usize>(&self, first: usize, xs: &[f32]) -> [[f32; 4]; T] {
         let cols = self.cols;
         let range = first * cols..(first + 4) * cols;
-        assert_eq!(xs.len(), 4 * cols, "tile shape");
+        assert_eq!(xs.len(), T * cols, "tile shape");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: only reached when `has_tiles` saw `Isa::Avx512` (avx512f detected); both
         // operands hold four rows of `cols` values (the range is inside the matrix: the caller
         // passes `first + 4 <= rows`, and slicing checks it).
         unsafe {
             match &self.data {
-                Data::F32(e) => super::x86::tile4_f32_avx512(&e.get()[range], xs),
-                Data::Bf16(e) => super::x86::tile4_16_avx512::<true>(&e.get()[range], xs),
-                Data::F16(e) => super::x86::tile4_16_avx512::<false>(&e.get()[range], xs),
+                Data::F32(e) => super::x86::tile_f32_avx512::<T>(&e.get()[range], xs),
+                Data::Bf16(e) => super::x86::tile_16_avx512::<true, T>(&e.get()[range], xs),
+                Data::F16(e) => super::x86::tile_16_avx512::<false, T>(&e.get()[range], xs),
                 Data::Q(_) => unreachable!("no tiles for quantized weights"),
             }
         }

@@ -443,20 +443,19 @@ pub unsafe fn panel_q_avx2<const KIND: u8, const T: usize>(
     out
 }
 
-/// A 4 × 4 tile of a matrix product: four weight rows (`w`, `4 * n` values) times four
-/// activation rows (`x`, `4 * n` values): `out[t][k] = w_k · x_t`. Each weight and activation
-/// vector loaded serves four products (a dot product per row loads two vectors per product).
-/// Every product is summed in the same order as [`dot4_avx512`], so prompts and decode steps
-/// give the same bits.
+/// A T × 4 tile of a matrix product: four weight rows (`w`, `4 * n` values) times `T`
+/// activation rows (`x`, `T * n` values): `out[t][k] = w_k · x_t`. Each weight vector loaded
+/// serves `T` products and each activation vector four. Every product is summed in the same
+/// order as [`dot4_avx512`], so prompts and decode steps give the same bits.
 ///
 /// # Safety
-/// The CPU must support avx512f; `w.len() == x.len()`, a multiple of 4.
+/// The CPU must support avx512f; `w.len()` is a multiple of 4 and `x.len() == T * w.len() / 4`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn tile4_f32_avx512(w: &[f32], x: &[f32]) -> [[f32; 4]; 4] {
+pub unsafe fn tile_f32_avx512<const T: usize>(w: &[f32], x: &[f32]) -> [[f32; 4]; T] {
     let n = w.len() / 4;
-    debug_assert_eq!(x.len(), 4 * n);
+    debug_assert_eq!(x.len(), T * n);
     let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut acc = [[_mm512_setzero_ps(); 4]; T];
     let mut i = 0;
     // SAFETY (all loads below): row k of either operand reads k*n + i .. k*n + i + 16 <= (k+1)*n;
     // the masked tail touches only lanes below n.
@@ -490,7 +489,26 @@ pub unsafe fn tile4_f32_avx512(w: &[f32], x: &[f32]) -> [[f32; 4]; 4] {
             }
         }
     }
-    reduce_tile(&acc)
+    reduce_rows(&acc)
+}
+
+/// The sums of a T × 4 tile: four tokens at a time through [`reduce_tile`], the rest one by
+/// one (the same pairing of lanes either way).
+#[target_feature(enable = "avx512f")]
+unsafe fn reduce_rows<const T: usize>(acc: &[[__m512; 4]; T]) -> [[f32; 4]; T] {
+    let mut out = [[0f32; 4]; T];
+    let mut t = 0;
+    while t + 4 <= T {
+        let four: &[[__m512; 4]; 4] = acc[t..t + 4].try_into().expect("four tokens");
+        out[t..t + 4].copy_from_slice(&reduce_tile(four));
+        t += 4;
+    }
+    for (o, a) in out[t..].iter_mut().zip(&acc[t..]) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = _mm512_reduce_add_ps(*a);
+        }
+    }
+    out
 }
 
 /// The sixteen sums of a 4 × 4 tile (`acc[t][k]`) reduced together: four rounds of shuffles
@@ -555,11 +573,14 @@ unsafe fn reduce_tile(acc: &[[__m512; 4]; 4]) -> [[f32; 4]; 4] {
 /// # Safety
 /// The CPU must support avx512f; `w.len() == x.len()`, a multiple of 4.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn tile4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [[f32; 4]; 4] {
+pub unsafe fn tile_16_avx512<const BF16: bool, const T: usize>(
+    w: &[u16],
+    x: &[f32],
+) -> [[f32; 4]; T] {
     let n = w.len() / 4;
-    debug_assert_eq!(x.len(), 4 * n);
+    debug_assert_eq!(x.len(), T * n);
     let (pw, px) = (w.as_ptr(), x.as_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut acc = [[_mm512_setzero_ps(); 4]; T];
     let mut i = 0;
     // SAFETY (all loads below): row k of either operand reads k*n + i .. k*n + i + 16 <= (k+1)*n.
     while i + 16 <= n {
@@ -577,7 +598,7 @@ pub unsafe fn tile4_16_avx512<const BF16: bool>(w: &[u16], x: &[f32]) -> [[f32; 
         }
         i += 16;
     }
-    let mut out = reduce_tile(&acc);
+    let mut out = reduce_rows(&acc);
     for (t, o) in out.iter_mut().enumerate() {
         for (k, o) in o.iter_mut().enumerate() {
             for j in i..n {
