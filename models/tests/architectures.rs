@@ -233,7 +233,7 @@ fn seeded_sampling_is_reproducible() {
 #[test]
 fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
     use securerun_models::{load::Engine, Precision};
-    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] {
         let tmp = tempfile::tempdir().unwrap();
         common::write_model(tmp.path(), arch, DType::F32);
         let source =
@@ -261,13 +261,28 @@ fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
             }
             assert_eq!(tokens[0], tokens[1], "{arch} {text:?}");
         }
+        // Every position's log-likelihood, not only the argmax: a missing soft-cap, norm or
+        // scale changes these even where it leaves the greedy tokens alone.
+        let ids = models[1]
+            .prompt_ids(&Prompt::Text(
+                "the quick brown fox jumps over the lazy dog, again and again".into(),
+            ))
+            .unwrap();
+        let own = models[0].score(&ids, 5).unwrap();
+        let reference = models[1].score(&ids, 1).unwrap();
+        for (i, (a, b)) in own.nll.iter().zip(&reference.nll).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{arch} position {i}: {a} vs {b}"
+            );
+        }
     }
 }
 
 #[test]
 fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
     use securerun_models::Precision;
-    for arch in ["llama", "qwen3"] {
+    for arch in ["llama", "qwen3", "phi3", "gemma2"] {
         for precision in [
             Precision::Bf16,
             Precision::Q8_0,
@@ -290,9 +305,16 @@ fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
             assert_eq!(out.token_ids.len(), 4, "{arch} {precision}");
         }
     }
-    // gemma2 is not on the owned decoder: a quantized precision is refused with the reason.
+    // A llama with scaled rotary positions is not on the owned decoder (candle-transformers
+    // runs it, at f32/bf16/f16 only): a quantized precision is refused with the reason.
     let tmp = tempfile::tempdir().unwrap();
-    common::write_model(tmp.path(), "gemma2", DType::F32);
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let config_path = tmp.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
     let source = Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
     let err = TextModel::load(
         &source,

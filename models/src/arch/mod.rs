@@ -216,7 +216,9 @@ fn owned_spec(
         Architecture::Mistral => decoder::mistral::spec(&parse_config(arch, config)?, config),
         Architecture::Qwen2 => decoder::qwen2::spec(&parse_config(arch, config)?, config),
         Architecture::Qwen3 => decoder::qwen3::spec(&parse_config(arch, config)?, config),
-        _ => None,
+        Architecture::Phi3 => decoder::phi3::spec(&parse_config(arch, config)?, config),
+        Architecture::Gemma2 => decoder::gemma2::spec(&parse_config(arch, config)?, config),
+        Architecture::Bert => None,
     })
 }
 

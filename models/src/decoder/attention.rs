@@ -16,9 +16,19 @@ use crate::kernels::attention::{scores_block, weighted_sum, KEYS};
 /// few enough that the causal triangle's wasted corner stays small.
 const TOKENS_PER_TASK: usize = 4;
 
+/// What a layer's attention does beyond the shape.
+pub struct Params {
+    /// Multiplies the queries (1/√head_dim unless the family says otherwise).
+    pub scale: f32,
+    /// Each position sees only the last this-many positions.
+    pub window: Option<usize>,
+    /// `tanh(s / c) · c` on the scores.
+    pub softcap: Option<f32>,
+}
+
 /// Attention of the rows of `q` (`[token][head][head_dim]`, at positions `pos..`) over the
 /// cache (which already holds them); `out` has the shape of `q`.
-pub fn attention(s: &Shape, q: &[f32], cache: &LayerKv, pos: usize, out: &mut [f32]) {
+pub fn attention(s: &Shape, p: &Params, q: &[f32], cache: &LayerKv, pos: usize, out: &mut [f32]) {
     let (d, q_row) = (s.head_dim, s.heads * s.head_dim);
     let n = q.len() / q_row;
     let per = if n == 1 { 1 } else { TOKENS_PER_TASK };
@@ -26,7 +36,7 @@ pub fn attention(s: &Shape, q: &[f32], cache: &LayerKv, pos: usize, out: &mut [f
         .flat_map(|b| (0..s.kv_heads).map(move |kv| (b * per, kv)))
         .collect();
     let run =
-        |&(t0, kv): &(usize, usize)| (t0, kv, task(s, q, cache, pos, t0, (t0 + per).min(n), kv));
+        |&(t0, kv): &(usize, usize)| (t0, kv, task(s, p, q, cache, pos, t0..(t0 + per).min(n), kv));
     // Short contexts are cheaper on this thread than waking the pool.
     let work = n * s.heads * (pos + n) * d;
     let done: Vec<(usize, usize, Vec<f32>)> = if work < 1 << 18 {
@@ -43,20 +53,21 @@ pub fn attention(s: &Shape, q: &[f32], cache: &LayerKv, pos: usize, out: &mut [f
     }
 }
 
-/// Tokens `t0..t1`, the heads of KV head `kv`: their outputs, `[token][group head][head_dim]`.
+/// Tokens `tokens`, the heads of KV head `kv`: their outputs, `[token][group head][head_dim]`.
 fn task(
     s: &Shape,
+    p: &Params,
     q: &[f32],
     cache: &LayerKv,
     pos: usize,
-    t0: usize,
-    t1: usize,
+    tokens: std::ops::Range<usize>,
     kv: usize,
 ) -> Vec<f32> {
     let (d, q_row, kv_row) = (s.head_dim, s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let (t0, t1) = (tokens.start, tokens.end);
     let group = s.heads / s.kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let window = |upto: usize| s.sliding_window.map_or(0, |w| upto.saturating_sub(w));
+    let scale = p.scale;
+    let window = |upto: usize| p.window.map_or(0, |w| upto.saturating_sub(w));
     // Keys every query of the task may see: from the first token's window start to the last
     // token's position, in whole blocks.
     let (first, upto) = (window(pos + t0 + 1), pos + t1);
@@ -78,6 +89,11 @@ fn task(
     for (i, row) in scores.chunks_exact_mut(span).enumerate() {
         let end = pos + t0 + i / group + 1;
         let (lo, hi) = (window(end) - span0, end - span0);
+        if let Some(c) = p.softcap {
+            row[lo..hi]
+                .iter_mut()
+                .for_each(|v| *v = (*v / c).tanh() * c);
+        }
         let max = row[lo..hi].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
         let mut sum = 0f32;
         for v in &mut row[lo..hi] {

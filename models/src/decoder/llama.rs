@@ -2,7 +2,7 @@
 
 use candle_transformers::models::llama::LlamaConfig;
 
-use super::{Shape, Spec};
+use super::{Shape, Spec, Variant};
 
 /// The owned decoder's spec for this config, or `None` where it differs from the shared pass
 /// (rope scaling: candle-transformers runs those).
@@ -27,6 +27,7 @@ pub fn spec(c: &LlamaConfig) -> Option<Spec> {
         qkv_bias: false,
         qk_norm: false,
         tied: c.tie_word_embeddings.unwrap_or(false),
+        variant: Variant::default(),
     };
     (c.hidden_size.is_multiple_of(c.num_attention_heads) && spec.valid()).then_some(spec)
 }

@@ -113,15 +113,53 @@ impl TensorLoader {
         role: Role,
     ) -> Result<Matrix, String> {
         let (file, info) = self.find(name, &[rows, cols])?;
-        let mut t = self.precision.weight_type(role, cols);
-        if self.auto && t == WeightType::Bf16 && info.dtype == Dtype::F16 {
-            // `auto` keeps an f16 file's own 16-bit type (read in place, nothing rounded).
-            t = WeightType::F16;
-        }
+        let t = self.weight_type(role, cols, info.dtype);
         let m = self.build(file, info, rows, cols, t);
         self.report
             .push((name.to_string(), t, m.bytes(), m.is_mapped()));
         Ok(m)
+    }
+
+    /// Rows `rows` of a `[total, cols]` tensor (one part of a fused projection, as Phi-3's
+    /// `qkv_proj`), as a matrix of its own: read in place from the mapping when the type
+    /// allows, as a whole tensor would be.
+    pub fn matrix_rows(
+        &mut self,
+        name: &str,
+        total: usize,
+        cols: usize,
+        rows: std::ops::Range<usize>,
+        role: Role,
+    ) -> Result<Matrix, String> {
+        let (file, info) = self.find(name, &[total, cols])?;
+        if rows.start >= rows.end || rows.end > total {
+            return Err(format!(
+                "rows {rows:?} outside tensor {name:?} of {total} rows"
+            ));
+        }
+        let row_bytes = (cols * info.dtype.size() as usize) as u64;
+        let part = TensorInfo {
+            name: format!("{name}[{}..{}]", rows.start, rows.end),
+            shape: vec![rows.len(), cols],
+            begin: info.begin + rows.start as u64 * row_bytes,
+            end: info.begin + rows.end as u64 * row_bytes,
+            ..info
+        };
+        let t = self.weight_type(role, cols, part.dtype);
+        let label = part.name.clone();
+        let m = self.build(file, part, rows.len(), cols, t);
+        self.report.push((label, t, m.bytes(), m.is_mapped()));
+        Ok(m)
+    }
+
+    /// The type a `cols`-wide matrix of `role` runs at, stored as `dtype` in the file.
+    fn weight_type(&self, role: Role, cols: usize, dtype: Dtype) -> WeightType {
+        let t = self.precision.weight_type(role, cols);
+        if self.auto && t == WeightType::Bf16 && dtype == Dtype::F16 {
+            // `auto` keeps an f16 file's own 16-bit type (read in place, nothing rounded).
+            return WeightType::F16;
+        }
+        t
     }
 
     fn build(

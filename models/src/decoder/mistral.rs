@@ -3,7 +3,7 @@
 use candle_nn::Activation;
 use candle_transformers::models::mistral::Config;
 
-use super::{Shape, Spec};
+use super::{Shape, Spec, Variant};
 
 pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
     if c.hidden_act != Activation::Silu
@@ -29,6 +29,7 @@ pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
         qkv_bias: false,
         qk_norm: false,
         tied: super::tied(raw),
+        variant: Variant::default(),
     };
     spec.valid().then_some(spec)
 }

@@ -15,9 +15,11 @@
 
 mod attention;
 mod cache;
+pub mod gemma2;
 pub mod llama;
 pub mod load;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -53,6 +55,32 @@ pub struct Spec {
     pub qk_norm: bool,
     /// The output head is the embedding matrix.
     pub tied: bool,
+    pub variant: Variant,
+}
+
+/// Changes to llama's layer that some families make (all off by default).
+#[derive(Debug, Clone, Default)]
+pub struct Variant {
+    /// Q, K and V in one `qkv_proj`, gate and up in one `gate_up_proj` (Phi-3): split by rows
+    /// at load.
+    pub fused_projections: bool,
+    /// The MLP gate's activation is GELU (tanh approximation) instead of SiLU (Gemma 2).
+    pub gelu_gate: bool,
+    /// Norms multiply by `1 + w` (Gemma): folded into the weights at load.
+    pub norm_plus_one: bool,
+    /// The attention and MLP outputs are normed again before their residual adds, and the
+    /// MLP's input norm is `pre_feedforward_layernorm` (Gemma 2).
+    pub sandwich_norms: bool,
+    /// Embeddings are multiplied by √hidden (Gemma).
+    pub scale_embeddings: bool,
+    /// Only even layers use the sliding window; odd ones see the whole context (Gemma 2).
+    pub window_on_even_layers: bool,
+    /// `tanh(s / c) · c` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// `tanh(l / c) · c` on the output logits (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// Queries scaled by this instead of 1/√head_dim (Gemma 2's `query_pre_attn_scalar`).
+    pub query_scale: Option<f32>,
 }
 
 impl Spec {
@@ -77,7 +105,12 @@ pub struct Layer {
     pub qkv_bias: Option<[Vec<f32>; 3]>,
     pub qk_norm: Option<[Vec<f32>; 2]>,
     pub o: Matrix,
+    /// The attention output's own norm, before the residual add (sandwich norms).
+    pub attn_out_norm: Option<Vec<f32>>,
+    /// The MLP's input norm.
     pub post_norm: Vec<f32>,
+    /// The MLP output's own norm, before the residual add (sandwich norms).
+    pub mlp_out_norm: Option<Vec<f32>>,
     pub gate: Matrix,
     pub up: Matrix,
     pub down: Matrix,
@@ -106,18 +139,64 @@ fn tied(raw: &serde_json::Value) -> bool {
 /// Reads a llama-style decoder's weights (the Hugging Face names every supported family shares).
 pub fn load_weights(spec: &Spec, t: &mut TensorLoader) -> Result<Weights, String> {
     let s = &spec.shape;
+    let var = &spec.variant;
     let (hid, inter) = (s.hidden, s.intermediate);
     let (q_out, kv_out) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let norm = |t: &mut TensorLoader, name: &str| -> Result<Vec<f32>, String> {
+        let mut w = t.vector(name, hid)?;
+        if var.norm_plus_one {
+            w.iter_mut().for_each(|v| *v += 1.0);
+        }
+        Ok(w)
+    };
     let mut layers = Vec::with_capacity(s.layers);
     for i in 0..s.layers {
         let p = format!("model.layers.{i}");
         let a = format!("{p}.self_attn");
         let mlp = format!("{p}.mlp");
+        let ([q, k, v], [gate, up]) = if var.fused_projections {
+            let qkv = format!("{a}.qkv_proj.weight");
+            let all = q_out + 2 * kv_out;
+            let gu = format!("{mlp}.gate_up_proj.weight");
+            (
+                [
+                    t.matrix_rows(&qkv, all, hid, 0..q_out, Role::Linear)?,
+                    t.matrix_rows(&qkv, all, hid, q_out..q_out + kv_out, Role::Linear)?,
+                    t.matrix_rows(&qkv, all, hid, q_out + kv_out..all, Role::Linear)?,
+                ],
+                [
+                    t.matrix_rows(&gu, 2 * inter, hid, 0..inter, Role::Linear)?,
+                    t.matrix_rows(&gu, 2 * inter, hid, inter..2 * inter, Role::Linear)?,
+                ],
+            )
+        } else {
+            (
+                [
+                    t.matrix(&format!("{a}.q_proj.weight"), q_out, hid, Role::Linear)?,
+                    t.matrix(&format!("{a}.k_proj.weight"), kv_out, hid, Role::Linear)?,
+                    t.matrix(&format!("{a}.v_proj.weight"), kv_out, hid, Role::Linear)?,
+                ],
+                [
+                    t.matrix(&format!("{mlp}.gate_proj.weight"), inter, hid, Role::Linear)?,
+                    t.matrix(&format!("{mlp}.up_proj.weight"), inter, hid, Role::Linear)?,
+                ],
+            )
+        };
+        let post_attention = norm(t, &format!("{p}.post_attention_layernorm.weight"))?;
+        let (attn_out_norm, post_norm, mlp_out_norm) = if var.sandwich_norms {
+            (
+                Some(post_attention),
+                norm(t, &format!("{p}.pre_feedforward_layernorm.weight"))?,
+                Some(norm(t, &format!("{p}.post_feedforward_layernorm.weight"))?),
+            )
+        } else {
+            (None, post_attention, None)
+        };
         layers.push(Layer {
-            input_norm: t.vector(&format!("{p}.input_layernorm.weight"), hid)?,
-            q: t.matrix(&format!("{a}.q_proj.weight"), q_out, hid, Role::Linear)?,
-            k: t.matrix(&format!("{a}.k_proj.weight"), kv_out, hid, Role::Linear)?,
-            v: t.matrix(&format!("{a}.v_proj.weight"), kv_out, hid, Role::Linear)?,
+            input_norm: norm(t, &format!("{p}.input_layernorm.weight"))?,
+            q,
+            k,
+            v,
             qkv_bias: if spec.qkv_bias {
                 Some([
                     t.vector(&format!("{a}.q_proj.bias"), q_out)?,
@@ -136,9 +215,11 @@ pub fn load_weights(spec: &Spec, t: &mut TensorLoader) -> Result<Weights, String
                 None
             },
             o: t.matrix(&format!("{a}.o_proj.weight"), hid, q_out, Role::Linear)?,
-            post_norm: t.vector(&format!("{p}.post_attention_layernorm.weight"), hid)?,
-            gate: t.matrix(&format!("{mlp}.gate_proj.weight"), inter, hid, Role::Linear)?,
-            up: t.matrix(&format!("{mlp}.up_proj.weight"), inter, hid, Role::Linear)?,
+            attn_out_norm,
+            post_norm,
+            mlp_out_norm,
+            gate,
+            up,
             down: t.matrix(&format!("{mlp}.down_proj.weight"), hid, inter, Role::Linear)?,
         });
     }
@@ -150,7 +231,7 @@ pub fn load_weights(spec: &Spec, t: &mut TensorLoader) -> Result<Weights, String
     Ok(Weights {
         embed: t.matrix("model.embed_tokens.weight", s.vocab, hid, embed_role)?,
         layers,
-        norm: t.vector("model.norm.weight", hid)?,
+        norm: norm(t, "model.norm.weight")?,
         lm_head: if spec.tied {
             None
         } else {
@@ -251,6 +332,11 @@ impl Decoder {
             }
             self.w.embed.row(t, xr);
         }
+        let var = &self.spec.variant;
+        if var.scale_embeddings {
+            let scale = (hid as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
         let mut h = vec![0f32; n * hid];
         let mut q = vec![0f32; n * q_row];
         let mut k = vec![0f32; n * kv_row];
@@ -291,8 +377,19 @@ impl Decoder {
                 );
             }
             self.cache.append(l, pos, &k, &v);
-            attention::attention(&s, &q, self.cache.layer(l), pos, &mut att);
+            let params = attention::Params {
+                scale: var.query_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
+                window: match var.window_on_even_layers && l % 2 == 1 {
+                    true => None,
+                    false => s.sliding_window,
+                },
+                softcap: var.attn_softcap,
+            };
+            attention::attention(&s, &params, &q, self.cache.layer(l), pos, &mut att);
             layer.o.apply(&mut Input::new(&att, q_row), &mut proj);
+            if let Some(n) = &layer.attn_out_norm {
+                rms_norm_in_place(&mut proj, n, s.rms_eps);
+            }
             for (xi, pi) in x.iter_mut().zip(&proj) {
                 *xi += pi;
             }
@@ -301,12 +398,16 @@ impl Decoder {
                 &mut Input::new(&h, hid),
                 &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)],
             );
+            let act = if var.gelu_gate { gelu_tanh } else { silu };
             for (g, u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
+                *g = act(*g) * u;
             }
             layer
                 .down
                 .apply(&mut Input::new(&gate, s.intermediate), &mut proj);
+            if let Some(n) = &layer.mlp_out_norm {
+                rms_norm_in_place(&mut proj, n, s.rms_eps);
+            }
             for (xi, pi) in x.iter_mut().zip(&proj) {
                 *xi += pi;
             }
@@ -319,6 +420,9 @@ impl Decoder {
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let mut logits = vec![0f32; rows.len() / hid * s.vocab];
         head.apply(&mut Input::new(&normed, hid), &mut logits);
+        if let Some(c) = self.spec.variant.final_softcap {
+            logits.iter_mut().for_each(|l| *l = (*l / c).tanh() * c);
+        }
         Ok(logits)
     }
 }
@@ -358,6 +462,12 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`, Gemma's activation).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
 
 /// Rotary positions, non-interleaved halves (as llama's `rope`), for every head in `row`.

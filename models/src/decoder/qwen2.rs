@@ -3,7 +3,7 @@
 use candle_nn::Activation;
 use candle_transformers::models::qwen2::Config;
 
-use super::{Shape, Spec};
+use super::{Shape, Spec, Variant};
 
 pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
     // Per-layer sliding windows (`max_window_layers`) are left to candle-transformers.
@@ -31,6 +31,7 @@ pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
         qkv_bias: true,
         qk_norm: false,
         tied: c.tie_word_embeddings,
+        variant: Variant::default(),
     };
     (c.hidden_size.is_multiple_of(c.num_attention_heads) && spec.valid()).then_some(spec)
 }

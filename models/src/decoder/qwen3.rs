@@ -3,7 +3,7 @@
 use candle_nn::Activation;
 use candle_transformers::models::qwen3::Config;
 
-use super::{Shape, Spec};
+use super::{Shape, Spec, Variant};
 
 pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
     // Attention biases (also on the output projection) and sliding windows are left to
@@ -32,6 +32,7 @@ pub fn spec(c: &Config, raw: &serde_json::Value) -> Option<Spec> {
         qkv_bias: false,
         qk_norm: true,
         tied: c.tie_word_embeddings,
+        variant: Variant::default(),
     };
     spec.valid().then_some(spec)
 }

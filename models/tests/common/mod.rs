@@ -34,7 +34,7 @@ pub fn config(arch: &str) -> serde_json::Value {
         "phi3" => json!({}),
         "gemma2" => {
             json!({"head_dim": 8, "hidden_activation": "gelu_pytorch_tanh", "attention_bias": false,
-                            "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+                            "final_logit_softcapping": 0.5, "attn_logit_softcapping": 0.5,
                             "query_pre_attn_scalar": 8, "sliding_window": 64})
         }
         "bert" => json!({"hidden_act": "gelu", "hidden_dropout_prob": 0.1, "type_vocab_size": 2,
