@@ -150,7 +150,9 @@ pub fn matrix_bytes(t: WeightType, rows: usize, cols: usize) -> u64 {
         Some(k) => {
             let blocks = crate::kernels::formats::padded_blocks(cols as usize) as u64;
             let rows = crate::kernels::formats::padded_rows(rows as usize) as u64;
-            rows * blocks * (k.code_bytes() as u64 + 4)
+            // A scale per block, and an offset for the kinds that store one.
+            let per_block = k.code_bytes() as u64 + if k.fixed_offset().is_some() { 2 } else { 4 };
+            rows * blocks * per_block
         }
     }
 }

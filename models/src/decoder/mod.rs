@@ -1,17 +1,18 @@
 //! The project's own decoder forward pass for llama-style models (RMSNorm, rotary positions,
-//! grouped-query attention, gated SiLU MLP), on the [`crate::kernels`].
+//! grouped-query attention, gated MLP), on the [`crate::kernels`].
 //!
 //! Why not candle-transformers' forward: per decode token it sends every projection to a GEMM on
 //! one thread, concatenates the KV cache and repeats KV heads, and allocates per op. Here the
-//! weights are read once per token by all threads, the KV cache grows in place (amortized, no
-//! copy of what is there), grouped heads index their KV head instead of repeating it, and the
-//! buffers are reused. candle-transformers stays the reference the tests compare against.
+//! weights are read once per token by all threads, the KV cache grows in place (keys transposed
+//! in blocks of 16 positions, see [`cache`]), the heads sharing a KV head are scored together
+//! instead of repeating it, and prompts go through the kernels' multi-token tiles.
+//! candle-transformers stays the reference the tests compare against.
 //!
-//! Families: llama, mistral, qwen2, qwen3 (one small file each states what differs); phi3 and
-//! gemma2 still run on candle-transformers. Weights are [`Matrix`]es at the run precision
-//! (f32, bf16, f16 in place from the mapping; Q8_0, Q4_0, Q4_K repacked at load). The layout
-//! leaves room for several sequences per weight read ([`Matrix::apply`] already applies each
-//! weight row to many input rows).
+//! Families: llama, mistral, qwen2, qwen3, phi3, gemma2 (one small file each states what differs;
+//! what goes beyond llama's layer is a [`Variant`] switch of the shared pass). Weights are
+//! [`Matrix`]es at the run precision (f32, bf16, f16 in place from the mapping; Q8_0, Q4_0, Q4_K
+//! repacked at load). The layout leaves room for several sequences per weight read
+//! ([`Matrix::apply`] already applies each weight row to many input rows).
 
 mod attention;
 mod cache;

@@ -59,7 +59,8 @@ impl QKind {
         }
     }
 
-    fn fixed_offset(self) -> Option<f32> {
+    /// The offset as a multiple of the scale, for the kinds where it is fixed.
+    pub fn fixed_offset(self) -> Option<f32> {
         match self {
             QKind::Q8_0 => Some(128.0),
             QKind::Q4_0 => Some(8.0),
@@ -81,8 +82,9 @@ pub struct QMatrix {
     pub codes: Vec<u8>,
     /// Scales (f16 bits): per panel and block, the panel's rows'.
     pub scales: Vec<u16>,
-    /// Per-block offsets `m` (f16 bits), laid out as the scales, for every kind (fixed multiples
-    /// of the scale for Q8_0 and Q4_0, computed here once).
+    /// Per-block offsets `m` (f16 bits), laid out as the scales: Q4_K only. Empty for Q8_0 and
+    /// Q4_0, whose offset is a fixed multiple of the scale (128 s, 8 s) that the kernels derive,
+    /// so decode reads two bytes less per row and block.
     pub mins: Vec<u16>,
 }
 
@@ -121,7 +123,10 @@ impl QMatrix {
             blocks,
             codes: vec![0u8; stored * blocks * cb],
             scales: vec![0u16; stored * blocks],
-            mins: vec![0u16; stored * blocks],
+            mins: match kind.fixed_offset() {
+                Some(_) => Vec::new(),
+                None => vec![0u16; stored * blocks],
+            },
         }
     }
 
@@ -133,10 +138,14 @@ impl QMatrix {
     /// Panel `p`: its codes, scales and offsets.
     pub fn panel(&self, p: usize) -> (&[u8], &[u16], &[u16]) {
         let (cb, n) = (self.panel_code_bytes(), self.blocks * PANEL);
+        let mins = match self.mins.is_empty() {
+            true => &self.mins[..],
+            false => &self.mins[p * n..(p + 1) * n],
+        };
         (
             &self.codes[p * cb..(p + 1) * cb],
             &self.scales[p * n..(p + 1) * n],
-            &self.mins[p * n..(p + 1) * n],
+            mins,
         )
     }
 
@@ -156,12 +165,19 @@ impl QMatrix {
         }
         let (p0, p1) = (first / PANEL, (first + n).div_ceil(PANEL));
         let (cb, sb) = (self.panel_code_bytes(), blocks * PANEL);
+        let mins: Vec<Option<&mut [u16]>> = match self.mins.is_empty() {
+            true => (p0..p1).map(|_| None).collect(),
+            false => self.mins[p0 * sb..p1 * sb]
+                .chunks_mut(sb)
+                .map(Some)
+                .collect(),
+        };
         let panels = self.codes[p0 * cb..p1 * cb]
             .par_chunks_mut(cb)
             .zip(self.scales[p0 * sb..p1 * sb].par_chunks_mut(sb))
-            .zip(self.mins[p0 * sb..p1 * sb].par_chunks_mut(sb))
+            .zip(mins.into_par_iter())
             .enumerate();
-        panels.for_each(|(i, ((codes, scales), mins))| {
+        panels.for_each(|(i, ((codes, scales), mut mins))| {
             let p = p0 + i;
             let rows = (p * PANEL).max(first)..((p + 1) * PANEL).min(first + n);
             for r in rows {
@@ -170,7 +186,9 @@ impl QMatrix {
                 let lane = r % PANEL;
                 for b in 0..blocks {
                     scales[b * PANEL + lane] = s[b];
-                    mins[b * PANEL + lane] = m[b];
+                    if let Some(mins) = &mut mins {
+                        mins[b * PANEL + lane] = m[b];
+                    }
                     for (j, &code) in u[b * BLOCK..(b + 1) * BLOCK].iter().enumerate() {
                         let (at, high) = code_position(kind, b, lane, j);
                         codes[at] = match (kind, high) {
@@ -187,10 +205,11 @@ impl QMatrix {
     /// Scale and offset of block `b` of row `r`.
     pub fn block_scale(&self, r: usize, b: usize) -> (f32, f32) {
         let at = (r / PANEL * self.blocks + b) * PANEL + r % PANEL;
-        (
-            f16::from_bits(self.scales[at]).to_f32(),
-            f16::from_bits(self.mins[at]).to_f32(),
-        )
+        let s = f16::from_bits(self.scales[at]).to_f32();
+        match self.kind.fixed_offset() {
+            Some(o) => (s, s * o),
+            None => (s, f16::from_bits(self.mins[at]).to_f32()),
+        }
     }
 
     /// The unsigned code of column `c` of row `r`.

@@ -569,6 +569,20 @@ pub(super) fn panel_q(isa: Isa, q: &QMatrix, p: usize, acts: &[&QActs], out: &mu
     #[cfg(target_arch = "x86_64")]
     {
         let (codes, scales, mins) = q.panel(p);
+        // The kernels' contract, checked here (not only in debug builds): one panel of
+        // `blocks` blocks; offsets stored for Q4_K only.
+        let blocks = q.blocks;
+        assert!(
+            scales.len() == blocks * PANEL
+                && codes.len() == blocks * PANEL * q.kind.code_bytes()
+                && mins.len()
+                    == if q.kind == QKind::Q4K {
+                        blocks * PANEL
+                    } else {
+                        0
+                    },
+            "panel shape"
+        );
         let vnni = isa == Isa::Avx512 && super::has_vnni();
         let avx2 = matches!(isa, Isa::Avx512 | Isa::Avx2Fma) && super::has_f16c();
         macro_rules! run {
@@ -601,8 +615,9 @@ pub(super) fn panel_q(isa: Isa, q: &QMatrix, p: usize, acts: &[&QActs], out: &mu
         }
         use super::x86::{panel_q_avx2, panel_q_vnni};
         match q.kind {
-            QKind::Q8_0 if vnni => return run!(panel_q_vnni, false),
-            _ if vnni => return run!(panel_q_vnni, true),
+            QKind::Q8_0 if vnni => return run!(panel_q_vnni, 0),
+            QKind::Q4_0 if vnni => return run!(panel_q_vnni, 1),
+            QKind::Q4K if vnni => return run!(panel_q_vnni, 2),
             QKind::Q8_0 if avx2 => return run!(panel_q_avx2, 0),
             QKind::Q4_0 if avx2 => return run!(panel_q_avx2, 1),
             QKind::Q4K if avx2 => return run!(panel_q_avx2, 2),

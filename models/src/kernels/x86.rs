@@ -275,21 +275,26 @@ pub unsafe fn dot_16_avx2<const BF16: bool>(w: &[u16], x: &[f32]) -> f32 {
 /// per block. Every code vector loaded serves the `T` tokens; each token's sums run in the
 /// same order whatever `T` is, so a prompt gives the bits of decode steps.
 ///
+/// `KIND`: 0 Q8_0, 1 Q4_0, 2 Q4_K (the only one with stored offsets).
+///
 /// # Safety
-/// The CPU must support avx512f, avx512bw, avx512vl and avx512vnni. `scales` and `mins` hold
-/// `16 * blocks` values, `codes` `512 * blocks` (Q8) or `256 * blocks` (Q4) bytes; each
-/// activation set has `blocks` scales and sums and `32 * blocks` codes.
+/// The CPU must support avx512f, avx512bw, avx512vl and avx512vnni. `scales` holds `16 * blocks`
+/// values and `mins` as many for Q4_K (none otherwise), `codes` `512 * blocks` (Q8) or
+/// `256 * blocks` (Q4) bytes; each activation set has `blocks` scales and sums and `32 * blocks`
+/// codes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 // Register arrays are indexed by token: the index is the clearer name.
 #[allow(clippy::needless_range_loop)]
-pub unsafe fn panel_q_vnni<const Q4: bool, const T: usize>(
+pub unsafe fn panel_q_vnni<const KIND: u8, const T: usize>(
     codes: &[u8],
     scales: &[u16],
     mins: &[u16],
     acts: [&QActs; T],
 ) -> [[f32; 16]; T] {
+    let q4 = KIND != 0;
     let blocks = scales.len() / 16;
-    debug_assert_eq!(codes.len(), blocks * if Q4 { 256 } else { 512 });
+    debug_assert_eq!(codes.len(), blocks * if q4 { 256 } else { 512 });
+    debug_assert_eq!(mins.len(), if KIND == 2 { 16 * blocks } else { 0 });
     debug_assert!(acts
         .iter()
         .all(|a| a.d.len() == blocks && a.q.len() == 32 * blocks));
@@ -309,11 +314,16 @@ pub unsafe fn panel_q_vnni<const Q4: bool, const T: usize>(
         let ws = _mm512_cvtph_ps(_mm256_loadu_si256(
             scales.as_ptr().add(b * 16) as *const __m256i
         ));
-        let ms = _mm512_cvtph_ps(_mm256_loadu_si256(
-            mins.as_ptr().add(b * 16) as *const __m256i
-        ));
+        // Q8_0 and Q4_0 offsets are 128 and 8 times the scale (exact in f32).
+        let ms = match KIND {
+            0 => _mm512_mul_ps(ws, _mm512_set1_ps(128.0)),
+            1 => _mm512_mul_ps(ws, _mm512_set1_ps(8.0)),
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256(
+                mins.as_ptr().add(b * 16) as *const __m256i
+            )),
+        };
         let mut sums = [[_mm512_setzero_si512(); 2]; T];
-        if Q4 {
+        if q4 {
             let base = pc.add(b * 256);
             for h in 0..4 {
                 let v = _mm512_loadu_si512(base.add(h * 64) as *const __m512i);
@@ -423,12 +433,14 @@ pub unsafe fn panel_q_avx2<const KIND: u8, const T: usize>(
         for h in 0..2 {
             let at = b * 16 + h * 8;
             let ws = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(at) as *const __m128i));
-            let ms = _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(at) as *const __m128i));
             for t in 0..T {
                 let dx = _mm256_set1_ps(*acts[t].d.get_unchecked(b));
                 let dp = _mm256_cvtepi32_ps(sums[t][h]);
                 acc[t][h] = _mm256_fmadd_ps(dp, _mm256_mul_ps(ws, dx), acc[t][h]);
                 if KIND == 2 {
+                    // Only Q4_K stores offsets (the others' codes were made signed above).
+                    let ms =
+                        _mm256_cvtph_ps(_mm_loadu_si128(mins.as_ptr().add(at) as *const __m128i));
                     let cx = _mm256_set1_ps(*acts[t].c.get_unchecked(b));
                     acc[t][h] = _mm256_fnmadd_ps(ms, cx, acc[t][h]);
                 }
