@@ -280,6 +280,31 @@ fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
 }
 
 #[test]
+fn a_gemma2_config_with_a_soft_cap_that_is_not_positive_is_refused() {
+    for cap in [0.0, -1.0] {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), "gemma2", DType::F32);
+        let config_path = tmp.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+        config["attn_logit_softcapping"] = serde_json::json!(cap);
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let source =
+            Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+        let err = TextModel::load(&source, &LoadOptions::default())
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(
+                err,
+                securerun_models::LoadError::Arch(securerun_models::arch::ArchError::Config { .. })
+            ),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
     use securerun_models::Precision;
     for arch in ["llama", "qwen3", "phi3", "gemma2"] {

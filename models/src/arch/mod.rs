@@ -217,7 +217,22 @@ fn owned_spec(
         Architecture::Qwen2 => decoder::qwen2::spec(&parse_config(arch, config)?, config),
         Architecture::Qwen3 => decoder::qwen3::spec(&parse_config(arch, config)?, config),
         Architecture::Phi3 => decoder::phi3::spec(&parse_config(arch, config)?, config),
-        Architecture::Gemma2 => decoder::gemma2::spec(&parse_config(arch, config)?, config),
+        Architecture::Gemma2 => {
+            let c: candle_transformers::models::gemma2::Config = parse_config(arch, config)?;
+            // A cap of zero, a negative or a NaN cap would silently turn every score into NaN.
+            for (key, cap) in [
+                ("attn_logit_softcapping", c.attn_logit_softcapping),
+                ("final_logit_softcapping", c.final_logit_softcapping),
+            ] {
+                if cap.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                    return Err(ArchError::Config {
+                        arch: arch.name(),
+                        reason: format!("{key} must be a positive number"),
+                    });
+                }
+            }
+            decoder::gemma2::spec(&c, config)
+        }
         Architecture::Bert => None,
     })
 }
