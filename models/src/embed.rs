@@ -80,8 +80,25 @@ impl Embedder {
             }
             .into());
         }
-        let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
-        let encoder = BertEncoder::load(&parts.config, vb, pooling, normalize, max_seq)?;
+        let own = if opts.engine == load::Engine::Best && opts.device.is_cpu() {
+            BertEncoder::load_own(
+                &parts.config,
+                source,
+                opts.precision,
+                pooling,
+                normalize,
+                max_seq,
+            )?
+        } else {
+            None
+        };
+        let encoder = match own {
+            Some(e) => e,
+            None => {
+                let vb = crate::weights::var_builder(source.clone(), parts.dtype, &opts.device);
+                BertEncoder::load(&parts.config, vb, pooling, normalize, max_seq)?
+            }
+        };
         Ok(Embedder {
             encoder,
             tokenizer: parts.tokenizer,

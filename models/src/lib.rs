@@ -27,6 +27,7 @@ pub mod chat;
 pub mod decoder;
 pub mod detok;
 pub mod embed;
+pub mod encoder;
 pub mod fsutil;
 pub mod generate;
 pub mod inspect;

@@ -125,6 +125,45 @@ fn bert_embeddings_are_normalized_and_padding_invariant() {
     ));
 }
 
+/// The own BERT encoder against candle-transformers (the reference) on the same generated
+/// model, at f32: every vector of a batch of different lengths (the reference pads, the own
+/// encoder packs), elementwise.
+#[test]
+fn the_own_encoder_matches_the_reference() {
+    use securerun_models::load::Engine;
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "bert", DType::F32);
+    let source = Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+    let load = |engine| {
+        Embedder::load(
+            &source,
+            &LoadOptions {
+                engine,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let (own, reference) = (load(Engine::Best), load(Engine::Reference));
+    let texts: Vec<String> = [
+        "a",
+        "short one",
+        "a much longer input text than the others here",
+    ]
+    .iter()
+    .map(|t| t.to_string())
+    .collect();
+    let (a, b) = (own.embed(&texts).unwrap(), reference.embed(&texts).unwrap());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "input {i}: differs by {worst}");
+    }
+}
+
 #[test]
 fn chat_stop_strings_cancel_and_limits() {
     let tmp = tempfile::tempdir().unwrap();

@@ -55,9 +55,17 @@ impl Pooling {
     }
 }
 
+/// The forward pass behind a sentence encoder.
+enum Backend {
+    /// The project's own, on the kernels ([`crate::encoder`]).
+    Own(crate::encoder::Encoder),
+    /// candle-transformers (the reference; accelerators; configurations the own one skips).
+    Candle(bert::BertModel),
+}
+
 /// A sentence encoder: BERT, then pooling, then optional L2 normalization.
 pub struct BertEncoder {
-    model: bert::BertModel,
+    model: Backend,
     pooling: Pooling,
     normalize: bool,
     max_tokens: usize,
@@ -75,7 +83,9 @@ impl BertEncoder {
     ) -> Result<Self, ArchError> {
         let cfg: bert::Config = parse_config(Architecture::Bert, config)?;
         let device = vb.device().clone();
-        let model = build(Architecture::Bert, || bert::BertModel::load(vb, &cfg))?;
+        let model = Backend::Candle(build(Architecture::Bert, || {
+            bert::BertModel::load(vb, &cfg)
+        })?);
         let max_tokens = max_seq_length
             .unwrap_or(cfg.max_position_embeddings)
             .min(cfg.max_position_embeddings);
@@ -99,8 +109,51 @@ impl BertEncoder {
         self.hidden_size
     }
 
+    /// The encoder on the project's own forward pass (CPU), at `precision` (f32, bf16, f16;
+    /// `auto` is f32, the reference's); `None` when this configuration is left to candle.
+    pub fn load_own(
+        config: &serde_json::Value,
+        source: &std::sync::Arc<crate::source::ModelSource>,
+        precision: crate::precision::Precision,
+        pooling: Pooling,
+        normalize: bool,
+        max_seq_length: Option<usize>,
+    ) -> Result<Option<Self>, ArchError> {
+        use crate::precision::Precision;
+        let Some(shape) = crate::encoder::Shape::from_config(config) else {
+            return Ok(None);
+        };
+        let precision = match precision {
+            Precision::Auto => Precision::F32,
+            p => p,
+        };
+        let (hidden, positions) = (shape.hidden, shape.max_positions);
+        let encoder = build(Architecture::Bert, || {
+            let mut loader = crate::decoder::load::TensorLoader::new(source.clone(), precision);
+            crate::encoder::Encoder::load(shape, &mut loader).map_err(candle_core::Error::Msg)
+        })?;
+        Ok(Some(BertEncoder {
+            model: Backend::Own(encoder),
+            pooling,
+            normalize,
+            max_tokens: max_seq_length.unwrap_or(positions).min(positions),
+            hidden_size: hidden,
+            device: Device::Cpu,
+        }))
+    }
+
     /// Encodes a batch of token sequences (already checked against [`Self::max_tokens`]).
     pub fn encode(&self, batch: &[Vec<u32>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let model = match &self.model {
+            Backend::Own(e) => {
+                let states = e.forward(batch).map_err(candle_core::Error::Msg)?;
+                return Ok(states
+                    .iter()
+                    .map(|s| pool(s, self.hidden_size, self.pooling, self.normalize))
+                    .collect());
+            }
+            Backend::Candle(m) => m,
+        };
         let longest = batch.iter().map(Vec::len).max().unwrap_or(0);
         if batch.is_empty() || longest == 0 {
             return Ok(vec![vec![0.0; self.hidden_size]; batch.len()]);
@@ -117,7 +170,7 @@ impl BertEncoder {
         let ids = Tensor::from_vec(ids, shape, &self.device)?;
         let mask = Tensor::from_vec(mask, shape, &self.device)?;
         let types = ids.zeros_like()?;
-        let states = self.model.forward(&ids, &types, Some(&mask))?; // [b, l, h]
+        let states = model.forward(&ids, &types, Some(&mask))?; // [b, l, h]
         let maskf = mask.to_dtype(states.dtype())?.unsqueeze(2)?; // [b, l, 1]
         let pooled = match self.pooling {
             Pooling::Mean => {
@@ -145,4 +198,33 @@ impl BertEncoder {
         };
         pooled.to_vec2()
     }
+}
+
+/// One input's token states (`[token][hidden]`) pooled into one vector, L2-normalized if asked
+/// (as the candle path above, in f32).
+fn pool(states: &[f32], hidden: usize, pooling: Pooling, normalize: bool) -> Vec<f32> {
+    let tokens = states.len() / hidden;
+    let mut v = vec![0f32; hidden];
+    if tokens > 0 {
+        match pooling {
+            Pooling::Mean => {
+                for row in states.chunks_exact(hidden) {
+                    v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                }
+                v.iter_mut().for_each(|a| *a /= tokens as f32);
+            }
+            Pooling::Cls => v.copy_from_slice(&states[..hidden]),
+            Pooling::Max => {
+                v.fill(f32::NEG_INFINITY);
+                for row in states.chunks_exact(hidden) {
+                    v.iter_mut().zip(row).for_each(|(a, b)| *a = a.max(*b));
+                }
+            }
+        }
+    }
+    if normalize {
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
 }

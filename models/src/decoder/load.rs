@@ -104,6 +104,18 @@ impl TensorLoader {
         Ok(self.read_f32(file, &info))
     }
 
+    /// A `[rows, cols]` table kept in f32 (position embeddings and the like).
+    pub fn vector_2d(&mut self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, String> {
+        let (file, info) = self.find(name, &[rows, cols])?;
+        Ok(self.read_f32(file, &info))
+    }
+
+    /// The number of rows of a two-dimensional tensor, if the model has it.
+    pub fn rows_of(&self, name: &str) -> Option<usize> {
+        let (_, info) = self.source.tensor(name)?;
+        (info.shape.len() == 2).then(|| info.shape[0])
+    }
+
     /// A `[rows, cols]` weight matrix at the type the precision plans for `role`.
     pub fn matrix(
         &mut self,
