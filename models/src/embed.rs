@@ -9,10 +9,6 @@ use crate::load::{self, LoadError, LoadOptions};
 use crate::source::{ModelSource, StModule};
 use crate::tokenizer::{self, TokenizerError};
 
-/// Inputs per forward pass: large enough to use the cores, small enough that one long text
-/// does not pad many short ones far.
-const BATCH: usize = 16;
-
 /// Why embedding failed.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -144,7 +140,7 @@ impl Embedder {
     /// Embeds already tokenized inputs (see [`Self::tokenize`]).
     pub fn embed_ids(&self, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(BATCH) {
+        for chunk in ids.chunks(self.encoder.batch_size()) {
             let vectors = match crate::panic_guard::catch(|| self.encoder.encode(chunk)) {
                 Ok(result) => result.map_err(|e| EmbedError::Compute(e.to_string()))?,
                 Err(panic) => {

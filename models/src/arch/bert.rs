@@ -104,6 +104,15 @@ impl BertEncoder {
         self.max_tokens
     }
 
+    /// Inputs encoded together: the own encoder packs real tokens (no padding), so larger
+    /// batches only mean more rows per weight read; candle pads to the longest input.
+    pub fn batch_size(&self) -> usize {
+        match self.model {
+            Backend::Own(_) => 64,
+            Backend::Candle(_) => 16,
+        }
+    }
+
     /// Embedding dimension.
     pub fn dimension(&self) -> usize {
         self.hidden_size
