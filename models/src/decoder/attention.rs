@@ -39,7 +39,7 @@ pub fn attention(s: &Shape, p: &Params, q: &[f32], cache: &LayerKv, pos: usize, 
         |&(t0, kv): &(usize, usize)| (t0, kv, task(s, p, q, cache, pos, t0..(t0 + per).min(n), kv));
     // Short contexts are cheaper on this thread than waking the pool.
     let work = n * s.heads * (pos + n) * d;
-    let done: Vec<(usize, usize, Vec<f32>)> = if work < 1 << 18 {
+    let done: Vec<(usize, usize, Vec<f32>)> = if work < 1 << 16 {
         tasks.iter().map(run).collect()
     } else {
         tasks.par_iter().map(run).collect()
