@@ -63,11 +63,11 @@ def build_onnx(dst):
     ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"])
     mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"])
     word = node("Gather", [const("word", w["embeddings.word_embeddings.weight"]), "input_ids"], "we")
-    shape = node("Shape", ["input_ids"], "shape")
-    seq = node("Gather", ["shape", const("one", np.array(1, dtype=np.int64))], "seq")
-    pos_ids = node("Range", [const("zero", np.array(0, dtype=np.int64)), seq,
-                             const("step", np.array(1, dtype=np.int64))], "pos_ids")
-    pos = node("Gather", [const("pos", w["embeddings.position_embeddings.weight"]), pos_ids], "pe")
+    # The first L rows of the position table (L = the batch's sequence length).
+    seq = node("Shape", ["input_ids"], "seq", start=1, end=2)
+    pos = node("Slice", [const("pos", w["embeddings.position_embeddings.weight"]),
+                         const("zero1", np.array([0], dtype=np.int64)), seq,
+                         const("axis0", np.array([0], dtype=np.int64))], "pe")
     typ = const("type0", w["embeddings.token_type_embeddings.weight"][0])
     x = norm(node("Add", [node("Add", [word, pos], "wp"), typ], "emb"), "embeddings.LayerNorm", "x0")
     # (1 - mask) * -1e4 as [B, 1, 1, L].
