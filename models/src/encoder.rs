@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::decoder::load::TensorLoader;
 use crate::kernels::attention::{scores_block, weighted_sum, KEYS};
-use crate::kernels::{Input, Matrix};
+use crate::kernels::{apply_group, Input, Matrix};
 use crate::precision::Role;
 
 /// The activation between the two MLP products.
@@ -101,7 +101,15 @@ pub struct Encoder {
     token_type: Vec<f32>,
     emb_norm: Norm,
     layers: Vec<Layer>,
+    /// The encoder's own threads: a pass runs on one of them, so its products are shared with
+    /// threads already awake instead of being handed from the caller's thread and back (as the
+    /// decoder does; most of the time of a short input otherwise).
+    pool: Option<rayon::ThreadPool>,
 }
+
+/// Below this many values, element-wise steps (norms, activations) run on the calling thread:
+/// waking the pool costs more than they do.
+const SERIAL_ELEMENTS: usize = 1 << 15;
 
 impl Encoder {
     /// Loads the weights (names with or without the `bert.` prefix) at the loader's precision.
@@ -156,6 +164,10 @@ impl Encoder {
             emb_norm: norm(t, "embeddings.LayerNorm")?,
             layers,
             shape,
+            pool: rayon::ThreadPoolBuilder::new()
+                .num_threads(rayon::current_num_threads())
+                .build()
+                .ok(),
         })
     }
 
@@ -165,6 +177,13 @@ impl Encoder {
 
     /// The last layer's states of every token of every input (`[input][token][hidden]`).
     pub fn forward(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.run(batch)),
+            None => self.run(batch),
+        }
+    }
+
+    fn run(&self, batch: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, String> {
         let s = &self.shape;
         let h = s.hidden;
         let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
@@ -205,11 +224,16 @@ impl Encoder {
         let mut proj = vec![0f32; n * h];
         let mut mid = vec![0f32; n * s.intermediate];
         for layer in &self.layers {
-            {
-                let mut input = Input::new(&x, h);
-                for (lin, out) in [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)] {
-                    lin.apply(&mut input, out);
-                }
+            apply_group(
+                &mut Input::new(&x, h),
+                &mut [
+                    (&layer.q.w, &mut q),
+                    (&layer.k.w, &mut k),
+                    (&layer.v.w, &mut v),
+                ],
+            );
+            for (lin, out) in [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)] {
+                lin.add_bias(out);
             }
             self_attention(s, &lens, &q, &k, &v, &mut att);
             layer.o.apply(&mut Input::new(&att, h), &mut proj);
@@ -220,7 +244,11 @@ impl Encoder {
                 Act::GeluTanh => gelu_tanh,
                 Act::Relu => |v| v.max(0.0),
             };
-            mid.par_iter_mut().for_each(|v| *v = act(*v));
+            if mid.len() < SERIAL_ELEMENTS {
+                mid.iter_mut().for_each(|v| *v = act(*v));
+            } else {
+                mid.par_iter_mut().for_each(|v| *v = act(*v));
+            }
             layer
                 .down
                 .apply(&mut Input::new(&mid, s.intermediate), &mut proj);
@@ -240,6 +268,10 @@ impl Linear {
     /// `y = x Wᵀ + b` for every row of `input`.
     fn apply(&self, input: &mut Input, y: &mut [f32]) {
         self.w.apply(input, y);
+        self.add_bias(y);
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         for row in y.chunks_exact_mut(self.b.len()) {
             for (v, b) in row.iter_mut().zip(&self.b) {
                 *v += b;
@@ -265,53 +297,57 @@ fn self_attention(s: &Shape, lens: &[usize], q: &[f32], k: &[f32], v: &[f32], ou
         .filter(|(&len, _)| len > 0)
         .flat_map(|(&len, &start)| (0..heads).map(move |head| (start, len, head)))
         .collect();
-    let done: Vec<(usize, usize, usize, Vec<f32>)> = tasks
-        .into_par_iter()
-        .map(|(start, len, head)| {
-            let col = head * d;
-            let qs: Vec<f32> = (0..len)
-                .flat_map(|t| q[(start + t) * h + col..(start + t) * h + col + d].iter())
-                .map(|x| x * scale)
-                .collect();
-            // Keys transposed in blocks of KEYS positions (what the scores kernel reads).
-            let blocks = len.div_ceil(KEYS);
-            let mut kt = vec![0f32; blocks * d * KEYS];
-            for t in 0..len {
-                let (b, lane) = (t / KEYS, t % KEYS);
-                for j in 0..d {
-                    kt[(b * d + j) * KEYS + lane] = k[(start + t) * h + col + j];
-                }
+    let one = |&(start, len, head): &(usize, usize, usize)| {
+        let col = head * d;
+        let qs: Vec<f32> = (0..len)
+            .flat_map(|t| q[(start + t) * h + col..(start + t) * h + col + d].iter())
+            .map(|x| x * scale)
+            .collect();
+        // Keys transposed in blocks of KEYS positions (what the scores kernel reads).
+        let blocks = len.div_ceil(KEYS);
+        let mut kt = vec![0f32; blocks * d * KEYS];
+        for t in 0..len {
+            let (b, lane) = (t / KEYS, t % KEYS);
+            for j in 0..d {
+                kt[(b * d + j) * KEYS + lane] = k[(start + t) * h + col + j];
             }
-            let span = blocks * KEYS;
-            let mut scores = vec![0f32; len * span];
-            for b in 0..blocks {
-                scores_block(
-                    &qs,
-                    d,
-                    &kt[b * d * KEYS..(b + 1) * d * KEYS],
-                    &mut scores[b * KEYS..],
-                    span,
-                );
+        }
+        let span = blocks * KEYS;
+        let mut scores = vec![0f32; len * span];
+        for b in 0..blocks {
+            scores_block(
+                &qs,
+                d,
+                &kt[b * d * KEYS..(b + 1) * d * KEYS],
+                &mut scores[b * KEYS..],
+                span,
+            );
+        }
+        let mut inv = vec![0f32; len];
+        for (row, inv) in scores.chunks_exact_mut(span).zip(inv.iter_mut()) {
+            let max = row[..len].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let mut sum = 0f32;
+            for v in &mut row[..len] {
+                *v = (*v - max).exp();
+                sum += *v;
             }
-            let mut inv = vec![0f32; len];
-            for (row, inv) in scores.chunks_exact_mut(span).zip(inv.iter_mut()) {
-                let max = row[..len].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let mut sum = 0f32;
-                for v in &mut row[..len] {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                row[len..].fill(0.0);
-                *inv = 1.0 / sum;
-            }
-            let mut o = vec![0f32; len * d];
-            weighted_sum(&scores, span, len, &v[start * h + col..], h, &mut o, d);
-            for (row, k) in o.chunks_exact_mut(d).zip(&inv) {
-                row.iter_mut().for_each(|v| *v *= k);
-            }
-            (start, len, col, o)
-        })
-        .collect();
+            row[len..].fill(0.0);
+            *inv = 1.0 / sum;
+        }
+        let mut o = vec![0f32; len * d];
+        weighted_sum(&scores, span, len, &v[start * h + col..], h, &mut o, d);
+        for (row, k) in o.chunks_exact_mut(d).zip(&inv) {
+            row.iter_mut().for_each(|v| *v *= k);
+        }
+        (start, len, col, o)
+    };
+    // Short inputs: cheaper on this thread than waking the pool for each head.
+    let work: usize = lens.iter().map(|l| l * l).sum::<usize>() * h;
+    let done: Vec<(usize, usize, usize, Vec<f32>)> = if work < 1 << 16 {
+        tasks.iter().map(one).collect()
+    } else {
+        tasks.par_iter().map(one).collect()
+    };
     for (start, len, col, o) in done {
         for t in 0..len {
             out[(start + t) * h + col..(start + t) * h + col + d]
@@ -330,14 +366,19 @@ fn add_norm(x: &mut [f32], y: &[f32], norm: &Norm, eps: f32) {
 
 fn layer_norm(x: &mut [f32], norm: &Norm, eps: f32) {
     let h = norm.weight.len();
-    x.par_chunks_exact_mut(h).for_each(|row| {
+    let one = |row: &mut [f32]| {
         let mean = row.iter().sum::<f32>() / h as f32;
         let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
             *v = (*v - mean) * inv * w + b;
         }
-    });
+    };
+    if x.len() < SERIAL_ELEMENTS {
+        x.chunks_exact_mut(h).for_each(one);
+    } else {
+        x.par_chunks_exact_mut(h).for_each(one);
+    }
 }
 
 fn gelu_erf(x: f32) -> f32 {
