@@ -19,13 +19,19 @@ pub fn scores_block(qs: &[f32], d: usize, kt: &[f32], out: &mut [f32], stride: u
         stride >= KEYS && (m == 0 || out.len() >= (m - 1) * stride + KEYS),
         "scores shape"
     );
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        // SAFETY: avx512f detected; the shapes are checked above.
-        unsafe { super::x86::scores_block_avx512(qs, d, kt, out, stride) };
-        return;
+    scores_block_with(isa(), qs, d, kt, out, stride)
+}
+
+fn scores_block_with(isa: Isa, qs: &[f32], d: usize, kt: &[f32], out: &mut [f32], stride: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; the shapes are checked by the caller.
+        Isa::Avx512 => unsafe { super::x86::scores_block_avx512(qs, d, kt, out, stride) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 and fma detected; the shapes are checked by the caller.
+        Isa::Avx2Fma => unsafe { super::x86::scores_block_avx2(qs, d, kt, out, stride) },
+        _ => scores_block_scalar(qs, d, kt, out, stride),
     }
-    scores_block_scalar(qs, d, kt, out, stride)
 }
 
 /// The reference: per query and key, even and odd dimensions summed apart, then added (the
@@ -69,13 +75,33 @@ pub fn weighted_sum(
         m == 0 || (stride >= keys && ps.len() >= (m - 1) * stride + keys),
         "weights shape"
     );
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512 {
-        // SAFETY: avx512f detected; the shapes are checked above.
-        unsafe { super::x86::weighted_sum_avx512(ps, stride, keys, v, v_stride, out, d) };
-        return;
+    weighted_sum_with(isa(), ps, stride, keys, v, v_stride, out, d)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weighted_sum_with(
+    isa: Isa,
+    ps: &[f32],
+    stride: usize,
+    keys: usize,
+    v: &[f32],
+    v_stride: usize,
+    out: &mut [f32],
+    d: usize,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx512f detected; the shapes are checked by the caller.
+        Isa::Avx512 => unsafe {
+            super::x86::weighted_sum_avx512(ps, stride, keys, v, v_stride, out, d)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: avx2 and fma detected; the shapes are checked by the caller.
+        Isa::Avx2Fma => unsafe {
+            super::x86::weighted_sum_avx2(ps, stride, keys, v, v_stride, out, d)
+        },
+        _ => weighted_sum_scalar(ps, stride, keys, v, v_stride, out, d),
     }
-    weighted_sum_scalar(ps, stride, keys, v, v_stride, out, d)
 }
 
 /// The reference: per query and dimension, one running sum over the keys in order.
@@ -104,6 +130,23 @@ mod tests {
     use super::*;
     use crate::kernels::tests::values;
 
+    /// Every kernel tier this CPU runs.
+    fn tiers() -> Vec<Isa> {
+        let mut t = vec![Isa::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                t.push(Isa::Avx2Fma);
+            }
+            if isa() == Isa::Avx512 {
+                t.push(Isa::Avx512);
+            }
+        }
+        t
+    }
+
     #[test]
     fn scores_match_the_scalar_reference_bit_for_bit() {
         for d in [1, 2, 7, 16, 33, 64, 96, 128, 256] {
@@ -112,10 +155,14 @@ mod tests {
                 let qs = values(m * d, (m * 31 + d) as u32);
                 let stride = KEYS + 5;
                 let mut want = vec![7f32; m * stride];
-                let mut got = want.clone();
                 scores_block_scalar(&qs, d, &kt, &mut want, stride);
+                for isa in tiers() {
+                    let mut got = vec![7f32; m * stride];
+                    scores_block_with(isa, &qs, d, &kt, &mut got, stride);
+                    assert_eq!(want, got, "{isa:?} d {d} m {m}");
+                }
+                let mut got = want.clone();
                 scores_block(&qs, d, &kt, &mut got, stride);
-                assert_eq!(want, got, "d {d} m {m}");
                 // One query alone gets the bits it gets among others.
                 let mut alone = vec![0f32; KEYS];
                 scores_block(&qs[(m - 1) * d..], d, &kt, &mut alone, KEYS);
@@ -134,10 +181,12 @@ mod tests {
                     let stride = keys + 2;
                     let ps = values(m * stride, (m * 7 + keys) as u32);
                     let mut want = vec![9f32; m * d];
-                    let mut got = vec![-9f32; m * d];
                     weighted_sum_scalar(&ps, stride, keys, &v, v_stride, &mut want, d);
-                    weighted_sum(&ps, stride, keys, &v, v_stride, &mut got, d);
-                    assert_eq!(want, got, "d {d} keys {keys} m {m}");
+                    for isa in tiers() {
+                        let mut got = vec![-9f32; m * d];
+                        weighted_sum_with(isa, &ps, stride, keys, &v, v_stride, &mut got, d);
+                        assert_eq!(want, got, "{isa:?} d {d} keys {keys} m {m}");
+                    }
                 }
             }
         }

@@ -871,3 +871,123 @@ unsafe fn weighted_tile<const M: usize>(
         }
     }
 }
+
+/// [`super::attention::scores_block`] with AVX2: two queries at a time, each with even and odd
+/// running sums over two 8-key halves (eight chains in the sixteen registers), in the order of
+/// the scalar reference.
+///
+/// # Safety
+/// The CPU must support avx2 and fma; shapes as checked by the safe wrapper.
+#[target_feature(enable = "avx2,fma")]
+// Register arrays are indexed by query: the index is the clearer name.
+#[allow(clippy::needless_range_loop)]
+pub unsafe fn scores_block_avx2(qs: &[f32], d: usize, kt: &[f32], out: &mut [f32], stride: usize) {
+    let m = qs.len() / d;
+    let pk = kt.as_ptr();
+    let mut q = 0;
+    while q < m {
+        let count = (m - q).min(2);
+        let mut even = [[_mm256_setzero_ps(); 2]; 2];
+        let mut odd = [[_mm256_setzero_ps(); 2]; 2];
+        let pq = qs.as_ptr().add(q * d);
+        let mut j = 0;
+        // SAFETY (all accesses below): key rows j, j + 1 < d (16 values each); query elements
+        // (q + c) * d + j (+ 1) with q + c < m; the stores write 16 values at (q + c) * stride.
+        while j + 2 <= d {
+            let k0 = [
+                _mm256_loadu_ps(pk.add(j * 16)),
+                _mm256_loadu_ps(pk.add(j * 16 + 8)),
+            ];
+            let k1 = [
+                _mm256_loadu_ps(pk.add((j + 1) * 16)),
+                _mm256_loadu_ps(pk.add((j + 1) * 16 + 8)),
+            ];
+            for c in 0..count {
+                let (a, b) = (
+                    _mm256_set1_ps(*pq.add(c * d + j)),
+                    _mm256_set1_ps(*pq.add(c * d + j + 1)),
+                );
+                for h in 0..2 {
+                    even[c][h] = _mm256_fmadd_ps(a, k0[h], even[c][h]);
+                    odd[c][h] = _mm256_fmadd_ps(b, k1[h], odd[c][h]);
+                }
+            }
+            j += 2;
+        }
+        if j < d {
+            let k0 = [
+                _mm256_loadu_ps(pk.add(j * 16)),
+                _mm256_loadu_ps(pk.add(j * 16 + 8)),
+            ];
+            for c in 0..count {
+                let a = _mm256_set1_ps(*pq.add(c * d + j));
+                for h in 0..2 {
+                    even[c][h] = _mm256_fmadd_ps(a, k0[h], even[c][h]);
+                }
+            }
+        }
+        for c in 0..count {
+            let po = out.as_mut_ptr().add((q + c) * stride);
+            for h in 0..2 {
+                _mm256_storeu_ps(po.add(h * 8), _mm256_add_ps(even[c][h], odd[c][h]));
+            }
+        }
+        q += 2;
+    }
+}
+
+/// [`super::attention::weighted_sum`] with AVX2: 32 dimensions of two queries at a time in
+/// eight registers, one running sum per lane over the keys in order (as the scalar reference).
+///
+/// # Safety
+/// The CPU must support avx2 and fma; shapes as checked by the safe wrapper.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn weighted_sum_avx2(
+    ps: &[f32],
+    stride: usize,
+    keys: usize,
+    v: &[f32],
+    v_stride: usize,
+    out: &mut [f32],
+    d: usize,
+) {
+    let m = out.len() / d;
+    let mut c = 0;
+    while c < d {
+        let w = (d - c).min(32);
+        let vectors = w / 8;
+        let mut q = 0;
+        while q < m {
+            let count = (m - q).min(2);
+            let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+            let mut tail = [[0f32; 8]; 2];
+            // SAFETY (all accesses below): value row i < keys reads columns c .. c + w < d of a
+            // row at i * v_stride; weights (q + k) * stride + i with i < keys; outputs
+            // (q + k) * d + c .. + w.
+            for i in 0..keys {
+                let row = v.as_ptr().add(i * v_stride + c);
+                for k in 0..count {
+                    let p = *ps.as_ptr().add((q + k) * stride + i);
+                    let pv = _mm256_set1_ps(p);
+                    for (x, a) in acc[k].iter_mut().enumerate().take(vectors) {
+                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(x * 8)), *a);
+                    }
+                    for (l, t) in tail[k].iter_mut().enumerate().take(w - vectors * 8) {
+                        *t = p.mul_add(*row.add(vectors * 8 + l), *t);
+                    }
+                }
+            }
+            for k in 0..count {
+                let po = out.as_mut_ptr().add((q + k) * d + c);
+                for (x, a) in acc[k].iter().enumerate().take(vectors) {
+                    _mm256_storeu_ps(po.add(x * 8), *a);
+                }
+                for (l, t) in tail[k].iter().enumerate().take(w - vectors * 8) {
+                    *po.add(vectors * 8 + l) = *t;
+                }
+            }
+            q += 2;
+        }
+        c += 32;
+    }
+}
