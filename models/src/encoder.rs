@@ -150,7 +150,8 @@ impl Encoder {
         let token_type = format!("{prefix}embeddings.token_type_embeddings.weight");
         let type_rows = t
             .rows_of(&token_type)
-            .ok_or_else(|| format!("tensor {token_type:?} is missing from the model"))?;
+            .filter(|&rows| rows > 0)
+            .ok_or_else(|| format!("tensor {token_type:?} is missing or has no rows"))?;
         Ok(Encoder {
             word: t.matrix(
                 &format!("{prefix}embeddings.word_embeddings.weight"),
