@@ -9,6 +9,7 @@
 
 use rayon::prelude::*;
 
+use crate::decoder::gelu_tanh;
 use crate::decoder::load::TensorLoader;
 use crate::kernels::attention::{scores_block, weighted_sum, KEYS};
 use crate::kernels::{apply_group, Input, Matrix};
@@ -384,9 +385,4 @@ fn layer_norm(x: &mut [f32], norm: &Norm, eps: f32) {
 
 fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
-}
-
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }

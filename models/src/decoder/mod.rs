@@ -465,8 +465,9 @@ fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`, Gemma's activation).
-fn gelu_tanh(x: f32) -> f32 {
+/// GELU, tanh approximation (PyTorch's `gelu(approximate="tanh")`: Gemma's activation, and
+/// BERT's `gelu_new`).
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh())
 }
