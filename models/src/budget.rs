@@ -45,10 +45,10 @@ pub fn estimate(
     let config = crate::load::config(source)?;
     let converted: u64 = source
         .tensors()
-        .map(|(_, t)| match t.shape[..] {
+        .map(|(f, t)| match t.shape[..] {
             [rows, cols] => {
                 let wt = precision.weight_type(Role::Linear, cols);
-                if in_place(t.dtype, wt) {
+                if in_place(t.dtype, wt, f.tensor_bytes(t)) {
                     0
                 } else {
                     matrix_bytes(wt, rows, cols)

@@ -164,7 +164,7 @@ pub fn precision_report(source: &ModelSource, precision: crate::Precision) -> Pr
         .unwrap_or(false);
     let mut types: BTreeMap<String, DtypeReport> = BTreeMap::new();
     let (mut bytes, mut in_place_bytes) = (0u64, 0u64);
-    for (_, t) in source.tensors() {
+    for (f, t) in source.tensors() {
         let params: u64 = t.shape.iter().map(|&d| d as u64).product();
         let (name, b, mapped) = match t.shape[..] {
             [rows, cols] => {
@@ -181,7 +181,7 @@ pub fn precision_report(source: &ModelSource, precision: crate::Precision) -> Pr
                 (
                     wt.name(),
                     matrix_bytes(wt, rows, cols),
-                    in_place(t.dtype, wt),
+                    in_place(t.dtype, wt, f.tensor_bytes(t)),
                 )
             }
             _ => ("f32", params * 4, t.dtype == Dtype::F32),

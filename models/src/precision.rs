@@ -157,8 +157,15 @@ pub fn matrix_bytes(t: WeightType, rows: usize, cols: usize) -> u64 {
     }
 }
 
-/// Whether a tensor of the file's type can be used in place (no conversion) at `t`.
-pub fn in_place(file: Dtype, t: WeightType) -> bool {
+/// Whether a tensor whose bytes in the file's mapping are `bytes` is used in place there at
+/// `t`: the file's own type, starting on a cache line (else it is copied to one, as the
+/// kernels' loads would straddle lines: see [`crate::kernels::aligned`]).
+pub fn in_place(file: Dtype, t: WeightType, bytes: &[u8]) -> bool {
+    same_type(file, t) && crate::kernels::aligned::is_line_aligned(bytes)
+}
+
+/// Whether the file's type is the run type `t` (no conversion).
+pub fn same_type(file: Dtype, t: WeightType) -> bool {
     matches!(
         (file, t),
         (Dtype::F32, WeightType::F32)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::kernels::aligned::Aligned;
 use crate::kernels::{Bytes, Elems, Matrix, QMatrix, WeightType};
 use crate::precision::{self, Precision, Role};
 use crate::source::ModelSource;
@@ -182,38 +183,39 @@ impl TensorLoader {
         cols: usize,
         t: WeightType,
     ) -> Matrix {
-        if precision::in_place(info.dtype, t) {
+        let f = &self.source.weight_files()[file];
+        if precision::in_place(info.dtype, t, f.tensor_bytes(&info)) {
             // Read in place for the whole run: its pages are mapped in now, at load, rather
             // than by faults during the first tokens.
-            let f = &self.source.weight_files()[file];
             f.populate_range(&info, 0, (info.end - info.begin) as usize);
             let mapped = Box::new(MappedTensor {
                 source: self.source.clone(),
                 file,
                 info: info.clone(),
             });
-            match t {
-                WeightType::F32 => {
-                    if let Ok(e) = Elems::<f32>::mapped(mapped) {
-                        return Matrix::f32(rows, cols, e);
-                    }
-                }
+            let built = match t {
+                WeightType::F32 => Elems::<f32>::mapped(mapped).map(|e| Matrix::f32(rows, cols, e)),
                 WeightType::Bf16 => {
-                    if let Ok(e) = Elems::<u16>::mapped(mapped) {
-                        return Matrix::bf16(rows, cols, e);
-                    }
+                    Elems::<u16>::mapped(mapped).map(|e| Matrix::bf16(rows, cols, e))
                 }
-                _ => {
-                    if let Ok(e) = Elems::<u16>::mapped(mapped) {
-                        return Matrix::f16(rows, cols, e);
-                    }
-                }
+                _ => Elems::<u16>::mapped(mapped).map(|e| Matrix::f16(rows, cols, e)),
+            };
+            if let Ok(m) = built {
+                return m;
             }
-            // Misaligned in the file: copied below.
+        }
+        if precision::same_type(info.dtype, t) {
+            // The file's own type, but not starting on a cache line: copied to one, piece by
+            // piece, each piece's mapped pages released once copied.
+            return match t {
+                WeightType::F32 => Matrix::f32(rows, cols, self.copy_rows(file, &info)),
+                WeightType::Bf16 => Matrix::bf16(rows, cols, self.copy_rows(file, &info)),
+                _ => Matrix::f16(rows, cols, self.copy_rows(file, &info)),
+            };
         }
         let mut m = match t {
-            WeightType::F32 => Target::F32(Vec::with_capacity(rows * cols)),
-            WeightType::Bf16 | WeightType::F16 => Target::U16(Vec::with_capacity(rows * cols)),
+            WeightType::F32 => Target::F32(Aligned::zeroed(rows * cols)),
+            WeightType::Bf16 | WeightType::F16 => Target::U16(Aligned::zeroed(rows * cols)),
             q => Target::Q(QMatrix::zeroed(
                 q.quant().expect("quantized type"),
                 rows,
@@ -222,22 +224,45 @@ impl TensorLoader {
         };
         let bf16 = t == WeightType::Bf16;
         self.stream_rows(file, &info, cols, |first, v| match &mut m {
-            Target::F32(out) => out.extend_from_slice(&v),
-            Target::U16(out) => out.par_extend(v.par_iter().map(|x| {
-                if bf16 {
-                    half::bf16::from_f32(*x).to_bits()
-                } else {
-                    half::f16::from_f32(*x).to_bits()
-                }
-            })),
+            Target::F32(out) => out[first * cols..first * cols + v.len()].copy_from_slice(&v),
+            Target::U16(out) => out[first * cols..first * cols + v.len()]
+                .par_iter_mut()
+                .zip(v.par_iter())
+                .for_each(|(o, x)| {
+                    *o = if bf16 {
+                        half::bf16::from_f32(*x).to_bits()
+                    } else {
+                        half::f16::from_f32(*x).to_bits()
+                    }
+                }),
             Target::Q(q) => q.quantize_rows(first, &v),
         });
         match (m, t) {
-            (Target::F32(v), _) => Matrix::f32(rows, cols, Elems::owned(v)),
-            (Target::U16(v), WeightType::Bf16) => Matrix::bf16(rows, cols, Elems::owned(v)),
-            (Target::U16(v), _) => Matrix::f16(rows, cols, Elems::owned(v)),
+            (Target::F32(v), _) => Matrix::f32(rows, cols, Elems::aligned(v)),
+            (Target::U16(v), WeightType::Bf16) => Matrix::bf16(rows, cols, Elems::aligned(v)),
+            (Target::U16(v), _) => Matrix::f16(rows, cols, Elems::aligned(v)),
             (Target::Q(q), _) => Matrix::quantized(q),
         }
+    }
+
+    /// The tensor's bytes as they are, in a line-aligned buffer of `T`, copied in pieces of
+    /// about [`PIECE_BYTES`] whose mapped pages are released as it goes.
+    fn copy_rows<T: bytemuck::Pod>(&self, file: usize, info: &TensorInfo) -> Elems<T> {
+        let f = &self.source.weight_files()[file];
+        let bytes = f.tensor_bytes(info);
+        let mut out = Aligned::<T>::zeroed(bytes.len() / std::mem::size_of::<T>());
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out[..]);
+        // Little-endian in the file, as on every target the kernels run on.
+        for (i, (piece, d)) in bytes
+            .chunks(PIECE_BYTES)
+            .zip(dst.chunks_mut(PIECE_BYTES))
+            .enumerate()
+        {
+            f.populate_range(info, i * PIECE_BYTES, piece.len());
+            d.copy_from_slice(piece);
+            f.release_range(info, i * PIECE_BYTES, piece.len());
+        }
+        Elems::aligned(out)
     }
 }
 
@@ -246,8 +271,8 @@ const PIECE_BYTES: usize = 8 << 20;
 
 /// What a converted tensor is built into.
 enum Target {
-    F32(Vec<f32>),
-    U16(Vec<u16>),
+    F32(Aligned<f32>),
+    U16(Aligned<u16>),
     Q(QMatrix),
 }
 

@@ -4,6 +4,7 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::aligned::{is_line_aligned, Aligned};
 use super::formats::{QActs, QKind, QMatrix, PANEL};
 use super::{isa, Isa};
 
@@ -17,28 +18,35 @@ pub trait Bytes: Send + Sync {
     fn bytes(&self) -> &[u8];
 }
 
-/// Elements owned, or viewed in place in a mapping (when aligned for `T`).
+/// Elements owned (line-aligned), or viewed in place in a mapping (when it starts on a line).
 pub struct Elems<T: bytemuck::Pod> {
-    owned: Vec<T>,
+    owned: Aligned<T>,
     mapped: Option<Box<dyn Bytes>>,
 }
 
 impl<T: bytemuck::Pod> Elems<T> {
+    /// A line-aligned copy of `v`.
     pub fn owned(v: Vec<T>) -> Self {
+        Self::aligned(Aligned::copy_of(&v))
+    }
+
+    pub fn aligned(a: Aligned<T>) -> Self {
         Elems {
-            owned: v,
+            owned: a,
             mapped: None,
         }
     }
 
-    /// Uses the bytes in place if they are aligned for `T` and a whole number of `T`; else
-    /// hands them back.
+    /// Uses the bytes in place if they start on a cache line (see [`super::aligned`]) and are
+    /// a whole number of `T`; else hands them back.
     pub fn mapped(bytes: Box<dyn Bytes>) -> Result<Self, Box<dyn Bytes>> {
-        if bytemuck::try_cast_slice::<u8, T>(bytes.bytes()).is_err() {
+        if !is_line_aligned(bytes.bytes())
+            || bytemuck::try_cast_slice::<u8, T>(bytes.bytes()).is_err()
+        {
             return Err(bytes);
         }
         Ok(Elems {
-            owned: Vec::new(),
+            owned: Aligned::zeroed(0),
             mapped: Some(bytes),
         })
     }
@@ -104,9 +112,11 @@ pub struct Matrix {
 }
 
 /// Activations prepared once for every matrix that reads them (Q, K and V share one input):
-/// the f32 rows, and their 8-bit quantization made on first use by a quantized matrix.
+/// the f32 rows (copied to a cache-line boundary if they do not start on one: see
+/// [`super::aligned`]), and their 8-bit quantization made on first use by a quantized matrix.
 pub struct Input<'a> {
     x: &'a [f32],
+    copy: Option<Aligned<f32>>,
     cols: usize,
     quantized: Option<(usize, Vec<QActs>)>,
 }
@@ -117,24 +127,31 @@ impl<'a> Input<'a> {
         assert!(cols > 0 && x.len().is_multiple_of(cols), "input shape");
         Input {
             x,
+            copy: (!is_line_aligned(x)).then(|| Aligned::copy_of(x)),
             cols,
             quantized: None,
         }
+    }
+
+    /// The rows, line-aligned.
+    fn x(&self) -> &[f32] {
+        self.copy.as_deref().unwrap_or(self.x)
     }
 
     pub fn rows(&self) -> usize {
         self.x.len() / self.cols
     }
 
-    fn quantized(&mut self, blocks: usize) -> &[QActs] {
+    /// Quantizes the rows in `blocks` blocks (once per block count), for [`Input::acts`].
+    fn quantize(&mut self, blocks: usize) {
         let stale = !matches!(&self.quantized, Some((b, _)) if *b == blocks);
         if stale && self.rows() == 1 {
             let mut a = QActs::default();
-            a.quantize(self.x, blocks);
+            a.quantize(self.x(), blocks);
             self.quantized = Some((blocks, vec![a]));
         } else if stale {
             let rows: Vec<QActs> = self
-                .x
+                .x()
                 .par_chunks(self.cols)
                 .map(|row| {
                     let mut a = QActs::default();
@@ -144,7 +161,11 @@ impl<'a> Input<'a> {
                 .collect();
             self.quantized = Some((blocks, rows));
         }
-        &self.quantized.as_ref().expect("just set").1
+    }
+
+    /// The rows quantized by the last [`Input::quantize`] (none before).
+    fn acts(&self) -> &[QActs] {
+        self.quantized.as_ref().map_or(&[], |(_, a)| a)
     }
 }
 
@@ -258,11 +279,14 @@ impl Matrix {
         assert_eq!(input.cols, self.cols, "input width");
         let n = input.rows();
         assert_eq!(y.len(), n * self.rows, "output shape");
-        let x = input.x;
         let acts: &[QActs] = match &self.data {
-            Data::Q(q) => input.quantized(q.blocks),
+            Data::Q(q) => {
+                input.quantize(q.blocks);
+                input.acts()
+            }
             _ => &[],
         };
+        let x = input.x();
         let cols = self.cols;
         let per = self.rows_per_task();
         if n == 1 {
@@ -474,15 +498,15 @@ pub fn apply_group(input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
         }
         return;
     }
-    let x = input.x;
     let blocks = parts.iter().find_map(|(m, _)| match &m.data {
         Data::Q(q) => Some(q.blocks),
         _ => None,
     });
-    let acts: Option<&QActs> = match blocks {
-        Some(b) => input.quantized(b).first(),
-        None => None,
-    };
+    if let Some(b) = blocks {
+        input.quantize(b);
+    }
+    let acts: Option<&QActs> = blocks.and_then(|_| input.acts().first());
+    let x = input.x();
     let mut tasks: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
     for (m, y) in parts.iter_mut() {
         assert_eq!(m.cols, x.len(), "input width");
