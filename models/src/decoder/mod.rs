@@ -24,6 +24,8 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
+use rayon::prelude::*;
+
 use crate::kernels::{self, Input, Matrix};
 use crate::precision::Role;
 use cache::KvCache;
@@ -362,21 +364,16 @@ impl Decoder {
                 rms_norm_in_place(&mut q, nq, s.rms_eps);
                 rms_norm_in_place(&mut k, nk, s.rms_eps);
             }
-            for t in 0..n {
-                let p = pos + t;
-                rope(
-                    &mut q[t * q_row..(t + 1) * q_row],
-                    s.head_dim,
-                    p,
-                    &self.inv_freq,
-                );
-                rope(
-                    &mut k[t * kv_row..(t + 1) * kv_row],
-                    s.head_dim,
-                    p,
-                    &self.inv_freq,
-                );
-            }
+            // Rows are independent: the prompt's spread over the pool (the same function per
+            // row, so the same bits as a decode step).
+            q.par_chunks_mut(q_row)
+                .zip(k.par_chunks_mut(kv_row))
+                .enumerate()
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(t, (qr, kr))| {
+                    rope(qr, s.head_dim, pos + t, &self.inv_freq);
+                    rope(kr, s.head_dim, pos + t, &self.inv_freq);
+                });
             self.cache.append(l, pos, &k, &v);
             let params = attention::Params {
                 scale: var.query_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
@@ -400,9 +397,14 @@ impl Decoder {
                 &mut [(&layer.gate, &mut gate), (&layer.up, &mut up)],
             );
             let act = if var.gelu_gate { gelu_tanh } else { silu };
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = act(*g) * u;
-            }
+            gate.par_chunks_mut(s.intermediate)
+                .zip(up.par_chunks(s.intermediate))
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(gr, ur)| {
+                    for (g, u) in gr.iter_mut().zip(ur) {
+                        *g = act(*g) * u;
+                    }
+                });
             layer
                 .down
                 .apply(&mut Input::new(&gate, s.intermediate), &mut proj);
@@ -449,15 +451,24 @@ fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Row-wise RMSNorm (f32, as the reference).
+/// Rows of a prompt one pool task handles in the element-wise steps (norms, rotary, the gate):
+/// enough to outweigh the hand-off.
+const ROWS_PER_TASK: usize = 4;
+
+/// Row-wise RMSNorm (f32, as the reference), rows spread over the pool.
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
-            *o = v * scale * w;
-        }
+    x.par_chunks_exact(d)
+        .zip(out.par_chunks_exact_mut(d))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(xr, or)| rms_norm_row(xr, weight, eps, or));
+}
+
+fn rms_norm_row(xr: &[f32], weight: &[f32], eps: f32, or: &mut [f32]) {
+    let mean = xr.iter().map(|v| v * v).sum::<f32>() / weight.len() as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
+        *o = v * scale * w;
     }
 }
 

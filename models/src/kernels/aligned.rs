@@ -4,7 +4,9 @@
 //! places tensor data at whatever offset its header length leaves (SmolLM2's tensors all start
 //! 40 bytes into a line), and the allocator hands out 16-byte-aligned vectors, so every load
 //! of a weight row and of an activation row straddled: the f32 prompt tile measured about 35 %
-//! slower that way than on line-aligned operands (rows of whole lines, this machine). Kept in
+//! slower that way than on line-aligned operands (rows of whole lines, this machine). So every
+//! kernel input is line-aligned, and f32 weights that do not start on a line are copied to one
+//! at load (16-bit weights stay in the mapping: [`crate::precision::in_place`]). Kept in
 //! safe code: the vector is over-allocated by one line and the view starts at the first
 //! boundary inside it (the vector never reallocates, so the boundary stays put).
 

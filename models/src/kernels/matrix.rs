@@ -37,12 +37,11 @@ impl<T: bytemuck::Pod> Elems<T> {
         }
     }
 
-    /// Uses the bytes in place if they start on a cache line (see [`super::aligned`]) and are
-    /// a whole number of `T`; else hands them back.
+    /// Uses the bytes in place if they are aligned for `T` and a whole number of `T`; else
+    /// hands them back. (Whether in place is worth it is the loader's call: see
+    /// [`crate::precision::in_place`].)
     pub fn mapped(bytes: Box<dyn Bytes>) -> Result<Self, Box<dyn Bytes>> {
-        if !is_line_aligned(bytes.bytes())
-            || bytemuck::try_cast_slice::<u8, T>(bytes.bytes()).is_err()
-        {
+        if bytemuck::try_cast_slice::<u8, T>(bytes.bytes()).is_err() {
             return Err(bytes);
         }
         Ok(Elems {
