@@ -108,6 +108,13 @@ pub enum GenerateError {
     },
     #[error("model computation failed: {0}")]
     Compute(String),
+    /// Batched generation needs the project's decoder; this architecture runs on the
+    /// candle-transformers reference, one sequence at a time.
+    #[error("this model's architecture runs one sequence at a time")]
+    Unbatched,
+    /// Every slot of the batch is taken.
+    #[error("the batch is full")]
+    BatchFull,
 }
 
 impl From<candle_core::Error> for GenerateError {
@@ -268,11 +275,50 @@ impl TextModel {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
+        let mut state = SeqState::new(prompt_ids, params, self.lm.max_context())?;
+        self.lm.reset();
+        let mut logits = arch::forward_guarded(self.lm.as_mut(), prompt_ids, 0)?;
+        state.prefilled();
+        let tokenizer = self.encoder.tokenizer();
+        while let Some(next) = state.advance(logits, tokenizer, &self.eos, on_text)? {
+            logits = arch::forward_guarded(self.lm.as_mut(), &[next], state.context_len() - 1)?;
+        }
+        state.finish(tokenizer, on_text)
+    }
+
+    /// The project's decoder behind this model, if it runs on it (batched generation needs it).
+    pub(crate) fn decoder(&self) -> Option<&crate::decoder::Decoder> {
+        self.lm.decoder()
+    }
+}
+
+/// One generation's state between forward passes: what the single-stream loop above and a
+/// [`crate::batch::Batch`] both drive, so a request gives the same tokens either way.
+pub(crate) struct SeqState {
+    params: GenerationParams,
+    sampler: candle_transformers::generation::LogitsProcessor,
+    run: Run,
+    prompt_len: usize,
+    budget: usize,
+    generated: usize,
+    finish: FinishReason,
+    by_stop_string: bool,
+    started: Instant,
+    prefill_time: Duration,
+    decode_started: Instant,
+}
+
+impl SeqState {
+    /// Checks the request against the model's context; the state waits for the prompt's logits.
+    pub(crate) fn new(
+        prompt_ids: &[u32],
+        params: &GenerationParams,
+        max_context: usize,
+    ) -> Result<Self, GenerateError> {
         params.sampling.validate().map_err(GenerateError::Params)?;
         if prompt_ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let max_context = self.lm.max_context();
         if let Some(cap) = params
             .max_prompt_tokens
             .filter(|&cap| prompt_ids.len() > cap)
@@ -288,69 +334,116 @@ impl TextModel {
                 max_context,
             });
         }
-        let budget = params.max_tokens.min(max_context - prompt_ids.len());
+        let now = Instant::now();
+        Ok(SeqState {
+            params: params.clone(),
+            sampler: params.sampling.processor(),
+            run: Run {
+                context: prompt_ids.to_vec(),
+                text: String::new(),
+                detok: Detokenizer::new(),
+                stop: StopMatcher::new(&params.stop),
+            },
+            prompt_len: prompt_ids.len(),
+            budget: params.max_tokens.min(max_context - prompt_ids.len()),
+            generated: 0,
+            finish: FinishReason::Length,
+            by_stop_string: false,
+            started: now,
+            prefill_time: Duration::ZERO,
+            decode_started: now,
+        })
+    }
 
-        let mut run = Run {
-            context: prompt_ids.to_vec(),
-            text: String::new(),
-            detok: Detokenizer::new(),
-            stop: StopMatcher::new(&params.stop),
-        };
-        let mut sampler = params.sampling.processor();
-        self.lm.reset();
-        let started = Instant::now();
-        let mut logits = arch::forward_guarded(self.lm.as_mut(), prompt_ids, 0)?;
-        let prefill_time = started.elapsed();
-        let decode_started = Instant::now();
-        let mut finish = FinishReason::Length;
-        let mut by_stop_string = false;
-        let mut generated = 0;
-        while generated < budget {
-            let logits_now = params.sampling.penalize(logits, &run.context)?;
-            let next = sampler.sample(&logits_now)?;
-            if !params.ignore_eos && self.eos.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            run.context.push(next);
-            generated += 1;
-            if let Some(piece) = run.detok.push(self.encoder.tokenizer(), next)? {
-                if let Step::Stop(reason) = run.emit(&piece, on_text) {
-                    finish = reason;
-                    by_stop_string = reason == FinishReason::Stop;
-                    break;
-                }
-            }
-            if generated == budget {
-                break;
-            }
-            logits = arch::forward_guarded(self.lm.as_mut(), &[next], run.context.len() - 1)?;
+    /// The prompt and the tokens generated so far.
+    pub(crate) fn context_len(&self) -> usize {
+        self.run.context.len()
+    }
+
+    pub(crate) fn prompt(&self) -> &[u32] {
+        &self.run.context[..self.prompt_len]
+    }
+
+    /// The prompt's logits have arrived.
+    pub(crate) fn prefilled(&mut self) {
+        self.prefill_time = self.started.elapsed();
+        self.decode_started = Instant::now();
+    }
+
+    /// Takes the logits after the last token fed: samples the next token and streams its text.
+    /// Returns the token to feed next, or `None` when the generation has ended.
+    pub(crate) fn advance(
+        &mut self,
+        logits: candle_core::Tensor,
+        tokenizer: &Tokenizer,
+        eos: &[u32],
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Option<u32>, GenerateError> {
+        if self.generated >= self.budget {
+            return Ok(None);
         }
-        // End of stream: release what the detokenizer and the stop matcher still hold, unless
-        // the client cancelled or a stop string already ended the text.
-        if finish != FinishReason::Cancelled && !by_stop_string {
-            if let Some(rest) = run.detok.flush(self.encoder.tokenizer())? {
-                if let Step::Stop(reason) = run.emit(&rest, on_text) {
-                    finish = reason;
-                    by_stop_string = reason == FinishReason::Stop;
-                }
+        let logits = self.params.sampling.penalize(logits, &self.run.context)?;
+        let next = self.sampler.sample(&logits)?;
+        if !self.params.ignore_eos && eos.contains(&next) {
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
+        self.run.context.push(next);
+        self.generated += 1;
+        if let Some(piece) = self.run.detok.push(tokenizer, next)? {
+            if let Step::Stop(reason) = self.run.emit(&piece, on_text) {
+                self.finish = reason;
+                self.by_stop_string = reason == FinishReason::Stop;
+                return Ok(None);
             }
         }
-        if finish != FinishReason::Cancelled && !by_stop_string {
-            let held = run.stop.finish();
+        if self.generated == self.budget {
+            return Ok(None);
+        }
+        Ok(Some(next))
+    }
+
+    /// Ends the generation (after `advance` said so, or cancelled): releases what the
+    /// detokenizer and the stop matcher still hold, unless the client cancelled or a stop string
+    /// already ended the text.
+    pub(crate) fn finish(
+        mut self,
+        tokenizer: &Tokenizer,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, GenerateError> {
+        if self.finish != FinishReason::Cancelled && !self.by_stop_string {
+            if let Some(rest) = self.run.detok.flush(tokenizer)? {
+                if let Step::Stop(reason) = self.run.emit(&rest, on_text) {
+                    self.finish = reason;
+                    self.by_stop_string = reason == FinishReason::Stop;
+                }
+            }
+        }
+        if self.finish != FinishReason::Cancelled && !self.by_stop_string {
+            let held = self.run.stop.finish();
             if !held.is_empty() {
-                run.text.push_str(&held);
+                self.run.text.push_str(&held);
                 let _ = on_text(&held);
             }
         }
-        Ok(Generation {
-            text: run.text,
-            token_ids: run.context[prompt_ids.len()..].to_vec(),
-            prompt_tokens: prompt_ids.len(),
-            finish_reason: finish,
-            prefill_time,
-            decode_time: decode_started.elapsed(),
-        })
+        Ok(self.into_generation())
+    }
+
+    /// Ends the generation as cancelled (its client went), with what it produced so far.
+    pub(crate) fn cancelled(mut self) -> Generation {
+        self.finish = FinishReason::Cancelled;
+        self.into_generation()
+    }
+
+    fn into_generation(self) -> Generation {
+        Generation {
+            text: self.run.text,
+            token_ids: self.run.context[self.prompt_len..].to_vec(),
+            prompt_tokens: self.prompt_len,
+            finish_reason: self.finish,
+            prefill_time: self.prefill_time,
+            decode_time: self.decode_started.elapsed(),
+        }
     }
 }
 

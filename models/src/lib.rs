@@ -22,6 +22,7 @@
 //! ```
 
 pub mod arch;
+pub mod batch;
 pub mod budget;
 pub mod chat;
 pub mod decoder;
@@ -45,6 +46,7 @@ pub mod tokenizer;
 mod weights;
 
 pub use arch::{Architecture, Task};
+pub use batch::{Batch, BatchLimits, Finished};
 pub use candle_core::{DType, Device};
 pub use chat::ChatMessage;
 pub use embed::{EmbedError, Embedder};

@@ -133,6 +133,11 @@ pub trait CausalLm: Send {
     fn reset(&mut self);
     /// Largest context (prompt + generated tokens) the model supports.
     fn max_context(&self) -> usize;
+    /// The project's own decoder behind this model, which can run several sequences per pass
+    /// (none for the candle-transformers families).
+    fn decoder(&self) -> Option<&crate::decoder::Decoder> {
+        None
+    }
 }
 
 /// Size fields of `config.json` and their upper bounds. candle allocates from some of these before

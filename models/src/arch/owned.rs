@@ -53,4 +53,8 @@ impl CausalLm for Owned {
     fn max_context(&self) -> usize {
         self.decoder.shape().max_context
     }
+
+    fn decoder(&self) -> Option<&Decoder> {
+        Some(&self.decoder)
+    }
 }

@@ -243,13 +243,46 @@ pub fn load_weights(spec: &Spec, t: &mut TensorLoader) -> Result<Weights, String
     })
 }
 
-/// A decoder with its KV cache.
+/// One sequence's state: its KV cache and how many positions it holds. A decoder runs any
+/// number of them; each is fed only through [`Decoder::forward_batch`] (or the decoder's own,
+/// for [`Decoder::forward`]).
+pub struct Sequence {
+    cache: KvCache,
+    len: usize,
+}
+
+impl Sequence {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position (the cache's memory is kept for the next use).
+    pub fn clear(&mut self) {
+        self.cache.truncate(0);
+        self.len = 0;
+    }
+}
+
+/// One part of a batched forward pass: `tokens` fed to `seq` at positions `pos..` (`pos` ≤
+/// what the sequence holds; a smaller `pos` forgets the rest). A prompt chunk and a decode
+/// step are the same thing with different lengths.
+pub struct Chunk<'a> {
+    pub seq: &'a mut Sequence,
+    pub tokens: &'a [u32],
+    pub pos: usize,
+}
+
+/// A decoder: the weights, and one sequence of its own for the single-stream calls.
 pub struct Decoder {
     spec: Spec,
     w: Weights,
     inv_freq: Vec<f32>,
-    cache: KvCache,
-    len: usize,
+    own: Sequence,
     /// The decoder's own threads: a forward pass runs on one of them, so each of its parallel
     /// products is shared with threads that are already awake instead of being handed from the
     /// caller's thread to sleeping ones and back (about a sixth of a decode step otherwise).
@@ -264,13 +297,15 @@ impl Decoder {
             .step_by(2)
             .map(|i| 1f32 / s.rope_theta.powf(i as f32 / d as f32))
             .collect();
-        let cache = KvCache::new(s.layers, s.kv_heads, d);
+        let own = Sequence {
+            cache: KvCache::new(s.layers, s.kv_heads, d),
+            len: 0,
+        };
         Decoder {
             spec,
             w,
             inv_freq,
-            cache,
-            len: 0,
+            own,
             // Without a pool (threads refused), passes run on the global one.
             pool: rayon::ThreadPoolBuilder::new()
                 .num_threads(rayon::current_num_threads())
@@ -284,56 +319,120 @@ impl Decoder {
         &self.spec.shape
     }
 
-    pub fn reset(&mut self) {
-        self.cache.truncate(0);
-        self.len = 0;
-    }
-
-    /// Feeds `tokens` at positions `pos..`, returns the logits of the last one. Positions must
-    /// continue the cache (`pos` ≤ what is cached; a smaller `pos` forgets the rest).
-    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        self.in_pool(tokens, pos, false)
-    }
-
-    fn in_pool(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {
-        match self.pool.clone() {
-            Some(pool) => pool.install(|| self.run(tokens, pos, all)),
-            None => self.run(tokens, pos, all),
+    /// An empty sequence for [`Decoder::forward_batch`].
+    pub fn new_sequence(&self) -> Sequence {
+        let s = &self.spec.shape;
+        Sequence {
+            cache: KvCache::new(s.layers, s.kv_heads, s.head_dim),
+            len: 0,
         }
+    }
+
+    pub fn reset(&mut self) {
+        self.own.clear();
+    }
+
+    /// Feeds `tokens` at positions `pos..` of the decoder's own sequence, returns the logits of
+    /// the last one. Positions must continue the cache (`pos` ≤ what is cached; a smaller `pos`
+    /// forgets the rest).
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
+        self.own_pass(tokens, pos, false)
     }
 
     /// As [`Decoder::forward`], with the logits of every position (`[tokens][vocab]`): for
     /// scoring a text (perplexity, agreement between precisions).
     pub fn forward_all(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, String> {
-        self.in_pool(tokens, pos, true)
+        self.own_pass(tokens, pos, true)
     }
 
-    fn run(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {
-        let s = self.spec.shape.clone();
-        let n = tokens.len();
-        if n == 0 {
-            return Err("no tokens".into());
+    fn own_pass(&mut self, tokens: &[u32], pos: usize, all: bool) -> Result<Vec<f32>, String> {
+        let placeholder = Sequence {
+            cache: KvCache::new(0, 0, 0),
+            len: 0,
+        };
+        let mut own = std::mem::replace(&mut self.own, placeholder);
+        let out = self.in_pool(
+            &mut [Chunk {
+                seq: &mut own,
+                tokens,
+                pos,
+            }],
+            all,
+        );
+        self.own = own;
+        out.map(|mut v| v.pop().unwrap_or_default())
+    }
+
+    /// One forward pass over several sequences at once: every weight is read once for all
+    /// their tokens (a decode step of many sequences costs about what one costs while reading
+    /// the weights, not the arithmetic, bounds it); attention runs per sequence over its own
+    /// cache. Returns each chunk's last-position logits, in order. Each token's numbers are
+    /// those of the same token run alone: the kernels keep a row's sums in one order whatever
+    /// else is in the batch, so batching never changes an output (tested).
+    ///
+    /// Every chunk is checked before anything changes: on an error no sequence has moved.
+    pub fn forward_batch(&self, chunks: &mut [Chunk]) -> Result<Vec<Vec<f32>>, String> {
+        self.in_pool(chunks, false)
+    }
+
+    fn in_pool(&self, chunks: &mut [Chunk], all: bool) -> Result<Vec<Vec<f32>>, String> {
+        match &self.pool {
+            Some(pool) => pool.install(|| self.run(chunks, all)),
+            None => self.run(chunks, all),
         }
-        if pos > self.len {
-            return Err(format!("position {pos} is past the cache ({})", self.len));
+    }
+
+    fn check(&self, chunks: &[Chunk]) -> Result<(), String> {
+        let s = &self.spec.shape;
+        if chunks.is_empty() {
+            return Err("no sequences".into());
         }
-        if pos + n > s.max_context {
-            return Err(format!(
-                "context of {} tokens exceeds {}",
-                pos + n,
-                s.max_context
-            ));
-        }
-        let kv_row = s.kv_heads * s.head_dim;
-        self.cache.truncate(pos);
-        let (hid, q_row) = (s.hidden, s.heads * s.head_dim);
-        let mut x = vec![0f32; n * hid];
-        for (&t, xr) in tokens.iter().zip(x.chunks_exact_mut(hid)) {
-            let t = t as usize;
-            if t >= s.vocab {
+        for c in chunks {
+            let n = c.tokens.len();
+            if n == 0 {
+                return Err("no tokens".into());
+            }
+            if c.pos > c.seq.len {
+                return Err(format!(
+                    "position {} is past the cache ({})",
+                    c.pos, c.seq.len
+                ));
+            }
+            if c.pos + n > s.max_context {
+                return Err(format!(
+                    "context of {} tokens exceeds {}",
+                    c.pos + n,
+                    s.max_context
+                ));
+            }
+            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= s.vocab) {
                 return Err(format!("token {t} outside the vocabulary ({})", s.vocab));
             }
-            self.w.embed.row(t, xr);
+        }
+        Ok(())
+    }
+
+    /// `all`: every position's logits, in one vector per chunk (`[tokens][vocab]`).
+    fn run(&self, chunks: &mut [Chunk], all: bool) -> Result<Vec<Vec<f32>>, String> {
+        self.check(chunks)?;
+        let s = &self.spec.shape;
+        let kv_row = s.kv_heads * s.head_dim;
+        let (hid, q_row) = (s.hidden, s.heads * s.head_dim);
+        // Chunk i is rows starts[i]..starts[i + 1] of the batch; row r sits at positions[r].
+        let mut starts = Vec::with_capacity(chunks.len() + 1);
+        let mut positions = Vec::new();
+        let mut tokens = Vec::new();
+        for c in chunks.iter_mut() {
+            c.seq.cache.truncate(c.pos);
+            starts.push(tokens.len());
+            positions.extend(c.pos..c.pos + c.tokens.len());
+            tokens.extend_from_slice(c.tokens);
+        }
+        starts.push(tokens.len());
+        let n = tokens.len();
+        let mut x = vec![0f32; n * hid];
+        for (&t, xr) in tokens.iter().zip(x.chunks_exact_mut(hid)) {
+            self.w.embed.row(t as usize, xr);
         }
         let var = &self.spec.variant;
         if var.scale_embeddings {
@@ -364,17 +463,20 @@ impl Decoder {
                 rms_norm_in_place(&mut q, nq, s.rms_eps);
                 rms_norm_in_place(&mut k, nk, s.rms_eps);
             }
-            // Rows are independent: the prompt's spread over the pool (the same function per
-            // row, so the same bits as a decode step).
+            // Rows are independent: spread over the pool (the same function per row, so the
+            // same bits as a decode step).
             q.par_chunks_mut(q_row)
                 .zip(k.par_chunks_mut(kv_row))
-                .enumerate()
+                .zip(positions.par_iter())
                 .with_min_len(ROWS_PER_TASK)
-                .for_each(|(t, (qr, kr))| {
-                    rope(qr, s.head_dim, pos + t, &self.inv_freq);
-                    rope(kr, s.head_dim, pos + t, &self.inv_freq);
+                .for_each(|((qr, kr), &p)| {
+                    rope(qr, s.head_dim, p, &self.inv_freq);
+                    rope(kr, s.head_dim, p, &self.inv_freq);
                 });
-            self.cache.append(l, pos, &k, &v);
+            for (i, c) in chunks.iter_mut().enumerate() {
+                let rows = starts[i] * kv_row..starts[i + 1] * kv_row;
+                c.seq.cache.append(l, c.pos, &k[rows.clone()], &v[rows]);
+            }
             let params = attention::Params {
                 scale: var.query_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
                 window: match var.window_on_even_layers && l % 2 == 1 {
@@ -383,7 +485,22 @@ impl Decoder {
                 },
                 softcap: var.attn_softcap,
             };
-            attention::attention(&s, &params, &q, self.cache.layer(l), pos, &mut att);
+            // Each sequence attends over its own cache; sequences side by side on the pool.
+            let mut outs: Vec<&mut [f32]> = Vec::with_capacity(chunks.len());
+            let mut rest = &mut att[..];
+            for i in 0..chunks.len() {
+                let (mine, tail) = rest.split_at_mut((starts[i + 1] - starts[i]) * q_row);
+                outs.push(mine);
+                rest = tail;
+            }
+            let seqs: Vec<(&Sequence, usize)> = chunks.iter().map(|c| (&*c.seq, c.pos)).collect();
+            outs.into_par_iter()
+                .zip(seqs.par_iter())
+                .enumerate()
+                .for_each(|(i, (out, (seq, pos)))| {
+                    let qs = &q[starts[i] * q_row..starts[i + 1] * q_row];
+                    attention::attention(s, &params, qs, seq.cache.layer(l), *pos, out);
+                });
             layer.o.apply(&mut Input::new(&att, q_row), &mut proj);
             if let Some(n) = &layer.attn_out_norm {
                 rms_norm_in_place(&mut proj, n, s.rms_eps);
@@ -415,18 +532,37 @@ impl Decoder {
                 *xi += pi;
             }
         }
-        self.len = pos + n;
-        // Generation needs only the last position's logits.
-        let rows = if all { &x[..] } else { &x[(n - 1) * hid..] };
-        let mut normed = vec![0f32; rows.len()];
-        rms_norm(rows, &self.w.norm, s.rms_eps, &mut normed);
+        for c in chunks.iter_mut() {
+            c.seq.len = c.pos + c.tokens.len();
+        }
+        // Generation needs only each chunk's last position; the head reads its weights once
+        // for all of them.
+        let rows: Vec<std::ops::Range<usize>> = (0..chunks.len())
+            .map(|i| match all {
+                true => starts[i]..starts[i + 1],
+                false => starts[i + 1] - 1..starts[i + 1],
+            })
+            .collect();
+        let mut picked = Vec::with_capacity(rows.iter().map(|r| r.len()).sum::<usize>() * hid);
+        for r in &rows {
+            picked.extend_from_slice(&x[r.start * hid..r.end * hid]);
+        }
+        let mut normed = vec![0f32; picked.len()];
+        rms_norm(&picked, &self.w.norm, s.rms_eps, &mut normed);
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
-        let mut logits = vec![0f32; rows.len() / hid * s.vocab];
+        let mut logits = vec![0f32; picked.len() / hid * s.vocab];
         head.apply(&mut Input::new(&normed, hid), &mut logits);
         if let Some(c) = self.spec.variant.final_softcap {
             logits.iter_mut().for_each(|l| *l = (*l / c).tanh() * c);
         }
-        Ok(logits)
+        let mut out = Vec::with_capacity(rows.len());
+        let mut at = 0;
+        for r in &rows {
+            let len = r.len() * s.vocab;
+            out.push(logits[at..at + len].to_vec());
+            at += len;
+        }
+        Ok(out)
     }
 }
 

@@ -1,0 +1,224 @@
+//! Continuous batching: several generations advance together, one forward pass per step over
+//! all of them, so the weights are read once per step instead of once per sequence.
+//!
+//! Each step feeds every running sequence its last sampled token and, with the step's token
+//! budget left, the next chunk of each waiting prompt (first come, first served): new requests
+//! are prefilled in chunks between decode steps instead of stalling them. A sequence that ends
+//! (stop, length, cancelled by its callback or by [`Batch::cancel`]) leaves at once and its
+//! slot takes the next request. Every sequence's tokens are those it would get alone: the
+//! decoder keeps each row's arithmetic independent of the rest of the batch, and sampling state
+//! is per sequence ([`crate::generate`]'s `SeqState`, the single-stream loop's own).
+
+use std::ops::ControlFlow;
+
+use candle_core::{Device, Tensor};
+
+use crate::decoder::{Chunk, Decoder, Sequence};
+use crate::generate::{GenerateError, Generation, GenerationParams, SeqState, TextModel};
+
+/// How much a batch takes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Sequences generating at once (each holds its own KV cache).
+    pub max_sequences: usize,
+    /// Tokens one step feeds (decode steps first, then prompt chunks); at least
+    /// `max_sequences`, so every running sequence advances every step.
+    pub max_step_tokens: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_sequences: 8,
+            max_step_tokens: 256,
+        }
+    }
+}
+
+/// A text callback: gets each piece of a sequence's text; `Break` cancels that sequence.
+pub type OnText<'cb> = Box<dyn FnMut(&str) -> ControlFlow<()> + Send + 'cb>;
+
+/// A sequence that left the batch.
+pub struct Finished {
+    pub id: u64,
+    pub result: Result<Generation, GenerateError>,
+}
+
+struct Slot<'cb> {
+    id: u64,
+    state: SeqState,
+    seq: Sequence,
+    /// Tokens to feed next: the rest of the prompt, or the last sampled token.
+    pending: Vec<u32>,
+    /// The position of `pending[0]`.
+    pos: usize,
+    prefilled: bool,
+    on_text: OnText<'cb>,
+}
+
+/// Generations of one model advancing together.
+pub struct Batch<'m, 'cb> {
+    model: &'m TextModel,
+    decoder: &'m Decoder,
+    limits: BatchLimits,
+    slots: Vec<Slot<'cb>>,
+    /// Caches of finished sequences, kept for the next ones (their memory reused).
+    spare: Vec<Sequence>,
+    next_id: u64,
+}
+
+impl<'m, 'cb> Batch<'m, 'cb> {
+    /// A batch over `model`, which must run on the project's decoder.
+    pub fn new(model: &'m TextModel, limits: BatchLimits) -> Result<Self, GenerateError> {
+        let decoder = model.decoder().ok_or(GenerateError::Unbatched)?;
+        if limits.max_sequences == 0 || limits.max_step_tokens < limits.max_sequences {
+            return Err(GenerateError::Params(format!(
+                "a batch needs at least one sequence and a step of at least as many tokens ({limits:?})"
+            )));
+        }
+        Ok(Batch {
+            model,
+            decoder,
+            limits,
+            slots: Vec::new(),
+            spare: Vec::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Sequences in the batch.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Whether another sequence fits.
+    pub fn has_room(&self) -> bool {
+        self.slots.len() < self.limits.max_sequences
+    }
+
+    /// Adds a generation; it starts with the next step. Refused when the request is invalid
+    /// (as [`TextModel::generate_from_ids`] would) or the batch is full.
+    pub fn add(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &GenerationParams,
+        on_text: OnText<'cb>,
+    ) -> Result<u64, GenerateError> {
+        if !self.has_room() {
+            return Err(GenerateError::BatchFull);
+        }
+        let state = SeqState::new(prompt_ids, params, self.decoder.shape().max_context)?;
+        let mut seq = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| self.decoder.new_sequence());
+        seq.clear();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.slots.push(Slot {
+            id,
+            pending: state.prompt().to_vec(),
+            state,
+            seq,
+            pos: 0,
+            prefilled: false,
+            on_text,
+        });
+        Ok(id)
+    }
+
+    /// Ends sequence `id` now (its client went away): what it generated so far, finish reason
+    /// `Cancelled`. `None` if it is not in the batch.
+    pub fn cancel(&mut self, id: u64) -> Option<Generation> {
+        let i = self.slots.iter().position(|s| s.id == id)?;
+        let slot = self.slots.remove(i);
+        self.spare.push(slot.seq);
+        Some(slot.state.cancelled())
+    }
+
+    /// One forward pass over the batch; returns the sequences that ended in it. An error of
+    /// the pass itself leaves every sequence where it was.
+    pub fn step(&mut self) -> Result<Vec<Finished>, GenerateError> {
+        // Decode steps first (one token each), then prompt chunks in arrival order.
+        let mut budget = self.limits.max_step_tokens;
+        let mut take = vec![0usize; self.slots.len()];
+        for (t, s) in take.iter_mut().zip(&self.slots) {
+            if s.prefilled {
+                *t = 1;
+                budget -= 1;
+            }
+        }
+        for (t, s) in take.iter_mut().zip(&self.slots) {
+            if !s.prefilled && budget > 0 {
+                *t = s.pending.len().min(budget);
+                budget -= *t;
+            }
+        }
+        let mut chunks: Vec<Chunk> = Vec::new();
+        for (s, &n) in self.slots.iter_mut().zip(&take) {
+            if n > 0 {
+                chunks.push(Chunk {
+                    seq: &mut s.seq,
+                    tokens: &s.pending[..n],
+                    pos: s.pos,
+                });
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self
+            .decoder
+            .forward_batch(&mut chunks)
+            .map_err(GenerateError::Compute)?;
+        drop(chunks);
+        let tokenizer = self.model.tokenizer();
+        let eos = self.model.eos_ids();
+        let mut logits = logits.into_iter();
+        let mut ended = Vec::new();
+        for (i, &n) in take.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let row = logits.next().expect("one row of logits per chunk");
+            let s = &mut self.slots[i];
+            s.pending.drain(..n);
+            s.pos += n;
+            if !s.pending.is_empty() {
+                continue; // more of the prompt to come
+            }
+            if !s.prefilled {
+                s.prefilled = true;
+                s.state.prefilled();
+            }
+            let len = row.len();
+            let next = Tensor::from_vec(row, len, &Device::Cpu)
+                .map_err(GenerateError::from)
+                .and_then(|t| s.state.advance(t, tokenizer, eos, &mut *s.on_text));
+            match next {
+                Ok(Some(token)) => s.pending.push(token),
+                Ok(None) => ended.push((i, Ok(()))),
+                Err(e) => ended.push((i, Err(e))),
+            }
+        }
+        let mut finished = Vec::with_capacity(ended.len());
+        for (i, outcome) in ended.into_iter().rev() {
+            let mut slot = self.slots.remove(i);
+            let result = match outcome {
+                Ok(()) => slot.state.finish(tokenizer, &mut *slot.on_text),
+                Err(e) => Err(e),
+            };
+            self.spare.push(slot.seq);
+            finished.push(Finished {
+                id: slot.id,
+                result,
+            });
+        }
+        finished.reverse();
+        Ok(finished)
+    }
+}
