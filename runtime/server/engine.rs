@@ -124,6 +124,9 @@ pub enum Job {
         control: JobControl,
         done: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     },
+    /// Embedding jobs that were waiting together, run as one call (built by the engine, never
+    /// submitted): every weight read serves all their texts.
+    EmbedBatch(Vec<Job>),
     /// Render chat messages with the model's template (in the worker when confined).
     Render {
         messages: Vec<securerun_models::ChatMessage>,
@@ -133,14 +136,30 @@ pub enum Job {
 }
 
 impl Job {
+    /// The job's control (an embedding batch's first job's: the batch is built only from jobs
+    /// that can still run, and each keeps its own for the reply).
     fn control(&self) -> &JobControl {
         match self {
             Job::Generate { control, .. }
             | Job::Embed { control, .. }
             | Job::Render { control, .. } => control,
+            Job::EmbedBatch(jobs) => jobs[0].control(),
+        }
+    }
+
+    /// Texts of an embedding job (none for other jobs).
+    fn embed_texts(&self) -> usize {
+        match self {
+            Job::Embed { texts, .. } => texts.len(),
+            _ => 0,
         }
     }
 }
+
+/// Most texts the engine puts in one embedding call when it joins waiting requests: a batch
+/// large enough to read each weight once for many sentences, small enough that the call's
+/// latency stays that of a few requests.
+pub const EMBED_BATCH_TEXTS: usize = 64;
 
 /// The engine cannot take another job now.
 #[derive(Debug)]
@@ -188,6 +207,16 @@ impl Engine {
                         continue;
                     }
                     let before = backend.restarts();
+                    let job = match job {
+                        Job::Embed { .. } => match rx.more_embeddings(&job) {
+                            more if more.is_empty() => job,
+                            more => {
+                                metrics.embed_batches.fetch_add(1, Relaxed);
+                                Job::EmbedBatch(std::iter::once(job).chain(more).collect())
+                            }
+                        },
+                        other => other,
+                    };
                     if let Some(failure) = run(&mut backend, job, &runtime) {
                         let after = backend.restarts();
                         if after.2 > before.2 {
@@ -258,6 +287,29 @@ impl JobQueue {
         Ok(())
     }
 
+    /// Waiting embedding jobs that can join `first` in one call, in arrival order, up to
+    /// [`EMBED_BATCH_TEXTS`] texts in all; dead ones (client gone, deadline passed) are dropped
+    /// on the way. Jobs of other kinds keep their places.
+    fn more_embeddings(&self, first: &Job) -> Vec<Job> {
+        let mut room = EMBED_BATCH_TEXTS.saturating_sub(first.embed_texts());
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(jobs.len());
+        for job in jobs.drain(..) {
+            let n = job.embed_texts();
+            if n == 0 || n > room {
+                kept.push_back(job);
+            } else if job.control().should_stop() {
+                drop_job(job);
+            } else {
+                room -= n;
+                taken.push(job);
+            }
+        }
+        *jobs = kept;
+        taken
+    }
+
     fn next(&self) -> Job {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         loop {
@@ -280,6 +332,7 @@ fn drop_job(job: Job) {
         Job::Render { done, .. } => {
             let _ = done.send(Err(EngineError::Dropped));
         }
+        Job::EmbedBatch(jobs) => jobs.into_iter().for_each(drop_job),
     }
 }
 
@@ -366,6 +419,7 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
             };
             reply(done, result)
         }
+        Job::EmbedBatch(jobs) => run_embed_batch(backend, jobs, runtime),
         Job::Embed {
             texts,
             control,
@@ -383,6 +437,67 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                 )),
             };
             reply(done, result)
+        }
+    }
+}
+
+/// Runs waiting embedding jobs as one call and hands each its own vectors. The call's deadline
+/// is the earliest job's (each job's handler also stops waiting at its own). If the joint call
+/// fails for the request's sake (one input the model refuses), each job runs alone so that
+/// the error reaches only the job it belongs to.
+fn run_embed_batch(
+    backend: &mut Backend,
+    jobs: Vec<Job>,
+    runtime: &tokio::runtime::Handle,
+) -> Option<String> {
+    let mut texts = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    for job in &jobs {
+        if let Job::Embed {
+            texts: t, control, ..
+        } = job
+        {
+            texts.extend(t.iter().cloned());
+            deadline = Some(deadline.map_or(control.deadline, |d| d.min(control.deadline)));
+        }
+    }
+    let result = match backend {
+        Backend::Embed(m) => m.embed_by(&texts, deadline).map_err(EngineError::from),
+        Backend::EmbedInProcess(m) => m
+            .embed(&texts)
+            .map_err(|e| EngineError::Request(e.to_string())),
+        _ => Err(EngineError::Request(
+            "this model does not compute embeddings".into(),
+        )),
+    };
+    match result {
+        Ok(vectors) if vectors.len() == texts.len() => {
+            let mut vectors = vectors.into_iter();
+            for job in jobs {
+                if let Job::Embed { texts, done, .. } = job {
+                    let mine: Vec<Vec<f32>> = vectors.by_ref().take(texts.len()).collect();
+                    let _ = done.send(Ok(mine));
+                }
+            }
+            None
+        }
+        Err(EngineError::Worker(m)) => {
+            // The worker failed (and is being replaced): every job of the call failed with it.
+            for job in jobs {
+                if let Job::Embed { done, .. } = job {
+                    let _ = done.send(Err(EngineError::Worker(m.clone())));
+                }
+            }
+            Some(m)
+        }
+        _ => {
+            let mut failure = None;
+            for job in jobs {
+                if let Some(f) = run(backend, job, runtime) {
+                    failure = Some(f);
+                }
+            }
+            failure
         }
     }
 }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     pub token_store_errors: AtomicU64,
     pub jobs_dropped: AtomicU64,
+    /// Embedding calls that joined several waiting requests.
+    pub embed_batches: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
     pub connections_timed_out: AtomicU64,
@@ -514,7 +516,7 @@ fn audit_unavailable(state: &AppState) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 22] = [
+    let counters: [(&str, &str, u64); 23] = [
         ("requests_total", "HTTP requests received", get(&m.requests)),
         (
             "unauthorized_total",
@@ -562,6 +564,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "jobs_dropped_total",
             "queued jobs dropped unrun because their client left or their deadline passed",
             get(&m.jobs_dropped),
+        ),
+        (
+            "embedding_batches_total",
+            "embedding calls that joined several waiting requests into one",
+            get(&m.embed_batches),
         ),
         (
             "connections_refused_total",

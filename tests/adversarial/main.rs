@@ -8,5 +8,6 @@ mod harness;
 
 mod audit_completeness;
 mod clients;
+mod concurrency;
 mod local_users;
 mod workers;
