@@ -324,6 +324,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             engine: engine::Engine::start(
                 backend,
                 config.queue,
+                config.max_sequences,
                 stop_log.clone(),
                 metrics.clone(),
                 tokio::runtime::Handle::current(),

@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub max_embedding_inputs: usize,
     /// Requests waiting behind the running one before 503.
     pub queue: usize,
+    /// Generations advancing together in one forward pass (continuous batching, in-process
+    /// models on the project's decoder for now); each holds its own KV cache.
+    pub max_sequences: usize,
     #[serde(with = "secs")]
     pub generation_timeout: Duration,
     #[serde(with = "secs")]
@@ -105,6 +108,7 @@ impl Default for ServeConfig {
             max_prompt_tokens: 4096,
             max_embedding_inputs: 256,
             queue: 16,
+            max_sequences: 4,
             generation_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
@@ -155,6 +159,9 @@ impl ServeConfig {
             return Err(
                 "max_body_bytes >= 1024, queue >= 1 and max_tokens_cap >= 1 are required".into(),
             );
+        }
+        if !(1..=256).contains(&self.max_sequences) {
+            return Err("max_sequences must be between 1 and 256".into());
         }
         if self.max_connections == 0 || self.max_connections_per_client == 0 {
             return Err("max_connections and max_connections_per_client must be at least 1".into());

@@ -183,6 +183,7 @@ impl Engine {
     pub fn start(
         mut backend: Backend,
         queue: usize,
+        max_sequences: usize,
         audit: crate::audit::AuditLog,
         metrics: std::sync::Arc<super::Metrics>,
         runtime: tokio::runtime::Handle,
@@ -198,6 +199,16 @@ impl Engine {
             .name("securerun-engine".into())
             .spawn(move || {
                 use std::sync::atomic::Ordering::Relaxed;
+                if let Backend::TextInProcess(model) = &backend {
+                    let limits = securerun_models::BatchLimits {
+                        max_sequences,
+                        max_step_tokens: max_sequences.max(256),
+                    };
+                    // Returns only when the model cannot batch (a reference architecture).
+                    if let Err(e) = run_batched(model, &rx, &metrics, limits) {
+                        tracing::info!(reason = %e, "generation runs one request at a time");
+                    }
+                }
                 loop {
                     let job = rx.next();
                     if job.control().should_stop() {
@@ -308,6 +319,23 @@ impl JobQueue {
         }
         *jobs = kept;
         taken
+    }
+
+    /// The first waiting job, if any.
+    fn try_next(&self) -> Option<Job> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    /// The first waiting job that is not a generation (a full batch still serves them).
+    fn try_next_not_generate(&self) -> Option<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let i = jobs
+            .iter()
+            .position(|j| !matches!(j, Job::Generate { .. }))?;
+        jobs.remove(i)
     }
 
     fn next(&self) -> Job {
@@ -498,6 +526,200 @@ fn run_embed_batch(
                 }
             }
             failure
+        }
+    }
+}
+
+/// Pieces a batched generation may have waiting for a slow client before it is cancelled: a
+/// slow reader holds up only its own sequence (the others keep decoding), and not for long.
+const PENDING_PIECES: usize = 256;
+
+/// A generation in the batch, with what its handler waits on.
+struct InFlight {
+    control: JobControl,
+    pieces: mpsc::Sender<String>,
+    done: oneshot::Sender<Result<Generation, EngineError>>,
+    /// Text the model produced that the client has not taken yet.
+    outbox: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl InFlight {
+    /// Hands waiting pieces to the client without waiting; false when the client is gone or
+    /// has let too much pile up.
+    fn flush(&self) -> bool {
+        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(piece) = outbox.pop_front() {
+            match self.pieces.try_send(piece) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(piece)) => {
+                    outbox.push_front(piece);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        outbox.len() <= PENDING_PIECES
+    }
+
+    fn is_drained(&self) -> bool {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+}
+
+/// A finished generation whose last pieces the client has not taken yet.
+struct Draining {
+    flight: InFlight,
+    result: Result<Generation, EngineError>,
+    since: Instant,
+}
+
+/// The engine loop for an in-process text model on the project's decoder: continuous batching.
+/// Up to `limits.max_sequences` generations advance together, one forward pass per step; new
+/// requests join between steps (their prompts fed in chunks beside the running decodes); a
+/// generation whose client left, whose deadline passed or whose client stopped reading leaves
+/// at once. Never returns unless the model cannot batch (then the caller runs jobs one at a
+/// time).
+fn run_batched(
+    model: &securerun_models::TextModel,
+    queue: &JobQueue,
+    metrics: &super::Metrics,
+    limits: securerun_models::BatchLimits,
+) -> Result<(), securerun_models::generate::GenerateError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut batch = securerun_models::Batch::new(model, limits)?;
+    let mut flights: std::collections::HashMap<u64, InFlight> = Default::default();
+    let mut draining: Vec<Draining> = Vec::new();
+    loop {
+        // Take jobs: wait when there is nothing to do, else only what is already waiting.
+        loop {
+            let idle = batch.is_empty() && draining.is_empty();
+            let job = if idle {
+                Some(queue.next())
+            } else if batch.has_room() {
+                queue.try_next()
+            } else {
+                queue.try_next_not_generate()
+            };
+            let Some(job) = job else { break };
+            if job.control().should_stop() {
+                metrics.jobs_dropped.fetch_add(1, Relaxed);
+                drop_job(job);
+                continue;
+            }
+            match job {
+                Job::Generate {
+                    prompt_ids,
+                    params,
+                    control,
+                    pieces,
+                    done,
+                } => {
+                    let outbox: Arc<Mutex<VecDeque<String>>> = Arc::default();
+                    let sink = outbox.clone();
+                    let on_text: securerun_models::batch::OnText<'static> =
+                        Box::new(move |piece: &str| {
+                            sink.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push_back(piece.to_string());
+                            ControlFlow::Continue(())
+                        });
+                    match batch.add(&prompt_ids, &params, on_text) {
+                        Ok(id) => {
+                            flights.insert(
+                                id,
+                                InFlight {
+                                    control,
+                                    pieces,
+                                    done,
+                                    outbox,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(EngineError::Request(e.to_string())));
+                        }
+                    }
+                }
+                Job::Render { messages, done, .. } => {
+                    let _ = done.send(
+                        model
+                            .render_chat(&messages)
+                            .map_err(|e| EngineError::Request(e.to_string())),
+                    );
+                }
+                other => {
+                    let mut other = Some(other);
+                    if let Some(Job::Embed { done, .. }) = other.take() {
+                        let _ = done.send(Err(EngineError::Request(
+                            "this model does not compute embeddings".into(),
+                        )));
+                    } else if let Some(job) = other {
+                        drop_job(job);
+                    }
+                }
+            }
+        }
+        // Those that must stop leave before the step.
+        let stopping: Vec<u64> = flights
+            .iter()
+            .filter(|(_, f)| f.control.should_stop() || !f.flush())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stopping {
+            if let (Some(g), Some(flight)) = (batch.cancel(id), flights.remove(&id)) {
+                let _ = flight.done.send(Ok(g));
+            }
+        }
+        if !batch.is_empty() {
+            metrics
+                .batch_sequences_peak
+                .fetch_max(batch.len() as u64, Relaxed);
+            match batch.step() {
+                Ok(finished) => {
+                    for f in finished {
+                        if let Some(flight) = flights.remove(&f.id) {
+                            draining.push(Draining {
+                                flight,
+                                result: f.result.map_err(|e| EngineError::Request(e.to_string())),
+                                since: Instant::now(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The pass itself failed: every generation in it fails, the batch restarts.
+                    for (_, f) in flights.drain() {
+                        let _ = f.done.send(Err(EngineError::Request(e.to_string())));
+                    }
+                    batch = securerun_models::Batch::new(model, limits)?;
+                }
+            }
+            for f in flights.values() {
+                f.flush();
+            }
+        }
+        // Finished generations reply once their client has every piece (or stopped taking them).
+        let mut still = Vec::with_capacity(draining.len());
+        for mut d in draining.drain(..) {
+            let gone = !d.flight.flush();
+            if d.flight.is_drained() {
+                let _ = d.flight.done.send(d.result);
+            } else if gone || d.since.elapsed() > PIECE_SEND_WAIT {
+                if let Ok(g) = &mut d.result {
+                    g.finish_reason = securerun_models::FinishReason::Cancelled;
+                }
+                let _ = d.flight.done.send(d.result);
+            } else {
+                still.push(d);
+            }
+        }
+        draining = still;
+        if batch.is_empty() && !draining.is_empty() {
+            // Only slow readers left: give them a moment instead of spinning.
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub jobs_dropped: AtomicU64,
     /// Embedding calls that joined several waiting requests.
     pub embed_batches: AtomicU64,
+    /// Most generations one forward pass has advanced together (continuous batching).
+    pub batch_sequences_peak: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_refused: AtomicU64,
     pub connections_timed_out: AtomicU64,
@@ -627,7 +629,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             format!("# HELP securerun_{name} {help}\n# TYPE securerun_{name} counter\nsecurerun_{name} {v}\n")
         })
         .collect();
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 6] = [
+        (
+            "batch_sequences_peak",
+            "most generations one forward pass has advanced together",
+            get(&m.batch_sequences_peak),
+        ),
         (
             "lockdown",
             "1 while the server refuses every non-admin request",

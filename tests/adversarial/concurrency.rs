@@ -68,3 +68,82 @@ fn concurrent_embedding_requests_are_batched_and_each_gets_its_own_vectors() {
     assert!(batched, "concurrent requests were never joined");
     s.stop();
 }
+
+/// Concurrent generations advance together in one forward pass per step (in-process model),
+/// and each client gets exactly the completion it gets alone, streamed or not.
+#[test]
+fn concurrent_generations_are_batched_and_each_gets_its_own_completion() {
+    use super::harness::completion;
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &common::smollm2(),
+        state.path(),
+        "queue = 64\nmax_sequences = 4\n",
+        &[],
+        &["--allow-unsigned", "--sandbox", "off"],
+    );
+    let t = s.token(
+        "g",
+        &["--scopes", "inference,metrics", "--rate", "1000/min"],
+    );
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, in a small village,",
+        "1, 2, 3, 4,",
+        "The best way to learn a language is",
+    ];
+    let text_of = |stream: bool, out: &str| -> String {
+        if !stream {
+            let v: serde_json::Value = serde_json::from_str(out).unwrap();
+            return v["choices"][0]["text"].as_str().unwrap().to_string();
+        }
+        out.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+            .collect()
+    };
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let (status, out) = call(
+                s.addr,
+                "POST",
+                "/v1/completions",
+                Some(&t),
+                &completion(p, 16, false),
+            );
+            assert_eq!(status, 200, "{out}");
+            text_of(false, &out)
+        })
+        .collect();
+    let batched = eventually(Duration::from_secs(120), || {
+        let together: Vec<(bool, u16, String)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let (addr, t, stream) = (s.addr, &t, i % 2 == 1);
+                    let body = completion(p, 16, stream);
+                    scope.spawn(move || {
+                        let (status, out) = call(addr, "POST", "/v1/completions", Some(t), &body);
+                        (stream, status, out)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, (stream, status, out)) in together.iter().enumerate() {
+            assert_eq!(*status, 200, "{out}");
+            assert_eq!(
+                text_of(*stream, out),
+                alone[i],
+                "request {i} (stream {stream})"
+            );
+        }
+        metric(s.addr, &t, "batch_sequences_peak") >= 2
+    });
+    assert!(batched, "concurrent generations never shared a step");
+    s.stop();
+}
