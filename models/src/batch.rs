@@ -171,9 +171,9 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self
-            .decoder
-            .forward_batch(&mut chunks)
+        let decoder = self.decoder;
+        let logits = crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
+            .map_err(|panic| GenerateError::Compute(format!("model code panicked: {panic}")))?
             .map_err(GenerateError::Compute)?;
         drop(chunks);
         let tokenizer = self.model.tokenizer();
