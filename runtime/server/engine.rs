@@ -541,16 +541,20 @@ struct InFlight {
     done: oneshot::Sender<Result<Generation, EngineError>>,
     /// Text the model produced that the client has not taken yet.
     outbox: Arc<Mutex<VecDeque<String>>>,
+    /// Since when the client's channel has been full with text still waiting.
+    blocked_since: Option<Instant>,
 }
 
 impl InFlight {
-    /// Hands waiting pieces to the client without waiting; false when the client is gone or
-    /// has let too much pile up.
-    fn flush(&self) -> bool {
+    /// Hands waiting pieces to the client without waiting; false when the client is gone, has
+    /// let too much pile up, or has taken nothing for [`PIECE_SEND_WAIT`] while text waited
+    /// (the single-stream engine's bound on a consumer that stops taking pieces).
+    fn flush(&mut self) -> bool {
         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut moved = false;
         while let Some(piece) = outbox.pop_front() {
             match self.pieces.try_send(piece) {
-                Ok(()) => {}
+                Ok(()) => moved = true,
                 Err(mpsc::error::TrySendError::Full(piece)) => {
                     outbox.push_front(piece);
                     break;
@@ -558,7 +562,15 @@ impl InFlight {
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
             }
         }
-        outbox.len() <= PENDING_PIECES
+        if outbox.is_empty() || moved {
+            self.blocked_since = None;
+        } else if self.blocked_since.is_none() {
+            self.blocked_since = Some(Instant::now());
+        }
+        let stalled = self
+            .blocked_since
+            .is_some_and(|t| t.elapsed() > PIECE_SEND_WAIT);
+        outbox.len() <= PENDING_PIECES && !stalled
     }
 
     fn is_drained(&self) -> bool {
@@ -635,6 +647,7 @@ fn run_batched(
                                     pieces,
                                     done,
                                     outbox,
+                                    blocked_since: None,
                                 },
                             );
                         }
@@ -664,9 +677,8 @@ fn run_batched(
         }
         // Those that must stop leave before the step.
         let stopping: Vec<u64> = flights
-            .iter()
-            .filter(|(_, f)| f.control.should_stop() || !f.flush())
-            .map(|(&id, _)| id)
+            .iter_mut()
+            .filter_map(|(&id, f)| (f.control.should_stop() || !f.flush()).then_some(id))
             .collect();
         for id in stopping {
             if let (Some(g), Some(flight)) = (batch.cancel(id), flights.remove(&id)) {
@@ -697,7 +709,7 @@ fn run_batched(
                     batch = securerun_models::Batch::new(model, limits)?;
                 }
             }
-            for f in flights.values() {
+            for f in flights.values_mut() {
                 f.flush();
             }
         }
