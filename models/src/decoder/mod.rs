@@ -26,6 +26,7 @@ pub mod qwen3;
 
 use rayon::prelude::*;
 
+use crate::kernels::aligned::Aligned;
 use crate::kernels::{self, Input, Matrix};
 use crate::precision::Role;
 use cache::KvCache;
@@ -439,13 +440,14 @@ impl Decoder {
             let scale = (hid as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= scale);
         }
-        let mut h = vec![0f32; n * hid];
+        // The matrices' inputs start on cache lines, so `Input` need not copy them.
+        let mut h = Aligned::<f32>::zeroed(n * hid);
         let mut q = vec![0f32; n * q_row];
         let mut k = vec![0f32; n * kv_row];
         let mut v = vec![0f32; n * kv_row];
-        let mut att = vec![0f32; n * q_row];
+        let mut att = Aligned::<f32>::zeroed(n * q_row);
         let mut proj = vec![0f32; n * hid];
-        let mut gate = vec![0f32; n * s.intermediate];
+        let mut gate = Aligned::<f32>::zeroed(n * s.intermediate);
         let mut up = vec![0f32; n * s.intermediate];
         for l in 0..s.layers {
             let layer = &self.w.layers[l];
@@ -547,7 +549,7 @@ impl Decoder {
         for r in &rows {
             picked.extend_from_slice(&x[r.start * hid..r.end * hid]);
         }
-        let mut normed = vec![0f32; picked.len()];
+        let mut normed = Aligned::<f32>::zeroed(picked.len());
         rms_norm(&picked, &self.w.norm, s.rms_eps, &mut normed);
         let head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
         let mut logits = vec![0f32; picked.len() / hid * s.vocab];
