@@ -204,6 +204,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             settings.context_limit =
                 Some(config.max_prompt_tokens as u64 + u64::from(config.max_tokens_cap));
             settings.precision = opts.precision;
+            settings.max_sequences = config.max_sequences;
             let task = if is_embedder {
                 Task::Embed
             } else {

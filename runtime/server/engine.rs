@@ -22,6 +22,8 @@ use securerun_models::{Generation, GenerationParams};
 use crate::worker::supervisor::RequestControl;
 use crate::worker::{ConfinedModel, WorkerError};
 
+mod batched;
+
 /// What the engine can run.
 pub enum Backend {
     Text(Box<ConfinedModel>),
@@ -36,11 +38,63 @@ impl Backend {
     }
 
     /// Worker replacements, seccomp kills and failed worker starts so far.
-    fn restarts(&self) -> (u64, u64, u64) {
+    fn restarts(&self) -> WorkerEvents {
         match self {
-            Backend::Text(m) | Backend::Embed(m) => (m.restarts, m.seccomp_kills, m.start_failures),
-            _ => (0, 0, 0),
+            Backend::Text(m) | Backend::Embed(m) => WorkerEvents::of(m),
+            _ => WorkerEvents::default(),
         }
+    }
+}
+
+/// Counts of what happened to a model's workers, compared before and after a failure.
+#[derive(Debug, Default, Clone, Copy)]
+struct WorkerEvents {
+    restarts: u64,
+    seccomp_kills: u64,
+    start_failures: u64,
+}
+
+impl WorkerEvents {
+    fn of(m: &ConfinedModel) -> Self {
+        WorkerEvents {
+            restarts: m.restarts,
+            seccomp_kills: m.seccomp_kills,
+            start_failures: m.start_failures,
+        }
+    }
+}
+
+/// Records what a worker failure led to: a worker that could not start, or one that was
+/// replaced (and whether the seccomp filter killed it: a sandbox violation, not a crash).
+fn record_worker_failure(
+    before: WorkerEvents,
+    after: WorkerEvents,
+    failure: String,
+    audit: &crate::audit::AuditLog,
+    metrics: &super::Metrics,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if after.start_failures > before.start_failures {
+        // No worker could start (e.g. the weights changed on disk since they were verified):
+        // recorded, and retried with backoff.
+        tracing::error!(error = %failure, "inference worker could not start");
+        let mut r =
+            crate::audit::AuditRecord::event("worker_start_failed").with_detail(failure.clone());
+        r.outcome = Some("refused".into());
+        let _ = audit.append_blocking(r);
+    }
+    if after.restarts > before.restarts {
+        tracing::warn!(error = %failure, "inference worker replaced");
+        metrics.worker_restarts.fetch_add(1, Relaxed);
+        if after.seccomp_kills > before.seccomp_kills {
+            metrics.sandbox_violations.fetch_add(1, Relaxed);
+            let mut v =
+                crate::audit::AuditRecord::event("sandbox_violation").with_detail(failure.clone());
+            v.outcome = Some("worker_killed".into());
+            let _ = audit.append_blocking(v);
+        }
+        let r = crate::audit::AuditRecord::event("worker_restarted").with_detail(failure);
+        let _ = audit.append_blocking(r);
     }
 }
 
@@ -88,7 +142,7 @@ impl Drop for CancelOnDrop {
 }
 
 /// Why a job failed, typed until the HTTP edge.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The request itself is at fault (prompt too long, bad template input...).
     #[error("{0}")]
@@ -199,15 +253,41 @@ impl Engine {
             .name("securerun-engine".into())
             .spawn(move || {
                 use std::sync::atomic::Ordering::Relaxed;
-                if let Backend::TextInProcess(model) = &backend {
-                    let limits = securerun_models::BatchLimits {
-                        max_sequences,
-                        max_step_tokens: max_sequences.max(256),
-                    };
-                    // Returns only when the model cannot batch (a reference architecture).
-                    if let Err(e) = run_batched(model, &rx, &metrics, limits) {
-                        tracing::info!(reason = %e, "generation runs one request at a time");
+                let mut on_failure = |before, after, failure| {
+                    record_worker_failure(before, after, failure, &audit, &metrics)
+                };
+                match &mut backend {
+                    Backend::TextInProcess(model) => {
+                        let limits = securerun_models::BatchLimits {
+                            max_sequences,
+                            max_step_tokens: max_sequences.max(256),
+                        };
+                        // Fails only when the model cannot batch (a reference architecture):
+                        // then jobs run one at a time below.
+                        match securerun_models::Batch::new(model, limits) {
+                            Ok(batch) => {
+                                let mut seqs = batched::InProcess {
+                                    model,
+                                    batch,
+                                    limits,
+                                };
+                                batched::run(&mut seqs, &rx, &metrics, &mut on_failure)
+                            }
+                            Err(e) => {
+                                tracing::info!(reason = %e, "generation runs one request at a time")
+                            }
+                        }
                     }
+                    Backend::Text(model) => {
+                        let mut seqs = batched::Confined {
+                            model,
+                            max_sequences,
+                            outboxes: Default::default(),
+                            renders: Default::default(),
+                        };
+                        batched::run(&mut seqs, &rx, &metrics, &mut on_failure)
+                    }
+                    _ => {}
                 }
                 loop {
                     let job = rx.next();
@@ -229,32 +309,13 @@ impl Engine {
                         other => other,
                     };
                     if let Some(failure) = run(&mut backend, job, &runtime) {
-                        let after = backend.restarts();
-                        if after.2 > before.2 {
-                            // No worker could start (e.g. the weights changed on disk since
-                            // they were verified): recorded, and retried with backoff.
-                            tracing::error!(error = %failure, "inference worker could not start");
-                            let mut r = crate::audit::AuditRecord::event("worker_start_failed")
-                                .with_detail(failure.clone());
-                            r.outcome = Some("refused".into());
-                            let _ = audit.append_blocking(r);
-                        }
-                        if after.0 > before.0 {
-                            tracing::warn!(error = %failure, "inference worker replaced");
-                            metrics.worker_restarts.fetch_add(1, Relaxed);
-                            // A seccomp kill means the worker tried something the sandbox
-                            // forbids: recorded as a violation, not just a crash.
-                            if after.1 > before.1 {
-                                metrics.sandbox_violations.fetch_add(1, Relaxed);
-                                let mut v = crate::audit::AuditRecord::event("sandbox_violation")
-                                    .with_detail(failure.clone());
-                                v.outcome = Some("worker_killed".into());
-                                let _ = audit.append_blocking(v);
-                            }
-                            let r = crate::audit::AuditRecord::event("worker_restarted")
-                                .with_detail(failure);
-                            let _ = audit.append_blocking(r);
-                        }
+                        record_worker_failure(
+                            before,
+                            backend.restarts(),
+                            failure,
+                            &audit,
+                            &metrics,
+                        );
                     }
                 }
             })
@@ -526,212 +587,6 @@ fn run_embed_batch(
                 }
             }
             failure
-        }
-    }
-}
-
-/// Pieces a batched generation may have waiting for a slow client before it is cancelled: a
-/// slow reader holds up only its own sequence (the others keep decoding), and not for long.
-const PENDING_PIECES: usize = 256;
-
-/// A generation in the batch, with what its handler waits on.
-struct InFlight {
-    control: JobControl,
-    pieces: mpsc::Sender<String>,
-    done: oneshot::Sender<Result<Generation, EngineError>>,
-    /// Text the model produced that the client has not taken yet.
-    outbox: Arc<Mutex<VecDeque<String>>>,
-    /// Since when the client's channel has been full with text still waiting.
-    blocked_since: Option<Instant>,
-}
-
-impl InFlight {
-    /// Hands waiting pieces to the client without waiting; false when the client is gone, has
-    /// let too much pile up, or has taken nothing for [`PIECE_SEND_WAIT`] while text waited
-    /// (the single-stream engine's bound on a consumer that stops taking pieces).
-    fn flush(&mut self) -> bool {
-        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
-        let mut moved = false;
-        while let Some(piece) = outbox.pop_front() {
-            match self.pieces.try_send(piece) {
-                Ok(()) => moved = true,
-                Err(mpsc::error::TrySendError::Full(piece)) => {
-                    outbox.push_front(piece);
-                    break;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
-        }
-        if outbox.is_empty() || moved {
-            self.blocked_since = None;
-        } else if self.blocked_since.is_none() {
-            self.blocked_since = Some(Instant::now());
-        }
-        let stalled = self
-            .blocked_since
-            .is_some_and(|t| t.elapsed() > PIECE_SEND_WAIT);
-        outbox.len() <= PENDING_PIECES && !stalled
-    }
-
-    fn is_drained(&self) -> bool {
-        self.outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-    }
-}
-
-/// A finished generation whose last pieces the client has not taken yet.
-struct Draining {
-    flight: InFlight,
-    result: Result<Generation, EngineError>,
-    since: Instant,
-}
-
-/// The engine loop for an in-process text model on the project's decoder: continuous batching.
-/// Up to `limits.max_sequences` generations advance together, one forward pass per step; new
-/// requests join between steps (their prompts fed in chunks beside the running decodes); a
-/// generation whose client left, whose deadline passed or whose client stopped reading leaves
-/// at once. Never returns unless the model cannot batch (then the caller runs jobs one at a
-/// time).
-fn run_batched(
-    model: &securerun_models::TextModel,
-    queue: &JobQueue,
-    metrics: &super::Metrics,
-    limits: securerun_models::BatchLimits,
-) -> Result<(), securerun_models::generate::GenerateError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut batch = securerun_models::Batch::new(model, limits)?;
-    let mut flights: std::collections::HashMap<u64, InFlight> = Default::default();
-    let mut draining: Vec<Draining> = Vec::new();
-    loop {
-        // Take jobs: wait when there is nothing to do, else only what is already waiting.
-        loop {
-            let idle = batch.is_empty() && draining.is_empty();
-            let job = if idle {
-                Some(queue.next())
-            } else if batch.has_room() {
-                queue.try_next()
-            } else {
-                queue.try_next_not_generate()
-            };
-            let Some(job) = job else { break };
-            if job.control().should_stop() {
-                metrics.jobs_dropped.fetch_add(1, Relaxed);
-                drop_job(job);
-                continue;
-            }
-            match job {
-                Job::Generate {
-                    prompt_ids,
-                    params,
-                    control,
-                    pieces,
-                    done,
-                } => {
-                    let outbox: Arc<Mutex<VecDeque<String>>> = Arc::default();
-                    let sink = outbox.clone();
-                    let on_text: securerun_models::batch::OnText<'static> =
-                        Box::new(move |piece: &str| {
-                            sink.lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push_back(piece.to_string());
-                            ControlFlow::Continue(())
-                        });
-                    match batch.add(&prompt_ids, &params, on_text) {
-                        Ok(id) => {
-                            flights.insert(
-                                id,
-                                InFlight {
-                                    control,
-                                    pieces,
-                                    done,
-                                    outbox,
-                                    blocked_since: None,
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            let _ = done.send(Err(EngineError::Request(e.to_string())));
-                        }
-                    }
-                }
-                Job::Render { messages, done, .. } => {
-                    let _ = done.send(
-                        model
-                            .render_chat(&messages)
-                            .map_err(|e| EngineError::Request(e.to_string())),
-                    );
-                }
-                other => {
-                    let mut other = Some(other);
-                    if let Some(Job::Embed { done, .. }) = other.take() {
-                        let _ = done.send(Err(EngineError::Request(
-                            "this model does not compute embeddings".into(),
-                        )));
-                    } else if let Some(job) = other {
-                        drop_job(job);
-                    }
-                }
-            }
-        }
-        // Those that must stop leave before the step.
-        let stopping: Vec<u64> = flights
-            .iter_mut()
-            .filter_map(|(&id, f)| (f.control.should_stop() || !f.flush()).then_some(id))
-            .collect();
-        for id in stopping {
-            if let (Some(g), Some(flight)) = (batch.cancel(id), flights.remove(&id)) {
-                let _ = flight.done.send(Ok(g));
-            }
-        }
-        if !batch.is_empty() {
-            metrics
-                .batch_sequences_peak
-                .fetch_max(batch.len() as u64, Relaxed);
-            match batch.step() {
-                Ok(finished) => {
-                    for f in finished {
-                        if let Some(flight) = flights.remove(&f.id) {
-                            draining.push(Draining {
-                                flight,
-                                result: f.result.map_err(|e| EngineError::Request(e.to_string())),
-                                since: Instant::now(),
-                            });
-                        }
-                    }
-                }
-                Err(e) => {
-                    // The pass itself failed: every generation in it fails, the batch restarts.
-                    for (_, f) in flights.drain() {
-                        let _ = f.done.send(Err(EngineError::Request(e.to_string())));
-                    }
-                    batch = securerun_models::Batch::new(model, limits)?;
-                }
-            }
-            for f in flights.values_mut() {
-                f.flush();
-            }
-        }
-        // Finished generations reply once their client has every piece (or stopped taking them).
-        let mut still = Vec::with_capacity(draining.len());
-        for mut d in draining.drain(..) {
-            let gone = !d.flight.flush();
-            if d.flight.is_drained() {
-                let _ = d.flight.done.send(d.result);
-            } else if gone || d.since.elapsed() > PIECE_SEND_WAIT {
-                if let Ok(g) = &mut d.result {
-                    g.finish_reason = securerun_models::FinishReason::Cancelled;
-                }
-                let _ = d.flight.done.send(d.result);
-            } else {
-                still.push(d);
-            }
-        }
-        draining = still;
-        if batch.is_empty() && !draining.is_empty() {
-            // Only slow readers left: give them a moment instead of spinning.
-            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

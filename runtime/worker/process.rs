@@ -2,12 +2,16 @@
 //! has a second thread or reads a model byte, then loads the model from the passed descriptors
 //! and serves requests until the supervisor hangs up.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::ops::ControlFlow;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use securerun_models::{Embedder, LoadOptions, ModelSource, TextModel};
+use securerun_models::batch::OnText;
+use securerun_models::{
+    Batch, BatchLimits, ChatMessage, Embedder, Generation, LoadOptions, ModelSource, TextModel,
+};
 use securerun_sandbox::{Channel, Confinement, Mode};
 
 use super::protocol::{FromWorker, LayerMsg, Task, ToWorker, MAX_TO_WORKER};
@@ -82,6 +86,7 @@ pub fn main(args: &[String]) -> ExitCode {
         source,
         limits,
         precision,
+        max_sequences,
     }) = recv(&mut channel)
     else {
         return fail(&mut channel, None, "expected a load message".into());
@@ -101,7 +106,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     match task {
         Task::Generate => match TextModel::load(&source, &opts) {
-            Ok(model) => serve_generate(&mut channel, model),
+            Ok(model) => serve_generate(&mut channel, model, max_sequences.clamp(1, 256)),
             Err(e) => fail(&mut channel, None, e.to_string()),
         },
         Task::Embed => match Embedder::load(&source, &opts) {
@@ -111,13 +116,170 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
-fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
+fn serve_generate(channel: &mut Channel, model: TextModel, max_sequences: usize) -> ExitCode {
     if let Err(e) = super::start_threads_then_cap() {
         return fail(channel, None, e);
     }
-    if !send(channel, &FromWorker::Ready) {
-        return ExitCode::FAILURE;
+    let limits = BatchLimits {
+        max_sequences,
+        max_step_tokens: max_sequences.max(STEP_TOKENS),
+    };
+    match Batch::new(&model, limits) {
+        Ok(batch) => {
+            if !send(
+                channel,
+                &FromWorker::Ready {
+                    sequences: max_sequences,
+                },
+            ) {
+                return ExitCode::FAILURE;
+            }
+            serve_batched(channel, &model, batch, limits)
+        }
+        // A reference architecture: one generation at a time.
+        Err(_) => {
+            if !send(channel, &FromWorker::Ready { sequences: 1 }) {
+                return ExitCode::FAILURE;
+            }
+            serve_one_at_a_time(channel, model)
+        }
     }
+}
+
+/// Prompt tokens a step may feed beside the running decodes: chunks long enough to keep the
+/// matrix kernels busy, short enough that running generations wait at most one chunk.
+const STEP_TOKENS: usize = 256;
+
+/// Text pieces produced during a step, by request id, in order.
+type Outbox = Arc<Mutex<Vec<(u64, String)>>>;
+
+/// Continuous batching in the worker: generations join between steps, each step is one forward
+/// pass over all of them, and a cancellation or a finished generation frees its slot at once.
+/// Text pieces and completions are sent after every step; requests are read between steps.
+fn serve_batched<'m>(
+    channel: &mut Channel,
+    model: &'m TextModel,
+    mut batch: Batch<'m, 'static>,
+    limits: BatchLimits,
+) -> ExitCode {
+    let outbox: Outbox = Arc::default();
+    // Batch sequence id -> request id.
+    let mut requests: HashMap<u64, u64> = HashMap::new();
+    loop {
+        // With nothing to compute, wait for a request; else take only what is already waiting.
+        while batch.is_empty() || channel.readable() {
+            let Some(msg) = recv(channel) else {
+                return ExitCode::SUCCESS; // supervisor gone or closed the channel
+            };
+            let reply = match msg {
+                ToWorker::Generate {
+                    id,
+                    prompt_ids,
+                    params,
+                } => {
+                    let sink = outbox.clone();
+                    let on_text: OnText<'static> = Box::new(move |piece: &str| {
+                        sink.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((id, piece.to_string()));
+                        ControlFlow::Continue(())
+                    });
+                    match batch.add(&prompt_ids, &params, on_text) {
+                        Ok(seq) => {
+                            requests.insert(seq, id);
+                            None
+                        }
+                        Err(e) => Some(FromWorker::Failed {
+                            id: Some(id),
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+                ToWorker::Cancel { id } => {
+                    // A request already finished is not in the batch any more: nothing to do.
+                    let seq = requests.iter().find(|(_, &r)| r == id).map(|(&s, _)| s);
+                    seq.and_then(|seq| {
+                        requests.remove(&seq);
+                        batch.cancel(seq).map(|g| done(id, g))
+                    })
+                }
+                ToWorker::Render { id, messages } => Some(rendered(model, id, &messages)),
+                _ => return fail(channel, None, "unexpected message".into()),
+            };
+            if let Some(reply) = reply {
+                if !send(channel, &reply) {
+                    return ExitCode::SUCCESS;
+                }
+            }
+        }
+        let finished = match batch.step() {
+            Ok(finished) => finished,
+            Err(e) => {
+                // The pass itself failed: every generation in it fails, the batch starts over.
+                for (_, id) in requests.drain() {
+                    let reply = FromWorker::Failed {
+                        id: Some(id),
+                        error: e.to_string(),
+                    };
+                    if !send(channel, &reply) {
+                        return ExitCode::SUCCESS;
+                    }
+                }
+                outbox.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                match Batch::new(model, limits) {
+                    Ok(b) => batch = b,
+                    Err(e) => return fail(channel, None, e.to_string()),
+                }
+                continue;
+            }
+        };
+        let pieces = std::mem::take(&mut *outbox.lock().unwrap_or_else(|p| p.into_inner()));
+        for (id, text) in pieces {
+            if !send(channel, &FromWorker::Text { id, text }) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        for f in finished {
+            let Some(id) = requests.remove(&f.id) else {
+                continue;
+            };
+            let reply = match f.result {
+                Ok(g) => done(id, g),
+                Err(e) => FromWorker::Failed {
+                    id: Some(id),
+                    error: e.to_string(),
+                },
+            };
+            if !send(channel, &reply) {
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+}
+
+fn done(id: u64, g: Generation) -> FromWorker {
+    FromWorker::Done {
+        id,
+        finish_reason: g.finish_reason,
+        prompt_tokens: g.prompt_tokens,
+        token_ids: g.token_ids,
+        prefill_us: g.prefill_time.as_micros() as u64,
+        decode_us: g.decode_time.as_micros() as u64,
+    }
+}
+
+fn rendered(model: &TextModel, id: u64, messages: &[ChatMessage]) -> FromWorker {
+    match model.render_chat(messages) {
+        Ok(text) => FromWorker::Rendered { id, text },
+        Err(e) => FromWorker::Failed {
+            id: Some(id),
+            error: e.to_string(),
+        },
+    }
+}
+
+/// One generation at a time (architectures that cannot batch).
+fn serve_one_at_a_time(channel: &mut Channel, mut model: TextModel) -> ExitCode {
     loop {
         let Some(msg) = recv(channel) else {
             return ExitCode::SUCCESS; // supervisor gone or closed the channel
@@ -129,14 +291,7 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
                 params,
             } => (id, prompt_ids, params),
             ToWorker::Render { id, messages } => {
-                let reply = match model.render_chat(&messages) {
-                    Ok(text) => FromWorker::Rendered { id, text },
-                    Err(e) => FromWorker::Failed {
-                        id: Some(id),
-                        error: e.to_string(),
-                    },
-                };
-                if !send(channel, &reply) {
+                if !send(channel, &rendered(&model, id, &messages)) {
                     return ExitCode::SUCCESS;
                 }
                 continue;
@@ -177,14 +332,7 @@ fn serve_generate(channel: &mut Channel, mut model: TextModel) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         let reply = match result {
-            Ok(g) => FromWorker::Done {
-                id,
-                finish_reason: g.finish_reason,
-                prompt_tokens: g.prompt_tokens,
-                token_ids: g.token_ids,
-                prefill_us: g.prefill_time.as_micros() as u64,
-                decode_us: g.decode_time.as_micros() as u64,
-            },
+            Ok(g) => done(id, g),
             Err(e) => FromWorker::Failed {
                 id: Some(id),
                 error: e.to_string(),
@@ -200,7 +348,7 @@ fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
     if let Err(e) = super::start_threads_then_cap() {
         return fail(channel, None, e);
     }
-    if !send(channel, &FromWorker::Ready) {
+    if !send(channel, &FromWorker::Ready { sequences: 1 }) {
         return ExitCode::FAILURE;
     }
     loop {

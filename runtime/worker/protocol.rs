@@ -16,6 +16,10 @@ pub const MAX_FROM_WORKER: usize = 8 * 1024 * 1024;
 /// Largest frame the worker accepts (the load message carries tokenizer and configuration).
 pub const MAX_TO_WORKER: usize = 512 * 1024 * 1024;
 
+fn one() -> usize {
+    1
+}
+
 /// What the worker serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -34,6 +38,9 @@ pub enum ToWorker {
         limits: Limits,
         /// The precision to keep the weights at.
         precision: securerun_models::Precision,
+        /// Generations the worker may run at once (continuous batching).
+        #[serde(default = "one")]
+        max_sequences: usize,
     },
     /// Generate from prompt ids the supervisor tokenized (its counts are the ones enforced).
     Generate {
@@ -64,8 +71,12 @@ pub enum FromWorker {
     Confined {
         layers: Vec<LayerMsg>,
     },
-    /// The model is loaded.
-    Ready,
+    /// The model is loaded; it runs up to `sequences` generations at once (1: one at a time,
+    /// a worker that does not say runs one at a time).
+    Ready {
+        #[serde(default = "one")]
+        sequences: usize,
+    },
     /// A request (or, with no id, loading) failed.
     Failed {
         id: Option<u64>,

@@ -9,12 +9,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use securerun_models::{
-    FinishReason, Generation, GenerationParams, Limits, ModelSource, Prompt, PromptEncoder,
-};
+use securerun_models::{Generation, GenerationParams, Limits, ModelSource, Prompt, PromptEncoder};
 use securerun_sandbox::{Channel, FrameError, Mode, WorkerProcess, WorkerSpec};
 
 use super::protocol::{FromWorker, LayerMsg, PartsMsg, Task, ToWorker, MAX_FROM_WORKER};
+
+mod streams;
+pub use streams::Event;
 
 /// Why a confined request failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,8 @@ pub struct WorkerSettings {
     pub context_limit: Option<u64>,
     /// The precision the worker loads the weights at (`--dtype`).
     pub precision: securerun_models::Precision,
+    /// Generations the worker runs at once (continuous batching; each holds a KV cache).
+    pub max_sequences: usize,
 }
 
 impl WorkerSettings {
@@ -78,6 +81,7 @@ impl WorkerSettings {
             frame_timeout: Duration::from_secs(300),
             context_limit: None,
             precision: securerun_models::Precision::Auto,
+            max_sequences: 1,
         })
     }
 }
@@ -122,7 +126,11 @@ fn check_memory(
     let est = securerun_models::budget::estimate(source, precision, settings.context_limit)
         .map_err(|e| WorkerError::Model(e.to_string()))?;
     let needed = match task {
-        Task::Generate => est.total(),
+        // Every sequence of a batch holds its own KV cache.
+        Task::Generate => est.total().saturating_add(
+            est.kv_cache
+                .saturating_mul(settings.max_sequences.saturating_sub(1) as u64),
+        ),
         // Encoders keep no KV cache and compute on short inputs.
         Task::Embed => est.weights.saturating_add(est.activations.min(1 << 30)),
     };
@@ -210,6 +218,13 @@ pub struct ConfinedModel {
     live: Option<Live>,
     layers: Vec<LayerMsg>,
     next_id: u64,
+    /// Generations the current worker runs at once (what it reported, at most what it was
+    /// asked for).
+    sequences: usize,
+    /// Requests in flight in the current worker.
+    streams: std::collections::HashMap<u64, streams::Stream>,
+    /// When the worker last said something while requests were in flight.
+    last_heard: Instant,
     /// Consecutive failed starts or deaths, for backoff.
     failures: u32,
     /// Worker replacements so far (deaths, protocol breaks, timeouts).
@@ -243,6 +258,9 @@ impl ConfinedModel {
             live: None,
             layers: Vec::new(),
             next_id: 1,
+            sequences: 1,
+            streams: Default::default(),
+            last_heard: Instant::now(),
             failures: 0,
             restarts: 0,
             seccomp_kills: 0,
@@ -331,6 +349,12 @@ impl ConfinedModel {
         };
         let mut process =
             securerun_sandbox::spawn(spec).map_err(|e| WorkerError::Spawn(e.to_string()))?;
+        // A worker that stops reading cannot block the supervisor's sends for longer than it
+        // may stay silent.
+        process
+            .channel
+            .set_send_timeout(Some(self.settings.frame_timeout))
+            .map_err(|e| WorkerError::Spawn(e.to_string()))?;
         let started = Instant::now();
         let timeout = self.settings.load_timeout;
         let result = (|| {
@@ -344,11 +368,20 @@ impl ConfinedModel {
                 source: PartsMsg::from_parts(&parts),
                 limits: self.limits,
                 precision: self.settings.precision,
+                max_sequences: self.settings.max_sequences,
             };
             write(&mut process.channel, &load)?;
             let left = timeout.saturating_sub(started.elapsed());
             match read(&mut process.channel, left)? {
-                FromWorker::Ready => Ok(layers),
+                FromWorker::Ready { sequences }
+                    if (1..=self.settings.max_sequences.max(1)).contains(&sequences) =>
+                {
+                    Ok((layers, sequences))
+                }
+                FromWorker::Ready { sequences } => Err(WorkerError::Protocol(format!(
+                    "{sequences} sequences at once, asked for at most {}",
+                    self.settings.max_sequences
+                ))),
                 FromWorker::Failed { error, .. } => Err(WorkerError::Refused(error)),
                 other => Err(WorkerError::Protocol(format!(
                     "unexpected {}",
@@ -357,8 +390,9 @@ impl ConfinedModel {
             }
         })();
         match result {
-            Ok(layers) => {
+            Ok((layers, sequences)) => {
                 self.layers = layers;
+                self.sequences = sequences;
                 Ok(Live { process })
             }
             Err(e) => {
@@ -435,19 +469,33 @@ impl ConfinedModel {
         messages: &[securerun_models::ChatMessage],
         deadline: Option<Instant>,
     ) -> Result<String, WorkerError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let timeout = self.settings.frame_timeout;
-        let live = self.ensure_worker()?;
-        let msg = ToWorker::Render {
-            id,
-            messages: messages.to_vec(),
-        };
-        let result = round_trip(live, &msg, timeout, deadline).and_then(|reply| match reply {
-            FromWorker::Rendered { id: got, text } if got == id => Ok(text),
-            other => Err(unexpected(other, id)),
-        });
-        self.settle(result)
+        self.require_idle()?;
+        let id = self.start_render(messages, deadline)?;
+        loop {
+            for event in self.next_events(POLL)? {
+                match event {
+                    Event::Rendered { id: got, result } if got == id => return result,
+                    other => return Err(self.stray(other)),
+                }
+            }
+        }
+    }
+
+    /// The one-request-at-a-time calls cannot share the channel with requests in flight.
+    fn require_idle(&self) -> Result<(), WorkerError> {
+        if self.streams.is_empty() {
+            Ok(())
+        } else {
+            Err(WorkerError::Request(
+                "the worker is busy with requests in flight".into(),
+            ))
+        }
+    }
+
+    /// An event for a request the caller did not make: cannot happen with one request in
+    /// flight, so the worker is out of step.
+    fn stray(&mut self, event: Event) -> WorkerError {
+        self.lose_streams(WorkerError::Protocol(format!("unexpected {event:?}")))
     }
 
     /// Generates from prompt ids the supervisor computed itself ([`Self::encoder`]).
@@ -465,132 +513,24 @@ impl ConfinedModel {
         control: &RequestControl<'_>,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, WorkerError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let frame_timeout = self.settings.frame_timeout;
-        let max_tokens = params.max_tokens;
-        let live = self.ensure_worker()?;
-        let result = (|| {
-            write(
-                &mut live.process.channel,
-                &ToWorker::Generate {
-                    id,
-                    prompt_ids: prompt_ids.to_vec(),
-                    params: params.clone(),
-                },
-            )?;
-            let mut text = String::new();
-            let mut pieces = 0usize;
-            let mut cancel_sent: Option<Instant> = None;
-            loop {
-                let msg = loop {
-                    let limit = kill_after(control.deadline, cancel_sent);
-                    let frame_deadline = (Instant::now() + frame_timeout).min(limit);
-                    let waited = wait_for_frame(&live.process.channel, frame_deadline, || {
-                        cancel_sent.is_none() && control.should_stop()
-                    });
-                    match waited {
-                        Wait::Ready => {
-                            // A frame has started: it must arrive whole, and soon.
-                            let by = frame_deadline.min(Instant::now() + FRAME_COMPLETE);
-                            break read_by(&mut live.process.channel, by, frame_timeout)?;
-                        }
-                        Wait::Stop => {
-                            cancel_sent = Some(Instant::now());
-                            write(&mut live.process.channel, &ToWorker::Cancel { id })?;
-                        }
-                        Wait::TimedOut if Instant::now() >= limit => {
-                            return Err(WorkerError::Timeout(CANCEL_GRACE))
-                        }
-                        Wait::TimedOut => return Err(WorkerError::Timeout(frame_timeout)),
-                    }
-                };
-                if Instant::now() >= kill_after(control.deadline, cancel_sent) {
-                    return Err(WorkerError::Timeout(CANCEL_GRACE));
-                }
-                match msg {
-                    FromWorker::Text {
-                        id: got,
-                        text: piece,
-                    } if got == id => {
-                        if piece.is_empty() {
-                            return Err(WorkerError::Protocol("an empty text piece".into()));
-                        }
-                        pieces += 1;
-                        if pieces > max_tokens + 1 {
-                            return Err(WorkerError::Protocol(format!(
-                                "more text pieces than max_tokens {max_tokens} allows"
-                            )));
-                        }
-                        if text.len() + piece.len() > max_tokens.saturating_mul(64).max(4096) {
-                            return Err(WorkerError::Protocol(
-                                "more text than max_tokens allows".into(),
-                            ));
-                        }
-                        text.push_str(&piece);
-                        if cancel_sent.is_none() && on_text(&piece).is_break() {
-                            cancel_sent = Some(Instant::now());
-                            write(&mut live.process.channel, &ToWorker::Cancel { id })?;
+        self.require_idle()?;
+        let id = self.start_generate(prompt_ids, params, control.deadline)?;
+        loop {
+            if control.should_stop() {
+                self.cancel(id)?;
+            }
+            for event in self.next_events(POLL)? {
+                match event {
+                    Event::Text { id: got, text } if got == id => {
+                        if on_text(&text).is_break() {
+                            self.cancel(id)?;
                         }
                     }
-                    FromWorker::Done {
-                        id: got,
-                        finish_reason,
-                        prompt_tokens,
-                        token_ids,
-                        prefill_us,
-                        decode_us,
-                    } if got == id => {
-                        if token_ids.len() > max_tokens {
-                            return Err(WorkerError::Protocol(format!(
-                                "{} tokens for max_tokens {max_tokens}",
-                                token_ids.len()
-                            )));
-                        }
-                        if prompt_tokens != prompt_ids.len() {
-                            return Err(WorkerError::Protocol(format!(
-                                "{prompt_tokens} prompt tokens reported for {} sent",
-                                prompt_ids.len()
-                            )));
-                        }
-                        // Each piece comes from at least one token, except a final flush of
-                        // text held back (stop-string lookahead).
-                        if pieces > token_ids.len() + 1 {
-                            return Err(WorkerError::Protocol(format!(
-                                "{pieces} text pieces for {} tokens",
-                                token_ids.len()
-                            )));
-                        }
-                        let finish_reason = if cancel_sent.is_some() {
-                            FinishReason::Cancelled
-                        } else {
-                            finish_reason
-                        };
-                        return Ok(Generation {
-                            text,
-                            token_ids,
-                            prompt_tokens: prompt_ids.len(),
-                            finish_reason,
-                            prefill_time: Duration::from_micros(prefill_us),
-                            decode_time: Duration::from_micros(decode_us),
-                        });
-                    }
-                    FromWorker::Failed {
-                        id: Some(got),
-                        error,
-                    } if got == id => {
-                        return Err(WorkerError::Request(error));
-                    }
-                    other => {
-                        return Err(WorkerError::Protocol(format!(
-                            "unexpected {}",
-                            kind(&other)
-                        )))
-                    }
+                    Event::Generated { id: got, result } if got == id => return result,
+                    other => return Err(self.stray(other)),
                 }
             }
-        })();
-        self.settle(result)
+        }
     }
 
     /// Embeds `texts` in the worker.
@@ -605,6 +545,7 @@ impl ConfinedModel {
         texts: &[String],
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>, WorkerError> {
+        self.require_idle()?;
         let id = self.next_id;
         self.next_id += 1;
         let timeout = self.settings.frame_timeout;
@@ -678,7 +619,7 @@ impl Drop for ConfinedModel {
 fn kind(msg: &FromWorker) -> &'static str {
     match msg {
         FromWorker::Confined { .. } => "confined message",
-        FromWorker::Ready => "ready message",
+        FromWorker::Ready { .. } => "ready message",
         FromWorker::Failed { .. } => "failure for another request",
         FromWorker::Text { .. } => "text for another request",
         FromWorker::Done { .. } => "completion for another request",

@@ -46,8 +46,21 @@ impl Channel {
         let mut header = [0u8; 5];
         header[..4].copy_from_slice(&len.to_le_bytes());
         header[4] = PROTOCOL_VERSION;
-        self.stream.write_all(&header)?;
-        self.stream.write_all(payload)?;
+        let timed_out = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => FrameError::Timeout,
+            _ => FrameError::Io(e),
+        };
+        self.stream.write_all(&header).map_err(timed_out)?;
+        self.stream.write_all(payload).map_err(timed_out)?;
+        Ok(())
+    }
+
+    /// Bounds how long [`Self::send`] may wait for a peer that does not read (`None`: no
+    /// bound); past it, the send fails with [`FrameError::Timeout`] and the frame may be cut,
+    /// so the channel can no longer be used.
+    pub fn set_send_timeout(&mut self, timeout: Option<Duration>) -> Result<(), FrameError> {
+        self.stream
+            .set_write_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))?;
         Ok(())
     }
 

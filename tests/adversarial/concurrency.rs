@@ -73,6 +73,17 @@ fn concurrent_embedding_requests_are_batched_and_each_gets_its_own_vectors() {
 /// and each client gets exactly the completion it gets alone, streamed or not.
 #[test]
 fn concurrent_generations_are_batched_and_each_gets_its_own_completion() {
+    generations_are_batched(&["--allow-unsigned", "--sandbox", "off"]);
+}
+
+/// The same through the confined worker (the default): several requests in flight on one
+/// worker channel, batched by the worker, each checked by the supervisor on its own.
+#[test]
+fn concurrent_generations_in_the_confined_worker_are_batched_and_each_gets_its_own_completion() {
+    generations_are_batched(&["--allow-unsigned"]);
+}
+
+fn generations_are_batched(args: &[&str]) {
     use super::harness::completion;
     let state = tempfile::tempdir().unwrap();
     let s = Server::start_with(
@@ -80,7 +91,7 @@ fn concurrent_generations_are_batched_and_each_gets_its_own_completion() {
         state.path(),
         "queue = 64\nmax_sequences = 4\n",
         &[],
-        &["--allow-unsigned", "--sandbox", "off"],
+        args,
     );
     let t = s.token(
         "g",
