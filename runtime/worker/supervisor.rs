@@ -472,11 +472,11 @@ impl ConfinedModel {
         self.require_idle()?;
         let id = self.start_render(messages, deadline)?;
         loop {
-            for event in self.next_events(POLL)? {
-                match event {
-                    Event::Rendered { id: got, result } if got == id => return result,
-                    other => return Err(self.stray(other)),
-                }
+            if let Some(event) = self.next_events(POLL)?.into_iter().next() {
+                return match event {
+                    Event::Rendered { id: got, result } if got == id => result,
+                    other => Err(self.stray(other)),
+                };
             }
         }
     }

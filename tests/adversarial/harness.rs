@@ -250,6 +250,11 @@ pub fn metric(addr: SocketAddr, token: &str, name: &str) -> u64 {
 /// A fake worker: a Python program that speaks the frame protocol and behaves as `script` says
 /// after loading (`r = read()` gets the next request).
 pub fn fake_worker(dir: &Path, name: &str, script: &str) -> PathBuf {
+    fake_worker_ready(dir, name, "{'type': 'ready'}", script)
+}
+
+/// [`fake_worker`] with its own ready message (`ready`, a Python dict literal).
+pub fn fake_worker_ready(dir: &Path, name: &str, ready: &str, script: &str) -> PathBuf {
     let python = Command::new("python3")
         .args(["-c", "import sys; print(sys.executable)"])
         .output()
@@ -262,7 +267,7 @@ pub fn fake_worker(dir: &Path, name: &str, script: &str) -> PathBuf {
          def msg(obj):\n    frame(json.dumps(obj).encode())\n\
          def readn(n):\n    b = b''\n    while len(b) < n:\n        c = ch.read(n - len(b))\n        if not c: raise SystemExit(0)\n        b += c\n    return b\n\
          def read():\n    n = struct.unpack('<I', readn(4))[0]\n    return json.loads(readn(n)[1:])\n\
-         msg({{'type': 'confined', 'layers': []}})\nread()\nmsg({{'type': 'ready'}})\n{script}\n"
+         msg({{'type': 'confined', 'layers': []}})\nread()\nmsg({ready})\n{script}\n"
     );
     std::fs::write(&path, body).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();

@@ -5,12 +5,12 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use securerun::worker::supervisor::{RequestControl, CANCEL_GRACE};
+use securerun::worker::supervisor::{Event, RequestControl, CANCEL_GRACE};
 use securerun::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
 use securerun_models::{GenerationParams, SamplingParams};
 
 use super::common;
-use super::harness::fake_worker;
+use super::harness::{fake_worker, fake_worker_ready};
 
 fn params(max_tokens: usize) -> GenerationParams {
     GenerationParams {
@@ -394,4 +394,143 @@ fn half_a_frame_or_a_silent_embedder_cannot_outlast_the_deadline() {
     assert!(matches!(err, WorkerError::Timeout(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(1) + CANCEL_GRACE + Duration::from_secs(2));
     assert_eq!(e.restarts, 1);
+}
+
+/// Starts a fake worker that says it batches `sequences` generations, asked for at most
+/// `max_sequences`.
+fn start_batching(
+    dir: &std::path::Path,
+    name: &str,
+    script: &str,
+    sequences: usize,
+    max_sequences: usize,
+) -> Result<ConfinedModel, WorkerError> {
+    let source = securerun::open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let mut settings = WorkerSettings::for_model(0).unwrap();
+    settings.program = fake_worker_ready(
+        dir,
+        name,
+        &format!("{{'type': 'ready', 'sequences': {sequences}}}"),
+        script,
+    );
+    settings.load_timeout = Duration::from_secs(5);
+    settings.frame_timeout = Duration::from_secs(10);
+    settings.max_sequences = max_sequences;
+    ConfinedModel::start(source, Task::Generate, Default::default(), settings)
+}
+
+/// Collects events until every request named in `ids` has ended (or `limit` passes).
+fn until_ended(
+    m: &mut ConfinedModel,
+    ids: &[u64],
+    limit: Duration,
+) -> Result<Vec<Event>, WorkerError> {
+    let started = Instant::now();
+    let mut events = Vec::new();
+    let ended = |events: &[Event]| {
+        ids.iter().all(|id| {
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Generated { id: got, .. } if got == id))
+        })
+    };
+    while !ended(&events) {
+        assert!(
+            started.elapsed() < limit,
+            "requests never ended: {events:?}"
+        );
+        events.extend(m.next_events(Duration::from_millis(50))?);
+    }
+    Ok(events)
+}
+
+#[test]
+fn a_worker_cannot_claim_more_sequences_than_it_was_given() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = start_batching(tmp.path(), "greedy", "time.sleep(30)", 64, 4)
+        .err()
+        .expect("a worker claiming 64 sequences for 4 is refused");
+    assert!(matches!(err, WorkerError::Protocol(_)), "{err}");
+    assert!(err.to_string().contains("64 sequences at once"), "{err}");
+}
+
+/// With several requests in flight on one channel, a frame that names no request in flight
+/// (a finished one, an invented one) breaks the protocol: every request fails, the worker is
+/// replaced. A worker cannot push text into another client's response.
+#[test]
+fn a_frame_for_a_request_not_in_flight_fails_every_request_and_replaces_the_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("invented", "a = read(); b = read()\nmsg({'type': 'text', 'id': a['id'], 'text': 'x'})\nmsg({'type': 'text', 'id': a['id'] + b['id'] + 7, 'text': 'y'})\ntime.sleep(30)"),
+        (
+            "finished",
+            &*format!("a = read(); b = read()\nr = a\nN = 1\n{}\nmsg({{'type': 'text', 'id': a['id'], 'text': 'late'}})\ntime.sleep(30)", DONE),
+        ),
+        ("render_text", "a = read(); b = read()\nmsg({'type': 'rendered', 'id': a['id'], 'text': 'x'})\ntime.sleep(30)"),
+    ];
+    for (name, script) in cases {
+        let mut m = start_batching(tmp.path(), name, script, 2, 2).unwrap();
+        let a = m.start_generate(&[1, 2, 3], &params(8), None).unwrap();
+        let b = m.start_generate(&[4, 5], &params(8), None).unwrap();
+        let err = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap_err();
+        assert!(matches!(err, WorkerError::Protocol(_)), "{name}: {err}");
+        assert_eq!(m.restarts, 1, "{name}");
+        assert_eq!(
+            m.generations_in_flight(),
+            0,
+            "{name}: the lost requests are gone"
+        );
+    }
+}
+
+/// Each request in flight is bounded by its own max_tokens: a worker that overruns one
+/// request's budget while another request is in flight is stopped.
+#[test]
+fn each_request_in_flight_is_held_to_its_own_max_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "a = read(); b = read()\nfor _ in range(50):\n    msg({'type': 'text', 'id': b['id'], 'text': 'b'})\n    msg({'type': 'text', 'id': a['id'], 'text': 'a'})\ntime.sleep(30)";
+    let mut m = start_batching(tmp.path(), "overrun", script, 2, 2).unwrap();
+    let a = m.start_generate(&[1, 2, 3], &params(4), None).unwrap();
+    let b = m.start_generate(&[4, 5], &params(1000), None).unwrap();
+    let err = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more text pieces than max_tokens 4"),
+        "{err}"
+    );
+    assert_eq!(m.restarts, 1);
+}
+
+/// One request past its deadline is cancelled on its own: the worker is told, the request
+/// ends `Cancelled`, and the other request in flight runs to its end on the same worker.
+#[test]
+fn a_request_past_its_deadline_is_cancelled_and_the_others_run_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "import select\na = read(); b = read()\nlive = {a['id']: a, b['id']: b}\nn = {a['id']: 0, b['id']: 0}\n\
+        def end(i, why):\n    r = live.pop(i)\n    msg({'type': 'done', 'id': i, 'finish_reason': why, 'prompt_tokens': len(r['prompt_ids']), 'token_ids': [1] * n[i], 'prefill_us': 1, 'decode_us': 1})\n\
+        while live:\n    for i in list(live):\n        msg({'type': 'text', 'id': i, 'text': 'x'})\n        n[i] += 1\n        if i == b['id'] and n[i] >= 20:\n            end(i, 'Length')\n    \
+        time.sleep(0.05)\n    while select.select([ch], [], [], 0)[0]:\n        c = read()\n        if c['type'] == 'cancel' and c['id'] in live:\n            end(c['id'], 'Cancelled')\n\
+        time.sleep(30)";
+    let mut m = start_batching(tmp.path(), "polite", script, 2, 2).unwrap();
+    let a = m
+        .start_generate(
+            &[1, 2, 3],
+            &params(100),
+            Some(Instant::now() + Duration::from_millis(300)),
+        )
+        .unwrap();
+    let b = m.start_generate(&[4, 5], &params(100), None).unwrap();
+    let events = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap();
+    let ended = |id| {
+        events.iter().find_map(|e| match e {
+            Event::Generated { id: got, result } if *got == id => Some(result.as_ref().unwrap()),
+            _ => None,
+        })
+    };
+    let (ga, gb) = (ended(a).unwrap(), ended(b).unwrap());
+    assert_eq!(ga.finish_reason, securerun_models::FinishReason::Cancelled);
+    assert!(ga.token_ids.len() < 20, "{}", ga.token_ids.len());
+    assert_eq!(gb.finish_reason, securerun_models::FinishReason::Length);
+    assert_eq!(gb.text, "x".repeat(20));
+    assert_eq!(m.restarts, 0, "a cooperative cancel keeps the worker");
 }
