@@ -28,6 +28,7 @@ pub mod audit;
 pub mod cli;
 pub mod lockdown;
 mod open;
+pub mod reload;
 pub mod server;
 pub mod signing;
 pub mod state_dir;

@@ -8,6 +8,7 @@ mod inspect;
 mod pack;
 mod run;
 mod serve;
+mod serve_model;
 mod signing;
 mod token;
 
@@ -70,6 +71,18 @@ enum Command {
         reason: String,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+    },
+    /// Replace served models by the versions on disk now, without downtime: each is verified
+    /// and started beside the running one, then requests switch to it (also: SIGHUP, or
+    /// POST /admin/models/NAME/reload).
+    Reload {
+        /// The models to replace (default: every model the server serves).
+        models: Vec<String>,
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// How long to wait for the server's answer, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        wait: u64,
     },
 }
 
@@ -300,6 +313,27 @@ pub fn main() -> ExitCode {
             crate::lockdown::set(&dir, state == "on", &reason)?;
             eprintln!("lockdown {state} (running servers apply it within a second)");
             Ok(())
+        })(),
+        Command::Reload {
+            models,
+            state_dir,
+            wait,
+        } => (|| {
+            let dir = crate::state_dir::resolve(state_dir)?;
+            let nonce = crate::reload::ask(&dir, models)?;
+            let answer = crate::reload::wait(&dir, &nonce, std::time::Duration::from_secs(wait))
+                .ok_or("no answer from a server on this state directory (is one running?)")?;
+            let mut all = true;
+            for o in &answer.outcomes {
+                all &= o.replaced;
+                let what = if o.replaced { "replaced" } else { "kept" };
+                println!("{}: {what} ({})", o.model, o.detail);
+            }
+            if all {
+                Ok(())
+            } else {
+                Err("not every model was replaced".into())
+            }
         })(),
     });
     match result {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use clap::Args;
 
+use super::serve_model::{default_name, ModelStarter};
 use super::{CmdResult, RunModelArgs};
-use crate::server::{self, auth, engine, ServeConfig};
+use crate::server::models::ModelSpec;
+use crate::server::{self, auth, ServeConfig};
 use crate::tokens::TokenStore;
-use crate::worker::{ConfinedModel, Task};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -33,6 +34,11 @@ pub struct ServeArgs {
     /// The model's name in the API (default: its file or directory name).
     #[arg(long, value_name = "NAME")]
     model_name: Option<String>,
+    /// Serve another model from this process, under NAME (repeatable; also `[[models]]` in
+    /// the config). Each is verified and runs in its own worker; one token store and one
+    /// audit log serve them all.
+    #[arg(long = "model", value_name = "NAME=PATH", value_parser = ModelSpec::parse_flag)]
+    models: Vec<ModelSpec>,
     /// Allow plain HTTP on a non-loopback address (only behind a TLS-terminating proxy).
     #[arg(long)]
     insecure_public_http: bool,
@@ -155,126 +161,40 @@ pub fn run(args: ServeArgs) -> CmdResult {
         );
     }
 
-    // Verify, then start the model (confined unless --sandbox=off), then listen.
+    // Verify, then start every model (confined unless --sandbox=off), then listen.
     super::run::warn_unsigned(&args.common);
     let mut opts = args.common.open_options()?;
     opts.precision = args.common.dtype.or(config.dtype).unwrap_or_default();
-    let model = &args.common.model.model;
-    let verified = crate::open_verified(model, &opts);
-    let mut rec = crate::audit::AuditRecord::event("model_verification");
-    rec.model = Some(model.display().to_string());
-    match &verified {
-        Ok((_, Some(v))) => {
-            rec.outcome = Some("verified".into());
-            rec.detail = Some(format!(
-                "signer {}, mode {}, {} files, {} bytes",
-                v.signer,
-                v.signer.mode(),
-                v.files,
-                v.bytes
-            ));
-        }
-        Ok((_, None)) => rec.outcome = Some("unverified_allow_unsigned".into()),
-        Err(e) => {
-            rec.outcome = Some("refused".into());
-            rec.detail = Some(e.to_string());
-        }
-    }
-    audit.append_blocking(rec)?;
-    let (source, verification) = verified?;
-    // The tokenizer and chat template, loaded here: the server counts and bounds prompts itself.
-    let encoder = Arc::new(
-        securerun_models::PromptEncoder::load(&source)
-            .map_err(|e| format!("{}: {e}", model.display()))?,
-    );
-    let is_embedder = source
-        .aux_json::<serde_json::Value>("config.json")
-        .ok()
-        .flatten()
-        .and_then(|c| {
-            c.get("model_type")
-                .and_then(|t| t.as_str())
-                .map(|t| t == "bert")
-        })
-        .unwrap_or(false);
+    let specs = args.model_specs(&config)?;
+    // A `securerun reload` left while no server ran is not this server's business.
+    let _ = std::fs::remove_file(crate::reload::request_path(&state_dir));
     let sandbox = format!("{:?}", args.common.sandbox).to_lowercase();
-    let backend = match args.common.worker_settings()? {
-        Some(mut settings) => {
-            // The memory estimate covers the longest request this server accepts.
-            settings.context_limit =
-                Some(config.max_prompt_tokens as u64 + u64::from(config.max_tokens_cap));
-            settings.precision = opts.precision;
-            settings.max_sequences = config.max_sequences;
-            let task = if is_embedder {
-                Task::Embed
-            } else {
-                Task::Generate
-            };
-            let started = ConfinedModel::start(source, task, opts.limits, settings).map(|mut m| {
-                // A replacement worker (after a crash) must compute with the verified bytes:
-                // the signature is checked again over the files it will receive, and a
-                // mismatch refuses the worker (recorded as a failed request and restart).
-                if verification.is_some() {
-                    let trust = opts.trust.clone();
-                    let signature = opts
-                        .signature
-                        .clone()
-                        .unwrap_or_else(|| crate::signing::default_signature_path(model));
-                    m.set_reverify(Box::new(move |source| {
-                        crate::signing::verify_source(source, &signature, &trust, &())
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    }));
-                }
-                m
-            });
-            let mut rec = crate::audit::AuditRecord::event("sandbox_started");
-            rec.outcome = Some(sandbox.clone());
-            rec.detail = Some(match &started {
-                Ok(m) => m
-                    .layers()
-                    .iter()
-                    .map(|l| {
-                        let state = if l.enforced {
-                            "enforced"
-                        } else {
-                            "NOT enforced"
-                        };
-                        format!("{} {state}", l.name)
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                Err(e) => format!("worker failed to start: {e}"),
-            });
-            audit.append_blocking(rec)?;
-            let m = Box::new(started?);
-            if is_embedder {
-                engine::Backend::Embed(m)
-            } else {
-                engine::Backend::Text(m)
-            }
-        }
-        None => {
-            let mut rec = crate::audit::AuditRecord::event("sandbox_started");
-            rec.outcome = Some(sandbox.clone());
-            rec.detail = Some("inference runs in the server process, unconfined".into());
-            audit.append_blocking(rec)?;
-            if is_embedder {
-                engine::Backend::EmbedInProcess(Box::new(crate::open_embedder(model, &opts)?))
-            } else {
-                engine::Backend::TextInProcess(Box::new(crate::open_text_model(model, &opts)?))
-            }
-        }
-    };
-    let model_id = config.model_name.clone().unwrap_or_else(|| {
-        let name = model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        name.strip_suffix(".safetensors")
-            .unwrap_or(&name)
-            .to_string()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("securerun-http")
+        .build()?;
+    let metrics = Arc::new(server::Metrics::default());
+    let starter = Arc::new(ModelStarter {
+        opts: opts.clone(),
+        worker: args.common.worker_settings()?,
+        sandbox: sandbox.clone(),
+        config: config.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        runtime: runtime.handle().clone(),
     });
+    let mut served = Vec::with_capacity(specs.len());
+    for spec in &specs {
+        served.push(starter.start(spec, 0)?);
+    }
+    let model_ids = specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let models = server::models::ModelSet::new(served);
+    let starter: server::models::Starter =
+        Arc::new(move |spec, version| starter.start(spec, version));
 
     let open_files = server::connections::raise_open_file_limit();
     // Keep half of the descriptors for everything that is not a client connection.
@@ -291,17 +211,13 @@ pub fn run(args: ServeArgs) -> CmdResult {
         max_head_bytes: config.max_header_bytes.saturating_mul(4).max(16 * 1024),
     };
     let proxies = server::client::TrustedProxies::parse(&config.trusted_proxies)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("securerun-http")
-        .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let local = listener.local_addr()?;
         let mut start = crate::audit::AuditRecord::event("server_start");
-        start.model = Some(model_id.clone());
+        start.model = Some(model_ids.clone());
         start.detail = Some(format!(
             "listen {local}, tls {}, mtls {}, sandbox {sandbox}, dtype {}, audit {:?}, audit content {:?}, audit epoch every {} s, tokens {}, connections {max_connections} ({} per client), trusted proxies {}",
             tls.is_some(),
@@ -316,24 +232,15 @@ pub fn run(args: ServeArgs) -> CmdResult {
         ));
         audit.append(start).await?;
         let stop_log = audit.clone();
-        let metrics = Arc::new(server::Metrics::default());
         let state = Arc::new(server::AppState {
             lockdown: std::sync::atomic::AtomicBool::new(crate::lockdown::is_on(&state_dir)),
             state_dir: state_dir.clone(),
             ledgers: server::ledger::Ledgers::new(audit.clone()),
             audit,
-            engine: engine::Engine::start(
-                backend,
-                config.queue,
-                config.max_sequences,
-                stop_log.clone(),
-                metrics.clone(),
-                tokio::runtime::Handle::current(),
-            ),
-            encoder,
+            models,
+            starter,
             proxies,
             shutdown: tokio::sync::watch::channel(false).0,
-            model_id: model_id.clone(),
             started: crate::tokens::now(),
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),
@@ -341,6 +248,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             config: config.clone(),
         });
         server::spawn_token_reloader(state.clone());
+        server::models::spawn_hangup_reloader(state.clone());
         let signal = server::shutdown_signal();
         let stopping = state.clone();
         let shutdown = async move {
@@ -350,7 +258,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         // One line a script can wait for.
-        println!("listening on {scheme}://{local} (model {model_id})");
+        println!("listening on {scheme}://{local} (models {model_ids})");
         let app = server::router(state.clone());
         server::connections::serve(
             listener,
@@ -388,6 +296,35 @@ pub fn run(args: ServeArgs) -> CmdResult {
 }
 
 impl ServeArgs {
+    /// The models to serve: MODEL (named by --model-name, or its file name), then every
+    /// --model, then the config's `[[models]]`; names must differ.
+    fn model_specs(&self, config: &ServeConfig) -> Result<Vec<ModelSpec>, String> {
+        let path = &self.common.model.model;
+        let first = ModelSpec {
+            name: config
+                .model_name
+                .clone()
+                .unwrap_or_else(|| default_name(path)),
+            path: path.clone(),
+            signature: self.common.signature.clone(),
+        };
+        let specs: Vec<ModelSpec> = std::iter::once(first)
+            .chain(self.models.iter().cloned())
+            .chain(config.models.iter().cloned())
+            .collect();
+        let mut names = std::collections::BTreeSet::new();
+        for spec in &specs {
+            spec.check_name()?;
+            if !names.insert(spec.name.as_str()) {
+                return Err(format!(
+                    "two models are named {:?}: give each its own name",
+                    spec.name
+                ));
+            }
+        }
+        Ok(specs)
+    }
+
     pub(super) fn threads(&self) -> Option<u16> {
         self.common.threads
     }

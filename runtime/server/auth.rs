@@ -30,7 +30,9 @@ pub fn scope_for(path: &str) -> Option<Scope> {
         "/v1/embeddings" => Some(Scope::Embeddings),
         "/metrics" => Some(Scope::Metrics),
         "/admin/tokens" | "/admin/lockdown" => Some(Scope::Admin),
-        p if p.starts_with("/admin/tokens/") => Some(Scope::Admin),
+        p if p.starts_with("/admin/tokens/") || p.starts_with("/admin/models/") => {
+            Some(Scope::Admin)
+        }
         _ => None,
     }
 }

@@ -29,6 +29,9 @@ pub struct ServeConfig {
     pub client_ca: Option<PathBuf>,
     /// The name clients use for the model (default: the model's file or directory name).
     pub model_name: Option<String>,
+    /// More models served by this process (`[[models]]` with `name`, `path` and optionally
+    /// `signature`), each verified and in its own worker.
+    pub models: Vec<super::models::ModelSpec>,
     pub max_body_bytes: usize,
     pub default_max_tokens: u32,
     pub max_tokens_cap: u32,
@@ -102,6 +105,7 @@ impl Default for ServeConfig {
             tls_key: None,
             client_ca: None,
             model_name: None,
+            models: Vec::new(),
             max_body_bytes: 1 << 20,
             default_max_tokens: 256,
             max_tokens_cap: 4096,

@@ -247,6 +247,7 @@ impl Engine {
             jobs: Mutex::default(),
             ready: Condvar::new(),
             capacity: queue,
+            closed: AtomicBool::new(false),
         });
         let rx = jobs.clone();
         std::thread::Builder::new()
@@ -290,7 +291,9 @@ impl Engine {
                     _ => {}
                 }
                 loop {
-                    let job = rx.next();
+                    let Some(job) = rx.next() else {
+                        return; // closed: the backend (and its worker) goes with this thread
+                    };
                     if job.control().should_stop() {
                         // Its client has gone or its time is up: it never touches the model.
                         metrics.jobs_dropped.fetch_add(1, Relaxed);
@@ -331,6 +334,14 @@ impl Engine {
     pub fn submit(&self, job: Job) -> Result<(), Busy> {
         self.queue.push(job)
     }
+
+    /// No more jobs: the engine runs what it holds, then its thread ends and the model (and
+    /// its worker) is dropped.
+    pub fn close(&self) {
+        let _jobs = self.queue.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue.closed.store(true, Ordering::Relaxed);
+        self.queue.ready.notify_all();
+    }
 }
 
 /// The jobs waiting for the engine. Jobs whose client has gone (or whose deadline passed) give
@@ -340,11 +351,17 @@ struct JobQueue {
     jobs: Mutex<VecDeque<Job>>,
     ready: Condvar,
     capacity: usize,
+    /// No more jobs will come (the model was replaced and its last handle dropped): the
+    /// engine finishes what it holds and stops.
+    closed: AtomicBool,
 }
 
 impl JobQueue {
     fn push(&self, job: Job) -> Result<(), Busy> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(Busy);
+        }
         if jobs.len() >= self.capacity {
             let (dead, live): (VecDeque<Job>, VecDeque<Job>) =
                 jobs.drain(..).partition(|j| j.control().should_stop());
@@ -399,11 +416,15 @@ impl JobQueue {
         jobs.remove(i)
     }
 
-    fn next(&self) -> Job {
+    /// The next job, waiting for one; `None` once the queue is closed and empty.
+    fn next(&self) -> Option<Job> {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(job) = jobs.pop_front() {
-                return job;
+                return Some(job);
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return None;
             }
             jobs = self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
         }

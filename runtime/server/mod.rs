@@ -10,6 +10,7 @@ pub mod connections;
 pub mod engine;
 pub mod interrupt;
 pub mod ledger;
+pub mod models;
 pub mod openai;
 pub mod tls;
 
@@ -66,12 +67,11 @@ pub struct AppState {
     pub state_dir: std::path::PathBuf,
     pub lockdown: std::sync::atomic::AtomicBool,
     pub audit: crate::audit::AuditLog,
-    pub model_id: String,
     pub started: u64,
-    pub engine: engine::Engine,
-    /// The model's tokenizer and chat template, here in the server: prompt lengths, budgets and
-    /// usage are counted on this side, never taken from the worker.
-    pub encoder: Arc<securerun_models::PromptEncoder>,
+    /// The served models, by API name.
+    pub models: models::ModelSet,
+    /// Starts a model's new version (for a replacement).
+    pub starter: models::Starter,
     pub tokens: auth::TokenCache,
     pub limiters: auth::Limiters,
     pub metrics: Arc<Metrics>,
@@ -162,6 +162,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/tokens"),
     ("DELETE", "/admin/tokens/example"),
     ("POST", "/admin/lockdown"),
+    ("POST", "/admin/models/example/reload"),
 ];
 
 /// The application: routes behind body bounds, authentication and the audit ledger (outermost).
@@ -182,6 +183,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             axum::routing::delete(openai::admin_revoke_token),
         )
         .route("/admin/lockdown", post(openai::admin_lockdown))
+        .route(
+            "/admin/models/{name}/reload",
+            post(openai::admin_reload_model),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -304,7 +309,13 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         e.retry_after = Some(Duration::from_secs(60));
         return refused(e, "refused_lockdown");
     }
-    if !caller.record.scopes.contains(&scope) {
+    // A token of either model scope may list the models it can use.
+    let lists_models = path == "/v1/models"
+        && caller
+            .record
+            .scopes
+            .contains(&crate::tokens::Scope::Embeddings);
+    if !caller.record.scopes.contains(&scope) && !lists_models {
         state.metrics.forbidden.fetch_add(1, Ordering::Relaxed);
         return ApiError::new(
             StatusCode::FORBIDDEN,
@@ -431,7 +442,6 @@ pub fn open_ledger(state: &Arc<AppState>, req: &mut Request) -> Ledger {
         req.method(),
         ledger::bounded_path(req.uri().path())
     ));
-    record.model = Some(state.model_id.clone());
     let ledger = Ledger::open(record, ip, &state.ledgers);
     req.extensions_mut().insert(client::ClientIp(ip));
     req.extensions_mut().insert(ledger.clone());
@@ -697,6 +707,21 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
             if last_disk_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                 last_disk_check = Some(std::time::Instant::now());
                 check_audit_space(&state);
+            }
+            // A `securerun reload` waiting: run it beside this loop (a model start takes time).
+            if let Some(request) = crate::reload::take(&state.state_dir) {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let outcomes =
+                        models::replace_named(&state, &request.models, "securerun reload").await;
+                    let answer = crate::reload::Answer {
+                        nonce: request.nonce,
+                        outcomes,
+                    };
+                    if let Err(e) = crate::reload::answer(&state.state_dir, &answer) {
+                        tracing::error!(error = %e, "cannot answer securerun reload");
+                    }
+                });
             }
             // Operator actions CLI commands left while this server holds the log.
             let audit = state.audit.clone();

@@ -23,6 +23,7 @@ use super::auth::{Caller, Limited};
 use super::engine::{EngineError, Job, JobControl};
 use super::interrupt::{self, Interruption};
 use super::ledger::{Fate, Ledger};
+use super::models::ServedModel;
 use super::AppState;
 
 /// An error in OpenAI's JSON shape.
@@ -196,15 +197,24 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-fn check_model(state: &AppState, caller: &Caller, model: &str) -> Result<(), ApiError> {
-    if model != state.model_id {
+/// The model a request names, if it is served here and the caller's token may use it. The
+/// request keeps this version to its end, even if the model is replaced meanwhile.
+fn served_model(
+    state: &AppState,
+    caller: &Caller,
+    ledger: &Ledger,
+    model: &str,
+) -> Result<Arc<ServedModel>, ApiError> {
+    // Only a served model's name reaches the record (never an arbitrary client string).
+    let Some(served) = state.models.get(model) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!("model {model:?} is not served here"),
         ));
-    }
+    };
+    ledger.update(|r| r.model = Some(served.name().to_string()));
     if !caller.record.allows_model(model) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -213,7 +223,7 @@ fn check_model(state: &AppState, caller: &Caller, model: &str) -> Result<(), Api
             format!("this token may not use model {model:?}"),
         ));
     }
-    Ok(())
+    Ok(served)
 }
 
 fn params(state: &AppState, s: &Sampling) -> Result<GenerationParams, ApiError> {
@@ -346,15 +356,15 @@ struct Call {
 /// rendered by the engine (the template is code from the model file: in a confined worker it
 /// runs under the sandbox and its memory cap); its tokens are counted here either way.
 async fn encode_prompt(
-    state: &AppState,
+    served: &ServedModel,
     prompt: Prompt,
     control: &JobControl,
 ) -> Result<Vec<u32>, ApiError> {
-    let encoder = state.encoder.clone();
+    let encoder = served.encoder.clone();
     let encoded = match prompt {
         Prompt::Chat(messages) => {
             let (done, rendered) = oneshot::channel();
-            state
+            served
                 .engine
                 .submit(Job::Render {
                     messages,
@@ -387,8 +397,8 @@ async fn complete(
         caller,
         ledger,
     } = call;
-    check_model(&state, &caller, &sampling.model)?;
-    if !state.engine.is_text {
+    let served = served_model(&state, &caller, &ledger, &sampling.model)?;
+    if !served.engine.is_text {
         return Err(ApiError::bad_request(
             "this model computes embeddings; use /v1/embeddings",
         ));
@@ -398,7 +408,7 @@ async fn complete(
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
     let control = JobControl::new(deadline);
-    let prompt_ids = encode_prompt(&state, prompt, &control).await?;
+    let prompt_ids = encode_prompt(&served, prompt, &control).await?;
     let prompt_tokens = prompt_ids.len() as u64;
     // Known now: recorded even if the client goes away before the answer.
     ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));
@@ -443,9 +453,10 @@ async fn complete(
                 ));
             }
         }
-        state.engine.submit(job).map_err(|_| ApiError::busy())?;
+        served.engine.submit(job).map_err(|_| ApiError::busy())?;
         let stream = StreamTask {
             state: state.clone(),
+            served: served.clone(),
             caller,
             ledger,
             control,
@@ -462,7 +473,7 @@ async fn complete(
         resp.extensions_mut().insert(super::Streaming);
         return Ok(resp);
     }
-    state.engine.submit(job).map_err(|_| ApiError::busy())?;
+    served.engine.submit(job).map_err(|_| ApiError::busy())?;
     // Dropped with this future (the client went away): the job stops.
     let _cancel = control.cancel_on_drop();
     // Non-streaming: drain pieces (the engine needs the channel read), then the result.
@@ -518,7 +529,7 @@ async fn complete(
         completion_tokens: g.completion_tokens() as u64,
     };
     let mut resp = Json(json!({
-        "id": id, "object": object, "created": created, "model": state.model_id,
+        "id": id, "object": object, "created": created, "model": served.name(),
         "choices": [choice], "usage": usage_json(usage_ext),
     }))
     .into_response();
@@ -573,6 +584,8 @@ fn usage_json(u: super::Usage) -> Value {
 /// A streamed completion: owns the request's audit record until the stream ends.
 struct StreamTask {
     state: Arc<AppState>,
+    /// The model version the stream runs on (kept until it ends, even across a replacement).
+    served: Arc<ServedModel>,
     caller: Caller,
     ledger: Ledger,
     control: JobControl,
@@ -624,7 +637,7 @@ impl StreamTask {
             "text_completion"
         };
         let mut v = json!({"id": self.id, "object": object, "created": self.created,
-                           "model": self.state.model_id, "choices": [choice]});
+                           "model": self.served.name(), "choices": [choice]});
         if let Some(u) = usage {
             v["usage"] = u;
             v["choices"] = json!([]);
@@ -822,11 +835,12 @@ impl Stream for Drained {
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: EmbeddingRequest = parse_json(&body)?;
-    check_model(&state, &caller, &req.model)?;
-    if state.engine.is_text {
+    let served = served_model(&state, &caller, &ledger, &req.model)?;
+    if served.engine.is_text {
         return Err(ApiError::bad_request(
             "this model generates text; it has no /v1/embeddings",
         ));
@@ -851,7 +865,7 @@ pub async fn embeddings(
             state.config.max_embedding_inputs
         )));
     }
-    let encoder = state.encoder.clone();
+    let encoder = served.encoder.clone();
     let counted = texts.clone();
     let input_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&counted))
         .await
@@ -867,7 +881,7 @@ pub async fn embeddings(
     let deadline = Instant::now() + state.config.generation_timeout;
     let control = JobControl::new(deadline);
     let (done_tx, done_rx) = oneshot::channel();
-    state
+    served
         .engine
         .submit(Job::Embed {
             texts,
@@ -900,7 +914,7 @@ pub async fn embeddings(
         })
         .collect();
     let mut resp = Json(json!({
-        "object": "list", "data": data, "model": state.model_id,
+        "object": "list", "data": data, "model": served.name(),
         "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
     }))
     .into_response();
@@ -919,13 +933,16 @@ pub async fn models(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
 ) -> Response {
-    let data: Vec<Value> = if caller.record.allows_model(&state.model_id) {
-        vec![
-            json!({"id": state.model_id, "object": "model", "created": state.started, "owned_by": "securerun"}),
-        ]
-    } else {
-        Vec::new()
-    };
+    // Only the models this token may use: the others' names are not its business.
+    let data: Vec<Value> = state
+        .models
+        .all()
+        .iter()
+        .filter(|m| caller.record.allows_model(m.name()))
+        .map(|m| {
+            json!({"id": m.name(), "object": "model", "created": m.loaded_at, "owned_by": "securerun"})
+        })
+        .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -1072,6 +1089,42 @@ pub async fn admin_lockdown(
     })?;
     state.lockdown.store(req.on, Ordering::Relaxed);
     Ok(Json(json!({"lockdown": req.on})).into_response())
+}
+
+/// `POST /admin/models/{name}/reload`: replaces model `name` by the version on disk now,
+/// verified and started beside the running one; running requests finish on the old version.
+pub async fn admin_reload_model(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    use super::models::ReplaceError;
+    let by = format!("token {}", caller.token_id);
+    match super::models::replace(&state, &name, &by).await {
+        Ok(new) => Ok(Json(json!({
+            "model": new.name(), "version": new.version, "loaded_at": new.loaded_at,
+            "signer": new.signer,
+        }))
+        .into_response()),
+        Err(e @ ReplaceError::Unknown(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            e.to_string(),
+        )),
+        Err(e @ ReplaceError::Refused { .. }) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "model_refused",
+            e.to_string(),
+        )),
+        Err(e @ ReplaceError::Audit(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "audit_unavailable",
+            e.to_string(),
+        )),
+    }
 }
 
 /// Writes an admin action's record (by the calling token) and waits until it is durable; the

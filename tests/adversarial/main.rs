@@ -10,4 +10,5 @@ mod audit_completeness;
 mod clients;
 mod concurrency;
 mod local_users;
+mod models;
 mod workers;

@@ -316,13 +316,14 @@ struct Draining {
 /// What the loop reports about the worker after a failure (audit and metrics).
 pub(super) type OnWorkerFailure<'a> = dyn FnMut(WorkerEvents, WorkerEvents, String) + 'a;
 
-/// The engine loop over `sequences`. Never returns.
+/// The engine loop over `sequences`; returns once the queue is closed and everything in
+/// flight has ended.
 pub(super) fn run(
     sequences: &mut dyn Sequences,
     queue: &JobQueue,
     metrics: &crate::server::Metrics,
     on_worker_failure: &mut OnWorkerFailure<'_>,
-) -> ! {
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut flights: HashMap<u64, InFlight> = HashMap::new();
     let mut draining: Vec<Draining> = Vec::new();
@@ -333,7 +334,10 @@ pub(super) fn run(
         while lost.is_none() {
             let idle = sequences.is_idle() && draining.is_empty();
             let job = if idle {
-                Some(queue.next())
+                match queue.next() {
+                    Some(job) => Some(job),
+                    None => return, // closed, and nothing left in flight
+                }
             } else if sequences.has_room() {
                 queue.try_next()
             } else {
