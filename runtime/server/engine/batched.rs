@@ -21,10 +21,6 @@ use super::{drop_job, EngineError, Job, JobControl, JobQueue, WorkerEvents, PIEC
 use crate::worker::supervisor::Event;
 use crate::worker::ConfinedModel;
 
-/// Pieces a batched generation may have waiting for a slow client before it is cancelled: a
-/// slow reader holds up only its own sequence (the others keep decoding), and not for long.
-const PENDING_PIECES: usize = 256;
-
 /// How long a step waits for the confined worker before the loop looks at the queue again
 /// (new requests join within this long while the worker computes).
 const WORKER_WAIT: Duration = Duration::from_millis(5);
@@ -271,9 +267,12 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Hands waiting pieces to the client without waiting; false when the client is gone, has
-    /// let too much pile up, or has taken nothing for [`PIECE_SEND_WAIT`] while text waited
-    /// (the single-stream engine's bound on a consumer that stops taking pieces).
+    /// Hands waiting pieces to the client without waiting; false when the client is gone or
+    /// has taken nothing for [`PIECE_SEND_WAIT`] while text waited (the single-stream engine's
+    /// bound on a consumer that stops taking pieces). A client that reads, however slowly,
+    /// keeps its sequence: what waits for it is bounded by its own `max_tokens` (at most
+    /// `max_tokens + 1` pieces, checked by the supervisor for a confined worker), never by
+    /// anyone else's.
     fn flush(&mut self) -> bool {
         let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
         let mut moved = false;
@@ -295,7 +294,7 @@ impl InFlight {
         let stalled = self
             .blocked_since
             .is_some_and(|t| t.elapsed() > PIECE_SEND_WAIT);
-        outbox.len() <= PENDING_PIECES && !stalled
+        !stalled
     }
 
     fn is_drained(&self) -> bool {
