@@ -332,7 +332,7 @@ pub fn session_with(extra: &[&str]) -> (tempfile::TempDir, String, Auditor) {
             200
         );
         assert_eq!(call(&s.addr, "POST", "/v1/embeddings", None, &body), 401);
-        assert_eq!(call(&s.addr, "GET", "/v1/models", Some(&t), ""), 403);
+        assert_eq!(call(&s.addr, "GET", "/metrics", Some(&t), ""), 403);
         assert_eq!(
             call(
                 &s.addr,

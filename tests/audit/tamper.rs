@@ -676,7 +676,7 @@ mod review {
         let server = serve(s, None).unwrap();
         // Over 1000 records: a checkpoint inside the open epoch.
         for _ in 0..1100 {
-            assert_eq!(call(&server.addr, "GET", "/v1/models", Some(&t), ""), 403);
+            assert_eq!(call(&server.addr, "GET", "/metrics", Some(&t), ""), 403);
         }
         let open = newest_epoch(s);
         assert!(!lines(&cp(s, open)).is_empty(), "a checkpoint was written");
