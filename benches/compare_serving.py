@@ -24,9 +24,12 @@ Not run by CI.
 """
 import argparse
 import glob
+import hashlib
 import http.client
+import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -35,12 +38,13 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, ".cache")
 MODELS = os.path.join(CACHE, "models")
 LLAMA_SERVER = os.path.join(CACHE, "bench", "llama-server")
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36.tar.gz"
 
 GGUF_TYPE = {"f32": "F32", "bf16": "BF16", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K_M"}
 SIZES = {
@@ -53,18 +57,24 @@ def ensure_llama_server():
     if os.path.exists(LLAMA_SERVER):
         return LLAMA_SERVER
     work = tempfile.mkdtemp(prefix="llama-build-")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    "-d", work, LLAMA_CPP_PYTHON], check=True)
-    sdist = glob.glob(os.path.join(work, "llama_cpp_python-*.tar.gz"))[0]
-    with tarfile.open(sdist) as t:
-        t.extractall(work)
+    # The sdist from PyPI's simple index, checked against the sha256 the index gives.
+    index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-python/", timeout=60).read()
+    url = re.search(r'href="([^"]*/' + re.escape(LLAMA_CPP_SDIST) + r'#sha256=([0-9a-f]{64}))"',
+                    index.decode()).group(1)
+    data = urllib.request.urlopen(url.split("#")[0], timeout=600).read()
+    if hashlib.sha256(data).hexdigest() != url.rsplit("=", 1)[1]:
+        sys.exit(f"{LLAMA_CPP_SDIST}: sha256 mismatch")
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        t.extractall(work, filter="data")
     src = glob.glob(os.path.join(work, "llama_cpp_python-*", "vendor", "llama.cpp"))[0]
     build = os.path.join(work, "build")
-    subprocess.run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
+    # cmake from PATH, or the one `pip install cmake` put beside this Python.
+    cmake = shutil.which("cmake") or os.path.join(os.path.dirname(sys.executable), "cmake")
+    subprocess.run([cmake, "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release",
                     "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_SERVER=ON"], check=True)
-    subprocess.run(["cmake", "--build", build, "--target", "llama-server", "-j",
+    subprocess.run([cmake, "--build", build, "--target", "llama-server", "-j",
                     str(os.cpu_count() or 2)], check=True)
     os.makedirs(os.path.dirname(LLAMA_SERVER), exist_ok=True)
     shutil.copy(os.path.join(build, "bin", "llama-server"), LLAMA_SERVER)

@@ -23,6 +23,7 @@ use crate::worker::supervisor::RequestControl;
 use crate::worker::{ConfinedModel, WorkerError};
 
 mod batched;
+pub mod metrics;
 
 /// What the engine can run.
 pub enum Backend {
@@ -103,6 +104,8 @@ fn record_worker_failure(
 pub struct JobControl {
     cancelled: Arc<AtomicBool>,
     pub deadline: Instant,
+    /// When the job was made (its latency metrics count from here).
+    pub created: Instant,
 }
 
 impl JobControl {
@@ -110,6 +113,7 @@ impl JobControl {
         JobControl {
             cancelled: Arc::default(),
             deadline,
+            created: Instant::now(),
         }
     }
 
@@ -228,6 +232,8 @@ pub const PIECE_SEND_WAIT: Duration = Duration::from_secs(2);
 pub struct Engine {
     queue: Arc<JobQueue>,
     pub is_text: bool,
+    /// This engine's numbers for `/metrics` (labelled with its model's name).
+    pub metrics: Arc<metrics::EngineMetrics>,
 }
 
 impl Engine {
@@ -250,6 +256,8 @@ impl Engine {
             closed: AtomicBool::new(false),
         });
         let rx = jobs.clone();
+        let engine_metrics = Arc::new(metrics::EngineMetrics::default());
+        let em = engine_metrics.clone();
         std::thread::Builder::new()
             .name("securerun-engine".into())
             .spawn(move || {
@@ -272,7 +280,7 @@ impl Engine {
                                     batch,
                                     limits,
                                 };
-                                batched::run(&mut seqs, &rx, &metrics, &mut on_failure)
+                                batched::run(&mut seqs, &rx, &metrics, &em, &mut on_failure)
                             }
                             Err(e) => {
                                 tracing::info!(reason = %e, "generation runs one request at a time")
@@ -286,7 +294,7 @@ impl Engine {
                             outboxes: Default::default(),
                             renders: Default::default(),
                         };
-                        batched::run(&mut seqs, &rx, &metrics, &mut on_failure)
+                        batched::run(&mut seqs, &rx, &metrics, &em, &mut on_failure)
                     }
                     _ => {}
                 }
@@ -326,6 +334,7 @@ impl Engine {
         Engine {
             queue: jobs,
             is_text,
+            metrics: engine_metrics,
         }
     }
 
@@ -333,6 +342,15 @@ impl Engine {
     /// 503). The refused job is dropped, which closes its channels.
     pub fn submit(&self, job: Job) -> Result<(), Busy> {
         self.queue.push(job)
+    }
+
+    /// Jobs waiting now.
+    pub fn queue_depth(&self) -> usize {
+        self.queue
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// No more jobs: the engine runs what it holds, then its thread ends and the model (and

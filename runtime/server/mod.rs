@@ -676,6 +676,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP securerun_{name} {help}\n# TYPE securerun_{name} gauge\nsecurerun_{name} {v}\n"
         ));
     }
+    // Per model: queue, batch, latency and token counts of each engine.
+    let models = state.models.all();
+    let engines: Vec<_> = models
+        .iter()
+        .map(|m| {
+            (
+                m.name().to_string(),
+                m.engine.queue_depth(),
+                &*m.engine.metrics,
+            )
+        })
+        .collect();
+    engine::metrics::render(&engines, &mut body);
     (
         [("content-type", "text/plain; version=0.0.4")],
         Body::from(body),

@@ -156,5 +156,86 @@ fn generations_are_batched(args: &[&str]) {
         metric(s.addr, &t, "batch_sequences_peak") >= 2
     });
     assert!(batched, "concurrent generations never shared a step");
+    // The engine's own numbers, per model, in a well-formed exposition.
+    let (status, body) = call(s.addr, "GET", "/metrics", Some(&t), "");
+    assert_eq!(status, 200);
+    check_exposition(&body);
+    let value = |series: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .unwrap_or_else(|| panic!("no {series} in {body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let model = format!("{{model=\"{}\"}} ", super::harness::SMOL);
+    assert!(
+        value(&format!(
+            "securerun_time_to_first_token_seconds_count{model}"
+        )) >= 8.0
+    );
+    assert!(
+        value(&format!(
+            "securerun_inter_token_latency_seconds_count{model}"
+        )) >= 8.0
+    );
+    assert!(value(&format!("securerun_model_generated_tokens_total{model}")) >= 8.0);
+    assert!(value(&format!("securerun_model_prompt_tokens_total{model}")) >= 8.0);
+    let one = format!(
+        "securerun_batch_size_bucket{{model=\"{}\",le=\"1\"}} ",
+        super::harness::SMOL
+    );
+    assert!(
+        value(&one) < value(&format!("securerun_batch_size_count{model}")),
+        "some steps advanced several sequences"
+    );
     s.stop();
+}
+
+/// What `promtool check metrics` checks first: every sample belongs to a family declared with
+/// HELP and TYPE before it, each family declared once, histogram buckets cumulative and ending
+/// in +Inf equal to the count.
+fn check_exposition(body: &str) {
+    let mut types = std::collections::HashMap::new();
+    let mut helped = std::collections::HashSet::new();
+    let mut last_bucket: std::collections::HashMap<String, f64> = Default::default();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split_whitespace().next().unwrap();
+            assert!(helped.insert(name.to_string()), "HELP twice for {name}");
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert!(helped.contains(name), "TYPE before HELP for {name}");
+            assert!(types.insert(name.to_string(), kind.to_string()).is_none());
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "{name} has no TYPE");
+        if name.ends_with("_bucket") {
+            let labels = series.split("le=").next().unwrap().to_string();
+            let before = last_bucket.insert(labels, value).unwrap_or(0.0);
+            assert!(value >= before, "buckets not cumulative: {line}");
+        }
+        if name.ends_with("_count") && types.get(family).is_some_and(|k| k == "histogram") {
+            let inf = series
+                .replace("_count{", "_bucket{")
+                .replace('}', ",le=\"+Inf\"}");
+            assert!(
+                body.contains(&format!("{inf} {value}")),
+                "{line}: +Inf bucket differs"
+            );
+        }
+    }
 }

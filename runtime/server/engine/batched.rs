@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use securerun_models::{ChatMessage, Generation, GenerationParams};
 
+use super::metrics::EngineMetrics;
 use super::{drop_job, EngineError, Job, JobControl, JobQueue, WorkerEvents, PIECE_SEND_WAIT};
 use crate::worker::supervisor::Event;
 use crate::worker::ConfinedModel;
@@ -26,13 +27,19 @@ use crate::worker::ConfinedModel;
 const WORKER_WAIT: Duration = Duration::from_millis(5);
 
 /// Text a generation produced that its client has not taken yet.
-type Outbox = Arc<Mutex<VecDeque<String>>>;
+type Outbox = Arc<Mutex<Pending>>;
+
+#[derive(Default)]
+pub(super) struct Pending {
+    pieces: VecDeque<String>,
+    /// Pieces produced so far (for the latency metrics).
+    produced: u64,
+}
 
 fn push(outbox: &Outbox, piece: &str) {
-    outbox
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push_back(piece.to_string());
+    let mut pending = outbox.lock().unwrap_or_else(|p| p.into_inner());
+    pending.pieces.push_back(piece.to_string());
+    pending.produced += 1;
 }
 
 /// What a step reports.
@@ -260,6 +267,9 @@ struct InFlight {
     pieces: mpsc::Sender<String>,
     done: oneshot::Sender<Result<Generation, EngineError>>,
     outbox: Outbox,
+    /// Pieces seen produced, and when the last one was.
+    seen: u64,
+    last_piece: Option<Instant>,
     /// Since when the client's channel has been full with text still waiting.
     blocked_since: Option<Instant>,
     /// A cancellation was asked for; the end is on its way.
@@ -274,7 +284,8 @@ impl InFlight {
     /// `max_tokens + 1` pieces, checked by the supervisor for a confined worker), never by
     /// anyone else's.
     fn flush(&mut self) -> bool {
-        let mut outbox = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let outbox = &mut pending.pieces;
         let mut moved = false;
         while let Some(piece) = outbox.pop_front() {
             match self.pieces.try_send(piece) {
@@ -301,7 +312,32 @@ impl InFlight {
         self.outbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .pieces
             .is_empty()
+    }
+
+    /// Observes the latency of the pieces produced since the last look: the first one's time
+    /// since the job was created, then the time between pieces.
+    fn observe(&mut self, metrics: &EngineMetrics) {
+        let produced = self
+            .outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .produced;
+        if produced == self.seen {
+            return;
+        }
+        let now = Instant::now();
+        match self.last_piece {
+            None => metrics
+                .time_to_first_token
+                .observe((now - self.control.created).as_secs_f64()),
+            Some(last) => metrics
+                .inter_token_latency
+                .observe((now - last).as_secs_f64() / (produced - self.seen) as f64),
+        }
+        self.seen = produced;
+        self.last_piece = Some(now);
     }
 }
 
@@ -321,6 +357,7 @@ pub(super) fn run(
     sequences: &mut dyn Sequences,
     queue: &JobQueue,
     metrics: &crate::server::Metrics,
+    engine: &EngineMetrics,
     on_worker_failure: &mut OnWorkerFailure<'_>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -359,11 +396,16 @@ pub(super) fn run(
                     let outbox = Outbox::default();
                     match sequences.add(&prompt_ids, &params, control.deadline, outbox.clone()) {
                         Ok(id) => {
+                            engine
+                                .prompt_tokens
+                                .fetch_add(prompt_ids.len() as u64, Relaxed);
                             let flight = InFlight {
                                 control,
                                 pieces,
                                 done,
                                 outbox,
+                                seen: 0,
+                                last_piece: None,
                                 blocked_since: None,
                                 cancelling: false,
                             };
@@ -424,13 +466,22 @@ pub(super) fn run(
             }
         }
         if lost.is_none() && !sequences.is_idle() {
-            metrics
-                .batch_sequences_peak
-                .fetch_max(sequences.len() as u64, Relaxed);
+            let active = sequences.len() as u64;
+            metrics.batch_sequences_peak.fetch_max(active, Relaxed);
+            engine.sequences_active.store(active, Relaxed);
+            if active > 0 {
+                engine.batch_size.observe(active as f64);
+            }
             match sequences.step() {
                 Ok(ended) => {
                     for (id, result) in ended {
-                        if let Some(flight) = flights.remove(&id) {
+                        if let Some(mut flight) = flights.remove(&id) {
+                            flight.observe(engine);
+                            if let Ok(g) = &result {
+                                engine
+                                    .generated_tokens
+                                    .fetch_add(g.completion_tokens() as u64, Relaxed);
+                            }
                             draining.push(Draining {
                                 flight,
                                 result,
@@ -442,6 +493,7 @@ pub(super) fn run(
                 Err(e) => lost = Some(e),
             }
             for f in flights.values_mut() {
+                f.observe(engine);
                 f.flush();
             }
         }
