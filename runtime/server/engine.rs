@@ -179,6 +179,8 @@ pub enum Job {
     },
     Embed {
         texts: Vec<String>,
+        /// Their tokens, as the server counted them (for the joint call's token budget).
+        tokens: usize,
         control: JobControl,
         done: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
     },
@@ -205,11 +207,11 @@ impl Job {
         }
     }
 
-    /// Texts of an embedding job (none for other jobs).
-    fn embed_texts(&self) -> usize {
+    /// Texts and tokens of an embedding job (none for other jobs).
+    fn embed_size(&self) -> (usize, usize) {
         match self {
-            Job::Embed { texts, .. } => texts.len(),
-            _ => 0,
+            Job::Embed { texts, tokens, .. } => (texts.len(), *tokens),
+            _ => (0, 0),
         }
     }
 }
@@ -218,6 +220,10 @@ impl Job {
 /// large enough to read each weight once for many sentences, small enough that the call's
 /// latency stays that of a few requests.
 pub const EMBED_BATCH_TEXTS: usize = 64;
+/// Most tokens in one joint embedding call: the encoder packs the real tokens of every text
+/// into one matrix (no padding), so the call's cost follows its tokens, and a few long texts
+/// must not hold many short ones back behind a huge call.
+pub const EMBED_BATCH_TOKENS: usize = 8192;
 
 /// The engine cannot take another job now.
 #[derive(Debug)]
@@ -398,18 +404,21 @@ impl JobQueue {
     /// [`EMBED_BATCH_TEXTS`] texts in all; dead ones (client gone, deadline passed) are dropped
     /// on the way. Jobs of other kinds keep their places.
     fn more_embeddings(&self, first: &Job) -> Vec<Job> {
-        let mut room = EMBED_BATCH_TEXTS.saturating_sub(first.embed_texts());
+        let (texts, tokens) = first.embed_size();
+        let mut room = EMBED_BATCH_TEXTS.saturating_sub(texts);
+        let mut token_room = EMBED_BATCH_TOKENS.saturating_sub(tokens);
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let mut taken = Vec::new();
         let mut kept = VecDeque::with_capacity(jobs.len());
         for job in jobs.drain(..) {
-            let n = job.embed_texts();
-            if n == 0 || n > room {
+            let (n, t) = job.embed_size();
+            if n == 0 || n > room || t > token_room {
                 kept.push_back(job);
             } else if job.control().should_stop() {
                 drop_job(job);
             } else {
                 room -= n;
+                token_room -= t;
                 taken.push(job);
             }
         }
@@ -552,6 +561,7 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
             texts,
             control,
             done,
+            ..
         } => {
             let result = match backend {
                 Backend::Embed(m) => m
@@ -627,5 +637,51 @@ fn run_embed_batch(
             }
             failure
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embed_job(texts: usize, tokens: usize) -> Job {
+        Job::Embed {
+            texts: vec!["x".into(); texts],
+            tokens,
+            control: JobControl::new(Instant::now() + Duration::from_secs(60)),
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn queue(jobs: Vec<Job>) -> JobQueue {
+        JobQueue {
+            jobs: Mutex::new(jobs.into()),
+            ready: Condvar::new(),
+            capacity: 64,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Waiting embedding requests join up to the text and the token budget, in arrival order;
+    /// one that does not fit keeps its place for the next call.
+    #[test]
+    fn embedding_joins_stop_at_the_text_and_token_budgets() {
+        let q = queue(vec![
+            embed_job(8, 4100),
+            embed_job(8, 4100),
+            embed_job(1, 10),
+            embed_job(60, 60),
+        ]);
+        let first = embed_job(1, 100);
+        let taken: Vec<(usize, usize)> = q
+            .more_embeddings(&first)
+            .iter()
+            .map(Job::embed_size)
+            .collect();
+        // 100 + 4100 + 10 fits; another 4100 would pass 8192 tokens; 60 texts would pass 64.
+        assert_eq!(taken, [(8, 4100), (1, 10)]);
+        let left: Vec<(usize, usize)> =
+            q.jobs.lock().unwrap().iter().map(Job::embed_size).collect();
+        assert_eq!(left, [(8, 4100), (60, 60)]);
     }
 }

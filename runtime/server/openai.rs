@@ -375,7 +375,7 @@ async fn encode_prompt(
             let text = rendered
                 .await
                 .map_err(|_| engine_stopped())?
-                .map_err(generation_error)?;
+                .map_err(ApiError::from)?;
             tokio::task::spawn_blocking(move || encoder.rendered_ids(&text)).await
         }
         text => tokio::task::spawn_blocking(move || encoder.prompt_ids(&text)).await,
@@ -487,7 +487,7 @@ async fn complete(
     let g = match finished {
         Ok(done) => done
             .map_err(|_| engine_stopped())?
-            .map_err(generation_error)?,
+            .map_err(ApiError::from)?,
         Err(why) => {
             control.cancel();
             // The worker's last word on how far it got, briefly.
@@ -553,23 +553,25 @@ fn engine_stopped() -> ApiError {
     )
 }
 
-fn generation_error(e: EngineError) -> ApiError {
-    // Request errors from the model (prompt too long, bad template input) are the client's;
-    // worker failures are ours.
-    match e {
-        EngineError::Request(m) => ApiError::bad_request(m),
-        EngineError::Worker(m) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "worker_failed",
-            m,
-        ),
-        EngineError::Dropped => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "server_error",
-            "timeout",
-            "the request timed out before it ran",
-        ),
+impl From<EngineError> for ApiError {
+    /// Request errors from the model (prompt too long, bad template input) are the client's;
+    /// worker failures are ours.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Request(m) => ApiError::bad_request(m),
+            EngineError::Worker(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "worker_failed",
+                m,
+            ),
+            EngineError::Dropped => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "timeout",
+                "the request timed out before it ran",
+            ),
+        }
     }
 }
 
@@ -742,7 +744,7 @@ impl StreamTask {
                         }
                         Ok(events)
                     }
-                    Some(Err(e)) => Err(generation_error_ref(e)),
+                    Some(Err(e)) => Err(ApiError::from(e.clone())),
                     None => Err(engine_stopped()),
                 };
                 let outcome = match last {
@@ -796,14 +798,6 @@ impl StreamTask {
             tracing::error!(error = %e, "could not record the end of a stream");
         }
     }
-}
-
-fn generation_error_ref(e: &EngineError) -> ApiError {
-    generation_error(match e {
-        EngineError::Request(m) => EngineError::Request(m.clone()),
-        EngineError::Worker(m) => EngineError::Worker(m.clone()),
-        EngineError::Dropped => EngineError::Dropped,
-    })
 }
 
 /// The SSE body: events from the stream task; tells the task when hyper has taken the last.
@@ -885,13 +879,14 @@ pub async fn embeddings(
         .engine
         .submit(Job::Embed {
             texts,
+            tokens: usize::try_from(input_tokens).unwrap_or(usize::MAX),
             control: control.clone(),
             done: done_tx,
         })
         .map_err(|_| ApiError::busy())?;
     let _cancel = control.cancel_on_drop();
     let vectors = tokio::select! {
-        done = done_rx => done.map_err(|_| engine_stopped())?.map_err(generation_error)?,
+        done = done_rx => done.map_err(|_| engine_stopped())?.map_err(ApiError::from)?,
         why = interrupt::interrupted(&state, &caller, deadline) => {
             control.cancel();
             let mut e = why.error();
