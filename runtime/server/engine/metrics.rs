@@ -85,6 +85,9 @@ impl Default for EngineMetrics {
     }
 }
 
+/// Which histogram of an engine's metrics a family shows.
+type Pick = fn(&EngineMetrics) -> &Histogram;
+
 /// Renders every model's engine metrics, one family at a time (HELP and TYPE once per family,
 /// then a series per model). `models` holds (name, queue depth, metrics).
 pub fn render(models: &[(String, usize, &EngineMetrics)], out: &mut String) {
@@ -147,7 +150,7 @@ pub fn render(models: &[(String, usize, &EngineMetrics)], out: &mut String) {
             m.generated_tokens.load(Relaxed),
         );
     }
-    let histograms: [(&str, &str, fn(&EngineMetrics) -> &Histogram); 3] = [
+    let histograms: [(&str, &str, Pick); 3] = [
         (
             "batch_size",
             "sequences advanced by one forward step",
