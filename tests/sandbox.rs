@@ -366,3 +366,31 @@ fn a_seccomp_kill_is_told_by_the_exit_signal_not_by_what_the_worker_says() {
     );
     assert_eq!((restarts, kills), (1, 0), "{err}");
 }
+
+/// Every sequence of a batch holds a KV cache: without `max_sequences` set, a worker whose
+/// budget holds two of them runs two at once; asked for exactly four, the model is refused
+/// before any worker starts, with the reason.
+#[test]
+fn the_number_of_sequences_follows_the_memory_budget_unless_set() {
+    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let est = securerun_models::budget::estimate(&source, Default::default(), None).unwrap();
+    let mut s = settings();
+    s.memory_budget = Some(est.total() + est.kv_cache * 3 / 2);
+    s.max_sequences = 4;
+    s.sequences_by_memory = true;
+    let m = ConfinedModel::start(
+        source.clone(),
+        Task::Generate,
+        Default::default(),
+        s.clone(),
+    )
+    .unwrap();
+    assert_eq!(m.sequences(), 2);
+    drop(m);
+    s.sequences_by_memory = false;
+    let err = ConfinedModel::start(source, Task::Generate, Default::default(), s)
+        .err()
+        .expect("four sequences do not fit");
+    assert!(matches!(err, WorkerError::Model(_)), "{err}");
+    assert!(err.to_string().contains("max_sequences"), "{err}");
+}

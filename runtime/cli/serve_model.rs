@@ -35,6 +35,12 @@ pub(super) fn default_name(path: &Path) -> String {
 }
 
 impl ModelStarter {
+    fn max_sequences(&self) -> usize {
+        self.config
+            .max_sequences
+            .unwrap_or(crate::server::config::DEFAULT_MAX_SEQUENCES)
+    }
+
     /// Verifies and starts `spec` as version `version`. Every outcome is recorded
     /// (`model_verification`, then `sandbox_started`); a model that fails either is not served.
     pub fn start(&self, spec: &ModelSpec, version: u64) -> Result<ServedModel, String> {
@@ -95,7 +101,8 @@ impl ModelStarter {
                     self.config.max_prompt_tokens as u64 + u64::from(self.config.max_tokens_cap),
                 );
                 settings.precision = opts.precision;
-                settings.max_sequences = self.config.max_sequences;
+                settings.max_sequences = self.max_sequences();
+                settings.sequences_by_memory = self.config.max_sequences.is_none();
                 let task = if is_embedder {
                     Task::Embed
                 } else {
@@ -125,19 +132,22 @@ impl ModelStarter {
                 rec.model = Some(spec.name.clone());
                 rec.outcome = Some(self.sandbox.clone());
                 rec.detail = Some(match &started {
-                    Ok(m) => m
-                        .layers()
-                        .iter()
-                        .map(|l| {
-                            let state = if l.enforced {
-                                "enforced"
-                            } else {
-                                "NOT enforced"
-                            };
-                            format!("{} {state}", l.name)
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    Ok(m) => {
+                        let layers = m
+                            .layers()
+                            .iter()
+                            .map(|l| {
+                                let state = if l.enforced {
+                                    "enforced"
+                                } else {
+                                    "NOT enforced"
+                                };
+                                format!("{} {state}", l.name)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        format!("{layers}; {} sequences at once", m.sequences())
+                    }
                     Err(e) => format!("worker failed to start: {e}"),
                 });
                 self.audit
@@ -173,7 +183,7 @@ impl ModelStarter {
         let engine = engine::Engine::start(
             backend,
             self.config.queue,
-            self.config.max_sequences,
+            self.max_sequences(),
             self.audit.clone(),
             self.metrics.clone(),
             self.runtime.clone(),

@@ -19,6 +19,9 @@ pub enum AuditContent {
     Full,
 }
 
+/// Generations batched together when `max_sequences` is not set (fewer if memory says so).
+pub const DEFAULT_MAX_SEQUENCES: usize = 4;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
@@ -40,9 +43,10 @@ pub struct ServeConfig {
     pub max_embedding_inputs: usize,
     /// Requests waiting behind the running one before 503.
     pub queue: usize,
-    /// Generations advancing together in one forward pass (continuous batching, in-process
-    /// models on the project's decoder for now); each holds its own KV cache.
-    pub max_sequences: usize,
+    /// Generations advancing together in one forward pass (continuous batching); each holds
+    /// its own KV cache. Unset: [`DEFAULT_MAX_SEQUENCES`], fewer if their KV caches do not fit
+    /// a confined worker's memory budget. Set: exactly this many, or the model is refused.
+    pub max_sequences: Option<usize>,
     #[serde(with = "secs")]
     pub generation_timeout: Duration,
     #[serde(with = "secs")]
@@ -112,7 +116,7 @@ impl Default for ServeConfig {
             max_prompt_tokens: 4096,
             max_embedding_inputs: 256,
             queue: 16,
-            max_sequences: 4,
+            max_sequences: None,
             generation_timeout: Duration::from_secs(300),
             header_timeout: Duration::from_secs(10),
             max_connections: 1024,
@@ -164,7 +168,7 @@ impl ServeConfig {
                 "max_body_bytes >= 1024, queue >= 1 and max_tokens_cap >= 1 are required".into(),
             );
         }
-        if !(1..=256).contains(&self.max_sequences) {
+        if self.max_sequences.is_some_and(|n| !(1..=256).contains(&n)) {
             return Err("max_sequences must be between 1 and 256".into());
         }
         if self.max_connections == 0 || self.max_connections_per_client == 0 {

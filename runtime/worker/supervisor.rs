@@ -63,6 +63,10 @@ pub struct WorkerSettings {
     pub precision: securerun_models::Precision,
     /// Generations the worker runs at once (continuous batching; each holds a KV cache).
     pub max_sequences: usize,
+    /// `max_sequences` is a ceiling, lowered (to one at least) until every sequence's KV cache
+    /// fits the memory budget; otherwise it is a requirement and a model that cannot hold that
+    /// many is refused.
+    pub sequences_by_memory: bool,
 }
 
 impl WorkerSettings {
@@ -82,6 +86,7 @@ impl WorkerSettings {
             context_limit: None,
             precision: securerun_models::Precision::Auto,
             max_sequences: 1,
+            sequences_by_memory: false,
         })
     }
 }
@@ -110,11 +115,14 @@ fn physical_memory() -> Option<u64> {
 /// Refuses, here in the supervisor and before any worker exists, a model whose configuration
 /// implies more memory than the worker's budget (weights at f32, rotary tables, KV cache at the
 /// context limit, activations): a model file decides those sizes.
+///
+/// Returns how many sequences the worker may run at once (see
+/// [`WorkerSettings::sequences_by_memory`]).
 fn check_memory(
     source: &ModelSource,
     task: Task,
     settings: &WorkerSettings,
-) -> Result<(), WorkerError> {
+) -> Result<usize, WorkerError> {
     let budget = settings
         .memory_budget
         .unwrap_or_else(|| default_memory_budget(source.weight_bytes()));
@@ -125,19 +133,35 @@ fn check_memory(
     };
     let est = securerun_models::budget::estimate(source, precision, settings.context_limit)
         .map_err(|e| WorkerError::Model(e.to_string()))?;
-    let needed = match task {
-        // Every sequence of a batch holds its own KV cache.
-        Task::Generate => est.total().saturating_add(
+    // Every sequence of a batch holds its own KV cache.
+    let with = |sequences: usize| {
+        est.total().saturating_add(
             est.kv_cache
-                .saturating_mul(settings.max_sequences.saturating_sub(1) as u64),
-        ),
+                .saturating_mul(sequences.saturating_sub(1) as u64),
+        )
+    };
+    let mut sequences = settings.max_sequences.max(1);
+    let needed = match task {
+        Task::Generate => {
+            if settings.sequences_by_memory {
+                while sequences > 1 && with(sequences) > budget {
+                    sequences -= 1;
+                }
+            }
+            with(sequences)
+        }
         // Encoders keep no KV cache and compute on short inputs.
         Task::Embed => est.weights.saturating_add(est.activations.min(1 << 30)),
     };
     if needed > budget {
         let mib = |b: u64| b >> 20;
+        let fewer = if sequences > 1 {
+            ", serve fewer sequences at once (max_sequences)"
+        } else {
+            ""
+        };
         return Err(WorkerError::Model(format!(
-            "the model needs about {} MiB (weights {} MiB at {precision} with the mapped files, KV cache {} MiB, rotary tables {} MiB, activations {} MiB), more than the worker's memory budget of {} MiB: pass --worker-memory with more, or serve a shorter context",
+            "the model needs about {} MiB (weights {} MiB at {precision} with the mapped files, KV cache {} MiB per sequence for {sequences}, rotary tables {} MiB, activations {} MiB), more than the worker's memory budget of {} MiB: pass --worker-memory with more{fewer}, or serve a shorter context",
             mib(needed),
             mib(est.weights),
             mib(est.kv_cache),
@@ -146,7 +170,7 @@ fn check_memory(
             mib(budget)
         )));
     }
-    Ok(())
+    Ok(sequences)
 }
 
 /// What the caller of one request knows that the worker does not: when the request must end
@@ -246,7 +270,8 @@ impl ConfinedModel {
     ) -> Result<Self, WorkerError> {
         let encoder =
             PromptEncoder::load(&source).map_err(|e| WorkerError::Model(e.to_string()))?;
-        check_memory(&source, task, &settings)?;
+        let mut settings = settings;
+        settings.max_sequences = check_memory(&source, task, &settings)?;
         let mut model = ConfinedModel {
             encoder: Arc::new(encoder),
             reverify: None,
