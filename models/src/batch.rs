@@ -2,7 +2,7 @@
 //! all of them, so the weights are read once per step instead of once per sequence.
 //!
 //! Each step feeds every running sequence its last sampled token and, with the step's token
-//! budget left, the next chunk of each waiting prompt (first come, first served): new requests
+//! budget left, the next chunk of each waiting prompt (shared, shortest first): new requests
 //! are prefilled in chunks between decode steps instead of stalling them. A sequence that ends
 //! (stop, length, cancelled by its callback or by [`Batch::cancel`]) leaves at once and its
 //! slot takes the next request. Every sequence's tokens are those it would get alone: the
@@ -95,6 +95,11 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         self.slots.is_empty()
     }
 
+    /// Sequences whose prompt is still being fed.
+    pub fn prefilling(&self) -> usize {
+        self.slots.iter().filter(|s| !s.prefilled).count()
+    }
+
     /// Whether another sequence fits.
     pub fn has_room(&self) -> bool {
         self.slots.len() < self.limits.max_sequences
@@ -143,7 +148,7 @@ impl<'m, 'cb> Batch<'m, 'cb> {
     /// One forward pass over the batch; returns the sequences that ended in it. An error of
     /// the pass itself leaves every sequence where it was.
     pub fn step(&mut self) -> Result<Vec<Finished>, GenerateError> {
-        // Decode steps first (one token each), then prompt chunks in arrival order.
+        // Decode steps first (one token each), then prompt chunks.
         let mut budget = self.limits.max_step_tokens;
         let mut take = vec![0usize; self.slots.len()];
         for (t, s) in take.iter_mut().zip(&self.slots) {
@@ -152,11 +157,20 @@ impl<'m, 'cb> Batch<'m, 'cb> {
                 budget -= 1;
             }
         }
-        for (t, s) in take.iter_mut().zip(&self.slots) {
-            if !s.prefilled && budget > 0 {
-                *t = s.pending.len().min(budget);
-                budget -= *t;
-            }
+        // Prompt chunks share what is left, shortest prompt first: each waiting prompt gets
+        // an even share (a short one all of its tokens), so a prompt that arrives behind a long
+        // prefill starts within a step instead of after it; the long one takes what the others
+        // leave. Chunking never changes a sequence's tokens.
+        let mut waiting: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].prefilled)
+            .collect();
+        waiting.sort_by_key(|&i| self.slots[i].pending.len());
+        let mut left = waiting.len();
+        for i in waiting {
+            let share = (budget / left).max(1);
+            take[i] = self.slots[i].pending.len().min(share).min(budget);
+            budget -= take[i];
+            left -= 1;
         }
         let mut chunks: Vec<Chunk> = Vec::new();
         for (s, &n) in self.slots.iter_mut().zip(&take) {

@@ -521,3 +521,32 @@ fn batched_generation_gives_each_request_its_unbatched_output() {
         assert_eq!(kept.unwrap().token_ids, alone[1].token_ids, "{arch}");
     }
 }
+
+/// A short prompt that arrives behind a long one is fed within the next step, not after the
+/// long prompt's whole prefill (the step's prompt budget is shared, shortest first).
+#[test]
+fn a_short_prompt_is_not_held_behind_a_long_prefill() {
+    use securerun_models::{Batch, BatchLimits};
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let model = load(tmp.path());
+    let long = model
+        .prompt_ids(&Prompt::Text("hello world ".repeat(6)))
+        .unwrap();
+    let short = model.prompt_ids(&Prompt::Text("world".into())).unwrap();
+    assert!(long.len() > 32 && short.len() < 8, "{} {}", long.len(), short.len());
+    let limits = BatchLimits {
+        max_sequences: 2,
+        max_step_tokens: 16,
+    };
+    let mut batch = Batch::new(&model, limits).unwrap();
+    let quiet = || -> securerun_models::batch::OnText { Box::new(|_| ControlFlow::Continue(())) };
+    batch.add(&long, &greedy(4), quiet()).unwrap();
+    batch.add(&short, &greedy(4), quiet()).unwrap();
+    batch.step().unwrap();
+    assert_eq!(
+        batch.prefilling(),
+        1,
+        "the short prompt was fed in the first step"
+    );
+}
