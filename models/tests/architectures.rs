@@ -534,7 +534,12 @@ fn a_short_prompt_is_not_held_behind_a_long_prefill() {
         .prompt_ids(&Prompt::Text("hello world ".repeat(6)))
         .unwrap();
     let short = model.prompt_ids(&Prompt::Text("world".into())).unwrap();
-    assert!(long.len() > 32 && short.len() < 8, "{} {}", long.len(), short.len());
+    assert!(
+        long.len() > 32 && short.len() < 8,
+        "{} {}",
+        long.len(),
+        short.len()
+    );
     let limits = BatchLimits {
         max_sequences: 2,
         max_step_tokens: 16,

@@ -469,7 +469,12 @@ async fn complete(
             prompt_tokens,
             texts,
         };
-        let mut resp = Sse::new(stream.spawn()).into_response();
+        // Keep-alive comments while nothing else is sent (a long prefill): a client that has
+        // gone is noticed within about two of them, and its generation cancelled.
+        let keep_alive = axum::response::sse::KeepAlive::new().interval(STREAM_KEEP_ALIVE);
+        let mut resp = Sse::new(stream.spawn())
+            .keep_alive(keep_alive)
+            .into_response();
         resp.extensions_mut().insert(super::Streaming);
         return Ok(resp);
     }
@@ -583,6 +588,9 @@ fn usage_json(u: super::Usage) -> Value {
     })
 }
 
+/// How often a stream with nothing to say sends an SSE comment (so a vanished client is seen).
+const STREAM_KEEP_ALIVE: Duration = Duration::from_millis(500);
+
 /// A streamed completion: owns the request's audit record until the stream ends.
 struct StreamTask {
     state: Arc<AppState>,
@@ -694,6 +702,9 @@ impl StreamTask {
                         None => break StreamEnd::Finished,
                     },
                     why = &mut interruption => break StreamEnd::Interrupted(why),
+                    // The connection is gone (hyper dropped the body): noticed even while the
+                    // prompt is still being fed and nothing was sent (keep-alives find out).
+                    _ = tx.closed() => break StreamEnd::Client { stalled: false },
                 }
             };
         }

@@ -239,3 +239,39 @@ fn check_exposition(body: &str) {
         }
     }
 }
+
+/// A streaming client that leaves while its long prompt is still being fed frees its slot
+/// within a couple of seconds: keep-alives find the closed connection, and the worker stops
+/// at its next step. Before, nothing was sent during the prefill, so the departure went
+/// unnoticed until the whole prompt had run (found by an attack helper: 20 s per request).
+#[test]
+fn a_stream_left_during_its_prefill_frees_its_slot() {
+    use super::harness::{completion, send};
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &common::smollm2(),
+        state.path(),
+        "max_sequences = 1\nqueue = 8\n",
+        &[],
+    );
+    let t = s.token("g", &["--scopes", "inference", "--rate", "1000/min"]);
+    let long = completion(&"hello world ".repeat(1400), 4, true);
+    let leaver = send(s.addr, "POST", "/v1/completions", Some(&t), &long);
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(leaver);
+    let started = std::time::Instant::now();
+    let (status, out) = call(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        &completion("Hi", 2, false),
+    );
+    assert_eq!(status, 200, "{out}");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "the next request waited {waited:?} for a prefill nobody wanted"
+    );
+    s.stop();
+}
