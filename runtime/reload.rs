@@ -11,13 +11,28 @@ use serde::{Deserialize, Serialize};
 
 /// Largest request or answer file read (a list of model names, a few outcomes).
 const MAX_FILE: u64 = 64 * 1024;
+/// Requests taken per look: a directory full of planted requests cannot keep the server busy.
+const MAX_REQUESTS_PER_LOOK: usize = 8;
+const REQUEST_PREFIX: &str = "reload-request-";
+const ANSWER_PREFIX: &str = "reload-answer-";
 
-pub fn request_path(state: &Path) -> PathBuf {
-    state.join("reload-request.json")
+/// Each request and its answer have their own files (named by the request's nonce), so
+/// several `securerun reload` at once neither overwrite nor answer each other.
+pub fn request_path(state: &Path, nonce: &str) -> PathBuf {
+    state.join(format!("{REQUEST_PREFIX}{nonce}.json"))
 }
 
-pub fn answer_path(state: &Path) -> PathBuf {
-    state.join("reload-answer.json")
+pub fn answer_path(state: &Path, nonce: &str) -> PathBuf {
+    state.join(format!("{ANSWER_PREFIX}{nonce}.json"))
+}
+
+/// A nonce as `ask` makes them: what may appear in a file name here.
+fn valid_nonce(nonce: &str) -> bool {
+    !nonce.is_empty()
+        && nonce.len() <= 64
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// What `securerun reload` asks for.
@@ -48,9 +63,32 @@ pub struct Answer {
     pub outcomes: Vec<Outcome>,
 }
 
+/// Writes `value` to `path` whole or not at all (a temporary file, never through a link,
+/// 0600, then renamed into place).
 fn write(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    crate::audit::keys::write_secret(path, &bytes).map_err(|e| std::io::Error::other(e.to_string()))
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
@@ -61,9 +99,8 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
 /// Leaves a request for the server of `state`; returns its nonce.
 pub fn ask(state: &Path, models: Vec<String>) -> std::io::Result<String> {
     let nonce = crate::server::openai::request_id("reload");
-    let _ = std::fs::remove_file(answer_path(state));
     write(
-        &request_path(state),
+        &request_path(state, &nonce),
         &Request {
             nonce: nonce.clone(),
             models,
@@ -72,29 +109,55 @@ pub fn ask(state: &Path, models: Vec<String>) -> std::io::Result<String> {
     Ok(nonce)
 }
 
-/// Takes the request waiting, if any (a malformed one is removed and ignored).
-pub fn take(state: &Path) -> Option<Request> {
-    let path = request_path(state);
-    std::fs::symlink_metadata(&path).ok()?;
-    let request = read(&path);
-    let _ = std::fs::remove_file(&path);
-    request
+/// Withdraws a request no server took.
+pub fn withdraw(state: &Path, nonce: &str) {
+    let _ = std::fs::remove_file(request_path(state, nonce));
+}
+
+/// Takes the requests waiting (a few per look). Each file is removed whatever it holds; a
+/// malformed one, or one whose nonce does not match its name, is ignored.
+pub fn take(state: &Path) -> Vec<Request> {
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return Vec::new();
+    };
+    let mut requests = Vec::new();
+    for entry in entries.flatten().take(4096) {
+        if requests.len() >= MAX_REQUESTS_PER_LOOK {
+            break;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(nonce) = name
+            .strip_prefix(REQUEST_PREFIX)
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        let path = entry.path();
+        let request = read::<Request>(&path);
+        let _ = std::fs::remove_file(&path);
+        if let Some(r) = request.filter(|r| r.nonce == nonce && valid_nonce(nonce)) {
+            requests.push(r);
+        }
+    }
+    requests
 }
 
 /// Writes the answer to a request.
 pub fn answer(state: &Path, answer: &Answer) -> std::io::Result<()> {
-    write(&answer_path(state), answer)
+    if !valid_nonce(&answer.nonce) {
+        return Err(std::io::Error::other("invalid nonce"));
+    }
+    write(&answer_path(state, &answer.nonce), answer)
 }
 
 /// Waits up to `timeout` for the answer to request `nonce`.
 pub fn wait(state: &Path, nonce: &str, timeout: Duration) -> Option<Answer> {
     let until = Instant::now() + timeout;
+    let path = answer_path(state, nonce);
     while Instant::now() < until {
-        if let Some(a) = read::<Answer>(&answer_path(state)) {
-            if a.nonce == nonce {
-                let _ = std::fs::remove_file(answer_path(state));
-                return Some(a);
-            }
+        if let Some(a) = read::<Answer>(&path).filter(|a| a.nonce == nonce) {
+            let _ = std::fs::remove_file(&path);
+            return Some(a);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

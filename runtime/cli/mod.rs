@@ -321,8 +321,14 @@ pub fn main() -> ExitCode {
         } => (|| {
             let dir = crate::state_dir::resolve(state_dir)?;
             let nonce = crate::reload::ask(&dir, models)?;
-            let answer = crate::reload::wait(&dir, &nonce, std::time::Duration::from_secs(wait))
-                .ok_or("no answer from a server on this state directory (is one running?)")?;
+            let Some(answer) =
+                crate::reload::wait(&dir, &nonce, std::time::Duration::from_secs(wait))
+            else {
+                crate::reload::withdraw(&dir, &nonce);
+                return Err(
+                    "no answer from a server on this state directory (is one running?)".into(),
+                );
+            };
             let mut all = true;
             for o in &answer.outcomes {
                 all &= o.replaced;

@@ -167,7 +167,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
     opts.precision = args.common.dtype.or(config.dtype).unwrap_or_default();
     let specs = args.model_specs(&config)?;
     // A `securerun reload` left while no server ran is not this server's business.
-    let _ = std::fs::remove_file(crate::reload::request_path(&state_dir));
+    drop(crate::reload::take(&state_dir));
     let sandbox = format!("{:?}", args.common.sandbox).to_lowercase();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -181,6 +181,7 @@ impl ModelStarter {
             }
         };
         let engine = engine::Engine::start(
+            spec.name.clone(),
             backend,
             self.config.queue,
             self.max_sequences(),

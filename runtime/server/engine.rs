@@ -68,6 +68,7 @@ impl WorkerEvents {
 /// Records what a worker failure led to: a worker that could not start, or one that was
 /// replaced (and whether the seccomp filter killed it: a sandbox violation, not a crash).
 fn record_worker_failure(
+    model: &str,
     before: WorkerEvents,
     after: WorkerEvents,
     failure: String,
@@ -91,10 +92,12 @@ fn record_worker_failure(
             metrics.sandbox_violations.fetch_add(1, Relaxed);
             let mut v =
                 crate::audit::AuditRecord::event("sandbox_violation").with_detail(failure.clone());
+            v.model = Some(model.to_string());
             v.outcome = Some("worker_killed".into());
             let _ = audit.append_blocking(v);
         }
-        let r = crate::audit::AuditRecord::event("worker_restarted").with_detail(failure);
+        let mut r = crate::audit::AuditRecord::event("worker_restarted").with_detail(failure);
+        r.model = Some(model.to_string());
         let _ = audit.append_blocking(r);
     }
 }
@@ -247,6 +250,7 @@ impl Engine {
     /// Worker replacements are audited (`worker_restarted`, with how the worker died).
     /// `runtime` is the server's Tokio runtime (bounded waits on piece channels use its timer).
     pub fn start(
+        model: String,
         mut backend: Backend,
         queue: usize,
         max_sequences: usize,
@@ -269,7 +273,7 @@ impl Engine {
             .spawn(move || {
                 use std::sync::atomic::Ordering::Relaxed;
                 let mut on_failure = |before, after, failure| {
-                    record_worker_failure(before, after, failure, &audit, &metrics)
+                    record_worker_failure(&model, before, after, failure, &audit, &metrics)
                 };
                 match &mut backend {
                     Backend::TextInProcess(model) => {
@@ -327,6 +331,7 @@ impl Engine {
                     };
                     if let Some(failure) = run(&mut backend, job, &runtime) {
                         record_worker_failure(
+                            &model,
                             before,
                             backend.restarts(),
                             failure,

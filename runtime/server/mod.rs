@@ -187,6 +187,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/admin/models/{name}/reload",
             post(openai::admin_reload_model),
         )
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -722,7 +730,7 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
                 check_audit_space(&state);
             }
             // A `securerun reload` waiting: run it beside this loop (a model start takes time).
-            if let Some(request) = crate::reload::take(&state.state_dir) {
+            for request in crate::reload::take(&state.state_dir) {
                 let state = state.clone();
                 tokio::spawn(async move {
                     let outcomes =

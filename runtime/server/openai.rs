@@ -422,7 +422,10 @@ async fn complete(
     state
         .limiters
         .tokens(&caller.record, prompt_tokens + params.max_tokens as u64)
-        .map_err(ApiError::limited)?;
+        .map_err(|l| {
+            state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+            ApiError::limited(l)
+        })?;
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let job = Job::Generate {
@@ -882,7 +885,10 @@ pub async fn embeddings(
     state
         .limiters
         .tokens(&caller.record, input_tokens)
-        .map_err(ApiError::limited)?;
+        .map_err(|l| {
+            state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+            ApiError::limited(l)
+        })?;
     let deadline = Instant::now() + state.config.generation_timeout;
     let control = JobControl::new(deadline);
     let (done_tx, done_rx) = oneshot::channel();

@@ -106,6 +106,51 @@ fn two_models_in_one_server_share_one_token_store_and_one_audit_log() {
         &embedding("other"),
     );
     assert_eq!(status, 404);
+    // A wrong method gets the API's error shape, not an empty body.
+    let admin = s.token("admin", &["--scopes", "admin"]);
+    let (status, out) = call(
+        s.addr,
+        "GET",
+        &format!("/admin/models/{MINILM}/reload"),
+        Some(&admin),
+        "",
+    );
+    assert_eq!(status, 405, "{out}");
+    assert!(out.contains("method_not_allowed"), "{out}");
+
+    // Two `securerun reload` at once each get their own answer (found by an attack helper:
+    // they shared one request file, one was lost and its CLI waited in vain).
+    let state_dir = s.state.clone();
+    let reloads: Vec<_> = [SMOL, MINILM]
+        .into_iter()
+        .map(|name| {
+            let state_dir = state_dir.clone();
+            std::thread::spawn(move || {
+                securerun(&[
+                    "reload",
+                    name,
+                    "--wait",
+                    "120",
+                    "--state-dir",
+                    p(&state_dir),
+                ])
+            })
+        })
+        .collect();
+    for (reload, name) in reloads.into_iter().zip([SMOL, MINILM]) {
+        let o = reload.join().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains(&format!("{name}: replaced")), "{out}");
+    }
+    assert_eq!(
+        call(s.addr, "POST", "/v1/completions", Some(&text), &completion).0,
+        200
+    );
 
     s.stop_after(|records| {
         let requests = |model: &str, status: u64| {
@@ -114,7 +159,7 @@ fn two_models_in_one_server_share_one_token_store_and_one_audit_log() {
                 .filter(|r| r["event"] == "request" && r["model"] == model && r["status"] == status)
                 .count()
         };
-        assert_eq!(requests(SMOL, 200), 1, "{records:?}");
+        assert_eq!(requests(SMOL, 200), 2, "{records:?}");
         assert_eq!(requests(MINILM, 200), 1);
         assert_eq!(requests(MINILM, 403), 1);
         // A name that is not served never reaches the record.
@@ -124,7 +169,11 @@ fn two_models_in_one_server_share_one_token_store_and_one_audit_log() {
             .filter(|r| r["event"] == "sandbox_started")
             .map(|r| r["model"].as_str().unwrap().to_string())
             .collect();
-        assert_eq!(started, [SMOL, MINILM]);
+        // At start, then each replacement (in whichever order the two were asked).
+        assert_eq!(started[..2], [SMOL, MINILM]);
+        let mut replaced = started[2..].to_vec();
+        replaced.sort();
+        assert_eq!(replaced, [MINILM, SMOL]);
     });
 }
 

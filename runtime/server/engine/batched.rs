@@ -522,6 +522,9 @@ pub(super) fn run(
             }
         }
         draining = still;
+        engine
+            .sequences_active
+            .store(sequences.len() as u64, Relaxed);
         if sequences.is_idle() && !draining.is_empty() {
             // Only slow readers left: give them a moment instead of spinning.
             std::thread::sleep(Duration::from_millis(5));
