@@ -19,7 +19,7 @@ llama-server is built once from the llama-cpp-python sdist's vendored llama.cpp 
 2 cores) into .cache/bench/llama-server.
 
 Usage: benches/compare_serving.py [--runs 3] [--clients 1,4,8] [--dtype q8_0] [--size small]
-       [--threads 2] [--slots 8] [--max-tokens 64] [--json OUT]
+       [--threads 2] [--slots 8] [--max-tokens 64] [--audit-sync fsync] [--json OUT]
 Not run by CI.
 """
 import argparse
@@ -115,7 +115,8 @@ class Securerun:
                     f"max_tokens_cap = 4096\ngeneration_timeout = 600\nsend_timeout = 60\n")
         self.proc = subprocess.Popen(
             [self.bin, "serve", model_dir, "--allow-unsigned", "--dtype", args.dtype,
-             "--threads", str(args.threads), "--state-dir", self.state, "--config", cfg],
+             "--threads", str(args.threads), "--state-dir", self.state, "--config", cfg,
+             "--audit-sync", args.audit_sync],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("listening on"):
@@ -216,6 +217,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--audit-sync", default="fsync", choices=["fsync", "buffered"],
+                    help="securerun's audit durability (fsync: every record on disk before "
+                         "the request acts, the default and what the table reports)")
     ap.add_argument("--json")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]

@@ -243,14 +243,7 @@ fn serve_batched<'m>(
             let Some(id) = requests.remove(&f.id) else {
                 continue;
             };
-            let reply = match f.result {
-                Ok(g) => done(id, g),
-                Err(e) => FromWorker::Failed {
-                    id: Some(id),
-                    error: e.to_string(),
-                },
-            };
-            if !send(channel, &reply) {
+            if !send(channel, &ended(id, f.result)) {
                 return ExitCode::SUCCESS;
             }
         }
@@ -265,6 +258,20 @@ fn done(id: u64, g: Generation) -> FromWorker {
         token_ids: g.token_ids,
         prefill_us: g.prefill_time.as_micros() as u64,
         decode_us: g.decode_time.as_micros() as u64,
+    }
+}
+
+/// The end of generation `id`: its completion, or its failure.
+fn ended(
+    id: u64,
+    result: Result<Generation, securerun_models::generate::GenerateError>,
+) -> FromWorker {
+    match result {
+        Ok(g) => done(id, g),
+        Err(e) => FromWorker::Failed {
+            id: Some(id),
+            error: e.to_string(),
+        },
     }
 }
 
@@ -331,14 +338,7 @@ fn serve_one_at_a_time(channel: &mut Channel, mut model: TextModel) -> ExitCode 
         if lost {
             return ExitCode::SUCCESS;
         }
-        let reply = match result {
-            Ok(g) => done(id, g),
-            Err(e) => FromWorker::Failed {
-                id: Some(id),
-                error: e.to_string(),
-            },
-        };
-        if !send(channel, &reply) {
+        if !send(channel, &ended(id, result)) {
             return ExitCode::SUCCESS;
         }
     }
