@@ -96,59 +96,40 @@ pub fn render(models: &[(String, usize, &EngineMetrics)], out: &mut String) {
             "# HELP securerun_{name} {help}\n# TYPE securerun_{name} {kind}\n"
         ));
     };
-    let scalar = |out: &mut String, name: &str, model: &str, v: u64| {
-        out.push_str(&format!("securerun_{name}{{model=\"{model}\"}} {v}\n"));
-    };
-    family(
-        out,
-        "queue_depth",
-        "gauge",
-        "jobs waiting for the model's engine",
-    );
-    for (model, depth, _) in models {
-        scalar(out, "queue_depth", model, *depth as u64);
-    }
-    family(
-        out,
-        "sequences_active",
-        "gauge",
-        "generations in flight in the model's batch",
-    );
-    for (model, _, m) in models {
-        scalar(
-            out,
+    // (name, type, help, value from the queue depth and the engine's numbers)
+    type Value = fn(usize, &EngineMetrics) -> u64;
+    let scalars: [(&str, &str, &str, Value); 4] = [
+        (
+            "queue_depth",
+            "gauge",
+            "jobs waiting for the model's engine",
+            |depth, _| depth as u64,
+        ),
+        (
             "sequences_active",
-            model,
-            m.sequences_active.load(Relaxed),
-        );
-    }
-    family(
-        out,
-        "model_prompt_tokens_total",
-        "counter",
-        "prompt tokens fed to the model",
-    );
-    for (model, _, m) in models {
-        scalar(
-            out,
+            "gauge",
+            "generations in flight in the model's batch",
+            |_, m| m.sequences_active.load(Relaxed),
+        ),
+        (
             "model_prompt_tokens_total",
-            model,
-            m.prompt_tokens.load(Relaxed),
-        );
-    }
-    family(
-        out,
-        "model_generated_tokens_total",
-        "counter",
-        "tokens the model generated",
-    );
-    for (model, _, m) in models {
-        scalar(
-            out,
+            "counter",
+            "prompt tokens fed to the model",
+            |_, m| m.prompt_tokens.load(Relaxed),
+        ),
+        (
             "model_generated_tokens_total",
-            model,
-            m.generated_tokens.load(Relaxed),
-        );
+            "counter",
+            "tokens the model generated",
+            |_, m| m.generated_tokens.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in scalars {
+        family(out, name, kind, help);
+        for (model, depth, m) in models {
+            let v = value(*depth, m);
+            out.push_str(&format!("securerun_{name}{{model=\"{model}\"}} {v}\n"));
+        }
     }
     let histograms: [(&str, &str, Pick); 3] = [
         (
