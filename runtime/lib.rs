@@ -36,8 +36,8 @@ pub mod tokens;
 pub mod worker;
 
 pub use open::{
-    open_confined, open_embedder, open_source, open_text_model, open_verified, DeviceChoice, Error,
-    OpenOptions,
+    load_embedder, load_text_model, open_confined, open_embedder, open_source, open_text_model,
+    open_verified, DeviceChoice, Error, OpenOptions,
 };
 pub mod trust;
 pub use securerun_models as models;

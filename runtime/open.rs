@@ -153,16 +153,23 @@ fn load_options(opts: &OpenOptions) -> Result<LoadOptions, Error> {
 
 /// Opens a text-generation model.
 pub fn open_text_model(path: &Path, opts: &OpenOptions) -> Result<TextModel, Error> {
-    let load = load_options(opts)?;
-    let source = open_source(path, opts)?;
-    Ok(TextModel::load(&source, &load)?)
+    load_text_model(&open_source(path, opts)?, opts)
 }
 
 /// Opens a sentence-embedding model.
 pub fn open_embedder(path: &Path, opts: &OpenOptions) -> Result<Embedder, Error> {
-    let load = load_options(opts)?;
-    let source = open_source(path, opts)?;
-    Ok(Embedder::load(&source, &load)?)
+    load_embedder(&open_source(path, opts)?, opts)
+}
+
+/// Loads a text-generation model from a source already opened and verified
+/// ([`open_verified`]): the weights are those bytes, not the path opened again.
+pub fn load_text_model(source: &Arc<ModelSource>, opts: &OpenOptions) -> Result<TextModel, Error> {
+    Ok(TextModel::load(source, &load_options(opts)?)?)
+}
+
+/// Loads a sentence-embedding model from a source already opened and verified.
+pub fn load_embedder(source: &Arc<ModelSource>, opts: &OpenOptions) -> Result<Embedder, Error> {
+    Ok(Embedder::load(source, &load_options(opts)?)?)
 }
 
 /// Opens a model in a confined worker process: resolution and signature verification happen

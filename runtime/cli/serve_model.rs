@@ -168,14 +168,15 @@ impl ModelStarter {
                 self.audit
                     .append_blocking(rec)
                     .map_err(|e| format!("cannot record the sandbox: {e}"))?;
+                // The verified source itself: the path is not opened (or verified) again.
                 let err = |e: crate::open::Error| format!("{}: {e}", path.display());
                 if is_embedder {
                     engine::Backend::EmbedInProcess(Box::new(
-                        crate::open_embedder(path, &opts).map_err(err)?,
+                        crate::load_embedder(&source, &opts).map_err(err)?,
                     ))
                 } else {
                     engine::Backend::TextInProcess(Box::new(
-                        crate::open_text_model(path, &opts).map_err(err)?,
+                        crate::load_text_model(&source, &opts).map_err(err)?,
                     ))
                 }
             }
