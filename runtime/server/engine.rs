@@ -109,6 +109,9 @@ pub struct JobControl {
     pub deadline: Instant,
     /// When the job was made (its latency metrics count from here).
     pub created: Instant,
+    /// Whose job it is (the token id): free slots go to the owner with the fewest generations
+    /// running, so one token's burst cannot take every slot from the others.
+    pub owner: Arc<str>,
 }
 
 impl JobControl {
@@ -117,7 +120,14 @@ impl JobControl {
             cancelled: Arc::default(),
             deadline,
             created: Instant::now(),
+            owner: Arc::from(""),
         }
+    }
+
+    /// The job belongs to `owner` (a token id), for fair scheduling.
+    pub fn owned_by(mut self, owner: &str) -> Self {
+        self.owner = Arc::from(owner);
+        self
     }
 
     /// Stops the job (its client went away, or its authorization ended).
@@ -431,12 +441,21 @@ impl JobQueue {
         taken
     }
 
-    /// The first waiting job, if any.
-    fn try_next(&self) -> Option<Job> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
+    /// The next job for a free slot, if any: a job that is not a generation first (renders
+    /// and the like are quick and come before their own generation), else the generation whose
+    /// owner has the fewest running (`running(owner)`), the earliest among equals.
+    fn try_next_fair(&self, running: impl Fn(&str) -> usize) -> Option<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(jobs.front()?, Job::Generate { .. }) {
+            return jobs.pop_front();
+        }
+        let i = jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| matches!(j, Job::Generate { .. }))
+            .min_by_key(|(i, j)| (running(&j.control().owner), *i))
+            .map(|(i, _)| i)?;
+        jobs.remove(i)
     }
 
     /// The first waiting job that is not a generation (a full batch still serves them).
@@ -665,6 +684,45 @@ mod tests {
             capacity: 64,
             closed: AtomicBool::new(false),
         }
+    }
+
+    fn generation(owner: &str, first_token: u32) -> Job {
+        Job::Generate {
+            prompt_ids: vec![first_token],
+            params: Default::default(),
+            control: JobControl::new(Instant::now() + Duration::from_secs(60)).owned_by(owner),
+            pieces: mpsc::channel(1).0,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn first_id(job: &Job) -> (String, u32) {
+        match job {
+            Job::Generate {
+                prompt_ids,
+                control,
+                ..
+            } => (control.owner.to_string(), prompt_ids[0]),
+            _ => panic!("not a generation"),
+        }
+    }
+
+    /// A free slot goes to the token with the fewest generations running, the earliest of its
+    /// jobs first: a burst from one token waits behind another token's single request.
+    #[test]
+    fn free_slots_go_to_the_token_with_the_fewest_running() {
+        let q = queue(vec![
+            generation("a", 1),
+            generation("a", 2),
+            generation("a", 3),
+            generation("b", 4),
+        ]);
+        let running = |a: usize, b: usize| move |owner: &str| if owner == "a" { a } else { b };
+        let next = |a, b| first_id(&q.try_next_fair(running(a, b)).unwrap());
+        assert_eq!(next(1, 0), ("b".to_string(), 4));
+        assert_eq!(next(1, 1), ("a".to_string(), 1));
+        assert_eq!(next(2, 1), ("a".to_string(), 2));
+        assert_eq!(q.jobs.lock().unwrap().len(), 1);
     }
 
     /// Waiting embedding requests join up to the text and the token budget, in arrival order;

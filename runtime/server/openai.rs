@@ -407,7 +407,7 @@ async fn complete(
     let params = params(&state, &sampling)?;
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
-    let control = JobControl::new(deadline);
+    let control = JobControl::new(deadline).owned_by(&caller.token_id);
     let prompt_ids = encode_prompt(&served, prompt, &control).await?;
     let prompt_tokens = prompt_ids.len() as u64;
     // Known now: recorded even if the client goes away before the answer.
@@ -890,7 +890,7 @@ pub async fn embeddings(
             ApiError::limited(l)
         })?;
     let deadline = Instant::now() + state.config.generation_timeout;
-    let control = JobControl::new(deadline);
+    let control = JobControl::new(deadline).owned_by(&caller.token_id);
     let (done_tx, done_rx) = oneshot::channel();
     served
         .engine

@@ -375,7 +375,12 @@ pub(super) fn run(
                     None => return, // closed, and nothing left in flight
                 }
             } else if sequences.has_room() {
-                queue.try_next()
+                queue.try_next_fair(|owner| {
+                    flights
+                        .values()
+                        .filter(|f| &*f.control.owner == owner)
+                        .count()
+                })
             } else {
                 queue.try_next_not_generate()
             };
