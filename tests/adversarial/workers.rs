@@ -534,3 +534,32 @@ fn a_request_past_its_deadline_is_cancelled_and_the_others_run_on() {
     assert_eq!(gb.text, "x".repeat(20));
     assert_eq!(m.restarts, 0, "a cooperative cancel keeps the worker");
 }
+
+/// A worker that stops reading cannot block the supervisor's sends (several requests now
+/// write to one channel): a request too large for the socket buffers fails after the frame
+/// timeout, and the worker is replaced. Before, the send blocked for ever.
+#[test]
+fn a_worker_that_stops_reading_cannot_block_the_supervisor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m = start(
+        tmp.path(),
+        "deaf_reader",
+        "time.sleep(60)",
+        Duration::from_secs(2),
+    );
+    let started = Instant::now();
+    let huge = vec![1u32; 2_000_000]; // ~4 MB of JSON, far beyond the socket buffers
+    let err = m
+        .start_generate(&huge, &params(4), None)
+        .expect_err("the send must give up");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err, WorkerError::Protocol(_) | WorkerError::Timeout(_)),
+        "{err}"
+    );
+    assert_eq!(m.restarts, 1, "the worker is replaced");
+}
