@@ -85,7 +85,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let mut batch = Batch::new(&model, limits)?;
             for p in &prompts[..n] {
-                batch.add(p, &params, Box::new(|_: &str| ControlFlow::Continue(())))?;
+                batch.add(
+                    p,
+                    &params,
+                    None,
+                    Box::new(|_: &str| ControlFlow::Continue(())),
+                )?;
             }
             // The first step prefills every prompt; decode is timed from the second.
             let mut generated = 0;

@@ -8,6 +8,16 @@
 //! slot takes the next request. Every sequence's tokens are those it would get alone: the
 //! decoder keeps each row's arithmetic independent of the rest of the batch, and sampling state
 //! is per sequence ([`crate::generate`]'s `SeqState`, the single-stream loop's own).
+//!
+//! **Prefix reuse.** A finished sequence's cache is kept (its memory is needed for the next
+//! sequence anyway) together with the tokens it holds and the [`PrefixKey`] of whoever fed
+//! them. A new sequence with the same key takes the kept cache that shares the longest prefix
+//! with its prompt and feeds only the rest: a system prompt or a chat history is computed once.
+//! Because every row's arithmetic is independent of the others (above), the reused keys and
+//! values are bit for bit those a fresh prefill would compute, so reuse never changes a token.
+//! It does change timing, so a cache is only reused under the key that filled it: a client
+//! cannot learn from its time to first token what another key's clients asked. Memory is
+//! bounded by the batch's own: at most `max_sequences` caches exist, running or kept.
 
 use std::ops::ControlFlow;
 
@@ -35,6 +45,12 @@ impl Default for BatchLimits {
     }
 }
 
+/// Whose prompts a kept cache may serve (the server derives it from the access token). Caches
+/// are only shared between sequences with equal keys; a sequence without a key neither reuses
+/// nor leaves a cache for reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PrefixKey(pub u64);
+
 /// A text callback: gets each piece of a sequence's text; `Break` cancels that sequence.
 pub type OnText<'cb> = Box<dyn FnMut(&str) -> ControlFlow<()> + Send + 'cb>;
 
@@ -48,6 +64,11 @@ struct Slot<'cb> {
     id: u64,
     state: SeqState,
     seq: Sequence,
+    key: Option<PrefixKey>,
+    /// The tokens whose keys and values `seq` holds (positions `0..pos`).
+    fed: Vec<u32>,
+    /// Prompt tokens taken from a kept cache.
+    cached: usize,
     /// Tokens to feed next: the rest of the prompt, or the last sampled token.
     pending: Vec<u32>,
     /// The position of `pending[0]`.
@@ -56,14 +77,26 @@ struct Slot<'cb> {
     on_text: OnText<'cb>,
 }
 
+/// The cache of a sequence that left, with what it holds.
+struct Kept {
+    seq: Sequence,
+    key: Option<PrefixKey>,
+    tokens: Vec<u32>,
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 /// Generations of one model advancing together.
 pub struct Batch<'m, 'cb> {
     model: &'m TextModel,
     decoder: &'m Decoder,
     limits: BatchLimits,
     slots: Vec<Slot<'cb>>,
-    /// Caches of finished sequences, kept for the next ones (their memory reused).
-    spare: Vec<Sequence>,
+    /// Caches of finished sequences, oldest first, kept for the next ones (their memory and,
+    /// under the same key, their prefix reused).
+    spare: Vec<Kept>,
     next_id: u64,
 }
 
@@ -105,31 +138,67 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         self.slots.len() < self.limits.max_sequences
     }
 
-    /// Adds a generation; it starts with the next step. Refused when the request is invalid
-    /// (as [`TextModel::generate_from_ids`] would) or the batch is full.
+    /// Adds a generation; it starts with the next step. With a `key`, the longest prefix of the
+    /// prompt that a kept cache of the same key holds is not computed again. Refused when the
+    /// request is invalid (as [`TextModel::generate_from_ids`] would) or the batch is full.
     pub fn add(
         &mut self,
         prompt_ids: &[u32],
         params: &GenerationParams,
+        key: Option<PrefixKey>,
         on_text: OnText<'cb>,
     ) -> Result<u64, GenerateError> {
         if !self.has_room() {
             return Err(GenerateError::BatchFull);
         }
         let state = SeqState::new(prompt_ids, params, self.decoder.shape().max_context)?;
-        let mut seq = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| self.decoder.new_sequence());
-        seq.clear();
+        let prompt = state.prompt();
+        // The kept cache of this key sharing the longest prefix; else the oldest kept one.
+        // The last prompt token is always fed: its logits give the first token.
+        let donor = key.and_then(|key| {
+            self.spare
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.key == Some(key))
+                .map(|(i, k)| (i, common_prefix(&k.tokens, prompt).min(prompt.len() - 1)))
+                .filter(|&(_, n)| n > 0)
+                .max_by_key(|&(i, n)| (n, i))
+        });
+        let (seq, cached) = match donor {
+            // Used up to its end: the new sequence goes on in the donor's own cache.
+            Some((i, n)) if n == self.spare[i].tokens.len() => (self.spare.remove(i).seq, n),
+            // A part of it (a system prompt shared by different questions): copied, so the
+            // donor stays for the next request that shares more of it, unless no other cache
+            // may exist (then the donor is taken).
+            Some((i, n)) => {
+                let donor = self.spare.remove(i);
+                match self.other_cache(1) {
+                    Some(mut seq) => {
+                        seq.copy_prefix(&donor.seq, n);
+                        self.spare.push(donor); // the most recently used
+                        (seq, n)
+                    }
+                    None => (donor.seq, n),
+                }
+            }
+            None => {
+                let seq = self.other_cache(0);
+                (seq.unwrap_or_else(|| self.decoder.new_sequence()), 0)
+            }
+        };
+        let mut fed = Vec::with_capacity(prompt.len());
+        fed.extend_from_slice(&prompt[..cached]);
         let id = self.next_id;
         self.next_id += 1;
         self.slots.push(Slot {
             id,
-            pending: state.prompt().to_vec(),
+            pending: prompt[cached..].to_vec(),
             state,
             seq,
-            pos: 0,
+            key,
+            fed,
+            cached,
+            pos: cached,
             prefilled: false,
             on_text,
         });
@@ -140,9 +209,34 @@ impl<'m, 'cb> Batch<'m, 'cb> {
     /// `Cancelled`. `None` if it is not in the batch.
     pub fn cancel(&mut self, id: u64) -> Option<Generation> {
         let i = self.slots.iter().position(|s| s.id == id)?;
+        let (state, cached, _) = self.leave(i);
+        let mut g = state.cancelled();
+        g.cached_tokens = cached;
+        Some(g)
+    }
+
+    /// A cache for a new sequence besides the `held` ones taken out of `spare`: a new one while
+    /// fewer than `max_sequences` exist, else the least recently used spare.
+    fn other_cache(&mut self, held: usize) -> Option<Sequence> {
+        if self.slots.len() + self.spare.len() + held < self.limits.max_sequences {
+            Some(self.decoder.new_sequence())
+        } else if self.spare.is_empty() {
+            None
+        } else {
+            Some(self.spare.remove(0).seq)
+        }
+    }
+
+    /// Takes slot `i` out of the batch, keeping its cache for the next sequences (newest
+    /// last): its sampling state, cached prompt tokens and callback.
+    fn leave(&mut self, i: usize) -> (SeqState, usize, OnText<'cb>) {
         let slot = self.slots.remove(i);
-        self.spare.push(slot.seq);
-        Some(slot.state.cancelled())
+        self.spare.push(Kept {
+            seq: slot.seq,
+            key: slot.key,
+            tokens: slot.fed,
+        });
+        (slot.state, slot.cached, slot.on_text)
     }
 
     /// One forward pass over the batch; returns the sequences that ended in it. An error of
@@ -200,7 +294,7 @@ impl<'m, 'cb> Batch<'m, 'cb> {
             }
             let row = logits.next().expect("one row of logits per chunk");
             let s = &mut self.slots[i];
-            s.pending.drain(..n);
+            s.fed.extend(s.pending.drain(..n));
             s.pos += n;
             if !s.pending.is_empty() {
                 continue; // more of the prompt to come
@@ -221,16 +315,17 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         }
         let mut finished = Vec::with_capacity(ended.len());
         for (i, outcome) in ended.into_iter().rev() {
-            let mut slot = self.slots.remove(i);
+            let id = self.slots[i].id;
+            let (state, cached, mut on_text) = self.leave(i);
             let result = match outcome {
-                Ok(()) => slot.state.finish(tokenizer, &mut *slot.on_text),
+                Ok(()) => state.finish(tokenizer, &mut *on_text),
                 Err(e) => Err(e),
             };
-            self.spare.push(slot.seq);
-            finished.push(Finished {
-                id: slot.id,
-                result,
+            let result = result.map(|mut g| {
+                g.cached_tokens = cached;
+                g
             });
+            finished.push(Finished { id, result });
         }
         finished.reverse();
         Ok(finished)

@@ -79,6 +79,9 @@ pub struct Generation {
     pub text: String,
     pub token_ids: Vec<u32>,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from a cached prefix instead of being computed
+    /// (see [`crate::batch`]); never all of them, the last one is always fed.
+    pub cached_tokens: usize,
     pub finish_reason: FinishReason,
     pub prefill_time: Duration,
     pub decode_time: Duration,
@@ -440,6 +443,7 @@ impl SeqState {
             text: self.run.text,
             token_ids: self.run.context[self.prompt_len..].to_vec(),
             prompt_tokens: self.prompt_len,
+            cached_tokens: 0,
             finish_reason: self.finish,
             prefill_time: self.prefill_time,
             decode_time: self.decode_started.elapsed(),

@@ -46,7 +46,7 @@ pub mod tokenizer;
 mod weights;
 
 pub use arch::{Architecture, Task};
-pub use batch::{Batch, BatchLimits, Finished};
+pub use batch::{Batch, BatchLimits, Finished, PrefixKey};
 pub use candle_core::{DType, Device};
 pub use chat::ChatMessage;
 pub use embed::{EmbedError, Embedder};

@@ -471,7 +471,7 @@ fn batched_generation_gives_each_request_its_unbatched_output() {
         while results.len() < requests.len() {
             while next < requests.len() && batch.has_room() {
                 let (prompt, params) = &requests[next];
-                let id = batch.add(prompt, params, on_text(next)).unwrap();
+                let id = batch.add(prompt, params, None, on_text(next)).unwrap();
                 ids.insert(id, next);
                 next += 1;
             }
@@ -501,10 +501,10 @@ fn batched_generation_gives_each_request_its_unbatched_output() {
         let mut batch = Batch::new(&model, limits).unwrap();
         let quiet = |_: &str| ControlFlow::Continue(());
         let keep = batch
-            .add(&requests[1].0, &requests[1].1, Box::new(quiet))
+            .add(&requests[1].0, &requests[1].1, None, Box::new(quiet))
             .unwrap();
         let gone = batch
-            .add(&requests[0].0, &requests[0].1, Box::new(quiet))
+            .add(&requests[0].0, &requests[0].1, None, Box::new(quiet))
             .unwrap();
         batch.step().unwrap();
         batch.step().unwrap();
@@ -546,12 +546,81 @@ fn a_short_prompt_is_not_held_behind_a_long_prefill() {
     };
     let mut batch = Batch::new(&model, limits).unwrap();
     let quiet = || -> securerun_models::batch::OnText { Box::new(|_| ControlFlow::Continue(())) };
-    batch.add(&long, &greedy(4), quiet()).unwrap();
-    batch.add(&short, &greedy(4), quiet()).unwrap();
+    batch.add(&long, &greedy(4), None, quiet()).unwrap();
+    batch.add(&short, &greedy(4), None, quiet()).unwrap();
     batch.step().unwrap();
     assert_eq!(
         batch.prefilling(),
         1,
         "the short prompt was fed in the first step"
     );
+}
+
+/// A kept cache serves the longest shared prefix of the next prompt with the same key: only
+/// the rest is computed, and the tokens are exactly those of a fresh prefill. Under another
+/// key, or none, nothing is reused.
+#[test]
+fn a_kept_prefix_is_reused_under_its_own_key_and_changes_no_token() {
+    use securerun_models::{Batch, BatchLimits, PrefixKey};
+    for (arch, dtype) in [
+        ("llama", DType::F32),
+        ("llama", DType::BF16),
+        ("qwen3", DType::F32),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), arch, dtype);
+        let mut model = load(tmp.path());
+        let ids = |text: &str| model.prompt_ids(&Prompt::Text(text.into())).unwrap();
+        let first = ids("hello world hello world world hello");
+        let longer = ids("hello world hello world world hello world world hello");
+        assert_eq!(longer[..first.len()], first[..], "{arch}: a shared prefix");
+        let params = greedy(5);
+        let alone = |model: &mut securerun_models::TextModel, prompt: &[u32]| {
+            model
+                .generate_from_ids(prompt, &params, &mut |_| ControlFlow::Continue(()))
+                .unwrap()
+        };
+        let (alone_first, alone_longer) = (alone(&mut model, &first), alone(&mut model, &longer));
+        let limits = BatchLimits {
+            max_sequences: 2,
+            max_step_tokens: 8,
+        };
+        let mut batch = Batch::new(&model, limits).unwrap();
+        let mut run = |prompt: &[u32], key: Option<PrefixKey>| {
+            let quiet: securerun_models::batch::OnText = Box::new(|_| ControlFlow::Continue(()));
+            let id = batch.add(prompt, &params, key, quiet).unwrap();
+            loop {
+                if let Some(f) = batch.step().unwrap().into_iter().next() {
+                    assert_eq!(f.id, id);
+                    break f.result.unwrap();
+                }
+            }
+        };
+        let (a, b) = (Some(PrefixKey(1)), Some(PrefixKey(2)));
+        let g = run(&first, a);
+        assert_eq!((g.cached_tokens, &g.token_ids), (0, &alone_first.token_ids));
+        // The same key: the first prompt (and what was generated after it, if the longer
+        // prompt goes on the same way) comes from the cache.
+        let g = run(&longer, a);
+        assert!(
+            g.cached_tokens >= first.len(),
+            "{arch}: {}",
+            g.cached_tokens
+        );
+        assert_eq!(g.token_ids, alone_longer.token_ids, "{arch} {dtype:?}");
+        // The very same prompt again: all but its last token.
+        let g = run(&longer, a);
+        assert_eq!(g.cached_tokens, longer.len() - 1, "{arch}");
+        assert_eq!(g.token_ids, alone_longer.token_ids, "{arch} {dtype:?}");
+        // The first prompt's own cache was copied from, not consumed: still all there.
+        let g = run(&first, a);
+        assert_eq!(g.cached_tokens, first.len() - 1, "{arch}");
+        assert_eq!(g.token_ids, alone_first.token_ids, "{arch} {dtype:?}");
+        // Another key, or none: computed afresh, the same tokens.
+        for key in [b, None] {
+            let g = run(&longer, key);
+            assert_eq!(g.cached_tokens, 0, "{arch}: {key:?} got key 1's prefix");
+            assert_eq!(g.token_ids, alone_longer.token_ids, "{arch} {dtype:?}");
+        }
+    }
 }

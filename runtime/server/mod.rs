@@ -350,9 +350,12 @@ pub struct Content {
 }
 
 /// Token counts a handler reports for the audit record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
     pub prompt_tokens: u64,
+    /// Prompt tokens served from the prefix cache (reported to the client as OpenAI's
+    /// `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: u64,
     pub completion_tokens: u64,
 }
 

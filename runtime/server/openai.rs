@@ -35,8 +35,8 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// The outcome for the audit record, when the status alone does not say it.
     pub outcome: Option<&'static str>,
-    /// Token counts so far (a request interrupted while it ran).
-    pub usage: Option<super::Usage>,
+    /// Token counts so far (a request interrupted while it ran); boxed, errors stay small.
+    pub usage: Option<Box<super::Usage>>,
 }
 
 impl ApiError {
@@ -107,7 +107,7 @@ impl IntoResponse for ApiError {
             resp.extensions_mut().insert(super::RecordedOutcome(o));
         }
         if let Some(u) = self.usage {
-            resp.extensions_mut().insert(u);
+            resp.extensions_mut().insert(*u);
         }
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -510,10 +510,11 @@ async fn complete(
                 .fetch_add(completion, Ordering::Relaxed);
             let mut e = why.error();
             e.outcome = Some(why.outcome());
-            e.usage = Some(super::Usage {
+            e.usage = Some(Box::new(super::Usage {
                 prompt_tokens,
                 completion_tokens: completion,
-            });
+                ..Default::default()
+            }));
             return Err(e);
         }
     };
@@ -534,6 +535,7 @@ async fn complete(
     };
     let usage_ext = super::Usage {
         prompt_tokens,
+        cached_tokens: g.cached_tokens as u64,
         completion_tokens: g.completion_tokens() as u64,
     };
     let mut resp = Json(json!({
@@ -588,6 +590,7 @@ fn usage_json(u: super::Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
 }
 
@@ -752,6 +755,7 @@ impl StreamTask {
                         if self.include_usage {
                             let u = super::Usage {
                                 prompt_tokens: self.prompt_tokens,
+                                cached_tokens: g.cached_tokens as u64,
                                 completion_tokens,
                             };
                             events.push(self.chunk(json!({}), Value::Null, Some(usage_json(u))));
@@ -932,7 +936,7 @@ pub async fn embeddings(
     .into_response();
     resp.extensions_mut().insert(super::Usage {
         prompt_tokens: input_tokens,
-        completion_tokens: 0,
+        ..Default::default()
     });
     resp.extensions_mut().insert(super::Content {
         texts: audited,

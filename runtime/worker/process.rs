@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use securerun_models::batch::OnText;
 use securerun_models::{
-    Batch, BatchLimits, ChatMessage, Embedder, Generation, LoadOptions, ModelSource, TextModel,
+    Batch, BatchLimits, ChatMessage, Embedder, Generation, LoadOptions, ModelSource, PrefixKey,
+    TextModel,
 };
 use securerun_sandbox::{Channel, Confinement, Mode};
 
@@ -176,6 +177,7 @@ fn serve_batched<'m>(
                     id,
                     prompt_ids,
                     params,
+                    prefix_key,
                 } => {
                     let sink = outbox.clone();
                     let on_text: OnText<'static> = Box::new(move |piece: &str| {
@@ -184,7 +186,7 @@ fn serve_batched<'m>(
                             .push((id, piece.to_string()));
                         ControlFlow::Continue(())
                     });
-                    match batch.add(&prompt_ids, &params, on_text) {
+                    match batch.add(&prompt_ids, &params, prefix_key.map(PrefixKey), on_text) {
                         Ok(seq) => {
                             requests.insert(seq, id);
                             None
@@ -255,6 +257,7 @@ fn done(id: u64, g: Generation) -> FromWorker {
         id,
         finish_reason: g.finish_reason,
         prompt_tokens: g.prompt_tokens,
+        cached_tokens: g.cached_tokens,
         token_ids: g.token_ids,
         prefill_us: g.prefill_time.as_micros() as u64,
         decode_us: g.decode_time.as_micros() as u64,
@@ -296,6 +299,7 @@ fn serve_one_at_a_time(channel: &mut Channel, mut model: TextModel) -> ExitCode 
                 id,
                 prompt_ids,
                 params,
+                ..
             } => (id, prompt_ids, params),
             ToWorker::Render { id, messages } => {
                 if !send(channel, &rendered(&model, id, &messages)) {

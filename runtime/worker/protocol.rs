@@ -47,6 +47,10 @@ pub enum ToWorker {
         id: u64,
         prompt_ids: Vec<u32>,
         params: GenerationParams,
+        /// Whose cached prefixes this generation may reuse (a keyed hash of the access token,
+        /// never the token itself); none: no reuse.
+        #[serde(default)]
+        prefix_key: Option<u64>,
     },
     Embed {
         id: u64,
@@ -92,6 +96,9 @@ pub enum FromWorker {
         id: u64,
         finish_reason: FinishReason,
         prompt_tokens: usize,
+        /// Prompt tokens taken from a cached prefix (fewer than `prompt_tokens`).
+        #[serde(default)]
+        cached_tokens: usize,
         token_ids: Vec<u32>,
         prefill_us: u64,
         decode_us: u64,

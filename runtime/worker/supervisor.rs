@@ -539,7 +539,7 @@ impl ConfinedModel {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, WorkerError> {
         self.require_idle()?;
-        let id = self.start_generate(prompt_ids, params, control.deadline)?;
+        let id = self.start_generate(prompt_ids, params, None, control.deadline)?;
         loop {
             if control.should_stop() {
                 self.cancel(id)?;

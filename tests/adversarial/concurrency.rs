@@ -275,3 +275,68 @@ fn a_stream_left_during_its_prefill_frees_its_slot() {
     );
     s.stop();
 }
+
+/// A prompt prefix computed for one token's request is reused by that token's next request
+/// (reported as OpenAI's `prompt_tokens_details.cached_tokens`, counted in the metrics) and
+/// changes nothing in its answer; another token's identical request computes it afresh, so its
+/// timing tells nothing about what others asked.
+#[test]
+fn a_prompt_prefix_is_reused_only_for_the_token_that_computed_it() {
+    use super::harness::completion;
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start_with(
+        &common::smollm2(),
+        state.path(),
+        "max_sequences = 2\n",
+        &[],
+        &["--allow-unsigned"],
+    );
+    let a = s.token("a", &["--scopes", "inference,metrics"]);
+    let b = s.token("b", &["--scopes", "inference"]);
+    let system = "You are a careful assistant for a hospital's records team. Answer briefly. ";
+    let ask = |token: &str, question: &str| -> (String, u64, u64) {
+        let body = completion(&format!("{system}{question}"), 8, false);
+        let (status, out) = call(s.addr, "POST", "/v1/completions", Some(token), &body);
+        assert_eq!(status, 200, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let usage = &v["usage"];
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        )
+    };
+    let (first, prompt, cached) = ask(&a, "What is a discharge summary?");
+    assert_eq!(cached, 0, "nothing was cached yet");
+    // The same token, the same system prompt, another question: the shared prefix is reused.
+    let (_, _, cached) = ask(&a, "What is an admission note?");
+    assert!(
+        cached >= 10,
+        "the system prompt was computed again ({cached})"
+    );
+    // The same request again: all but the last prompt token reused, the same answer.
+    let (again, _, cached) = ask(&a, "What is a discharge summary?");
+    assert_eq!(cached, prompt - 1);
+    assert_eq!(again, first, "a reused prefix changed the answer");
+    // Another token asking exactly the same computes everything and gets the same answer.
+    let (other, _, cached) = ask(&b, "What is a discharge summary?");
+    assert_eq!(cached, 0, "token b was served token a's cached prefix");
+    assert_eq!(other, first);
+    let (status, body) = call(s.addr, "GET", "/metrics", Some(&a), "");
+    assert_eq!(status, 200);
+    let series = format!(
+        "securerun_model_prompt_cached_tokens_total{{model=\"{}\"}} ",
+        super::harness::SMOL
+    );
+    let counted: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in {body}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(counted >= prompt - 1 + 10, "{counted}");
+    s.stop();
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use securerun::worker::supervisor::{Event, RequestControl, CANCEL_GRACE};
 use securerun::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
-use securerun_models::{GenerationParams, SamplingParams};
+use securerun_models::{GenerationParams, PrefixKey, SamplingParams};
 
 use super::common;
 use super::harness::{fake_worker, fake_worker_ready};
@@ -470,8 +470,10 @@ fn a_frame_for_a_request_not_in_flight_fails_every_request_and_replaces_the_work
     ];
     for (name, script) in cases {
         let mut m = start_batching(tmp.path(), name, script, 2, 2).unwrap();
-        let a = m.start_generate(&[1, 2, 3], &params(8), None).unwrap();
-        let b = m.start_generate(&[4, 5], &params(8), None).unwrap();
+        let a = m
+            .start_generate(&[1, 2, 3], &params(8), None, None)
+            .unwrap();
+        let b = m.start_generate(&[4, 5], &params(8), None, None).unwrap();
         let err = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap_err();
         assert!(matches!(err, WorkerError::Protocol(_)), "{name}: {err}");
         assert_eq!(m.restarts, 1, "{name}");
@@ -490,8 +492,12 @@ fn each_request_in_flight_is_held_to_its_own_max_tokens() {
     let tmp = tempfile::tempdir().unwrap();
     let script = "a = read(); b = read()\nfor _ in range(50):\n    msg({'type': 'text', 'id': b['id'], 'text': 'b'})\n    msg({'type': 'text', 'id': a['id'], 'text': 'a'})\ntime.sleep(30)";
     let mut m = start_batching(tmp.path(), "overrun", script, 2, 2).unwrap();
-    let a = m.start_generate(&[1, 2, 3], &params(4), None).unwrap();
-    let b = m.start_generate(&[4, 5], &params(1000), None).unwrap();
+    let a = m
+        .start_generate(&[1, 2, 3], &params(4), None, None)
+        .unwrap();
+    let b = m
+        .start_generate(&[4, 5], &params(1000), None, None)
+        .unwrap();
     let err = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap_err();
     assert!(
         err.to_string()
@@ -499,6 +505,25 @@ fn each_request_in_flight_is_held_to_its_own_max_tokens() {
         "{err}"
     );
     assert_eq!(m.restarts, 1);
+}
+
+/// The cached-token count a worker reports reaches the client (`usage`): a worker cannot
+/// claim that the whole prompt, or more, came from its cache.
+#[test]
+fn a_worker_cannot_claim_more_cached_tokens_than_the_prompt_allows() {
+    let tmp = tempfile::tempdir().unwrap();
+    for cached in ["len(r['prompt_ids'])", "10**6"] {
+        let script = format!(
+            "r = read()\nmsg({{'type': 'text', 'id': r['id'], 'text': 'x'}})\nmsg({{'type': 'done', 'id': r['id'], 'finish_reason': 'Length', 'prompt_tokens': len(r['prompt_ids']), 'cached_tokens': {cached}, 'token_ids': [1], 'prefill_us': 1, 'decode_us': 1}})\ntime.sleep(30)"
+        );
+        let mut m = start_batching(tmp.path(), "cached", &script, 2, 2).unwrap();
+        let a = m
+            .start_generate(&[1, 2, 3], &params(4), Some(PrefixKey(1)), None)
+            .unwrap();
+        let err = until_ended(&mut m, &[a], Duration::from_secs(10)).unwrap_err();
+        assert!(err.to_string().contains("cached tokens"), "{cached}: {err}");
+        assert_eq!(m.restarts, 1, "{cached}");
+    }
 }
 
 /// One request past its deadline is cancelled on its own: the worker is told, the request
@@ -516,10 +541,11 @@ fn a_request_past_its_deadline_is_cancelled_and_the_others_run_on() {
         .start_generate(
             &[1, 2, 3],
             &params(100),
+            None,
             Some(Instant::now() + Duration::from_millis(300)),
         )
         .unwrap();
-    let b = m.start_generate(&[4, 5], &params(100), None).unwrap();
+    let b = m.start_generate(&[4, 5], &params(100), None, None).unwrap();
     let events = until_ended(&mut m, &[a, b], Duration::from_secs(10)).unwrap();
     let ended = |id| {
         events.iter().find_map(|e| match e {
@@ -550,7 +576,7 @@ fn a_worker_that_stops_reading_cannot_block_the_supervisor() {
     let started = Instant::now();
     let huge = vec![1u32; 2_000_000]; // ~4 MB of JSON, far beyond the socket buffers
     let err = m
-        .start_generate(&huge, &params(4), None)
+        .start_generate(&huge, &params(4), None, None)
         .expect_err("the send must give up");
     assert!(
         started.elapsed() < Duration::from_secs(8),

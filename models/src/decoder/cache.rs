@@ -43,6 +43,25 @@ impl KvCache {
         }
     }
 
+    /// Makes this cache hold the first `len` positions of `other` (of the same shape), and
+    /// nothing after them; its own memory is reused.
+    pub fn copy_prefix(&mut self, other: &KvCache, len: usize) {
+        assert_eq!(
+            (self.kv_heads, self.head_dim, self.layers.len()),
+            (other.kv_heads, other.head_dim, other.layers.len()),
+            "caches of one model"
+        );
+        let (kv_row, block) = (self.kv_row(), self.kv_row() * KEYS);
+        for (to, from) in self.layers.iter_mut().zip(&other.layers) {
+            assert!(from.values.len() >= len * kv_row, "the prefix is held");
+            to.keys.clear();
+            to.keys
+                .extend_from_slice(&from.keys[..len.div_ceil(KEYS) * block]);
+            to.values.clear();
+            to.values.extend_from_slice(&from.values[..len * kv_row]);
+        }
+    }
+
     /// Stores the keys and values (`[token][kv_head][head_dim]` each) of the positions
     /// `at..` of layer `layer`; `at` must be the number of positions that layer holds.
     pub fn append(&mut self, layer: usize, at: usize, k: &[f32], v: &[f32]) {

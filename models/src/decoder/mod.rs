@@ -267,6 +267,14 @@ impl Sequence {
         self.cache.truncate(0);
         self.len = 0;
     }
+
+    /// Holds the first `len` positions of `other` (a sequence of the same decoder), nothing
+    /// else.
+    pub fn copy_prefix(&mut self, other: &Sequence, len: usize) {
+        assert!(len <= other.len, "{len} positions of {}", other.len);
+        self.cache.copy_prefix(&other.cache, len);
+        self.len = len;
+    }
 }
 
 /// One part of a batched forward pass: `tokens` fed to `seq` at positions `pos..` (`pos` ≤

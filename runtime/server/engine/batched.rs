@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use securerun_models::{ChatMessage, Generation, GenerationParams};
+use securerun_models::{ChatMessage, Generation, GenerationParams, PrefixKey};
 
 use super::metrics::EngineMetrics;
 use super::{drop_job, EngineError, Job, JobControl, JobQueue, WorkerEvents, PIECE_SEND_WAIT};
@@ -53,12 +53,13 @@ pub(super) trait Sequences {
     fn len(&self) -> usize;
     /// Nothing in flight (generations or renders).
     fn is_idle(&self) -> bool;
-    /// Starts a generation whose text goes to `outbox`. A [`EngineError::Worker`] means every
-    /// request in flight is lost.
+    /// Starts a generation whose text goes to `outbox`, reusing prefixes cached under
+    /// `prefix_key`. A [`EngineError::Worker`] means every request in flight is lost.
     fn add(
         &mut self,
         prompt_ids: &[u32],
         params: &GenerationParams,
+        prefix_key: Option<PrefixKey>,
         deadline: Instant,
         outbox: Outbox,
     ) -> Result<u64, EngineError>;
@@ -102,6 +103,7 @@ impl Sequences for InProcess<'_> {
         &mut self,
         prompt_ids: &[u32],
         params: &GenerationParams,
+        prefix_key: Option<PrefixKey>,
         _deadline: Instant,
         outbox: Outbox,
     ) -> Result<u64, EngineError> {
@@ -110,7 +112,7 @@ impl Sequences for InProcess<'_> {
             ControlFlow::Continue(())
         });
         self.batch
-            .add(prompt_ids, params, on_text)
+            .add(prompt_ids, params, prefix_key, on_text)
             .map_err(|e| EngineError::Request(e.to_string()))
     }
 
@@ -194,12 +196,13 @@ impl Sequences for Confined<'_> {
         &mut self,
         prompt_ids: &[u32],
         params: &GenerationParams,
+        prefix_key: Option<PrefixKey>,
         deadline: Instant,
         outbox: Outbox,
     ) -> Result<u64, EngineError> {
         let id = self
             .model
-            .start_generate(prompt_ids, params, Some(deadline))
+            .start_generate(prompt_ids, params, prefix_key, Some(deadline))
             .map_err(|e| self.lost(e))?;
         self.outboxes.insert(id, outbox);
         Ok(id)
@@ -258,6 +261,21 @@ impl Sequences for Confined<'_> {
 
     fn restarts(&self) -> WorkerEvents {
         WorkerEvents::of(self.model)
+    }
+}
+
+/// Prefix-cache keys from token ids: a keyed hash (random per engine), so the worker learns
+/// which requests share a token, never which token. A job without an owner reuses nothing.
+struct PrefixKeys(std::hash::RandomState);
+
+impl PrefixKeys {
+    fn new() -> Self {
+        PrefixKeys(std::hash::RandomState::new())
+    }
+
+    fn of(&self, owner: &str) -> Option<PrefixKey> {
+        use std::hash::BuildHasher;
+        (!owner.is_empty()).then(|| PrefixKey(self.0.hash_one(owner)))
     }
 }
 
@@ -362,6 +380,7 @@ pub(super) fn run(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut flights: HashMap<u64, InFlight> = HashMap::new();
+    let prefix_keys = PrefixKeys::new();
     let mut draining: Vec<Draining> = Vec::new();
     loop {
         let before = sequences.restarts();
@@ -399,7 +418,9 @@ pub(super) fn run(
                     done,
                 } => {
                     let outbox = Outbox::default();
-                    match sequences.add(&prompt_ids, &params, control.deadline, outbox.clone()) {
+                    let key = prefix_keys.of(&control.owner);
+                    match sequences.add(&prompt_ids, &params, key, control.deadline, outbox.clone())
+                    {
                         Ok(id) => {
                             engine
                                 .prompt_tokens
@@ -486,6 +507,9 @@ pub(super) fn run(
                                 engine
                                     .generated_tokens
                                     .fetch_add(g.completion_tokens() as u64, Relaxed);
+                                engine
+                                    .cached_prompt_tokens
+                                    .fetch_add(g.cached_tokens as u64, Relaxed);
                             }
                             draining.push(Draining {
                                 flight,

@@ -63,6 +63,8 @@ const SEQUENCES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 pub struct EngineMetrics {
     pub sequences_active: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of computed.
+    pub cached_prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Sequences advanced by one step.
     pub batch_size: Histogram,
@@ -77,6 +79,7 @@ impl Default for EngineMetrics {
         EngineMetrics {
             sequences_active: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            cached_prompt_tokens: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             batch_size: Histogram::new(SEQUENCES),
             time_to_first_token: Histogram::new(SECONDS),
@@ -98,7 +101,7 @@ pub fn render(models: &[(String, usize, &EngineMetrics)], out: &mut String) {
     };
     // (name, type, help, value from the queue depth and the engine's numbers)
     type Value = fn(usize, &EngineMetrics) -> u64;
-    let scalars: [(&str, &str, &str, Value); 4] = [
+    let scalars: [(&str, &str, &str, Value); 5] = [
         (
             "queue_depth",
             "gauge",
@@ -116,6 +119,12 @@ pub fn render(models: &[(String, usize, &EngineMetrics)], out: &mut String) {
             "counter",
             "prompt tokens fed to the model",
             |_, m| m.prompt_tokens.load(Relaxed),
+        ),
+        (
+            "model_prompt_cached_tokens_total",
+            "counter",
+            "prompt tokens served from the prefix cache instead of computed",
+            |_, m| m.cached_prompt_tokens.load(Relaxed),
         ),
         (
             "model_generated_tokens_total",

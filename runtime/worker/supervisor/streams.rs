@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use securerun_models::{FinishReason, Generation, GenerationParams};
+use securerun_models::{FinishReason, Generation, GenerationParams, PrefixKey};
 
 use super::{
     kill_after, read_by, write, ConfinedModel, FromWorker, ToWorker, WorkerError, CANCEL_GRACE,
@@ -75,17 +75,20 @@ impl ConfinedModel {
     }
 
     /// Sends generation `prompt_ids` to the worker (at most [`Self::sequences`] at once); its
-    /// text and end come from [`Self::next_events`]. Past `deadline` it is cancelled.
+    /// text and end come from [`Self::next_events`]. Past `deadline` it is cancelled. With a
+    /// `prefix_key`, it may reuse prefixes cached under the same key.
     pub fn start_generate(
         &mut self,
         prompt_ids: &[u32],
         params: &GenerationParams,
+        prefix_key: Option<PrefixKey>,
         deadline: Option<Instant>,
     ) -> Result<u64, WorkerError> {
         let msg = |id| ToWorker::Generate {
             id,
             prompt_ids: prompt_ids.to_vec(),
             params: params.clone(),
+            prefix_key: prefix_key.map(|k| k.0),
         };
         let kind = Kind::Generate {
             prompt_tokens: prompt_ids.len(),
@@ -288,6 +291,7 @@ fn accept(
             FromWorker::Done {
                 finish_reason,
                 prompt_tokens: reported,
+                cached_tokens,
                 token_ids,
                 prefill_us,
                 decode_us,
@@ -311,6 +315,12 @@ fn accept(
                     "{reported} prompt tokens reported for {prompt_tokens} sent"
                 )));
             }
+            // The last prompt token is always computed (its logits start the completion).
+            if cached_tokens >= *prompt_tokens {
+                return Err(WorkerError::Protocol(format!(
+                    "{cached_tokens} cached tokens for a prompt of {prompt_tokens}"
+                )));
+            }
             // Each piece comes from at least one token, except a final flush of text held back
             // (stop-string lookahead).
             if *pieces > token_ids.len() + 1 {
@@ -328,6 +338,7 @@ fn accept(
                 text: std::mem::take(text),
                 token_ids,
                 prompt_tokens: *prompt_tokens,
+                cached_tokens,
                 finish_reason,
                 prefill_time: Duration::from_micros(prefill_us),
                 decode_time: Duration::from_micros(decode_us),
