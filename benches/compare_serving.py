@@ -6,7 +6,8 @@ Both servers run at once (an idle server takes no CPU); for each run index every
 cell is measured once before the next index (interleaved, the engine order alternating), and the
 table reports medians of --runs. A cell: N clients start together, each streams one completion
 (`/v1/completions`, greedy, max_tokens M, its own counting prompt so that no client hits an
-end-of-sequence token early); measured per cell:
+end-of-sequence token early, and never the same prompt twice so that no prompt cache serves a
+whole prompt; --shared-prefix puts the same WORDS-word preamble before each); measured per cell:
   * aggregate generated tokens/s = all completion tokens / (last end - first start),
   * p50 time to first token (request sent -> first non-empty text chunk) over the clients,
   * the ratio of aggregate tokens/s to the same engine's 1-client decode.
@@ -19,7 +20,8 @@ llama-server is built once from the llama-cpp-python sdist's vendored llama.cpp 
 2 cores) into .cache/bench/llama-server.
 
 Usage: benches/compare_serving.py [--runs 3] [--clients 1,4,8] [--dtype q8_0] [--size small]
-       [--threads 2] [--slots 8] [--max-tokens 64] [--audit-sync fsync] [--json OUT]
+       [--threads 2] [--slots 8] [--max-tokens 64] [--audit-sync fsync] [--shared-prefix WORDS]
+       [--json OUT]
 Not run by CI.
 """
 import argparse
@@ -156,13 +158,22 @@ class LlamaServer:
         self.proc.wait()
 
 
-def prompt(i):
-    start = 1 + 37 * i
-    return ", ".join(str(n) for n in range(start, start + 12)) + ","
+# A system prompt of sorts, shared by every request with --shared-prefix WORDS.
+PREFIX_WORDS = ("You answer questions about the ledger of a small clinic using only the records "
+                "given below and say so when a record is missing ").split()
 
 
-def one_stream(server, i, max_tokens, out, barrier):
-    body = json.dumps({"model": server.model, "prompt": prompt(i), "max_tokens": max_tokens,
+def prompt(i, run, shared_prefix):
+    """Client i's prompt in run `run`: a counting sequence of its own, never the same twice (so
+    a prompt cache cannot serve a whole prompt), after `shared_prefix` words shared by all."""
+    start = 1 + 37 * i + 1000 * (run + 1)
+    words = (PREFIX_WORDS * (shared_prefix // len(PREFIX_WORDS) + 1))[:shared_prefix]
+    head = " ".join(words) + "\n" if words else ""
+    return head + ", ".join(str(n) for n in range(start, start + 12)) + ","
+
+
+def one_stream(server, i, max_tokens, out, barrier, text):
+    body = json.dumps({"model": server.model, "prompt": text, "max_tokens": max_tokens,
                        "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
     c = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
@@ -190,10 +201,12 @@ def one_stream(server, i, max_tokens, out, barrier):
     out[i] = (t0, t1, (first or t1) - t0, usage if usage else chunks)
 
 
-def cell(server, clients, max_tokens):
+def cell(server, clients, max_tokens, run, shared_prefix):
     out = [None] * clients
     barrier = threading.Barrier(clients)
-    threads = [threading.Thread(target=one_stream, args=(server, i, max_tokens, out, barrier))
+    threads = [threading.Thread(target=one_stream,
+                                args=(server, i, max_tokens, out, barrier,
+                                      prompt(i, run, shared_prefix)))
                for i in range(clients)]
     for t in threads:
         t.start()
@@ -220,6 +233,9 @@ def main():
     ap.add_argument("--audit-sync", default="fsync", choices=["fsync", "buffered"],
                     help="securerun's audit durability (fsync: every record on disk before "
                          "the request acts, the default and what the table reports)")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                    help="a prefix of WORDS words that every prompt shares (a system prompt): "
+                         "measures prefix reuse")
     ap.add_argument("--json")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -232,13 +248,14 @@ def main():
     servers = [Securerun(args, os.path.join(MODELS, model_dir)), LlamaServer(args, gguf)]
     try:
         for s in servers:  # warm-up: first request, page faults, thread pools
-            cell(s, 1, 8)
+            cell(s, 1, 8, -1, args.shared_prefix)
         results = {(s.name, c): [] for s in servers for c in clients}
         for run in range(args.runs):
             for c in clients:
                 order = servers if (run + c) % 2 == 0 else servers[::-1]
                 for s in order:
-                    r = cell(s, c, args.max_tokens)
+                    r = cell(s, c, args.max_tokens, run * len(clients) + clients.index(c),
+                             args.shared_prefix)
                     results[(s.name, c)].append(r)
                     print(f"run {run} {s.name:12} clients {c}: {r['tok_s']:7.1f} tok/s, "
                           f"TTFT p50 {r['ttft_ms']:7.1f} ms", file=sys.stderr)
@@ -248,7 +265,8 @@ def main():
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("tok_s", "ttft_ms")}
            for k, v in results.items()}
     print(f"\n{args.size} {args.dtype}, {args.threads} threads, {args.slots} slots, "
-          f"{args.max_tokens} tokens per client, medians of {args.runs} interleaved runs\n")
+          f"{args.max_tokens} tokens per client, shared prefix {args.shared_prefix} words, "
+          f"medians of {args.runs} interleaved runs\n")
     print("| clients | securerun tok/s | llama-server tok/s | ratio | securerun TTFT p50 ms | "
           "llama-server TTFT p50 ms | securerun vs its 1 client |")
     print("|---|---|---|---|---|---|---|")
