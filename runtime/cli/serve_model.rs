@@ -84,16 +84,12 @@ impl ModelStarter {
             securerun_models::PromptEncoder::load(&source)
                 .map_err(|e| format!("{}: {e}", path.display()))?,
         );
-        let is_embedder = source
-            .aux_json::<serde_json::Value>("config.json")
-            .ok()
-            .flatten()
-            .and_then(|c| {
-                c.get("model_type")
-                    .and_then(|t| t.as_str())
-                    .map(|t| t == "bert")
-            })
-            .unwrap_or(false);
+        // The task from the architecture the models crate recognises (an unknown or missing
+        // model type is refused here, before a worker starts).
+        let is_embedder = securerun_models::detect(&source)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .task()
+            == securerun_models::Task::Embeddings;
         let backend = match self.worker.clone() {
             Some(mut settings) => {
                 // The memory estimate covers the longest request this server accepts.

@@ -25,23 +25,32 @@ use crate::worker::{ConfinedModel, WorkerError};
 mod batched;
 pub mod metrics;
 
+pub use batched::{Ended, Outbox, Sequences};
+
 /// What the engine can run.
 pub enum Backend {
     Text(Box<ConfinedModel>),
     Embed(Box<ConfinedModel>),
     TextInProcess(Box<securerun_models::TextModel>),
     EmbedInProcess(Box<securerun_models::Embedder>),
+    /// Any other implementation of the generation interface: the server's tests run the real
+    /// router, handlers and engine loop over a fake one.
+    Sequences(Box<dyn Sequences + Send>),
 }
 
 impl Backend {
     pub fn is_text(&self) -> bool {
-        matches!(self, Backend::Text(_) | Backend::TextInProcess(_))
+        matches!(
+            self,
+            Backend::Text(_) | Backend::TextInProcess(_) | Backend::Sequences(_)
+        )
     }
 
     /// Worker replacements, seccomp kills and failed worker starts so far.
     fn restarts(&self) -> WorkerEvents {
         match self {
             Backend::Text(m) | Backend::Embed(m) => WorkerEvents::of(m),
+            Backend::Sequences(s) => s.restarts(),
             _ => WorkerEvents::default(),
         }
     }
@@ -49,7 +58,7 @@ impl Backend {
 
 /// Counts of what happened to a model's workers, compared before and after a failure.
 #[derive(Debug, Default, Clone, Copy)]
-struct WorkerEvents {
+pub struct WorkerEvents {
     restarts: u64,
     seccomp_kills: u64,
     start_failures: u64,
@@ -306,6 +315,9 @@ impl Engine {
                                 tracing::info!(reason = %e, "generation runs one request at a time")
                             }
                         }
+                    }
+                    Backend::Sequences(seqs) => {
+                        batched::run(seqs.as_mut(), &rx, &metrics, &em, &mut on_failure)
                     }
                     Backend::Text(model) => {
                         let mut seqs = batched::Confined {

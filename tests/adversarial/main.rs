@@ -11,4 +11,5 @@ mod clients;
 mod concurrency;
 mod local_users;
 mod models;
+mod router;
 mod workers;

@@ -26,31 +26,42 @@ use crate::worker::ConfinedModel;
 /// (new requests join within this long while the worker computes).
 const WORKER_WAIT: Duration = Duration::from_millis(5);
 
-/// Text a generation produced that its client has not taken yet.
-type Outbox = Arc<Mutex<Pending>>;
+/// Text a generation produced that its client has not taken yet (the engine hands it on
+/// without waiting).
+#[derive(Clone, Default)]
+pub struct Outbox(Arc<Mutex<Pending>>);
 
 #[derive(Default)]
-pub(super) struct Pending {
+struct Pending {
     pieces: VecDeque<String>,
     /// Pieces produced so far (for the latency metrics).
     produced: u64,
 }
 
-fn push(outbox: &Outbox, piece: &str) {
-    let mut pending = outbox.lock().unwrap_or_else(|p| p.into_inner());
-    pending.pieces.push_back(piece.to_string());
-    pending.produced += 1;
+impl Outbox {
+    /// A piece of the generation's text, in order.
+    pub fn push(&self, piece: &str) {
+        let mut pending = self.lock();
+        pending.pieces.push_back(piece.to_string());
+        pending.produced += 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// What a step reports.
-type Ended = Vec<(u64, Result<Generation, EngineError>)>;
+/// What a step reports: the generations that ended, by id.
+pub type Ended = Vec<(u64, Result<Generation, EngineError>)>;
 
-/// Generations advancing together, wherever the model runs.
-pub(super) trait Sequences {
+/// The generation interface: generations advancing together, wherever the model runs. The
+/// engine loop ([`run`]) drives it; this process's model and the confined worker implement it,
+/// and so can a test's fake backend ([`super::Backend::Sequences`]).
+pub trait Sequences {
     /// Whether another generation can join.
     fn has_room(&self) -> bool;
     /// Generations in flight.
-    fn len(&self) -> usize;
+    fn in_flight(&self) -> usize;
     /// Nothing in flight (generations or renders).
     fn is_idle(&self) -> bool;
     /// Starts a generation whose text goes to `outbox`, reusing prefixes cached under
@@ -91,7 +102,7 @@ impl Sequences for InProcess<'_> {
         self.batch.has_room()
     }
 
-    fn len(&self) -> usize {
+    fn in_flight(&self) -> usize {
         self.batch.len()
     }
 
@@ -108,7 +119,7 @@ impl Sequences for InProcess<'_> {
         outbox: Outbox,
     ) -> Result<u64, EngineError> {
         let on_text: securerun_models::batch::OnText<'static> = Box::new(move |piece: &str| {
-            push(&outbox, piece);
+            outbox.push(piece);
             ControlFlow::Continue(())
         });
         self.batch
@@ -184,7 +195,7 @@ impl Sequences for Confined<'_> {
         self.model.generations_in_flight() < self.model.sequences().min(self.max_sequences)
     }
 
-    fn len(&self) -> usize {
+    fn in_flight(&self) -> usize {
         self.model.generations_in_flight()
     }
 
@@ -242,7 +253,7 @@ impl Sequences for Confined<'_> {
             match event {
                 Event::Text { id, text } => {
                     if let Some(outbox) = self.outboxes.get(&id) {
-                        push(outbox, &text);
+                        outbox.push(&text);
                     }
                 }
                 Event::Generated { id, result } => {
@@ -302,7 +313,7 @@ impl InFlight {
     /// `max_tokens + 1` pieces, checked by the supervisor for a confined worker), never by
     /// anyone else's.
     fn flush(&mut self) -> bool {
-        let mut pending = self.outbox.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.outbox.lock();
         let outbox = &mut pending.pieces;
         let mut moved = false;
         while let Some(piece) = outbox.pop_front() {
@@ -327,21 +338,13 @@ impl InFlight {
     }
 
     fn is_drained(&self) -> bool {
-        self.outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pieces
-            .is_empty()
+        self.outbox.lock().pieces.is_empty()
     }
 
     /// Observes the latency of the pieces produced since the last look: the first one's time
     /// since the job was created, then the time between pieces.
     fn observe(&mut self, metrics: &EngineMetrics) {
-        let produced = self
-            .outbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .produced;
+        let produced = self.outbox.lock().produced;
         if produced == self.seen {
             return;
         }
@@ -492,7 +495,7 @@ pub(super) fn run(
             }
         }
         if lost.is_none() && !sequences.is_idle() {
-            let active = sequences.len() as u64;
+            let active = sequences.in_flight() as u64;
             metrics.batch_sequences_peak.fetch_max(active, Relaxed);
             engine.sequences_active.store(active, Relaxed);
             if active > 0 {
@@ -553,7 +556,7 @@ pub(super) fn run(
         draining = still;
         engine
             .sequences_active
-            .store(sequences.len() as u64, Relaxed);
+            .store(sequences.in_flight() as u64, Relaxed);
         if sequences.is_idle() && !draining.is_empty() {
             // Only slow readers left: give them a moment instead of spinning.
             std::thread::sleep(Duration::from_millis(5));

@@ -1,0 +1,370 @@
+//! The HTTP edge over a fake generation backend, in process: the real router, handlers, engine
+//! loop, token store and audit log, driven with `tower::ServiceExt::oneshot`, with a backend
+//! that fails exactly as told. Each typed backend failure must reach the client as its own
+//! status and code (no message text is matched on the way).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use securerun::server::engine::WorkerEvents;
+use securerun::server::engine::{Backend, Ended, Engine, EngineError, Outbox, Sequences};
+use securerun::server::{self, models::ModelSpec, models::ServedModel, AppState};
+use securerun::tokens::{Limits, Scope, TokenStore};
+use securerun_models::{ChatMessage, FinishReason, Generation, GenerationParams, PrefixKey};
+
+use super::common;
+
+const MODEL: &str = "fake";
+
+/// What the fake does with the next generation it is given.
+#[derive(Clone)]
+enum Plan {
+    /// Emits these pieces, one per step, then ends (`cached` prompt tokens from its cache).
+    Text {
+        pieces: Vec<&'static str>,
+        cached: usize,
+    },
+    /// The request's own fault, after `after` pieces.
+    RequestError { after: usize },
+    /// The worker dies after `after` pieces: every request in flight is lost.
+    WorkerLost { after: usize },
+    /// Never ends on its own (only a cancellation ends it).
+    Stall,
+}
+
+struct Flight {
+    plan: Plan,
+    outbox: Outbox,
+    prompt_tokens: usize,
+    sent: Vec<&'static str>,
+}
+
+/// A generation backend that follows `plans` in order.
+struct Fake {
+    plans: Arc<Mutex<VecDeque<Plan>>>,
+    flights: HashMap<u64, Flight>,
+    next: u64,
+    cancelled: Arc<Mutex<Vec<u64>>>,
+}
+
+fn generation(f: &Flight, cached: usize, finish_reason: FinishReason) -> Generation {
+    Generation {
+        text: f.sent.concat(),
+        token_ids: vec![7; f.sent.len()],
+        prompt_tokens: f.prompt_tokens,
+        cached_tokens: cached,
+        finish_reason,
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+    }
+}
+
+impl Sequences for Fake {
+    fn has_room(&self) -> bool {
+        self.flights.len() < 4
+    }
+    fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+    fn is_idle(&self) -> bool {
+        self.flights.is_empty()
+    }
+    fn add(
+        &mut self,
+        prompt_ids: &[u32],
+        _params: &GenerationParams,
+        _prefix_key: Option<PrefixKey>,
+        _deadline: Instant,
+        outbox: Outbox,
+    ) -> Result<u64, EngineError> {
+        let plan = self.plans.lock().unwrap().pop_front().expect("a plan");
+        self.next += 1;
+        self.flights.insert(
+            self.next,
+            Flight {
+                plan,
+                outbox,
+                prompt_tokens: prompt_ids.len(),
+                sent: Vec::new(),
+            },
+        );
+        Ok(self.next)
+    }
+    fn render(
+        &mut self,
+        _messages: &[ChatMessage],
+        _deadline: Instant,
+        done: tokio::sync::oneshot::Sender<Result<String, EngineError>>,
+    ) -> Result<(), EngineError> {
+        let _ = done.send(Ok("rendered".into()));
+        Ok(())
+    }
+    fn cancel(&mut self, id: u64) -> Result<Option<Generation>, EngineError> {
+        self.cancelled.lock().unwrap().push(id);
+        Ok(self
+            .flights
+            .remove(&id)
+            .map(|f| generation(&f, 0, FinishReason::Cancelled)))
+    }
+    fn step(&mut self) -> Result<Ended, EngineError> {
+        std::thread::sleep(Duration::from_millis(2));
+        let mut ended = Vec::new();
+        for (&id, f) in self.flights.iter_mut() {
+            let done = match &f.plan {
+                Plan::Text { pieces, cached } => match pieces.get(f.sent.len()) {
+                    Some(p) => {
+                        f.outbox.push(p);
+                        f.sent.push(p);
+                        None
+                    }
+                    None => Some(Ok(generation(f, *cached, FinishReason::Length))),
+                },
+                Plan::RequestError { after } if f.sent.len() == *after => Some(Err(
+                    EngineError::Request("this input is refused by the model".into()),
+                )),
+                Plan::WorkerLost { after } if f.sent.len() == *after => {
+                    self.flights.clear();
+                    return Err(EngineError::Worker("the worker was killed".into()));
+                }
+                Plan::Stall => None,
+                _ => {
+                    f.outbox.push("x");
+                    f.sent.push("x");
+                    None
+                }
+            };
+            if let Some(result) = done {
+                ended.push((id, result));
+            }
+        }
+        for (id, _) in &ended {
+            self.flights.remove(id);
+        }
+        Ok(ended)
+    }
+    fn restarts(&self) -> WorkerEvents {
+        WorkerEvents::default()
+    }
+}
+
+/// A server state over the fake, with one inference token.
+struct Edge {
+    _state_dir: tempfile::TempDir,
+    state: Arc<AppState>,
+    token: String,
+    plans: Arc<Mutex<VecDeque<Plan>>>,
+    cancelled: Arc<Mutex<Vec<u64>>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Edge {
+    fn new(config: server::config::ServeConfig) -> Edge {
+        let state_dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let audit = securerun::audit::AuditLog::open(
+            &securerun::audit::audit_dir(state_dir.path()),
+            securerun::audit::Durability::Buffered,
+        )
+        .unwrap();
+        let store = TokenStore::new(state_dir.path());
+        let token = store
+            .create(
+                "client",
+                BTreeSet::from([Scope::Inference]),
+                vec![],
+                Limits::default(),
+                None,
+            )
+            .unwrap()
+            .token;
+        let tokens = server::auth::TokenCache::new(store).unwrap();
+        let plans = Arc::new(Mutex::new(VecDeque::new()));
+        let cancelled = Arc::new(Mutex::new(Vec::new()));
+        let fake = Fake {
+            plans: plans.clone(),
+            flights: HashMap::new(),
+            next: 0,
+            cancelled: cancelled.clone(),
+        };
+        let metrics = Arc::new(server::Metrics::default());
+        let engine = Engine::start(
+            MODEL.into(),
+            Backend::Sequences(Box::new(fake)),
+            config.queue,
+            4,
+            audit.clone(),
+            metrics.clone(),
+            runtime.handle().clone(),
+        );
+        // The tokenizer of a real model: prompts are counted and bounded by the server.
+        let opts = securerun::OpenOptions {
+            allow_unsigned: true,
+            ..Default::default()
+        };
+        let source = securerun::open_source(&common::smollm2(), &opts).unwrap();
+        let served = ServedModel {
+            spec: ModelSpec {
+                name: MODEL.into(),
+                path: common::smollm2(),
+                signature: None,
+            },
+            engine,
+            encoder: Arc::new(securerun_models::PromptEncoder::load(&source).unwrap()),
+            loaded_at: 0,
+            version: 0,
+            signer: None,
+        };
+        let state = Arc::new(AppState {
+            lockdown: std::sync::atomic::AtomicBool::new(false),
+            state_dir: state_dir.path().to_path_buf(),
+            ledgers: server::ledger::Ledgers::new(audit.clone()),
+            audit,
+            models: server::models::ModelSet::new(vec![served]),
+            starter: Arc::new(|_: &ModelSpec, _| Err("no replacements here".to_string())),
+            proxies: server::client::TrustedProxies::parse(&[]).unwrap(),
+            shutdown: tokio::sync::watch::channel(false).0,
+            started: 0,
+            tokens,
+            limiters: server::auth::Limiters::new(config.auth_failures_per_min),
+            metrics,
+            config,
+        });
+        Edge {
+            _state_dir: state_dir,
+            state,
+            token,
+            plans,
+            cancelled,
+            runtime,
+        }
+    }
+
+    /// One completion request through the router, as told by `plan`: status and body.
+    fn complete(&self, plan: Plan, stream: bool) -> (u16, String) {
+        self.plans.lock().unwrap().push_back(plan);
+        let body = serde_json::json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 8,
+                                      "stream": stream,
+                                      "stream_options": {"include_usage": true}});
+        let mut req = axum::http::Request::post("/v1/completions")
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+        let app = server::router(self.state.clone());
+        self.runtime.block_on(async {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+                .await
+                .expect("the response ends")
+                .unwrap()
+                .to_bytes();
+            (status, String::from_utf8(bytes.to_vec()).unwrap())
+        })
+    }
+
+    fn error_code(body: &str) -> String {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+#[test]
+fn the_backend_s_pieces_and_counts_reach_the_client_as_sent() {
+    let edge = Edge::new(Default::default());
+    let plan = Plan::Text {
+        pieces: vec!["Hel", "lo ", "wörld"],
+        cached: 2,
+    };
+    let (status, body) = edge.complete(plan.clone(), false);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["choices"][0]["text"], "Hello wörld");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
+    // Streamed: the same pieces in order, the usage chunk, then [DONE].
+    let (status, body) = edge.complete(plan, true);
+    assert_eq!(status, 200, "{body}");
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let text: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, "Hello wörld");
+    assert_eq!(data.last(), Some(&"[DONE]"));
+    assert!(body.contains("\"cached_tokens\":2"), "{body}");
+}
+
+#[test]
+fn each_typed_backend_failure_has_its_own_status_and_code() {
+    let edge = Edge::new(Default::default());
+    let (status, body) = edge.complete(Plan::RequestError { after: 0 }, false);
+    assert_eq!(
+        (status, Edge::error_code(&body).as_str()),
+        (400, "invalid_request"),
+        "{body}"
+    );
+    let (status, body) = edge.complete(Plan::WorkerLost { after: 0 }, false);
+    assert_eq!(
+        (status, Edge::error_code(&body).as_str()),
+        (503, "worker_failed"),
+        "{body}"
+    );
+    // Mid-stream, the failure is the stream's last event before [DONE], never a silent end.
+    let (status, body) = edge.complete(Plan::WorkerLost { after: 2 }, true);
+    assert_eq!(status, 200);
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    assert!(events[events.len() - 2].contains("worker_failed"), "{body}");
+    // The engine goes on after a lost worker.
+    let (status, _) = edge.complete(
+        Plan::Text {
+            pieces: vec!["ok"],
+            cached: 0,
+        },
+        false,
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_backend_that_never_ends_is_cancelled_at_the_deadline() {
+    let config = server::config::ServeConfig {
+        generation_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let edge = Edge::new(config);
+    let started = Instant::now();
+    let (status, body) = edge.complete(Plan::Stall, false);
+    assert_eq!(
+        (status, Edge::error_code(&body).as_str()),
+        (504, "timeout"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The backend was told to stop: its slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while edge.cancelled.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled generation was never cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
