@@ -87,6 +87,16 @@ pub fn authorization_ended(state: &AppState, caller: &Caller) -> Option<Interrup
     }
 }
 
+/// Why the engine ended a request its handler did not cancel (it ends jobs whose deadline has
+/// passed, first of the two racing): the reason [`interrupted`] would give now, the deadline
+/// when no other holds. Such a request is never a completion.
+pub fn why_engine_stopped(state: &AppState, caller: &Caller) -> Interruption {
+    if *state.shutdown.borrow() {
+        return Interruption::Shutdown;
+    }
+    authorization_ended(state, caller).unwrap_or(Interruption::Deadline)
+}
+
 /// Resolves when the running request must stop.
 pub async fn interrupted(state: &AppState, caller: &Caller, deadline: Instant) -> Interruption {
     let mut shutdown = state.shutdown.subscribe();

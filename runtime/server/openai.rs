@@ -504,20 +504,16 @@ async fn complete(
                 Ok(Ok(Ok(g))) => g.completion_tokens() as u64,
                 _ => 0,
             };
-            state
-                .metrics
-                .generated
-                .fetch_add(completion, Ordering::Relaxed);
-            let mut e = why.error();
-            e.outcome = Some(why.outcome());
-            e.usage = Some(Box::new(super::Usage {
-                prompt_tokens,
-                completion_tokens: completion,
-                ..Default::default()
-            }));
-            return Err(e);
+            return Err(interrupted_error(&state, why, prompt_tokens, completion));
         }
     };
+    if g.finish_reason == FinishReason::Cancelled {
+        // The engine ended it before this handler saw why (its deadline passed): an
+        // interruption, never a short completion.
+        let why = interrupt::why_engine_stopped(&state, &caller);
+        let completion = g.completion_tokens() as u64;
+        return Err(interrupted_error(&state, why, prompt_tokens, completion));
+    }
     state
         .metrics
         .generated
@@ -583,6 +579,27 @@ impl From<EngineError> for ApiError {
             ),
         }
     }
+}
+
+/// The error for a request interrupted while it ran, with what it had generated (counted).
+fn interrupted_error(
+    state: &AppState,
+    why: interrupt::Interruption,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> ApiError {
+    state
+        .metrics
+        .generated
+        .fetch_add(completion_tokens, Ordering::Relaxed);
+    let mut e = why.error();
+    e.outcome = Some(why.outcome());
+    e.usage = Some(Box::new(super::Usage {
+        prompt_tokens,
+        completion_tokens,
+        ..Default::default()
+    }));
+    e
 }
 
 fn usage_json(u: super::Usage) -> Value {
@@ -725,6 +742,12 @@ impl StreamTask {
             Some(Ok(g)) => g.completion_tokens() as u64,
             _ => pieces,
         };
+        if let (StreamEnd::Finished, Some(Ok(g))) = (&end, &generation) {
+            if g.finish_reason == FinishReason::Cancelled {
+                // The engine ended it before this task saw why (its deadline passed).
+                end = StreamEnd::Interrupted(interrupt::why_engine_stopped(&state, &caller));
+            }
+        }
         state
             .metrics
             .generated

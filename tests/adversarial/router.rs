@@ -37,6 +37,9 @@ enum Plan {
     WorkerLost { after: usize },
     /// Never ends on its own (only a cancellation ends it).
     Stall,
+    /// Ends as cancelled after `after` pieces though nobody asked (what the engine does when a
+    /// job's deadline passes before its handler notices).
+    EndsCancelled { after: usize },
 }
 
 struct Flight {
@@ -126,6 +129,9 @@ impl Sequences for Fake {
                     }
                     None => Some(Ok(generation(f, *cached, FinishReason::Length))),
                 },
+                Plan::EndsCancelled { after } if f.sent.len() == *after => {
+                    Some(Ok(generation(f, 0, FinishReason::Cancelled)))
+                }
                 Plan::RequestError { after } if f.sent.len() == *after => Some(Err(
                     EngineError::Request("this input is refused by the model".into()),
                 )),
@@ -332,6 +338,22 @@ fn each_typed_backend_failure_has_its_own_status_and_code() {
         .collect();
     assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
     assert!(events[events.len() - 2].contains("worker_failed"), "{body}");
+    // A generation the engine ended on its own (its deadline) is a timeout, never a short
+    // completion with finish_reason "stop", streamed or not.
+    let (status, body) = edge.complete(Plan::EndsCancelled { after: 2 }, false);
+    assert_eq!(
+        (status, Edge::error_code(&body).as_str()),
+        (504, "timeout"),
+        "{body}"
+    );
+    let (status, body) = edge.complete(Plan::EndsCancelled { after: 2 }, true);
+    assert_eq!(status, 200);
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    assert!(events[events.len() - 2].contains("\"timeout\""), "{body}");
     // The engine goes on after a lost worker.
     let (status, _) = edge.complete(
         Plan::Text {
