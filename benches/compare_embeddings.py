@@ -9,7 +9,11 @@ with the same number of threads. Every measurement is a fresh process; for each 
 (engine, batch) cell runs once before the next index; medians of --runs.
 
 Needs: pip install onnxruntime onnx tokenizers numpy   (not needed by CI)
-Usage: benches/compare_embeddings.py [--runs 5] [--threads 2] [--batches 1,32] [--reference]
+With --dtypes f32,q8_0 securerun is also timed with its weights at those precisions (ONNX Runtime
+stays at f32); each precision's vectors are compared with ONNX Runtime's f32 ones first.
+
+Usage: benches/compare_embeddings.py [--runs 5] [--threads 2] [--batches 1,32] [--dtypes f32]
+       [--reference]
 """
 import argparse
 import json
@@ -151,6 +155,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--dtypes", default="f32", help="securerun's weight precisions, e.g. f32,q8_0")
     ap.add_argument("--reference", action="store_true", help="also time candle-transformers")
     a = ap.parse_args()
     if not os.path.exists(ONNX):
@@ -160,8 +165,9 @@ def main():
     texts = sentences(64)
     tok_path = os.path.join(MODEL, "tokenizer.json")
 
-    def ours(batch, engine, field="sentences_s"):
-        out = subprocess.run([binary, "--bench", "--batch", str(batch), "--engine", engine, "--reps", "3"],
+    def ours(batch, engine, field="sentences_s", dtype="f32"):
+        out = subprocess.run([binary, "--bench", "--batch", str(batch), "--engine", engine, "--reps", "3",
+                              "--dtype", dtype],
                              env=env, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])[field]
 
@@ -176,21 +182,31 @@ def main():
     print(f"agreement with ONNX Runtime, cosine of the first three vectors: {cos}")
     if not (cos > 0.9999).all():
         sys.exit("the ONNX graph and securerun disagree; not timing")
-    engines = ["securerun", "onnxruntime"] + (["candle"] if a.reference else [])
+    dtypes = a.dtypes.split(",")
+    for d in dtypes:
+        if d != "f32":
+            c = (theirs * np.array(ours(1, "best", "first", d))).sum(1)
+            print(f"securerun at {d} against ONNX Runtime at f32, cosine of the first three: {c}")
+            if not (c > 0.99).all():
+                sys.exit(f"securerun at {d} is too far from f32; not timing")
+    engines = [f"securerun {d}" for d in dtypes] + ["onnxruntime"] + (["candle"] if a.reference else [])
     batches = [int(b) for b in a.batches.split(",")]
     samples = {(e, b): [] for e in engines for b in batches}
     for r in range(a.runs):
         for b in batches:
             for e in engines:
-                v = ours(b, "best") if e == "securerun" else ours(b, "reference") if e == "candle" \
-                    else ort(b)["sentences_s"]
+                v = ours(b, "best", dtype=e.split()[1]) if e.startswith("securerun") \
+                    else ours(b, "reference") if e == "candle" else ort(b)["sentences_s"]
                 samples[(e, b)].append(v)
                 print(f"run {r} {e} batch {b}: {v:.1f} sentences/s", flush=True)
-    print("\n| batch | securerun | ONNX Runtime | ratio |" + (" candle |" if a.reference else ""))
-    print("|---|---|---|---|" + ("---|" if a.reference else ""))
+    print("\n| batch | " + " | ".join(f"securerun {d} | ratio" for d in dtypes) + " | ONNX Runtime f32 |"
+          + (" candle |" if a.reference else ""))
+    print("|---|" + "---|---|" * len(dtypes) + "---|" + ("---|" if a.reference else ""))
     for b in batches:
         med = {e: float(np.median(samples[(e, b)])) for e in engines}
-        row = f"| {b} | {med['securerun']:.1f} | {med['onnxruntime']:.1f} | **{med['securerun'] / med['onnxruntime']:.2f}** |"
+        row = f"| {b} | " + " | ".join(
+            f"{med['securerun ' + d]:.1f} | **{med['securerun ' + d] / med['onnxruntime']:.2f}**"
+            for d in dtypes) + f" | {med['onnxruntime']:.1f} |"
         if a.reference:
             row += f" {med['candle']:.1f} |"
         print(row)

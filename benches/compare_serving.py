@@ -126,7 +126,8 @@ class Securerun:
         self.port = int(line.split()[2].rsplit(":", 1)[1])
         self.model = line.split("(models ")[1].rstrip(")\n").split(",")[0]
         out = subprocess.run(
-            [self.bin, "token", "create", "--name", "bench", "--scopes", "inference",
+            [self.bin, "token", "create", "--name", "bench",
+             "--scopes", getattr(args, "scopes", "inference"),
              "--rate", "100000/min", "--tokens-per-min", "100000000", "--state-dir", self.state],
             capture_output=True, text=True, check=True)
         self.headers = {"authorization": "Bearer " + out.stdout.strip().splitlines()[-1]}

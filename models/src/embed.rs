@@ -69,14 +69,19 @@ impl Embedder {
         let max_seq = source
             .aux_json::<StConfig>("sentence_bert_config.json")?
             .and_then(|c| c.max_seq_length);
-        if opts.precision != crate::Precision::Auto && opts.precision.candle_dtype().is_none() {
+        let own_encoder = opts.engine == load::Engine::Best && opts.device.is_cpu();
+        // The own encoder holds any precision the kernels do; candle's only float ones.
+        if !own_encoder
+            && opts.precision != crate::Precision::Auto
+            && opts.precision.candle_dtype().is_none()
+        {
             return Err(crate::arch::ArchError::Precision {
                 arch: parts.arch.name(),
                 precision: opts.precision,
             }
             .into());
         }
-        let own = if opts.engine == load::Engine::Best && opts.device.is_cpu() {
+        let own = if own_encoder {
             BertEncoder::load_own(
                 &parts.config,
                 source,
