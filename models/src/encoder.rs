@@ -241,15 +241,15 @@ impl Encoder {
             layer.o.apply(&mut Input::new(&att, h), &mut proj);
             add_norm(&mut x, &proj, &layer.attn_norm, s.eps);
             layer.up.apply(&mut Input::new(&x, h), &mut mid);
-            let act: fn(f32) -> f32 = match s.act {
-                Act::Gelu => gelu_erf,
-                Act::GeluTanh => gelu_tanh,
-                Act::Relu => |v| v.max(0.0),
+            let act: fn(&mut [f32]) = match s.act {
+                Act::Gelu => crate::kernels::activation::gelu_erf,
+                Act::GeluTanh => |xs| xs.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
+                Act::Relu => |xs| xs.iter_mut().for_each(|v| *v = v.max(0.0)),
             };
             if mid.len() < SERIAL_ELEMENTS {
-                mid.iter_mut().for_each(|v| *v = act(*v));
+                act(&mut mid);
             } else {
-                mid.par_iter_mut().for_each(|v| *v = act(*v));
+                mid.par_chunks_mut(SERIAL_ELEMENTS / 4).for_each(act);
             }
             layer
                 .down
@@ -381,8 +381,4 @@ fn layer_norm(x: &mut [f32], norm: &Norm, eps: f32) {
     } else {
         x.par_chunks_exact_mut(h).for_each(one);
     }
-}
-
-fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }

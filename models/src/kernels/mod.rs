@@ -10,6 +10,7 @@
 
 use rayon::prelude::*;
 
+pub mod activation;
 pub mod aligned;
 pub mod attention;
 pub mod formats;
