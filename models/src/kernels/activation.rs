@@ -42,8 +42,10 @@ mod tests {
             worst = worst.max(err);
         }
         assert!(worst <= 5e-7, "max error {worst}");
-        assert_eq!(erf_approx(f32::INFINITY), 1.0);
-        assert_eq!(erf_approx(f32::NEG_INFINITY), -1.0);
+        // Saturates (clamped), no overflow or NaN far out.
+        assert!((erf_approx(f32::INFINITY) - 1.0).abs() <= 5e-7);
+        assert!((erf_approx(f32::NEG_INFINITY) + 1.0).abs() <= 5e-7);
+        assert!((erf_approx(1e30) - 1.0).abs() <= 5e-7);
     }
 
     #[test]
