@@ -278,9 +278,24 @@ impl Edge {
         })
     }
 
-    fn error_code(body: &str) -> String {
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    /// A request that must fail: its status and error code.
+    fn failure(&self, plan: Plan) -> (u16, String) {
+        let (status, body) = self.complete(plan, false);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let code = v["error"]["code"].as_str().unwrap_or_default();
+        (status, code.to_string())
+    }
+
+    /// A streamed request's last event before `[DONE]` (which must end it).
+    fn stream_end(&self, plan: Plan) -> String {
+        let (status, body) = self.complete(plan, true);
+        assert_eq!(status, 200, "{body}");
+        let events: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect();
+        assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+        events[events.len() - 2].to_string()
     }
 }
 
@@ -317,43 +332,27 @@ fn the_backend_s_pieces_and_counts_reach_the_client_as_sent() {
 #[test]
 fn each_typed_backend_failure_has_its_own_status_and_code() {
     let edge = Edge::new(Default::default());
-    let (status, body) = edge.complete(Plan::RequestError { after: 0 }, false);
+    let failure = |plan| edge.failure(plan);
+    let code = |status: u16, code: &str| (status, code.to_string());
     assert_eq!(
-        (status, Edge::error_code(&body).as_str()),
-        (400, "invalid_request"),
-        "{body}"
+        failure(Plan::RequestError { after: 0 }),
+        code(400, "invalid_request")
     );
-    let (status, body) = edge.complete(Plan::WorkerLost { after: 0 }, false);
     assert_eq!(
-        (status, Edge::error_code(&body).as_str()),
-        (503, "worker_failed"),
-        "{body}"
+        failure(Plan::WorkerLost { after: 0 }),
+        code(503, "worker_failed")
     );
     // Mid-stream, the failure is the stream's last event before [DONE], never a silent end.
-    let (status, body) = edge.complete(Plan::WorkerLost { after: 2 }, true);
-    assert_eq!(status, 200);
-    let events: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
-    assert!(events[events.len() - 2].contains("worker_failed"), "{body}");
+    let end = edge.stream_end(Plan::WorkerLost { after: 2 });
+    assert!(end.contains("worker_failed"), "{end}");
     // A generation the engine ended on its own (its deadline) is a timeout, never a short
     // completion with finish_reason "stop", streamed or not.
-    let (status, body) = edge.complete(Plan::EndsCancelled { after: 2 }, false);
     assert_eq!(
-        (status, Edge::error_code(&body).as_str()),
-        (504, "timeout"),
-        "{body}"
+        failure(Plan::EndsCancelled { after: 2 }),
+        code(504, "timeout")
     );
-    let (status, body) = edge.complete(Plan::EndsCancelled { after: 2 }, true);
-    assert_eq!(status, 200);
-    let events: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
-    assert!(events[events.len() - 2].contains("\"timeout\""), "{body}");
+    let end = edge.stream_end(Plan::EndsCancelled { after: 2 });
+    assert!(end.contains("\"timeout\""), "{end}");
     // The engine goes on after a lost worker.
     let (status, _) = edge.complete(
         Plan::Text {
@@ -373,12 +372,7 @@ fn a_backend_that_never_ends_is_cancelled_at_the_deadline() {
     };
     let edge = Edge::new(config);
     let started = Instant::now();
-    let (status, body) = edge.complete(Plan::Stall, false);
-    assert_eq!(
-        (status, Edge::error_code(&body).as_str()),
-        (504, "timeout"),
-        "{body}"
-    );
+    assert_eq!(edge.failure(Plan::Stall), (504, "timeout".to_string()));
     assert!(started.elapsed() < Duration::from_secs(10));
     // The backend was told to stop: its slot is free again.
     let deadline = Instant::now() + Duration::from_secs(5);
