@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::common;
-use super::harness::{call, eventually, metric, Server};
+use super::harness::{call, eventually, metric, model_metric, Server};
 
 /// Concurrent embedding requests are joined into one call (each weight read serves them all),
 /// and every client still gets exactly the vectors it gets alone.
@@ -324,19 +324,7 @@ fn a_prompt_prefix_is_reused_only_for_the_token_that_computed_it() {
     let (other, _, cached) = ask(&b, "What is a discharge summary?");
     assert_eq!(cached, 0, "token b was served token a's cached prefix");
     assert_eq!(other, first);
-    let (status, body) = call(s.addr, "GET", "/metrics", Some(&a), "");
-    assert_eq!(status, 200);
-    let series = format!(
-        "securerun_model_prompt_cached_tokens_total{{model=\"{}\"}} ",
-        super::harness::SMOL
-    );
-    let counted: u64 = body
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .unwrap_or_else(|| panic!("no {series} in {body}"))
-        .trim()
-        .parse()
-        .unwrap();
+    let counted = model_metric(s.addr, &a, "model_prompt_cached_tokens_total");
     assert!(counted >= prompt - 1 + 10, "{counted}");
     s.stop();
 }

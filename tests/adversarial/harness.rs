@@ -247,6 +247,11 @@ pub fn metric(addr: SocketAddr, token: &str, name: &str) -> u64 {
         .unwrap()
 }
 
+/// `/metrics` value of `name` for the SmolLM2 model (label `model`).
+pub fn model_metric(addr: SocketAddr, token: &str, name: &str) -> u64 {
+    metric(addr, token, &format!("{name}{{model=\"{SMOL}\"}}"))
+}
+
 /// A fake worker: a Python program that speaks the frame protocol and behaves as `script` says
 /// after loading (`r = read()` gets the next request).
 pub fn fake_worker(dir: &Path, name: &str, script: &str) -> PathBuf {
