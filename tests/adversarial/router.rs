@@ -13,8 +13,9 @@ use axum::extract::ConnectInfo;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use securerun::server::engine::WorkerEvents;
-use securerun::server::engine::{Backend, Ended, Engine, EngineError, Outbox, Sequences};
+use securerun::server::engine::{
+    Backend, Ended, Engine, EngineError, Outbox, Sequences, WorkerEvents,
+};
 use securerun::server::{self, models::ModelSpec, models::ServedModel, AppState};
 use securerun::tokens::{Limits, Scope, TokenStore};
 use securerun_models::{ChatMessage, FinishReason, Generation, GenerationParams, PrefixKey};
@@ -286,16 +287,24 @@ impl Edge {
         (status, code.to_string())
     }
 
-    /// A streamed request's last event before `[DONE]` (which must end it).
-    fn stream_end(&self, plan: Plan) -> String {
+    /// A streamed request's events, `[DONE]` (which must end them) left off.
+    fn stream_events(&self, plan: Plan) -> Vec<String> {
         let (status, body) = self.complete(plan, true);
         assert_eq!(status, 200, "{body}");
-        let events: Vec<&str> = body
+        let mut events: Vec<String> = body
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_string)
             .collect();
-        assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
-        events[events.len() - 2].to_string()
+        assert_eq!(events.pop().as_deref(), Some("[DONE]"), "{body}");
+        events
+    }
+
+    /// A streamed request's last event before `[DONE]`.
+    fn stream_end(&self, plan: Plan) -> String {
+        self.stream_events(plan)
+            .pop()
+            .expect("an event before [DONE]")
     }
 }
 
@@ -313,20 +322,15 @@ fn the_backend_s_pieces_and_counts_reach_the_client_as_sent() {
     assert_eq!(v["usage"]["completion_tokens"], 3);
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
     // Streamed: the same pieces in order, the usage chunk, then [DONE].
-    let (status, body) = edge.complete(plan, true);
-    assert_eq!(status, 200, "{body}");
-    let data: Vec<&str> = body
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
+    let data = edge.stream_events(plan);
     let text: String = data
         .iter()
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .filter_map(|v| v["choices"][0]["text"].as_str().map(str::to_string))
         .collect();
     assert_eq!(text, "Hello wörld");
-    assert_eq!(data.last(), Some(&"[DONE]"));
-    assert!(body.contains("\"cached_tokens\":2"), "{body}");
+    let usage = data.last().expect("a usage chunk");
+    assert!(usage.contains("\"cached_tokens\":2"), "{usage}");
 }
 
 #[test]
