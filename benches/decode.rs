@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use securerun::models::Precision;
-use securerun::worker::Task;
-use securerun::{open_confined, open_text_model, GenerationParams, OpenOptions, Prompt};
+use securerun::{open_text_model, GenerationParams, OpenOptions, Prompt};
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -68,9 +67,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let out = if confined {
         // The worker is the securerun binary (this bench binary has no worker mode).
-        let mut settings = securerun::worker::WorkerSettings::for_model(0)?;
+        let mut settings = securerun::worker::WorkerSettings::new()?;
         settings.program = env!("CARGO_BIN_EXE_securerun").into();
-        let mut m = open_confined(&model_dir, &opts, Task::Generate, Some(settings))?;
+        let mut m = securerun::open(&model_dir, &opts)?.confined(settings)?;
         let load_s = started.elapsed().as_secs_f64();
         let mut ids = m.encoder().prompt_ids(&Prompt::Text(text))?;
         ids.truncate(prefill_tokens);

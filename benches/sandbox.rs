@@ -10,8 +10,8 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use securerun::worker::{Task, WorkerSettings};
-use securerun::{open_confined, open_text_model, GenerationParams, OpenOptions, Prompt};
+use securerun::worker::WorkerSettings;
+use securerun::{open_text_model, GenerationParams, OpenOptions, Prompt};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -34,14 +34,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         allow_unsigned: true,
         ..Default::default()
     };
-    let mut settings = WorkerSettings::for_model(600 << 20)?;
+    let mut settings = WorkerSettings::new()?;
     settings.program = PathBuf::from(env!("CARGO_BIN_EXE_securerun"));
     settings.threads = threads;
 
     let mut startup = Vec::new();
     for _ in 0..runs {
         let started = Instant::now();
-        let m = open_confined(&model, &opts, Task::Generate, Some(settings.clone()))?;
+        let m = securerun::open(&model, &opts)?.confined(settings.clone())?;
         startup.push(started.elapsed().as_secs_f64());
         drop(m);
     }
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let mut local = open_text_model(&model, &opts)?;
-    let mut confined = open_confined(&model, &opts, Task::Generate, Some(settings))?;
+    let mut confined = securerun::open(&model, &opts)?.confined(settings)?;
     let (mut local_rate, mut confined_rate, mut worker_decode) =
         (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {

@@ -36,8 +36,7 @@ pub mod tokens;
 pub mod worker;
 
 pub use open::{
-    load_embedder, load_text_model, open_confined, open_embedder, open_source, open_text_model,
-    open_verified, DeviceChoice, Error, OpenOptions,
+    open, open_embedder, open_text_model, DeviceChoice, Error, OpenOptions, OpenedModel,
 };
 pub mod trust;
 pub use securerun_models as models;

@@ -1,15 +1,18 @@
-//! Opening models: the one path by which the CLI and library users get a runnable model, so
-//! every check (header validation, signature verification; confinement next) applies to both.
+//! Opening models: the one path by which `run`, `embed`, `serve` and library users get a
+//! runnable model. [`open`] validates the files, verifies the signature over the very bytes
+//! the loader holds, and detects the architecture, once; the [`OpenedModel`] it returns is
+//! what every later step (in-process load, confined worker, the server's tokenizer) starts
+//! from, so nothing opens the path or verifies it a second time.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::signing::{self, SigningError, TrustPolicy, Verified};
-use crate::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
+use crate::worker::{ConfinedModel, WorkerError, WorkerSettings};
 
 use securerun_models::{
-    Device, EmbedError, Embedder, GenerateError, Limits, LoadError, LoadOptions, ModelSource,
-    SourceError, TextModel,
+    Architecture, Device, EmbedError, Embedder, GenerateError, Limits, LoadError, LoadOptions,
+    ModelSource, Precision, PromptEncoder, SourceError, Task, TextModel,
 };
 
 /// How to open a model.
@@ -29,7 +32,10 @@ pub struct OpenOptions {
     /// Draw a progress bar on stderr while hashing a large model, if stderr is a terminal.
     pub progress: bool,
     /// The precision weights are kept and computed at (`--dtype`; see `securerun_models::precision`).
-    pub precision: securerun_models::Precision,
+    pub precision: Precision,
+    /// The confined worker's address-space budget in bytes (`--worker-memory`). `None`:
+    /// [`crate::worker::supervisor::default_memory_budget`] of the verified weights.
+    pub memory_budget: Option<u64>,
 }
 
 /// A compute device, as named on the command line: `cpu`, `cuda` or `cuda:N`.
@@ -100,25 +106,91 @@ pub enum Error {
     Worker(#[from] WorkerError),
     #[error("a confined worker computes on the CPU only; pass --sandbox=off to use {0} (see README, CUDA)")]
     ConfinedDevice(String),
+    #[error("{model}: {architecture} is {}, not {}: use `securerun {}`", task_name(*found), task_name(*wanted), command_for(*found))]
+    WrongTask {
+        model: PathBuf,
+        architecture: &'static str,
+        found: Task,
+        wanted: Task,
+    },
 }
 
-/// Resolves and validates a model directory or single file, then verifies its signature over
-/// the very bytes the loader holds (unless `allow_unsigned`). Returns what was verified.
-pub fn open_verified(
-    path: &Path,
-    opts: &OpenOptions,
-) -> Result<(Arc<ModelSource>, Option<Verified>), Error> {
-    let source = ModelSource::open(path, &opts.limits)?;
-    if opts.allow_unsigned {
-        return Ok((Arc::new(source), None));
+fn task_name(task: Task) -> &'static str {
+    match task {
+        Task::TextGeneration => "a text-generation model",
+        Task::Embeddings => "an embedding model",
     }
+}
+
+fn command_for(task: Task) -> &'static str {
+    match task {
+        Task::TextGeneration => "run",
+        Task::Embeddings => "embed",
+    }
+}
+
+/// A model opened once: its validated files, what verified them, what it is and how it will
+/// run. Cheap to clone (the files are shared).
+#[derive(Clone)]
+pub struct OpenedModel {
+    path: PathBuf,
+    source: Arc<ModelSource>,
+    verification: Option<Arc<Verified>>,
+    architecture: Architecture,
+    opts: OpenOptions,
+    memory_budget: u64,
+    encoder: Arc<OnceLock<Arc<PromptEncoder>>>,
+}
+
+impl std::fmt::Debug for OpenedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedModel")
+            .field("path", &self.path)
+            .field("architecture", &self.architecture)
+            .field("verification", &self.verification)
+            .field("precision", &self.run_precision())
+            .field("memory_budget", &self.memory_budget)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a model directory or single file: validates its headers, verifies its signature over
+/// the very bytes the loader holds (unless `allow_unsigned`), and detects its architecture
+/// from its `config.json` (an unknown or missing model type is refused here, before any
+/// weight is used).
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<OpenedModel, Error> {
+    let source = Arc::new(ModelSource::open(path, &opts.limits)?);
+    let verification = if opts.allow_unsigned {
+        None
+    } else {
+        Some(Arc::new(verify(path, &source, opts)?))
+    };
+    let architecture = securerun_models::detect(&source)?;
+    let memory_budget = opts
+        .memory_budget
+        .unwrap_or_else(|| crate::worker::supervisor::default_memory_budget(source.weight_bytes()));
+    Ok(OpenedModel {
+        path: path.to_path_buf(),
+        source,
+        verification,
+        architecture,
+        opts: opts.clone(),
+        memory_budget,
+        encoder: Default::default(),
+    })
+}
+
+fn signature_path(path: &Path, opts: &OpenOptions) -> PathBuf {
+    opts.signature
+        .clone()
+        .unwrap_or_else(|| signing::default_signature_path(path))
+}
+
+fn verify(path: &Path, source: &ModelSource, opts: &OpenOptions) -> Result<Verified, Error> {
     if opts.trust.is_empty() {
         return Err(Error::NoTrustedKeys);
     }
-    let signature = opts
-        .signature
-        .clone()
-        .unwrap_or_else(|| signing::default_signature_path(path));
+    let signature = signature_path(path, opts);
     if !signature.exists() {
         return Err(Error::Unsigned {
             model: path.to_path_buf(),
@@ -127,71 +199,134 @@ pub fn open_verified(
     }
     let bar = signing::progress::TerminalProgress::new("verifying");
     let progress: &dyn signing::Progress = if opts.progress { &bar } else { &() };
-    let verified =
-        signing::verify_source(&source, &signature, &opts.trust, progress).map_err(|source| {
-            Error::Verification {
-                model: path.to_path_buf(),
-                source,
-            }
-        })?;
-    Ok((Arc::new(source), Some(verified)))
-}
-
-/// [`open_verified`] without the verification report.
-pub fn open_source(path: &Path, opts: &OpenOptions) -> Result<Arc<ModelSource>, Error> {
-    open_verified(path, opts).map(|(source, _)| source)
-}
-
-fn load_options(opts: &OpenOptions) -> Result<LoadOptions, Error> {
-    Ok(LoadOptions {
-        limits: opts.limits,
-        device: opts.device.open()?,
-        precision: opts.precision,
-        ..Default::default()
+    signing::verify_source(source, &signature, &opts.trust, progress).map_err(|source| {
+        Error::Verification {
+            model: path.to_path_buf(),
+            source,
+        }
     })
 }
 
-/// Opens a text-generation model.
-pub fn open_text_model(path: &Path, opts: &OpenOptions) -> Result<TextModel, Error> {
-    load_text_model(&open_source(path, opts)?, opts)
-}
-
-/// Opens a sentence-embedding model.
-pub fn open_embedder(path: &Path, opts: &OpenOptions) -> Result<Embedder, Error> {
-    load_embedder(&open_source(path, opts)?, opts)
-}
-
-/// Loads a text-generation model from a source already opened and verified
-/// ([`open_verified`]): the weights are those bytes, not the path opened again.
-pub fn load_text_model(source: &Arc<ModelSource>, opts: &OpenOptions) -> Result<TextModel, Error> {
-    Ok(TextModel::load(source, &load_options(opts)?)?)
-}
-
-/// Loads a sentence-embedding model from a source already opened and verified.
-pub fn load_embedder(source: &Arc<ModelSource>, opts: &OpenOptions) -> Result<Embedder, Error> {
-    Ok(Embedder::load(source, &load_options(opts)?)?)
-}
-
-/// Opens a model in a confined worker process: resolution and signature verification happen
-/// here, in the supervisor; the worker receives the verified files as descriptors and parses
-/// them only after it is confined. `settings` defaults to [`WorkerSettings::for_model`].
-pub fn open_confined(
-    path: &Path,
-    opts: &OpenOptions,
-    task: Task,
-    settings: Option<WorkerSettings>,
-) -> Result<ConfinedModel, Error> {
-    if let DeviceChoice::Cuda(n) = opts.device {
-        // A build without CUDA says so first; with CUDA, the worker profile is CPU-only so far.
-        opts.device.open()?;
-        return Err(Error::ConfinedDevice(format!("cuda:{n}")));
+impl OpenedModel {
+    /// The path it was opened from (for messages; never opened again).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    let source = open_source(path, opts)?;
-    let mut settings = match settings {
-        Some(s) => s,
-        None => WorkerSettings::for_model(source.weight_bytes())
-            .map_err(|e| WorkerError::Spawn(e.to_string()))?,
-    };
-    settings.precision = opts.precision;
-    Ok(ConfinedModel::start(source, task, opts.limits, settings)?)
+
+    /// The validated files, as verified.
+    pub fn source(&self) -> &Arc<ModelSource> {
+        &self.source
+    }
+
+    /// What the signature established; `None` when opened with `allow_unsigned`.
+    pub fn verification(&self) -> Option<&Verified> {
+        self.verification.as_deref()
+    }
+
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    pub fn task(&self) -> Task {
+        self.architecture.task()
+    }
+
+    /// The precision asked for (`auto` stays `auto`: a 16-bit file keeps its own type).
+    pub fn precision(&self) -> Precision {
+        self.opts.precision
+    }
+
+    /// The precision the model computes at on this machine.
+    pub fn run_precision(&self) -> Precision {
+        self.opts.precision.for_task(self.task())
+    }
+
+    /// A confined worker's address-space budget: as asked, or from the verified weights.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget
+    }
+
+    /// The tokenizer and chat template (loaded once, shared).
+    pub fn prompt_encoder(&self) -> Result<Arc<PromptEncoder>, Error> {
+        if let Some(e) = self.encoder.get() {
+            return Ok(e.clone());
+        }
+        let encoder = Arc::new(PromptEncoder::load(&self.source)?);
+        Ok(self.encoder.get_or_init(|| encoder).clone())
+    }
+
+    /// Refuses, with [`Error::WrongTask`], a model that is not for `wanted`.
+    pub fn require(&self, wanted: Task) -> Result<(), Error> {
+        if self.task() == wanted {
+            return Ok(());
+        }
+        Err(Error::WrongTask {
+            model: self.path.clone(),
+            architecture: self.architecture.name(),
+            found: self.task(),
+            wanted,
+        })
+    }
+
+    fn load_options(&self) -> Result<LoadOptions, Error> {
+        Ok(LoadOptions {
+            limits: self.opts.limits,
+            device: self.opts.device.open()?,
+            precision: self.opts.precision,
+            ..Default::default()
+        })
+    }
+
+    /// Loads it in this process as a text-generation model.
+    pub fn text_model(&self) -> Result<TextModel, Error> {
+        self.require(Task::TextGeneration)?;
+        Ok(TextModel::load(&self.source, &self.load_options()?)?)
+    }
+
+    /// Loads it in this process as a sentence-embedding model.
+    pub fn embedder(&self) -> Result<Embedder, Error> {
+        self.require(Task::Embeddings)?;
+        Ok(Embedder::load(&self.source, &self.load_options()?)?)
+    }
+
+    /// Starts it in a confined worker process, for its own task: the worker receives the
+    /// verified files as descriptors and parses them only after it is confined. Its memory
+    /// budget and precision are this model's; a replacement worker (after a crash) starts only
+    /// if the signature still verifies over the files it will receive.
+    pub fn confined(&self, mut settings: WorkerSettings) -> Result<ConfinedModel, Error> {
+        if let DeviceChoice::Cuda(n) = self.opts.device {
+            // A build without CUDA says so first; with CUDA, the worker profile is CPU-only so far.
+            self.opts.device.open()?;
+            return Err(Error::ConfinedDevice(format!("cuda:{n}")));
+        }
+        settings.precision = self.opts.precision;
+        settings.memory_budget = Some(self.memory_budget);
+        let mut model = ConfinedModel::start_with_encoder(
+            self.source.clone(),
+            self.prompt_encoder()?,
+            self.task().into(),
+            self.opts.limits,
+            settings,
+        )?;
+        if self.verification.is_some() {
+            let trust = self.opts.trust.clone();
+            let signature = signature_path(&self.path, &self.opts);
+            model.set_reverify(Box::new(move |source| {
+                signing::verify_source(source, &signature, &trust, &())
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }));
+        }
+        Ok(model)
+    }
+}
+
+/// Opens and loads a text-generation model in this process.
+pub fn open_text_model(path: &Path, opts: &OpenOptions) -> Result<TextModel, Error> {
+    open(path, opts)?.text_model()
+}
+
+/// Opens and loads a sentence-embedding model in this process.
+pub fn open_embedder(path: &Path, opts: &OpenOptions) -> Result<Embedder, Error> {
+    open(path, opts)?.embedder()
 }

@@ -361,27 +361,43 @@ fn bad_inputs_are_one_clear_line() {
         ]),
         "nothing is trusted to sign models",
     );
-    // An embedding model cannot generate, and a generator cannot embed.
-    assert_fails_with(
-        &securerun(&[
+    // An embedding model cannot generate, and a generator cannot embed: the task comes from
+    // the opened model's architecture, so the refusal comes before any worker starts (a worker
+    // program that does not exist would fail any start) and names the right command.
+    let no_worker = [(
+        "SECURERUN_TEST_WORKER_PROGRAM",
+        tmp.path().join("no-worker"),
+    )];
+    let o = common::securerun_env(
+        &[
             "run",
             p(&common::minilm()),
             "--allow-unsigned",
             "--prompt",
             "x",
-        ]),
-        "not usable for text generation",
+        ],
+        &no_worker,
     );
     assert_fails_with(
-        &securerun(&[
+        &o,
+        "bert is an embedding model, not a text-generation model",
+    );
+    assert_fails_with(&o, "use `securerun embed`");
+    let o = common::securerun_env(
+        &[
             "embed",
             p(&common::smollm2()),
             "--allow-unsigned",
             "--text",
             "x",
-        ]),
-        "not usable for embeddings",
+        ],
+        &no_worker,
     );
+    assert_fails_with(
+        &o,
+        "llama is a text-generation model, not an embedding model",
+    );
+    assert_fails_with(&o, "use `securerun run`");
     assert_fails_with(
         &securerun(&[
             "run",

@@ -10,10 +10,18 @@ use std::path::{Path, PathBuf};
 
 use common::{p, securerun};
 use securerun::worker::{ConfinedModel, Task, WorkerError, WorkerSettings};
-use securerun::{open_confined, open_source, GenerationParams, Prompt};
+use securerun::{GenerationParams, Prompt};
+
+/// `model`, opened unsigned, in a real confined worker.
+fn confined(model: &std::path::Path) -> ConfinedModel {
+    securerun::open(model, &common::unsigned())
+        .unwrap()
+        .confined(settings())
+        .unwrap()
+}
 
 fn settings() -> WorkerSettings {
-    let mut s = WorkerSettings::for_model(600 << 20).unwrap();
+    let mut s = WorkerSettings::new().unwrap();
     // Integration tests run in the test binary; the worker is the real securerun binary.
     s.program = PathBuf::from(env!("CARGO_BIN_EXE_securerun"));
     s
@@ -72,13 +80,7 @@ fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
 #[test]
 fn worker_runs_under_seccomp_and_no_new_privs_and_matches_in_process() {
     let model = common::smollm2();
-    let mut confined = open_confined(
-        &model,
-        &common::unsigned(),
-        Task::Generate,
-        Some(settings()),
-    )
-    .unwrap();
+    let mut confined = confined(&model);
     assert!(
         confined.layers().iter().all(|l| l.enforced),
         "{:?}",
@@ -111,13 +113,7 @@ fn worker_runs_under_seccomp_and_no_new_privs_and_matches_in_process() {
 #[test]
 fn the_real_worker_is_pid_1_without_capabilities_capped_in_threads_and_first_for_the_oom_killer() {
     let model = common::smollm2();
-    let mut confined = open_confined(
-        &model,
-        &common::unsigned(),
-        Task::Generate,
-        Some(settings()),
-    )
-    .unwrap();
+    let mut confined = confined(&model);
     let spawned = confined.worker_pid().unwrap();
     // The supervisor's child is the PID namespace's reaper; the worker is its only child.
     let pid = securerun_sandbox::spawn::confined_pid(spawned);
@@ -195,13 +191,7 @@ fn cli_output_is_identical_confined_and_in_process() {
 #[test]
 fn killed_worker_fails_the_request_clearly_and_the_next_one_succeeds() {
     let model = common::smollm2();
-    let mut confined = open_confined(
-        &model,
-        &common::unsigned(),
-        Task::Generate,
-        Some(settings()),
-    )
-    .unwrap();
+    let mut confined = confined(&model);
     let pid = confined.worker_pid().unwrap() as libc::pid_t;
     let err = confined
         .generate(&prompt(), &greedy(40), &mut |_| {
@@ -287,7 +277,10 @@ fn fake_worker(dir: &Path, script: &str) -> WorkerSettings {
 #[test]
 fn hostile_worker_frames_do_not_take_the_supervisor_down() {
     let tmp = tempfile::tempdir().unwrap();
-    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
     let start = |script: &str| {
         ConfinedModel::start(
             source.clone(),
@@ -341,7 +334,10 @@ fn hostile_worker_frames_do_not_take_the_supervisor_down() {
 #[test]
 fn a_seccomp_kill_is_told_by_the_exit_signal_not_by_what_the_worker_says() {
     let tmp = tempfile::tempdir().unwrap();
-    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
     let ready = "msg({'type': 'confined', 'layers': []})\nread()\nmsg({'type': 'ready'})";
     let run = |script: &str| {
         let mut model = ConfinedModel::start(
@@ -372,7 +368,10 @@ fn a_seccomp_kill_is_told_by_the_exit_signal_not_by_what_the_worker_says() {
 /// before any worker starts, with the reason.
 #[test]
 fn the_number_of_sequences_follows_the_memory_budget_unless_set() {
-    let source = open_source(&common::smollm2(), &common::unsigned()).unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
     let est = securerun_models::budget::estimate(&source, Default::default(), None).unwrap();
     let mut s = settings();
     s.memory_budget = Some(est.total() + est.kv_cache * 3 / 2);

@@ -386,3 +386,89 @@ fn another_key_is_not_trusted() {
         "{err}"
     );
 }
+
+/// The one open path of the library (and of `run`, `embed` and `serve`): a signed real model
+/// opens, once, to one value that carries what verified it, what it is and how it will run;
+/// its task is enforced with a typed error, and the memory budget a worker gets is the one
+/// computed from the verified weights (or the one asked for).
+#[test]
+fn a_model_opens_once_to_one_verified_value() {
+    use securerun::models::{Architecture, Precision, Task};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("minilm");
+    common::copy_dir(&common::minilm(), &model);
+    let sig = tmp.path().join("minilm.sig");
+    let key = PrivateKey::generate_p256();
+    let (json, _) = signing::sign(&model, &key, &sig).unwrap();
+    std::fs::write(&sig, json).unwrap();
+    let opts = securerun::OpenOptions {
+        trust: TrustPolicy::keys(vec![key.public_key()]),
+        signature: Some(sig.clone()),
+        ..Default::default()
+    };
+
+    let opened = securerun::open(&model, &opts).unwrap();
+    let v = opened.verification().expect("verified");
+    assert_eq!(v.signer.mode(), "key");
+    assert_eq!(opened.architecture(), Architecture::Bert);
+    assert_eq!(opened.task(), Task::Embeddings);
+    // `auto` keeps an encoder at f32; an explicit precision is kept.
+    assert_eq!(opened.precision(), Precision::Auto);
+    assert_eq!(opened.run_precision(), Precision::F32);
+    let weights = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(opened.source().weight_bytes() > weights * 9 / 10);
+    assert_eq!(
+        opened.memory_budget(),
+        securerun::worker::supervisor::default_memory_budget(opened.source().weight_bytes())
+    );
+
+    // The wrong task is refused by type, before anything loads.
+    match opened.text_model() {
+        Err(securerun::Error::WrongTask {
+            found: Task::Embeddings,
+            wanted: Task::TextGeneration,
+            ..
+        }) => {}
+        Err(e) => panic!("expected WrongTask, got {e}"),
+        Ok(_) => panic!("an encoder loaded as a text model"),
+    }
+    // The right one loads from the same verified bytes.
+    let vectors = opened
+        .embedder()
+        .unwrap()
+        .embed(&["hello".to_string()])
+        .unwrap();
+    assert_eq!(vectors[0].len(), 384);
+
+    // A budget asked for is the one the worker is held to: too small is refused before any
+    // worker starts, naming the budget.
+    let small = securerun::OpenOptions {
+        memory_budget: Some(64 << 20),
+        precision: Precision::Q8_0,
+        ..opts.clone()
+    };
+    let opened = securerun::open(&model, &small).unwrap();
+    assert_eq!(opened.memory_budget(), 64 << 20);
+    assert_eq!(opened.run_precision(), Precision::Q8_0);
+    let mut settings = securerun::worker::WorkerSettings::new().unwrap();
+    settings.program = tmp.path().join("no-worker");
+    match opened.confined(settings) {
+        Err(securerun::Error::Worker(e)) => {
+            assert!(e.to_string().contains("budget of 64 MiB"), "{e}")
+        }
+        Err(e) => panic!("expected the budget refusal, got {e}"),
+        Ok(_) => panic!("a worker started over its budget"),
+    }
+
+    // One changed byte after signing: the model never opens.
+    let tokenizer = model.join("tokenizer.json");
+    let mut bytes = std::fs::read(&tokenizer).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&tokenizer, bytes).unwrap();
+    assert!(matches!(
+        securerun::open(&model, &opts),
+        Err(securerun::Error::Verification { .. })
+    ));
+}

@@ -102,6 +102,17 @@ impl Precision {
         }
     }
 
+    /// The precision a model of `task` computes at when asked for `self`: `Auto` is
+    /// [`Precision::resolve`] for generation and f32 for embeddings (encoders are small and
+    /// short-input; f32 keeps their vectors exactly those of the reference). Everything that
+    /// sizes or reports a model's precision asks this one function.
+    pub fn for_task(self, task: crate::Task) -> Precision {
+        match (self, task) {
+            (Precision::Auto, crate::Task::Embeddings) => Precision::F32,
+            (p, _) => p.resolve(),
+        }
+    }
+
     /// The weight type of a `cols`-wide matrix with this role. Fallbacks (stated in the README):
     /// Q4_K needs rows of a multiple of 256 and falls back to Q8_0; Q8_0 and Q4_0 need a
     /// multiple of 32 and fall back to f16; the head is Q8_0 under Q4_0 and Q4_K.

@@ -5,8 +5,6 @@ use std::io::Write;
 use clap::Args;
 
 use super::{CmdResult, RunModelArgs};
-use crate::worker::Task;
-use crate::{open_confined, open_embedder};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -19,13 +17,13 @@ pub struct EmbedArgs {
 
 pub fn run(args: EmbedArgs) -> CmdResult {
     super::run::warn_unsigned(&args.common);
-    let opts = args.common.open_options()?;
-    let vectors = match args.common.worker_settings()? {
-        None => open_embedder(&args.common.model.model, &opts)?.embed(&args.texts)?,
-        Some(settings) => {
-            open_confined(&args.common.model.model, &opts, Task::Embed, Some(settings))?
-                .embed(&args.texts)?
-        }
+    let settings = args.common.worker_settings()?;
+    let opened = crate::open(&args.common.model.model, &args.common.open_options()?)?;
+    // A text-generation model is refused here, before a worker starts.
+    opened.require(securerun_models::Task::Embeddings)?;
+    let vectors = match settings {
+        None => opened.embedder()?.embed(&args.texts)?,
+        Some(settings) => opened.confined(settings)?.embed(&args.texts)?,
     };
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &vectors)?;

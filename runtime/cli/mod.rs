@@ -165,6 +165,9 @@ impl RunModelArgs {
             device: self.device,
             progress: true,
             precision: self.dtype.unwrap_or_default(),
+            // Without --worker-memory the budget follows the verified weights
+            // (`worker::supervisor::default_memory_budget`), never the directory listing.
+            memory_budget: self.worker_memory.map(|mib| mib << 20),
         })
     }
 }
@@ -195,11 +198,8 @@ impl RunModelArgs {
             )
             .into());
         }
-        let mut settings = crate::worker::WorkerSettings::for_model(0)?;
+        let mut settings = crate::worker::WorkerSettings::new()?;
         settings.mode = mode;
-        // Without --worker-memory the budget follows the verified weights when the worker
-        // starts (`worker::supervisor::default_memory_budget`), never the directory listing.
-        settings.memory_budget = self.worker_memory.map(|mib| mib << 20);
         // Test-only hook, compiled out of release builds: the adversarial suite replaces the
         // worker with a hostile program speaking the frame protocol.
         #[cfg(debug_assertions)]

@@ -6,10 +6,7 @@ use std::ops::ControlFlow;
 use clap::Args;
 
 use super::{CmdResult, RunModelArgs};
-use crate::worker::Task;
-use crate::{
-    open_confined, open_text_model, ChatMessage, GenerationParams, Prompt, SamplingParams,
-};
+use crate::{ChatMessage, GenerationParams, Prompt, SamplingParams};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -71,15 +68,13 @@ enum Model {
 
 pub fn run(args: RunArgs) -> CmdResult {
     warn_unsigned(&args.common);
-    let opts = args.common.open_options()?;
-    let mut model = match args.common.worker_settings()? {
-        None => Model::InProcess(Box::new(open_text_model(&args.common.model.model, &opts)?)),
-        Some(settings) => Model::Confined(Box::new(open_confined(
-            &args.common.model.model,
-            &opts,
-            Task::Generate,
-            Some(settings),
-        )?)),
+    let settings = args.common.worker_settings()?;
+    let opened = crate::open(&args.common.model.model, &args.common.open_options()?)?;
+    // An embedding model is refused here, before a worker starts.
+    opened.require(securerun_models::Task::TextGeneration)?;
+    let mut model = match settings {
+        None => Model::InProcess(Box::new(opened.text_model()?)),
+        Some(settings) => Model::Confined(Box::new(opened.confined(settings)?)),
     };
     let prompt = if args.chat {
         let mut messages = Vec::new();

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::open::OpenOptions;
-use crate::server::models::{ModelSpec, ServedModel};
+use crate::server::models::{ModelSpec, ServedModel, StartError};
 use crate::server::{engine, Metrics, ServeConfig};
-use crate::worker::{ConfinedModel, Task, WorkerSettings};
+use crate::worker::WorkerSettings;
 
 /// Everything a model's start needs besides its spec.
 pub(super) struct ModelStarter {
@@ -43,90 +43,66 @@ impl ModelStarter {
 
     /// Verifies and starts `spec` as version `version`. Every outcome is recorded
     /// (`model_verification`, then `sandbox_started`); a model that fails either is not served.
-    pub fn start(&self, spec: &ModelSpec, version: u64) -> Result<ServedModel, String> {
+    pub fn start(&self, spec: &ModelSpec, version: u64) -> Result<ServedModel, StartError> {
         let mut opts = self.opts.clone();
         // Each model's own signature (none given: the file beside it).
         opts.signature = spec.signature.clone();
         let path = &spec.path;
-        let verified = crate::open_verified(path, &opts);
+        let open_error = |source| StartError::Open {
+            path: path.clone(),
+            source,
+        };
+        let audit = |step: &'static str, rec| {
+            self.audit
+                .append_blocking(rec)
+                .map_err(|source| StartError::Audit { step, source })
+        };
+        // Validated, verified and its architecture detected once; everything below starts
+        // from this value, never from the path again.
+        let opened = crate::open(path, &opts);
         let mut rec = crate::audit::AuditRecord::event("model_verification");
         rec.model = Some(spec.name.clone());
-        let mut signer = None;
-        match &verified {
-            Ok((_, Some(v))) => {
-                rec.outcome = Some("verified".into());
-                rec.detail = Some(format!(
-                    "{}: signer {}, mode {}, {} files, {} bytes",
-                    path.display(),
-                    v.signer,
-                    v.signer.mode(),
-                    v.files,
-                    v.bytes
-                ));
-                signer = Some(v.signer.to_string());
-            }
-            Ok((_, None)) => {
-                rec.outcome = Some("unverified_allow_unsigned".into());
-                rec.detail = Some(path.display().to_string());
-            }
+        match &opened {
+            Ok(m) => match m.verification() {
+                Some(v) => {
+                    rec.outcome = Some("verified".into());
+                    rec.detail = Some(format!(
+                        "{}: signer {}, mode {}, {} files, {} bytes",
+                        path.display(),
+                        v.signer,
+                        v.signer.mode(),
+                        v.files,
+                        v.bytes
+                    ));
+                }
+                None => {
+                    rec.outcome = Some("unverified_allow_unsigned".into());
+                    rec.detail = Some(path.display().to_string());
+                }
+            },
             Err(e) => {
                 rec.outcome = Some("refused".into());
                 rec.detail = Some(format!("{}: {e}", path.display()));
             }
         }
-        self.audit
-            .append_blocking(rec)
-            .map_err(|e| format!("cannot record the verification: {e}"))?;
-        let (source, verification) = verified.map_err(|e| format!("{}: {e}", path.display()))?;
-        // The tokenizer and chat template, loaded here: the server counts and bounds prompts
-        // itself.
-        let encoder = Arc::new(
-            securerun_models::PromptEncoder::load(&source)
-                .map_err(|e| format!("{}: {e}", path.display()))?,
-        );
-        // The task from the architecture the models crate recognises (an unknown or missing
-        // model type is refused here, before a worker starts).
-        let is_embedder = securerun_models::detect(&source)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .task()
-            == securerun_models::Task::Embeddings;
+        audit("verification", rec)?;
+        let opened = opened.map_err(open_error)?;
+        let signer = opened.verification().map(|v| v.signer.to_string());
+        // The tokenizer and chat template: the server counts and bounds prompts itself.
+        let encoder = opened.prompt_encoder().map_err(open_error)?;
+        let is_embedder = opened.task() == securerun_models::Task::Embeddings;
+        let mut rec = crate::audit::AuditRecord::event("sandbox_started");
+        rec.model = Some(spec.name.clone());
+        rec.outcome = Some(self.sandbox.clone());
         let backend = match self.worker.clone() {
             Some(mut settings) => {
                 // The memory estimate covers the longest request this server accepts.
                 settings.context_limit = Some(
                     self.config.max_prompt_tokens as u64 + u64::from(self.config.max_tokens_cap),
                 );
-                settings.precision = opts.precision;
                 settings.max_sequences = self.max_sequences();
                 settings.sequences_by_memory = self.config.max_sequences.is_none();
-                let task = if is_embedder {
-                    Task::Embed
-                } else {
-                    Task::Generate
-                };
-                let started =
-                    ConfinedModel::start(source, task, opts.limits, settings).map(|mut m| {
-                        // A replacement worker (after a crash) must compute with the verified
-                        // bytes: the signature is checked again over the files it will receive,
-                        // and a mismatch refuses the worker (recorded as a failed request and
-                        // restart).
-                        if verification.is_some() {
-                            let trust = opts.trust.clone();
-                            let signature = opts
-                                .signature
-                                .clone()
-                                .unwrap_or_else(|| crate::signing::default_signature_path(path));
-                            m.set_reverify(Box::new(move |source| {
-                                crate::signing::verify_source(source, &signature, &trust, &())
-                                    .map(|_| ())
-                                    .map_err(|e| e.to_string())
-                            }));
-                        }
-                        m
-                    });
-                let mut rec = crate::audit::AuditRecord::event("sandbox_started");
-                rec.model = Some(spec.name.clone());
-                rec.outcome = Some(self.sandbox.clone());
+                let started = opened.confined(settings);
                 rec.detail = Some(match &started {
                     Ok(m) => {
                         let layers = m
@@ -146,10 +122,8 @@ impl ModelStarter {
                     }
                     Err(e) => format!("worker failed to start: {e}"),
                 });
-                self.audit
-                    .append_blocking(rec)
-                    .map_err(|e| format!("cannot record the sandbox: {e}"))?;
-                let m = Box::new(started.map_err(|e| e.to_string())?);
+                audit("sandbox", rec)?;
+                let m = Box::new(started.map_err(open_error)?);
                 if is_embedder {
                     engine::Backend::Embed(m)
                 } else {
@@ -157,22 +131,15 @@ impl ModelStarter {
                 }
             }
             None => {
-                let mut rec = crate::audit::AuditRecord::event("sandbox_started");
-                rec.model = Some(spec.name.clone());
-                rec.outcome = Some(self.sandbox.clone());
                 rec.detail = Some("inference runs in the server process, unconfined".into());
-                self.audit
-                    .append_blocking(rec)
-                    .map_err(|e| format!("cannot record the sandbox: {e}"))?;
-                // The verified source itself: the path is not opened (or verified) again.
-                let err = |e: crate::open::Error| format!("{}: {e}", path.display());
+                audit("sandbox", rec)?;
                 if is_embedder {
                     engine::Backend::EmbedInProcess(Box::new(
-                        crate::load_embedder(&source, &opts).map_err(err)?,
+                        opened.embedder().map_err(open_error)?,
                     ))
                 } else {
                     engine::Backend::TextInProcess(Box::new(
-                        crate::load_text_model(&source, &opts).map_err(err)?,
+                        opened.text_model().map_err(open_error)?,
                     ))
                 }
             }

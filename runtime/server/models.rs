@@ -137,7 +137,26 @@ impl ModelSet {
 
 /// Verifies and starts a model (each step audited: `model_verification`, `sandbox_started`);
 /// the server keeps one to start replacements. Blocking: run it off the async threads.
-pub type Starter = Arc<dyn Fn(&ModelSpec, u64) -> Result<ServedModel, String> + Send + Sync>;
+pub type Starter = Arc<dyn Fn(&ModelSpec, u64) -> Result<ServedModel, StartError> + Send + Sync>;
+
+/// Why a model did not start (at `serve`, or as a replacement).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Opening, verifying or loading it failed, or its worker did not start.
+    #[error("{}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: crate::open::Error,
+    },
+    /// A step could not be recorded, so it was not taken.
+    #[error("cannot record the {step}: {source}")]
+    Audit {
+        step: &'static str,
+        source: crate::audit::AuditError,
+    },
+    #[error("the start panicked")]
+    Panicked,
+}
 
 /// Why a model was not replaced; the running version keeps serving in every case.
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +164,8 @@ pub enum ReplaceError {
     #[error("no model {0:?} is served here")]
     Unknown(String),
     /// The version on disk failed verification, or its worker did not start.
-    #[error("the new version of {name} was refused: {reason}")]
-    Refused { name: String, reason: String },
+    #[error("the new version of {name} was refused: {source}")]
+    Refused { name: String, source: StartError },
     #[error("the replacement of {0} could not be recorded in the audit log")]
     Audit(String),
 }
@@ -170,19 +189,19 @@ pub async fn replace(
     let starter = state.starter.clone();
     let started = tokio::task::spawn_blocking(move || starter(&spec, version))
         .await
-        .unwrap_or_else(|e| Err(format!("the start panicked: {e}")));
+        .unwrap_or(Err(StartError::Panicked));
     let mut record = crate::audit::AuditRecord::event("model_replaced");
     record.model = Some(name.to_string());
     let new = match started {
         Ok(new) => new,
-        Err(reason) => {
+        Err(source) => {
             record.outcome = Some("refused".into());
-            record.detail = Some(format!("asked by {by}: {reason}"));
+            record.detail = Some(format!("asked by {by}: {source}"));
             let _ = state.audit.append(record).await;
-            tracing::error!(model = name, %reason, "model replacement refused");
+            tracing::error!(model = name, reason = %source, "model replacement refused");
             return Err(ReplaceError::Refused {
                 name: name.to_string(),
-                reason,
+                source,
             });
         }
     };

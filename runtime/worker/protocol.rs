@@ -28,6 +28,24 @@ pub enum Task {
     Embed,
 }
 
+impl From<securerun_models::Task> for Task {
+    fn from(task: securerun_models::Task) -> Self {
+        match task {
+            securerun_models::Task::TextGeneration => Task::Generate,
+            securerun_models::Task::Embeddings => Task::Embed,
+        }
+    }
+}
+
+impl From<Task> for securerun_models::Task {
+    fn from(task: Task) -> Self {
+        match task {
+            Task::Generate => securerun_models::Task::TextGeneration,
+            Task::Embed => securerun_models::Task::Embeddings,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToWorker {

@@ -71,8 +71,7 @@ pub struct WorkerSettings {
 
 impl WorkerSettings {
     /// Defaults; the memory budget follows the verified weights when the worker starts.
-    pub fn for_model(weight_bytes: u64) -> std::io::Result<Self> {
-        let _ = weight_bytes;
+    pub fn new() -> std::io::Result<Self> {
         Ok(WorkerSettings {
             program: std::env::current_exe()?,
             mode: Mode::Strict,
@@ -126,11 +125,7 @@ fn check_memory(
     let budget = settings
         .memory_budget
         .unwrap_or_else(|| default_memory_budget(source.weight_bytes()));
-    // Encoders run on candle-transformers in f32 unless a float precision is asked for.
-    let precision = match (task, settings.precision) {
-        (Task::Embed, securerun_models::Precision::Auto) => securerun_models::Precision::F32,
-        (_, p) => p,
-    };
+    let precision = settings.precision.for_task(task.into());
     let est = securerun_models::budget::estimate(source, precision, settings.context_limit)
         .map_err(|e| WorkerError::Model(e.to_string()))?;
     // Every sequence of a batch holds its own KV cache.
@@ -270,10 +265,22 @@ impl ConfinedModel {
     ) -> Result<Self, WorkerError> {
         let encoder =
             PromptEncoder::load(&source).map_err(|e| WorkerError::Model(e.to_string()))?;
+        Self::start_with_encoder(source, Arc::new(encoder), task, limits, settings)
+    }
+
+    /// [`ConfinedModel::start`] with the model's tokenizer already loaded (from the same
+    /// source).
+    pub fn start_with_encoder(
+        source: Arc<ModelSource>,
+        encoder: Arc<PromptEncoder>,
+        task: Task,
+        limits: Limits,
+        settings: WorkerSettings,
+    ) -> Result<Self, WorkerError> {
         let mut settings = settings;
         settings.max_sequences = check_memory(&source, task, &settings)?;
         let mut model = ConfinedModel {
-            encoder: Arc::new(encoder),
+            encoder,
             reverify: None,
             started_once: false,
             source,

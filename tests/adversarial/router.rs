@@ -215,7 +215,10 @@ impl Edge {
             allow_unsigned: true,
             ..Default::default()
         };
-        let source = securerun::open_source(&common::smollm2(), &opts).unwrap();
+        let source = securerun::open(&common::smollm2(), &opts)
+            .unwrap()
+            .source()
+            .clone();
         let served = ServedModel {
             spec: ModelSpec {
                 name: MODEL.into(),
@@ -234,7 +237,7 @@ impl Edge {
             ledgers: server::ledger::Ledgers::new(audit.clone()),
             audit,
             models: server::models::ModelSet::new(vec![served]),
-            starter: Arc::new(|_: &ModelSpec, _| Err("no replacements here".to_string())),
+            starter: Arc::new(|_: &ModelSpec, _| Err(server::models::StartError::Panicked)),
             proxies: server::client::TrustedProxies::parse(&[]).unwrap(),
             shutdown: tokio::sync::watch::channel(false).0,
             started: 0,

@@ -29,8 +29,11 @@ fn start(
     script: &str,
     frame_timeout: Duration,
 ) -> ConfinedModel {
-    let source = securerun::open_source(&common::smollm2(), &common::unsigned()).unwrap();
-    let mut settings = WorkerSettings::for_model(0).unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
+    let mut settings = WorkerSettings::new().unwrap();
     settings.program = fake_worker(dir, name, script);
     settings.load_timeout = Duration::from_secs(5);
     settings.frame_timeout = frame_timeout;
@@ -379,8 +382,11 @@ fn half_a_frame_or_a_silent_embedder_cannot_outlast_the_deadline() {
         started.elapsed()
     );
 
-    let source = securerun::open_source(&common::minilm(), &common::unsigned()).unwrap();
-    let mut settings = WorkerSettings::for_model(0).unwrap();
+    let source = securerun::open(&common::minilm(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
+    let mut settings = WorkerSettings::new().unwrap();
     settings.program = fake_worker(tmp.path(), "mute", "r = read()\ntime.sleep(600)");
     settings.frame_timeout = Duration::from_secs(300);
     let mut e = ConfinedModel::start(source, Task::Embed, Default::default(), settings).unwrap();
@@ -405,8 +411,11 @@ fn start_batching(
     sequences: usize,
     max_sequences: usize,
 ) -> Result<ConfinedModel, WorkerError> {
-    let source = securerun::open_source(&common::smollm2(), &common::unsigned()).unwrap();
-    let mut settings = WorkerSettings::for_model(0).unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
+    let mut settings = WorkerSettings::new().unwrap();
     settings.program = fake_worker_ready(
         dir,
         name,

@@ -71,6 +71,15 @@ pub fn securerun(args: &[&str]) -> std::process::Output {
         .expect("run securerun")
 }
 
+/// [`securerun`] with extra environment variables.
+pub fn securerun_env(args: &[&str], env: &[(&str, std::path::PathBuf)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run securerun")
+}
+
 pub fn p(path: &std::path::Path) -> &str {
     path.to_str().unwrap()
 }

@@ -128,14 +128,10 @@ impl BertEncoder {
         normalize: bool,
         max_seq_length: Option<usize>,
     ) -> Result<Option<Self>, ArchError> {
-        use crate::precision::Precision;
         let Some(shape) = crate::encoder::Shape::from_config(config) else {
             return Ok(None);
         };
-        let precision = match precision {
-            Precision::Auto => Precision::F32,
-            p => p,
-        };
+        let precision = precision.for_task(crate::Task::Embeddings);
         let (hidden, positions) = (shape.hidden, shape.max_positions);
         let encoder = build(Architecture::Bert, || {
             let mut loader = crate::decoder::load::TensorLoader::new(source.clone(), precision);
