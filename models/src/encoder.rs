@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::decoder::gelu_tanh;
 use crate::decoder::load::TensorLoader;
 use crate::kernels::attention::{scores_block, weighted_sum, KEYS};
-use crate::kernels::{apply_group, Input, Matrix};
+use crate::kernels::{apply_group, Input, Matrix, PackedF32};
 use crate::precision::Role;
 
 /// The activation between the two MLP products.
@@ -79,8 +79,24 @@ struct Norm {
 }
 
 struct Linear {
-    w: Matrix,
+    w: Weights,
     b: Vec<f32>,
+}
+
+/// A projection's weights: f32 packed for whole-batch products where the CPU has the kernel
+/// (what an encoder mostly runs at), else row-major at the run precision.
+enum Weights {
+    Rows(Matrix),
+    Packed(PackedF32),
+}
+
+impl Weights {
+    fn new(m: Matrix, rows: usize, cols: usize) -> Self {
+        match m.f32_values() {
+            Some(w) if PackedF32::available() => Weights::Packed(PackedF32::pack(w, rows, cols)),
+            _ => Weights::Rows(m),
+        }
+    }
 }
 
 struct Layer {
@@ -122,8 +138,9 @@ impl Encoder {
         };
         let (h, i) = (shape.hidden, shape.intermediate);
         let linear = |t: &mut TensorLoader, name: &str, rows, cols| -> Result<Linear, String> {
+            let w = t.matrix(&format!("{prefix}{name}.weight"), rows, cols, Role::Linear)?;
             Ok(Linear {
-                w: t.matrix(&format!("{prefix}{name}.weight"), rows, cols, Role::Linear)?,
+                w: Weights::new(w, rows, cols),
                 b: t.vector(&format!("{prefix}{name}.bias"), rows)?,
             })
         };
@@ -226,21 +243,25 @@ impl Encoder {
         let mut proj = vec![0f32; n * h];
         let mut mid = vec![0f32; n * s.intermediate];
         for layer in &self.layers {
-            apply_group(
-                &mut Input::new(&x, h),
-                &mut [
-                    (&layer.q.w, &mut q),
-                    (&layer.k.w, &mut k),
-                    (&layer.v.w, &mut v),
-                ],
-            );
+            match (&layer.q.w, &layer.k.w, &layer.v.w) {
+                // Q, K and V read one input: prepared once for the row-major kernels.
+                (Weights::Rows(wq), Weights::Rows(wk), Weights::Rows(wv)) => apply_group(
+                    &mut Input::new(&x, h),
+                    &mut [(wq, &mut q), (wk, &mut k), (wv, &mut v)],
+                ),
+                _ => {
+                    for (lin, out) in [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)] {
+                        lin.w.apply(&x, h, out);
+                    }
+                }
+            }
             for (lin, out) in [(&layer.q, &mut q), (&layer.k, &mut k), (&layer.v, &mut v)] {
                 lin.add_bias(out);
             }
             self_attention(s, &lens, &q, &k, &v, &mut att);
-            layer.o.apply(&mut Input::new(&att, h), &mut proj);
+            layer.o.apply(&att, h, &mut proj);
             add_norm(&mut x, &proj, &layer.attn_norm, s.eps);
-            layer.up.apply(&mut Input::new(&x, h), &mut mid);
+            layer.up.apply(&x, h, &mut mid);
             let act: fn(&mut [f32]) = match s.act {
                 Act::Gelu => crate::kernels::activation::gelu_erf,
                 Act::GeluTanh => |xs| xs.iter_mut().for_each(|v| *v = gelu_tanh(*v)),
@@ -251,9 +272,7 @@ impl Encoder {
             } else {
                 mid.par_chunks_mut(SERIAL_ELEMENTS / 4).for_each(act);
             }
-            layer
-                .down
-                .apply(&mut Input::new(&mid, s.intermediate), &mut proj);
+            layer.down.apply(&mid, s.intermediate, &mut proj);
             add_norm(&mut x, &proj, &layer.out_norm, s.eps);
         }
         let mut out = Vec::with_capacity(batch.len());
@@ -266,10 +285,20 @@ impl Encoder {
     }
 }
 
+impl Weights {
+    /// `y = x Wᵀ` for every `cols`-wide row of `x`.
+    fn apply(&self, x: &[f32], cols: usize, y: &mut [f32]) {
+        match self {
+            Weights::Rows(m) => m.apply(&mut Input::new(x, cols), y),
+            Weights::Packed(p) => p.apply(x, y),
+        }
+    }
+}
+
 impl Linear {
-    /// `y = x Wᵀ + b` for every row of `input`.
-    fn apply(&self, input: &mut Input, y: &mut [f32]) {
-        self.w.apply(input, y);
+    /// `y = x Wᵀ + b` for every `cols`-wide row of `x`.
+    fn apply(&self, x: &[f32], cols: usize, y: &mut [f32]) {
+        self.w.apply(x, cols, y);
         self.add_bias(y);
     }
 

@@ -330,6 +330,14 @@ impl Matrix {
         }
     }
 
+    /// The values, row-major, if the matrix holds f32 (for repacking: see [`super::packed`]).
+    pub fn f32_values(&self) -> Option<&[f32]> {
+        match &self.data {
+            Data::F32(e) => Some(e.get()),
+            _ => None,
+        }
+    }
+
     /// Rows handed to one task: whole panels for quantized weights (a panel is computed whole).
     fn rows_per_task(&self) -> usize {
         let per = super::rows_per_task(self.rows, self.cols);

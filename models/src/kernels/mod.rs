@@ -15,9 +15,11 @@ pub mod aligned;
 pub mod attention;
 pub mod formats;
 mod matrix;
+pub mod packed;
 
 pub use formats::{QActs, QKind, QMatrix};
 pub use matrix::{apply_group, widen, Bytes, Elems, Input, Matrix, WeightType};
+pub use packed::PackedF32;
 
 /// What the CPU offers, detected once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -504,6 +504,61 @@ pub unsafe fn tile_f32_avx512<const T: usize>(w: &[f32], x: &[f32]) -> [[f32; 4]
     reduce_rows(&acc)
 }
 
+/// One output panel of a packed f32 product (see `super::packed`): for each of `T` activation
+/// rows `x[t * cols..][..cols]`, the 64 sums `Σ_k x[t][k] · panel[k * 64 + j]`, each one FMA
+/// chain in `k` order from zero (so a row's sums never depend on `T` or on the other rows),
+/// stored to `y[t * stride + j]` for `j < valid`.
+///
+/// # Safety
+/// The CPU must support avx512f; `panel.len() >= cols * 64`, `x.len() >= T * cols`,
+/// `valid <= 64`, and `y.len() >= (T - 1) * stride + valid` when `T > 0`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn panel_f32_avx512<const T: usize>(
+    panel: &[f32],
+    x: &[f32],
+    cols: usize,
+    y: &mut [f32],
+    stride: usize,
+    valid: usize,
+) {
+    debug_assert!(panel.len() >= cols * 64 && x.len() >= T * cols && valid <= 64);
+    let (pw, px) = (panel.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 4]; T];
+    for k in 0..cols {
+        // SAFETY: k < cols, so the panel's row k (64 values at k * 64) and each x[t][k]
+        // (t < T) are inside the slices, per the caller's contract.
+        let w = [
+            _mm512_loadu_ps(pw.add(k * 64)),
+            _mm512_loadu_ps(pw.add(k * 64 + 16)),
+            _mm512_loadu_ps(pw.add(k * 64 + 32)),
+            _mm512_loadu_ps(pw.add(k * 64 + 48)),
+        ];
+        for (t, row) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*px.add(t * cols + k));
+            for (a, wv) in row.iter_mut().zip(&w) {
+                *a = _mm512_fmadd_ps(xv, *wv, *a);
+            }
+        }
+    }
+    let py = y.as_mut_ptr();
+    for (t, row) in acc.iter().enumerate() {
+        for (v, a) in row.iter().enumerate() {
+            let first = v * 16;
+            if first >= valid {
+                break;
+            }
+            let m: __mmask16 = if valid - first >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (valid - first)) - 1) as __mmask16
+            };
+            // SAFETY: lanes first.. first + 16 masked to below `valid`; the caller guarantees
+            // y holds t * stride + valid values.
+            _mm512_mask_storeu_ps(py.add(t * stride + first), m, *a);
+        }
+    }
+}
+
 /// The sums of a T × 4 tile: four tokens at a time through [`reduce_tile`], the rest one by
 /// one (the same pairing of lanes either way).
 #[target_feature(enable = "avx512f")]
