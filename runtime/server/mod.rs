@@ -771,17 +771,20 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
                 .iter()
                 .map(|r| (r.id.clone(), r.expired(now)))
                 .collect();
+            // What this server observed in the store, under names of its own: the operator's
+            // action (`token_created`, `token_revoked`) is recorded once, by whoever took it,
+            // and an auditor counting actions must not count the pick-up as a second one.
             let mut events = Vec::new();
             for (id, expired) in &current {
                 match known.get(id) {
-                    None => events.push(("token_created", id)),
+                    None => events.push(("token_loaded", id)),
                     Some(false) if *expired => events.push(("token_expired", id)),
                     _ => {}
                 }
             }
             for id in known.keys() {
                 if !current.contains_key(id) {
-                    events.push(("token_revoked", id));
+                    events.push(("token_unloaded", id));
                 }
             }
             for (event, id) in events {

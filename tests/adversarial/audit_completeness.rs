@@ -93,3 +93,45 @@ fn a_stream_cut_by_shutdown_is_recorded() {
     );
     assert!(records.iter().any(|r| r["event"] == "stream_started"));
 }
+
+/// An operator's token creation and revocation while a server runs are each one record (the
+/// CLI's, saying who), and the server's pick-up of the change is a record of its own kind.
+/// Before the fix the server wrote a second `token_created` and `token_revoked`, so an auditor
+/// counting creations counted each twice.
+#[test]
+fn a_token_created_or_revoked_while_serving_is_recorded_once() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("ops", &["--scopes", "inference"]);
+    let id = t.split('_').nth(1).unwrap().to_string();
+    let o = common::securerun(&[
+        "token",
+        "revoke",
+        "ops",
+        "--state-dir",
+        common::p(state.path()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(eventually(Duration::from_secs(5), || {
+        let (status, _) = call(
+            s.addr,
+            "POST",
+            "/v1/completions",
+            Some(&t),
+            &completion("x", 1, false),
+        );
+        status == 401
+    }));
+    s.stop_after(|records| {
+        let of = |event: &str| {
+            records
+                .iter()
+                .filter(|r| r["event"] == event && r["token_id"] == id.as_str())
+                .count()
+        };
+        assert_eq!(of("token_created"), 1, "{records:?}");
+        assert_eq!(of("token_revoked"), 1, "{records:?}");
+        assert_eq!(of("token_loaded"), 1, "{records:?}");
+        assert_eq!(of("token_unloaded"), 1, "{records:?}");
+    });
+}

@@ -193,7 +193,14 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
         .iter()
         .map(|r| r["event"].as_str().unwrap().to_string())
         .collect();
-    for e in ["lockdown_on", "lockdown_off", "token_revoked"] {
+    // The operator's revocation once (`tokens_revoked_all`), and the server dropping each
+    // token from what it accepts (`token_unloaded`).
+    for e in [
+        "lockdown_on",
+        "lockdown_off",
+        "tokens_revoked_all",
+        "token_unloaded",
+    ] {
         assert!(events.iter().any(|x| x == e), "{e} not audited: {events:?}");
     }
     // The running server recorded the lockdown with the reason the CLI gave.
