@@ -286,7 +286,6 @@ impl Matrix {
             _ => &[],
         };
         let x = input.x();
-        let cols = self.cols;
         let per = self.rows_per_task();
         if n == 1 {
             y.par_chunks_mut(per).enumerate().for_each(|(i, ys)| {
@@ -296,37 +295,46 @@ impl Matrix {
         }
         let blocks: Vec<(usize, Vec<f32>)> = (0..self.rows.div_ceil(per))
             .into_par_iter()
-            .map(|b| {
-                let start = b * per;
-                let r = per.min(self.rows - start);
-                let mut out = vec![0f32; n * r];
-                // Rows a few hundred KiB at a time, each slice kept in cache while every
-                // token goes over it (instead of streaming the task's rows once per token
-                // group).
-                let sub = self.rows_in_cache();
-                let mut done = 0;
-                for s0 in (0..r).step_by(sub) {
-                    let s1 = (s0 + sub).min(r);
-                    done = self.prompt_rows(isa, start, s0..s1, r, x, acts, &mut out);
-                }
-                for t in done..n {
-                    self.rows_dot(
-                        isa,
-                        start,
-                        &x[t * cols..(t + 1) * cols],
-                        acts.get(t),
-                        &mut out[t * r..(t + 1) * r],
-                    );
-                }
-                (start, out)
-            })
+            .map(|b| (b * per, self.block(isa, b * per, per, x, acts)))
             .collect();
         for (start, out) in blocks {
-            let r = out.len() / n;
-            for t in 0..n {
-                y[t * self.rows + start..t * self.rows + start + r]
-                    .copy_from_slice(&out[t * r..(t + 1) * r]);
-            }
+            self.place(start, &out, y);
+        }
+    }
+
+    /// Rows `start..start + per` (fewer at the end) times every row of `x`, as `[token][row]`.
+    fn block(&self, isa: Isa, start: usize, per: usize, x: &[f32], acts: &[QActs]) -> Vec<f32> {
+        let cols = self.cols;
+        let n = x.len() / cols;
+        let r = per.min(self.rows - start);
+        let mut out = vec![0f32; n * r];
+        // Rows a few hundred KiB at a time, each slice kept in cache while every token goes
+        // over it (instead of streaming the task's rows once per token group).
+        let sub = self.rows_in_cache();
+        let mut done = 0;
+        for s0 in (0..r).step_by(sub) {
+            let s1 = (s0 + sub).min(r);
+            done = self.prompt_rows(isa, start, s0..s1, r, x, acts, &mut out);
+        }
+        for t in done..n {
+            self.rows_dot(
+                isa,
+                start,
+                &x[t * cols..(t + 1) * cols],
+                acts.get(t),
+                &mut out[t * r..(t + 1) * r],
+            );
+        }
+        out
+    }
+
+    /// Copies a [`Matrix::block`] from row `start` into `y` (`[token][rows]`).
+    fn place(&self, start: usize, out: &[f32], y: &mut [f32]) {
+        let n = y.len() / self.rows;
+        let r = out.len() / n;
+        for t in 0..n {
+            y[t * self.rows + start..t * self.rows + start + r]
+                .copy_from_slice(&out[t * r..(t + 1) * r]);
         }
     }
 
@@ -500,9 +508,7 @@ impl Matrix {
 pub fn apply_group(input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
     let isa = isa();
     if input.rows() != 1 {
-        for (m, y) in parts.iter_mut() {
-            m.apply_with(isa, input, y);
-        }
+        apply_group_rows(isa, input, parts);
         return;
     }
     let blocks = parts.iter().find_map(|(m, _)| match &m.data {
@@ -531,6 +537,46 @@ pub fn apply_group(input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
         };
         m.rows_dot(isa, first, x, a, ys);
     });
+}
+
+/// [`apply_group`] for several rows: every part's blocks in one parallel pass (one wake-up of
+/// the pool instead of one per matrix: a decode step of several sequences runs hundreds of
+/// these), each block computed as [`Matrix::apply`] computes it, so the same bits.
+fn apply_group_rows(isa: Isa, input: &mut Input, parts: &mut [(&Matrix, &mut [f32])]) {
+    let n = input.rows();
+    let blocks = parts.iter().find_map(|(m, _)| match &m.data {
+        Data::Q(q) => Some(q.blocks),
+        _ => None,
+    });
+    if let Some(b) = blocks {
+        input.quantize(b);
+    }
+    let x = input.x();
+    let acts: &[QActs] = if blocks.is_some() { input.acts() } else { &[] };
+    let mut jobs = Vec::new();
+    for (i, (m, y)) in parts.iter().enumerate() {
+        assert_eq!(m.cols, input.cols, "input width");
+        assert_eq!(y.len(), n * m.rows, "output shape");
+        let per = m.rows_per_task();
+        jobs.extend((0..m.rows.div_ceil(per)).map(|b| (i, b * per, per)));
+    }
+    let mats: Vec<&Matrix> = parts.iter().map(|(m, _)| *m).collect();
+    let outs: Vec<(usize, usize, Vec<f32>)> = jobs
+        .into_par_iter()
+        .map(|(i, start, per)| {
+            let m = mats[i];
+            // Every quantized part has the same width, hence the same block count.
+            let a = if matches!(m.data, Data::Q(_)) {
+                acts
+            } else {
+                &[]
+            };
+            (i, start, m.block(isa, start, per, x, a))
+        })
+        .collect();
+    for (i, start, out) in outs {
+        mats[i].place(start, &out, parts[i].1);
+    }
 }
 
 /// One 16-bit value widened to f32 (exact for both formats).

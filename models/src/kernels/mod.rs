@@ -455,6 +455,55 @@ pub(crate) mod tests {
         }
     }
 
+    /// Q, K and V (or gate and up) read one input in one grouped pass: each part's outputs are
+    /// the bits its own product gives, for one row and for several, at every precision and
+    /// with parts of different heights.
+    #[test]
+    fn a_grouped_product_equals_each_matrix_alone() {
+        let cols = 256;
+        for n in [1, 3, 7] {
+            let x = values(n * cols, 40 + n as u32);
+            for kind in ["f32", "bf16", "q8_0", "q4_k"] {
+                let make = |rows: usize, seed: u32| {
+                    let w = values(rows * cols, seed);
+                    match kind {
+                        "f32" => Matrix::f32(rows, cols, Elems::owned(w)),
+                        "bf16" => Matrix::bf16(
+                            rows,
+                            cols,
+                            Elems::owned(w.iter().map(|v| (v.to_bits() >> 16) as u16).collect()),
+                        ),
+                        "q8_0" => Matrix::quantized(QMatrix::quantize(QKind::Q8_0, &w, rows, cols)),
+                        _ => Matrix::quantized(QMatrix::quantize(QKind::Q4K, &w, rows, cols)),
+                    }
+                };
+                let mats = [make(96, 1), make(32, 2), make(33, 3)];
+                let mut outs: Vec<Vec<f32>> =
+                    mats.iter().map(|m| vec![f32::NAN; n * m.rows()]).collect();
+                {
+                    let [a, b, c] = &mut outs[..] else {
+                        unreachable!()
+                    };
+                    apply_group(
+                        &mut Input::new(&x, cols),
+                        &mut [(&mats[0], a), (&mats[1], b), (&mats[2], c)],
+                    );
+                }
+                for (m, got) in mats.iter().zip(&outs) {
+                    let mut alone = vec![f32::NAN; n * m.rows()];
+                    m.apply(&mut Input::new(&x, cols), &mut alone);
+                    assert!(
+                        got.iter()
+                            .zip(&alone)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kind} n={n} rows={}",
+                        m.rows()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_helpers_match_the_scalar_reference() {
         for (d, stride, count) in [(64, 192, 37), (128, 128, 5), (17, 40, 9), (64, 64, 0)] {
