@@ -412,6 +412,19 @@ fn bad_inputs_are_one_clear_line() {
         ]),
         "top_p",
     );
+    // A worker budget whose bytes overflow is refused, not wrapped to a tiny one.
+    assert_fails_with(
+        &securerun(&[
+            "run",
+            p(&common::smollm2()),
+            "--allow-unsigned",
+            "--prompt",
+            "x",
+            "--worker-memory",
+            "17592186044416",
+        ]),
+        "more bytes than fit in 64 bits",
+    );
     // This build has no CUDA: asking for it is a clear error, not a silent CPU fallback.
     assert_fails_with(
         &securerun(&[

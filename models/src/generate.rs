@@ -118,6 +118,10 @@ pub enum GenerateError {
     /// Every slot of the batch is taken.
     #[error("the batch is full")]
     BatchFull,
+    /// A message spells one of the model's control tokens, and the chat template does not
+    /// keep message contents whole, so they cannot be kept as text ([`crate::prompt::ChatPlan`]).
+    #[error("a message contains the text of one of the model's control tokens, and this model's chat template rewrites message contents, so it cannot be kept as plain text")]
+    ContentNotKept,
 }
 
 impl From<candle_core::Error> for GenerateError {

@@ -55,7 +55,7 @@ pub use generate::{
 };
 pub use load::{LoadError, LoadOptions};
 pub use precision::Precision;
-pub use prompt::PromptEncoder;
+pub use prompt::{ChatPlan, PromptEncoder};
 pub use sampling::SamplingParams;
 pub use source::{ModelSource, SourceError};
 pub use strict_safetensors::Limits;

@@ -18,7 +18,29 @@ use crate::tokenizer::{self, TokenizerError};
 /// A model's tokenizer and chat template.
 pub struct PromptEncoder {
     tokenizer: Tokenizer,
+    /// The same tokenizer with its special tokens treated as text: for what a message says.
+    text_tokenizer: Tokenizer,
+    /// The special tokens' texts, to find in a message in one linear pass (`None`: none).
+    specials: Option<aho_corasick::AhoCorasick>,
     chat: Result<ChatTemplate, Arc<ChatError>>,
+}
+
+/// How chat messages become token ids so that what a message says stays text: a message
+/// whose content spells one of the tokenizer's special tokens (`<|im_end|>`, `<|im_start|>`)
+/// must not end its turn or open another one. Only the template places control tokens.
+///
+/// When no content spells a special token, the messages are rendered as they are and the
+/// result tokenized whole (exactly as transformers does). Otherwise each content is replaced
+/// by a marker of this request's own for rendering, the rendered text is cut at the markers,
+/// and each content is tokenized with special tokens as plain text between the template's
+/// pieces. A template that drops, repeats or rewrites a content (so a marker is not found
+/// exactly once, in order) is refused rather than guessed at.
+#[derive(Debug, Clone)]
+pub struct ChatPlan {
+    /// What to render.
+    pub messages: Vec<crate::ChatMessage>,
+    /// The contents and their markers, when markers stand in for them.
+    contents: Option<Vec<(String, String)>>,
 }
 
 impl PromptEncoder {
@@ -33,12 +55,12 @@ impl PromptEncoder {
         let bytes = source
             .aux("tokenizer.json")
             .ok_or(TokenizerError::Missing)?;
-        Ok(PromptEncoder {
-            tokenizer: tokenizer::load(bytes)?,
-            chat: Err(Arc::new(ChatError::Template(
+        Ok(Self::with_chat(
+            tokenizer::load(bytes)?,
+            Err(Arc::new(ChatError::Template(
                 "chat templates are rendered by the model worker, not here".into(),
             ))),
-        })
+        ))
     }
 
     /// The tokenizer and the model's chat template (for a process that runs the model).
@@ -48,7 +70,96 @@ impl PromptEncoder {
             None => Err(ChatError::NoTemplate),
         }
         .map_err(Arc::new);
-        PromptEncoder { tokenizer, chat }
+        Self::with_chat(tokenizer, chat)
+    }
+
+    fn with_chat(tokenizer: Tokenizer, chat: Result<ChatTemplate, Arc<ChatError>>) -> Self {
+        let mut text_tokenizer = tokenizer.clone();
+        text_tokenizer.set_encode_special_tokens(true);
+        let texts: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content.clone())
+            .collect();
+        // A tokenizer's own token list: if the automaton cannot be built, every message takes
+        // the marker path (safe, only slower).
+        let specials = aho_corasick::AhoCorasick::new(&texts).ok();
+        PromptEncoder {
+            tokenizer,
+            text_tokenizer,
+            specials,
+            chat,
+        }
+    }
+
+    /// Whether `text` spells any special token (linear in `text`).
+    fn spells_special_token(&self, text: &str) -> bool {
+        match &self.specials {
+            Some(ac) => ac.is_match(text),
+            None => true,
+        }
+    }
+
+    /// What to render for `messages`, and how its text becomes ids ([`ChatPlan`]).
+    pub fn chat_plan(&self, messages: &[crate::ChatMessage]) -> ChatPlan {
+        if !messages
+            .iter()
+            .any(|m| self.spells_special_token(&m.content))
+        {
+            return ChatPlan {
+                messages: messages.to_vec(),
+                contents: None,
+            };
+        }
+        let nonce = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(messages.len());
+            h.finish()
+        };
+        let mut rendered = Vec::with_capacity(messages.len());
+        let mut contents = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            // Private-use characters around a per-request number: no template writes them, and
+            // no client can predict them.
+            let marker = format!("\u{e000}{nonce:016x}.{i}\u{e001}");
+            rendered.push(crate::ChatMessage::new(m.role.clone(), marker.clone()));
+            contents.push((marker, m.content.clone()));
+        }
+        ChatPlan {
+            messages: rendered,
+            contents: Some(contents),
+        }
+    }
+
+    /// The ids of a chat prompt: `rendered` is [`ChatPlan::messages`] rendered with the
+    /// model's template (by whoever ran it).
+    pub fn chat_ids(&self, plan: &ChatPlan, rendered: &str) -> Result<Vec<u32>, GenerateError> {
+        let Some(contents) = &plan.contents else {
+            return self.rendered_ids(rendered);
+        };
+        let mut ids = Vec::new();
+        let mut rest = rendered;
+        for (marker, content) in contents {
+            let Some((before, after)) = rest.split_once(marker.as_str()) else {
+                return Err(GenerateError::ContentNotKept);
+            };
+            ids.extend(tokenizer::encode(&self.tokenizer, before, false)?);
+            ids.extend(tokenizer::encode(&self.text_tokenizer, content, false)?);
+            rest = after;
+        }
+        if contents
+            .iter()
+            .any(|(marker, _)| rest.contains(marker.as_str()))
+        {
+            return Err(GenerateError::ContentNotKept);
+        }
+        ids.extend(tokenizer::encode(&self.tokenizer, rest, false)?);
+        if ids.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        Ok(ids)
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -69,7 +180,8 @@ impl PromptEncoder {
         let ids = match prompt {
             Prompt::Text(text) => tokenizer::encode(&self.tokenizer, text, true)?,
             Prompt::Chat(messages) => {
-                tokenizer::encode(&self.tokenizer, &self.render_chat(messages)?, false)?
+                let plan = self.chat_plan(messages);
+                return self.chat_ids(&plan, &self.render_chat(&plan.messages)?);
             }
         };
         if ids.is_empty() {

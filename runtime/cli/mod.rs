@@ -167,7 +167,14 @@ impl RunModelArgs {
             precision: self.dtype.unwrap_or_default(),
             // Without --worker-memory the budget follows the verified weights
             // (`worker::supervisor::default_memory_budget`), never the directory listing.
-            memory_budget: self.worker_memory.map(|mib| mib << 20),
+            memory_budget: self
+                .worker_memory
+                .map(|mib| {
+                    mib.checked_mul(1 << 20).ok_or_else(|| {
+                        format!("--worker-memory {mib} MiB is more bytes than fit in 64 bits")
+                    })
+                })
+                .transpose()?,
         })
     }
 }

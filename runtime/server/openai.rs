@@ -363,11 +363,14 @@ async fn encode_prompt(
     let encoder = served.encoder.clone();
     let encoded = match prompt {
         Prompt::Chat(messages) => {
+            // Message contents that spell a control token are rendered as markers and
+            // tokenized as text here (`ChatPlan`): only the template places control tokens.
+            let plan = encoder.chat_plan(&messages);
             let (done, rendered) = oneshot::channel();
             served
                 .engine
                 .submit(Job::Render {
-                    messages,
+                    messages: plan.messages.clone(),
                     control: control.clone(),
                     done,
                 })
@@ -376,7 +379,7 @@ async fn encode_prompt(
                 .await
                 .map_err(|_| engine_stopped())?
                 .map_err(ApiError::from)?;
-            tokio::task::spawn_blocking(move || encoder.rendered_ids(&text)).await
+            tokio::task::spawn_blocking(move || encoder.chat_ids(&plan, &text)).await
         }
         text => tokio::task::spawn_blocking(move || encoder.prompt_ids(&text)).await,
     };

@@ -340,22 +340,21 @@ pub fn verify_source(
 ) -> Result<Verified, SigningError> {
     use securerun_models::source::Origin;
     let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    // A file the loader read that no longer resolves (removed or renamed since) cannot be
+    // matched to a signed name: it is refused, never skipped.
+    let held_at = |p: &Path| {
+        std::fs::canonicalize(p).map_err(|_| SigningError::UncoveredInput(p.to_path_buf()))
+    };
     let mut held: Vec<(PathBuf, &[u8])> = Vec::new();
     for f in source.weight_files() {
-        if let Some(p) = canon(f.path()) {
-            held.push((p, f.bytes()));
-        }
+        held.push((held_at(f.path())?, f.bytes()));
     }
     if let Some((path, bytes)) = source.index_file() {
-        if let Some(p) = canon(path) {
-            held.push((p, bytes));
-        }
+        held.push((held_at(path)?, bytes));
     }
     for aux in source.aux_files().values() {
         if let Origin::File(path) = &aux.origin {
-            if let Some(p) = canon(path) {
-                held.push((p, &aux.bytes));
-            }
+            held.push((held_at(path)?, &aux.bytes));
         }
     }
     let loaded = |path: &Path| {

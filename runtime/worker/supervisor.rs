@@ -477,8 +477,9 @@ impl ConfinedModel {
         let ids = match prompt {
             Prompt::Text(_) => self.encoder.prompt_ids(prompt),
             Prompt::Chat(messages) => {
-                let text = self.render_chat(messages)?;
-                self.encoder.rendered_ids(&text)
+                let plan = self.encoder.chat_plan(messages);
+                let text = self.render_chat(&plan.messages)?;
+                self.encoder.chat_ids(&plan, &text)
             }
         }
         .map_err(|e| WorkerError::Request(e.to_string()))?;
