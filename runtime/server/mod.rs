@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod connections;
 pub mod engine;
+pub mod fields;
 pub mod interrupt;
 pub mod ledger;
 pub mod models;

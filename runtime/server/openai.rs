@@ -37,6 +37,8 @@ pub struct ApiError {
     pub outcome: Option<&'static str>,
     /// Token counts so far (a request interrupted while it ran); boxed, errors stay small.
     pub usage: Option<Box<super::Usage>>,
+    /// The request field at fault (OpenAI's `param`); boxed, errors stay small.
+    pub param: Option<Box<str>>,
 }
 
 impl ApiError {
@@ -54,6 +56,7 @@ impl ApiError {
             retry_after: None,
             outcome: None,
             usage: None,
+            param: None,
         }
     }
 
@@ -64,7 +67,7 @@ impl ApiError {
 
     fn body(&self) -> Value {
         json!({"error": {
-            "message": self.message, "type": self.kind, "param": null, "code": self.code,
+            "message": self.message, "type": self.kind, "param": self.param.as_deref(), "code": self.code,
         }})
     }
 
@@ -75,6 +78,13 @@ impl ApiError {
             "invalid_request",
             message,
         )
+    }
+
+    /// A 400 naming the request field at fault.
+    pub fn bad_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let mut e = Self::bad_request(message);
+        e.param = Some(param.into().into_boxed_str());
+        e
     }
 
     pub fn limited(l: Limited) -> Self {
@@ -197,6 +207,21 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// Parses a body for `route`, refusing first any field the route does not implement
+/// ([`super::fields`]): nothing a client asks for is silently ignored.
+fn parse_request<T: serde::de::DeserializeOwned>(
+    route: super::fields::Route,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let value: Value = parse_json(body)?;
+    super::fields::check(route, &value).map_err(|r| match r.param.is_empty() {
+        true => ApiError::bad_request(r.message),
+        false => ApiError::bad_param(r.param, r.message),
+    })?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
 /// The model a request names, if it is served here and the caller's token may use it. The
 /// request keeps this version to its end, even if the model is replaced meanwhile.
 fn served_model(
@@ -228,13 +253,18 @@ fn served_model(
 
 fn params(state: &AppState, s: &Sampling) -> Result<GenerationParams, ApiError> {
     if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request("only n = 1 is supported"));
+        return Err(ApiError::bad_param("n", "only n = 1 is supported"));
     }
-    if s.frequency_penalty.is_some_and(|p| p != 0.0) || s.presence_penalty.is_some_and(|p| p != 0.0)
-    {
-        return Err(ApiError::bad_request(
-            "frequency_penalty and presence_penalty are not supported",
-        ));
+    for (param, value) in [
+        ("frequency_penalty", s.frequency_penalty),
+        ("presence_penalty", s.presence_penalty),
+    ] {
+        if value.is_some_and(|p| p != 0.0) {
+            return Err(ApiError::bad_param(
+                param,
+                format!("{param} is not supported"),
+            ));
+        }
     }
     let max_tokens = s
         .max_completion_tokens
@@ -303,7 +333,7 @@ pub async fn chat(
     Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_json(&body)?;
+    let req: ChatRequest = parse_request(super::fields::Route::Chat, &body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty"));
     }
@@ -329,7 +359,7 @@ pub async fn completions(
     Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_json(&body)?;
+    let req: CompletionRequest = parse_request(super::fields::Route::Completions, &body)?;
     let call = Call {
         state,
         caller,
@@ -876,7 +906,7 @@ pub async fn embeddings(
     Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: EmbeddingRequest = parse_json(&body)?;
+    let req: EmbeddingRequest = parse_request(super::fields::Route::Embeddings, &body)?;
     let served = served_model(&state, &caller, &ledger, &req.model)?;
     if served.engine.is_text {
         return Err(ApiError::bad_request(

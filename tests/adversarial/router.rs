@@ -262,7 +262,12 @@ impl Edge {
         let body = serde_json::json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 8,
                                       "stream": stream,
                                       "stream_options": {"include_usage": true}});
-        let mut req = axum::http::Request::post("/v1/completions")
+        self.post("/v1/completions", &body)
+    }
+
+    /// One POST of `body` to `path` through the router: status and body.
+    fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
+        let mut req = axum::http::Request::post(path)
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/json")
             .body(Body::from(body.to_string()))
@@ -390,4 +395,83 @@ fn a_backend_that_never_ends_is_cancelled_at_the_deadline() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// No field is silently ignored: each feature not implemented here, and any unknown field, is
+/// a 400 in OpenAI's shape naming the field in `param`, before any work; the same features in
+/// their neutral form, and caller metadata, are accepted. Before, `response_format`, `tools`,
+/// `logprobs` and the rest were accepted and dropped (a client asking for JSON got prose).
+#[test]
+fn every_field_is_implemented_or_refused_by_name() {
+    let edge = Edge::new(Default::default());
+    let chat = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": MODEL, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "Hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    for (path, body, param) in [
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"logprobs": true, "top_logprobs": 2})),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"logit_bias": {"50256": -100}})),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"n": 2})),
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"presence_penalty": 0.5})),
+            "presence_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"max_tokenz": 5})),
+            "max_tokenz",
+        ),
+        (
+            "/v1/completions",
+            serde_json::json!({"model": MODEL, "prompt": "x", "echo": true}),
+            "echo",
+        ),
+    ] {
+        let (status, out) = edge.post(path, &body);
+        assert_eq!(status, 400, "{param}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["error"]["param"], param, "{out}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{out}");
+    }
+    // Neutral forms and caller metadata ask for nothing: served.
+    edge.plans.lock().unwrap().push_back(Plan::Text {
+        pieces: vec!["ok"],
+        cached: 0,
+    });
+    let (status, out) = edge.post(
+        "/v1/chat/completions",
+        &chat(
+            serde_json::json!({"response_format": {"type": "text"}, "tools": [],
+            "tool_choice": "none", "logprobs": false, "logit_bias": {}, "user": "u-17",
+            "parallel_tool_calls": true, "n": 1, "frequency_penalty": 0}),
+        ),
+    );
+    assert_eq!(status, 200, "{out}");
 }
