@@ -28,6 +28,7 @@ pub fn scope_for(path: &str) -> Option<Scope> {
     match path {
         "/v1/models" | "/v1/chat/completions" | "/v1/completions" => Some(Scope::Inference),
         "/v1/embeddings" => Some(Scope::Embeddings),
+        p if p.starts_with("/v1/models/") => Some(Scope::Inference),
         "/metrics" => Some(Scope::Metrics),
         "/admin/tokens" | "/admin/lockdown" => Some(Scope::Admin),
         p if p.starts_with("/admin/tokens/") || p.starts_with("/admin/models/") => {

@@ -156,6 +156,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/metrics"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/example"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
@@ -172,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
@@ -319,7 +321,7 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         return refused(e, "refused_lockdown");
     }
     // A token of either model scope may list the models it can use.
-    let lists_models = path == "/v1/models"
+    let lists_models = (path == "/v1/models" || path.starts_with("/v1/models/"))
         && caller
             .record
             .scopes

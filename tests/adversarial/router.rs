@@ -166,6 +166,8 @@ struct Edge {
     _state_dir: tempfile::TempDir,
     state: Arc<AppState>,
     token: String,
+    /// A token for other models only.
+    narrow: String,
     plans: Arc<Mutex<VecDeque<Plan>>>,
     cancelled: Arc<Mutex<Vec<u64>>>,
     runtime: tokio::runtime::Runtime,
@@ -186,6 +188,16 @@ impl Edge {
                 "client",
                 BTreeSet::from([Scope::Inference]),
                 vec![],
+                Limits::default(),
+                None,
+            )
+            .unwrap()
+            .token;
+        let narrow = store
+            .create(
+                "narrow",
+                BTreeSet::from([Scope::Inference]),
+                vec!["elsewhere".into()],
                 Limits::default(),
                 None,
             )
@@ -250,6 +262,7 @@ impl Edge {
             _state_dir: state_dir,
             state,
             token,
+            narrow,
             plans,
             cancelled,
             runtime,
@@ -267,10 +280,17 @@ impl Edge {
 
     /// One POST of `body` to `path` through the router: status and body.
     fn post(&self, path: &str, body: &serde_json::Value) -> (u16, String) {
-        let mut req = axum::http::Request::post(path)
-            .header("authorization", format!("Bearer {}", self.token))
+        self.send("POST", path, &self.token, body.to_string())
+    }
+
+    /// One request through the router with `token`: status and body.
+    fn send(&self, method: &str, path: &str, token: &str, body: String) -> (u16, String) {
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
+            .body(Body::from(body))
             .unwrap();
         req.extensions_mut()
             .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
@@ -474,4 +494,30 @@ fn every_field_is_implemented_or_refused_by_name() {
         ),
     );
     assert_eq!(status, 200, "{out}");
+}
+
+/// `GET /v1/models/{id}`: the model if the token may use it; a model it may not use is the same
+/// 404 as one that does not exist (OpenAI's shape, `param: model`), so a token learns no other
+/// model's name. Before, the route did not exist (404 `not_found` for every id).
+#[test]
+fn one_model_is_retrieved_only_by_a_token_that_may_use_it() {
+    let edge = Edge::new(Default::default());
+    let (status, out) = edge.send("GET", "/v1/models/fake", &edge.token, String::new());
+    assert_eq!(status, 200, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["object"].as_str()),
+        (Some(MODEL), Some("model"))
+    );
+    for (id, token) in [("fake", &edge.narrow), ("absent", &edge.token)] {
+        let (status, out) = edge.send("GET", &format!("/v1/models/{id}"), token, String::new());
+        assert_eq!(status, 404, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found", "{out}");
+        assert_eq!(v["error"]["param"], "model", "{out}");
+    }
+    // Listing agrees: the narrow token sees no model here.
+    let (_, out) = edge.send("GET", "/v1/models", &edge.narrow, String::new());
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{out}");
 }
