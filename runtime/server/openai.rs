@@ -175,9 +175,88 @@ struct Sampling {
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    messages: Vec<ChatMessage>,
+    messages: Vec<ApiMessage>,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// A chat message as clients send it: content as a string or as parts, and fields this server
+/// does not implement (refused unless neutral: see [`ApiMessage::into_chat`]).
+#[derive(Deserialize)]
+struct ApiMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+impl ApiMessage {
+    /// The message the template renders, or a 400 naming the field (`messages[i].…`) this
+    /// server does not implement. Text parts are joined with newlines (as vLLM joins them);
+    /// `developer` is the system role under its newer name.
+    fn into_chat(self, i: usize) -> Result<ChatMessage, ApiError> {
+        let at = |field: &str| format!("messages[{i}].{field}");
+        let role = match self.role.as_str() {
+            "system" | "user" | "assistant" => self.role,
+            "developer" => "system".to_string(),
+            other => {
+                return Err(ApiError::bad_param(
+                    at("role"),
+                    format!("role {other:?} is not supported (system, developer, user, assistant)"),
+                ))
+            }
+        };
+        for (field, value) in &self.rest {
+            let neutral = match (field.as_str(), value) {
+                (_, Value::Null) => true,
+                ("tool_calls", Value::Array(a)) => a.is_empty(),
+                _ => false,
+            };
+            if !neutral {
+                return Err(ApiError::bad_param(
+                    at(field),
+                    format!("{field} in a message is not supported by this server"),
+                ));
+            }
+        }
+        let content = match self.content {
+            Some(Content::Text(text)) => text,
+            Some(Content::Parts(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for (j, part) in parts.iter().enumerate() {
+                    let kind = part.get("type").and_then(Value::as_str);
+                    match (kind, part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(text)) => texts.push(text),
+                        _ => {
+                            return Err(ApiError::bad_param(
+                                at(&format!("content[{j}].type")),
+                                format!(
+                                    "content part type {:?} is not supported; only text parts are",
+                                    kind.unwrap_or("(none)")
+                                ),
+                            ))
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            None => {
+                return Err(ApiError::bad_param(
+                    at("content"),
+                    "every message needs content",
+                ))
+            }
+        };
+        Ok(ChatMessage { role, content })
+    }
 }
 
 #[derive(Deserialize)]
@@ -335,9 +414,18 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_request(super::fields::Route::Chat, &body)?;
     if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty"));
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must not be empty",
+        ));
     }
-    let texts = req.messages.iter().map(|m| m.content.clone()).collect();
+    let messages = req
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| m.into_chat(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts = messages.iter().map(|m| m.content.clone()).collect();
     let call = Call {
         state,
         caller,
@@ -346,7 +434,7 @@ pub async fn chat(
     complete(
         call,
         texts,
-        Prompt::Chat(req.messages),
+        Prompt::Chat(messages),
         req.sampling,
         Kind::Chat,
     )

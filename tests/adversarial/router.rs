@@ -521,3 +521,54 @@ fn one_model_is_retrieved_only_by_a_token_that_may_use_it() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["data"].as_array().map(Vec::len), Some(0), "{out}");
 }
+
+/// Message content as text parts is served as the parts joined by newlines (the same prompt,
+/// token for token, as that string); a part of another type, a field this server does not
+/// implement and a role it does not know are 400s naming `messages[i]...`. Before, parts were
+/// a 400 for every client that sends them, and `name` was silently dropped.
+#[test]
+fn message_parts_are_text_or_refused_by_name() {
+    let edge = Edge::new(Default::default());
+    let chat = |message: serde_json::Value| serde_json::json!({"model": MODEL, "max_tokens": 2, "messages": [message]});
+    let prompt_tokens = |message: serde_json::Value| {
+        edge.plans.lock().unwrap().push_back(Plan::Text {
+            pieces: vec!["ok"],
+            cached: 0,
+        });
+        let (status, out) = edge.post("/v1/chat/completions", &chat(message));
+        assert_eq!(status, 200, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let parts = prompt_tokens(serde_json::json!({"role": "user", "content": [
+        {"type": "text", "text": "First line"}, {"type": "text", "text": "second line"}]}));
+    let joined = prompt_tokens(serde_json::json!({"role": "user",
+        "content": "First line\nsecond line"}));
+    assert_eq!(parts, joined);
+    // `developer` is the system role; neutral fields pass.
+    prompt_tokens(
+        serde_json::json!({"role": "developer", "content": "Be brief.",
+        "name": null, "tool_calls": []}),
+    );
+    for (message, param) in [
+        (
+            serde_json::json!({"role": "user", "content": [{"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "data:,"}}]}),
+            "messages[0].content[1].type",
+        ),
+        (
+            serde_json::json!({"role": "user", "content": "hi", "name": "mallory"}),
+            "messages[0].name",
+        ),
+        (
+            serde_json::json!({"role": "tool", "content": "42", "tool_call_id": "c1"}),
+            "messages[0].role",
+        ),
+        (serde_json::json!({"role": "user"}), "messages[0].content"),
+    ] {
+        let (status, out) = edge.post("/v1/chat/completions", &chat(message));
+        assert_eq!(status, 400, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["error"]["param"], param, "{out}");
+    }
+}
