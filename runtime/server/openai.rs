@@ -119,7 +119,16 @@ impl IntoResponse for ApiError {
         if let Some(u) = self.usage {
             resp.extensions_mut().insert(*u);
         }
-        if let Some(after) = self.retry_after {
+        // Every 429 and 503 says when to come back (a client's backoff needs it), 1 s unless
+        // the error knows better.
+        let retry_after = self.retry_after.or_else(|| {
+            matches!(
+                self.status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+            )
+            .then_some(Duration::from_secs(1))
+        });
+        if let Some(after) = retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
                 resp.headers_mut().insert("retry-after", v);

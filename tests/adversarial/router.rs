@@ -285,6 +285,18 @@ impl Edge {
 
     /// One request through the router with `token`: status and body.
     fn send(&self, method: &str, path: &str, token: &str, body: String) -> (u16, String) {
+        let (status, _, body) = self.send_with_headers(method, path, token, body);
+        (status, body)
+    }
+
+    /// [`Edge::send`], with the response's headers.
+    fn send_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: String,
+    ) -> (u16, axum::http::HeaderMap, String) {
         let mut req = axum::http::Request::builder()
             .method(method)
             .uri(path)
@@ -298,12 +310,13 @@ impl Edge {
         self.runtime.block_on(async {
             let resp = app.oneshot(req).await.unwrap();
             let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
             let bytes = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
                 .await
                 .expect("the response ends")
                 .unwrap()
                 .to_bytes();
-            (status, String::from_utf8(bytes.to_vec()).unwrap())
+            (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
         })
     }
 
@@ -571,4 +584,23 @@ fn message_parts_are_text_or_refused_by_name() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["error"]["param"], param, "{out}");
     }
+}
+
+/// Every 503 says when to retry: a lost worker (`worker_failed`) now carries `Retry-After` like
+/// the overload and lockdown refusals always did. Before, it had none.
+#[test]
+fn a_lost_worker_s_503_says_when_to_retry() {
+    let edge = Edge::new(Default::default());
+    edge.plans
+        .lock()
+        .unwrap()
+        .push_back(Plan::WorkerLost { after: 0 });
+    let body = serde_json::json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 8});
+    let (status, headers, out) =
+        edge.send_with_headers("POST", "/v1/completions", &edge.token, body.to_string());
+    assert_eq!(status, 503, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], "worker_failed", "{out}");
+    let after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(after >= 1, "{after}");
 }
