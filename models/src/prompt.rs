@@ -35,10 +35,8 @@ pub struct PromptEncoder {
 /// and each content is tokenized with special tokens as plain text between the template's
 /// pieces. A template that drops, repeats or rewrites a content (so a marker is not found
 /// exactly once, in order) is refused rather than guessed at.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatPlan {
-    /// What to render.
-    pub messages: Vec<crate::ChatMessage>,
     /// The contents and their markers, when markers stand in for them.
     contents: Option<Vec<(String, String)>>,
 }
@@ -101,16 +99,17 @@ impl PromptEncoder {
         }
     }
 
-    /// What to render for `messages`, and how its text becomes ids ([`ChatPlan`]).
-    pub fn chat_plan(&self, messages: &[crate::ChatMessage]) -> ChatPlan {
+    /// What to render for `messages` (the messages themselves, moved, unless a content spells
+    /// a special token), and how the rendered text becomes ids ([`ChatPlan`]).
+    pub fn chat_plan(
+        &self,
+        messages: Vec<crate::ChatMessage>,
+    ) -> (Vec<crate::ChatMessage>, ChatPlan) {
         if !messages
             .iter()
             .any(|m| self.spells_special_token(&m.content))
         {
-            return ChatPlan {
-                messages: messages.to_vec(),
-                contents: None,
-            };
+            return (messages, ChatPlan::default());
         }
         let nonce = {
             use std::hash::{BuildHasher, Hasher};
@@ -120,21 +119,23 @@ impl PromptEncoder {
         };
         let mut rendered = Vec::with_capacity(messages.len());
         let mut contents = Vec::with_capacity(messages.len());
-        for (i, m) in messages.iter().enumerate() {
+        for (i, m) in messages.into_iter().enumerate() {
             // Private-use characters around a per-request number: no template writes them, and
             // no client can predict them.
             let marker = format!("\u{e000}{nonce:016x}.{i}\u{e001}");
-            rendered.push(crate::ChatMessage::new(m.role.clone(), marker.clone()));
-            contents.push((marker, m.content.clone()));
+            rendered.push(crate::ChatMessage::new(m.role, marker.clone()));
+            contents.push((marker, m.content));
         }
-        ChatPlan {
-            messages: rendered,
-            contents: Some(contents),
-        }
+        (
+            rendered,
+            ChatPlan {
+                contents: Some(contents),
+            },
+        )
     }
 
-    /// The ids of a chat prompt: `rendered` is [`ChatPlan::messages`] rendered with the
-    /// model's template (by whoever ran it).
+    /// The ids of a chat prompt: `rendered` is what [`Self::chat_plan`] said to render,
+    /// rendered with the model's template (by whoever ran it).
     pub fn chat_ids(&self, plan: &ChatPlan, rendered: &str) -> Result<Vec<u32>, GenerateError> {
         let Some(contents) = &plan.contents else {
             return self.rendered_ids(rendered);
@@ -180,8 +181,8 @@ impl PromptEncoder {
         let ids = match prompt {
             Prompt::Text(text) => tokenizer::encode(&self.tokenizer, text, true)?,
             Prompt::Chat(messages) => {
-                let plan = self.chat_plan(messages);
-                return self.chat_ids(&plan, &self.render_chat(&plan.messages)?);
+                let (to_render, plan) = self.chat_plan(messages.clone());
+                return self.chat_ids(&plan, &self.render_chat(&to_render)?);
             }
         };
         if ids.is_empty() {

@@ -79,7 +79,7 @@ fn neutral(field: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(false)) => true,
         ("top_logprobs", v) => v.as_u64() == Some(0),
         ("best_of", v) => v.as_u64() == Some(1),
-        ("logit_bias" | "metadata", Value::Object(m)) => m.is_empty(),
+        ("logit_bias", Value::Object(m)) => m.is_empty(),
         ("tools" | "functions" | "modalities", Value::Array(a)) => {
             a.is_empty() || (field == "modalities" && a.iter().all(|m| m == "text"))
         }

@@ -492,12 +492,12 @@ async fn encode_prompt(
         Prompt::Chat(messages) => {
             // Message contents that spell a control token are rendered as markers and
             // tokenized as text here (`ChatPlan`): only the template places control tokens.
-            let plan = encoder.chat_plan(&messages);
+            let (messages, plan) = encoder.chat_plan(messages);
             let (done, rendered) = oneshot::channel();
             served
                 .engine
                 .submit(Job::Render {
-                    messages: plan.messages.clone(),
+                    messages,
                     control: control.clone(),
                     done,
                 })

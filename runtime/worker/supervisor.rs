@@ -477,8 +477,8 @@ impl ConfinedModel {
         let ids = match prompt {
             Prompt::Text(_) => self.encoder.prompt_ids(prompt),
             Prompt::Chat(messages) => {
-                let plan = self.encoder.chat_plan(messages);
-                let text = self.render_chat(&plan.messages)?;
+                let (to_render, plan) = self.encoder.chat_plan(messages.clone());
+                let text = self.render_chat(&to_render)?;
                 self.encoder.chat_ids(&plan, &text)
             }
         }
