@@ -429,6 +429,9 @@ extern "C" fn relay_abort(_sig: libc::c_int) {
     }
 }
 
+/// How long the worker waits for its reaper to confine itself (it takes microseconds).
+const REAPER_READY_MS: libc::c_int = 10_000;
+
 /// Forks into the PID namespace created by `unshare`: returns in the child (PID 1 there) and
 /// never returns in the parent, which reaps the child (see [`confine`]).
 fn enter_pid_namespace(last_cap: Option<u32>) -> Result<String, String> {
@@ -455,19 +458,28 @@ fn enter_pid_namespace(last_cap: Option<u32>) -> Result<String, String> {
             if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } != 0 {
                 return Err(format!("PR_SET_PDEATHSIG: {}", errno()));
             }
-            // A hang-up means the reaper died before the parent-death signal was armed. (A
-            // PID 1 cannot compare getppid: its parent is outside the namespace, so it reads 0
-            // either way.)
+            // Wait for the reaper's one byte: it writes it once it has confined itself, so the
+            // worker never runs a line of its own while its reaper is still unconfined. End of
+            // file instead means the reaper died (perhaps before the parent-death signal was
+            // armed; a PID 1 cannot compare getppid: its parent is outside the namespace).
             let mut pfd = libc::pollfd {
                 fd: alive_r,
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: poll on one pollfd on the stack, without waiting.
-            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+            // SAFETY: poll on one pollfd on the stack.
+            let n = unsafe { libc::poll(&mut pfd, 1, REAPER_READY_MS) };
+            let mut byte = 0u8;
+            let got = if n == 1 {
+                // SAFETY: read of one byte into a local.
+                unsafe { libc::read(alive_r, (&mut byte as *mut u8).cast(), 1) }
+            } else {
+                0
+            };
             close(&[alive_r]);
-            if n != 0 {
-                // SAFETY: _exit has no preconditions; the supervisor is gone.
+            if got != 1 {
+                // SAFETY: _exit has no preconditions; the reaper (and so the supervisor's
+                // child) is gone or stuck.
                 unsafe { libc::_exit(1) };
             }
             ABORT_RELAY.store(abort_w, std::sync::atomic::Ordering::Relaxed);
@@ -510,6 +522,7 @@ fn reap(
 ) -> ! {
     // Everything but `keep`: stdio, the IPC socket and the model files belong to the worker,
     // and must close when the worker does.
+    let keep_alive = keep[0];
     let mut keep = *keep;
     keep.sort_unstable();
     let mut from: libc::c_uint = 0;
@@ -525,6 +538,8 @@ fn reap(
     let _ = no_new_privs();
     let _ = drop_capabilities(last_cap);
     let _ = crate::seccomp::install_reaper();
+    // SAFETY: write of one byte from a static buffer to our own pipe: the worker may start.
+    unsafe { libc::write(keep_alive, b"R".as_ptr().cast(), 1) };
     let mut status: libc::c_int = 0;
     loop {
         // SAFETY: waitpid writes the status into a local int.

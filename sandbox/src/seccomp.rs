@@ -158,9 +158,11 @@ pub const ARG_RULES: &[(&str, libc::c_long, &[&[Cond]])] = &[
 pub const THREAD_CAP: &[(&str, libc::c_long)] =
     &[("clone", libc::SYS_clone), ("clone3", libc::SYS_clone3)];
 
-/// What the PID-namespace reaper may do: wait for the worker, read whether it aborted, die like
-/// it did, exit.
+/// What the PID-namespace reaper may do: tell the worker it is confined (one byte on a pipe,
+/// the only descriptor it can write), wait for the worker, read whether it aborted, die like it
+/// did, exit.
 pub const REAPER_ALLOWED: &[(&str, libc::c_long)] = &[
+    ("write", libc::SYS_write),
     ("wait4", libc::SYS_wait4),
     ("read", libc::SYS_read),
     ("rt_sigaction", libc::SYS_rt_sigaction),
