@@ -151,7 +151,7 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         if !self.has_room() {
             return Err(GenerateError::BatchFull);
         }
-        let state = SeqState::new(prompt_ids, params, self.decoder.shape().max_context)?;
+        let state = self.model.seq_state(prompt_ids, params)?;
         let prompt = state.prompt();
         // The kept cache of this key sharing the longest prefix; else the oldest kept one.
         // The last prompt token is always fed: its logits give the first token.

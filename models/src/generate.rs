@@ -10,6 +10,7 @@ use tokenizers::Tokenizer;
 use crate::arch::{self, Architecture, CausalLm};
 use crate::chat::{ChatError, ChatMessage};
 use crate::detok::Detokenizer;
+use crate::grammar::{Constraint, GrammarEnv, GrammarError, OutputGrammar};
 use crate::load::{self, LoadError, LoadOptions};
 use crate::prompt::PromptEncoder;
 use crate::sampling::SamplingParams;
@@ -38,6 +39,13 @@ pub struct GenerationParams {
     /// Refuse prompts longer than this (a server's cap, below the model's context).
     #[serde(default)]
     pub max_prompt_tokens: Option<usize>,
+    /// What the output must match (JSON, a schema, a tool call): see [`crate::grammar`].
+    #[serde(default)]
+    pub grammar: Option<OutputGrammar>,
+    /// Added to a token's logit before sampling (OpenAI's `logit_bias`: −100 bans, +100
+    /// all but forces).
+    #[serde(default)]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for GenerationParams {
@@ -48,6 +56,8 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             ignore_eos: false,
             max_prompt_tokens: None,
+            grammar: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -122,6 +132,8 @@ pub enum GenerateError {
     /// keep message contents whole, so they cannot be kept as text ([`crate::prompt::ChatPlan`]).
     #[error("a message contains the text of one of the model's control tokens, and this model's chat template rewrites message contents, so it cannot be kept as plain text")]
     ContentNotKept,
+    #[error(transparent)]
+    Grammar(#[from] GrammarError),
 }
 
 impl From<candle_core::Error> for GenerateError {
@@ -165,6 +177,11 @@ pub struct TextModel {
     lm: Box<dyn CausalLm>,
     encoder: PromptEncoder,
     eos: Vec<u32>,
+    source: Arc<ModelSource>,
+    /// Logits per position (config.json's `vocab_size`; bounded there).
+    vocab: usize,
+    /// The tokenizer as the grammar engine sees it: built at the first constrained request.
+    grammar: std::sync::OnceLock<Result<GrammarEnv, GrammarError>>,
 }
 
 impl TextModel {
@@ -178,7 +195,40 @@ impl TextModel {
             lm,
             encoder: PromptEncoder::new(parts.tokenizer, source),
             eos,
+            source: source.clone(),
+            vocab: parts
+                .config
+                .get("vocab_size")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0) as usize,
+            grammar: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The state of one generation from `prompt_ids`, its grammar compiled (if it has one).
+    pub(crate) fn seq_state(
+        &self,
+        prompt_ids: &[u32],
+        params: &GenerationParams,
+    ) -> Result<SeqState, GenerateError> {
+        let constraint = match &params.grammar {
+            None => None,
+            Some(grammar) => {
+                grammar.check()?;
+                let env = self.grammar.get_or_init(|| {
+                    let json = self
+                        .source
+                        .aux("tokenizer.json")
+                        .ok_or_else(|| GrammarError::Tokenizer("no tokenizer.json".into()))?;
+                    GrammarEnv::new(json, self.vocab, &self.eos)
+                });
+                let env = env
+                    .as_ref()
+                    .map_err(|e| GenerateError::Grammar(e.clone()))?;
+                Some(env.constraint(grammar)?)
+            }
+        };
+        SeqState::new(prompt_ids, params, self.lm.max_context(), constraint)
     }
 
     /// Scores `ids` (at least two tokens, within the context): every token after the first is
@@ -282,7 +332,7 @@ impl TextModel {
         params: &GenerationParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let mut state = SeqState::new(prompt_ids, params, self.lm.max_context())?;
+        let mut state = self.seq_state(prompt_ids, params)?;
         self.lm.reset();
         let mut logits = arch::forward_guarded(self.lm.as_mut(), prompt_ids, 0)?;
         state.prefilled();
@@ -304,6 +354,9 @@ impl TextModel {
 pub(crate) struct SeqState {
     params: GenerationParams,
     sampler: candle_transformers::generation::LogitsProcessor,
+    constraint: Option<Constraint>,
+    /// How often each token was generated (for presence and frequency penalties).
+    counts: std::collections::HashMap<u32, u32>,
     run: Run,
     prompt_len: usize,
     budget: usize,
@@ -321,8 +374,18 @@ impl SeqState {
         prompt_ids: &[u32],
         params: &GenerationParams,
         max_context: usize,
+        constraint: Option<Constraint>,
     ) -> Result<Self, GenerateError> {
         params.sampling.validate().map_err(GenerateError::Params)?;
+        if let Some((id, bias)) = params
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !b.is_finite() || !(-100.0..=100.0).contains(b))
+        {
+            return Err(GenerateError::Params(format!(
+                "logit_bias for token {id} must be in [-100, 100], got {bias}"
+            )));
+        }
         if prompt_ids.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
@@ -345,6 +408,8 @@ impl SeqState {
         Ok(SeqState {
             params: params.clone(),
             sampler: params.sampling.processor(),
+            constraint,
+            counts: std::collections::HashMap::new(),
             run: Run {
                 context: prompt_ids.to_vec(),
                 text: String::new(),
@@ -390,13 +455,26 @@ impl SeqState {
             return Ok(None);
         }
         let logits = self.params.sampling.penalize(logits, &self.run.context)?;
+        let logits = self.shape(logits)?;
         let next = self.sampler.sample(&logits)?;
-        if !self.params.ignore_eos && eos.contains(&next) {
+        let at_eos = eos.contains(&next);
+        if let Some(c) = &mut self.constraint {
+            // End-of-sequence is in the mask only where the output is complete.
+            if !at_eos {
+                c.consume(next)?;
+            }
+        }
+        if at_eos && (!self.params.ignore_eos || self.constraint.is_some()) {
             self.finish = FinishReason::Stop;
             return Ok(None);
         }
         self.run.context.push(next);
         self.generated += 1;
+        *self.counts.entry(next).or_default() += 1;
+        let complete = self
+            .constraint
+            .as_ref()
+            .is_some_and(Constraint::is_complete);
         if let Some(piece) = self.run.detok.push(tokenizer, next)? {
             if let Step::Stop(reason) = self.run.emit(&piece, on_text) {
                 self.finish = reason;
@@ -404,10 +482,47 @@ impl SeqState {
                 return Ok(None);
             }
         }
+        if complete {
+            self.finish = FinishReason::Stop;
+            return Ok(None);
+        }
         if self.generated == self.budget {
             return Ok(None);
         }
         Ok(Some(next))
+    }
+
+    /// Applies what works on the logits row itself: presence and frequency penalties over the
+    /// generated tokens (OpenAI's definitions), `logit_bias`, and the grammar's mask. A request
+    /// that asks for none of them keeps the tensor as it came.
+    fn shape(&mut self, logits: candle_core::Tensor) -> Result<candle_core::Tensor, GenerateError> {
+        let s = &self.params.sampling;
+        let penalties = s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
+        if !penalties && self.params.logit_bias.is_empty() && self.constraint.is_none() {
+            return Ok(logits);
+        }
+        let device = logits.device().clone();
+        let mut row = logits.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        if penalties {
+            for (&id, &n) in &self.counts {
+                if let Some(l) = row.get_mut(id as usize) {
+                    *l -= s.presence_penalty + s.frequency_penalty * n as f32;
+                }
+            }
+        }
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = row.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        if let Some(c) = &mut self.constraint {
+            c.mask(&mut row)?;
+            if row.iter().all(|l| *l == f32::NEG_INFINITY) {
+                return Err(GrammarError::Step("no token can continue the output".into()).into());
+            }
+        }
+        let n = row.len();
+        Ok(candle_core::Tensor::from_vec(row, n, &device)?)
     }
 
     /// Ends the generation (after `advance` said so, or cancelled): releases what the

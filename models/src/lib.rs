@@ -31,6 +31,7 @@ pub mod embed;
 pub mod encoder;
 pub mod fsutil;
 pub mod generate;
+pub mod grammar;
 pub mod inspect;
 pub mod kernels;
 pub mod load;

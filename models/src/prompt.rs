@@ -167,6 +167,11 @@ impl PromptEncoder {
         &self.tokenizer
     }
 
+    /// Token ids run from 0 to this (added tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// Renders chat messages to the exact prompt text the model sees.
     pub fn render_chat(&self, messages: &[crate::ChatMessage]) -> Result<String, GenerateError> {
         match &self.chat {

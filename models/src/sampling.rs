@@ -15,6 +15,14 @@ pub struct SamplingParams {
     /// Hugging Face transformers).
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`, in [−2, 2]; the prompt does not count).
+    #[serde(default)]
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, in [−2, 2]).
+    #[serde(default)]
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -25,6 +33,8 @@ impl Default for SamplingParams {
             top_p: None,
             repetition_penalty: 1.0,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -53,6 +63,14 @@ impl SamplingParams {
                 "repetition_penalty must be in [0.01, 100], got {}",
                 self.repetition_penalty
             ));
+        }
+        for (name, p) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !p.is_finite() || !(-2.0..=2.0).contains(&p) {
+                return Err(format!("{name} must be in [-2, 2], got {p}"));
+            }
         }
         Ok(())
     }

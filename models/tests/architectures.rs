@@ -246,6 +246,7 @@ fn seeded_sampling_is_reproducible() {
         top_p: Some(0.95),
         repetition_penalty: 1.1,
         seed: 42,
+        ..Default::default()
     };
     let p = Prompt::Text("seed".into());
     let a = model
@@ -399,8 +400,8 @@ fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
 }
 
 /// Continuous batching changes no output: every request of a batch (prompts chunked across
-/// steps, a request joining while others decode, one cancelled, one sampled with a seed and
-/// penalties) gets exactly the tokens and text it gets alone, for every family on the own
+/// steps, a request joining while others decode, one cancelled, one sampled with a seed,
+/// penalties and logit biases) gets exactly the tokens and text it gets alone, for every family on the own
 /// decoder and for 16-bit weights.
 #[test]
 fn batched_generation_gives_each_request_its_unbatched_output() {
@@ -436,7 +437,10 @@ fn batched_generation_gives_each_request_its_unbatched_output() {
                     top_p: Some(0.9),
                     repetition_penalty: 1.2,
                     seed: 7,
+                    presence_penalty: 0.5,
+                    frequency_penalty: 0.3,
                 };
+                params.logit_bias = vec![(1, 3.0), (2, -100.0)];
             }
             requests.push((ids, params));
         }

@@ -94,10 +94,10 @@ pub fn run(args: RunArgs) -> CmdResult {
             top_p: args.top_p,
             repetition_penalty: args.repetition_penalty,
             seed: args.seed.unwrap_or_else(fresh_seed),
+            ..SamplingParams::default()
         },
         stop: args.stop.clone(),
-        ignore_eos: false,
-        max_prompt_tokens: None,
+        ..GenerationParams::default()
     };
     let stdout = std::io::stdout();
     let tty = stdout.is_terminal();

@@ -173,6 +173,9 @@ pub enum EngineError {
     /// The request itself is at fault (prompt too long, bad template input...).
     #[error("{0}")]
     Request(String),
+    /// The request's output grammar (response format, tools) cannot be used.
+    #[error("{0}")]
+    Grammar(String),
     /// The worker failed; it has been (or will be) replaced.
     #[error("{0}")]
     Worker(String),
@@ -185,7 +188,17 @@ impl From<WorkerError> for EngineError {
     fn from(e: WorkerError) -> Self {
         match e {
             WorkerError::Request(m) => EngineError::Request(m),
+            WorkerError::Grammar(m) => EngineError::Grammar(m),
             other => EngineError::Worker(other.to_string()),
+        }
+    }
+}
+
+impl From<securerun_models::GenerateError> for EngineError {
+    fn from(e: securerun_models::GenerateError) -> Self {
+        match e {
+            securerun_models::GenerateError::Grammar(g) => EngineError::Grammar(g.to_string()),
+            other => EngineError::Request(other.to_string()),
         }
     }
 }
@@ -567,7 +580,7 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
                 }
                 Backend::TextInProcess(m) => m
                     .generate_from_ids(&prompt_ids, &params, &mut on_text)
-                    .map_err(|e| EngineError::Request(e.to_string())),
+                    .map_err(EngineError::from),
                 _ => Err(EngineError::Request(
                     "this model does not generate text".into(),
                 )),

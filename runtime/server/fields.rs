@@ -30,6 +30,7 @@ const SAMPLING: &[&str] = &[
     "n",
     "frequency_penalty",
     "presence_penalty",
+    "logit_bias",
 ];
 
 /// Caller metadata: it changes no answer here, and OpenAI takes it on every route.
@@ -37,7 +38,6 @@ pub const METADATA: &[&str] = &["user", "metadata", "store", "service_tier"];
 
 /// Features not implemented here, by route, each accepted only in its neutral form.
 const NOT_IMPLEMENTED: &[(&str, &[Route])] = &[
-    ("response_format", &[Route::Chat]),
     ("tools", &[Route::Chat]),
     ("tool_choice", &[Route::Chat]),
     ("parallel_tool_calls", &[Route::Chat]),
@@ -45,7 +45,6 @@ const NOT_IMPLEMENTED: &[(&str, &[Route])] = &[
     ("function_call", &[Route::Chat]),
     ("logprobs", &[Route::Chat, Route::Completions]),
     ("top_logprobs", &[Route::Chat]),
-    ("logit_bias", &[Route::Chat, Route::Completions]),
     ("modalities", &[Route::Chat]),
     ("audio", &[Route::Chat]),
     ("prediction", &[Route::Chat]),
@@ -66,7 +65,9 @@ pub struct Refused {
 
 fn implemented(route: Route, field: &str) -> bool {
     match route {
-        Route::Chat => field == "messages" || SAMPLING.contains(&field),
+        Route::Chat => {
+            ["messages", "response_format"].contains(&field) || SAMPLING.contains(&field)
+        }
         Route::Completions => field == "prompt" || SAMPLING.contains(&field),
         Route::Embeddings => ["model", "input", "encoding_format"].contains(&field),
     }
@@ -79,7 +80,6 @@ fn neutral(field: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(false)) => true,
         ("top_logprobs", v) => v.as_u64() == Some(0),
         ("best_of", v) => v.as_u64() == Some(1),
-        ("logit_bias", Value::Object(m)) => m.is_empty(),
         ("tools" | "functions" | "modalities", Value::Array(a)) => {
             a.is_empty() || (field == "modalities" && a.iter().all(|m| m == "text"))
         }
@@ -87,9 +87,6 @@ fn neutral(field: &str, value: &Value) -> bool {
         ("function_call", Value::String(s)) => s == "none",
         // Without tools (refused unless empty) it has nothing to act on.
         ("parallel_tool_calls", Value::Bool(_)) => true,
-        ("response_format", Value::Object(m)) => {
-            m.len() == 1 && m.get("type").and_then(Value::as_str) == Some("text")
-        }
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
     }
@@ -146,12 +143,10 @@ mod tests {
             refused(Route::Chat, b)
         };
         for (field, value) in [
-            ("response_format", json!({"type": "json_object"})),
             ("tools", json!([{"type": "function"}])),
             ("tool_choice", json!("required")),
             ("logprobs", json!(true)),
             ("top_logprobs", json!(3)),
-            ("logit_bias", json!({"42": 5})),
             ("temperaturee", json!(1)),
         ] {
             assert_eq!(
@@ -162,6 +157,7 @@ mod tests {
         }
         for (field, value) in [
             ("response_format", json!({"type": "text"})),
+            ("logit_bias", json!({"42": 5})),
             ("tools", json!([])),
             ("tool_choice", json!("none")),
             ("logprobs", json!(false)),

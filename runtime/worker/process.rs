@@ -15,7 +15,7 @@ use securerun_models::{
 };
 use securerun_sandbox::{Channel, Confinement, Mode};
 
-use super::protocol::{FromWorker, LayerMsg, Task, ToWorker, MAX_TO_WORKER};
+use super::protocol::{FailureCause, FromWorker, LayerMsg, Task, ToWorker, MAX_TO_WORKER};
 
 /// Descriptors a worker may hold open (IPC, weight files, what candle and the allocator need).
 const OPEN_FILES: u64 = 64;
@@ -45,7 +45,14 @@ fn layer_msgs(report: &securerun_sandbox::Report) -> Vec<LayerMsg> {
 }
 
 fn fail(channel: &mut Channel, id: Option<u64>, error: String) -> ExitCode {
-    send(channel, &FromWorker::Failed { id, error });
+    send(
+        channel,
+        &FromWorker::Failed {
+            id,
+            error,
+            cause: FailureCause::General,
+        },
+    );
     ExitCode::FAILURE
 }
 
@@ -194,6 +201,7 @@ fn serve_batched<'m>(
                         Err(e) => Some(FromWorker::Failed {
                             id: Some(id),
                             error: e.to_string(),
+                            cause: FailureCause::of(&e),
                         }),
                     }
                 }
@@ -222,6 +230,7 @@ fn serve_batched<'m>(
                     let reply = FromWorker::Failed {
                         id: Some(id),
                         error: e.to_string(),
+                        cause: FailureCause::of(&e),
                     };
                     if !send(channel, &reply) {
                         return ExitCode::SUCCESS;
@@ -274,6 +283,7 @@ fn ended(
         Err(e) => FromWorker::Failed {
             id: Some(id),
             error: e.to_string(),
+            cause: FailureCause::of(&e),
         },
     }
 }
@@ -284,6 +294,7 @@ fn rendered(model: &TextModel, id: u64, messages: &[ChatMessage]) -> FromWorker 
         Err(e) => FromWorker::Failed {
             id: Some(id),
             error: e.to_string(),
+            cause: FailureCause::General,
         },
     }
 }
@@ -365,6 +376,7 @@ fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
                 Err(e) => FromWorker::Failed {
                     id: Some(id),
                     error: e.to_string(),
+                    cause: FailureCause::General,
                 },
             },
             ToWorker::Cancel { .. } => continue,

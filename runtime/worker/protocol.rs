@@ -86,6 +86,30 @@ pub enum ToWorker {
     },
 }
 
+/// Why a request failed in the worker, as far as the client's fix depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCause {
+    /// The request (or the worker's work on it) failed.
+    #[default]
+    General,
+    /// The output grammar (a response format, or the tools) cannot be used.
+    Grammar,
+}
+
+impl FailureCause {
+    pub fn of(e: &securerun_models::GenerateError) -> Self {
+        match e {
+            securerun_models::GenerateError::Grammar(_) => FailureCause::Grammar,
+            _ => FailureCause::General,
+        }
+    }
+
+    fn is_general(&self) -> bool {
+        *self == FailureCause::General
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromWorker {
@@ -103,6 +127,9 @@ pub enum FromWorker {
     Failed {
         id: Option<u64>,
         error: String,
+        /// What the request got wrong, where a client needs to know which field.
+        #[serde(default, skip_serializing_if = "FailureCause::is_general")]
+        cause: FailureCause,
     },
     /// A piece of generated text.
     Text {

@@ -36,9 +36,22 @@ pub enum WorkerError {
     Reverification(String),
     #[error("{0}")]
     Request(String),
+    /// The request's output grammar (response format, tools) cannot be used.
+    #[error("{0}")]
+    Grammar(String),
     /// The model's configuration or tokenizer, read in the supervisor, is unusable.
     #[error("{0}")]
     Model(String),
+}
+
+impl WorkerError {
+    /// The worker's report that a request failed, by its cause.
+    pub fn request(error: String, cause: super::protocol::FailureCause) -> Self {
+        match cause {
+            super::protocol::FailureCause::General => WorkerError::Request(error),
+            super::protocol::FailureCause::Grammar => WorkerError::Grammar(error),
+        }
+    }
 }
 
 /// How to run workers.
@@ -441,7 +454,7 @@ impl ConfinedModel {
     /// the worker can no longer be trusted to be in sync, so it is replaced.
     fn settle<T>(&mut self, result: Result<T, WorkerError>) -> Result<T, WorkerError> {
         match result {
-            Err(e @ WorkerError::Request(_)) => Err(e),
+            Err(e @ (WorkerError::Request(_) | WorkerError::Grammar(_))) => Err(e),
             Err(e) => Err(self.discard(e)),
             Ok(v) => {
                 self.failures = 0;
@@ -635,7 +648,8 @@ fn unexpected(reply: FromWorker, id: u64) -> WorkerError {
         FromWorker::Failed {
             id: Some(got),
             error,
-        } if got == id => WorkerError::Request(error),
+            cause,
+        } if got == id => WorkerError::request(error, cause),
         other => WorkerError::Protocol(format!("unexpected {}", kind(&other))),
     }
 }

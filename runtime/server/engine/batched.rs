@@ -124,7 +124,7 @@ impl Sequences for InProcess<'_> {
         });
         self.batch
             .add(prompt_ids, params, prefix_key, on_text)
-            .map_err(|e| EngineError::Request(e.to_string()))
+            .map_err(EngineError::from)
     }
 
     fn render(
@@ -150,7 +150,7 @@ impl Sequences for InProcess<'_> {
             Ok(finished) => Ok(finished
                 .into_iter()
                 .map(|f| {
-                    let result = f.result.map_err(|e| EngineError::Request(e.to_string()));
+                    let result = f.result.map_err(EngineError::from);
                     (f.id, result)
                 })
                 .collect()),

@@ -356,8 +356,8 @@ fn accept(
                 result: Ok(text),
             });
         }
-        (FromWorker::Failed { error, .. }, kind) => {
-            let e = WorkerError::Request(error);
+        (FromWorker::Failed { error, cause, .. }, kind) => {
+            let e = WorkerError::request(error, cause);
             let event = match kind {
                 Kind::Generate { .. } => Event::Generated { id, result: Err(e) },
                 Kind::Render => Event::Rendered { id, result: Err(e) },

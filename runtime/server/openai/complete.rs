@@ -1,0 +1,367 @@
+//! `POST /v1/chat/completions` and `POST /v1/completions`: one generation, whole or streamed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::response::sse::Sse;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use securerun_models::{FinishReason, Prompt};
+
+use super::error::ApiError;
+use super::request::{finish, params, ChatRequest, CompletionRequest, Sampling};
+use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
+use super::{parse_request, served_model};
+use crate::server::auth::Caller;
+use crate::server::engine::{EngineError, Job, JobControl};
+use crate::server::interrupt::{self};
+use crate::server::ledger::Ledger;
+use crate::server::models::ServedModel;
+use crate::server::AppState;
+
+pub fn request_id(prefix: &str) -> String {
+    use rand_core::RngCore;
+    let mut b = [0u8; 12];
+    rand_core::OsRng.fill_bytes(&mut b);
+    format!("{prefix}-{}", hex::encode(b))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub(super) enum Kind {
+    Chat,
+    Text,
+}
+
+pub async fn chat(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_request(crate::server::fields::Route::Chat, &body)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    let messages = req
+        .messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| m.into_chat(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts = messages.iter().map(|m| m.content.clone()).collect();
+    let call = Call {
+        state,
+        caller,
+        ledger,
+    };
+    complete(
+        call,
+        texts,
+        Prompt::Chat(messages),
+        req.sampling,
+        Kind::Chat,
+    )
+    .await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_request(crate::server::fields::Route::Completions, &body)?;
+    let call = Call {
+        state,
+        caller,
+        ledger,
+    };
+    complete(
+        call,
+        vec![req.prompt.clone()],
+        Prompt::Text(req.prompt),
+        req.sampling,
+        Kind::Text,
+    )
+    .await
+}
+
+/// One authenticated request: the server, who asked, and its audit record.
+pub(super) struct Call {
+    pub(super) state: Arc<AppState>,
+    pub(super) caller: Caller,
+    pub(super) ledger: Ledger,
+}
+
+/// Tokenizes a prompt here, in the server, on a blocking thread. A chat prompt is first
+/// rendered by the engine (the template is code from the model file: in a confined worker it
+/// runs under the sandbox and its memory cap); its tokens are counted here either way.
+pub(super) async fn encode_prompt(
+    served: &ServedModel,
+    prompt: Prompt,
+    control: &JobControl,
+) -> Result<Vec<u32>, ApiError> {
+    let encoder = served.encoder.clone();
+    let encoded = match prompt {
+        Prompt::Chat(messages) => {
+            // Message contents that spell a control token are rendered as markers and
+            // tokenized as text here (`ChatPlan`): only the template places control tokens.
+            let (messages, plan) = encoder.chat_plan(messages);
+            let (done, rendered) = oneshot::channel();
+            served
+                .engine
+                .submit(Job::Render {
+                    messages,
+                    control: control.clone(),
+                    done,
+                })
+                .map_err(|_| ApiError::busy())?;
+            let text = rendered
+                .await
+                .map_err(|_| engine_stopped())?
+                .map_err(ApiError::from)?;
+            tokio::task::spawn_blocking(move || encoder.chat_ids(&plan, &text)).await
+        }
+        text => tokio::task::spawn_blocking(move || encoder.prompt_ids(&text)).await,
+    };
+    encoded
+        .map_err(|_| engine_stopped())?
+        .map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+pub(super) async fn complete(
+    call: Call,
+    texts: Vec<String>,
+    prompt: Prompt,
+    sampling: Sampling,
+    kind: Kind,
+) -> Result<Response, ApiError> {
+    let Call {
+        state,
+        caller,
+        ledger,
+    } = call;
+    let served = served_model(&state, &caller, &ledger, &sampling.model)?;
+    if !served.engine.is_text {
+        return Err(ApiError::bad_request(
+            "this model computes embeddings; use /v1/embeddings",
+        ));
+    }
+    let deadline = Instant::now() + state.config.generation_timeout;
+    let params = params(&state, &sampling, served.encoder.vocab_size())?;
+    // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
+    // never depend on what the worker says.
+    let control = JobControl::new(deadline).owned_by(&caller.token_id);
+    let prompt_ids = encode_prompt(&served, prompt, &control).await?;
+    let prompt_tokens = prompt_ids.len() as u64;
+    // Known now: recorded even if the client goes away before the answer.
+    ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));
+    if prompt_ids.len() > state.config.max_prompt_tokens {
+        return Err(ApiError::bad_request(format!(
+            "the prompt has {} tokens; at most {} are accepted",
+            prompt_ids.len(),
+            state.config.max_prompt_tokens
+        )));
+    }
+    state
+        .limiters
+        .tokens(&caller.record, prompt_tokens + params.max_tokens as u64)
+        .map_err(|l| {
+            state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+            ApiError::limited(l)
+        })?;
+    let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
+    let (done_tx, done_rx) = oneshot::channel();
+    let job = Job::Generate {
+        prompt_ids,
+        params,
+        control: control.clone(),
+        pieces: pieces_tx,
+        done: done_tx,
+    };
+    let id = request_id(if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let created = crate::tokens::now();
+    if sampling.stream {
+        // Record before acting: the stream's start is durable before generation begins; its
+        // one `request` record follows when it ends.
+        if let Some(mut marker) = ledger.snapshot() {
+            marker.event = "stream_started".into();
+            marker.prompt_tokens = Some(prompt_tokens);
+            if state.audit.append(marker).await.is_err() {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "audit_unavailable",
+                    "the server cannot record this request in its audit log; retry later",
+                ));
+            }
+        }
+        served.engine.submit(job).map_err(|_| ApiError::busy())?;
+        let stream = StreamTask {
+            state: state.clone(),
+            served: served.clone(),
+            caller,
+            ledger,
+            control,
+            pieces: pieces_rx,
+            done: done_rx,
+            id,
+            created,
+            kind,
+            include_usage: sampling.stream_options.is_some_and(|o| o.include_usage),
+            prompt_tokens,
+            texts,
+        };
+        // Keep-alive comments while nothing else is sent (a long prefill): a client that has
+        // gone is noticed within about two of them, and its generation cancelled.
+        let keep_alive = axum::response::sse::KeepAlive::new().interval(STREAM_KEEP_ALIVE);
+        let mut resp = Sse::new(stream.spawn())
+            .keep_alive(keep_alive)
+            .into_response();
+        resp.extensions_mut().insert(crate::server::Streaming);
+        return Ok(resp);
+    }
+    served.engine.submit(job).map_err(|_| ApiError::busy())?;
+    // Dropped with this future (the client went away): the job stops.
+    let _cancel = control.cancel_on_drop();
+    // Non-streaming: drain pieces (the engine needs the channel read), then the result.
+    let mut pieces_rx = pieces_rx;
+    let drain = async move { while pieces_rx.recv().await.is_some() {} };
+    let mut done_rx = done_rx;
+    let finished = tokio::select! {
+        (_, done) = async { tokio::join!(drain, &mut done_rx) } => Ok(done),
+        why = interrupt::interrupted(&state, &caller, deadline) => Err(why),
+    };
+    let g = match finished {
+        Ok(done) => done
+            .map_err(|_| engine_stopped())?
+            .map_err(ApiError::from)?,
+        Err(why) => {
+            control.cancel();
+            // The worker's last word on how far it got, briefly.
+            let so_far = tokio::time::timeout(CANCEL_WAIT, done_rx).await;
+            let completion = match so_far {
+                Ok(Ok(Ok(g))) => g.completion_tokens() as u64,
+                _ => 0,
+            };
+            return Err(interrupted_error(&state, why, prompt_tokens, completion));
+        }
+    };
+    if g.finish_reason == FinishReason::Cancelled {
+        // The engine ended it before this handler saw why (its deadline passed): an
+        // interruption, never a short completion.
+        let why = interrupt::why_engine_stopped(&state, &caller);
+        let completion = g.completion_tokens() as u64;
+        return Err(interrupted_error(&state, why, prompt_tokens, completion));
+    }
+    state
+        .metrics
+        .generated
+        .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
+    let choice = match kind {
+        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": g.text},
+                             "finish_reason": finish(g.finish_reason), "logprobs": null}),
+        Kind::Text => json!({"index": 0, "text": g.text, "finish_reason": finish(g.finish_reason),
+                             "logprobs": null}),
+    };
+    let object = if kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    let usage_ext = crate::server::Usage {
+        prompt_tokens,
+        cached_tokens: g.cached_tokens as u64,
+        completion_tokens: g.completion_tokens() as u64,
+    };
+    let mut resp = Json(json!({
+        "id": id, "object": object, "created": created, "model": served.name(),
+        "choices": [choice], "usage": usage_json(usage_ext),
+    }))
+    .into_response();
+    resp.extensions_mut().insert(usage_ext);
+    resp.extensions_mut().insert(crate::server::Content {
+        texts,
+        completion: Some(g.text),
+    });
+    Ok(resp)
+}
+
+/// How long an interrupted request waits for the engine to say how far it got.
+pub(super) const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
+pub(super) fn engine_stopped() -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "engine",
+        "the engine stopped",
+    )
+}
+
+impl From<EngineError> for ApiError {
+    /// Request errors from the model (prompt too long, bad template input) are the client's;
+    /// worker failures are ours.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Request(m) => ApiError::bad_request(m),
+            // The handler names the field the grammar came from when it was not this one.
+            EngineError::Grammar(m) => ApiError::bad_param("response_format", m),
+            EngineError::Worker(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "worker_failed",
+                m,
+            ),
+            EngineError::Dropped => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "timeout",
+                "the request timed out before it ran",
+            ),
+        }
+    }
+}
+
+/// The error for a request interrupted while it ran, with what it had generated (counted).
+pub(super) fn interrupted_error(
+    state: &AppState,
+    why: interrupt::Interruption,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> ApiError {
+    state
+        .metrics
+        .generated
+        .fetch_add(completion_tokens, Ordering::Relaxed);
+    let mut e = why.error();
+    e.outcome = Some(why.outcome());
+    e.usage = Some(Box::new(crate::server::Usage {
+        prompt_tokens,
+        completion_tokens,
+        ..Default::default()
+    }));
+    e
+}
+
+pub(super) fn usage_json(u: crate::server::Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}

@@ -1,0 +1,122 @@
+//! `POST /v1/embeddings`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use super::complete::engine_stopped;
+use super::error::ApiError;
+use super::request::{EmbeddingInput, EmbeddingRequest};
+use super::{parse_request, served_model};
+use crate::server::auth::Caller;
+use crate::server::engine::{Job, JobControl};
+use crate::server::interrupt::{self};
+use crate::server::ledger::Ledger;
+use crate::server::AppState;
+
+pub async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
+    Extension(ledger): Extension<Ledger>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: EmbeddingRequest = parse_request(crate::server::fields::Route::Embeddings, &body)?;
+    let served = served_model(&state, &caller, &ledger, &req.model)?;
+    if served.engine.is_text {
+        return Err(ApiError::bad_request(
+            "this model generates text; it has no /v1/embeddings",
+        ));
+    }
+    let as_base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "encoding_format {other:?}: use \"float\" or \"base64\""
+            )))
+        }
+    };
+    let texts = match req.input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v,
+    };
+    let audited = texts.clone();
+    if texts.is_empty() || texts.len() > state.config.max_embedding_inputs {
+        return Err(ApiError::bad_request(format!(
+            "input must hold 1 to {} strings",
+            state.config.max_embedding_inputs
+        )));
+    }
+    let encoder = served.encoder.clone();
+    let counted = texts.clone();
+    let input_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&counted))
+        .await
+        .map_err(|_| engine_stopped())?
+        .map_err(|e| ApiError::bad_request(e.to_string()))?
+        .iter()
+        .map(|&n| n as u64)
+        .sum();
+    state
+        .limiters
+        .tokens(&caller.record, input_tokens)
+        .map_err(|l| {
+            state.metrics.limited.fetch_add(1, Ordering::Relaxed);
+            ApiError::limited(l)
+        })?;
+    let deadline = Instant::now() + state.config.generation_timeout;
+    let control = JobControl::new(deadline).owned_by(&caller.token_id);
+    let (done_tx, done_rx) = oneshot::channel();
+    served
+        .engine
+        .submit(Job::Embed {
+            texts,
+            tokens: usize::try_from(input_tokens).unwrap_or(usize::MAX),
+            control: control.clone(),
+            done: done_tx,
+        })
+        .map_err(|_| ApiError::busy())?;
+    let _cancel = control.cancel_on_drop();
+    let vectors = tokio::select! {
+        done = done_rx => done.map_err(|_| engine_stopped())?.map_err(ApiError::from)?,
+        why = interrupt::interrupted(&state, &caller, deadline) => {
+            control.cancel();
+            let mut e = why.error();
+            e.outcome = Some(why.outcome());
+            return Err(e);
+        }
+    };
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            // base64: the little-endian f32 bytes, as the official client expects by default.
+            let embedding = if as_base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(crate::signing::bundle::b64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let mut resp = Json(json!({
+        "object": "list", "data": data, "model": served.name(),
+        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
+    }))
+    .into_response();
+    resp.extensions_mut().insert(crate::server::Usage {
+        prompt_tokens: input_tokens,
+        ..Default::default()
+    });
+    resp.extensions_mut().insert(crate::server::Content {
+        texts: audited,
+        completion: None,
+    });
+    Ok(resp)
+}

@@ -1,0 +1,76 @@
+//! OpenAI-compatible request and response shapes, and the handlers that map them onto the engine.
+
+mod admin;
+mod complete;
+mod embeddings;
+mod error;
+mod models;
+mod request;
+mod stream;
+
+pub use admin::{
+    admin_create_token, admin_list_tokens, admin_lockdown, admin_reload_model, admin_revoke_token,
+};
+pub use complete::{chat, completions, request_id};
+pub use embeddings::embeddings;
+pub use error::ApiError;
+pub use models::{model, models};
+
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use serde_json::Value;
+
+use super::auth::Caller;
+use super::ledger::Ledger;
+use super::models::ServedModel;
+use super::AppState;
+
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Parses a body for `route`, refusing first any field the route does not implement
+/// ([`super::fields`]): nothing a client asks for is silently ignored.
+pub(super) fn parse_request<T: serde::de::DeserializeOwned>(
+    route: super::fields::Route,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    let value: Value = parse_json(body)?;
+    super::fields::check(route, &value).map_err(|r| match r.param.is_empty() {
+        true => ApiError::bad_request(r.message),
+        false => ApiError::bad_param(r.param, r.message),
+    })?;
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
+/// The model a request names, if it is served here and the caller's token may use it. The
+/// request keeps this version to its end, even if the model is replaced meanwhile.
+pub(super) fn served_model(
+    state: &AppState,
+    caller: &Caller,
+    ledger: &Ledger,
+    model: &str,
+) -> Result<Arc<ServedModel>, ApiError> {
+    // Only a served model's name reaches the record (never an arbitrary client string).
+    let Some(served) = state.models.get(model) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("model {model:?} is not served here"),
+        ));
+    };
+    ledger.update(|r| r.model = Some(served.name().to_string()));
+    if !caller.record.allows_model(model) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!("this token may not use model {model:?}"),
+        ));
+    }
+    Ok(served)
+}

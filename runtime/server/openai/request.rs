@@ -1,0 +1,344 @@
+//! Request bodies as clients send them, and the generation settings they ask for.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use securerun_models::grammar::OutputGrammar;
+use securerun_models::{ChatMessage, FinishReason, GenerationParams, SamplingParams};
+
+use super::error::ApiError;
+use crate::server::AppState;
+
+/// `stop` may be a string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StreamOptions {
+    #[serde(default)]
+    pub(super) include_usage: bool,
+}
+
+/// Fields shared by chat and text completions (which fields each route takes at all is
+/// [`crate::server::fields`]' business).
+#[derive(Deserialize)]
+pub(super) struct Sampling {
+    pub(super) model: String,
+    #[serde(default)]
+    pub(super) max_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub(super) temperature: Option<f64>,
+    #[serde(default)]
+    pub(super) top_p: Option<f64>,
+    #[serde(default)]
+    pub(super) seed: Option<u64>,
+    #[serde(default)]
+    pub(super) stop: Option<Stop>,
+    #[serde(default)]
+    pub(super) stream: bool,
+    #[serde(default)]
+    pub(super) stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub(super) n: Option<u32>,
+    #[serde(default)]
+    pub(super) frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub(super) presence_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's form) → bias in [−100, 100].
+    #[serde(default)]
+    pub(super) logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Chat only (the route's field list refuses it elsewhere).
+    #[serde(default)]
+    pub(super) response_format: Option<Value>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct ChatRequest {
+    pub(super) messages: Vec<ApiMessage>,
+    #[serde(flatten)]
+    pub(super) sampling: Sampling,
+}
+
+/// A chat message as clients send it: content as a string or as parts, and fields this server
+/// does not implement (refused unless neutral: see [`ApiMessage::into_chat`]).
+#[derive(Deserialize)]
+pub(super) struct ApiMessage {
+    pub(super) role: String,
+    #[serde(default)]
+    pub(super) content: Option<Content>,
+    #[serde(flatten)]
+    pub(super) rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+impl ApiMessage {
+    /// The message the template renders, or a 400 naming the field (`messages[i].…`) this
+    /// server does not implement. Text parts are joined with newlines (as vLLM joins them);
+    /// `developer` is the system role under its newer name.
+    pub(super) fn into_chat(self, i: usize) -> Result<ChatMessage, ApiError> {
+        let at = |field: &str| format!("messages[{i}].{field}");
+        let role = match self.role.as_str() {
+            "system" | "user" | "assistant" => self.role,
+            "developer" => "system".to_string(),
+            other => {
+                return Err(ApiError::bad_param(
+                    at("role"),
+                    format!("role {other:?} is not supported (system, developer, user, assistant)"),
+                ))
+            }
+        };
+        for (field, value) in &self.rest {
+            let neutral = match (field.as_str(), value) {
+                (_, Value::Null) => true,
+                ("tool_calls", Value::Array(a)) => a.is_empty(),
+                _ => false,
+            };
+            if !neutral {
+                return Err(ApiError::bad_param(
+                    at(field),
+                    format!("{field} in a message is not supported by this server"),
+                ));
+            }
+        }
+        let content = match self.content {
+            Some(Content::Text(text)) => text,
+            Some(Content::Parts(parts)) => {
+                let mut texts = Vec::with_capacity(parts.len());
+                for (j, part) in parts.iter().enumerate() {
+                    let kind = part.get("type").and_then(Value::as_str);
+                    match (kind, part.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(text)) => texts.push(text),
+                        _ => {
+                            return Err(ApiError::bad_param(
+                                at(&format!("content[{j}].type")),
+                                format!(
+                                    "content part type {:?} is not supported; only text parts are",
+                                    kind.unwrap_or("(none)")
+                                ),
+                            ))
+                        }
+                    }
+                }
+                texts.join("\n")
+            }
+            None => {
+                return Err(ApiError::bad_param(
+                    at("content"),
+                    "every message needs content",
+                ))
+            }
+        };
+        Ok(ChatMessage { role, content })
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct CompletionRequest {
+    pub(super) prompt: String,
+    #[serde(flatten)]
+    pub(super) sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct EmbeddingRequest {
+    pub(super) model: String,
+    pub(super) input: EmbeddingInput,
+    #[serde(default)]
+    pub(super) encoding_format: Option<String>,
+}
+
+pub(super) fn params(
+    state: &AppState,
+    s: &Sampling,
+    vocab: usize,
+) -> Result<GenerationParams, ApiError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_param("n", "only n = 1 is supported"));
+    }
+    let penalty = |param: &'static str, value: Option<f64>| match value {
+        None => Ok(0.0),
+        Some(p) if p.is_finite() && (-2.0..=2.0).contains(&p) => Ok(p as f32),
+        Some(_) => Err(ApiError::bad_param(
+            param,
+            format!("{param} must be between -2 and 2"),
+        )),
+    };
+    let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
+    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
+    let logit_bias = logit_bias(s.logit_bias.as_ref(), vocab)?;
+    let grammar = match &s.response_format {
+        None => None,
+        Some(v) => response_format(v)?,
+    };
+    let max_tokens = s
+        .max_completion_tokens
+        .or(s.max_tokens)
+        .unwrap_or(state.config.default_max_tokens);
+    if max_tokens == 0 || max_tokens > state.config.max_tokens_cap {
+        return Err(ApiError::bad_request(format!(
+            "max_tokens must be between 1 and {}",
+            state.config.max_tokens_cap
+        )));
+    }
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(Stop::One(x)) => vec![x.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(|x| x.is_empty() || x.len() > 256) {
+        return Err(ApiError::bad_request(
+            "stop: at most 4 non-empty strings of up to 256 bytes",
+        ));
+    }
+    Ok(GenerationParams {
+        max_tokens: max_tokens as usize,
+        sampling: SamplingParams {
+            // OpenAI's default temperature is 1.
+            temperature: s.temperature.unwrap_or(1.0),
+            top_p: s.top_p.filter(|&p| p < 1.0),
+            top_k: None,
+            repetition_penalty: 1.0,
+            seed: s.seed.unwrap_or_else(rand_seed),
+            presence_penalty,
+            frequency_penalty,
+        },
+        stop,
+        max_prompt_tokens: Some(state.config.max_prompt_tokens),
+        grammar,
+        logit_bias,
+        ..GenerationParams::default()
+    })
+}
+
+/// At most this many `logit_bias` entries (OpenAI's own limit).
+const MAX_LOGIT_BIAS: usize = 300;
+
+/// `logit_bias`: token ids of this model's vocabulary, biases in [−100, 100].
+fn logit_bias(
+    bias: Option<&std::collections::BTreeMap<String, f64>>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::bad_param(
+            "logit_bias",
+            format!("logit_bias has at most {MAX_LOGIT_BIAS} entries"),
+        ));
+    }
+    bias.iter()
+        .map(|(id, &b)| {
+            let token = id.parse::<u32>().ok().filter(|&t| (t as usize) < vocab);
+            match token {
+                Some(t) if b.is_finite() && (-100.0..=100.0).contains(&b) => Ok((t, b as f32)),
+                Some(_) => Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!("the bias for token {id} must be between -100 and 100"),
+                )),
+                None => Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!(
+                        "{id:?} is not a token id of this model (0 to {})",
+                        vocab.saturating_sub(1)
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// `response_format`: `text` (nothing to do), `json_object`, or `json_schema` with its
+/// `schema`; anything else is a 400 naming the field. The grammar is checked for size and
+/// nesting here, compiled in the worker.
+pub(super) fn response_format(v: &Value) -> Result<Option<OutputGrammar>, ApiError> {
+    let bad = |param: &str, msg: &str| ApiError::bad_param(param, msg);
+    let Some(obj) = v.as_object() else {
+        return Err(bad("response_format", "response_format must be an object"));
+    };
+    let grammar = match obj.get("type").and_then(Value::as_str) {
+        Some("text") if obj.len() == 1 => return Ok(None),
+        Some("json_object") if obj.len() == 1 => OutputGrammar::JsonObject,
+        Some("json_schema") => {
+            if let Some(extra) = obj.keys().find(|k| *k != "type" && *k != "json_schema") {
+                return Err(bad(
+                    &format!("response_format.{extra}"),
+                    "unrecognized field in response_format",
+                ));
+            }
+            let Some(spec) = obj.get("json_schema").and_then(Value::as_object) else {
+                return Err(bad(
+                    "response_format.json_schema",
+                    "json_schema must be an object with name and schema",
+                ));
+            };
+            for (field, value) in spec {
+                let ok = match field.as_str() {
+                    "name" | "description" => value.is_string(),
+                    "strict" => value.is_boolean() || value.is_null(),
+                    "schema" => value.is_object() || value == &Value::Bool(true),
+                    _ => false,
+                };
+                if !ok {
+                    return Err(bad(
+                        &format!("response_format.json_schema.{field}"),
+                        "unrecognized or ill-typed field in json_schema",
+                    ));
+                }
+            }
+            if !spec.get("name").is_some_and(Value::is_string) {
+                return Err(bad(
+                    "response_format.json_schema.name",
+                    "json_schema needs a name",
+                ));
+            }
+            // No schema: any JSON (as OpenAI's non-strict mode).
+            let schema = spec.get("schema").cloned().unwrap_or(Value::Bool(true));
+            OutputGrammar::JsonSchema {
+                schema: schema.to_string(),
+            }
+        }
+        _ => {
+            return Err(bad(
+                "response_format.type",
+                "response_format type must be text, json_object or json_schema",
+            ))
+        }
+    };
+    grammar
+        .check()
+        .map_err(|e| ApiError::bad_param("response_format", e.to_string()))?;
+    Ok(Some(grammar))
+}
+
+pub(super) fn rand_seed() -> u64 {
+    use rand_core::RngCore;
+    rand_core::OsRng.next_u64()
+}
+
+pub(super) fn finish(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
