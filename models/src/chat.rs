@@ -8,11 +8,17 @@ use serde::{Deserialize, Serialize};
 /// Instruction budget for one render: ample for thousands of messages with any public template.
 const TEMPLATE_FUEL: u64 = 5_000_000;
 
-/// One chat message.
+/// One chat message. An assistant message may carry the tool calls it made, a `tool` message
+/// the id of the call it answers: templates read them as `message.tool_calls` and
+/// `message.tool_call_id` (absent when empty, as in transformers).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::tools::ToolCall>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -20,6 +26,8 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
 }
@@ -41,6 +49,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Whether the template reads `tools` (else tools are described in a system message).
+    knows_tools: bool,
 }
 
 #[derive(Deserialize)]
@@ -115,12 +125,14 @@ impl ChatTemplate {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        let knows_tools = source.contains("tools");
         env.add_template_owned("chat", source)
             .map_err(|e| ChatError::Template(e.to_string()))?;
         Ok(ChatTemplate {
             env,
             bos_token,
             eos_token,
+            knows_tools,
         })
     }
 
@@ -130,12 +142,38 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Renders with `tools` (OpenAI's `{"type": "function", "function": {...}}` objects, the
+    /// form transformers passes): as the template's `tools` when it reads them, else described
+    /// in a system message, with earlier calls and results written as text
+    /// ([`crate::tools::without_template_support`]).
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| ChatError::Template(e.to_string()))?;
+        let uses_tools = !tools.is_empty()
+            || messages
+                .iter()
+                .any(|m| !m.tool_calls.is_empty() || m.role == "tool");
+        let rewritten;
+        let messages = if uses_tools && !self.knows_tools {
+            rewritten = crate::tools::without_template_support(messages, tools);
+            &rewritten[..]
+        } else {
+            messages
+        };
+        let tools = (!tools.is_empty() && self.knows_tools).then_some(tools);
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

@@ -306,6 +306,15 @@ impl TextModel {
         self.encoder.render_chat(messages)
     }
 
+    /// [`Self::render_chat`] with the tools the model may call.
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<String, GenerateError> {
+        self.encoder.render_chat_with_tools(messages, tools)
+    }
+
     /// Tokenizes a prompt the way transformers does: raw text with the tokenizer's special
     /// tokens, chat text without (the template already contains them).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerateError> {

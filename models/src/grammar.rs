@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn size_and_nesting_are_checked_before_compiling() {
         let deep = format!(
-            "{}{}",
+            "{}{{}}{}",
             "{\"items\":".repeat(MAX_SCHEMA_DEPTH + 1),
             "}".repeat(MAX_SCHEMA_DEPTH + 1)
         );

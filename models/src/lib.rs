@@ -44,6 +44,7 @@ pub mod source;
 pub mod stop;
 pub mod strict_safetensors;
 pub mod tokenizer;
+pub mod tools;
 mod weights;
 
 pub use arch::{Architecture, Task};

@@ -119,12 +119,13 @@ impl PromptEncoder {
         };
         let mut rendered = Vec::with_capacity(messages.len());
         let mut contents = Vec::with_capacity(messages.len());
-        for (i, m) in messages.into_iter().enumerate() {
+        for (i, mut m) in messages.into_iter().enumerate() {
             // Private-use characters around a per-request number: no template writes them, and
             // no client can predict them.
             let marker = format!("\u{e000}{nonce:016x}.{i}\u{e001}");
-            rendered.push(crate::ChatMessage::new(m.role, marker.clone()));
-            contents.push((marker, m.content));
+            let content = std::mem::replace(&mut m.content, marker.clone());
+            rendered.push(m);
+            contents.push((marker, content));
         }
         (
             rendered,
@@ -174,10 +175,25 @@ impl PromptEncoder {
 
     /// Renders chat messages to the exact prompt text the model sees.
     pub fn render_chat(&self, messages: &[crate::ChatMessage]) -> Result<String, GenerateError> {
+        self.render_chat_with_tools(messages, &[])
+    }
+
+    /// [`Self::render_chat`] with the tools the model may call ([`ChatTemplate::render_with_tools`]).
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[crate::ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<String, GenerateError> {
         match &self.chat {
-            Ok(t) => Ok(t.render(messages, true)?),
+            Ok(t) => Ok(t.render_with_tools(messages, tools, true)?),
             Err(e) => Err(GenerateError::Chat(e.as_ref().clone())),
         }
+    }
+
+    /// Whether `text` spells one of the tokenizer's control tokens (a client's text that the
+    /// template renders outside a message's content, such as a tool's description, must not).
+    pub fn spells_control_token(&self, text: &str) -> bool {
+        self.spells_special_token(text)
     }
 
     /// Tokenizes a prompt the way transformers does: raw text with the tokenizer's special

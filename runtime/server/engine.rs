@@ -225,6 +225,8 @@ pub enum Job {
     /// Render chat messages with the model's template (in the worker when confined).
     Render {
         messages: Vec<securerun_models::ChatMessage>,
+        /// The tools the model may call (OpenAI's function objects), for the template.
+        tools: Vec<serde_json::Value>,
         control: JobControl,
         done: oneshot::Sender<Result<String, EngineError>>,
     },
@@ -589,15 +591,16 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
         }
         Job::Render {
             messages,
+            tools,
             control,
             done,
         } => {
             let result = match backend {
                 Backend::Text(m) => m
-                    .render_chat_by(&messages, Some(control.deadline))
+                    .render_chat_by(&messages, &tools, Some(control.deadline))
                     .map_err(EngineError::from),
                 Backend::TextInProcess(m) => m
-                    .render_chat(&messages)
+                    .render_chat_with_tools(&messages, &tools)
                     .map_err(|e| EngineError::Request(e.to_string())),
                 _ => Err(EngineError::Request(
                     "this model does not generate text".into(),

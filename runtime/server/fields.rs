@@ -33,14 +33,20 @@ const SAMPLING: &[&str] = &[
     "logit_bias",
 ];
 
+/// Fields only chat implements.
+const CHAT: &[&str] = &[
+    "messages",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
+
 /// Caller metadata: it changes no answer here, and OpenAI takes it on every route.
 pub const METADATA: &[&str] = &["user", "metadata", "store", "service_tier"];
 
 /// Features not implemented here, by route, each accepted only in its neutral form.
 const NOT_IMPLEMENTED: &[(&str, &[Route])] = &[
-    ("tools", &[Route::Chat]),
-    ("tool_choice", &[Route::Chat]),
-    ("parallel_tool_calls", &[Route::Chat]),
     ("functions", &[Route::Chat]),
     ("function_call", &[Route::Chat]),
     ("logprobs", &[Route::Chat, Route::Completions]),
@@ -65,9 +71,7 @@ pub struct Refused {
 
 fn implemented(route: Route, field: &str) -> bool {
     match route {
-        Route::Chat => {
-            ["messages", "response_format"].contains(&field) || SAMPLING.contains(&field)
-        }
+        Route::Chat => CHAT.contains(&field) || SAMPLING.contains(&field),
         Route::Completions => field == "prompt" || SAMPLING.contains(&field),
         Route::Embeddings => ["model", "input", "encoding_format"].contains(&field),
     }
@@ -80,13 +84,10 @@ fn neutral(field: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(false)) => true,
         ("top_logprobs", v) => v.as_u64() == Some(0),
         ("best_of", v) => v.as_u64() == Some(1),
-        ("tools" | "functions" | "modalities", Value::Array(a)) => {
+        ("functions" | "modalities", Value::Array(a)) => {
             a.is_empty() || (field == "modalities" && a.iter().all(|m| m == "text"))
         }
-        ("tool_choice", Value::String(s)) => s == "none",
         ("function_call", Value::String(s)) => s == "none",
-        // Without tools (refused unless empty) it has nothing to act on.
-        ("parallel_tool_calls", Value::Bool(_)) => true,
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
     }
@@ -143,8 +144,8 @@ mod tests {
             refused(Route::Chat, b)
         };
         for (field, value) in [
-            ("tools", json!([{"type": "function"}])),
-            ("tool_choice", json!("required")),
+            ("functions", json!([{"name": "f"}])),
+            ("function_call", json!("auto")),
             ("logprobs", json!(true)),
             ("top_logprobs", json!(3)),
             ("temperaturee", json!(1)),
@@ -159,7 +160,7 @@ mod tests {
             ("response_format", json!({"type": "text"})),
             ("logit_bias", json!({"42": 5})),
             ("tools", json!([])),
-            ("tool_choice", json!("none")),
+            ("tool_choice", json!("required")),
             ("logprobs", json!(false)),
             ("logit_bias", json!({})),
             ("user", json!("u-1")),

@@ -213,7 +213,11 @@ fn serve_batched<'m>(
                         batch.cancel(seq).map(|g| done(id, g))
                     })
                 }
-                ToWorker::Render { id, messages } => Some(rendered(model, id, &messages)),
+                ToWorker::Render {
+                    id,
+                    messages,
+                    tools,
+                } => Some(rendered(model, id, &messages, &tools)),
                 _ => return fail(channel, None, "unexpected message".into()),
             };
             if let Some(reply) = reply {
@@ -288,8 +292,13 @@ fn ended(
     }
 }
 
-fn rendered(model: &TextModel, id: u64, messages: &[ChatMessage]) -> FromWorker {
-    match model.render_chat(messages) {
+fn rendered(
+    model: &TextModel,
+    id: u64,
+    messages: &[ChatMessage],
+    tools: &[serde_json::Value],
+) -> FromWorker {
+    match model.render_chat_with_tools(messages, tools) {
         Ok(text) => FromWorker::Rendered { id, text },
         Err(e) => FromWorker::Failed {
             id: Some(id),
@@ -312,8 +321,12 @@ fn serve_one_at_a_time(channel: &mut Channel, mut model: TextModel) -> ExitCode 
                 params,
                 ..
             } => (id, prompt_ids, params),
-            ToWorker::Render { id, messages } => {
-                if !send(channel, &rendered(&model, id, &messages)) {
+            ToWorker::Render {
+                id,
+                messages,
+                tools,
+            } => {
+                if !send(channel, &rendered(&model, id, &messages, &tools)) {
                     return ExitCode::SUCCESS;
                 }
                 continue;

@@ -79,6 +79,9 @@ pub enum ToWorker {
     Render {
         id: u64,
         messages: Vec<ChatMessage>,
+        /// The tools the model may call (OpenAI's function objects), for the template.
+        #[serde(default)]
+        tools: Vec<serde_json::Value>,
     },
     /// Stop request `id` (its client went away).
     Cancel {

@@ -506,17 +506,18 @@ impl ConfinedModel {
         &mut self,
         messages: &[securerun_models::ChatMessage],
     ) -> Result<String, WorkerError> {
-        self.render_chat_by(messages, None)
+        self.render_chat_by(messages, &[], None)
     }
 
     /// [`Self::render_chat`] within a request deadline (then the worker is killed).
     pub fn render_chat_by(
         &mut self,
         messages: &[securerun_models::ChatMessage],
+        tools: &[serde_json::Value],
         deadline: Option<Instant>,
     ) -> Result<String, WorkerError> {
         self.require_idle()?;
-        let id = self.start_render(messages, deadline)?;
+        let id = self.start_render(messages, tools, deadline)?;
         loop {
             if let Some(event) = self.next_events(POLL)?.into_iter().next() {
                 return match event {

@@ -104,6 +104,7 @@ impl Sequences for Fake {
     fn render(
         &mut self,
         _messages: &[ChatMessage],
+        _tools: &[serde_json::Value],
         _deadline: Instant,
         done: tokio::sync::oneshot::Sender<Result<String, EngineError>>,
     ) -> Result<(), EngineError> {
@@ -448,13 +449,36 @@ fn every_field_is_implemented_or_refused_by_name() {
     for (path, body, param) in [
         (
             "/v1/chat/completions",
-            chat(serde_json::json!({"response_format": {"type": "json_object"}})),
-            "response_format",
+            chat(serde_json::json!({"response_format": {"type": "json_schema"}})),
+            "response_format.json_schema",
         ),
         (
             "/v1/chat/completions",
-            chat(serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
-            "tools",
+            chat(serde_json::json!({"response_format": {"type": "yaml"}})),
+            "response_format.type",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}),
+            ),
+            "tools[0].function.name",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"messages": [{"role": "assistant", "content": null,
+                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]}),
+            ),
+            "messages[0].tool_calls[0].function.arguments",
         ),
         (
             "/v1/chat/completions",
@@ -463,7 +487,7 @@ fn every_field_is_implemented_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            chat(serde_json::json!({"logit_bias": {"50256": -100}})),
+            chat(serde_json::json!({"logit_bias": {"not-a-token": -100}})),
             "logit_bias",
         ),
         (
@@ -473,7 +497,7 @@ fn every_field_is_implemented_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            chat(serde_json::json!({"presence_penalty": 0.5})),
+            chat(serde_json::json!({"presence_penalty": 2.5})),
             "presence_penalty",
         ),
         (
@@ -574,7 +598,15 @@ fn message_parts_are_text_or_refused_by_name() {
             "messages[0].name",
         ),
         (
-            serde_json::json!({"role": "tool", "content": "42", "tool_call_id": "c1"}),
+            serde_json::json!({"role": "tool", "content": "42"}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            serde_json::json!({"role": "user", "content": "hi", "tool_call_id": "c1"}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            serde_json::json!({"role": "robot", "content": "hi"}),
             "messages[0].role",
         ),
         (serde_json::json!({"role": "user"}), "messages[0].content"),

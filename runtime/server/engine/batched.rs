@@ -78,6 +78,7 @@ pub trait Sequences {
     fn render(
         &mut self,
         messages: &[ChatMessage],
+        tools: &[serde_json::Value],
         deadline: Instant,
         done: oneshot::Sender<Result<String, EngineError>>,
     ) -> Result<(), EngineError>;
@@ -130,12 +131,13 @@ impl Sequences for InProcess<'_> {
     fn render(
         &mut self,
         messages: &[ChatMessage],
+        tools: &[serde_json::Value],
         _deadline: Instant,
         done: oneshot::Sender<Result<String, EngineError>>,
     ) -> Result<(), EngineError> {
         let _ = done.send(
             self.model
-                .render_chat(messages)
+                .render_chat_with_tools(messages, tools)
                 .map_err(|e| EngineError::Request(e.to_string())),
         );
         Ok(())
@@ -222,10 +224,11 @@ impl Sequences for Confined<'_> {
     fn render(
         &mut self,
         messages: &[ChatMessage],
+        tools: &[serde_json::Value],
         deadline: Instant,
         done: oneshot::Sender<Result<String, EngineError>>,
     ) -> Result<(), EngineError> {
-        match self.model.start_render(messages, Some(deadline)) {
+        match self.model.start_render(messages, tools, Some(deadline)) {
             Ok(id) => {
                 self.renders.insert(id, done);
                 Ok(())
@@ -451,11 +454,12 @@ pub(super) fn run(
                 }
                 Job::Render {
                     messages,
+                    tools,
                     control,
                     done,
                 } => {
                     if let Err(e @ EngineError::Worker(_)) =
-                        sequences.render(&messages, control.deadline, done)
+                        sequences.render(&messages, &tools, control.deadline, done)
                     {
                         lost = Some(e);
                     }

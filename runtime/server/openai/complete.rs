@@ -12,11 +12,13 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use securerun_models::{FinishReason, Prompt};
+use securerun_models::{ChatMessage, FinishReason, Prompt, PromptEncoder};
 
 use super::error::ApiError;
 use super::request::{finish, params, ChatRequest, CompletionRequest, Sampling};
+use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
+use super::tools::{self, ToolPlan};
 use super::{parse_request, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{EngineError, Job, JobControl};
@@ -57,6 +59,12 @@ pub async fn chat(
         .enumerate()
         .map(|(i, m)| m.into_chat(i))
         .collect::<Result<Vec<_>, _>>()?;
+    // Tools depend on the model's tokenizer (control-token text): checked once it is known.
+    let tool_request = ToolRequest {
+        tools: req.tools,
+        choice: req.tool_choice,
+        parallel: req.parallel_tool_calls,
+    };
     let texts = messages.iter().map(|m| m.content.clone()).collect();
     let call = Call {
         state,
@@ -69,6 +77,7 @@ pub async fn chat(
         Prompt::Chat(messages),
         req.sampling,
         Kind::Chat,
+        Some(tool_request),
     )
     .await
 }
@@ -91,8 +100,32 @@ pub async fn completions(
         Prompt::Text(req.prompt),
         req.sampling,
         Kind::Text,
+        None,
     )
     .await
+}
+
+/// The tool fields of a chat request, checked once the model (its tokenizer) is known.
+pub(super) struct ToolRequest {
+    pub(super) tools: Option<Vec<Value>>,
+    pub(super) choice: Option<Value>,
+    pub(super) parallel: Option<bool>,
+}
+
+/// Tool calls and call ids in the history reach the template outside message contents: they
+/// must not spell a control token.
+fn check_history(messages: &[ChatMessage], encoder: &PromptEncoder) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate() {
+        let calls = serde_json::to_string(&m.tool_calls).unwrap_or_default();
+        let id = m.tool_call_id.as_deref().unwrap_or_default();
+        if encoder.spells_control_token(&calls) || encoder.spells_control_token(id) {
+            return Err(ApiError::bad_param(
+                format!("messages[{i}].tool_calls"),
+                "a tool call may not contain the text of one of the model's control tokens",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One authenticated request: the server, who asked, and its audit record.
@@ -108,6 +141,7 @@ pub(super) struct Call {
 pub(super) async fn encode_prompt(
     served: &ServedModel,
     prompt: Prompt,
+    tools: &[Value],
     control: &JobControl,
 ) -> Result<Vec<u32>, ApiError> {
     let encoder = served.encoder.clone();
@@ -121,6 +155,7 @@ pub(super) async fn encode_prompt(
                 .engine
                 .submit(Job::Render {
                     messages,
+                    tools: tools.to_vec(),
                     control: control.clone(),
                     done,
                 })
@@ -144,6 +179,7 @@ pub(super) async fn complete(
     prompt: Prompt,
     sampling: Sampling,
     kind: Kind,
+    tool_request: Option<ToolRequest>,
 ) -> Result<Response, ApiError> {
     let Call {
         state,
@@ -157,11 +193,35 @@ pub(super) async fn complete(
         ));
     }
     let deadline = Instant::now() + state.config.generation_timeout;
-    let params = params(&state, &sampling, served.encoder.vocab_size())?;
+    let mut params = params(&state, &sampling, served.encoder.vocab_size())?;
+    let tools = match tool_request {
+        None => ToolPlan::default(),
+        Some(r) => {
+            let encoder = served.encoder.clone();
+            let plan = tokio::task::spawn_blocking(move || {
+                tools::plan(r.tools, r.choice, r.parallel, &encoder)
+            })
+            .await
+            .map_err(|_| engine_stopped())??;
+            if let Prompt::Chat(messages) = &prompt {
+                check_history(messages, &served.encoder)?;
+            }
+            plan
+        }
+    };
+    if tools.active() {
+        if params.grammar.is_some() {
+            return Err(ApiError::bad_param(
+                "response_format",
+                "response_format cannot be combined with tool calls here (set tool_choice to none)",
+            ));
+        }
+        params.grammar = tools.grammar.clone();
+    }
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
     let control = JobControl::new(deadline).owned_by(&caller.token_id);
-    let prompt_ids = encode_prompt(&served, prompt, &control).await?;
+    let prompt_ids = encode_prompt(&served, prompt, &tools.for_template, &control).await?;
     let prompt_tokens = prompt_ids.len() as u64;
     // Known now: recorded even if the client goes away before the answer.
     ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));
@@ -224,6 +284,10 @@ pub(super) async fn complete(
             include_usage: sampling.stream_options.is_some_and(|o| o.include_usage),
             prompt_tokens,
             texts,
+            tools: StreamTools {
+                active: tools.active(),
+                forced: tools.forced,
+            },
         };
         // Keep-alive comments while nothing else is sent (a long prefill): a client that has
         // gone is noticed within about two of them, and its generation cancelled.
@@ -271,11 +335,19 @@ pub(super) async fn complete(
         .metrics
         .generated
         .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
-    let choice = match kind {
-        Kind::Chat => json!({"index": 0, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": finish(g.finish_reason), "logprobs": null}),
-        Kind::Text => json!({"index": 0, "text": g.text, "finish_reason": finish(g.finish_reason),
-                             "logprobs": null}),
+    let calls = tools.active().then(|| tools::calls(&g.text)).flatten();
+    let choice = match (kind, calls) {
+        (Kind::Chat, Some(calls)) => json!({"index": 0,
+            "message": {"role": "assistant", "content": null, "tool_calls": calls},
+            "finish_reason": "tool_calls", "logprobs": null}),
+        (Kind::Chat, None) => {
+            json!({"index": 0, "message": {"role": "assistant", "content": g.text},
+                             "finish_reason": finish(g.finish_reason), "logprobs": null})
+        }
+        (Kind::Text, _) => {
+            json!({"index": 0, "text": g.text, "finish_reason": finish(g.finish_reason),
+                             "logprobs": null})
+        }
     };
     let object = if kind == Kind::Chat {
         "chat.completion"

@@ -7,6 +7,7 @@ mod error;
 mod models;
 mod request;
 mod stream;
+mod tools;
 
 pub use admin::{
     admin_create_token, admin_list_tokens, admin_lockdown, admin_reload_model, admin_revoke_token,

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use securerun_models::grammar::OutputGrammar;
+use securerun_models::tools::{FunctionCall, ToolCall};
 use securerun_models::{ChatMessage, FinishReason, GenerationParams, SamplingParams};
 
 use super::error::ApiError;
@@ -62,6 +63,12 @@ pub(super) struct Sampling {
 #[derive(Deserialize)]
 pub(super) struct ChatRequest {
     pub(super) messages: Vec<ApiMessage>,
+    #[serde(default)]
+    pub(super) tools: Option<Vec<Value>>,
+    #[serde(default)]
+    pub(super) tool_choice: Option<Value>,
+    #[serde(default)]
+    pub(super) parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     pub(super) sampling: Sampling,
 }
@@ -91,29 +98,51 @@ impl ApiMessage {
     pub(super) fn into_chat(self, i: usize) -> Result<ChatMessage, ApiError> {
         let at = |field: &str| format!("messages[{i}].{field}");
         let role = match self.role.as_str() {
-            "system" | "user" | "assistant" => self.role,
+            "system" | "user" | "assistant" | "tool" => self.role,
             "developer" => "system".to_string(),
             other => {
                 return Err(ApiError::bad_param(
                     at("role"),
-                    format!("role {other:?} is not supported (system, developer, user, assistant)"),
+                    format!(
+                    "role {other:?} is not supported (system, developer, user, assistant, tool)"
+                ),
                 ))
             }
         };
-        for (field, value) in &self.rest {
-            let neutral = match (field.as_str(), value) {
-                (_, Value::Null) => true,
-                ("tool_calls", Value::Array(a)) => a.is_empty(),
-                _ => false,
-            };
-            if !neutral {
-                return Err(ApiError::bad_param(
-                    at(field),
-                    format!("{field} in a message is not supported by this server"),
-                ));
+        let mut tool_calls = Vec::new();
+        let mut tool_call_id = None;
+        for (field, value) in self.rest {
+            match (field.as_str(), value) {
+                (_, Value::Null) => {}
+                ("tool_calls", Value::Array(a)) if a.is_empty() => {}
+                ("tool_calls", Value::Array(calls)) if role == "assistant" => {
+                    for (j, call) in calls.into_iter().enumerate() {
+                        tool_calls.push(history_call(call).map_err(|(f, m)| {
+                            ApiError::bad_param(at(&format!("tool_calls[{j}]{f}")), m)
+                        })?);
+                    }
+                }
+                ("tool_call_id", Value::String(id)) if role == "tool" => tool_call_id = Some(id),
+                (field, _) => {
+                    return Err(ApiError::bad_param(
+                        at(field),
+                        format!("{field} in a {role} message is not supported by this server"),
+                    ))
+                }
             }
         }
+        if role == "tool" && tool_call_id.is_none() {
+            return Err(ApiError::bad_param(
+                at("tool_call_id"),
+                "a tool message needs the tool_call_id it answers",
+            ));
+        }
+        // An assistant turn that only called tools has no content.
         let content = match self.content {
+            None if !tool_calls.is_empty() => Some(Content::Text(String::new())),
+            other => other,
+        };
+        let content = match content {
             Some(Content::Text(text)) => text,
             Some(Content::Parts(parts)) => {
                 let mut texts = Vec::with_capacity(parts.len());
@@ -141,8 +170,56 @@ impl ApiMessage {
                 ))
             }
         };
-        Ok(ChatMessage { role, content })
+        Ok(ChatMessage {
+            role,
+            content,
+            tool_calls,
+            tool_call_id,
+        })
     }
+}
+
+/// A tool call in the history, as OpenAI clients send it back (`arguments` a JSON text), in
+/// the form templates read (`arguments` an object). Errors name the field under the call.
+fn history_call(call: Value) -> Result<ToolCall, (&'static str, &'static str)> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Call {
+        id: String,
+        #[serde(rename = "type", default)]
+        kind: Option<String>,
+        function: Function,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Function {
+        name: String,
+        arguments: String,
+    }
+    let call: Call = serde_json::from_value(call).map_err(|_| {
+        (
+            "",
+            "a tool call is {id, type: \"function\", function: {name, arguments}}",
+        )
+    })?;
+    if call.kind.as_deref().is_some_and(|k| k != "function") {
+        return Err((".type", "only function tool calls are supported"));
+    }
+    let arguments: Value = serde_json::from_str(&call.function.arguments)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or((
+            ".function.arguments",
+            "arguments must be a JSON object (as text)",
+        ))?;
+    Ok(ToolCall {
+        id: call.id,
+        kind: "function".into(),
+        function: FunctionCall {
+            name: call.function.name,
+            arguments,
+        },
+    })
 }
 
 #[derive(Deserialize)]

@@ -42,6 +42,16 @@ pub(super) struct StreamTask {
     pub(super) include_usage: bool,
     pub(super) prompt_tokens: u64,
     pub(super) texts: Vec<String>,
+    pub(super) tools: StreamTools,
+}
+
+/// Whether a stream may carry tool calls. A call is held back until the answer ends and sent
+/// as `tool_calls` deltas (never as text): with `forced` the whole answer is calls; otherwise
+/// an answer whose first character is `<` is (text cannot start so under the grammar).
+#[derive(Clone, Copy)]
+pub(super) struct StreamTools {
+    pub(super) active: bool,
+    pub(super) forced: bool,
 }
 
 /// How a stream ended, before its record is written.
@@ -121,6 +131,10 @@ impl StreamTask {
                 end = StreamEnd::Client { stalled };
             }
         }
+        // Text held back as a possible tool call (see `StreamTools`).
+        let mut held = String::new();
+        let mut holding = self.tools.forced;
+        let mut decided = !self.tools.active || self.tools.forced;
         if matches!(end, StreamEnd::Finished) {
             end = loop {
                 tokio::select! {
@@ -129,6 +143,14 @@ impl StreamTask {
                             pieces += 1;
                             if keep_text {
                                 completion.push_str(&piece);
+                            }
+                            if !decided && !piece.is_empty() {
+                                decided = true;
+                                holding = piece.starts_with('<');
+                            }
+                            if holding || !decided {
+                                held.push_str(&piece);
+                                continue;
                             }
                             let ev = self.chunk(json!({"content": piece}), Value::Null, None);
                             if let Err(stalled) = send(&tx, ev).await {
@@ -186,8 +208,35 @@ impl StreamTask {
             StreamEnd::Finished => {
                 let last = match &generation {
                     Some(Ok(g)) => {
-                        let mut events =
-                            vec![self.chunk(json!({}), json!(finish(g.finish_reason)), None)];
+                        let mut events = Vec::new();
+                        let mut reason = finish(g.finish_reason);
+                        match super::tools::calls(&held) {
+                            Some(calls) if self.tools.active => {
+                                for (i, call) in calls.into_iter().enumerate() {
+                                    let mut head = call.clone();
+                                    head["function"]["arguments"] = json!("");
+                                    head["index"] = json!(i);
+                                    let args = json!({"index": i, "function": {
+                                        "arguments": call["function"]["arguments"]}});
+                                    for delta in [head, args] {
+                                        events.push(self.chunk(
+                                            json!({"tool_calls": [delta]}),
+                                            Value::Null,
+                                            None,
+                                        ));
+                                    }
+                                }
+                                reason = "tool_calls";
+                            }
+                            // Not calls after all (cut off by the budget): the text it is.
+                            _ if !held.is_empty() => events.push(self.chunk(
+                                json!({"content": std::mem::take(&mut held)}),
+                                Value::Null,
+                                None,
+                            )),
+                            _ => {}
+                        }
+                        events.push(self.chunk(json!({}), json!(reason), None));
                         if self.include_usage {
                             let u = crate::server::Usage {
                                 prompt_tokens: self.prompt_tokens,

@@ -104,11 +104,13 @@ impl ConfinedModel {
     pub fn start_render(
         &mut self,
         messages: &[securerun_models::ChatMessage],
+        tools: &[serde_json::Value],
         deadline: Option<Instant>,
     ) -> Result<u64, WorkerError> {
         let msg = |id| ToWorker::Render {
             id,
             messages: messages.to_vec(),
+            tools: tools.to_vec(),
         };
         self.start_stream(msg, Kind::Render, deadline)
     }
