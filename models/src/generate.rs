@@ -46,6 +46,23 @@ pub struct GenerationParams {
     /// all but forces).
     #[serde(default)]
     pub logit_bias: Vec<(u32, f32)>,
+    /// Return each generated token's log-probability and the `n` most likely alternatives
+    /// (`Some(0)`: the token's own only; at most [`MAX_TOP_LOGPROBS`]).
+    #[serde(default)]
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives a token's log-probabilities list (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability under the distribution it was sampled from (after
+/// penalties, biases and the grammar's mask; before temperature), with the most likely
+/// alternatives, most likely first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 impl Default for GenerationParams {
@@ -58,6 +75,7 @@ impl Default for GenerationParams {
             max_prompt_tokens: None,
             grammar: None,
             logit_bias: Vec::new(),
+            logprobs: None,
         }
     }
 }
@@ -95,6 +113,8 @@ pub struct Generation {
     pub finish_reason: FinishReason,
     pub prefill_time: Duration,
     pub decode_time: Duration,
+    /// Per generated token, when asked for ([`GenerationParams::logprobs`]).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 impl Generation {
@@ -366,6 +386,7 @@ pub(crate) struct SeqState {
     constraint: Option<Constraint>,
     /// How often each token was generated (for presence and frequency penalties).
     counts: std::collections::HashMap<u32, u32>,
+    logprobs: Vec<TokenLogprob>,
     run: Run,
     prompt_len: usize,
     budget: usize,
@@ -386,6 +407,11 @@ impl SeqState {
         constraint: Option<Constraint>,
     ) -> Result<Self, GenerateError> {
         params.sampling.validate().map_err(GenerateError::Params)?;
+        if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(GenerateError::Params(format!(
+                "at most {MAX_TOP_LOGPROBS} alternatives per token"
+            )));
+        }
         if let Some((id, bias)) = params
             .logit_bias
             .iter()
@@ -419,6 +445,7 @@ impl SeqState {
             sampler: params.sampling.processor(),
             constraint,
             counts: std::collections::HashMap::new(),
+            logprobs: Vec::new(),
             run: Run {
                 context: prompt_ids.to_vec(),
                 text: String::new(),
@@ -467,6 +494,12 @@ impl SeqState {
         let logits = self.shape(logits)?;
         let next = self.sampler.sample(&logits)?;
         let at_eos = eos.contains(&next);
+        if let Some(n) = self.params.logprobs {
+            if !at_eos || self.params.ignore_eos {
+                self.logprobs
+                    .push(token_logprob(&logits.to_vec1::<f32>()?, next, n));
+            }
+        }
         if let Some(c) = &mut self.constraint {
             // End-of-sequence is in the mask only where the output is complete.
             if !at_eos {
@@ -507,7 +540,11 @@ impl SeqState {
     fn shape(&mut self, logits: candle_core::Tensor) -> Result<candle_core::Tensor, GenerateError> {
         let s = &self.params.sampling;
         let penalties = s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
-        if !penalties && self.params.logit_bias.is_empty() && self.constraint.is_none() {
+        if !penalties
+            && self.params.logit_bias.is_empty()
+            && self.constraint.is_none()
+            && self.params.logprobs.is_none()
+        {
             return Ok(logits);
         }
         let device = logits.device().clone();
@@ -575,7 +612,34 @@ impl SeqState {
             finish_reason: self.finish,
             prefill_time: self.prefill_time,
             decode_time: self.decode_started.elapsed(),
+            logprobs: self.logprobs,
         }
+    }
+}
+
+/// `id`'s log-probability in `row` (logits) and the `n` most likely tokens' (log-softmax in f64).
+fn token_logprob(row: &[f32], id: u32, n: usize) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = (row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>()).ln() + max as f64;
+    let lp = |i: usize| (row[i] as f64 - lse) as f32;
+    let mut top: Vec<usize> = (0..row.len()).collect();
+    let n = n.min(row.len());
+    if n > 0 && n < top.len() {
+        top.select_nth_unstable_by(n - 1, |&a, &b| row[b].total_cmp(&row[a]));
+    }
+    top.truncate(n);
+    top.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    TokenLogprob {
+        id,
+        logprob: row
+            .get(id as usize)
+            .map_or(f32::NEG_INFINITY, |_| lp(id as usize)),
+        // Tokens the grammar forbids have no probability (and JSON has no −∞).
+        top: top
+            .into_iter()
+            .map(|i| (i as u32, lp(i)))
+            .filter(|(_, l)| l.is_finite())
+            .collect(),
     }
 }
 

@@ -54,6 +54,7 @@ pub use chat::ChatMessage;
 pub use embed::{EmbedError, Embedder};
 pub use generate::{
     FinishReason, GenerateError, Generation, GenerationParams, Prompt, Score, TextModel,
+    TokenLogprob, MAX_TOP_LOGPROBS,
 };
 pub use load::{LoadError, LoadOptions};
 pub use precision::Precision;

@@ -51,6 +51,10 @@ pub struct AuditRecord {
     /// Keyed HMAC of the client address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client: Option<String>,
+    /// Keyed HMAC of the end user the caller named (OpenAI's `user` field): who, on whose
+    /// behalf, without their identifier in the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

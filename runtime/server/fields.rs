@@ -31,11 +31,14 @@ const SAMPLING: &[&str] = &[
     "frequency_penalty",
     "presence_penalty",
     "logit_bias",
+    // A boolean on chat (with `top_logprobs`), a count on completions (checked where read).
+    "logprobs",
 ];
 
 /// Fields only chat implements.
 const CHAT: &[&str] = &[
     "messages",
+    "top_logprobs",
     "response_format",
     "tools",
     "tool_choice",
@@ -49,8 +52,6 @@ pub const METADATA: &[&str] = &["user", "metadata", "store", "service_tier"];
 const NOT_IMPLEMENTED: &[(&str, &[Route])] = &[
     ("functions", &[Route::Chat]),
     ("function_call", &[Route::Chat]),
-    ("logprobs", &[Route::Chat, Route::Completions]),
-    ("top_logprobs", &[Route::Chat]),
     ("modalities", &[Route::Chat]),
     ("audio", &[Route::Chat]),
     ("prediction", &[Route::Chat]),
@@ -81,8 +82,7 @@ fn implemented(route: Route, field: &str) -> bool {
 fn neutral(field: &str, value: &Value) -> bool {
     match (field, value) {
         (_, Value::Null) => true,
-        ("logprobs" | "echo", Value::Bool(false)) => true,
-        ("top_logprobs", v) => v.as_u64() == Some(0),
+        ("echo", Value::Bool(false)) => true,
         ("best_of", v) => v.as_u64() == Some(1),
         ("functions" | "modalities", Value::Array(a)) => {
             a.is_empty() || (field == "modalities" && a.iter().all(|m| m == "text"))
@@ -146,8 +146,7 @@ mod tests {
         for (field, value) in [
             ("functions", json!([{"name": "f"}])),
             ("function_call", json!("auto")),
-            ("logprobs", json!(true)),
-            ("top_logprobs", json!(3)),
+            ("modalities", json!(["audio"])),
             ("temperaturee", json!(1)),
         ] {
             assert_eq!(
@@ -161,7 +160,8 @@ mod tests {
             ("logit_bias", json!({"42": 5})),
             ("tools", json!([])),
             ("tool_choice", json!("required")),
-            ("logprobs", json!(false)),
+            ("logprobs", json!(true)),
+            ("top_logprobs", json!(3)),
             ("logit_bias", json!({})),
             ("user", json!("u-1")),
             ("parallel_tool_calls", json!(true)),

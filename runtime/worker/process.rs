@@ -274,6 +274,7 @@ fn done(id: u64, g: Generation) -> FromWorker {
         token_ids: g.token_ids,
         prefill_us: g.prefill_time.as_micros() as u64,
         decode_us: g.decode_time.as_micros() as u64,
+        logprobs: g.logprobs,
     }
 }
 

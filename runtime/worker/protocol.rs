@@ -150,6 +150,9 @@ pub enum FromWorker {
         token_ids: Vec<u32>,
         prefill_us: u64,
         decode_us: u64,
+        /// Per generated token, when the request asked for log-probabilities.
+        #[serde(default)]
+        logprobs: Vec<securerun_models::TokenLogprob>,
     },
     Embeddings {
         id: u64,

@@ -135,3 +135,106 @@ fn a_token_created_or_revoked_while_serving_is_recorded_once() {
         assert_eq!(of("token_unloaded"), 1, "{records:?}");
     });
 }
+
+/// Log-probabilities on a real model, whole and streamed, chat and completions: one entry per
+/// generated token, the chosen token's own, greedy picks the most likely; and the end user a
+/// request names (`user`) reaches the record as a pseudonym, never as the name. Before, both
+/// fields were refused (logprobs) or accepted and dropped (user).
+#[test]
+fn logprobs_are_per_token_and_the_end_user_is_recorded_as_a_pseudonym() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    let user = "alice@example.com";
+    let body = serde_json::json!({"model": "smollm2-135m-instruct", "max_tokens": 6,
+        "temperature": 0, "logprobs": true, "top_logprobs": 3, "user": user,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]});
+    let (status, out) = call(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        &body.to_string(),
+    );
+    assert_eq!(status, 200, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let text: String = content
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        text,
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"], "{e}");
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(
+            top[0]["logprob"].as_f64() >= top[2]["logprob"].as_f64(),
+            "{e}"
+        );
+    }
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let (status, out) = call(
+        s.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&t),
+        &streamed.to_string(),
+    );
+    assert_eq!(status, 200, "{out}");
+    let entries: usize = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+        .map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+        .sum();
+    assert_eq!(entries, content.len(), "{out}");
+    let (status, out) = call(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        r#"{"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 2}"#,
+    );
+    assert_eq!(status, 200, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 4, "{out}");
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2, "{out}");
+    // The wrong shape for the route is refused by name.
+    let (status, out) = call(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        Some(&t),
+        r#"{"model": "smollm2-135m-instruct", "prompt": "x", "logprobs": true}"#,
+    );
+    assert_eq!(status, 400, "{out}");
+    assert!(out.contains("\"param\":\"logprobs\""), "{out}");
+    s.stop_after(|records| {
+        let chats: Vec<_> = records
+            .iter()
+            .filter(|r| r["event"] == "request" && r["route"] == "POST /v1/chat/completions")
+            .collect();
+        assert_eq!(chats.len(), 2);
+        let pseudonym = chats[0]["end_user"].as_str().unwrap();
+        assert_eq!(chats[1]["end_user"], pseudonym, "stable");
+        assert!(!pseudonym.contains("alice"));
+        assert!(records.iter().all(|r| !r.to_string().contains(user)));
+    });
+}

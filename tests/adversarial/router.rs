@@ -67,6 +67,7 @@ fn generation(f: &Flight, cached: usize, finish_reason: FinishReason) -> Generat
         finish_reason,
         prefill_time: Duration::ZERO,
         decode_time: Duration::ZERO,
+        logprobs: Vec::new(),
     }
 }
 
@@ -482,8 +483,8 @@ fn every_field_is_implemented_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
-            chat(serde_json::json!({"logprobs": true, "top_logprobs": 2})),
-            "logprobs",
+            chat(serde_json::json!({"logprobs": true, "top_logprobs": 21})),
+            "top_logprobs",
         ),
         (
             "/v1/chat/completions",

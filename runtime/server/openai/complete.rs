@@ -15,11 +15,12 @@ use tokio::sync::{mpsc, oneshot};
 use securerun_models::{ChatMessage, FinishReason, Prompt, PromptEncoder};
 
 use super::error::ApiError;
+use super::logprobs;
 use super::request::{finish, params, ChatRequest, CompletionRequest, Sampling};
 use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
 use super::tools::{self, ToolPlan};
-use super::{parse_request, served_model};
+use super::{parse_request, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{EngineError, Job, JobControl};
 use crate::server::interrupt::{self};
@@ -186,6 +187,7 @@ pub(super) async fn complete(
         caller,
         ledger,
     } = call;
+    record_end_user(&state, &ledger, sampling.user.as_ref())?;
     let served = served_model(&state, &caller, &ledger, &sampling.model)?;
     if !served.engine.is_text {
         return Err(ApiError::bad_request(
@@ -193,6 +195,16 @@ pub(super) async fn complete(
         ));
     }
     let deadline = Instant::now() + state.config.generation_timeout;
+    // Chat asks with a boolean, completions with a count.
+    match (kind, &sampling.logprobs) {
+        (Kind::Chat, Some(Value::Number(_))) | (Kind::Text, Some(Value::Bool(true))) => {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "logprobs is true or false on chat, a count (0 to 5) on completions",
+            ))
+        }
+        _ => {}
+    }
     let mut params = params(&state, &sampling, served.encoder.vocab_size())?;
     let tools = match tool_request {
         None => ToolPlan::default(),
@@ -241,6 +253,7 @@ pub(super) async fn complete(
         })?;
     let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
     let (done_tx, done_rx) = oneshot::channel();
+    let params_logprobs = params.logprobs.is_some();
     let job = Job::Generate {
         prompt_ids,
         params,
@@ -284,6 +297,7 @@ pub(super) async fn complete(
             include_usage: sampling.stream_options.is_some_and(|o| o.include_usage),
             prompt_tokens,
             texts,
+            logprobs: params_logprobs,
             tools: StreamTools {
                 active: tools.active(),
                 forced: tools.forced,
@@ -336,17 +350,22 @@ pub(super) async fn complete(
         .generated
         .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
     let calls = tools.active().then(|| tools::calls(&g.text)).flatten();
+    let logprobs = match (params_logprobs, kind) {
+        (false, _) => Value::Null,
+        (true, Kind::Chat) => logprobs::chat(&served.encoder, &g.logprobs),
+        (true, Kind::Text) => logprobs::completion(&served.encoder, &g.logprobs, 0),
+    };
     let choice = match (kind, calls) {
         (Kind::Chat, Some(calls)) => json!({"index": 0,
             "message": {"role": "assistant", "content": null, "tool_calls": calls},
-            "finish_reason": "tool_calls", "logprobs": null}),
+            "finish_reason": "tool_calls", "logprobs": logprobs}),
         (Kind::Chat, None) => {
             json!({"index": 0, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": finish(g.finish_reason), "logprobs": null})
+                             "finish_reason": finish(g.finish_reason), "logprobs": logprobs})
         }
         (Kind::Text, _) => {
             json!({"index": 0, "text": g.text, "finish_reason": finish(g.finish_reason),
-                             "logprobs": null})
+                             "logprobs": logprobs})
         }
     };
     let object = if kind == Kind::Chat {

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use super::complete::engine_stopped;
 use super::error::ApiError;
 use super::request::{EmbeddingInput, EmbeddingRequest};
-use super::{parse_request, served_model};
+use super::{parse_request, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{Job, JobControl};
 use crate::server::interrupt::{self};
@@ -27,6 +27,7 @@ pub async fn embeddings(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: EmbeddingRequest = parse_request(crate::server::fields::Route::Embeddings, &body)?;
+    record_end_user(&state, &ledger, req.user.as_ref())?;
     let served = served_model(&state, &caller, &ledger, &req.model)?;
     if served.engine.is_text {
         return Err(ApiError::bad_request(

@@ -4,6 +4,7 @@ mod admin;
 mod complete;
 mod embeddings;
 mod error;
+mod logprobs;
 mod models;
 mod request;
 mod stream;
@@ -74,4 +75,28 @@ pub(super) fn served_model(
         ));
     }
     Ok(served)
+}
+
+/// The most bytes of an end-user identifier (`user`) accepted.
+const MAX_USER_BYTES: usize = 256;
+
+/// Records the end user a request names (OpenAI's `user`), pseudonymized with the audit's key
+/// (a domain of its own: the same text as a client address gives another pseudonym).
+pub(super) fn record_end_user(
+    state: &AppState,
+    ledger: &Ledger,
+    user: Option<&Value>,
+) -> Result<(), ApiError> {
+    match user {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(u)) if u.len() <= MAX_USER_BYTES => {
+            let pseudonym = state.audit.pseudonym(&format!("end-user\0{u}"));
+            ledger.update(|r| r.end_user = Some(pseudonym));
+            Ok(())
+        }
+        Some(_) => Err(ApiError::bad_param(
+            "user",
+            format!("user is a string of at most {MAX_USER_BYTES} bytes"),
+        )),
+    }
 }

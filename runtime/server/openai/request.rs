@@ -58,6 +58,15 @@ pub(super) struct Sampling {
     /// Chat only (the route's field list refuses it elsewhere).
     #[serde(default)]
     pub(super) response_format: Option<Value>,
+    /// Chat: `true`/`false`; completions: how many alternatives (0 to 5).
+    #[serde(default)]
+    pub(super) logprobs: Option<Value>,
+    /// The end user (recorded pseudonymized).
+    #[serde(default)]
+    pub(super) user: Option<Value>,
+    /// Chat only: alternatives per token (0 to 20), with `logprobs: true`.
+    #[serde(default)]
+    pub(super) top_logprobs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -242,6 +251,9 @@ pub(super) struct EmbeddingRequest {
     pub(super) input: EmbeddingInput,
     #[serde(default)]
     pub(super) encoding_format: Option<String>,
+    /// The end user (recorded pseudonymized).
+    #[serde(default)]
+    pub(super) user: Option<Value>,
 }
 
 pub(super) fn params(
@@ -263,6 +275,7 @@ pub(super) fn params(
     let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
     let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
     let logit_bias = logit_bias(s.logit_bias.as_ref(), vocab)?;
+    let logprobs = logprobs(s)?;
     let grammar = match &s.response_format {
         None => None,
         Some(v) => response_format(v)?,
@@ -303,8 +316,36 @@ pub(super) fn params(
         max_prompt_tokens: Some(state.config.max_prompt_tokens),
         grammar,
         logit_bias,
+        logprobs,
         ..GenerationParams::default()
     })
+}
+
+/// Log-probabilities asked for: chat's `logprobs: true` with `top_logprobs` (0–20), or
+/// completions' `logprobs: n` (0–5). `None`: not asked.
+fn logprobs(s: &Sampling) -> Result<Option<usize>, ApiError> {
+    match (&s.logprobs, s.top_logprobs) {
+        (None | Some(Value::Null) | Some(Value::Bool(false)), None | Some(0)) => Ok(None),
+        (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => Err(ApiError::bad_param(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+        (Some(Value::Bool(true)), top) => match top.unwrap_or(0) {
+            n @ 0..=20 => Ok(Some(n as usize)),
+            _ => Err(ApiError::bad_param(
+                "top_logprobs",
+                "top_logprobs is 0 to 20",
+            )),
+        },
+        (Some(Value::Number(n)), None) => match n.as_u64() {
+            Some(n @ 0..=5) => Ok(Some(n as usize)),
+            _ => Err(ApiError::bad_param("logprobs", "logprobs is 0 to 5")),
+        },
+        _ => Err(ApiError::bad_param(
+            "logprobs",
+            "logprobs is true or false on chat, a count (0 to 5) on completions",
+        )),
+    }
 }
 
 /// At most this many `logit_bias` entries (OpenAI's own limit).

@@ -43,6 +43,9 @@ pub(super) struct StreamTask {
     pub(super) prompt_tokens: u64,
     pub(super) texts: Vec<String>,
     pub(super) tools: StreamTools,
+    /// Whether the request asked for log-probabilities: they come in one chunk before the
+    /// last (the worker reports them with the generation's end).
+    pub(super) logprobs: bool,
 }
 
 /// Whether a stream may carry tool calls. A call is held back until the answer ends and sent
@@ -77,7 +80,17 @@ impl StreamTask {
     }
 
     fn chunk(&self, delta: Value, finish_reason: Value, usage: Option<Value>) -> Event {
-        let choice = match self.kind {
+        self.chunk_with(delta, finish_reason, usage, Value::Null)
+    }
+
+    fn chunk_with(
+        &self,
+        delta: Value,
+        finish_reason: Value,
+        usage: Option<Value>,
+        logprobs: Value,
+    ) -> Event {
+        let mut choice = match self.kind {
             Kind::Chat => {
                 json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null})
             }
@@ -86,6 +99,7 @@ impl StreamTask {
                        "finish_reason": finish_reason, "logprobs": null})
             }
         };
+        choice["logprobs"] = logprobs;
         let object = if self.kind == Kind::Chat {
             "chat.completion.chunk"
         } else {
@@ -235,6 +249,19 @@ impl StreamTask {
                                 None,
                             )),
                             _ => {}
+                        }
+                        if self.logprobs {
+                            let lp = match self.kind {
+                                Kind::Chat => {
+                                    super::logprobs::chat(&self.served.encoder, &g.logprobs)
+                                }
+                                Kind::Text => super::logprobs::completion(
+                                    &self.served.encoder,
+                                    &g.logprobs,
+                                    0,
+                                ),
+                            };
+                            events.push(self.chunk_with(json!({}), Value::Null, None, lp));
                         }
                         events.push(self.chunk(json!({}), json!(reason), None));
                         if self.include_usage {

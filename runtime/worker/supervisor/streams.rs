@@ -297,6 +297,7 @@ fn accept(
                 token_ids,
                 prefill_us,
                 decode_us,
+                logprobs,
                 ..
             },
             Kind::Generate {
@@ -331,6 +332,19 @@ fn accept(
                     token_ids.len()
                 )));
             }
+            // Log-probabilities, when sent, are the tokens' own, one each, bounded.
+            let well_formed = logprobs.is_empty()
+                || (logprobs.len() == token_ids.len()
+                    && logprobs.iter().zip(&token_ids).all(|(l, &id)| {
+                        l.id == id
+                            && l.top.len() <= securerun_models::MAX_TOP_LOGPROBS
+                            && l.logprob <= 0.0
+                    }));
+            if !well_formed {
+                return Err(WorkerError::Protocol(
+                    "log-probabilities that do not match the tokens".into(),
+                ));
+            }
             let finish_reason = if stream.cancel_sent.is_some() {
                 FinishReason::Cancelled
             } else {
@@ -344,6 +358,7 @@ fn accept(
                 finish_reason,
                 prefill_time: Duration::from_micros(prefill_us),
                 decode_time: Duration::from_micros(decode_us),
+                logprobs,
             };
             streams.remove(&id);
             events.push(Event::Generated {
