@@ -94,13 +94,13 @@ pub fn grammar(
         "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
     });
     crate::grammar::check_depth(&body)?;
-    let repeat = if parallel {
-        format!("{{0,{}}}", MAX_PARALLEL_CALLS - 1)
+    let calls = if parallel {
+        format!("calls: call (\"\\n\" call){{0,{}}}\n", MAX_PARALLEL_CALLS - 1)
     } else {
-        "{0}".into()
+        "calls: call\n".into()
     };
     let calls = format!(
-        "calls: call (\"\\n\" call){repeat}\ncall: {open} body {close}\nbody: %json {body}\n",
+        "{calls}call: {open} body {close}\nbody: %json {body}\n",
         open = lark_string(CALL_OPEN),
         close = lark_string(CALL_CLOSE),
     );
