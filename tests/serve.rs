@@ -567,9 +567,9 @@ fn openai_compatibility_suite() {
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/suite.py");
     let o = Command::new(python)
         .arg(&suite)
-        .env("COMPAT_LLM", llm.addr.to_string())
+        .env("COMPAT_LLM", &llm.addr)
         .env("COMPAT_LLM_TOKEN", &t)
-        .env("COMPAT_ENC", enc.addr.to_string())
+        .env("COMPAT_ENC", &enc.addr)
         .env("COMPAT_ENC_TOKEN", &t2)
         // Nothing leaves the machine: no client phones home for model prices or telemetry.
         .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -95,7 +95,10 @@ pub fn grammar(
     });
     crate::grammar::check_depth(&body)?;
     let calls = if parallel {
-        format!("calls: call (\"\\n\" call){{0,{}}}\n", MAX_PARALLEL_CALLS - 1)
+        format!(
+            "calls: call (\"\\n\" call){{0,{}}}\n",
+            MAX_PARALLEL_CALLS - 1
+        )
     } else {
         "calls: call\n".into()
     };

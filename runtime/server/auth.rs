@@ -26,7 +26,9 @@ const LOCKOUT: Duration = Duration::from_secs(60);
 /// The scope a route needs; `None` for a path that is not an API route.
 pub fn scope_for(path: &str) -> Option<Scope> {
     match path {
-        "/v1/models" | "/v1/chat/completions" | "/v1/completions" => Some(Scope::Inference),
+        "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" => {
+            Some(Scope::Inference)
+        }
         "/v1/embeddings" => Some(Scope::Embeddings),
         p if p.starts_with("/v1/models/") => Some(Scope::Inference),
         "/metrics" => Some(Scope::Metrics),

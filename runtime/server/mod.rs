@@ -160,6 +160,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/embeddings"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("GET", "/admin/tokens"),
     ("POST", "/admin/tokens"),
     ("DELETE", "/admin/tokens/example"),
@@ -177,6 +179,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
         .route(
             "/admin/tokens",
             get(openai::admin_list_tokens).post(openai::admin_create_token),

@@ -238,3 +238,89 @@ fn logprobs_are_per_token_and_the_end_user_is_recorded_as_a_pseudonym() {
         assert!(records.iter().all(|r| !r.to_string().contains(user)));
     });
 }
+
+/// `/tokenize` and `/detokenize` on a real model: a prompt's ids are the ones a completion is
+/// counted with, a conversation's are those of the rendered template, ids come back as the
+/// text; bad ids and unknown fields are refused by name; an embeddings-only token is refused.
+#[test]
+fn tokenize_and_detokenize_agree_with_the_completion_routes() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    let emb = s.token("e", &["--scopes", "embeddings"]);
+    let post = |path: &str, token: &str, body: serde_json::Value| {
+        let (status, out) = call(s.addr, "POST", path, Some(token), &body.to_string());
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        )
+    };
+    let model = "smollm2-135m-instruct";
+    let (status, v) = post(
+        "/tokenize",
+        &t,
+        serde_json::json!({"model": model, "prompt": "Hello there"}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(v["count"], ids.len());
+    let (_, c) = post(
+        "/v1/completions",
+        &t,
+        serde_json::json!({"model": model, "prompt": "Hello there", "max_tokens": 1}),
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], ids.len(), "{c}");
+    let (status, v) = post(
+        "/detokenize",
+        &t,
+        serde_json::json!({"model": model, "tokens": ids}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["prompt"], "Hello there");
+    let messages = serde_json::json!([{"role": "user", "content": "Hi"}]);
+    let (status, v) = post(
+        "/tokenize",
+        &t,
+        serde_json::json!({"model": model, "messages": messages}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let (_, c) = post(
+        "/v1/chat/completions",
+        &t,
+        serde_json::json!({"model": model, "messages": messages, "max_tokens": 1}),
+    );
+    assert_eq!(c["usage"]["prompt_tokens"], v["count"], "{c}");
+    for (path, body, param) in [
+        (
+            "/detokenize",
+            serde_json::json!({"model": model, "tokens": [1, 99999999]}),
+            "tokens",
+        ),
+        (
+            "/detokenize",
+            serde_json::json!({"model": model, "tokens": "1 2"}),
+            "tokens",
+        ),
+        (
+            "/tokenize",
+            serde_json::json!({"model": model, "prompt": "x", "echo": true}),
+            "echo",
+        ),
+        ("/tokenize", serde_json::json!({"prompt": "x"}), "model"),
+    ] {
+        let (status, v) = post(path, &t, body);
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    let (status, _) = post(
+        "/tokenize",
+        &emb,
+        serde_json::json!({"model": model, "prompt": "x"}),
+    );
+    assert_eq!(status, 403);
+    s.stop_after(|records| {
+        assert!(records
+            .iter()
+            .any(|r| r["event"] == "request" && r["route"] == "POST /tokenize"));
+    });
+}

@@ -8,6 +8,7 @@ mod logprobs;
 mod models;
 mod request;
 mod stream;
+mod tokenize;
 mod tools;
 
 pub use admin::{
@@ -17,6 +18,7 @@ pub use complete::{chat, completions, request_id};
 pub use embeddings::embeddings;
 pub use error::ApiError;
 pub use models::{model, models};
+pub use tokenize::{detokenize, tokenize};
 
 use std::sync::Arc;
 
