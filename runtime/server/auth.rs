@@ -29,7 +29,7 @@ pub fn scope_for(path: &str) -> Option<Scope> {
         "/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" => {
             Some(Scope::Inference)
         }
-        "/v1/embeddings" => Some(Scope::Embeddings),
+        "/v1/embeddings" | "/v1/rerank" | "/rerank" => Some(Scope::Embeddings),
         p if p.starts_with("/v1/models/") => Some(Scope::Inference),
         "/metrics" => Some(Scope::Metrics),
         "/admin/tokens" | "/admin/lockdown" => Some(Scope::Admin),

@@ -324,3 +324,98 @@ fn tokenize_and_detokenize_agree_with_the_completion_routes() {
             .any(|r| r["event"] == "request" && r["route"] == "POST /tokenize"));
     });
 }
+
+/// Request shapes clients send: a completion from token ids (or a list of one prompt) is the
+/// completion from the text; several prompts, embedding token ids and ids outside the
+/// vocabulary are refused by name; `/v1/rerank` orders documents by relevance on an embedding
+/// model, with `top_n` and without documents echoed.
+#[test]
+fn token_id_prompts_lists_of_one_and_rerank() {
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::smollm2(), state.path(), "", &[]);
+    let t = s.token("c", &["--scopes", "inference"]);
+    let post = |addr, path: &str, token: &str, body: serde_json::Value| {
+        let (status, out) = call(addr, "POST", path, Some(token), &body.to_string());
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        )
+    };
+    let model = "smollm2-135m-instruct";
+    let (_, tok) = post(
+        s.addr,
+        "/tokenize",
+        &t,
+        serde_json::json!({"model": model, "prompt": "The capital of France is"}),
+    );
+    let ids = tok["tokens"].clone();
+    let complete = |prompt: serde_json::Value| {
+        post(
+            s.addr,
+            "/v1/completions",
+            &t,
+            serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 5, "temperature": 0}),
+        )
+    };
+    let (status, text) = complete("The capital of France is".into());
+    assert_eq!(status, 200, "{text}");
+    for prompt in [
+        ids.clone(),
+        serde_json::json!([ids.clone()]),
+        serde_json::json!(["The capital of France is"]),
+    ] {
+        let (status, v) = complete(prompt);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], text["choices"][0]["text"], "{v}");
+    }
+    for prompt in [
+        serde_json::json!(["a", "b"]),
+        serde_json::json!([1, -2]),
+        serde_json::json!([99999999]),
+    ] {
+        let (status, v) = complete(prompt);
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "prompt", "{v}");
+    }
+    s.stop();
+
+    let state = tempfile::tempdir().unwrap();
+    let s = Server::start(&common::minilm(), state.path(), "", &[]);
+    let e = s.token("e", &["--scopes", "embeddings"]);
+    let (status, v) = post(
+        s.addr,
+        "/v1/embeddings",
+        &e,
+        serde_json::json!({"model": "all-minilm-l6-v2", "input": [101, 102]}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "input", "{v}");
+    let docs = [
+        "The weather is sunny today.",
+        "Paris is the capital of France.",
+        "I like pancakes.",
+    ];
+    let (status, v) = post(
+        s.addr,
+        "/v1/rerank",
+        &e,
+        serde_json::json!({"model": "all-minilm-l6-v2",
+        "query": "What is the capital of France?", "documents": docs, "top_n": 2}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["index"], 1, "{v}");
+    assert_eq!(results[0]["document"]["text"], docs[1]);
+    assert!(results[0]["relevance_score"].as_f64() > results[1]["relevance_score"].as_f64());
+    let (status, v) = post(
+        s.addr,
+        "/rerank",
+        &e,
+        serde_json::json!({"model": "all-minilm-l6-v2",
+        "query": "q", "documents": [{"text": "a"}, 3]}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "documents[1]", "{v}");
+    s.stop();
+}

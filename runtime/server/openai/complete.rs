@@ -16,7 +16,9 @@ use securerun_models::{ChatMessage, FinishReason, Prompt, PromptEncoder};
 
 use super::error::ApiError;
 use super::logprobs;
-use super::request::{finish, params, ChatRequest, CompletionRequest, Sampling};
+use super::request::{
+    completion_prompt, finish, params, ChatRequest, CompletionPrompt, CompletionRequest, Sampling,
+};
 use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
 use super::tools::{self, ToolPlan};
@@ -75,7 +77,7 @@ pub async fn chat(
     complete(
         call,
         texts,
-        Prompt::Chat(messages),
+        Input::Prompt(Prompt::Chat(messages)),
         req.sampling,
         Kind::Chat,
         Some(tool_request),
@@ -90,20 +92,27 @@ pub async fn completions(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_request(crate::server::fields::Route::Completions, &body)?;
+    let prompt = completion_prompt(req.prompt)?;
+    let texts = match &prompt {
+        CompletionPrompt::Text(t) => vec![t.clone()],
+        CompletionPrompt::Ids(_) => Vec::new(),
+    };
     let call = Call {
         state,
         caller,
         ledger,
     };
-    complete(
-        call,
-        vec![req.prompt.clone()],
-        Prompt::Text(req.prompt),
-        req.sampling,
-        Kind::Text,
-        None,
-    )
-    .await
+    let input = match prompt {
+        CompletionPrompt::Text(t) => Input::Prompt(Prompt::Text(t)),
+        CompletionPrompt::Ids(ids) => Input::Ids(ids),
+    };
+    complete(call, texts, input, req.sampling, Kind::Text, None).await
+}
+
+/// What a completion starts from: a prompt to encode here, or a client's token ids.
+pub(super) enum Input {
+    Prompt(Prompt),
+    Ids(Vec<u32>),
 }
 
 /// The tool fields of a chat request, checked once the model (its tokenizer) is known.
@@ -177,7 +186,7 @@ pub(super) async fn encode_prompt(
 pub(super) async fn complete(
     call: Call,
     texts: Vec<String>,
-    prompt: Prompt,
+    input: Input,
     sampling: Sampling,
     kind: Kind,
     tool_request: Option<ToolRequest>,
@@ -215,7 +224,7 @@ pub(super) async fn complete(
             })
             .await
             .map_err(|_| engine_stopped())??;
-            if let Prompt::Chat(messages) = &prompt {
+            if let Input::Prompt(Prompt::Chat(messages)) = &input {
                 check_history(messages, &served.encoder)?;
             }
             plan
@@ -233,7 +242,24 @@ pub(super) async fn complete(
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
     let control = JobControl::new(deadline).owned_by(&caller.token_id);
-    let prompt_ids = encode_prompt(&served, prompt, &tools.for_template, &control).await?;
+    let prompt_ids = match input {
+        Input::Prompt(prompt) => {
+            encode_prompt(&served, prompt, &tools.for_template, &control).await?
+        }
+        Input::Ids(ids) => {
+            let vocab = served.encoder.vocab_size();
+            if ids.iter().any(|&id| id as usize >= vocab) {
+                return Err(ApiError::bad_param(
+                    "prompt",
+                    format!(
+                        "token ids of this model are 0 to {}",
+                        vocab.saturating_sub(1)
+                    ),
+                ));
+            }
+            ids
+        }
+    };
     let prompt_tokens = prompt_ids.len() as u64;
     // Known now: recorded even if the client goes away before the answer.
     ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));

@@ -12,12 +12,13 @@ use tokio::sync::oneshot;
 
 use super::complete::engine_stopped;
 use super::error::ApiError;
-use super::request::{EmbeddingInput, EmbeddingRequest};
+use super::request::{embedding_texts, EmbeddingRequest};
 use super::{parse_request, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{Job, JobControl};
 use crate::server::interrupt::{self};
 use crate::server::ledger::Ledger;
+use crate::server::models::ServedModel;
 use crate::server::AppState;
 
 pub async fn embeddings(
@@ -43,10 +44,7 @@ pub async fn embeddings(
             )))
         }
     };
-    let texts = match req.input {
-        EmbeddingInput::One(s) => vec![s],
-        EmbeddingInput::Many(v) => v,
-    };
+    let texts = embedding_texts(req.input)?;
     let audited = texts.clone();
     if texts.is_empty() || texts.len() > state.config.max_embedding_inputs {
         return Err(ApiError::bad_request(format!(
@@ -54,6 +52,45 @@ pub async fn embeddings(
             state.config.max_embedding_inputs
         )));
     }
+    let (vectors, input_tokens) = embed_texts(&state, &caller, &served, texts).await?;
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            // base64: the little-endian f32 bytes, as the official client expects by default.
+            let embedding = if as_base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(crate::signing::bundle::b64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    let mut resp = Json(json!({
+        "object": "list", "data": data, "model": served.name(),
+        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
+    }))
+    .into_response();
+    resp.extensions_mut().insert(crate::server::Usage {
+        prompt_tokens: input_tokens,
+        ..Default::default()
+    });
+    resp.extensions_mut().insert(crate::server::Content {
+        texts: audited,
+        completion: None,
+    });
+    Ok(resp)
+}
+
+/// Embeds `texts` (counted here, charged to the caller's token budget, run by the engine within
+/// the generation timeout): the vectors and the input tokens.
+pub(super) async fn embed_texts(
+    state: &Arc<AppState>,
+    caller: &Caller,
+    served: &ServedModel,
+    texts: Vec<String>,
+) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
     let encoder = served.encoder.clone();
     let counted = texts.clone();
     let input_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&counted))
@@ -85,39 +122,12 @@ pub async fn embeddings(
     let _cancel = control.cancel_on_drop();
     let vectors = tokio::select! {
         done = done_rx => done.map_err(|_| engine_stopped())?.map_err(ApiError::from)?,
-        why = interrupt::interrupted(&state, &caller, deadline) => {
+        why = interrupt::interrupted(state, &caller, deadline) => {
             control.cancel();
             let mut e = why.error();
             e.outcome = Some(why.outcome());
             return Err(e);
         }
     };
-    let data: Vec<Value> = vectors
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            // base64: the little-endian f32 bytes, as the official client expects by default.
-            let embedding = if as_base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(crate::signing::bundle::b64_encode(&bytes))
-            } else {
-                json!(v)
-            };
-            json!({"object": "embedding", "index": i, "embedding": embedding})
-        })
-        .collect();
-    let mut resp = Json(json!({
-        "object": "list", "data": data, "model": served.name(),
-        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
-    }))
-    .into_response();
-    resp.extensions_mut().insert(crate::server::Usage {
-        prompt_tokens: input_tokens,
-        ..Default::default()
-    });
-    resp.extensions_mut().insert(crate::server::Content {
-        texts: audited,
-        completion: None,
-    });
-    Ok(resp)
+    Ok((vectors, input_tokens))
 }

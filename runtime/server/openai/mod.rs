@@ -7,6 +7,7 @@ mod error;
 mod logprobs;
 mod models;
 mod request;
+mod rerank;
 mod stream;
 mod tokenize;
 mod tools;
@@ -18,6 +19,7 @@ pub use complete::{chat, completions, request_id};
 pub use embeddings::embeddings;
 pub use error::ApiError;
 pub use models::{model, models};
+pub use rerank::rerank;
 pub use tokenize::{detokenize, tokenize};
 
 use std::sync::Arc;

@@ -233,22 +233,38 @@ fn history_call(call: Value) -> Result<ToolCall, (&'static str, &'static str)> {
 
 #[derive(Deserialize)]
 pub(super) struct CompletionRequest {
-    pub(super) prompt: String,
+    pub(super) prompt: Value,
     #[serde(flatten)]
     pub(super) sampling: Sampling,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub(super) enum EmbeddingInput {
-    One(String),
-    Many(Vec<String>),
+/// Embedding inputs: a string or a list of strings. Token-id inputs (a list of ids, or of
+/// lists) are refused by name: the embedder takes text, and re-encoding decoded ids would not
+/// give the client's ids back.
+pub(super) fn embedding_texts(input: Value) -> Result<Vec<String>, ApiError> {
+    let refuse = || {
+        ApiError::bad_param(
+            "input",
+            "input is a string or a list of strings (token-id inputs are not supported for embeddings)",
+        )
+    };
+    match input {
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(refuse()),
+            })
+            .collect(),
+        _ => Err(refuse()),
+    }
 }
 
 #[derive(Deserialize)]
 pub(super) struct EmbeddingRequest {
     pub(super) model: String,
-    pub(super) input: EmbeddingInput,
+    pub(super) input: Value,
     #[serde(default)]
     pub(super) encoding_format: Option<String>,
     /// The end user (recorded pseudonymized).
@@ -458,5 +474,44 @@ pub(super) fn finish(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// A completion's prompt as clients send it.
+pub(super) enum CompletionPrompt {
+    Text(String),
+    /// Token ids, fed as they are (checked against the vocabulary where the model is known).
+    Ids(Vec<u32>),
+}
+
+/// `prompt`: a string, token ids, or a list holding one of either. A list of several prompts
+/// is refused by name (one generation per request, as `n` is 1).
+pub(super) fn completion_prompt(prompt: Value) -> Result<CompletionPrompt, ApiError> {
+    let bad = |m: &str| ApiError::bad_param("prompt", m);
+    let ids = |list: &[Value]| -> Option<Vec<u32>> {
+        list.iter()
+            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect()
+    };
+    match prompt {
+        Value::String(s) => Ok(CompletionPrompt::Text(s)),
+        Value::Array(list) if list.iter().all(Value::is_number) && !list.is_empty() => ids(&list)
+            .map(CompletionPrompt::Ids)
+            .ok_or_else(|| bad("token ids are non-negative integers")),
+        Value::Array(mut list) if list.len() == 1 => match list.pop() {
+            Some(Value::String(s)) => Ok(CompletionPrompt::Text(s)),
+            Some(Value::Array(inner)) if !inner.is_empty() => ids(&inner)
+                .map(CompletionPrompt::Ids)
+                .ok_or_else(|| bad("token ids are non-negative integers")),
+            _ => Err(bad(
+                "prompt is a string, a list of token ids, or a list of one of them",
+            )),
+        },
+        Value::Array(list) if list.len() > 1 => Err(bad(
+            "one prompt per request: send each prompt of the list as its own request",
+        )),
+        _ => Err(bad(
+            "prompt is a string, a list of token ids, or a list of one of them",
+        )),
     }
 }
