@@ -122,7 +122,7 @@ pub(super) async fn embed_texts(
     let _cancel = control.cancel_on_drop();
     let vectors = tokio::select! {
         done = done_rx => done.map_err(|_| engine_stopped())?.map_err(ApiError::from)?,
-        why = interrupt::interrupted(state, &caller, deadline) => {
+        why = interrupt::interrupted(state, caller, deadline) => {
             control.cancel();
             let mut e = why.error();
             e.outcome = Some(why.outcome());
