@@ -285,6 +285,12 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
+/// What is pseudonymized for an end user a request names (OpenAI's `user`): in a domain of its
+/// own, so the same text as a client address or a content gives another pseudonym.
+pub fn end_user_text(user: &str) -> String {
+    format!("end-user\0{user}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

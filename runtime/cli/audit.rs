@@ -162,9 +162,12 @@ pub enum AuditCommand {
         recipient: Option<PathBuf>,
     },
     /// The keyed HMAC of a text or client address, to search an export made with
-    /// `--audit-content hmac` (or the `client` field) for it.
+    /// `--audit-content hmac` (or the `client` field) for it; with `--end-user`, of an end
+    /// user's identifier as requests name it (`user`), to find the `end_user` field.
     Hmac {
         text: String,
+        #[arg(long)]
+        end_user: bool,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -381,7 +384,9 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
                         .is_some_and(|t| r.token_id.as_ref() != Some(t))
                     || event.as_ref().is_some_and(|e| &r.event != e)
                     || subject.as_ref().is_some_and(|s| {
-                        r.client.as_ref() != Some(s) && r.token_id.as_ref() != Some(s)
+                        r.client.as_ref() != Some(s)
+                            && r.token_id.as_ref() != Some(s)
+                            && r.end_user.as_ref() != Some(s)
                     })
                 {
                     continue;
@@ -419,7 +424,11 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             key,
             recipient,
         } => migrate(state_dir, &key, recipient.as_deref())?,
-        AuditCommand::Hmac { text, state_dir } => {
+        AuditCommand::Hmac {
+            text,
+            end_user,
+            state_dir,
+        } => {
             let state = crate::state_dir::resolve(state_dir)?;
             let dir = audit::audit_dir(&state);
             let path = dir.join(audit::keys::PSEUDONYM_KEY);
@@ -431,6 +440,10 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
                 .into());
             }
             let key = audit::keys::pseudonym_key(&dir)?;
+            let text = match end_user {
+                true => audit::keys::end_user_text(&text),
+                false => text,
+            };
             println!("{}", audit::keys::pseudonym(&key, &text));
         }
     }

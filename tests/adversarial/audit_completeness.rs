@@ -226,6 +226,15 @@ fn logprobs_are_per_token_and_the_end_user_is_recorded_as_a_pseudonym() {
     );
     assert_eq!(status, 400, "{out}");
     assert!(out.contains("\"param\":\"logprobs\""), "{out}");
+    let o = common::securerun(&[
+        "audit",
+        "hmac",
+        "--end-user",
+        user,
+        "--state-dir",
+        common::p(state.path()),
+    ]);
+    let expected = String::from_utf8_lossy(&o.stdout).trim().to_string();
     s.stop_after(|records| {
         let chats: Vec<_> = records
             .iter()
@@ -234,6 +243,7 @@ fn logprobs_are_per_token_and_the_end_user_is_recorded_as_a_pseudonym() {
         assert_eq!(chats.len(), 2);
         let pseudonym = chats[0]["end_user"].as_str().unwrap();
         assert_eq!(chats[1]["end_user"], pseudonym, "stable");
+        assert_eq!(pseudonym, expected, "`audit hmac --end-user` finds it");
         assert!(!pseudonym.contains("alice"));
         assert!(records.iter().all(|r| !r.to_string().contains(user)));
     });

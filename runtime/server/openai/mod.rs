@@ -94,7 +94,7 @@ pub(super) fn record_end_user(
     match user {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(u)) if u.len() <= MAX_USER_BYTES => {
-            let pseudonym = state.audit.pseudonym(&format!("end-user\0{u}"));
+            let pseudonym = state.audit.pseudonym(&crate::audit::keys::end_user_text(u));
             ledger.update(|r| r.end_user = Some(pseudonym));
             Ok(())
         }
