@@ -134,6 +134,8 @@ impl Limiters {
 pub struct Limited {
     pub retry_after: Duration,
     pub what: &'static str,
+    /// The request alone exceeds the limit: waiting cannot help (a 400, not a 429).
+    pub never_fits: bool,
 }
 
 fn limiter(
@@ -200,6 +202,7 @@ impl Limiters {
         limiter(&self.requests, &record.id, record.limits.requests_per_min)
             .check()
             .map_err(|n| Limited {
+                never_fits: false,
                 retry_after: wait_of(n),
                 what: "request rate",
             })
@@ -215,10 +218,12 @@ impl Limiters {
             Ok(Err(n)) => Err(Limited {
                 retry_after: wait_of(n),
                 what: "token budget",
+                never_fits: false,
             }),
             Err(_) => Err(Limited {
-                retry_after: Duration::from_secs(60),
-                what: "token budget (this request alone needs more than the per-minute budget)",
+                retry_after: Duration::ZERO,
+                what: "this request alone needs more tokens (prompt plus max_tokens) than the token's per-minute budget",
+                never_fits: true,
             }),
         }
     }

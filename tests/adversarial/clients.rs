@@ -419,8 +419,9 @@ fn revocation_and_lockdown_end_running_streams() {
     });
 }
 
-/// The prompt counts against the token budget (429 before it runs when the prompt alone is
-/// over it), embeddings count their input tokens, and `usage` reports them.
+/// The prompt counts against the token budget, embeddings count their input tokens, and
+/// `usage` reports them. A request that alone exceeds the budget can never run: a 400
+/// (`request_exceeds_budget`), not a 429 a client would retry forever; a spent budget is a 429.
 #[test]
 fn prompt_and_embedding_tokens_count_against_the_budget() {
     let state = tempfile::tempdir().unwrap();
@@ -437,7 +438,8 @@ fn prompt_and_embedding_tokens_count_against_the_budget() {
         Some(&t),
         &completion(&long, 1, false),
     );
-    assert_eq!(status, 429, "{body}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("request_exceeds_budget"), "{body}");
     let (status, body) = call(
         s.addr,
         "POST",
@@ -448,6 +450,18 @@ fn prompt_and_embedding_tokens_count_against_the_budget() {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["usage"]["prompt_tokens"], 5);
+    // Seven tokens each: the budget of 50 is spent within eight.
+    let spent = (0..8).any(|_| {
+        call(
+            s.addr,
+            "POST",
+            "/v1/completions",
+            Some(&t),
+            &completion("The capital of France is", 2, false),
+        )
+        .0 == 429
+    });
+    assert!(spent);
     s.stop();
 
     let state = tempfile::tempdir().unwrap();
@@ -462,7 +476,7 @@ fn prompt_and_embedding_tokens_count_against_the_budget() {
         serde_json::json!({"model": "all-minilm-l6-v2", "input": "word ".repeat(60)}).to_string();
     assert_eq!(
         call(s.addr, "POST", "/v1/embeddings", Some(&t), &big).0,
-        429
+        400
     );
     s.stop();
 }

@@ -73,6 +73,15 @@ impl ApiError {
     }
 
     pub fn limited(l: Limited) -> Self {
+        if l.never_fits {
+            // Retrying cannot help: the client must ask for less.
+            return Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request_exceeds_budget",
+                l.what,
+            );
+        }
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
