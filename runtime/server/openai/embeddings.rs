@@ -67,20 +67,27 @@ pub async fn embeddings(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    let mut resp = Json(json!({
-        "object": "list", "data": data, "model": served.name(),
-        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
-    }))
-    .into_response();
+    Ok(input_response(
+        json!({"object": "list", "data": data, "model": served.name()}),
+        input_tokens,
+        audited,
+    ))
+}
+
+/// The response of a route that only reads inputs (embeddings, rerank): `body` with its
+/// `usage`, and the counts and texts its audit record takes.
+pub(super) fn input_response(mut body: Value, input_tokens: u64, texts: Vec<String>) -> Response {
+    body["usage"] = json!({"prompt_tokens": input_tokens, "total_tokens": input_tokens});
+    let mut resp = Json(body).into_response();
     resp.extensions_mut().insert(crate::server::Usage {
         prompt_tokens: input_tokens,
         ..Default::default()
     });
     resp.extensions_mut().insert(crate::server::Content {
-        texts: audited,
+        texts,
         completion: None,
     });
-    Ok(resp)
+    resp
 }
 
 /// Embeds `texts` (counted here, charged to the caller's token budget, run by the engine within

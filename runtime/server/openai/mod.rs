@@ -104,3 +104,25 @@ pub(super) fn record_end_user(
         )),
     }
 }
+
+/// Refuses any field but `allowed`, naming it.
+pub(super) fn only_fields(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    };
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_param(
+            k.clone(),
+            format!("unrecognized request argument supplied: {k}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+pub(super) fn model_name(body: &Value) -> Result<&str, ApiError> {
+    body.get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_param("model", "model is required"))
+}

@@ -6,13 +6,12 @@
 use std::sync::Arc;
 
 use axum::extract::{Extension, State};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::embeddings::embed_texts;
+use super::embeddings::{embed_texts, input_response};
 use super::error::ApiError;
-use super::{parse_json, record_end_user, served_model};
+use super::{model_name, only_fields, parse_json, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::ledger::Ledger;
 use crate::server::AppState;
@@ -35,31 +34,19 @@ pub async fn rerank(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: Value = parse_json(&body)?;
-    let allowed = [
-        "model",
-        "query",
-        "documents",
-        "top_n",
-        "return_documents",
-        "user",
-    ];
-    if let Some(k) = body
-        .as_object()
-        .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))?
-        .keys()
-        .find(|k| !allowed.contains(&k.as_str()))
-    {
-        return Err(ApiError::bad_param(
-            k.clone(),
-            format!("unrecognized request argument supplied: {k}"),
-        ));
-    }
+    only_fields(
+        &body,
+        &[
+            "model",
+            "query",
+            "documents",
+            "top_n",
+            "return_documents",
+            "user",
+        ],
+    )?;
     record_end_user(&state, &ledger, body.get("user"))?;
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_param("model", "model is required"))?;
-    let served = served_model(&state, &caller, &ledger, model)?;
+    let served = served_model(&state, &caller, &ledger, model_name(&body)?)?;
     if served.engine.is_text {
         return Err(ApiError::bad_param(
             "model",
@@ -142,21 +129,10 @@ pub async fn rerank(
             r
         })
         .collect();
-    let mut resp = Json(json!({
-        "id": super::complete::request_id("rerank"),
-        "object": "list",
-        "model": served.name(),
-        "results": results,
-        "usage": {"prompt_tokens": input_tokens, "total_tokens": input_tokens},
-    }))
-    .into_response();
-    resp.extensions_mut().insert(crate::server::Usage {
-        prompt_tokens: input_tokens,
-        ..Default::default()
-    });
-    resp.extensions_mut().insert(crate::server::Content {
-        texts: audited,
-        completion: None,
-    });
-    Ok(resp)
+    Ok(input_response(
+        json!({"id": super::complete::request_id("rerank"), "object": "list",
+               "model": served.name(), "results": results}),
+        input_tokens,
+        audited,
+    ))
 }

@@ -14,33 +14,11 @@ use securerun_models::{ChatMessage, Prompt};
 use super::complete::encode_prompt;
 use super::error::ApiError;
 use super::request::ApiMessage;
-use super::{parse_json, served_model};
+use super::{model_name, only_fields, parse_json, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::JobControl;
 use crate::server::ledger::Ledger;
 use crate::server::AppState;
-
-/// Refuses any field but `allowed`, naming it.
-fn only(body: &Value, allowed: &[&str]) -> Result<(), ApiError> {
-    let Some(obj) = body.as_object() else {
-        return Err(ApiError::bad_request(
-            "the request body must be a JSON object",
-        ));
-    };
-    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_param(
-            k.clone(),
-            format!("unrecognized request argument supplied: {k}"),
-        )),
-        None => Ok(()),
-    }
-}
-
-fn model_name(body: &Value) -> Result<&str, ApiError> {
-    body.get("model")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_param("model", "model is required"))
-}
 
 /// `{"model", "prompt"}` (tokenized as a completion's prompt, with the tokenizer's special
 /// tokens unless `add_special_tokens` is false) or `{"model", "messages"}` (rendered with the
@@ -52,7 +30,7 @@ pub async fn tokenize(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: Value = parse_json(&body)?;
-    only(
+    only_fields(
         &body,
         &["model", "prompt", "messages", "add_special_tokens"],
     )?;
@@ -131,7 +109,7 @@ pub async fn detokenize(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let body: Value = parse_json(&body)?;
-    only(&body, &["model", "tokens"])?;
+    only_fields(&body, &["model", "tokens"])?;
     let served = served_model(&state, &caller, &ledger, model_name(&body)?)?;
     let vocab = served.encoder.vocab_size();
     let ids: Vec<u32> = match body.get("tokens").and_then(Value::as_array) {
