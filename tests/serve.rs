@@ -746,6 +746,23 @@ fn structured_output_and_tool_calls_through_the_server() {
     let value: serde_json::Value = serde_json::from_str(&content).unwrap();
     assert!(jsonschema::is_valid(&schema, &value), "{content}");
 
+    // A schema the engine mishandled (control characters in a class): every answer is valid
+    // or an error, never an invalid answer reported complete.
+    let control = serde_json::json!({"type": "string", "pattern": "^[\\u0000-\\u001f]+$"});
+    for seed in 1..=3 {
+        let r = chat(
+            serde_json::json!({"temperature": 1.2, "seed": seed, "max_tokens": 20,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": control}}}),
+        );
+        let v = r.json();
+        if r.status == 200 && v["choices"][0]["finish_reason"] == "stop" {
+            let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+            let value: serde_json::Value = serde_json::from_str(content).unwrap();
+            assert!(jsonschema::is_valid(&control, &value), "{content:?}");
+        } else if r.status != 200 {
+            assert_eq!(v["error"]["code"], "output_invalid", "{}", r.body);
+        }
+    }
     let r = chat(
         serde_json::json!({"response_format": {"type": "json_schema",
         "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5, "maxLength": 2}}}}),

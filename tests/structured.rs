@@ -163,6 +163,24 @@ fn bad_and_oversized_schemas_are_typed_errors() {
         .unwrap_err();
         assert!(matches!(err, GenerateError::Grammar(_)), "{what}: {err}");
     }
+    // A small schema that trips an assertion inside the engine: an error without its text.
+    let tangled = json!({"allOf": (0..6).map(|i| json!({"anyOf": (0..4).map(|k| json!({"type": "object",
+        "properties": {format!("p{i}_{k}"): {"type": "integer"}}})).collect::<Vec<_>>()})).collect::<Vec<_>>()});
+    let err = generate(
+        &mut model,
+        "Hi",
+        OutputGrammar::JsonSchema {
+            schema: tangled.to_string(),
+        },
+        SamplingParams::default(),
+    );
+    if let Err(e) = err {
+        let text = e.to_string();
+        assert!(
+            !text.contains("panic") && !text.contains("assertion"),
+            "{text}"
+        );
+    }
     let deep = generate(
         &mut model,
         "Hi",

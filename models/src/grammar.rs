@@ -132,6 +132,25 @@ pub fn check_depth(value: &serde_json::Value) -> Result<(), GrammarError> {
     Ok(())
 }
 
+fn too_complex() -> GrammarError {
+    GrammarError::Invalid("the schema is too complex for the grammar engine".into())
+}
+
+/// The engine's message for a schema it refuses, for the client: its first line, bounded. The
+/// engine reports its own caught assertions as errors too (`panic: ...` and a backtrace): those
+/// say nothing a client can act on and are replaced.
+fn engine_error(message: &str) -> GrammarError {
+    let first = message.lines().next().unwrap_or_default();
+    if first.starts_with("panic") {
+        return too_complex();
+    }
+    let mut end = first.len().min(300);
+    while !first.is_char_boundary(end) {
+        end -= 1;
+    }
+    GrammarError::Invalid(first[..end].to_string())
+}
+
 /// The engine's limits for one grammar: its size and the work of compiling it and of each
 /// token's mask (llguidance's own measures; its documentation rates lexer fuel at ~14k/ms and
 /// Earley items at ~20k/ms, so a step costs a few milliseconds at most).
@@ -196,14 +215,24 @@ impl GrammarEnv {
     pub fn constraint(&self, grammar: &OutputGrammar) -> Result<Constraint, GrammarError> {
         grammar.check()?;
         let top = grammar.top_level()?;
+        // An engine assertion on a hostile schema is this request's error; its text (a panic
+        // message and backtrace) is not the client's business.
         let parser = crate::panic_guard::catch(|| self.factory.create_parser(top))
-            .map_err(GrammarError::Invalid)?
-            .map_err(|e| GrammarError::Invalid(e.to_string()))?;
+            .map_err(|_| too_complex())?
+            .map_err(|e| engine_error(&e.to_string()))?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
-            return Err(GrammarError::Invalid(e));
+            return Err(engine_error(&e));
         }
         Ok(Constraint { matcher })
+    }
+}
+
+/// A failure mid-generation, first line only (never the engine's backtrace or state).
+fn step_error(e: impl std::fmt::Display) -> GrammarError {
+    match engine_error(&e.to_string()) {
+        GrammarError::Invalid(m) => GrammarError::Step(m),
+        other => other,
     }
 }
 
@@ -215,16 +244,12 @@ pub struct Constraint {
 impl Constraint {
     /// The tokens allowed next (end-of-sequence among them only where the output may end).
     pub(crate) fn allowed(&mut self) -> Result<SimpleVob, GrammarError> {
-        self.matcher
-            .compute_mask()
-            .map_err(|e| GrammarError::Step(e.to_string()))
+        self.matcher.compute_mask().map_err(step_error)
     }
 
     /// Advances past `token` (one the mask allowed).
     pub(crate) fn consume(&mut self, token: u32) -> Result<(), GrammarError> {
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| GrammarError::Step(e.to_string()))
+        self.matcher.consume_token(token).map_err(step_error)
     }
 
     /// Whether the grammar admits no further token: the output is complete.

@@ -125,22 +125,28 @@ fn lark_string(s: &str) -> String {
 }
 
 /// The calls in an answer, if it is made of calls (name, arguments) and nothing else.
-pub fn parse_calls(text: &str) -> Option<Vec<(String, Value)>> {
-    let mut rest = text.trim();
+///
+/// Only the exact form the grammar produces counts (no leading text or whitespace: under
+/// `auto`, text that merely looks like a call is text), and only calls of `tools`.
+pub fn parse_calls(text: &str, tools: &[&str]) -> Option<Vec<(String, Value)>> {
+    let mut rest = text;
     let mut calls = Vec::new();
-    while !rest.is_empty() {
-        let body = rest.strip_prefix(CALL_OPEN.trim_end())?;
-        let (body, after) = body.split_once(CALL_CLOSE.trim_start())?;
-        let mut call: serde_json::Map<String, Value> = serde_json::from_str(body.trim()).ok()?;
+    loop {
+        let body = rest.strip_prefix(CALL_OPEN)?;
+        let (body, after) = body.split_once(CALL_CLOSE)?;
+        let mut call: serde_json::Map<String, Value> = serde_json::from_str(body).ok()?;
         let name = call.remove("name")?.as_str()?.to_string();
         let arguments = call.remove("arguments")?;
-        if !call.is_empty() || !arguments.is_object() {
+        if !call.is_empty() || !arguments.is_object() || !tools.contains(&name.as_str()) {
             return None;
         }
         calls.push((name, arguments));
-        rest = after.trim_start();
+        match after.strip_prefix('\n') {
+            Some(next) => rest = next,
+            None if after.is_empty() => return Some(calls),
+            None => return None,
+        }
     }
-    (!calls.is_empty()).then_some(calls)
 }
 
 /// For a template that does not read `tools`: the tools described in the system message (added
@@ -203,9 +209,12 @@ mod tests {
     #[test]
     fn calls_parse_back_and_anything_else_is_text() {
         let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>";
-        let calls = parse_calls(text).unwrap();
+        let calls = parse_calls(text, &["f", "g"]).unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0], ("f".into(), json!({"x": 1})));
+        // A tool not offered, or text around the calls: not calls.
+        assert_eq!(parse_calls(text, &["f"]), None);
+        assert_eq!(parse_calls(&format!(" {text}"), &["f", "g"]), None);
         for not_calls in [
             "",
             "hello",
@@ -214,7 +223,7 @@ mod tests {
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call> and text",
             "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}",
         ] {
-            assert_eq!(parse_calls(not_calls), None, "{not_calls}");
+            assert_eq!(parse_calls(not_calls, &["f"]), None, "{not_calls}");
         }
     }
 

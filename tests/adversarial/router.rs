@@ -274,9 +274,11 @@ impl Edge {
     /// One completion request through the router, as told by `plan`: status and body.
     fn complete(&self, plan: Plan, stream: bool) -> (u16, String) {
         self.plans.lock().unwrap().push_back(plan);
-        let body = serde_json::json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 8,
-                                      "stream": stream,
-                                      "stream_options": {"include_usage": true}});
+        let mut body = serde_json::json!({"model": MODEL, "prompt": "Hello there", "max_tokens": 8,
+                                          "stream": stream});
+        if stream {
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
         self.post("/v1/completions", &body)
     }
 
@@ -490,6 +492,66 @@ fn every_field_is_implemented_or_refused_by_name() {
             "/v1/chat/completions",
             chat(serde_json::json!({"logit_bias": {"not-a-token": -100}})),
             "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"logit_bias": {"+44": -100}})),
+            "logit_bias",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"temperature": 3})),
+            "temperature",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"top_p": 5})),
+            "top_p",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"max_tokens": 0})),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"messages": [{"role": "user",
+                "content": [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]}]})),
+            "messages[0].content[0].cache_control",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "say",
+                "parameters": {"type": "string"}}}]}),
+            ),
+            "tools[0].function.parameters",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "f"}, "x": 1}}),
+            ),
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"response_format": {"type": "json_object"}, "stop": ["}"]})),
+            "stop",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                serde_json::json!({"response_format": {"type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": -3}}}}),
+            ),
+            "response_format",
         ),
         (
             "/v1/chat/completions",

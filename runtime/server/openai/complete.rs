@@ -12,17 +12,18 @@ use axum::Json;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use securerun_models::{ChatMessage, FinishReason, Prompt, PromptEncoder};
+use securerun_models::{FinishReason, Prompt};
 
 use super::error::ApiError;
 use super::logprobs;
+use super::output_check::OutputCheck;
 use super::request::{
     completion_prompt, finish, params, ChatRequest, CompletionPrompt, CompletionRequest, Sampling,
 };
 use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
 use super::tools::{self, ToolPlan};
-use super::{parse_request, record_end_user, served_model};
+use super::{check_history, parse_request, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{EngineError, Job, JobControl};
 use crate::server::interrupt::{self};
@@ -122,22 +123,6 @@ pub(super) struct ToolRequest {
     pub(super) parallel: Option<bool>,
 }
 
-/// Tool calls and call ids in the history reach the template outside message contents: they
-/// must not spell a control token.
-fn check_history(messages: &[ChatMessage], encoder: &PromptEncoder) -> Result<(), ApiError> {
-    for (i, m) in messages.iter().enumerate() {
-        let calls = serde_json::to_string(&m.tool_calls).unwrap_or_default();
-        let id = m.tool_call_id.as_deref().unwrap_or_default();
-        if encoder.spells_control_token(&calls) || encoder.spells_control_token(id) {
-            return Err(ApiError::bad_param(
-                format!("messages[{i}].tool_calls"),
-                "a tool call may not contain the text of one of the model's control tokens",
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// One authenticated request: the server, who asked, and its audit record.
 pub(super) struct Call {
     pub(super) state: Arc<AppState>,
@@ -215,6 +200,7 @@ pub(super) async fn complete(
         _ => {}
     }
     let mut params = params(&state, &sampling, served.encoder.vocab_size())?;
+    let check = OutputCheck::for_format(sampling.response_format.as_ref())?;
     let tools = match tool_request {
         None => ToolPlan::default(),
         Some(r) => {
@@ -230,6 +216,13 @@ pub(super) async fn complete(
             plan
         }
     };
+    if (tools.active() || params.grammar.is_some()) && !params.stop.is_empty() {
+        // A stop string could cut a JSON answer or a call short of what its grammar completes.
+        return Err(ApiError::bad_param(
+            "stop",
+            "stop cannot be combined with response_format or tool calls",
+        ));
+    }
     if tools.active() {
         if params.grammar.is_some() {
             return Err(ApiError::bad_param(
@@ -324,9 +317,11 @@ pub(super) async fn complete(
             prompt_tokens,
             texts,
             logprobs: params_logprobs,
+            check,
             tools: StreamTools {
                 active: tools.active(),
                 forced: tools.forced,
+                names: tools.names.clone(),
             },
         };
         // Keep-alive comments while nothing else is sent (a long prefill): a client that has
@@ -341,12 +336,15 @@ pub(super) async fn complete(
     served.engine.submit(job).map_err(|_| ApiError::busy())?;
     // Dropped with this future (the client went away): the job stops.
     let _cancel = control.cancel_on_drop();
-    // Non-streaming: drain pieces (the engine needs the channel read), then the result.
+    // Non-streaming: pieces are drained on their own task (the engine needs the channel read;
+    // it ends when the generation does). The result is awaited directly, so an interruption
+    // that wins the race never loses a result already taken from the channel (which polling
+    // it again would panic on).
     let mut pieces_rx = pieces_rx;
-    let drain = async move { while pieces_rx.recv().await.is_some() {} };
+    tokio::spawn(async move { while pieces_rx.recv().await.is_some() {} });
     let mut done_rx = done_rx;
     let finished = tokio::select! {
-        (_, done) = async { tokio::join!(drain, &mut done_rx) } => Ok(done),
+        done = &mut done_rx => Ok(done),
         why = interrupt::interrupted(&state, &caller, deadline) => Err(why),
     };
     let g = match finished {
@@ -375,7 +373,14 @@ pub(super) async fn complete(
         .metrics
         .generated
         .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
-    let calls = tools.active().then(|| tools::calls(&g.text)).flatten();
+    if g.finish_reason == FinishReason::Stop && check.as_ref().is_some_and(|c| !c.accepts(&g.text))
+    {
+        return Err(OutputCheck::failed());
+    }
+    let calls = tools
+        .active()
+        .then(|| tools::calls(&g.text, &tools.names))
+        .flatten();
     let logprobs = match (params_logprobs, kind) {
         (false, _) => Value::Null,
         (true, Kind::Chat) => logprobs::chat(&served.encoder, &g.logprobs),

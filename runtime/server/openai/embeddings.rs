@@ -39,9 +39,10 @@ pub async fn embeddings(
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "encoding_format {other:?}: use \"float\" or \"base64\""
-            )))
+            return Err(ApiError::bad_param(
+                "encoding_format",
+                format!("encoding_format {other:?}: use \"float\" or \"base64\""),
+            ))
         }
     };
     let texts = embedding_texts(req.input)?;

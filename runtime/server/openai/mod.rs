@@ -6,6 +6,7 @@ mod embeddings;
 mod error;
 mod logprobs;
 mod models;
+mod output_check;
 mod request;
 mod rerank;
 mod stream;
@@ -31,6 +32,7 @@ use super::auth::Caller;
 use super::ledger::Ledger;
 use super::models::ServedModel;
 use super::AppState;
+use securerun_models::{ChatMessage, PromptEncoder};
 
 pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
@@ -125,4 +127,23 @@ pub(super) fn model_name(body: &Value) -> Result<&str, ApiError> {
     body.get("model")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_param("model", "model is required"))
+}
+
+/// Tool calls and call ids in the history reach the template outside message contents: they
+/// must not spell a control token.
+pub(super) fn check_history(
+    messages: &[ChatMessage],
+    encoder: &PromptEncoder,
+) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate() {
+        let calls = serde_json::to_string(&m.tool_calls).unwrap_or_default();
+        let id = m.tool_call_id.as_deref().unwrap_or_default();
+        if encoder.spells_control_token(&calls) || encoder.spells_control_token(id) {
+            return Err(ApiError::bad_param(
+                format!("messages[{i}].tool_calls"),
+                "a tool call may not contain the text of one of the model's control tokens",
+            ));
+        }
+    }
+    Ok(())
 }

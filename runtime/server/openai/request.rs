@@ -157,6 +157,17 @@ impl ApiMessage {
                 let mut texts = Vec::with_capacity(parts.len());
                 for (j, part) in parts.iter().enumerate() {
                     let kind = part.get("type").and_then(Value::as_str);
+                    let extra = part
+                        .as_object()
+                        .and_then(|o| o.keys().find(|k| *k != "type" && *k != "text"));
+                    // A part of another type is refused by its type; a text part by any
+                    // field it carries besides its text.
+                    if let Some(extra) = extra.filter(|_| kind == Some("text")) {
+                        return Err(ApiError::bad_param(
+                            at(&format!("content[{j}].{extra}")),
+                            format!("{extra} in a content part is not supported by this server"),
+                        ));
+                    }
                     match (kind, part.get("text").and_then(Value::as_str)) {
                         (Some("text"), Some(text)) => texts.push(text),
                         _ => {
@@ -301,10 +312,41 @@ pub(super) fn params(
         .or(s.max_tokens)
         .unwrap_or(state.config.default_max_tokens);
     if max_tokens == 0 || max_tokens > state.config.max_tokens_cap {
-        return Err(ApiError::bad_request(format!(
-            "max_tokens must be between 1 and {}",
-            state.config.max_tokens_cap
-        )));
+        let param = match s.max_completion_tokens {
+            Some(_) => "max_completion_tokens",
+            None => "max_tokens",
+        };
+        return Err(ApiError::bad_param(
+            param,
+            format!(
+                "{param} must be between 1 and {}",
+                state.config.max_tokens_cap
+            ),
+        ));
+    }
+    if let Some(t) = s
+        .temperature
+        .filter(|t| !(t.is_finite() && (0.0..=2.0).contains(t)))
+    {
+        return Err(ApiError::bad_param(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {t}"),
+        ));
+    }
+    if let Some(p) = s
+        .top_p
+        .filter(|p| !(p.is_finite() && *p > 0.0 && *p <= 1.0))
+    {
+        return Err(ApiError::bad_param(
+            "top_p",
+            format!("top_p must be in (0, 1], got {p}"),
+        ));
+    }
+    if s.stream_options.is_some() && !s.stream {
+        return Err(ApiError::bad_param(
+            "stream_options",
+            "stream_options is only allowed with stream: true",
+        ));
     }
     let stop = match &s.stop {
         None => Vec::new(),
@@ -312,7 +354,8 @@ pub(super) fn params(
         Some(Stop::Many(v)) => v.clone(),
     };
     if stop.len() > 4 || stop.iter().any(|x| x.is_empty() || x.len() > 256) {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::bad_param(
+            "stop",
             "stop: at most 4 non-empty strings of up to 256 bytes",
         ));
     }
@@ -383,7 +426,11 @@ fn logit_bias(
     }
     bias.iter()
         .map(|(id, &b)| {
-            let token = id.parse::<u32>().ok().filter(|&t| (t as usize) < vocab);
+            // The canonical decimal form only: "+44" and "044" are not two spellings of 44.
+            let token = id
+                .parse::<u32>()
+                .ok()
+                .filter(|&t| (t as usize) < vocab && t.to_string() == *id);
             match token {
                 Some(t) if b.is_finite() && (-100.0..=100.0).contains(&b) => Ok((t, b as f32)),
                 Some(_) => Err(ApiError::bad_param(

@@ -66,7 +66,10 @@ pub async fn rerank(
         .enumerate()
         .map(|(i, d)| {
             d.as_str()
-                .or_else(|| d.get("text").and_then(Value::as_str))
+                .or_else(|| {
+                    let o = d.as_object().filter(|o| o.len() == 1)?;
+                    o.get("text").and_then(Value::as_str)
+                })
                 .map(str::to_string)
                 .ok_or_else(|| {
                     ApiError::bad_param(

@@ -46,15 +46,19 @@ pub(super) struct StreamTask {
     /// Whether the request asked for log-probabilities: they come in one chunk before the
     /// last (the worker reports them with the generation's end).
     pub(super) logprobs: bool,
+    /// What a complete answer must be (a JSON response format): checked before its end is
+    /// reported as `stop`.
+    pub(super) check: Option<super::output_check::OutputCheck>,
 }
 
 /// Whether a stream may carry tool calls. A call is held back until the answer ends and sent
 /// as `tool_calls` deltas (never as text): with `forced` the whole answer is calls; otherwise
 /// an answer whose first character is `<` is (text cannot start so under the grammar).
-#[derive(Clone, Copy)]
 pub(super) struct StreamTools {
     pub(super) active: bool,
     pub(super) forced: bool,
+    /// The only calls an answer may hold.
+    pub(super) names: Vec<String>,
 }
 
 /// How a stream ended, before its record is written.
@@ -147,6 +151,8 @@ impl StreamTask {
         }
         // Text held back as a possible tool call (see `StreamTools`).
         let mut held = String::new();
+        // The whole answer, when it must pass the output check.
+        let mut answer = String::new();
         let mut holding = self.tools.forced;
         let mut decided = !self.tools.active || self.tools.forced;
         if matches!(end, StreamEnd::Finished) {
@@ -157,6 +163,9 @@ impl StreamTask {
                             pieces += 1;
                             if keep_text {
                                 completion.push_str(&piece);
+                            }
+                            if self.check.is_some() {
+                                answer.push_str(&piece);
                             }
                             if !decided && !piece.is_empty() {
                                 decided = true;
@@ -220,11 +229,16 @@ impl StreamTask {
                 why.outcome()
             }
             StreamEnd::Finished => {
+                let invalid = |g: &Generation| {
+                    g.finish_reason == FinishReason::Stop
+                        && self.check.as_ref().is_some_and(|c| !c.accepts(&answer))
+                };
                 let last = match &generation {
+                    Some(Ok(g)) if invalid(g) => Err(super::output_check::OutputCheck::failed()),
                     Some(Ok(g)) => {
                         let mut events = Vec::new();
                         let mut reason = finish(g.finish_reason);
-                        match super::tools::calls(&held) {
+                        match super::tools::calls(&held, &self.tools.names) {
                             Some(calls) if self.tools.active => {
                                 for (i, call) in calls.into_iter().enumerate() {
                                     let mut head = call.clone();

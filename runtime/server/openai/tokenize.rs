@@ -61,6 +61,15 @@ pub async fn tokenize(
                     "this model has no chat template (it computes embeddings)",
                 ));
             }
+            // The same checks as a chat completion's (what a template renders outside
+            // contents may not spell control tokens).
+            super::check_history(&messages, &served.encoder)?;
+            if body.get("add_special_tokens").is_some() {
+                return Err(ApiError::bad_param(
+                    "add_special_tokens",
+                    "add_special_tokens applies to a prompt; a chat's special tokens are the template's",
+                ));
+            }
             Prompt::Chat(messages)
         }
         _ => {

@@ -15,6 +15,8 @@ use super::error::ApiError;
 pub(crate) struct ToolPlan {
     /// The tools, as the template gets them (OpenAI's function objects).
     pub(crate) for_template: Vec<Value>,
+    /// The tools' names: the only calls an answer may hold.
+    pub(crate) names: Vec<String>,
     /// The grammar of the answer (none: no calls possible).
     pub(crate) grammar: Option<OutputGrammar>,
     /// Whether the answer must be calls (`required` or a named tool): nothing is streamed as
@@ -113,6 +115,13 @@ pub(crate) fn plan(
             .get("parameters")
             .cloned()
             .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        // Arguments are an object: a schema that allows anything else cannot be a call.
+        if parameters.get("type").and_then(Value::as_str) != Some("object") {
+            return Err(ApiError::bad_param(
+                at(".function.parameters"),
+                "parameters is a JSON schema of type \"object\"",
+            ));
+        }
         grammar::check_depth(&parameters)
             .map_err(|e| ApiError::bad_param(at(".function.parameters"), e.to_string()))?;
         parsed.push(Tool {
@@ -134,6 +143,18 @@ pub(crate) fn plan(
             }
         },
         Some(v) => {
+            let shape_ok = v.as_object().is_some_and(|o| {
+                o.keys().all(|k| k == "type" || k == "function")
+                    && o.get("function")
+                        .and_then(Value::as_object)
+                        .is_some_and(|f| f.keys().all(|k| k == "name"))
+            });
+            if !shape_ok {
+                return Err(ApiError::bad_param(
+                    "tool_choice",
+                    "a named tool_choice is {\"type\": \"function\", \"function\": {\"name\"}}",
+                ));
+            }
             let name = v
                 .get("function")
                 .and_then(|f| f.get("name"))
@@ -166,6 +187,7 @@ pub(crate) fn plan(
         .map_err(|e| ApiError::bad_param("tools", e.to_string()))?;
     Ok(ToolPlan {
         for_template: tools,
+        names: parsed.into_iter().map(|t| t.name).collect(),
         grammar: Some(grammar),
         forced: choice != ToolChoice::Auto,
     })
@@ -173,8 +195,9 @@ pub(crate) fn plan(
 
 /// The answer's calls in OpenAI's form (`arguments` as JSON text, a fresh id each), if it is
 /// made of calls.
-pub(crate) fn calls(text: &str) -> Option<Vec<Value>> {
-    let calls = tools::parse_calls(text)?;
+pub(crate) fn calls(text: &str, names: &[String]) -> Option<Vec<Value>> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let calls = tools::parse_calls(text, &names)?;
     Some(
         calls
             .into_iter()
