@@ -505,6 +505,16 @@ fn every_field_is_implemented_or_refused_by_name() {
         ),
         (
             "/v1/chat/completions",
+            chat(serde_json::json!({"seed": -1})),
+            "seed",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(serde_json::json!({"messages": [{"role": 7, "content": "x"}]})),
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
             chat(serde_json::json!({"top_p": 5})),
             "top_p",
         ),

@@ -23,7 +23,7 @@ use super::request::{
 use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
 use super::tools::{self, ToolPlan};
-use super::{check_history, parse_request, record_end_user, served_model};
+use super::{check_history, parse_generation, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{EngineError, Job, JobControl};
 use crate::server::interrupt::{self};
@@ -50,7 +50,8 @@ pub async fn chat(
     Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_request(crate::server::fields::Route::Chat, &body)?;
+    let (req, sampling): (ChatRequest, _) =
+        parse_generation(crate::server::fields::Route::Chat, &body)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_param(
             "messages",
@@ -79,7 +80,7 @@ pub async fn chat(
         call,
         texts,
         Input::Prompt(Prompt::Chat(messages)),
-        req.sampling,
+        sampling,
         Kind::Chat,
         Some(tool_request),
     )
@@ -92,7 +93,8 @@ pub async fn completions(
     Extension(ledger): Extension<Ledger>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_request(crate::server::fields::Route::Completions, &body)?;
+    let (req, sampling): (CompletionRequest, _) =
+        parse_generation(crate::server::fields::Route::Completions, &body)?;
     let prompt = completion_prompt(req.prompt)?;
     let texts = match &prompt {
         CompletionPrompt::Text(t) => vec![t.clone()],
@@ -107,7 +109,7 @@ pub async fn completions(
         CompletionPrompt::Text(t) => Input::Prompt(Prompt::Text(t)),
         CompletionPrompt::Ids(ids) => Input::Ids(ids),
     };
-    complete(call, texts, input, req.sampling, Kind::Text, None).await
+    complete(call, texts, input, sampling, Kind::Text, None).await
 }
 
 /// What a completion starts from: a prompt to encode here, or a client's token ids.

@@ -45,13 +45,41 @@ pub(super) fn parse_request<T: serde::de::DeserializeOwned>(
     route: super::fields::Route,
     body: &[u8],
 ) -> Result<T, ApiError> {
+    typed(checked(route, body)?)
+}
+
+/// A generation request: the route's own fields and the sampling fields, each read from the
+/// same checked body (two plain structs rather than one flattened one, so a type error keeps
+/// its field's path).
+fn parse_generation<T: serde::de::DeserializeOwned>(
+    route: super::fields::Route,
+    body: &[u8],
+) -> Result<(T, request::Sampling), ApiError> {
+    let value = checked(route, body)?;
+    Ok((typed(value.clone())?, typed(value)?))
+}
+
+/// The body as JSON, every top-level field checked for `route`.
+fn checked(route: super::fields::Route, body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = parse_json(body)?;
     super::fields::check(route, &value).map_err(|r| match r.param.is_empty() {
         true => ApiError::bad_request(r.message),
         false => ApiError::bad_param(r.param, r.message),
     })?;
-    serde_json::from_value(value)
-        .map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+    Ok(value)
+}
+
+/// `value` as a `T`; a type error names the failing field's path in `param` (when serde can
+/// tell it).
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = format!("invalid request: {}", e.inner());
+        match path.as_str() {
+            "" | "." | "?" => ApiError::bad_request(message),
+            _ => ApiError::bad_param(path, message),
+        }
+    })
 }
 
 /// The model a request names, if it is served here and the caller's token may use it. The

@@ -78,8 +78,6 @@ pub(super) struct ChatRequest {
     pub(super) tool_choice: Option<Value>,
     #[serde(default)]
     pub(super) parallel_tool_calls: Option<bool>,
-    #[serde(flatten)]
-    pub(super) sampling: Sampling,
 }
 
 /// A chat message as clients send it: content as a string or as parts, and fields this server
@@ -245,8 +243,6 @@ fn history_call(call: Value) -> Result<ToolCall, (&'static str, &'static str)> {
 #[derive(Deserialize)]
 pub(super) struct CompletionRequest {
     pub(super) prompt: Value,
-    #[serde(flatten)]
-    pub(super) sampling: Sampling,
 }
 
 /// Embedding inputs: a string or a list of strings. Token-id inputs (a list of ids, or of
