@@ -78,22 +78,36 @@ pub fn grammar(
     if callable.is_empty() {
         return Err(GrammarError::Invalid("no tool matches tool_choice".into()));
     }
-    let alternatives: Vec<Value> = callable
-        .iter()
-        .map(|t| {
-            json!({
-                "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": false,
-            })
-        })
-        .collect();
-    let body = json!({
-        "anyOf": alternatives,
-        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-    });
-    crate::grammar::check_depth(&body)?;
+    // One rule per tool, its arguments a JSON schema of its own (so `#` and `$defs` in a
+    // tool's parameters resolve within them, never against a wrapper of ours). The call's text
+    // is written exactly as `{"name": "<name>", "arguments": <arguments>}`.
+    let compact =
+        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    let mut rules = String::new();
+    let mut bodies = Vec::with_capacity(callable.len());
+    for (k, t) in callable.iter().enumerate() {
+        crate::grammar::check_depth(&t.parameters)?;
+        let mut schema = t.parameters.clone();
+        match &mut schema {
+            Value::Object(map) => {
+                map.insert("x-guidance".into(), compact.clone());
+            }
+            _ => {
+                return Err(GrammarError::Invalid(
+                    "tool parameters are a JSON object schema".into(),
+                ))
+            }
+        }
+        let head = format!(
+            "{{\"name\": {}, \"arguments\": ",
+            Value::String(t.name.clone())
+        );
+        rules.push_str(&format!(
+            "body_{k}: {} args_{k} \"}}\"\nargs_{k}: %json {schema}\n",
+            lark_string(&head)
+        ));
+        bodies.push(format!("body_{k}"));
+    }
     let calls = if parallel {
         format!(
             "calls: call (\"\\n\" call){{0,{}}}\n",
@@ -103,7 +117,8 @@ pub fn grammar(
         "calls: call\n".into()
     };
     let calls = format!(
-        "{calls}call: {open} body {close}\nbody: %json {body}\n",
+        "{calls}call: {open} body {close}\nbody: {}\n{rules}",
+        bodies.join(" | "),
         open = lark_string(CALL_OPEN),
         close = lark_string(CALL_CLOSE),
     );

@@ -176,6 +176,9 @@ pub enum EngineError {
     /// The request's output grammar (response format, tools) cannot be used.
     #[error("{0}")]
     Grammar(String),
+    /// The output grammar failed mid-generation (the engine's limit: a server error).
+    #[error("{0}")]
+    GrammarStep(String),
     /// The worker failed; it has been (or will be) replaced.
     #[error("{0}")]
     Worker(String),
@@ -189,6 +192,7 @@ impl From<WorkerError> for EngineError {
         match e {
             WorkerError::Request(m) => EngineError::Request(m),
             WorkerError::Grammar(m) => EngineError::Grammar(m),
+            WorkerError::GrammarStep(m) => EngineError::GrammarStep(m),
             other => EngineError::Worker(other.to_string()),
         }
     }
@@ -197,6 +201,9 @@ impl From<WorkerError> for EngineError {
 impl From<securerun_models::GenerateError> for EngineError {
     fn from(e: securerun_models::GenerateError) -> Self {
         match e {
+            securerun_models::GenerateError::Grammar(
+                g @ securerun_models::grammar::GrammarError::Step(_),
+            ) => EngineError::GrammarStep(g.to_string()),
             securerun_models::GenerateError::Grammar(g) => EngineError::Grammar(g.to_string()),
             other => EngineError::Request(other.to_string()),
         }

@@ -98,11 +98,16 @@ pub enum FailureCause {
     General,
     /// The output grammar (a response format, or the tools) cannot be used.
     Grammar,
+    /// The output grammar failed mid-generation (the engine's limit, not the request's fault).
+    GrammarStep,
 }
 
 impl FailureCause {
     pub fn of(e: &securerun_models::GenerateError) -> Self {
         match e {
+            securerun_models::GenerateError::Grammar(
+                securerun_models::grammar::GrammarError::Step(_),
+            ) => FailureCause::GrammarStep,
             securerun_models::GenerateError::Grammar(_) => FailureCause::Grammar,
             _ => FailureCause::General,
         }

@@ -39,6 +39,9 @@ pub enum WorkerError {
     /// The request's output grammar (response format, tools) cannot be used.
     #[error("{0}")]
     Grammar(String),
+    /// The request's output grammar failed mid-generation.
+    #[error("{0}")]
+    GrammarStep(String),
     /// The model's configuration or tokenizer, read in the supervisor, is unusable.
     #[error("{0}")]
     Model(String),
@@ -50,6 +53,7 @@ impl WorkerError {
         match cause {
             super::protocol::FailureCause::General => WorkerError::Request(error),
             super::protocol::FailureCause::Grammar => WorkerError::Grammar(error),
+            super::protocol::FailureCause::GrammarStep => WorkerError::GrammarStep(error),
         }
     }
 }
@@ -454,7 +458,11 @@ impl ConfinedModel {
     /// the worker can no longer be trusted to be in sync, so it is replaced.
     fn settle<T>(&mut self, result: Result<T, WorkerError>) -> Result<T, WorkerError> {
         match result {
-            Err(e @ (WorkerError::Request(_) | WorkerError::Grammar(_))) => Err(e),
+            Err(
+                e @ (WorkerError::Request(_)
+                | WorkerError::Grammar(_)
+                | WorkerError::GrammarStep(_)),
+            ) => Err(e),
             Err(e) => Err(self.discard(e)),
             Ok(v) => {
                 self.failures = 0;

@@ -323,7 +323,7 @@ pub(super) async fn complete(
             tools: StreamTools {
                 active: tools.active(),
                 forced: tools.forced,
-                names: tools.names.clone(),
+                checks: tools.checks.clone(),
             },
         };
         // Keep-alive comments while nothing else is sent (a long prefill): a client that has
@@ -352,7 +352,7 @@ pub(super) async fn complete(
     let g = match finished {
         Ok(done) => done
             .map_err(|_| engine_stopped())?
-            .map_err(ApiError::from)?,
+            .map_err(|e| with_grammar_field(ApiError::from(e), tools.active()))?,
         Err(why) => {
             control.cancel();
             // The worker's last word on how far it got, briefly.
@@ -379,10 +379,14 @@ pub(super) async fn complete(
     {
         return Err(OutputCheck::failed());
     }
-    let calls = tools
-        .active()
-        .then(|| tools::calls(&g.text, &tools.names))
-        .flatten();
+    let calls = match tools.active() {
+        false => None,
+        true => match tools::read_answer(&g.text, &tools.checks) {
+            tools::Answer::Calls(calls) => Some(calls),
+            tools::Answer::Text => None,
+            tools::Answer::Invalid => return Err(OutputCheck::failed()),
+        },
+    };
     let logprobs = match (params_logprobs, kind) {
         (false, _) => Value::Null,
         (true, Kind::Chat) => logprobs::chat(&served.encoder, &g.logprobs),
@@ -444,6 +448,14 @@ impl From<EngineError> for ApiError {
             EngineError::Request(m) => ApiError::bad_request(m),
             // The handler names the field the grammar came from when it was not this one.
             EngineError::Grammar(m) => ApiError::bad_param("response_format", m),
+            // Its text is the engine's internal state: logged by nobody, shown to nobody.
+            EngineError::GrammarStep(_) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "grammar_failed",
+                "the output grammar could not continue the answer (a limitation of the grammar \
+                 engine for this schema)",
+            ),
             EngineError::Worker(m) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -488,4 +500,13 @@ pub(super) fn usage_json(u: crate::server::Usage) -> Value {
         "total_tokens": u.prompt_tokens + u.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
     })
+}
+
+/// An engine error for a request whose grammar came from `tools` rather than
+/// `response_format`: the 400 names the field the client wrote.
+pub(super) fn with_grammar_field(mut e: ApiError, tools: bool) -> ApiError {
+    if tools && e.param.as_deref() == Some("response_format") {
+        e.param = Some("tools".into());
+    }
+    e
 }

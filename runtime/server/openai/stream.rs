@@ -57,8 +57,8 @@ pub(super) struct StreamTask {
 pub(super) struct StreamTools {
     pub(super) active: bool,
     pub(super) forced: bool,
-    /// The only calls an answer may hold.
-    pub(super) names: Vec<String>,
+    /// The only calls an answer may hold, and what their arguments must be.
+    pub(super) checks: std::sync::Arc<super::tools::ToolChecks>,
 }
 
 /// How a stream ended, before its record is written.
@@ -229,17 +229,22 @@ impl StreamTask {
                 why.outcome()
             }
             StreamEnd::Finished => {
+                let read = match self.tools.active {
+                    true => super::tools::read_answer(&held, &self.tools.checks),
+                    false => super::tools::Answer::Text,
+                };
                 let invalid = |g: &Generation| {
-                    g.finish_reason == FinishReason::Stop
-                        && self.check.as_ref().is_some_and(|c| !c.accepts(&answer))
+                    matches!(read, super::tools::Answer::Invalid)
+                        || (g.finish_reason == FinishReason::Stop
+                            && self.check.as_ref().is_some_and(|c| !c.accepts(&answer)))
                 };
                 let last = match &generation {
                     Some(Ok(g)) if invalid(g) => Err(super::output_check::OutputCheck::failed()),
                     Some(Ok(g)) => {
                         let mut events = Vec::new();
                         let mut reason = finish(g.finish_reason);
-                        match super::tools::calls(&held, &self.tools.names) {
-                            Some(calls) if self.tools.active => {
+                        match read {
+                            super::tools::Answer::Calls(calls) => {
                                 for (i, call) in calls.into_iter().enumerate() {
                                     let mut head = call.clone();
                                     head["function"]["arguments"] = json!("");
@@ -288,7 +293,10 @@ impl StreamTask {
                         }
                         Ok(events)
                     }
-                    Some(Err(e)) => Err(ApiError::from(e.clone())),
+                    Some(Err(e)) => Err(super::complete::with_grammar_field(
+                        ApiError::from(e.clone()),
+                        self.tools.active,
+                    )),
                     None => Err(engine_stopped()),
                 };
                 let outcome = match last {

@@ -2,6 +2,8 @@
 //! the template, turned into the grammar calls are generated under, and the answer's calls
 //! returned as OpenAI's `tool_calls` ([`securerun_models::tools`] has the format).
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
 use securerun_models::grammar::{self, OutputGrammar};
@@ -15,8 +17,8 @@ use super::error::ApiError;
 pub(crate) struct ToolPlan {
     /// The tools, as the template gets them (OpenAI's function objects).
     pub(crate) for_template: Vec<Value>,
-    /// The tools' names: the only calls an answer may hold.
-    pub(crate) names: Vec<String>,
+    /// The only calls an answer may hold, and what their arguments must be.
+    pub(crate) checks: Arc<ToolChecks>,
     /// The grammar of the answer (none: no calls possible).
     pub(crate) grammar: Option<OutputGrammar>,
     /// Whether the answer must be calls (`required` or a named tool): nothing is streamed as
@@ -28,6 +30,22 @@ impl ToolPlan {
     pub(crate) fn active(&self) -> bool {
         self.grammar.is_some()
     }
+}
+
+/// Each tool's name and its parameters' validator.
+#[derive(Default)]
+pub(crate) struct ToolChecks {
+    validators: Vec<(String, jsonschema::Validator)>,
+}
+
+/// What an answer turned out to be.
+pub(crate) enum Answer {
+    /// Text (under `auto`), or output cut short of a complete call.
+    Text,
+    /// Calls in OpenAI's form, each of an offered tool with arguments that validate.
+    Calls(Vec<Value>),
+    /// Calls whose arguments do not validate against their tool (an engine limitation).
+    Invalid,
 }
 
 /// OpenAI's function names: letters, digits, `_` and `-`, at most 64.
@@ -55,6 +73,7 @@ pub(crate) fn plan(
         ));
     }
     let mut parsed: Vec<Tool> = Vec::with_capacity(tools.len());
+    let mut validators = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
         let at = |f: &str| format!("tools[{i}]{f}");
         if t.get("type").and_then(Value::as_str) != Some("function") {
@@ -124,6 +143,15 @@ pub(crate) fn plan(
         }
         grammar::check_depth(&parameters)
             .map_err(|e| ApiError::bad_param(at(".function.parameters"), e.to_string()))?;
+        // A valid JSON schema on its own (its `#` is itself): the validator every call's
+        // arguments must pass.
+        let validator = jsonschema::validator_for(&parameters).map_err(|e| {
+            ApiError::bad_param(
+                at(".function.parameters"),
+                format!("not a valid JSON schema: {e}"),
+            )
+        })?;
+        validators.push((name.to_string(), validator));
         parsed.push(Tool {
             name: name.to_string(),
             parameters,
@@ -187,18 +215,29 @@ pub(crate) fn plan(
         .map_err(|e| ApiError::bad_param("tools", e.to_string()))?;
     Ok(ToolPlan {
         for_template: tools,
-        names: parsed.into_iter().map(|t| t.name).collect(),
+        checks: Arc::new(ToolChecks { validators }),
         grammar: Some(grammar),
         forced: choice != ToolChoice::Auto,
     })
 }
 
-/// The answer's calls in OpenAI's form (`arguments` as JSON text, a fresh id each), if it is
-/// made of calls.
-pub(crate) fn calls(text: &str, names: &[String]) -> Option<Vec<Value>> {
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let calls = tools::parse_calls(text, &names)?;
-    Some(
+/// What an answer is: calls in OpenAI's form (`arguments` as JSON text, a fresh id each), if it
+/// is made of calls of offered tools, each checked against its tool's own schema.
+pub(crate) fn read_answer(text: &str, checks: &ToolChecks) -> Answer {
+    let names: Vec<&str> = checks.validators.iter().map(|(n, _)| n.as_str()).collect();
+    let Some(calls) = tools::parse_calls(text, &names) else {
+        return Answer::Text;
+    };
+    let valid = calls.iter().all(|(name, arguments)| {
+        checks
+            .validators
+            .iter()
+            .any(|(n, v)| n == name && v.is_valid(arguments))
+    });
+    if !valid {
+        return Answer::Invalid;
+    }
+    Answer::Calls(
         calls
             .into_iter()
             .map(|(name, arguments)| {
