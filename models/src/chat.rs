@@ -264,4 +264,81 @@ mod tests {
             Err(ChatError::Template(_))
         ));
     }
+
+    /// A tool-capable template in the form of Qwen2.5's (tools listed as JSON in the system
+    /// turn, calls written from `message.tool_calls` with `function.arguments | tojson`, results
+    /// from the `tool` role wrapped in `<tool_response>`): tools reach it as transformers
+    /// passes them, calls in the history as objects.
+    #[test]
+    fn a_tool_capable_template_gets_tools_calls_and_results() {
+        let src = r#"{%- if tools %}{{- '<|im_start|>system\n' }}{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}{{- "\n\n# Tools\n\n<tools>" }}{%- for tool in tools %}{{- "\n" }}{{- tool | tojson }}{%- endfor %}{{- "\n</tools><|im_end|>\n" }}{%- endif %}{%- for message in messages %}{%- if message.role == "user" or (message.role == "system" and not loop.first) %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- elif message.role == "assistant" %}{{- '<|im_start|>' + message.role }}{%- if message.content %}{{- '\n' + message.content }}{%- endif %}{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}{{- '\n<tool_call>\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}{%- elif message.role == "tool" %}{{- '<|im_start|>user\n<tool_response>\n' }}{{- message.content }}{{- '\n</tool_response><|im_end|>\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"#;
+        let t = ChatTemplate::new(src.into(), String::new(), String::new()).unwrap();
+        assert!(t.knows_tools);
+        let tool = serde_json::json!({"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}});
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls.push(crate::tools::ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            function: crate::tools::FunctionCall {
+                name: "get_weather".into(),
+                arguments: serde_json::json!({"city": "Paris"}),
+            },
+        });
+        let mut result = ChatMessage::new("tool", "18 C");
+        result.tool_call_id = Some("call_1".into());
+        let messages = [ChatMessage::new("user", "Weather in Paris?"), call, result];
+        let out = t.render_with_tools(&messages, &[tool], true).unwrap();
+        assert!(out.contains("<tools>\n{"), "{out}");
+        assert!(out.contains("\"name\":\"get_weather\""), "{out}");
+        assert!(
+            out.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\":\"Paris\"}}\n</tool_call>"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tool_response>\n18 C\n</tool_response>"),
+            "{out}"
+        );
+        assert!(out.ends_with("<|im_start|>assistant\n"), "{out}");
+    }
+
+    /// A template that does not read `tools` (SmolLM2's kind) gets them described in a system
+    /// message, and earlier calls and results as text in the same form the model answers in.
+    #[test]
+    fn a_template_without_tools_gets_them_as_text() {
+        let t = ChatTemplate::new(CHATML.into(), String::new(), String::new()).unwrap();
+        assert!(!t.knows_tools);
+        let tool = serde_json::json!({"type": "function", "function": {"name": "f"}});
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls.push(crate::tools::ToolCall {
+            id: "c".into(),
+            kind: "function".into(),
+            function: crate::tools::FunctionCall {
+                name: "f".into(),
+                arguments: serde_json::json!({}),
+            },
+        });
+        let mut result = ChatMessage::new("tool", "done");
+        result.tool_call_id = Some("c".into());
+        let out = t
+            .render_with_tools(
+                &[ChatMessage::new("user", "go"), call, result],
+                &[tool],
+                true,
+            )
+            .unwrap();
+        assert!(
+            out.starts_with("<|im_start|>system\nYou can call these tools:"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tool_call>\n{\"arguments\":{},\"name\":\"f\"}\n</tool_call>")
+                || out.contains("<tool_call>\n{\"name\":\"f\",\"arguments\":{}}\n</tool_call>"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<|im_start|>user\n<tool_response>\ndone\n</tool_response>"),
+            "{out}"
+        );
+    }
 }

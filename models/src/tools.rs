@@ -201,8 +201,12 @@ pub fn without_template_support(messages: &[ChatMessage], tools: &[Value]) -> Ve
                 .tool_calls
                 .iter()
                 .map(|c| {
-                    let call = json!({"name": c.function.name, "arguments": c.function.arguments});
-                    format!("{CALL_OPEN}{call}{CALL_CLOSE}")
+                    // The form the model answers in: name first.
+                    format!(
+                        "{CALL_OPEN}{{\"name\": {}, \"arguments\": {}}}{CALL_CLOSE}",
+                        Value::String(c.function.name.clone()),
+                        c.function.arguments
+                    )
                 })
                 .collect();
             let text = calls.join("\n");
