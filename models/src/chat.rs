@@ -332,8 +332,7 @@ mod tests {
             "{out}"
         );
         assert!(
-            out.contains("<tool_call>\n{\"arguments\":{},\"name\":\"f\"}\n</tool_call>")
-                || out.contains("<tool_call>\n{\"name\":\"f\",\"arguments\":{}}\n</tool_call>"),
+            out.contains("<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>"),
             "{out}"
         );
         assert!(
