@@ -3,6 +3,11 @@
 //! runs it (and llama.cpp) interleaved and takes medians; run alone:
 //!
 //!     cargo bench --bench decode -- --model DIR --dtype q8_0 --prefill 128 --decode 128 [--confined]
+//!         [--grammar]
+//!
+//! `--grammar` constrains the output to a JSON schema that keeps the model writing (an array of
+//! at least 256 short strings): the decode rate then includes the grammar engine's mask at
+//! every step.
 //!
 //! Threads: RAYON_NUM_THREADS. Under `cargo test --all-targets` (no `--bench`) it makes one
 //! short smoke run on SmolLM2 so the suite proves it still works.
@@ -59,9 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     // A fixed prompt cut to exactly `prefill_tokens` tokens.
     let text = "The history of the city begins with a small settlement by the river. ".repeat(400);
+    let grammar = std::env::args().any(|a| a == "--grammar");
     let params = GenerationParams {
         max_tokens: decode_tokens,
         ignore_eos: true,
+        grammar: grammar.then(|| securerun::models::grammar::OutputGrammar::JsonSchema {
+            schema: serde_json::json!({"type": "array", "minItems": 256,
+                "items": {"type": "string", "maxLength": 12}})
+            .to_string(),
+        }),
         ..Default::default()
     };
     let started = Instant::now();
@@ -92,6 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "resolved": precision.resolve().to_string(),
         "threads": threads,
         "confined": confined,
+        "grammar": grammar,
         "load_s": load_s,
         "prefill_tokens": prompt,
         "prefill_tok_s": prompt as f64 / g.prefill_time.as_secs_f64(),
