@@ -22,6 +22,19 @@ pub enum EmbedError {
     },
     #[error("model computation failed: {0}")]
     Compute(String),
+    #[error("input {index} holds token id {id}, outside the model's vocabulary of {vocab}")]
+    UnknownToken { index: usize, id: u32, vocab: usize },
+    #[error("input {index} is empty")]
+    EmptyInput { index: usize },
+}
+
+/// One input to embed: a text, or token ids a client tokenized itself (taken as they are, with
+/// no special tokens added).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbedInput {
+    Text(String),
+    Ids(Vec<u32>),
 }
 
 /// A loaded sentence-embedding model.
@@ -134,6 +147,47 @@ impl Embedder {
                 Ok(ids)
             })
             .collect()
+    }
+
+    /// Embeds texts and token-id inputs alike; one vector per input, in order. Ids are checked
+    /// against the vocabulary and the model's length, as a text's tokens are.
+    pub fn embed_inputs(&self, inputs: &[EmbedInput]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let max = self.encoder.max_tokens();
+        let vocab = self.tokenizer.get_vocab_size(true);
+        let ids = inputs
+            .iter()
+            .enumerate()
+            .map(|(index, input)| match input {
+                EmbedInput::Text(t) => {
+                    let ids = tokenizer::encode(&self.tokenizer, t, true)?;
+                    if ids.len() > max {
+                        return Err(EmbedError::InputTooLong {
+                            index,
+                            tokens: ids.len(),
+                            max,
+                        });
+                    }
+                    Ok(ids)
+                }
+                EmbedInput::Ids(ids) => {
+                    if ids.is_empty() {
+                        return Err(EmbedError::EmptyInput { index });
+                    }
+                    if ids.len() > max {
+                        return Err(EmbedError::InputTooLong {
+                            index,
+                            tokens: ids.len(),
+                            max,
+                        });
+                    }
+                    match ids.iter().find(|&&id| id as usize >= vocab) {
+                        Some(&id) => Err(EmbedError::UnknownToken { index, id, vocab }),
+                        None => Ok(ids.clone()),
+                    }
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.embed_ids(&ids)
     }
 
     /// Embeds each text; one vector per input, in order.

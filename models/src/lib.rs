@@ -51,7 +51,7 @@ pub use arch::{Architecture, Task};
 pub use batch::{Batch, BatchLimits, Finished, PrefixKey};
 pub use candle_core::{DType, Device};
 pub use chat::ChatMessage;
-pub use embed::{EmbedError, Embedder};
+pub use embed::{EmbedError, EmbedInput, Embedder};
 pub use generate::{
     FinishReason, GenerateError, Generation, GenerationParams, Prompt, Score, TextModel,
     TokenLogprob, MAX_TOP_LOGPROBS,

@@ -220,7 +220,8 @@ pub enum Job {
         done: oneshot::Sender<Result<Generation, EngineError>>,
     },
     Embed {
-        texts: Vec<String>,
+        /// Texts, or token ids a client sent.
+        inputs: Vec<securerun_models::EmbedInput>,
         /// Their tokens, as the server counted them (for the joint call's token budget).
         tokens: usize,
         control: JobControl,
@@ -254,7 +255,7 @@ impl Job {
     /// Texts and tokens of an embedding job (none for other jobs).
     fn embed_size(&self) -> (usize, usize) {
         match self {
-            Job::Embed { texts, tokens, .. } => (texts.len(), *tokens),
+            Job::Embed { inputs, tokens, .. } => (inputs.len(), *tokens),
             _ => (0, 0),
         }
     }
@@ -617,17 +618,17 @@ fn run(backend: &mut Backend, job: Job, runtime: &tokio::runtime::Handle) -> Opt
         }
         Job::EmbedBatch(jobs) => run_embed_batch(backend, jobs, runtime),
         Job::Embed {
-            texts,
+            inputs,
             control,
             done,
             ..
         } => {
             let result = match backend {
                 Backend::Embed(m) => m
-                    .embed_by(&texts, Some(control.deadline))
+                    .embed_by(&inputs, Some(control.deadline))
                     .map_err(EngineError::from),
                 Backend::EmbedInProcess(m) => m
-                    .embed(&texts)
+                    .embed_inputs(&inputs)
                     .map_err(|e| EngineError::Request(e.to_string())),
                 _ => Err(EngineError::Request(
                     "this model does not compute embeddings".into(),
@@ -651,7 +652,7 @@ fn run_embed_batch(
     let mut deadline: Option<Instant> = None;
     for job in &jobs {
         if let Job::Embed {
-            texts: t, control, ..
+            inputs: t, control, ..
         } = job
         {
             texts.extend(t.iter().cloned());
@@ -661,7 +662,7 @@ fn run_embed_batch(
     let result = match backend {
         Backend::Embed(m) => m.embed_by(&texts, deadline).map_err(EngineError::from),
         Backend::EmbedInProcess(m) => m
-            .embed(&texts)
+            .embed_inputs(&texts)
             .map_err(|e| EngineError::Request(e.to_string())),
         _ => Err(EngineError::Request(
             "this model does not compute embeddings".into(),
@@ -671,8 +672,8 @@ fn run_embed_batch(
         Ok(vectors) if vectors.len() == texts.len() => {
             let mut vectors = vectors.into_iter();
             for job in jobs {
-                if let Job::Embed { texts, done, .. } = job {
-                    let mine: Vec<Vec<f32>> = vectors.by_ref().take(texts.len()).collect();
+                if let Job::Embed { inputs, done, .. } = job {
+                    let mine: Vec<Vec<f32>> = vectors.by_ref().take(inputs.len()).collect();
                     let _ = done.send(Ok(mine));
                 }
             }
@@ -705,7 +706,7 @@ mod tests {
 
     fn embed_job(texts: usize, tokens: usize) -> Job {
         Job::Embed {
-            texts: vec!["x".into(); texts],
+            inputs: vec![securerun_models::EmbedInput::Text("x".into()); texts],
             tokens,
             control: JobControl::new(Instant::now() + Duration::from_secs(60)),
             done: oneshot::channel().0,

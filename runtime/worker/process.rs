@@ -385,7 +385,7 @@ fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
             return ExitCode::SUCCESS;
         };
         let reply = match msg {
-            ToWorker::Embed { id, texts } => match model.embed(&texts) {
+            ToWorker::Embed { id, inputs } => match model.embed_inputs(&inputs) {
                 Ok(vectors) => FromWorker::Embeddings { id, vectors },
                 Err(e) => FromWorker::Failed {
                     id: Some(id),

@@ -72,7 +72,7 @@ pub enum ToWorker {
     },
     Embed {
         id: u64,
-        texts: Vec<String>,
+        inputs: Vec<securerun_models::EmbedInput>,
     },
     /// Render chat messages with the model's template (templates come from the model file, so
     /// they run here, confined, not in the supervisor).
@@ -84,9 +84,7 @@ pub enum ToWorker {
         tools: Vec<serde_json::Value>,
     },
     /// Stop request `id` (its client went away).
-    Cancel {
-        id: u64,
-    },
+    Cancel { id: u64 },
 }
 
 /// Why a request failed in the worker, as far as the client's fix depends on it.

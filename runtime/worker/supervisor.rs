@@ -590,14 +590,18 @@ impl ConfinedModel {
 
     /// Embeds `texts` in the worker.
     pub fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, WorkerError> {
-        self.embed_by(texts, None)
+        let inputs: Vec<_> = texts
+            .iter()
+            .map(|t| securerun_models::EmbedInput::Text(t.clone()))
+            .collect();
+        self.embed_by(&inputs, None)
     }
 
     /// [`Self::embed`] within a request deadline: a worker that has not answered
     /// [`CANCEL_GRACE`] past it is killed and replaced (embeddings cannot be cancelled midway).
     pub fn embed_by(
         &mut self,
-        texts: &[String],
+        inputs: &[securerun_models::EmbedInput],
         deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>, WorkerError> {
         self.require_idle()?;
@@ -607,12 +611,12 @@ impl ConfinedModel {
         let live = self.ensure_worker()?;
         let msg = ToWorker::Embed {
             id,
-            texts: texts.to_vec(),
+            inputs: inputs.to_vec(),
         };
         let result = round_trip(live, &msg, timeout, deadline).and_then(|reply| match reply {
             FromWorker::Embeddings { id: got, vectors } if got == id => {
                 let dim = vectors.first().map_or(0, Vec::len);
-                let sane = vectors.len() == texts.len()
+                let sane = vectors.len() == inputs.len()
                     && vectors
                         .iter()
                         .all(|v| v.len() == dim && v.iter().all(|x| x.is_finite()));

@@ -347,8 +347,8 @@ fn tokenize_and_detokenize_agree_with_the_completion_routes() {
 }
 
 /// Request shapes clients send: a completion from token ids (or a list of one prompt) is the
-/// completion from the text; several prompts, embedding token ids and ids outside the
-/// vocabulary are refused by name; `/v1/rerank` orders documents by relevance on an embedding
+/// completion from the text, and embedding token ids the embedding of that text; several
+/// prompts and ids outside the vocabulary are refused by name; `/v1/rerank` orders documents by relevance on an embedding
 /// model, with `top_n` and without documents echoed.
 #[test]
 fn token_id_prompts_lists_of_one_and_rerank() {
@@ -403,14 +403,50 @@ fn token_id_prompts_lists_of_one_and_rerank() {
     let state = tempfile::tempdir().unwrap();
     let s = Server::start(&common::minilm(), state.path(), "", &[]);
     let e = s.token("e", &["--scopes", "embeddings"]);
-    let (status, v) = post(
+    // Token-id inputs embed as the text they tokenize (ids from `/tokenize`, special tokens
+    // included) and are checked against the vocabulary.
+    let both = s.token("b", &["--scopes", "inference,embeddings"]);
+    let text = "A man is eating food.";
+    let (_, tok) = post(
         s.addr,
-        "/v1/embeddings",
-        &e,
-        serde_json::json!({"model": "all-minilm-l6-v2", "input": [101, 102]}),
+        "/tokenize",
+        &both,
+        serde_json::json!({"model": "all-minilm-l6-v2", "prompt": text}),
     );
-    assert_eq!(status, 400, "{v}");
-    assert_eq!(v["error"]["param"], "input", "{v}");
+    let embed = |input: serde_json::Value| {
+        post(
+            s.addr,
+            "/v1/embeddings",
+            &e,
+            serde_json::json!({"model": "all-minilm-l6-v2", "input": input}),
+        )
+    };
+    let (status, by_text) = embed(serde_json::json!([text]));
+    assert_eq!(status, 200, "{by_text}");
+    for input in [
+        tok["tokens"].clone(),
+        serde_json::json!([tok["tokens"].clone()]),
+    ] {
+        let (status, by_ids) = embed(input);
+        assert_eq!(status, 200, "{by_ids}");
+        assert_eq!(
+            by_ids["data"][0]["embedding"],
+            by_text["data"][0]["embedding"]
+        );
+        assert_eq!(
+            by_ids["usage"]["prompt_tokens"],
+            by_text["usage"]["prompt_tokens"]
+        );
+    }
+    for input in [
+        serde_json::json!([101, 99999999]),
+        serde_json::json!([[]]),
+        serde_json::json!([1.5]),
+    ] {
+        let (status, v) = embed(input);
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], "input", "{v}");
+    }
     let docs = [
         "The weather is sunny today.",
         "Paris is the capital of France.",

@@ -393,7 +393,7 @@ fn half_a_frame_or_a_silent_embedder_cannot_outlast_the_deadline() {
     let started = Instant::now();
     let err = e
         .embed_by(
-            &["hi".into()],
+            &[securerun_models::EmbedInput::Text("hi".into())],
             Some(Instant::now() + Duration::from_secs(1)),
         )
         .unwrap_err();

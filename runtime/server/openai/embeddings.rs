@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 
 use super::complete::engine_stopped;
 use super::error::ApiError;
-use super::request::{embedding_texts, EmbeddingRequest};
+use super::request::{embedding_inputs, EmbeddingRequest};
 use super::{parse_request, record_end_user, served_model};
 use crate::server::auth::Caller;
 use crate::server::engine::{Job, JobControl};
@@ -20,6 +20,7 @@ use crate::server::interrupt::{self};
 use crate::server::ledger::Ledger;
 use crate::server::models::ServedModel;
 use crate::server::AppState;
+use securerun_models::EmbedInput;
 
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
@@ -45,15 +46,38 @@ pub async fn embeddings(
             ))
         }
     };
-    let texts = embedding_texts(req.input)?;
-    let audited = texts.clone();
-    if texts.is_empty() || texts.len() > state.config.max_embedding_inputs {
-        return Err(ApiError::bad_request(format!(
-            "input must hold 1 to {} strings",
-            state.config.max_embedding_inputs
-        )));
+    let inputs = embedding_inputs(req.input)?;
+    // Only texts are content (token ids are the client's own encoding of it).
+    let audited = inputs
+        .iter()
+        .filter_map(|i| match i {
+            EmbedInput::Text(t) => Some(t.clone()),
+            EmbedInput::Ids(_) => None,
+        })
+        .collect();
+    if inputs.is_empty() || inputs.len() > state.config.max_embedding_inputs {
+        return Err(ApiError::bad_param(
+            "input",
+            format!(
+                "input must hold 1 to {} inputs",
+                state.config.max_embedding_inputs
+            ),
+        ));
     }
-    let (vectors, input_tokens) = embed_texts(&state, &caller, &served, texts).await?;
+    let vocab = served.encoder.vocab_size();
+    if let Some((i, _)) = inputs.iter().enumerate().find(|(_, input)| match input {
+        EmbedInput::Ids(ids) => ids.is_empty() || ids.iter().any(|&id| id as usize >= vocab),
+        EmbedInput::Text(_) => false,
+    }) {
+        return Err(ApiError::bad_param(
+            "input",
+            format!(
+                "input {i}: token ids are a non-empty list of ids of this model (0 to {})",
+                vocab.saturating_sub(1)
+            ),
+        ));
+    }
+    let (vectors, input_tokens) = embed_inputs(&state, &caller, &served, inputs).await?;
     let data: Vec<Value> = vectors
         .iter()
         .enumerate()
@@ -91,23 +115,37 @@ pub(super) fn input_response(mut body: Value, input_tokens: u64, texts: Vec<Stri
     resp
 }
 
-/// Embeds `texts` (counted here, charged to the caller's token budget, run by the engine within
-/// the generation timeout): the vectors and the input tokens.
-pub(super) async fn embed_texts(
+/// Embeds `inputs` (counted here, charged to the caller's token budget, run by the engine
+/// within the generation timeout): the vectors and the input tokens.
+pub(super) async fn embed_inputs(
     state: &Arc<AppState>,
     caller: &Caller,
     served: &ServedModel,
-    texts: Vec<String>,
+    inputs: Vec<EmbedInput>,
 ) -> Result<(Vec<Vec<f32>>, u64), ApiError> {
     let encoder = served.encoder.clone();
-    let counted = texts.clone();
-    let input_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&counted))
+    let texts: Vec<String> = inputs
+        .iter()
+        .filter_map(|i| match i {
+            EmbedInput::Text(t) => Some(t.clone()),
+            EmbedInput::Ids(_) => None,
+        })
+        .collect();
+    let id_tokens: u64 = inputs
+        .iter()
+        .map(|i| match i {
+            EmbedInput::Ids(ids) => ids.len() as u64,
+            EmbedInput::Text(_) => 0,
+        })
+        .sum();
+    let text_tokens: u64 = tokio::task::spawn_blocking(move || encoder.count(&texts))
         .await
         .map_err(|_| engine_stopped())?
         .map_err(|e| ApiError::bad_request(e.to_string()))?
         .iter()
         .map(|&n| n as u64)
         .sum();
+    let input_tokens = text_tokens + id_tokens;
     state
         .limiters
         .tokens(&caller.record, input_tokens)
@@ -121,7 +159,7 @@ pub(super) async fn embed_texts(
     served
         .engine
         .submit(Job::Embed {
-            texts,
+            inputs,
             tokens: usize::try_from(input_tokens).unwrap_or(usize::MAX),
             control: control.clone(),
             done: done_tx,

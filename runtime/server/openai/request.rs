@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use securerun_models::grammar::OutputGrammar;
 use securerun_models::tools::{FunctionCall, ToolCall};
+use securerun_models::EmbedInput;
 use securerun_models::{ChatMessage, FinishReason, GenerationParams, SamplingParams};
 
 use super::error::ApiError;
@@ -245,22 +246,30 @@ pub(super) struct CompletionRequest {
     pub(super) prompt: Value,
 }
 
-/// Embedding inputs: a string or a list of strings. Token-id inputs (a list of ids, or of
-/// lists) are refused by name: the embedder takes text, and re-encoding decoded ids would not
-/// give the client's ids back.
-pub(super) fn embedding_texts(input: Value) -> Result<Vec<String>, ApiError> {
+/// Embedding inputs: a string, a list of strings, token ids (a list of integers), or a list of
+/// token-id lists. Ids are taken as they are (no special tokens added), as OpenAI takes them.
+pub(super) fn embedding_inputs(input: Value) -> Result<Vec<EmbedInput>, ApiError> {
     let refuse = || {
         ApiError::bad_param(
             "input",
-            "input is a string or a list of strings (token-id inputs are not supported for embeddings)",
+            "input is a string, a list of strings, a list of token ids, or a list of such lists",
         )
     };
+    let ids = |list: &[Value]| -> Option<Vec<u32>> {
+        list.iter()
+            .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
+            .collect()
+    };
     match input {
-        Value::String(s) => Ok(vec![s]),
+        Value::String(s) => Ok(vec![EmbedInput::Text(s)]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_number) => {
+            Ok(vec![EmbedInput::Ids(ids(&items).ok_or_else(refuse)?)])
+        }
         Value::Array(items) => items
             .into_iter()
             .map(|v| match v {
-                Value::String(s) => Ok(s),
+                Value::String(s) => Ok(EmbedInput::Text(s)),
+                Value::Array(list) => ids(&list).map(EmbedInput::Ids).ok_or_else(refuse),
                 _ => Err(refuse()),
             })
             .collect(),

@@ -9,7 +9,7 @@ use axum::extract::{Extension, State};
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::embeddings::{embed_texts, input_response};
+use super::embeddings::{embed_inputs, input_response};
 use super::error::ApiError;
 use super::{model_name, only_fields, parse_json, record_end_user, served_model};
 use crate::server::auth::Caller;
@@ -111,7 +111,11 @@ pub async fn rerank(
     texts.push(query);
     texts.extend(documents.iter().cloned());
     let audited = texts.clone();
-    let (vectors, input_tokens) = embed_texts(&state, &caller, &served, texts).await?;
+    let inputs = texts
+        .into_iter()
+        .map(securerun_models::EmbedInput::Text)
+        .collect();
+    let (vectors, input_tokens) = embed_inputs(&state, &caller, &served, inputs).await?;
     let (q, docs) = vectors
         .split_first()
         .ok_or_else(super::complete::engine_stopped)?;
