@@ -131,22 +131,25 @@ impl Embedder {
 
     /// Token count of each input (with special tokens), for usage accounting.
     pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, EmbedError> {
-        let max = self.encoder.max_tokens();
         texts
             .iter()
             .enumerate()
-            .map(|(index, t)| {
-                let ids = tokenizer::encode(&self.tokenizer, t, true)?;
-                if ids.len() > max {
-                    return Err(EmbedError::InputTooLong {
-                        index,
-                        tokens: ids.len(),
-                        max,
-                    });
-                }
-                Ok(ids)
-            })
+            .map(|(index, t)| self.tokenize_one(index, t))
             .collect()
+    }
+
+    /// Input `index`'s tokens, within the model's length.
+    fn tokenize_one(&self, index: usize, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let max = self.encoder.max_tokens();
+        let ids = tokenizer::encode(&self.tokenizer, text, true)?;
+        if ids.len() > max {
+            return Err(EmbedError::InputTooLong {
+                index,
+                tokens: ids.len(),
+                max,
+            });
+        }
+        Ok(ids)
     }
 
     /// Embeds texts and token-id inputs alike; one vector per input, in order. Ids are checked
@@ -158,17 +161,7 @@ impl Embedder {
             .iter()
             .enumerate()
             .map(|(index, input)| match input {
-                EmbedInput::Text(t) => {
-                    let ids = tokenizer::encode(&self.tokenizer, t, true)?;
-                    if ids.len() > max {
-                        return Err(EmbedError::InputTooLong {
-                            index,
-                            tokens: ids.len(),
-                            max,
-                        });
-                    }
-                    Ok(ids)
-                }
+                EmbedInput::Text(t) => self.tokenize_one(index, t),
                 EmbedInput::Ids(ids) => {
                     if ids.is_empty() {
                         return Err(EmbedError::EmptyInput { index });
