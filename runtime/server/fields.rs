@@ -1,8 +1,8 @@
 //! Which request fields each OpenAI route takes. A field is implemented, or caller metadata
-//! that changes no answer (accepted, as OpenAI accepts it), or a feature not implemented here,
-//! accepted only in the form that asks for nothing (`null`, `false`, empty, `{"type":
-//! "text"}`); anything else is refused with a 400 naming it in `param`. No field is silently
-//! ignored: a client asking for JSON mode, tools or log-probabilities learns it did not get
+//! (accepted, as OpenAI accepts it; `user` is recorded as a pseudonym), or a feature not
+//! implemented here, accepted only in the form that asks for nothing (`null`, `false`, empty,
+//! `n: 1`); anything else is refused with a 400 naming it in `param`. No field is silently
+//! ignored: a client asking for audio, predictions or several choices learns it did not get
 //! them. Unknown fields are refused too, as OpenAI refuses them.
 
 use serde_json::Value;
