@@ -97,6 +97,18 @@ fn empty_and_excess_text_frames_and_false_counts_are_protocol_errors() {
             &*format!("r = read()\nN = 500\n{DONE}"),
             "tokens for max_tokens",
         ),
+        (
+            // Log-probabilities for a token it did not generate, and a positive one.
+            "forged_logprobs",
+            &*format!(
+                "r = read()\nN = 2\n{}",
+                DONE.replace(
+                    "'decode_us': 1}",
+                    "'decode_us': 1, 'logprobs': [{'id': 1, 'logprob': -0.5, 'top': []}, {'id': 7, 'logprob': 3.0, 'top': []}]}"
+                )
+            ),
+            "log-probabilities that do not match",
+        ),
     ];
     for (name, script, expected) in cases {
         let mut m = start(tmp.path(), name, script, Duration::from_secs(10));
