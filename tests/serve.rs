@@ -543,7 +543,7 @@ fn public_plain_http_is_refused_and_tls_and_mtls_work() {
 /// The official `openai` Python client against the server: chat, streaming, embeddings.
 /// The compatibility suite (tests/compat/suite.py): the official `openai` client (chat, stream
 /// with usage, JSON mode, JSON schema, pydantic parse, tools with a round trip, streamed tool
-/// calls, logprobs, an unsupported field, embeddings float/base64/dimensions, models list and
+/// calls, logprobs, legacy completions of a list of prompts, an unsupported field, embeddings float/base64/dimensions, models list and
 /// retrieve), LangChain's `with_structured_output` and `bind_tools`, and litellm, each against
 /// a real server on a real model.
 #[test]

@@ -357,7 +357,8 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
 #[derive(Debug, Clone, Default)]
 pub struct Content {
     pub texts: Vec<String>,
-    pub completion: Option<String>,
+    /// The answers, one per prompt (none for embeddings or an interrupted stream).
+    pub completions: Vec<String>,
 }
 
 /// Token counts a handler reports for the audit record.
@@ -528,8 +529,11 @@ pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, 
             record.content_hmac = Some(c.texts.iter().map(|t| state.audit.pseudonym(t)).collect());
         }
         config::AuditContent::Full => {
-            record.content =
-                Some(serde_json::json!({"texts": c.texts, "completion": c.completion}));
+            // One answer keeps the record's long-standing shape; several are a list.
+            record.content = Some(match c.completions.len() {
+                0 | 1 => serde_json::json!({"texts": c.texts, "completion": c.completions.first()}),
+                _ => serde_json::json!({"texts": c.texts, "completions": c.completions}),
+            });
         }
     }
 }

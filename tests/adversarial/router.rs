@@ -709,3 +709,90 @@ fn a_lost_worker_s_503_says_when_to_retry() {
     let after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(after >= 1, "{after}");
 }
+
+/// A completion request may carry several prompts (strings or token-id lists): each is its own
+/// sequence and its own choice, in order, with the usage summed. Several prompts are never
+/// streamed, more than the limit are refused by name, and one prompt's failure fails the request
+/// and stops the others (none is answered half). Before, any list of two prompts was a 400.
+#[test]
+fn several_prompts_are_answered_as_choices_in_order() {
+    let edge = Edge::new(Default::default());
+    let text = |pieces| Plan::Text { pieces, cached: 0 };
+    {
+        let mut plans = edge.plans.lock().unwrap();
+        plans.push_back(text(vec!["one"]));
+        plans.push_back(text(vec!["two", " more"]));
+        plans.push_back(text(vec!["three"]));
+    }
+    let (status, body) = edge.post(
+        "/v1/completions",
+        &serde_json::json!({"model": MODEL, "max_tokens": 8,
+                            "prompt": ["Hello there", "Good morning", "Hi"]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let choices = v["choices"].as_array().unwrap();
+    let got: Vec<(u64, &str)> = choices
+        .iter()
+        .map(|c| (c["index"].as_u64().unwrap(), c["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(0, "one"), (1, "two more"), (2, "three")]);
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    // Token-id lists too.
+    {
+        let mut plans = edge.plans.lock().unwrap();
+        plans.push_back(text(vec!["a"]));
+        plans.push_back(text(vec!["b"]));
+    }
+    let (status, body) = edge.post(
+        "/v1/completions",
+        &serde_json::json!({"model": MODEL, "max_tokens": 8, "prompt": [[504, 3575], [282]]}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 3, "{body}");
+    // Refused by name, before any work: streamed, too many, or of mixed bad shapes.
+    let param = |body: serde_json::Value| {
+        let (status, text) = edge.post("/v1/completions", &body);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            status,
+            v["error"]["param"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    assert_eq!(
+        param(serde_json::json!({"model": MODEL, "prompt": ["a", "b"], "stream": true})),
+        (400, "stream".into())
+    );
+    let many: Vec<String> = (0..9).map(|i| format!("prompt {i}")).collect();
+    assert_eq!(
+        param(serde_json::json!({"model": MODEL, "prompt": many})),
+        (400, "prompt".into())
+    );
+    assert_eq!(
+        param(serde_json::json!({"model": MODEL, "prompt": ["a", 7]})),
+        (400, "prompt".into())
+    );
+    assert_eq!(edge.plans.lock().unwrap().len(), 0, "no work was started");
+    // One prompt's failure is the request's; the other generation is stopped.
+    {
+        let mut plans = edge.plans.lock().unwrap();
+        plans.push_back(Plan::Stall);
+        plans.push_back(Plan::RequestError { after: 0 });
+    }
+    let before = edge.cancelled.lock().unwrap().len();
+    let (status, body) = edge.post(
+        "/v1/completions",
+        &serde_json::json!({"model": MODEL, "max_tokens": 8, "prompt": ["x", "y"]}),
+    );
+    // The second prompt's error is the answer at once, though the first never ends.
+    assert_eq!(status, 400, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while edge.cancelled.lock().unwrap().len() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled prompt was never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -159,6 +159,16 @@ def _():
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
+@check("openai: legacy completions with a list of prompts")
+def _():
+    prompts = ["The capital of France is", "One, two, three,"]
+    r = llm.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=4)
+    assert [c.index for c in r.choices] == [0, 1], r
+    alone = [llm.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=4)
+             .choices[0].text for p in prompts]
+    assert [c.text for c in r.choices] == alone, (r, alone)
+
+
 @check("openai: an unsupported field is a 400 naming it")
 def _():
     try:

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,7 +19,7 @@ use super::error::ApiError;
 use super::logprobs;
 use super::output_check::OutputCheck;
 use super::request::{
-    completion_prompt, finish, params, ChatRequest, CompletionPrompt, CompletionRequest, Sampling,
+    completion_prompts, finish, params, ChatRequest, CompletionPrompt, CompletionRequest, Sampling,
 };
 use super::stream::StreamTools;
 use super::stream::{StreamTask, STREAM_KEEP_ALIVE};
@@ -79,7 +80,7 @@ pub async fn chat(
     complete(
         call,
         texts,
-        Input::Prompt(Prompt::Chat(messages)),
+        vec![Input::Prompt(Prompt::Chat(messages))],
         sampling,
         Kind::Chat,
         Some(tool_request),
@@ -95,21 +96,30 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let (req, sampling): (CompletionRequest, _) =
         parse_generation(crate::server::fields::Route::Completions, &body)?;
-    let prompt = completion_prompt(req.prompt)?;
-    let texts = match &prompt {
-        CompletionPrompt::Text(t) => vec![t.clone()],
-        CompletionPrompt::Ids(_) => Vec::new(),
-    };
+    let prompts = completion_prompts(req.prompt)?;
+    if prompts.len() > 1 && sampling.stream {
+        return Err(ApiError::bad_param(
+            "stream",
+            "several prompts are answered in one response, not streamed: stream each as its own request",
+        ));
+    }
+    let mut texts = Vec::new();
+    let inputs = prompts
+        .into_iter()
+        .map(|p| match p {
+            CompletionPrompt::Text(t) => {
+                texts.push(t.clone());
+                Input::Prompt(Prompt::Text(t))
+            }
+            CompletionPrompt::Ids(ids) => Input::Ids(ids),
+        })
+        .collect();
     let call = Call {
         state,
         caller,
         ledger,
     };
-    let input = match prompt {
-        CompletionPrompt::Text(t) => Input::Prompt(Prompt::Text(t)),
-        CompletionPrompt::Ids(ids) => Input::Ids(ids),
-    };
-    complete(call, texts, input, sampling, Kind::Text, None).await
+    complete(call, texts, inputs, sampling, Kind::Text, None).await
 }
 
 /// What a completion starts from: a prompt to encode here, or a client's token ids.
@@ -170,10 +180,12 @@ pub(super) async fn encode_prompt(
         .map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// Generates the answer to each of `inputs` (one for chat; one or several prompts for
+/// completions, each its own sequence and its own choice; several are never streamed).
 pub(super) async fn complete(
     call: Call,
     texts: Vec<String>,
-    input: Input,
+    inputs: Vec<Input>,
     sampling: Sampling,
     kind: Kind,
     tool_request: Option<ToolRequest>,
@@ -212,7 +224,7 @@ pub(super) async fn complete(
             })
             .await
             .map_err(|_| engine_stopped())??;
-            if let Input::Prompt(Prompt::Chat(messages)) = &input {
+            if let [Input::Prompt(Prompt::Chat(messages))] = &inputs[..] {
                 check_history(messages, &served.encoder)?;
             }
             plan
@@ -237,51 +249,59 @@ pub(super) async fn complete(
     // Counted here, from our own tokenizer: the prompt's length, the budget and the usage
     // never depend on what the worker says.
     let control = JobControl::new(deadline).owned_by(&caller.token_id);
-    let prompt_ids = match input {
-        Input::Prompt(prompt) => {
-            encode_prompt(&served, prompt, &tools.for_template, &control).await?
-        }
-        Input::Ids(ids) => {
-            let vocab = served.encoder.vocab_size();
-            if ids.iter().any(|&id| id as usize >= vocab) {
-                return Err(ApiError::bad_param(
-                    "prompt",
-                    format!(
-                        "token ids of this model are 0 to {}",
-                        vocab.saturating_sub(1)
-                    ),
-                ));
+    let several = inputs.len() > 1;
+    let mut prompts = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        prompts.push(match input {
+            Input::Prompt(prompt) => {
+                encode_prompt(&served, prompt, &tools.for_template, &control).await?
             }
-            ids
-        }
-    };
-    let prompt_tokens = prompt_ids.len() as u64;
+            Input::Ids(ids) => {
+                let vocab = served.encoder.vocab_size();
+                if ids.iter().any(|&id| id as usize >= vocab) {
+                    return Err(ApiError::bad_param(
+                        "prompt",
+                        format!(
+                            "token ids of this model are 0 to {}",
+                            vocab.saturating_sub(1)
+                        ),
+                    ));
+                }
+                ids
+            }
+        });
+    }
+    let prompt_tokens: u64 = prompts.iter().map(|p| p.len() as u64).sum();
     // Known now: recorded even if the client goes away before the answer.
     ledger.update(|r| r.prompt_tokens = Some(prompt_tokens));
-    if prompt_ids.len() > state.config.max_prompt_tokens {
+    if let Some((i, long)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() > state.config.max_prompt_tokens)
+    {
+        let which = if several {
+            format!("prompt {i}")
+        } else {
+            "the prompt".to_string()
+        };
         return Err(ApiError::bad_request(format!(
-            "the prompt has {} tokens; at most {} are accepted",
-            prompt_ids.len(),
+            "{which} has {} tokens; at most {} are accepted",
+            long.len(),
             state.config.max_prompt_tokens
         )));
     }
+    let answers = prompts.len() as u64;
     state
         .limiters
-        .tokens(&caller.record, prompt_tokens + params.max_tokens as u64)
+        .tokens(
+            &caller.record,
+            prompt_tokens + answers * params.max_tokens as u64,
+        )
         .map_err(|l| {
             state.metrics.limited.fetch_add(1, Ordering::Relaxed);
             ApiError::limited(l)
         })?;
-    let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
-    let (done_tx, done_rx) = oneshot::channel();
     let params_logprobs = params.logprobs.is_some();
-    let job = Job::Generate {
-        prompt_ids,
-        params,
-        control: control.clone(),
-        pieces: pieces_tx,
-        done: done_tx,
-    };
     let id = request_id(if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -289,6 +309,21 @@ pub(super) async fn complete(
     });
     let created = crate::tokens::now();
     if sampling.stream {
+        let (Some(prompt_ids), false) = (prompts.pop(), several) else {
+            return Err(ApiError::bad_param(
+                "stream",
+                "several prompts are answered in one response, not streamed",
+            ));
+        };
+        let (pieces_tx, pieces_rx) = mpsc::channel::<String>(64);
+        let (done_tx, done_rx) = oneshot::channel();
+        let job = Job::Generate {
+            prompt_ids,
+            params,
+            control: control.clone(),
+            pieces: pieces_tx,
+            done: done_tx,
+        };
         // Record before acting: the stream's start is durable before generation begins; its
         // one `request` record follows when it ends.
         if let Some(mut marker) = ledger.snapshot() {
@@ -335,76 +370,128 @@ pub(super) async fn complete(
         resp.extensions_mut().insert(crate::server::Streaming);
         return Ok(resp);
     }
-    served.engine.submit(job).map_err(|_| ApiError::busy())?;
-    // Dropped with this future (the client went away): the job stops.
+    // Dropped with this future (the client went away): every job of the request stops.
     let _cancel = control.cancel_on_drop();
-    // Non-streaming: pieces are drained on their own task (the engine needs the channel read;
-    // it ends when the generation does). The result is awaited directly, so an interruption
-    // that wins the race never loses a result already taken from the channel (which polling
-    // it again would panic on).
-    let mut pieces_rx = pieces_rx;
-    tokio::spawn(async move { while pieces_rx.recv().await.is_some() {} });
-    let mut done_rx = done_rx;
-    let finished = tokio::select! {
-        done = &mut done_rx => Ok(done),
-        why = interrupt::interrupted(&state, &caller, deadline) => Err(why),
-    };
-    let g = match finished {
-        Ok(done) => done
-            .map_err(|_| engine_stopped())?
-            .map_err(|e| with_grammar_field(ApiError::from(e), tools.active()))?,
-        Err(why) => {
-            control.cancel();
-            // The worker's last word on how far it got, briefly.
-            let so_far = tokio::time::timeout(CANCEL_WAIT, done_rx).await;
-            let completion = match so_far {
-                Ok(Ok(Ok(g))) => g.completion_tokens() as u64,
-                _ => 0,
-            };
-            return Err(interrupted_error(&state, why, prompt_tokens, completion));
+    let mut receivers = Vec::with_capacity(prompts.len());
+    for prompt_ids in prompts {
+        let (pieces_tx, mut pieces_rx) = mpsc::channel::<String>(64);
+        let (done_tx, done_rx) = oneshot::channel();
+        let job = Job::Generate {
+            prompt_ids,
+            params: params.clone(),
+            control: control.clone(),
+            pieces: pieces_tx,
+            done: done_tx,
+        };
+        // A full queue part-way: the jobs already queued stop with the request (`_cancel`).
+        served.engine.submit(job).map_err(|_| ApiError::busy())?;
+        // Pieces are drained on their own task (the engine needs the channel read; it ends
+        // when the generation does).
+        tokio::spawn(async move { while pieces_rx.recv().await.is_some() {} });
+        receivers.push(done_rx);
+    }
+    // Results are taken as they come, whichever prompt ends first, and kept: a failure of
+    // any prompt ends the request at once (the others stop with it), and an interruption
+    // never loses a result already taken from its channel (polling it again would panic).
+    let mut results: Vec<Option<_>> = receivers.iter().map(|_| None).collect();
+    let mut pending: FuturesUnordered<_> = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| async move { (i, rx.await) })
+        .collect();
+    let interrupted = interrupt::interrupted(&state, &caller, deadline);
+    tokio::pin!(interrupted);
+    let why = loop {
+        tokio::select! {
+            next = pending.next() => match next {
+                None => break None,
+                Some((i, r)) => {
+                    let failed = !matches!(r, Ok(Ok(_)));
+                    results[i] = Some(r);
+                    if failed {
+                        break None;
+                    }
+                }
+            },
+            why = &mut interrupted => break Some(why),
         }
     };
-    if g.finish_reason == FinishReason::Cancelled {
+    if let Some(why) = why {
+        control.cancel();
+        // The worker's last word on how far each got, briefly.
+        let _ = tokio::time::timeout(CANCEL_WAIT, async {
+            while let Some((i, r)) = pending.next().await {
+                results[i] = Some(r);
+            }
+        })
+        .await;
+        let completion = results
+            .iter()
+            .flatten()
+            .filter_map(|r| r.as_ref().ok()?.as_ref().ok())
+            .map(|g| g.completion_tokens() as u64)
+            .sum();
+        return Err(interrupted_error(&state, why, prompt_tokens, completion));
+    }
+    drop(pending);
+    let mut answers = Vec::with_capacity(results.len());
+    // A failed prompt's error (the others were stopped by `_cancel` on return).
+    for done in results.iter_mut().filter_map(Option::take) {
+        answers.push(
+            done.map_err(|_| engine_stopped())?
+                .map_err(|e| with_grammar_field(ApiError::from(e), tools.active()))?,
+        );
+    }
+    let completion_tokens: u64 = answers.iter().map(|g| g.completion_tokens() as u64).sum();
+    if answers
+        .iter()
+        .any(|g| g.finish_reason == FinishReason::Cancelled)
+    {
         // The engine ended it before this handler saw why (its deadline passed): an
         // interruption, never a short completion.
         let why = interrupt::why_engine_stopped(&state, &caller);
-        let completion = g.completion_tokens() as u64;
-        return Err(interrupted_error(&state, why, prompt_tokens, completion));
+        return Err(interrupted_error(
+            &state,
+            why,
+            prompt_tokens,
+            completion_tokens,
+        ));
     }
     state
         .metrics
         .generated
-        .fetch_add(g.completion_tokens() as u64, Ordering::Relaxed);
-    if g.finish_reason == FinishReason::Stop && check.as_ref().is_some_and(|c| !c.accepts(&g.text))
-    {
-        return Err(OutputCheck::failed());
+        .fetch_add(completion_tokens, Ordering::Relaxed);
+    let mut choices = Vec::with_capacity(answers.len());
+    for (index, g) in answers.iter().enumerate() {
+        if g.finish_reason == FinishReason::Stop
+            && check.as_ref().is_some_and(|c| !c.accepts(&g.text))
+        {
+            return Err(OutputCheck::failed());
+        }
+        let calls = match tools.active() {
+            false => None,
+            true => match tools::read_answer(&g.text, &tools.checks) {
+                tools::Answer::Calls(calls) => Some(calls),
+                tools::Answer::Text => None,
+                tools::Answer::Invalid => return Err(OutputCheck::failed()),
+            },
+        };
+        let logprobs = match (params_logprobs, kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Chat) => logprobs::chat(&served.encoder, &g.logprobs),
+            (true, Kind::Text) => logprobs::completion(&served.encoder, &g.logprobs, 0),
+        };
+        choices.push(match (kind, calls) {
+            (Kind::Chat, Some(calls)) => json!({"index": index,
+                "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                "finish_reason": "tool_calls", "logprobs": logprobs}),
+            (Kind::Chat, None) => json!({"index": index,
+                "message": {"role": "assistant", "content": g.text},
+                "finish_reason": finish(g.finish_reason), "logprobs": logprobs}),
+            (Kind::Text, _) => json!({"index": index, "text": g.text,
+                "finish_reason": finish(g.finish_reason), "logprobs": logprobs}),
+        });
     }
-    let calls = match tools.active() {
-        false => None,
-        true => match tools::read_answer(&g.text, &tools.checks) {
-            tools::Answer::Calls(calls) => Some(calls),
-            tools::Answer::Text => None,
-            tools::Answer::Invalid => return Err(OutputCheck::failed()),
-        },
-    };
-    let logprobs = match (params_logprobs, kind) {
-        (false, _) => Value::Null,
-        (true, Kind::Chat) => logprobs::chat(&served.encoder, &g.logprobs),
-        (true, Kind::Text) => logprobs::completion(&served.encoder, &g.logprobs, 0),
-    };
-    let choice = match (kind, calls) {
-        (Kind::Chat, Some(calls)) => json!({"index": 0,
-            "message": {"role": "assistant", "content": null, "tool_calls": calls},
-            "finish_reason": "tool_calls", "logprobs": logprobs}),
-        (Kind::Chat, None) => {
-            json!({"index": 0, "message": {"role": "assistant", "content": g.text},
-                             "finish_reason": finish(g.finish_reason), "logprobs": logprobs})
-        }
-        (Kind::Text, _) => {
-            json!({"index": 0, "text": g.text, "finish_reason": finish(g.finish_reason),
-                             "logprobs": logprobs})
-        }
-    };
     let object = if kind == Kind::Chat {
         "chat.completion"
     } else {
@@ -412,18 +499,18 @@ pub(super) async fn complete(
     };
     let usage_ext = crate::server::Usage {
         prompt_tokens,
-        cached_tokens: g.cached_tokens as u64,
-        completion_tokens: g.completion_tokens() as u64,
+        cached_tokens: answers.iter().map(|g| g.cached_tokens as u64).sum(),
+        completion_tokens,
     };
     let mut resp = Json(json!({
         "id": id, "object": object, "created": created, "model": served.name(),
-        "choices": [choice], "usage": usage_json(usage_ext),
+        "choices": choices, "usage": usage_json(usage_ext),
     }))
     .into_response();
     resp.extensions_mut().insert(usage_ext);
     resp.extensions_mut().insert(crate::server::Content {
         texts,
-        completion: Some(g.text),
+        completions: answers.into_iter().map(|g| g.text).collect(),
     });
     Ok(resp)
 }

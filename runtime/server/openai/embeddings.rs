@@ -110,7 +110,7 @@ pub(super) fn input_response(mut body: Value, input_tokens: u64, texts: Vec<Stri
     });
     resp.extensions_mut().insert(crate::server::Content {
         texts,
-        completion: None,
+        completions: Vec::new(),
     });
     resp
 }

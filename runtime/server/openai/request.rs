@@ -536,34 +536,40 @@ pub(super) enum CompletionPrompt {
     Ids(Vec<u32>),
 }
 
-/// `prompt`: a string, token ids, or a list holding one of either. A list of several prompts
-/// is refused by name (one generation per request, as `n` is 1).
-pub(super) fn completion_prompt(prompt: Value) -> Result<CompletionPrompt, ApiError> {
+/// At most this many prompts in one completion request: each is a sequence of its own in the
+/// engine's batch, so one request cannot take every slot of a server.
+pub(super) const MAX_PROMPTS: usize = 8;
+
+/// `prompt`: a string, token ids, a list of strings, or a list of lists of token ids (1 to
+/// [`MAX_PROMPTS`] prompts, each answered as its own choice).
+pub(super) fn completion_prompts(prompt: Value) -> Result<Vec<CompletionPrompt>, ApiError> {
+    const SHAPE: &str =
+        "prompt is a string, a list of token ids, or a list of strings or of token-id lists";
     let bad = |m: &str| ApiError::bad_param("prompt", m);
-    let ids = |list: &[Value]| -> Option<Vec<u32>> {
+    let ids = |list: &[Value]| -> Result<Vec<u32>, ApiError> {
         list.iter()
             .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()))
-            .collect()
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("token ids are non-negative integers"))
     };
-    match prompt {
-        Value::String(s) => Ok(CompletionPrompt::Text(s)),
-        Value::Array(list) if list.iter().all(Value::is_number) && !list.is_empty() => ids(&list)
-            .map(CompletionPrompt::Ids)
-            .ok_or_else(|| bad("token ids are non-negative integers")),
-        Value::Array(mut list) if list.len() == 1 => match list.pop() {
-            Some(Value::String(s)) => Ok(CompletionPrompt::Text(s)),
-            Some(Value::Array(inner)) if !inner.is_empty() => ids(&inner)
-                .map(CompletionPrompt::Ids)
-                .ok_or_else(|| bad("token ids are non-negative integers")),
-            _ => Err(bad(
-                "prompt is a string, a list of token ids, or a list of one of them",
-            )),
-        },
-        Value::Array(list) if list.len() > 1 => Err(bad(
-            "one prompt per request: send each prompt of the list as its own request",
-        )),
-        _ => Err(bad(
-            "prompt is a string, a list of token ids, or a list of one of them",
-        )),
+    let list = match prompt {
+        Value::String(s) => return Ok(vec![CompletionPrompt::Text(s)]),
+        Value::Array(list) if !list.is_empty() && list.iter().all(Value::is_number) => {
+            return Ok(vec![CompletionPrompt::Ids(ids(&list)?)])
+        }
+        Value::Array(list) if !list.is_empty() => list,
+        _ => return Err(bad(SHAPE)),
+    };
+    if list.len() > MAX_PROMPTS {
+        return Err(bad(&format!(
+            "at most {MAX_PROMPTS} prompts per request; send the rest as further requests"
+        )));
     }
+    list.into_iter()
+        .map(|p| match p {
+            Value::String(s) => Ok(CompletionPrompt::Text(s)),
+            Value::Array(inner) if !inner.is_empty() => Ok(CompletionPrompt::Ids(ids(&inner)?)),
+            _ => Err(bad(SHAPE)),
+        })
+        .collect()
 }

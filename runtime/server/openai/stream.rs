@@ -336,7 +336,7 @@ impl StreamTask {
         };
         let content = crate::server::Content {
             texts: std::mem::take(&mut self.texts),
-            completion: keep_text.then_some(completion),
+            completions: keep_text.then_some(completion).into_iter().collect(),
         };
         self.ledger
             .update(|r| crate::server::record_content(&state, r, content));
