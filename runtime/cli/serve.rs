@@ -105,9 +105,13 @@ pub fn run(args: ServeArgs) -> CmdResult {
     }
     config.validate()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            server::tls::server_config(c, k, config.client_ca.as_deref())?,
-        ))),
+        (Some(c), Some(k)) => Some(Arc::new(server::tls::ReloadableTls::load(
+            server::tls::TlsFiles {
+                cert: c.clone(),
+                key: k.clone(),
+                client_ca: config.client_ca.clone(),
+            },
+        )?)),
         _ => None,
     };
     if config.insecure_public_http && tls.is_none() {
@@ -248,7 +252,8 @@ pub fn run(args: ServeArgs) -> CmdResult {
             config: config.clone(),
         });
         server::spawn_token_reloader(state.clone());
-        server::models::spawn_hangup_reloader(state.clone());
+        server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone());
+        server::lifecycle::spawn_watchdog();
         let signal = server::shutdown_signal();
         let stopping = state.clone();
         let shutdown = async move {
@@ -259,6 +264,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let scheme = if tls.is_some() { "https" } else { "http" };
         // One line a script can wait for.
         println!("listening on {scheme}://{local} (models {model_ids})");
+        server::lifecycle::ready(&format!("listening on {scheme}://{local}"));
         let app = server::router(state.clone());
         server::connections::serve(
             listener,

@@ -18,7 +18,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use crate::tokens::{self, Rejection, Scope, TokenRecord, TokenStore};
 
 /// Paths anyone may call.
-pub const PUBLIC: &[&str] = &["/healthz"];
+pub const PUBLIC: &[&str] = &["/healthz", "/readyz"];
 /// How often the token store is checked for changes.
 pub const RELOAD: Duration = Duration::from_millis(250);
 const LOCKOUT: Duration = Duration::from_secs(60);

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::tls::ReloadableTls;
 use axum::body::Body;
 use axum::Router;
 use http_body::Frame;
@@ -30,7 +31,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 /// Bounds on connections (see the module documentation).
 #[derive(Debug, Clone, Copy)]
@@ -426,7 +426,7 @@ const WATCH: Duration = Duration::from_millis(250);
 /// Accepts connections until `shutdown` resolves, then waits up to `drain` for open ones.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ReloadableTls>>,
     app: Router,
     limits: ConnectionLimits,
     events: Arc<dyn ConnectionEvents>,
@@ -496,7 +496,8 @@ pub async fn serve(
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        // The configuration current now (a reload swaps it for later connections only).
+        let tls = tls.as_ref().map(|t| t.acceptor());
         let events = events.clone();
         let table = table.clone();
         tokio::spawn(async move {

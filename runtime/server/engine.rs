@@ -46,6 +46,23 @@ impl Backend {
         )
     }
 
+    /// See [`Sequences::check_idle`]: the embedding worker's idle check (generation backends
+    /// are checked by their batch loop).
+    fn check_idle(&mut self) -> Option<String> {
+        match self {
+            Backend::Text(m) | Backend::Embed(m) => m.check_idle().err().map(|e| e.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The confined worker's state for readiness (`None`: in process).
+    fn worker_status(&self) -> Option<Arc<crate::worker::WorkerStatus>> {
+        match self {
+            Backend::Text(m) | Backend::Embed(m) => Some(m.status()),
+            _ => None,
+        }
+    }
+
     /// Worker replacements, seccomp kills and failed worker starts so far.
     fn restarts(&self) -> WorkerEvents {
         match self {
@@ -285,6 +302,8 @@ pub struct Engine {
     pub is_text: bool,
     /// This engine's numbers for `/metrics` (labelled with its model's name).
     pub metrics: Arc<metrics::EngineMetrics>,
+    /// Its confined worker's state (`None`: the model runs in the server process).
+    pub worker: Option<Arc<crate::worker::WorkerStatus>>,
 }
 
 impl Engine {
@@ -301,6 +320,7 @@ impl Engine {
         runtime: tokio::runtime::Handle,
     ) -> Engine {
         let is_text = backend.is_text();
+        let worker = backend.worker_status();
         let jobs = Arc::new(JobQueue {
             jobs: Mutex::default(),
             ready: Condvar::new(),
@@ -354,7 +374,12 @@ impl Engine {
                     _ => {}
                 }
                 loop {
-                    let Some(job) = rx.next() else {
+                    let Some(job) = rx.next_checking(|| {
+                        let before = backend.restarts();
+                        if let Some(failure) = backend.check_idle() {
+                            on_failure(before, backend.restarts(), failure);
+                        }
+                    }) else {
                         return; // closed: the backend (and its worker) goes with this thread
                     };
                     if job.control().should_stop() {
@@ -391,6 +416,7 @@ impl Engine {
             queue: jobs,
             is_text,
             metrics: engine_metrics,
+            worker,
         }
     }
 
@@ -502,19 +528,50 @@ impl JobQueue {
         jobs.remove(i)
     }
 
-    /// The next job, waiting for one; `None` once the queue is closed and empty.
-    fn next(&self) -> Option<Job> {
+    /// The next job, waiting at most `wait` for one.
+    fn next_within(&self, wait: Duration) -> Waited {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + wait;
         loop {
             if let Some(job) = jobs.pop_front() {
-                return Some(job);
+                return Waited::Job(job);
             }
             if self.closed.load(Ordering::Relaxed) {
-                return None;
+                return Waited::Closed;
             }
-            jobs = self.ready.wait(jobs).unwrap_or_else(|p| p.into_inner());
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Waited::Idle;
+            }
+            jobs = self
+                .ready
+                .wait_timeout(jobs, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
+
+    /// The next job, waiting for one and checking the backend's worker every [`IDLE_CHECK`]
+    /// meanwhile (`check`); `None` once the queue is closed and empty.
+    fn next_checking(&self, mut check: impl FnMut()) -> Option<Job> {
+        loop {
+            match self.next_within(IDLE_CHECK) {
+                Waited::Job(job) => return Some(job),
+                Waited::Closed => return None,
+                Waited::Idle => check(),
+            }
+        }
+    }
+}
+
+/// How often an idle engine looks at its worker: one that died between requests is replaced
+/// (and recorded) within this, so readiness reflects a worker that can serve.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+enum Waited {
+    Job(Job),
+    Closed,
+    Idle,
 }
 
 fn drop_job(job: Job) {

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fields;
 pub mod interrupt;
 pub mod ledger;
+pub mod lifecycle;
 pub mod models;
 pub mod openai;
 pub mod tls;
@@ -154,6 +155,7 @@ impl connections::ConnectionEvents for ServerEvents {
 /// Every route the server registers, with its method; the deny-by-default test walks this list.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
+    ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/example"),
@@ -174,7 +176,10 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// The application: routes behind body bounds, authentication and the audit ledger (outermost).
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        // Liveness: the process answers (a restart would not help anything else).
         .route("/healthz", get(|| async { "ok\n" }))
+        // Readiness: whether requests sent here now can be served.
+        .route("/readyz", get(lifecycle::readiness))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
@@ -885,6 +890,7 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ => std::future::pending::<()>().await,
         }
         tracing::info!("shutdown requested: no new connections, draining");
+        lifecycle::stopping();
     }
 }
 

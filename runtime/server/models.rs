@@ -256,26 +256,3 @@ pub async fn replace_named(
     }
     outcomes
 }
-
-/// Replaces every model on SIGHUP (`systemctl reload`).
-pub fn spawn_hangup_reloader(state: Arc<super::AppState>) {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            tracing::warn!(
-                "cannot listen for SIGHUP; reload with the admin API or `securerun reload`"
-            );
-            return;
-        };
-        while hangup.recv().await.is_some() {
-            for o in replace_named(&state, &[], "SIGHUP").await {
-                tracing::info!(
-                    model = o.model,
-                    replaced = o.replaced,
-                    detail = o.detail,
-                    "reload"
-                );
-            }
-        }
-    });
-}

@@ -50,3 +50,86 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
+
+/// The files a TLS configuration is read from.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+/// The serving TLS configuration, replaceable while the server runs: each new connection's
+/// handshake takes the configuration current when it is accepted; connections already open
+/// keep theirs. [`ReloadableTls::reload`] re-reads the files and swaps only when the whole new
+/// configuration builds (the certificate chain parses, the key matches it, the client CA
+/// loads); otherwise the running one stays.
+pub struct ReloadableTls {
+    files: TlsFiles,
+    current: std::sync::RwLock<Loaded>,
+}
+
+struct Loaded {
+    acceptor: tokio_rustls::TlsAcceptor,
+    fingerprint: String,
+}
+
+impl ReloadableTls {
+    pub fn load(files: TlsFiles) -> Result<Self, String> {
+        let current = std::sync::RwLock::new(Self::read(&files)?);
+        Ok(ReloadableTls { files, current })
+    }
+
+    fn read(files: &TlsFiles) -> Result<Loaded, String> {
+        let config = server_config(&files.cert, &files.key, files.client_ca.as_deref())?;
+        let fingerprint = leaf_fingerprint(&files.cert)?;
+        Ok(Loaded {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            fingerprint,
+        })
+    }
+
+    /// The acceptor for a connection accepted now.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        // A poisoned lock still holds a complete configuration (it is only ever replaced whole).
+        let loaded = self.current.read().unwrap_or_else(|e| e.into_inner());
+        loaded.acceptor.clone()
+    }
+
+    /// SHA-256 of the serving leaf certificate (DER), hex: what the audit log records.
+    pub fn fingerprint(&self) -> String {
+        let loaded = self.current.read().unwrap_or_else(|e| e.into_inner());
+        loaded.fingerprint.clone()
+    }
+
+    /// Re-reads and builds the configuration from the files, without using it yet (the swap
+    /// is recorded first); an error says why the running configuration stays.
+    pub fn prepare(&self) -> Result<PreparedTls, String> {
+        Self::read(&self.files).map(PreparedTls)
+    }
+
+    /// Serves new connections with `prepared`.
+    pub fn install(&self, prepared: PreparedTls) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = prepared.0;
+    }
+}
+
+/// A complete new TLS configuration, read and checked, not yet serving.
+pub struct PreparedTls(Loaded);
+
+impl PreparedTls {
+    /// SHA-256 of its leaf certificate (DER), hex.
+    pub fn fingerprint(&self) -> &str {
+        &self.0.fingerprint
+    }
+}
+
+fn leaf_fingerprint(cert: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .next()
+        .ok_or_else(|| format!("{}: no certificate", cert.display()))?
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    Ok(hex::encode(sha2::Sha256::digest(leaf.as_ref())))
+}

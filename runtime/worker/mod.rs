@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 pub use protocol::{LayerMsg, Task};
-pub use supervisor::{ConfinedModel, WorkerError, WorkerSettings};
+pub use supervisor::{ConfinedModel, WorkerError, WorkerSettings, WorkerState, WorkerStatus};
 
 use securerun_sandbox::probe::{EXIT_BLOCKED, EXIT_ESCAPED, PROBES};
 use securerun_sandbox::WorkerSpec;

@@ -269,6 +269,61 @@ pub struct ConfinedModel {
     pub seccomp_kills: u64,
     /// Workers that could not be started (refused re-verification included).
     pub start_failures: u64,
+    /// What readiness probes read from other threads.
+    status: Arc<WorkerStatus>,
+}
+
+/// A confined model's worker as other threads (the readiness probe) see it: its process id
+/// while one runs, and whether the last attempt to start one failed.
+#[derive(Debug, Default)]
+pub struct WorkerStatus {
+    pid: std::sync::atomic::AtomicU32,
+    start_failed: std::sync::atomic::AtomicBool,
+}
+
+/// [`WorkerStatus::state`]: what a readiness probe reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// A worker process runs.
+    Up,
+    /// None runs now (stopped after a failure, or it just died: the engine notices a death
+    /// within a second); the next request starts one.
+    Starting,
+    /// The last start failed (for instance the weights no longer verify): retried with backoff.
+    Failed,
+}
+
+impl WorkerStatus {
+    pub fn state(&self) -> WorkerState {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.start_failed.load(Relaxed) {
+            return WorkerState::Failed;
+        }
+        match self.pid.load(Relaxed) {
+            0 => WorkerState::Starting,
+            pid if process_alive(pid) => WorkerState::Up,
+            _ => WorkerState::Starting,
+        }
+    }
+
+    fn set(&self, pid: Option<u32>, start_failed: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.pid.store(pid.unwrap_or(0), Relaxed);
+        self.start_failed.store(start_failed, Relaxed);
+    }
+}
+
+/// Whether our child `pid` runs (a zombie, dead but not yet reaped, does not). The id cannot
+/// be reused while the supervisor has not reaped it.
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 impl ConfinedModel {
@@ -314,6 +369,7 @@ impl ConfinedModel {
             restarts: 0,
             seccomp_kills: 0,
             start_failures: 0,
+            status: Default::default(),
         };
         model.ensure_worker()?;
         Ok(model)
@@ -340,6 +396,30 @@ impl ConfinedModel {
         self.live.as_ref().map(|l| l.process.child.id())
     }
 
+    /// The worker's state as other threads see it (readiness).
+    pub fn status(&self) -> Arc<WorkerStatus> {
+        self.status.clone()
+    }
+
+    /// Between requests: a worker that died while idle is noticed (how it died, recorded by
+    /// the caller like any other death) and one replacement is started now rather than at the
+    /// next request. Nothing else is retried while idle: a worker that cannot start (weights
+    /// that no longer verify) is retried by requests, with backoff, not in a loop that would
+    /// fill the audit log. `Err` says how the old one died.
+    pub fn check_idle(&mut self) -> Result<(), WorkerError> {
+        let died = match &mut self.live {
+            Some(live) => matches!(live.process.child.try_wait(), Ok(Some(_))),
+            None => false,
+        };
+        if !died {
+            return Ok(());
+        }
+        let e = self.discard(WorkerError::Died("exited while idle".into()));
+        // Its own failure, if any, is counted (`start_failures`) and recorded with this one.
+        let _ = self.ensure_worker();
+        Err(e)
+    }
+
     fn ensure_worker(&mut self) -> Result<&mut Live, WorkerError> {
         if self.live.is_none() {
             if self.failures > 0 {
@@ -349,11 +429,13 @@ impl ConfinedModel {
             }
             match self.spawn() {
                 Ok(live) => {
+                    self.status.set(Some(live.process.child.id()), false);
                     self.live = Some(live);
                 }
                 Err(e) => {
                     self.failures += 1;
                     self.start_failures += 1;
+                    self.status.set(None, true);
                     return Err(e);
                 }
             }
@@ -473,6 +555,7 @@ impl ConfinedModel {
 
     /// Stops the current worker after a failure; the next request starts a new one.
     fn discard(&mut self, e: WorkerError) -> WorkerError {
+        self.status.set(None, false);
         let e = match self.live.take() {
             Some(mut live) => {
                 let (e, seccomp_kill) = explain_death(&mut live.process, e);

@@ -110,12 +110,8 @@ fn spawn(
         let logged = log.map(|(_, f)| std::fs::read_to_string(f).unwrap_or_default());
         return Err(logged.unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).into_owned()));
     }
-    let addr = line
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .trim_start_matches("http://")
-        .to_string();
+    let url = line.split_whitespace().nth(2).unwrap();
+    let addr = url.split_once("://").map_or(url, |(_, a)| a).to_string();
     Ok(Server { child, addr })
 }
 

@@ -11,6 +11,7 @@ mod common;
 mod harness;
 
 mod faults;
+mod lifecycle;
 mod memory;
 mod server;
 mod tamper;

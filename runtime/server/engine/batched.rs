@@ -89,6 +89,11 @@ pub trait Sequences {
     fn step(&mut self) -> Result<Ended, EngineError>;
     /// Worker replacements, seccomp kills and failed worker starts so far.
     fn restarts(&self) -> WorkerEvents;
+    /// Called about every second while nothing is in flight: a worker that died idle is
+    /// replaced now; `Some` says how it died or why none starts (recorded by the engine).
+    fn check_idle(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// A model in this process, batched by the models crate.
@@ -276,6 +281,10 @@ impl Sequences for Confined<'_> {
     fn restarts(&self) -> WorkerEvents {
         WorkerEvents::of(self.model)
     }
+
+    fn check_idle(&mut self) -> Option<String> {
+        self.model.check_idle().err().map(|e| e.to_string())
+    }
 }
 
 /// Prefix-cache keys from token ids: a keyed hash (random per engine), so the worker learns
@@ -395,7 +404,13 @@ pub(super) fn run(
         while lost.is_none() {
             let idle = sequences.is_idle() && draining.is_empty();
             let job = if idle {
-                match queue.next() {
+                let checked = queue.next_checking(|| {
+                    let before = sequences.restarts();
+                    if let Some(failure) = sequences.check_idle() {
+                        on_worker_failure(before, sequences.restarts(), failure);
+                    }
+                });
+                match checked {
                     Some(job) => Some(job),
                     None => return, // closed, and nothing left in flight
                 }

@@ -1,0 +1,287 @@
+//! The server under a service manager: readiness against liveness, a confined worker that dies
+//! between requests, SIGHUP swapping the TLS certificate (a bad one refused and recorded), and
+//! systemd's readiness protocol (READY, RELOADING, STOPPING) on a real notify socket.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_rustls::rustls;
+
+use crate::common::p;
+use crate::harness::*;
+
+fn export(state: &Path) -> Vec<serde_json::Value> {
+    let o = audit(state, &["export", "--trust-local-key"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every process the server started (its confined workers), from each thread's children.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    out
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `/healthz` says the process answers; `/readyz` says whether requests can be served now. A
+/// worker killed between requests is noticed and replaced without a request (recorded as
+/// `worker_restarted`), and lockdown makes the server unready while it stays alive. Before,
+/// there was no `/readyz` (404 without a token) and an idle worker's death went unseen until
+/// the next request.
+#[test]
+fn readiness_follows_the_worker_and_lockdown_while_liveness_stays() {
+    let state = tempfile::tempdir().unwrap();
+    let admin = token(state.path(), "admin", "admin");
+    let s = serve(state.path(), None).unwrap();
+    let ready = |addr: &str| {
+        let (status, body) = call_full(addr, "GET", "/readyz", None, "");
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        )
+    };
+    let (status, v) = ready(&s.addr);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["status"], "ready");
+    assert_eq!(v["workers_up"], 1, "{v}");
+    assert_eq!(
+        v["models_unverified"], 1,
+        "served with --allow-unsigned: {v}"
+    );
+    // Nothing about the models or tokens to an unauthenticated caller.
+    assert!(!v.to_string().contains("minilm"), "{v}");
+
+    // Kill the confined worker while nothing runs.
+    let workers = children(s.child.id());
+    assert_eq!(workers.len(), 1, "one confined worker: {workers:?}");
+    // SAFETY: signalling a process this test's server started.
+    unsafe { libc::kill(workers[0] as libc::pid_t, libc::SIGKILL) };
+    wait_for("a replacement worker", || {
+        let now = children(s.child.id());
+        now.len() == 1 && now[0] != workers[0] && ready(&s.addr).1["workers_up"] == 1
+    });
+    assert_eq!(call(&s.addr, "GET", "/healthz", None, ""), 200);
+
+    // Lockdown: alive, not ready.
+    let on = call(
+        &s.addr,
+        "POST",
+        "/admin/lockdown",
+        Some(&admin),
+        r#"{"on": true}"#,
+    );
+    assert_eq!(on, 200);
+    let (status, v) = ready(&s.addr);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["reasons"][0], "in lockdown", "{v}");
+    assert_eq!(call(&s.addr, "GET", "/healthz", None, ""), 200);
+    s.stop();
+
+    let restarted: Vec<_> = export(state.path())
+        .into_iter()
+        .filter(|r| r["event"] == "worker_restarted")
+        .collect();
+    assert_eq!(restarted.len(), 1, "{restarted:?}");
+    let detail = restarted[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("SIGKILL"), "{detail}");
+}
+
+struct Pki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        Pki { ca }
+    }
+
+    /// A certificate for localhost: (PEM, key PEM, DER).
+    fn leaf(&self) -> (String, String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &self.ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+/// One HTTPS GET of `/healthz` on a fresh connection: the status line's code and the leaf
+/// certificate the server presented.
+fn tls_get(addr: &str, config: &Arc<rustls::ClientConfig>) -> Result<(u16, Vec<u8>), String> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    // The server closes after the answer (a TLS close_notify or not: the body is what counts).
+    let _ = tls.read_to_end(&mut reply);
+    let leaf = tls
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .ok_or("no certificate")?;
+    let text = String::from_utf8_lossy(&reply);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line: {text:?}"))?;
+    Ok((code, leaf))
+}
+
+/// Messages the server sent to its notify socket so far.
+fn notes(socket: &UnixDatagram) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+/// SIGHUP re-reads the certificate and key: new connections get the new certificate while
+/// clients keep calling without a single failure; a broken key is refused (recorded, the
+/// running certificate stays); systemd hears READY, RELOADING (with its timestamp) and READY
+/// again, then STOPPING at SIGTERM. Before, the certificate could only change with a restart,
+/// and nothing spoke the notify protocol.
+#[test]
+fn sighup_swaps_the_tls_certificate_without_failing_a_request() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path();
+    let (old_ca, new_ca) = (Pki::new("old CA"), Pki::new("new CA"));
+    let (cert, key, old_der) = old_ca.leaf();
+    let cert_path = dir.join("server.pem");
+    let key_path = dir.join("server.key");
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let socket_path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let s = serve_env(
+        dir,
+        None,
+        &["--tls-cert", p(&cert_path), "--tls-key", p(&key_path)],
+        &[("NOTIFY_SOCKET", &socket_path)],
+    )
+    .unwrap();
+    let mut heard = notes(&socket);
+    assert!(heard.iter().any(|m| m.contains("READY=1")), "{heard:?}");
+
+    // Clients that trust both CAs call all along.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(old_ca.ca.der().clone()).unwrap();
+    roots.add(new_ca.ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    assert_eq!(tls_get(&s.addr, &config).unwrap(), (200, old_der.clone()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, config, stop, calls) =
+                (s.addr.clone(), config.clone(), stop.clone(), calls.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (code, _) = tls_get(&addr, &config).expect("no request fails");
+                    assert_eq!(code, 200);
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    let (cert, key, new_der) = new_ca.leaf();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
+    wait_for("the new certificate", || {
+        tls_get(&s.addr, &config).unwrap().1 == new_der
+    });
+    let before = calls.load(Ordering::Relaxed);
+    wait_for("more calls after the swap", || {
+        calls.load(Ordering::Relaxed) > before + 5
+    });
+    heard.extend(notes(&socket));
+    let reloading = heard.iter().position(|m| m.contains("RELOADING=1"));
+    assert!(
+        reloading.is_some_and(|i| heard[i].contains("MONOTONIC_USEC=")
+            && heard[i + 1..].iter().any(|m| m.contains("READY=1"))),
+        "{heard:?}"
+    );
+
+    // A key that does not match the certificate: refused, the running one stays.
+    let (_, other_key, _) = new_ca.leaf();
+    std::fs::write(&key_path, other_key).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tls_get(&s.addr, &config).unwrap().1, new_der);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("a client saw a failure");
+    }
+    s.stop();
+    heard.extend(notes(&socket));
+    assert!(heard.iter().any(|m| m.contains("STOPPING=1")), "{heard:?}");
+
+    let fingerprint = |der: &[u8]| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(der))
+    };
+    let reloads: Vec<_> = export(dir)
+        .into_iter()
+        .filter(|r| r["event"] == "tls_reloaded")
+        .collect();
+    assert_eq!(reloads.len(), 2, "{reloads:?}");
+    assert_eq!(reloads[0]["outcome"], "ok");
+    let detail = reloads[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&fingerprint(&new_der)) && detail.contains(&fingerprint(&old_der)),
+        "{detail}"
+    );
+    assert_eq!(reloads[1]["outcome"], "refused", "{:?}", reloads[1]);
+}
