@@ -528,37 +528,27 @@ impl JobQueue {
         jobs.remove(i)
     }
 
-    /// The next job, waiting at most `wait` for one.
-    fn next_within(&self, wait: Duration) -> Waited {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + wait;
-        loop {
-            if let Some(job) = jobs.pop_front() {
-                return Waited::Job(job);
-            }
-            if self.closed.load(Ordering::Relaxed) {
-                return Waited::Closed;
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Waited::Idle;
-            }
-            jobs = self
-                .ready
-                .wait_timeout(jobs, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-    }
-
     /// The next job, waiting for one and checking the backend's worker every [`IDLE_CHECK`]
     /// meanwhile (`check`); `None` once the queue is closed and empty.
     fn next_checking(&self, mut check: impl FnMut()) -> Option<Job> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            match self.next_within(IDLE_CHECK) {
-                Waited::Job(job) => return Some(job),
-                Waited::Closed => return None,
-                Waited::Idle => check(),
+            if let Some(job) = jobs.pop_front() {
+                return Some(job);
+            }
+            if self.closed.load(Ordering::Relaxed) {
+                return None;
+            }
+            let (held, waited) = self
+                .ready
+                .wait_timeout(jobs, IDLE_CHECK)
+                .unwrap_or_else(|p| p.into_inner());
+            jobs = held;
+            if waited.timed_out() && jobs.is_empty() {
+                // Not under the lock: the check may take a while (a worker start).
+                drop(jobs);
+                check();
+                jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             }
         }
     }
@@ -567,12 +557,6 @@ impl JobQueue {
 /// How often an idle engine looks at its worker: one that died between requests is replaced
 /// (and recorded) within this, so readiness reflects a worker that can serve.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
-
-enum Waited {
-    Job(Job),
-    Closed,
-    Idle,
-}
 
 fn drop_job(job: Job) {
     match job {
