@@ -549,3 +549,46 @@ fn unsigned_neighbour_files_are_refused() {
     ]);
     assert_fails_with(&o, "the signature does not cover it");
 }
+
+/// `--version` names the commit the binary was built from and what the build can do; shell
+/// completions parse as shell, and the man pages (one per command) render from the same clap
+/// definitions as `--help`, so they cannot drift from the flags. Before, `--version` printed
+/// only "securerun 0.1.0" and neither completions nor man pages existed.
+#[test]
+fn version_completions_and_man_pages_come_from_the_binary() {
+    let o = securerun(&["--version"]);
+    assert!(o.status.success());
+    let v = stdout(&o);
+    let commit = v
+        .lines()
+        .find_map(|l| l.strip_prefix("commit: "))
+        .unwrap_or_else(|| panic!("no commit line: {v}"));
+    assert!(
+        commit.len() >= 12 && commit[..12].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{v}"
+    );
+    assert!(v.contains("\nfeatures: "), "{v}");
+
+    let o = securerun(&["completions", "bash"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), &o.stdout).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .args(["-n", p(script.path())])
+        .output()
+        .unwrap();
+    assert!(syntax.status.success(), "{}", stderr(&syntax));
+    assert!(stdout(&o).contains("serve"));
+
+    let o = securerun(&["man"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains(".TH securerun 1"), "{}", stdout(&o));
+    let dir = tempfile::tempdir().unwrap();
+    let o = securerun(&["man", "--out", p(dir.path())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let serve = std::fs::read_to_string(dir.path().join("securerun-serve.1")).unwrap();
+    assert!(
+        serve.contains("tls\\-cert"),
+        "the serve page lists its flags"
+    );
+}

@@ -19,10 +19,31 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{DeviceChoice, Limits, OpenOptions};
 
+/// `--version`: the release, the commit it was built from, and what the build can do.
+macro_rules! long_version {
+    ($features:literal) => {
+        concat!(
+            env!("CARGO_PKG_VERSION"),
+            "\ncommit: ",
+            env!("SECURERUN_GIT_COMMIT"),
+            "\nfeatures: ",
+            $features,
+            "\ntarget: ",
+            env!("SECURERUN_TARGET"),
+        )
+    };
+}
+#[cfg(feature = "cuda")]
+const LONG_VERSION: &str = long_version!("cuda");
+#[cfg(not(feature = "cuda"))]
+const LONG_VERSION: &str =
+    long_version!("none (CPU only; CUDA needs a build with --features cuda)");
+
 #[derive(Parser)]
 #[command(
     name = "securerun",
     version,
+    long_version = LONG_VERSION,
     about = "Secure, self-contained on-device inference",
     long_about = "Secure, self-contained on-device inference.\n\nMODEL is a Hugging Face-layout \
                   directory (config.json, tokenizer.json, model.safetensors or a sharded index) \
@@ -71,6 +92,13 @@ enum Command {
         reason: String,
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout, or write one page per command into --out DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Replace served models by the versions on disk now, without downtime: each is verified
     /// and started beside the running one, then requests switch to it (also: SIGHUP, or
@@ -306,6 +334,13 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Token(cmd) => token::run(cmd),
         Command::Audit(cmd) => audit::run(cmd),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "securerun", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => man_pages(out),
         Command::Lockdown {
             state,
             reason,
@@ -408,4 +443,18 @@ fn one_line(e: &dyn std::error::Error) -> String {
 
 fn sanitize(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// `securerun man`: the top page to stdout, or every command's page (`securerun-serve.1`, ...)
+/// into `out`.
+fn man_pages(out: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let Some(dir) = out else {
+        clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        return Ok(());
+    };
+    std::fs::create_dir_all(&dir)?;
+    clap_mangen::generate_to(cmd, &dir)?;
+    Ok(())
 }
