@@ -67,6 +67,35 @@ fn serve(model: &Path, state: &Path, extra: &[&str]) -> Result<Server, String> {
     }
 }
 
+/// `promtool check metrics` (Prometheus' own linter: syntax, `_total` counters, base units,
+/// histograms) on a real scrape; it must print nothing.
+fn promtool_check(scrape: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is needed for the metrics test");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && said.trim().is_empty(),
+        "{said}\n{scrape}"
+    );
+}
+
 fn token(state: &Path, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["token", "create", "--name", name, "--state-dir", p(state)];
     args.extend_from_slice(extra);
@@ -245,6 +274,15 @@ fn every_route_refuses_every_bad_token_and_serves_a_good_one() {
             assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
             continue;
         }
+        if path == "/readyz" {
+            // Public like /healthz (orchestrators probe without tokens), and says nothing
+            // about the models.
+            let r = call(None);
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert_eq!(r.json()["status"], "ready");
+            assert!(!r.body.contains(MODEL), "{}", r.body);
+            continue;
+        }
         for (bearer, why) in [
             (None, "missing"),
             (Some("not-a-token"), "malformed"),
@@ -343,6 +381,17 @@ fn every_route_refuses_every_bad_token_and_serves_a_good_one() {
     ] {
         assert!(r.body.contains(line), "{line:?} missing in {}", r.body);
     }
+    promtool_check(&r.body);
+    // Request latency by route, status class and model: client paths never become labels.
+    for series in [
+        format!("route=\"/v1/chat/completions\",code=\"2xx\",model=\"{MODEL}\""),
+        "route=\"/v1/chat/completions\",code=\"4xx\",model=\"\"".to_string(),
+        "route=\"other\",code=\"4xx\",model=\"\"".to_string(),
+    ] {
+        let line = format!("securerun_http_request_duration_seconds_count{{{series}}} ");
+        assert!(r.body.contains(&line), "{line:?} missing in {}", r.body);
+    }
+    assert!(!r.body.contains("not-a-route"), "{}", r.body);
 
     // Bad bodies: malformed JSON, oversized, max_tokens over the cap, wrong model name.
     let r = request(

@@ -159,6 +159,8 @@ pub struct Ledgers {
     /// Set when shutdown begins: records of requests dropped from then on say `shutdown`.
     pub shutting_down: AtomicBool,
     pub refusals: RefusalSampler,
+    /// Request latency by route, status class and model, for `/metrics`.
+    pub http: super::http_metrics::HttpMetrics,
     /// Entries whose record is not written yet (shutdown waits for them).
     pending: AtomicUsize,
 }
@@ -169,6 +171,7 @@ impl Ledgers {
             audit,
             shutting_down: AtomicBool::new(false),
             refusals: RefusalSampler::default(),
+            http: Default::default(),
             pending: AtomicUsize::new(0),
         })
     }
@@ -272,6 +275,12 @@ impl Ledger {
             .unwrap_or_else(|p| p.into_inner())
             .take()?;
         record.status = fate.status;
+        if let (Some(status), Some(route)) = (fate.status, record.route.as_deref()) {
+            let path = route.split_once(' ').map_or(route, |(_, path)| path);
+            let elapsed = self.0.started.elapsed();
+            let model = record.model.as_deref();
+            self.0.book.http.observe(path, status, model, elapsed);
+        }
         let record = self.fill(record, fate);
         if record.is_none() {
             self.0.book.pending.fetch_sub(1, Ordering::Relaxed);

@@ -9,6 +9,7 @@ pub mod config;
 pub mod connections;
 pub mod engine;
 pub mod fields;
+pub mod http_metrics;
 pub mod interrupt;
 pub mod ledger;
 pub mod lifecycle;
@@ -559,7 +560,7 @@ fn audit_unavailable(state: &AppState) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 23] = [
+    let counters: [(&str, &str, u64); 22] = [
         ("requests_total", "HTTP requests received", get(&m.requests)),
         (
             "unauthorized_total",
@@ -639,11 +640,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             get(&state.ledgers.refusals.summarized),
         ),
         (
-            "audit_write_microseconds_total",
-            "time spent waiting for durable audit writes (divide by audit_records_total for the mean)",
-            get(&state.audit.write_us),
-        ),
-        (
             "audit_faults_total",
             "times the audit log became unwritable (write, sync, checkpoint, sink, or a live file deleted)",
             get(&state.audit.counters.faults),
@@ -707,6 +703,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "# HELP securerun_{name} {help}\n# TYPE securerun_{name} gauge\nsecurerun_{name} {v}\n"
         ));
     }
+    // Seconds, not microseconds (Prometheus' base unit).
+    body.push_str(&format!(
+        "# HELP securerun_audit_write_seconds_total time spent waiting for durable audit writes (divide by securerun_audit_records_total for the mean)\n# TYPE securerun_audit_write_seconds_total counter\nsecurerun_audit_write_seconds_total {}\n",
+        get(&state.audit.write_us) as f64 / 1e6
+    ));
+    state.ledgers.http.render(&mut body);
     // Per model: queue, batch, latency and token counts of each engine.
     let models = state.models.all();
     let engines: Vec<_> = models

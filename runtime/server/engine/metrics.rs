@@ -34,8 +34,14 @@ impl Histogram {
             .fetch_add((value.max(0.0) * 1e6) as u64, Relaxed);
     }
 
-    /// The `_bucket`, `_sum` and `_count` lines of one labelled series.
+    /// The `_bucket`, `_sum` and `_count` lines of one model's series.
     fn render(&self, name: &str, model: &str, out: &mut String) {
+        self.render_series(name, &format!("model=\"{model}\""), out);
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines of one series; `labels` is its label list as
+    /// written between braces (`a="x",b="y"`), values already safe.
+    pub fn render_series(&self, name: &str, labels: &str, out: &mut String) {
         let mut cumulative = 0;
         for (i, count) in self.counts.iter().enumerate() {
             cumulative += count.load(Relaxed);
@@ -44,17 +50,17 @@ impl Histogram {
                 .get(i)
                 .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
             out.push_str(&format!(
-                "securerun_{name}_bucket{{model=\"{model}\",le=\"{le}\"}} {cumulative}\n"
+                "securerun_{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}\n"
             ));
         }
         let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
         out.push_str(&format!(
-            "securerun_{name}_sum{{model=\"{model}\"}} {sum}\nsecurerun_{name}_count{{model=\"{model}\"}} {cumulative}\n"
+            "securerun_{name}_sum{{{labels}}} {sum}\nsecurerun_{name}_count{{{labels}}} {cumulative}\n"
         ));
     }
 }
 
-const SECONDS: &[f64] = &[
+pub(crate) const SECONDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 const SEQUENCES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
