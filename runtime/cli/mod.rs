@@ -280,19 +280,29 @@ pub(crate) fn record_admin_in(
 /// Tells the operator about a log created now: where the read key is and that it belongs off
 /// the host, or that the auditor's recipient key was used.
 pub(crate) fn report_created(dir: &std::path::Path, created: crate::audit::Created) {
+    if let Some(note) = created_note(dir, created) {
+        eprintln!("note: {note}");
+    }
+}
+
+/// What to tell the operator about a newly created audit log (`None`: it existed).
+pub(crate) fn created_note(
+    dir: &std::path::Path,
+    created: crate::audit::Created,
+) -> Option<String> {
     match created {
-        crate::audit::Created::Existing => {}
-        crate::audit::Created::WithHostReadKey => eprintln!(
-            "note: created the audit log in {}; move {} off this host to the auditor (it reads the whole log; the host needs it for nothing) and give {} to your auditors. To create a log with no read key on the host: securerun audit keygen (on the auditor's machine), then securerun audit init --recipient",
+        crate::audit::Created::Existing => None,
+        crate::audit::Created::WithHostReadKey => Some(format!(
+            "created the audit log in {}; move {} off this host to the auditor (it reads the whole log; the host needs it for nothing) and give {} to your auditors. To create a log with no read key on the host: securerun audit keygen (on the auditor's machine), then securerun audit init --recipient",
             dir.display(),
             dir.join(crate::audit::recipient::READ_KEY).display(),
             dir.join(crate::audit::checkpoint::ROOT_PUB).display()
-        ),
-        crate::audit::Created::ForRecipient => eprintln!(
-            "note: created the audit log in {} for the auditor's recipient key; give {} to your auditors",
+        )),
+        crate::audit::Created::ForRecipient => Some(format!(
+            "created the audit log in {} for the auditor's recipient key; give {} to your auditors",
             dir.display(),
             dir.join(crate::audit::checkpoint::ROOT_PUB).display()
-        ),
+        )),
     }
 }
 

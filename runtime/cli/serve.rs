@@ -58,6 +58,20 @@ pub struct ServeArgs {
     /// is ever written to this host.
     #[arg(long, value_name = "RECIPIENT.PUB")]
     audit_recipient: Option<PathBuf>,
+    /// Log lines on stderr: text, or json (one object per line). Each request ends with one
+    /// access line (target `access`: request id, method, route, status, latency, token id,
+    /// client pseudonym, model, outcome; never a secret, a raw path or content).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How the server's own log lines (stderr) are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for journald, Vector, Fluent Bit, Loki...).
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,11 +85,24 @@ pub fn run(args: ServeArgs) -> CmdResult {
     // a token or prompt text: handlers log token ids and paths only.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SECURERUN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter)
-        .try_init();
+        .with_env_filter(filter);
+    let _ = match args.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+    };
+    // Start-up notes and warnings: lines on stderr, or log events with --log-format json (so
+    // every stderr line is JSON).
+    let json = args.log_format == LogFormat::Json;
+    let say = |warning: bool, msg: String| match (json, warning) {
+        (true, true) => tracing::warn!("{msg}"),
+        (true, false) => tracing::info!("{msg}"),
+        (false, true) => eprintln!("warning: {msg}"),
+        (false, false) => eprintln!("note: {msg}"),
+    };
     let mut config = match &args.config {
         Some(path) => ServeConfig::from_file(path)?,
         None => ServeConfig::default(),
@@ -98,9 +125,12 @@ pub fn run(args: ServeArgs) -> CmdResult {
         config.audit_content = c;
     }
     if config.audit_content != server::config::AuditContent::None {
-        eprintln!(
-            "note: audit content ({:?}) is recorded only for tokens created with --consent-content",
-            config.audit_content
+        say(
+            false,
+            format!(
+                "audit content ({:?}) is recorded only for tokens created with --consent-content",
+                config.audit_content
+            ),
         );
     }
     config.validate()?;
@@ -115,9 +145,12 @@ pub fn run(args: ServeArgs) -> CmdResult {
         _ => None,
     };
     if config.insecure_public_http && tls.is_none() {
-        eprintln!(
-            "warning: --insecure-public-http: serving plain HTTP on {}",
-            config.listen
+        say(
+            true,
+            format!(
+                "--insecure-public-http: serving plain HTTP on {}",
+                config.listen
+            ),
         );
     }
     let state_dir = args.common.trust.state_dir()?;
@@ -129,15 +162,18 @@ pub fn run(args: ServeArgs) -> CmdResult {
         .as_deref()
         .map(crate::audit::Recipient::load)
         .transpose()?;
-    super::report_created(&audit_dir, crate::audit::init(&audit_dir, recipient)?);
+    if let Some(note) = super::created_note(&audit_dir, crate::audit::init(&audit_dir, recipient)?)
+    {
+        say(false, note);
+    }
     // The read key decrypts every record: while it stays on the host, a thief of the disk
     // reads the whole log. Said at every start until it is moved.
     let read_key = audit_dir.join(crate::audit::recipient::READ_KEY);
     if std::fs::symlink_metadata(&read_key).is_ok() {
-        eprintln!(
-            "warning: {} is still on this host: anyone who can read it can read the whole audit log; move it off the host (auditors pass it back with --key)",
+        say(true, format!(
+            "{} is still on this host: anyone who can read it can read the whole audit log; move it off the host (auditors pass it back with --key)",
             read_key.display()
-        );
+        ));
     }
     let durability = match args.audit_sync {
         AuditSync::Fsync => crate::audit::Durability::Fsync,
@@ -158,15 +194,20 @@ pub fn run(args: ServeArgs) -> CmdResult {
     )?;
     let tokens = auth::TokenCache::new(TokenStore::new(&state_dir))?;
     if tokens.records().is_empty() {
-        eprintln!(
-            "note: no access tokens in {}: every request will be refused until you create one:\n  securerun token create --name NAME --scopes inference --state-dir {}",
+        say(false, format!(
+            "no access tokens in {}: every request will be refused until you create one:\n  securerun token create --name NAME --scopes inference --state-dir {}",
             tokens.store_path().display(),
             state_dir.display()
-        );
+        ));
     }
 
     // Verify, then start every model (confined unless --sandbox=off), then listen.
-    super::run::warn_unsigned(&args.common);
+    if args.common.allow_unsigned {
+        say(
+            true,
+            "--allow-unsigned given: the model's signature will not be required".into(),
+        );
+    }
     let mut opts = args.common.open_options()?;
     opts.precision = args.common.dtype.or(config.dtype).unwrap_or_default();
     let specs = args.model_specs(&config)?;

@@ -276,10 +276,24 @@ impl Ledger {
             .take()?;
         record.status = fate.status;
         if let (Some(status), Some(route)) = (fate.status, record.route.as_deref()) {
-            let path = route.split_once(' ').map_or(route, |(_, path)| path);
+            let (method, path) = route.split_once(' ').unwrap_or(("", route));
             let elapsed = self.0.started.elapsed();
             let model = record.model.as_deref();
             self.0.book.http.observe(path, status, model, elapsed);
+            // The access log: the route's template, never the raw path (a client's bytes).
+            tracing::info!(
+                target: "access",
+                request_id = %self.0.request_id,
+                method,
+                route = super::http_metrics::route_label(path),
+                status,
+                latency_ms = elapsed.as_millis() as u64,
+                token = record.token_id.as_deref().unwrap_or("-"),
+                client = record.client.as_deref().unwrap_or("-"),
+                model = model.unwrap_or("-"),
+                outcome = fate.outcome,
+                "request"
+            );
         }
         let record = self.fill(record, fate);
         if record.is_none() {

@@ -354,7 +354,7 @@ async fn authorize(State(state): State<Arc<AppState>>, mut req: Request, next: N
         state.metrics.limited.fetch_add(1, Ordering::Relaxed);
         return ApiError::limited(l).into_response();
     }
-    tracing::info!(token = %caller.token_id, path = %path, "request");
+    tracing::debug!(token = %caller.token_id, path = %path, "request");
     req.extensions_mut().insert(caller);
     next.run(req).await
 }

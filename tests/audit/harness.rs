@@ -52,7 +52,12 @@ pub fn serve_env(
 
 /// A server whose log (at `level`) goes to the file `log`.
 pub fn serve_logging(state: &Path, level: &str, log: &Path) -> Server {
-    spawn(state, None, &[], &[], Some((level, log))).unwrap()
+    serve_logging_with(state, level, log, &[])
+}
+
+/// [`serve_logging`] with extra flags.
+pub fn serve_logging_with(state: &Path, level: &str, log: &Path, extra: &[&str]) -> Server {
+    spawn(state, None, extra, &[], Some((level, log))).unwrap()
 }
 
 fn spawn(

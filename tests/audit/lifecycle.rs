@@ -285,3 +285,67 @@ fn sighup_swaps_the_tls_certificate_without_failing_a_request() {
     );
     assert_eq!(reloads[1]["outcome"], "refused", "{:?}", reloads[1]);
 }
+
+/// `--log-format json`: every line is one JSON object, and each request ends with one access
+/// line (request id, route template, status, latency, token id, client pseudonym, model) that
+/// carries neither the token's secret, the prompt, nor the raw path a client sent. Before,
+/// logs were text only, with no status or latency per request.
+#[test]
+fn json_logs_have_one_access_line_per_request_and_no_secrets() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let log = state.path().join("server.log");
+    let s = serve_logging_with(state.path(), "info", &log, &["--log-format", "json"]);
+    let secret_text = "my-private-diagnosis-47";
+    let (status, _) = call_full(
+        &s.addr,
+        "POST",
+        "/v1/embeddings",
+        Some(&user),
+        &embed_body(secret_text),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        call(
+            &s.addr,
+            "GET",
+            "/v1/no-such-route/evil%22path",
+            Some(&user),
+            ""
+        ),
+        404
+    );
+    assert_eq!(
+        call(&s.addr, "GET", "/v1/models", Some("sr_wrong"), ""),
+        401
+    );
+    s.stop();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["target"] == "access").collect();
+    let find = |route: &str, status: u64| {
+        access
+            .iter()
+            .find(|l| l["route"] == route && l["status"] == status)
+            .unwrap_or_else(|| panic!("no access line for {route} {status}: {access:?}"))
+    };
+    let ok = find("/v1/embeddings", 200);
+    assert_eq!(ok["model"], "all-minilm-l6-v2");
+    assert!(ok["request_id"].as_str().unwrap().starts_with("req-"));
+    assert!(ok["latency_ms"].is_u64() && ok["client"].as_str().unwrap().len() > 8);
+    // The token's id (as in `token list`), never its secret.
+    let id = ok["token"].as_str().unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{ok}"
+    );
+    find("other", 404);
+    find("/v1/models", 401);
+    for leak in [user.as_str(), secret_text, "evil", "sr_wrong"] {
+        assert!(!text.contains(leak), "{leak:?} in the log");
+    }
+}
