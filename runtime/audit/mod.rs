@@ -22,6 +22,7 @@ pub mod secret;
 pub mod segment;
 pub mod sink;
 pub mod spool;
+pub mod stream;
 pub mod v1;
 pub mod verify;
 mod writer;
@@ -151,6 +152,8 @@ pub struct WriterOptions {
     pub rotate_after: std::time::Duration,
     /// Where each signed checkpoint is also sent.
     pub sinks: Vec<SinkSpec>,
+    /// Where each record is also sent once written (`--audit-stream`).
+    pub streams: Vec<stream::StreamSpec>,
     /// For a log created now: the auditor's public key. Without one (and without a
     /// `recipient.pub` already in the directory) a read key is generated on the host, and
     /// `serve` warns at every start until it is moved off.
@@ -163,6 +166,7 @@ impl Default for WriterOptions {
             durability: Durability::Fsync,
             rotate_after: DEFAULT_ROTATE_AFTER,
             sinks: Vec::new(),
+            streams: Vec::new(),
             recipient: None,
         }
     }
@@ -198,6 +202,8 @@ pub struct Counters {
     pub records_refused: AtomicU64,
     /// Datagram checkpoint sends that failed.
     pub sink_errors: Arc<AtomicU64>,
+    /// Records a stream could not take or send (see [`stream`]).
+    pub stream_dropped: Arc<AtomicU64>,
     /// Live files found deleted or replaced (and restored from the open descriptor).
     pub files_restored: AtomicU64,
 }
@@ -251,11 +257,14 @@ impl AuditLog {
         lock.try_lock()
             .map_err(|_| AuditError::Busy(dir.display().to_string()))?;
         let sinks = sink::Sinks::new(options.sinks.clone());
+        let streams = stream::Streams::start(options.streams.clone());
         let counters = Arc::new(Counters {
             sink_errors: sinks.errors.clone(),
+            stream_dropped: streams.dropped.clone(),
             ..Default::default()
         });
         let mut w = writer::Writer::open(dir, options, sinks, counters.clone(), lock)?;
+        w.streams = streams;
         let spooled = spool::take(dir)?;
         let mut startup = vec![w.epoch_start_record()];
         startup.extend(spooled.records.iter().cloned());

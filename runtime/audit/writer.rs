@@ -284,6 +284,8 @@ pub(super) struct Writer {
     head: [u8; 32],
     options: WriterOptions,
     sinks: Sinks,
+    /// Every written record also goes here (set by the log after opening).
+    pub(super) streams: super::stream::Streams,
     counters: Arc<Counters>,
     epoch_started: Instant,
     since_checkpoint: u64,
@@ -295,6 +297,9 @@ pub(super) struct Writer {
     /// What the start found (reported in the first record).
     notes: Vec<String>,
 }
+
+/// How long a checkpoint (and the close) waits for record streams to send what they hold.
+const STREAM_DRAIN: Duration = Duration::from_secs(2);
 
 impl Writer {
     pub(super) fn open(
@@ -375,6 +380,7 @@ impl Writer {
             head,
             options,
             sinks,
+            streams: super::stream::Streams::start(Vec::new()),
             counters,
             epoch_started: now,
             since_checkpoint: 0,
@@ -424,6 +430,7 @@ impl Writer {
                 Ok(Pending::Checkpoint(done)) => {
                     let r = self.checkpoint_if_any();
                     report(&self);
+                    self.streams.drain(STREAM_DRAIN);
                     let _ = done.send(r);
                     continue;
                 }
@@ -479,7 +486,9 @@ impl Writer {
                 );
             }
             if let Some(done) = checkpoint_wanted {
-                let _ = done.send(result.clone().and_then(|_| self.checkpoint_if_any()));
+                let r = result.clone().and_then(|_| self.checkpoint_if_any());
+                self.streams.drain(STREAM_DRAIN);
+                let _ = done.send(r);
             } else if let Some((from, done)) = retain_wanted {
                 let _ = done.send(result.clone().and_then(|_| self.retain(from)));
             } else if result.is_ok() {
@@ -495,6 +504,7 @@ impl Writer {
         if let Err(e) = self.checkpoint_if_any() {
             tracing::error!(error = %e, "final audit checkpoint failed");
         }
+        self.streams.drain(STREAM_DRAIN);
         closer
     }
 
@@ -670,6 +680,8 @@ impl Writer {
         self.seq = seq;
         self.head = head;
         self.since_checkpoint += all.len() as u64;
+        // Written (and synced, when durable): now a copy may leave for the SIEM.
+        self.streams.send(&all);
         if recovery.is_some() {
             self.fault = None;
             tracing::warn!("the audit log is writable again");

@@ -112,7 +112,9 @@ pub enum AuditCommand {
         /// hmac`) or a token id.
         #[arg(long, value_name = "PSEUDONYM")]
         subject: Option<String>,
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        /// jsonl: the records as they are (with seq, time and attestation); ocsf: OCSF 1.1
+        /// API Activity events (class 6003), one per line, for SIEMs that ingest OCSF.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "ocsf"])]
         format: String,
     },
     /// Print the latest records; with -f, keep printing new ones.
@@ -372,7 +374,7 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
             token,
             event,
             subject,
-            format: _,
+            format,
         } => {
             let v = log.verified(&[], true)?;
             for (seq, r) in v.records {
@@ -391,7 +393,17 @@ pub fn run(cmd: AuditCommand) -> CmdResult {
                 {
                     continue;
                 }
-                print_attested(seq, &r, seq <= v.attested_seq)?;
+                if format == "ocsf" {
+                    let Ok(serde_json::Value::Object(mut fields)) = serde_json::to_value(&r) else {
+                        return Err("a record did not serialize".into());
+                    };
+                    // Which record of the log, and whether a checkpoint attests it yet.
+                    fields.insert("seq".into(), seq.into());
+                    fields.insert("attested".into(), (seq <= v.attested_seq).into());
+                    println!("{}", crate::audit::stream::ocsf(fields));
+                } else {
+                    print_attested(seq, &r, seq <= v.attested_seq)?;
+                }
             }
         }
         AuditCommand::Tail { log, lines, follow } => {

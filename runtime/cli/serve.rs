@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// syslog[:SOCKET], journald[:SOCKET]. Repeatable.
     #[arg(long, value_name = "SINK")]
     checkpoint_sink: Vec<crate::audit::SinkSpec>,
+    /// Also send every audit record, once written, to a SIEM: syslog[:SOCKET], unix:PATH or
+    /// file:PATH, then ,format=jsonl|ocsf and ,fields=a+b+c (content fields only when named).
+    /// Live monitoring without the read key on the host. Repeatable.
+    #[arg(long, value_name = "STREAM")]
+    audit_stream: Vec<crate::audit::stream::StreamSpec>,
     /// For a new audit log: the auditor's recipient key (`audit keygen`), so that no read key
     /// is ever written to this host.
     #[arg(long, value_name = "RECIPIENT.PUB")]
@@ -189,6 +194,13 @@ pub fn run(args: ServeArgs) -> CmdResult {
             durability,
             rotate_after: config.audit_rotate,
             sinks,
+            streams: args
+                .audit_stream
+                .iter()
+                .cloned()
+                .map(Ok)
+                .chain(config.audit_stream.iter().map(|s| s.parse()))
+                .collect::<Result<_, String>>()?,
             recipient: None,
         },
     )?;

@@ -84,6 +84,10 @@ pub struct ServeConfig {
     /// Where each signed audit checkpoint is also sent: `file:PATH` (another mount),
     /// `syslog[:SOCKET]`, `journald[:SOCKET]`. Added to `--checkpoint-sink`.
     pub checkpoint_sink: Vec<String>,
+    /// Where every audit record is also sent once written, for a SIEM (no read key needed on
+    /// the host): `syslog[:SOCKET]`, `unix:PATH`, `file:PATH`, then `,format=jsonl|ocsf` and
+    /// `,fields=a+b+c` (content fields only when named). Added to `--audit-stream`.
+    pub audit_stream: Vec<String>,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
     /// Precision of the weights (`--dtype` wins): auto, f32, bf16, f16, q8_0, q4_0, q4_k.
@@ -132,6 +136,7 @@ impl Default for ServeConfig {
             audit_content: AuditContent::None,
             audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
             checkpoint_sink: Vec::new(),
+            audit_stream: Vec::new(),
             insecure_public_http: false,
             dtype: None,
         }
@@ -191,6 +196,9 @@ impl ServeConfig {
         super::client::TrustedProxies::parse(&self.trusted_proxies)?;
         for s in &self.checkpoint_sink {
             s.parse::<crate::audit::SinkSpec>()?;
+        }
+        for s in &self.audit_stream {
+            s.parse::<crate::audit::stream::StreamSpec>()?;
         }
         if self.audit_rotate < Duration::from_secs(1) {
             return Err("audit_rotate must be at least 1 second".into());

@@ -560,7 +560,7 @@ fn audit_unavailable(state: &AppState) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let m = &state.metrics;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let counters: [(&str, &str, u64); 22] = [
+    let counters: [(&str, &str, u64); 23] = [
         ("requests_total", "HTTP requests received", get(&m.requests)),
         (
             "unauthorized_total",
@@ -653,6 +653,11 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "audit_sink_errors_total",
             "signed checkpoints a syslog or journald sink did not accept",
             get(&state.audit.counters.sink_errors),
+        ),
+        (
+            "audit_stream_dropped_total",
+            "audit records an --audit-stream could not take or send (the log itself has them)",
+            get(&state.audit.counters.stream_dropped),
         ),
         (
             "audit_files_restored_total",

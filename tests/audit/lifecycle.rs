@@ -349,3 +349,137 @@ fn json_logs_have_one_access_line_per_request_and_no_secrets() {
         assert!(!text.contains(leak), "{leak:?} in the log");
     }
 }
+
+/// Every record of a mixed session reaches the SIEM streams while the read key is off the
+/// host: a datagram socket taking JSON lines, a syslog socket taking OCSF, and a file taking
+/// only the fields the site chose (content among them, by name). The auditor's own export
+/// (with the read key, elsewhere) holds the same records. `audit export --format ocsf` gives
+/// the same OCSF events. Before, only signed checkpoints left the host, and live monitoring
+/// needed the read key on it.
+#[test]
+fn a_siem_stream_receives_every_record_while_the_read_key_is_off_the_host() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "analyst", "embeddings");
+    let admin = token(state.path(), "admin", "admin");
+    let auditor = Auditor::take(state.path());
+    assert!(!state.path().join("audit/read.key").exists());
+    let siem = tempfile::tempdir().unwrap();
+    let (jsonl_path, syslog_path, file) = (
+        siem.path().join("vector.sock"),
+        siem.path().join("log.sock"),
+        siem.path().join("chosen.jsonl"),
+    );
+    let jsonl = UnixDatagram::bind(&jsonl_path).unwrap();
+    let syslog = UnixDatagram::bind(&syslog_path).unwrap();
+    for s in [&jsonl, &syslog] {
+        s.set_nonblocking(true).unwrap();
+    }
+    let streams = [
+        format!("unix:{}", jsonl_path.display()),
+        format!("syslog:{},format=ocsf", syslog_path.display()),
+        format!("file:{},fields=time_ms+event+outcome", file.display()),
+    ];
+    let mut extra = Vec::new();
+    for s in &streams {
+        extra.extend(["--audit-stream", s.as_str()]);
+    }
+    let s = serve_with(state.path(), None, &extra).unwrap();
+    let body = embed_body("hello");
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+    assert_eq!(call(&s.addr, "POST", "/v1/embeddings", None, &body), 401);
+    assert_eq!(call(&s.addr, "GET", "/metrics", Some(&user), ""), 403);
+    let created = call(
+        &s.addr,
+        "POST",
+        "/admin/tokens",
+        Some(&admin),
+        r#"{"name": "late", "scopes": ["embeddings"]}"#,
+    );
+    assert!(created == 200 || created == 201, "{created}");
+    s.stop();
+
+    let drain = |socket: &UnixDatagram| {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = socket.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    };
+    let streamed: Vec<serde_json::Value> = drain(&jsonl)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // What the auditor reads with the key: the records this server wrote (from its start).
+    let exported = auditor.export(state.path(), &[]);
+    let first = streamed.first().expect("records streamed");
+    let from = exported
+        .iter()
+        .position(|r| r["time_ms"] == first["time_ms"] && r["event"] == first["event"])
+        .expect("the first streamed record is in the log");
+    let logged: Vec<serde_json::Value> = exported[from..]
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            for k in ["seq", "time", "attested"] {
+                r.as_object_mut().unwrap().remove(k);
+            }
+            r
+        })
+        .collect();
+    assert_eq!(streamed, logged, "the stream is the log, record for record");
+    let events: Vec<&str> = streamed
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    for e in ["server_start", "request", "token_created", "server_stop"] {
+        assert!(events.contains(&e), "{e} not streamed: {events:?}");
+    }
+
+    let ocsf = drain(&syslog);
+    assert_eq!(ocsf.len(), streamed.len());
+    for line in &ocsf {
+        assert!(
+            line.starts_with("<110>1 ") && line.contains(" audit-record - {"),
+            "{line}"
+        );
+        let event: serde_json::Value =
+            serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+        assert_eq!(event["class_uid"], 6003, "{event}");
+    }
+    let chosen = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(chosen.lines().count(), streamed.len());
+    for line in chosen.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert!(
+            keys.iter()
+                .all(|k| ["event", "outcome", "time_ms"].contains(&k.as_str())),
+            "{line}"
+        );
+    }
+
+    // The batch export in OCSF, by the auditor.
+    let mut args = vec!["export", "--format", "ocsf"];
+    args.extend(auditor.full());
+    let o = audit(state.path(), &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let batch: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(batch.len(), exported.len());
+    assert!(batch
+        .iter()
+        .all(|e| e["class_uid"] == 6003 && e["time"].is_u64()));
+    let refused = batch
+        .iter()
+        .find(|e| e["status_code"] == "401")
+        .expect("the refusal, in OCSF");
+    assert_eq!(refused["status"], "Failure");
+}
