@@ -88,6 +88,11 @@ pub struct ServeConfig {
     /// the host): `syslog[:SOCKET]`, `unix:PATH`, `file:PATH`, then `,format=jsonl|ocsf` and
     /// `,fields=a+b+c` (content fields only when named). Added to `--audit-stream`.
     pub audit_stream: Vec<String>,
+    /// Browser origins allowed to call the API (CORS), exactly as browsers send them
+    /// (`https://app.example.org`, `http://localhost:3000`). None by default: browsers on other
+    /// origins cannot read responses. Preflights are answered before authentication (they
+    /// carry no token) and never count as failed authentications.
+    pub cors_allowed_origins: Vec<String>,
     /// Failed authentications per client per minute before a one-minute lockout.
     pub auth_failures_per_min: u32,
     /// Precision of the weights (`--dtype` wins): auto, f32, bf16, f16, q8_0, q4_0, q4_k.
@@ -137,6 +142,7 @@ impl Default for ServeConfig {
             audit_rotate: crate::audit::DEFAULT_ROTATE_AFTER,
             checkpoint_sink: Vec::new(),
             audit_stream: Vec::new(),
+            cors_allowed_origins: Vec::new(),
             insecure_public_http: false,
             dtype: None,
         }
@@ -200,6 +206,9 @@ impl ServeConfig {
         for s in &self.audit_stream {
             s.parse::<crate::audit::stream::StreamSpec>()?;
         }
+        for origin in &self.cors_allowed_origins {
+            check_origin(origin)?;
+        }
         if self.audit_rotate < Duration::from_secs(1) {
             return Err("audit_rotate must be at least 1 second".into());
         }
@@ -208,4 +217,23 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, http or https, nothing after.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let bad = || {
+        format!("cors_allowed_origins: {origin:?} is not an origin (scheme://host[:port], e.g. https://app.example.org; no wildcard, path or trailing slash)")
+    };
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(bad)?;
+    let host_ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !host_ok || axum::http::HeaderValue::from_str(origin).is_err() {
+        return Err(bad());
+    }
+    Ok(())
 }

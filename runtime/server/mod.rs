@@ -226,11 +226,31 @@ pub fn router(state: Arc<AppState>) -> Router {
             body::buffer_body,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Outside authentication (a preflight carries no token, and must not count as a failed
+        // one), inside the audit ledger (every request, preflights too, is accounted for).
+        .layer(cors(&state.config.cors_allowed_origins))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             audit_requests,
         ))
         .with_state(state)
+}
+
+/// CORS for the configured origins only (validated at start; none by default: then no
+/// response carries CORS headers and preflights are answered without them, so browsers on
+/// other origins cannot read anything). Bearer tokens, never cookies: no credentials mode.
+fn cors(origins: &[String]) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .expose_headers([header::RETRY_AFTER])
+        .max_age(Duration::from_secs(600))
 }
 
 /// The outcome to record for a response, when its status alone does not say it.

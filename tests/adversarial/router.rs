@@ -796,3 +796,83 @@ fn several_prompts_are_answered_as_choices_in_order() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// CORS: only configured origins get CORS headers; preflights are answered before
+/// authentication and never count as failed authentications (a browser's preflights cannot
+/// lock its client out); nothing is allowed by default, and a wildcard is refused at start.
+#[test]
+fn cors_allows_only_configured_origins_and_preflights_are_not_auth_failures() {
+    let allowed = "https://app.example.org";
+    let config = server::config::ServeConfig {
+        cors_allowed_origins: vec![allowed.into()],
+        ..Default::default()
+    };
+    let edge = Edge::new(config);
+    let send = |edge: &Edge, method: &str, origin: &str, token: Option<&str>| {
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            );
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let mut req = req.body(Body::empty()).unwrap();
+        req.extensions_mut()
+            .insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40001))));
+        let app = server::router(edge.state.clone());
+        edge.runtime.block_on(async {
+            let resp = app.oneshot(req).await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.headers()
+                    .get("access-control-allow-origin")
+                    .map(|v| v.to_str().unwrap().to_string()),
+            )
+        })
+    };
+    let unauthorized = |edge: &Edge| {
+        edge.state
+            .metrics
+            .unauthorized
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // Many preflights: all answered for the allowed origin, none an authentication failure.
+    for _ in 0..40 {
+        let (status, allow) = send(&edge, "OPTIONS", allowed, None);
+        assert_eq!((status, allow.as_deref()), (200, Some(allowed)));
+    }
+    assert_eq!(unauthorized(&edge), 0);
+    // Another origin's preflight gets no permission.
+    let (_, allow) = send(&edge, "OPTIONS", "https://evil.example", None);
+    assert_eq!(allow, None);
+    // Real requests from the allowed origin carry the header, refusals included (so the page
+    // can read the error); the client is not locked out by the preflights above.
+    let (status, allow) = send(&edge, "POST", allowed, Some("sr_wrong"));
+    assert_eq!((status, allow.as_deref()), (401, Some(allowed)));
+    assert_eq!(unauthorized(&edge), 1);
+
+    // Nothing by default.
+    let plain = Edge::new(Default::default());
+    let (_, allow) = send(&plain, "OPTIONS", allowed, None);
+    assert_eq!(allow, None);
+    let (_, allow) = send(&plain, "POST", allowed, Some("sr_wrong"));
+    assert_eq!(allow, None);
+
+    for bad in [
+        "*",
+        "https://app.example.org/",
+        "app.example.org",
+        "https://a.org/x",
+    ] {
+        let config = server::config::ServeConfig {
+            cors_allowed_origins: vec![bad.into()],
+            ..Default::default()
+        };
+        assert!(config.validate().is_err(), "{bad} accepted");
+    }
+}
