@@ -498,15 +498,24 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid duration {s:?}"))
 }
 
-/// Parses a rate like `60/min`, `10/s`, `1000/h` into requests per minute.
+/// Parses a rate like `60/min`, `10/s`, `120/h` into requests per minute. Limits are enforced
+/// per minute, so only rates that are a whole number per minute are accepted: `100/hour` is
+/// refused rather than silently enforced as 1/min.
 pub fn parse_rate(s: &str) -> Result<u32, String> {
-    let bad = || format!("invalid rate {s:?} (use e.g. 60/min, 2/s, 1000/h)");
+    let bad = || format!("invalid rate {s:?} (use e.g. 60/min, 2/s, 120/h)");
     let (n, per) = s.split_once('/').ok_or_else(bad)?;
     let n: u32 = n.parse().map_err(|_| bad())?;
     let per_min = match per {
         "s" | "sec" => n.checked_mul(60),
         "m" | "min" => Some(n),
-        "h" | "hour" => Some(n / 60),
+        "h" | "hour" if n % 60 == 0 => Some(n / 60),
+        "h" | "hour" => {
+            return Err(format!(
+                "rate {s:?}: limits are enforced per minute and {n} per hour is not a whole number per minute; use {}/min or {}/h",
+                n.div_ceil(60).max(1),
+                n.div_ceil(60).max(1) * 60
+            ))
+        }
         _ => None,
     }
     .ok_or_else(bad)?;
@@ -570,5 +579,10 @@ mod tests {
         assert_eq!(parse_rate("60/min").unwrap(), 60);
         assert_eq!(parse_rate("2/s").unwrap(), 120);
         assert!(parse_rate("0/min").is_err() && parse_rate("abc").is_err());
+        // Only what is enforced: 100/hour would be 1.67/min, which the per-minute limiter
+        // cannot honour (it used to become 1/min silently).
+        assert_eq!(parse_rate("120/h").unwrap(), 2);
+        assert!(parse_rate("100/hour").is_err() && parse_rate("30/h").is_err());
+        assert!(parse_rate("10/day").is_err());
     }
 }

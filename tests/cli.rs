@@ -592,3 +592,121 @@ fn version_completions_and_man_pages_come_from_the_binary() {
         "the serve page lists its flags"
     );
 }
+
+/// The README's configuration reference lists every config key (as the binary itself names
+/// them when refusing an unknown one), every `serve` flag (from its `--help`), and every
+/// `SECURERUN_*` variable the sources read: adding one without its row fails here. A config
+/// error names its line and key; a rate the limiter cannot honour is refused.
+#[test]
+fn the_configuration_reference_lists_every_key_flag_and_variable() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme
+        .find("### Configuration reference")
+        .expect("a configuration reference section");
+    let section = &readme[start..];
+    let section = &section[..section[4..].find("\n## ").map_or(section.len(), |e| e + 4)];
+    let dir = tempfile::tempdir().unwrap();
+    let probe = dir.path().join("probe.toml");
+    std::fs::write(&probe, "listen = \"127.0.0.1:0\"\n\n__probe__ = 1\n").unwrap();
+    let model = common::minilm();
+    let o = securerun(&[
+        "serve",
+        p(&model),
+        "--allow-unsigned",
+        "--config",
+        p(&probe),
+    ]);
+    let err = stderr(&o);
+    assert!(err.contains("line 3") && err.contains("__probe__"), "{err}");
+    let keys: Vec<&str> = err
+        .split("expected one of ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{err}"))
+        .split(", ")
+        .map(|k| k.trim().trim_matches('`'))
+        .collect();
+    assert!(keys.len() > 20, "{keys:?}");
+    for key in keys {
+        assert!(
+            section.contains(&format!("`{key}`")),
+            "config key {key} has no row"
+        );
+    }
+    let help = stdout(&securerun(&["serve", "--help"]));
+    for flag in help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches(',')
+                .trim_end_matches(|c: char| !c.is_alphanumeric())
+        })
+    {
+        if flag == "--help" {
+            continue;
+        }
+        assert!(
+            section.contains(&format!("`{flag}")),
+            "flag {flag} has no row"
+        );
+    }
+    let mut vars = std::collections::BTreeSet::new();
+    let mut stack = vec![
+        root.join("runtime"),
+        root.join("models/src"),
+        root.join("sandbox/src"),
+    ];
+    stack.push(root.join("build.rs"));
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        // Variables read (`var`, `var_os`, `env!`), named as `..._ENV` constants, or set by
+        // the build script; not other strings that happen to start so (journald fields).
+        for (i, _) in text.match_indices("SECURERUN_") {
+            let before = &text[i.saturating_sub(24)..i];
+            let read = [
+                "var(\"",
+                "var_os(\"",
+                "from_env(\"",
+                "env!(\"",
+                "_ENV: &str = \"",
+                "rustc-env=",
+            ]
+            .iter()
+            .any(|m| before.ends_with(m));
+            if !read {
+                continue;
+            }
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            vars.insert(name);
+        }
+    }
+    assert!(vars.contains("SECURERUN_LOG"), "{vars:?}");
+    for var in vars {
+        assert!(
+            section.contains(&format!("`{var}`")),
+            "variable {var} has no row"
+        );
+    }
+    // A bad rate is named, not rounded.
+    let o = securerun(&[
+        "token",
+        "create",
+        "--name",
+        "x",
+        "--scopes",
+        "inference",
+        "--rate",
+        "100/hour",
+        "--state-dir",
+        p(dir.path()),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("whole number per minute"), "{}", stderr(&o));
+}

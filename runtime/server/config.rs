@@ -156,7 +156,27 @@ impl ServeConfig {
             securerun_models::fsutil::read_bounded(path, 1 << 20).map_err(|e| e.to_string())?;
         let text =
             String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))
+        // The error names the key (its path through tables) and the line it is on.
+        let located = |e: &toml::de::Error| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            match line {
+                Some(l) => format!("{}, line {l}", path.display()),
+                None => path.display().to_string(),
+            }
+        };
+        let de = toml::Deserializer::parse(&text)
+            .map_err(|e| format!("{}: {}", located(&e), e.message()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            if key.is_empty() || key == "." {
+                format!("{}: {}", located(&inner), inner.message())
+            } else {
+                format!("{}: {key}: {}", located(&inner), inner.message())
+            }
+        })
     }
 
     /// Checks the combination of settings; the server does not start otherwise.
