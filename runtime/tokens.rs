@@ -508,7 +508,7 @@ pub fn parse_rate(s: &str) -> Result<u32, String> {
     let per_min = match per {
         "s" | "sec" => n.checked_mul(60),
         "m" | "min" => Some(n),
-        "h" | "hour" if n % 60 == 0 => Some(n / 60),
+        "h" | "hour" if n.is_multiple_of(60) => Some(n / 60),
         "h" | "hour" => {
             return Err(format!(
                 "rate {s:?}: limits are enforced per minute and {n} per hour is not a whole number per minute; use {}/min or {}/h",
