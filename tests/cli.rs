@@ -708,5 +708,9 @@ fn the_configuration_reference_lists_every_key_flag_and_variable() {
         p(dir.path()),
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("whole number per minute"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("whole number per minute"),
+        "{}",
+        stderr(&o)
+    );
 }

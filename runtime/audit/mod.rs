@@ -193,6 +193,12 @@ pub fn init(dir: &Path, recipient: Option<Recipient>) -> Result<Created, AuditEr
     writer::init(dir, recipient)
 }
 
+/// Whether a log has been created in `dir` (its epoch keys exist).
+pub fn exists(dir: &Path) -> bool {
+    let has = |name: &str| securerun_models::fsutil::exists_no_follow(&dir.join(name));
+    has(keys::CURRENT_KEY) || has(keys::NEXT_KEY)
+}
+
 /// Audit fault and sink counters, for `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {

@@ -259,6 +259,30 @@ pub(crate) fn record_admin(
     Ok(())
 }
 
+/// [`record_admin`] that never creates the audit log: with no log yet, the record waits in the
+/// log's spool (durable, 0600) and the log's first writer records it, marked as spooled. For
+/// set-up commands (`trust add`) run before the operator has chosen how the log is created
+/// (with an auditor's recipient key, or a read key on the host).
+pub(crate) fn record_admin_no_create(
+    state_dir: Option<&std::path::Path>,
+    record: crate::audit::AuditRecord,
+) -> CmdResult {
+    let state = crate::state_dir::resolve(state_dir.map(std::path::Path::to_path_buf))?;
+    let dir = crate::audit::audit_dir(&state);
+    if crate::audit::exists(&dir) {
+        record_admin_in(&dir, record)?;
+        return Ok(());
+    }
+    let mut record = record;
+    record.detail = Some(match record.detail.take() {
+        Some(d) => format!("{d} (by the securerun CLI, before the audit log existed)"),
+        None => "by the securerun CLI, before the audit log existed".into(),
+    });
+    crate::audit::spool::put(&dir, &record)
+        .map_err(|e| format!("not done: the action could not be audited: {e}"))?;
+    Ok(())
+}
+
 /// [`record_admin`] for an audit directory given directly.
 pub(crate) fn record_admin_in(
     dir: &std::path::Path,

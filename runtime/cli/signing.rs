@@ -282,7 +282,9 @@ pub fn trust(cmd: TrustCommand) -> CmdResult {
         TrustCommand::Add { key, state_dir } => {
             let dir = state(state_dir)?;
             let id = crate::trust::read_key(&key)?.hint()?;
-            super::record_admin(
+            // Trusting a signer is a set-up step: it does not create the audit log (which the
+            // operator may want created for an auditor's key); the record waits in its spool.
+            super::record_admin_no_create(
                 Some(&dir),
                 crate::audit::AuditRecord::event("trust_key_added")
                     .with_detail(format!("key {id}")),
@@ -297,7 +299,7 @@ pub fn trust(cmd: TrustCommand) -> CmdResult {
         }
         TrustCommand::Remove { id, state_dir } => {
             let dir = state(state_dir)?;
-            super::record_admin(
+            super::record_admin_no_create(
                 Some(&dir),
                 crate::audit::AuditRecord::event("trust_key_removed")
                     .with_detail(format!("key {id}")),

@@ -483,3 +483,53 @@ fn a_siem_stream_receives_every_record_while_the_read_key_is_off_the_host() {
         .expect("the refusal, in OCSF");
     assert_eq!(refused["status"], "Failure");
 }
+
+/// `trust add` on a fresh host does not create the audit log (which would put a read key on
+/// the host before the operator could create the log for an auditor's key): its record waits
+/// in the spool, and the log created later for the auditor holds it. Before, `trust add`
+/// created the log, read key and all.
+#[test]
+fn trust_add_does_not_create_the_audit_log_and_its_record_is_kept() {
+    let state = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let prefix = keys.path().join("site");
+    let o = crate::common::securerun(&["keygen", "--out", p(&prefix)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let public = keys.path().join("site.pub");
+    let o = crate::common::securerun(&["trust", "add", p(&public), "--state-dir", p(state.path())]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let audit_dir = state.path().join("audit");
+    assert!(!audit_dir.join("read.key").exists());
+    assert!(!audit_dir.join("current.key").exists());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("created the audit log"));
+
+    // The auditor's log, created afterwards: no read key on the host, the trust record in it.
+    let auditor_dir = tempfile::tempdir().unwrap();
+    let read_key = auditor_dir.path().join("read.key");
+    let o = crate::common::securerun(&["audit", "keygen", "--out", p(&read_key)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recipient = auditor_dir.path().join("recipient.pub");
+    std::fs::write(&recipient, &o.stdout).unwrap();
+    let o = audit(state.path(), &["init", "--recipient", p(&recipient)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!audit_dir.join("read.key").exists());
+    token(state.path(), "user", "embeddings");
+    let o = audit(
+        state.path(),
+        &[
+            "export",
+            "--key",
+            p(&read_key),
+            "--public",
+            p(&audit_dir.join("audit.pub")),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let added = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "trust_key_added")
+        .unwrap_or_else(|| panic!("no trust_key_added record: {out}"));
+    assert_eq!(added["spooled"], true, "{added}");
+}
