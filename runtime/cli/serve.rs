@@ -12,7 +12,7 @@ use crate::server::models::ModelSpec;
 use crate::server::{self, auth, ServeConfig};
 use crate::tokens::TokenStore;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ServeArgs {
     #[command(flatten)]
     common: RunModelArgs,
@@ -108,27 +108,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
         (false, true) => eprintln!("warning: {msg}"),
         (false, false) => eprintln!("note: {msg}"),
     };
-    let mut config = match &args.config {
-        Some(path) => ServeConfig::from_file(path)?,
-        None => ServeConfig::default(),
-    };
-    if let Some(l) = args.listen {
-        config.listen = l;
-    }
-    if args.tls_cert.is_some() || args.tls_key.is_some() {
-        config.tls_cert = args.tls_cert.clone();
-        config.tls_key = args.tls_key.clone();
-    }
-    if args.client_ca.is_some() {
-        config.client_ca = args.client_ca.clone();
-    }
-    if args.model_name.is_some() {
-        config.model_name = args.model_name.clone();
-    }
-    config.insecure_public_http |= args.insecure_public_http;
-    if let Some(c) = args.audit_content {
-        config.audit_content = c;
-    }
+    let config = args.settings()?;
     if config.audit_content != server::config::AuditContent::None {
         say(
             false,
@@ -138,7 +118,6 @@ pub fn run(args: ServeArgs) -> CmdResult {
             ),
         );
     }
-    config.validate()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(Arc::new(server::tls::ReloadableTls::load(
             server::tls::TlsFiles {
@@ -302,10 +281,14 @@ pub fn run(args: ServeArgs) -> CmdResult {
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),
             metrics,
-            config: config.clone(),
+            config: config.clone().into(),
         });
         server::spawn_token_reloader(state.clone());
-        server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone());
+        let reread: server::lifecycle::Reread = {
+            let args = args.clone();
+            Box::new(move || args.settings())
+        };
+        server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone(), reread);
         server::lifecycle::spawn_watchdog();
         let signal = server::shutdown_signal();
         let stopping = state.clone();
@@ -355,6 +338,34 @@ pub fn run(args: ServeArgs) -> CmdResult {
 }
 
 impl ServeArgs {
+    /// The settings: the config file (if any), then the flags over it, validated. Run at start
+    /// and again on SIGHUP (the file may have changed; the flags have not).
+    fn settings(&self) -> Result<ServeConfig, String> {
+        let mut config = match &self.config {
+            Some(path) => ServeConfig::from_file(path)?,
+            None => ServeConfig::default(),
+        };
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if self.tls_cert.is_some() || self.tls_key.is_some() {
+            config.tls_cert = self.tls_cert.clone();
+            config.tls_key = self.tls_key.clone();
+        }
+        if self.client_ca.is_some() {
+            config.client_ca = self.client_ca.clone();
+        }
+        if self.model_name.is_some() {
+            config.model_name = self.model_name.clone();
+        }
+        config.insecure_public_http |= self.insecure_public_http;
+        if let Some(c) = self.audit_content {
+            config.audit_content = c;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
     /// The models to serve: MODEL (named by --model-name, or its file name), then every
     /// --model, then the config's `[[models]]`; names must differ.
     fn model_specs(&self, config: &ServeConfig) -> Result<Vec<ModelSpec>, String> {

@@ -95,7 +95,7 @@ pub async fn read_bounded(
 
 /// Middleware: buffers the body under the configured bounds before the handler runs.
 pub async fn buffer_body(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let c = &state.config;
+    let c = state.config.get();
     let (parts, body) = req.into_parts();
     match read_bounded(body, c.max_body_bytes, c.body_timeout, c.min_body_rate).await {
         Ok(bytes) => {

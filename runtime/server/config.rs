@@ -22,7 +22,7 @@ pub enum AuditContent {
 /// Generations batched together when `max_sequences` is not set (fewer if memory says so).
 pub const DEFAULT_MAX_SEQUENCES: usize = 4;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
@@ -256,4 +256,102 @@ fn check_origin(origin: &str) -> Result<(), String> {
         return Err(bad());
     }
     Ok(())
+}
+
+/// The running server's settings: read per request (cheap: an `Arc` clone), replaced whole by a
+/// reload that only changes [`LIVE_KEYS`].
+pub struct LiveConfig(std::sync::RwLock<std::sync::Arc<ServeConfig>>);
+
+impl LiveConfig {
+    pub fn new(config: ServeConfig) -> Self {
+        LiveConfig(std::sync::RwLock::new(std::sync::Arc::new(config)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<ServeConfig> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies `new` if it differs from the running settings only in [`LIVE_KEYS`]; otherwise
+    /// changes nothing and names the keys that need a restart.
+    pub fn reload(&self, new: ServeConfig) -> Result<Vec<&'static str>, Vec<&'static str>> {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let changed = changed_keys(&slot, &new);
+        let restart: Vec<_> = changed
+            .iter()
+            .copied()
+            .filter(|k| !LIVE_KEYS.contains(k))
+            .collect();
+        if !restart.is_empty() {
+            return Err(restart);
+        }
+        *slot = std::sync::Arc::new(new);
+        Ok(changed)
+    }
+}
+
+impl From<ServeConfig> for LiveConfig {
+    fn from(config: ServeConfig) -> Self {
+        LiveConfig::new(config)
+    }
+}
+
+/// Keys a running server applies on reload (they are read per request); any other change
+/// (listeners, TLS paths — the certificate itself reloads —, models, queues, connection
+/// limits, audit plumbing) needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "default_max_tokens",
+    "max_tokens_cap",
+    "max_prompt_tokens",
+    "max_embedding_inputs",
+    "generation_timeout",
+    "audit_content",
+    "audit_min_free_mb",
+];
+
+/// The keys whose values differ.
+fn changed_keys(old: &ServeConfig, new: &ServeConfig) -> Vec<&'static str> {
+    macro_rules! differ {
+        ($($key:ident),* $(,)?) => {{
+            // Every field, listed: a field added to ServeConfig without a line here fails to
+            // compile below (the destructuring is exhaustive).
+            let ServeConfig { $($key: _),* } = old;
+            let mut out = Vec::new();
+            $(if old.$key != new.$key { out.push(stringify!($key)); })*
+            out
+        }};
+    }
+    differ!(
+        listen,
+        tls_cert,
+        tls_key,
+        client_ca,
+        model_name,
+        models,
+        max_body_bytes,
+        default_max_tokens,
+        max_tokens_cap,
+        max_prompt_tokens,
+        max_embedding_inputs,
+        queue,
+        max_sequences,
+        generation_timeout,
+        header_timeout,
+        max_connections,
+        max_connections_per_client,
+        idle_timeout,
+        send_timeout,
+        body_timeout,
+        min_body_rate,
+        max_header_bytes,
+        trusted_proxies,
+        audit_min_free_mb,
+        audit_content,
+        audit_rotate,
+        checkpoint_sink,
+        audit_stream,
+        cors_allowed_origins,
+        auth_failures_per_min,
+        dtype,
+        insecure_public_http,
+    )
 }

@@ -48,8 +48,15 @@ pub fn spawn_watchdog() {
     });
 }
 
+/// Reads the settings again (the config file, then the flags over it, validated).
+pub type Reread = Box<dyn Fn() -> Result<super::ServeConfig, String> + Send + Sync>;
+
 /// Runs [`reload`] on every SIGHUP (`systemctl reload`, `kill -HUP`).
-pub fn spawn_hangup_reloader(state: Arc<AppState>, tls: Option<Arc<ReloadableTls>>) {
+pub fn spawn_hangup_reloader(
+    state: Arc<AppState>,
+    tls: Option<Arc<ReloadableTls>>,
+    reread: Reread,
+) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hangup) = signal(SignalKind::hangup()) else {
@@ -59,17 +66,18 @@ pub fn spawn_hangup_reloader(state: Arc<AppState>, tls: Option<Arc<ReloadableTls
             return;
         };
         while hangup.recv().await.is_some() {
-            reload(&state, tls.as_deref()).await;
+            reload(&state, tls.as_deref(), &reread).await;
         }
     });
 }
 
-/// One reload: tokens, then the TLS configuration, then every model. A step that fails is
-/// recorded and logged, and what runs stays; the others go on.
-pub async fn reload(state: &Arc<AppState>, tls: Option<&ReloadableTls>) {
+/// One reload: the settings, tokens, then the TLS configuration, then every model. A step
+/// that fails is recorded and logged, and what runs stays; the others go on.
+pub async fn reload(state: &Arc<AppState>, tls: Option<&ReloadableTls>, reread: &Reread) {
     let mut states = vec![NotifyState::Reloading];
     states.extend(NotifyState::monotonic_usec_now());
     notify(&states);
+    reload_settings(state, reread).await;
     if let Err(e) = state.tokens.refresh() {
         tracing::error!(error = %e, "token store unreadable; keeping the last good token set");
     }
@@ -85,6 +93,50 @@ pub async fn reload(state: &Arc<AppState>, tls: Option<&ReloadableTls>) {
         );
     }
     ready("serving");
+}
+
+/// Re-reads the config file. New settings apply whole, and only once `config_reloaded` (the
+/// keys that changed) is durable; a file that does not parse or validate, or that changes a key
+/// only a restart can apply, is recorded as refused and changes nothing.
+async fn reload_settings(state: &AppState, reread: &Reread) {
+    let mut record = AuditRecord::event("config_reloaded");
+    let new = match reread() {
+        Ok(new) => new,
+        Err(e) => {
+            record.outcome = Some("refused".into());
+            record.detail = Some(format!("kept the running settings: {e}"));
+            tracing::error!(error = %e, "config reload refused; keeping the running settings");
+            let _ = state.audit.append(record).await;
+            return;
+        }
+    };
+    let running = state.config.get();
+    if *running == new {
+        return;
+    }
+    // Checked before recording, applied after: a refusal changes nothing either way.
+    let probe = super::config::LiveConfig::new((*running).clone());
+    match probe.reload(new.clone()) {
+        Err(restart) => {
+            record.outcome = Some("refused".into());
+            record.detail = Some(format!(
+                "kept the running settings: {} can only change with a restart",
+                restart.join(", ")
+            ));
+            tracing::error!(keys = ?restart, "config reload refused: these keys need a restart");
+            let _ = state.audit.append(record).await;
+        }
+        Ok(changed) => {
+            record.outcome = Some("ok".into());
+            record.detail = Some(format!("changed: {}", changed.join(", ")));
+            if let Err(e) = state.audit.append(record).await {
+                tracing::error!(error = %e, "cannot record the config reload; keeping the running settings");
+                return;
+            }
+            let _ = state.config.reload(new);
+            tracing::info!(keys = ?changed, "settings reloaded");
+        }
+    }
 }
 
 /// Re-reads the certificate and key; the new configuration serves new connections only once

@@ -66,7 +66,8 @@ pub struct Metrics {
 
 /// Shared by every handler.
 pub struct AppState {
-    pub config: ServeConfig,
+    /// The settings; a SIGHUP may replace the live ones (`config::LIVE_KEYS`).
+    pub config: config::LiveConfig,
     pub state_dir: std::path::PathBuf,
     pub lockdown: std::sync::atomic::AtomicBool,
     pub audit: crate::audit::AuditLog,
@@ -220,7 +221,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "no such route",
             )
         })
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(DefaultBodyLimit::max(state.config.get().max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             body::buffer_body,
@@ -228,7 +229,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         // Outside authentication (a preflight carries no token, and must not count as a failed
         // one), inside the audit ledger (every request, preflights too, is accounted for).
-        .layer(cors(&state.config.cors_allowed_origins))
+        .layer(cors(&state.config.get().cors_allowed_origins))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             audit_requests,
@@ -443,14 +444,14 @@ async fn audit_requests(
         None => open_ledger(&state, &mut req),
     };
     let request_id = ledger.request_id().to_string();
-    if head_bytes(&req) > state.config.max_header_bytes {
+    if head_bytes(&req) > state.config.get().max_header_bytes {
         let e = ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "invalid_request_error",
             "header_too_large",
             format!(
                 "the request line and headers exceed {} bytes",
-                state.config.max_header_bytes
+                state.config.get().max_header_bytes
             ),
         );
         return finish(&state, &ledger, &request_id, e.into_response()).await;
@@ -536,7 +537,7 @@ fn with_request_id(mut resp: Response, request_id: &str) -> Response {
 /// holder consented (`token create --consent-content`); for any other, nothing of the content.
 pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, c: Content) {
     // The common case (no content kept) costs nothing on the request path.
-    if state.config.audit_content == config::AuditContent::None {
+    if state.config.get().audit_content == config::AuditContent::None {
         return;
     }
     let consented = record.token_id.as_ref().is_some_and(|id| {
@@ -549,7 +550,7 @@ pub fn record_content(state: &AppState, record: &mut crate::audit::AuditRecord, 
     if !consented {
         return;
     }
-    match state.config.audit_content {
+    match state.config.get().audit_content {
         config::AuditContent::None => {}
         config::AuditContent::Hmac => {
             record.content_hmac = Some(c.texts.iter().map(|t| state.audit.pseudonym(t)).collect());
@@ -877,12 +878,12 @@ fn check_audit_space(state: &AppState) {
         .metrics
         .audit_free_bytes
         .store(free, Ordering::Relaxed);
-    let low = free < state.config.audit_min_free_mb.saturating_mul(1 << 20);
+    let low = free < state.config.get().audit_min_free_mb.saturating_mul(1 << 20);
     let was = state.metrics.audit_disk_low.swap(low, Ordering::Relaxed);
     if low && !was {
         tracing::warn!(
             free_mib = free >> 20,
-            threshold_mib = state.config.audit_min_free_mb,
+            threshold_mib = state.config.get().audit_min_free_mb,
             "the audit log's volume is running out of space; when it is full, requests are refused"
         );
     }

@@ -258,7 +258,7 @@ impl Edge {
             tokens,
             limiters: server::auth::Limiters::new(config.auth_failures_per_min),
             metrics,
-            config,
+            config: config.into(),
         });
         Edge {
             _state_dir: state_dir,

@@ -533,3 +533,63 @@ fn trust_add_does_not_create_the_audit_log_and_its_record_is_kept() {
         .unwrap_or_else(|| panic!("no trust_key_added record: {out}"));
     assert_eq!(added["spooled"], true, "{added}");
 }
+
+/// SIGHUP re-reads the config file: settings read per request apply at once, recorded first
+/// (`config_reloaded`, the keys that changed); a file that does not parse, or that changes a
+/// key only a restart can apply, is refused whole (recorded, naming the line or the keys) and
+/// the running settings stay. Before, a config change needed a restart.
+#[test]
+fn sighup_reloads_the_settings_and_refuses_a_bad_file_whole() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let config = state.path().join("serve.toml");
+    std::fs::write(&config, "max_embedding_inputs = 2\n").unwrap();
+    let s = serve_with(state.path(), None, &["--config", p(&config)]).unwrap();
+    let inputs = |n: usize| {
+        let texts: Vec<String> = (0..n).map(|i| format!("text {i}")).collect();
+        let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": texts}).to_string();
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body)
+    };
+    let hangup = || {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
+    };
+    assert_eq!(inputs(3), 400);
+    std::fs::write(&config, "max_embedding_inputs = 4\n").unwrap();
+    hangup();
+    wait_for("the new limit", || inputs(3) == 200);
+    assert_eq!(inputs(5), 400);
+    // A restart-only key with a live one: nothing applies.
+    std::fs::write(&config, "max_embedding_inputs = 8\nqueue = 3\n").unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(inputs(5), 400, "a partly applicable file changed something");
+    // A file that does not parse.
+    std::fs::write(&config, "max_embedding_inputs = \"many\"\n").unwrap();
+    hangup();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(inputs(3), 200);
+    s.stop();
+    let reloads: Vec<serde_json::Value> = export(state.path())
+        .into_iter()
+        .filter(|r| r["event"] == "config_reloaded")
+        .collect();
+    assert_eq!(reloads.len(), 3, "{reloads:?}");
+    assert_eq!(reloads[0]["outcome"], "ok");
+    assert!(reloads[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("max_embedding_inputs"));
+    assert_eq!(reloads[1]["outcome"], "refused");
+    assert!(
+        reloads[1]["detail"].as_str().unwrap().contains("queue"),
+        "{:?}",
+        reloads[1]
+    );
+    assert_eq!(reloads[2]["outcome"], "refused");
+    let detail = reloads[2]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("line 1") && detail.contains("max_embedding_inputs"),
+        "{detail}"
+    );
+}

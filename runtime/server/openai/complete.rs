@@ -202,7 +202,7 @@ pub(super) async fn complete(
             "this model computes embeddings; use /v1/embeddings",
         ));
     }
-    let deadline = Instant::now() + state.config.generation_timeout;
+    let deadline = Instant::now() + state.config.get().generation_timeout;
     // Chat asks with a boolean, completions with a count.
     match (kind, &sampling.logprobs) {
         (Kind::Chat, Some(Value::Number(_))) | (Kind::Text, Some(Value::Bool(true))) => {
@@ -277,7 +277,7 @@ pub(super) async fn complete(
     if let Some((i, long)) = prompts
         .iter()
         .enumerate()
-        .find(|(_, p)| p.len() > state.config.max_prompt_tokens)
+        .find(|(_, p)| p.len() > state.config.get().max_prompt_tokens)
     {
         let which = if several {
             format!("prompt {i}")
@@ -287,7 +287,7 @@ pub(super) async fn complete(
         return Err(ApiError::bad_request(format!(
             "{which} has {} tokens; at most {} are accepted",
             long.len(),
-            state.config.max_prompt_tokens
+            state.config.get().max_prompt_tokens
         )));
     }
     let answers = prompts.len() as u64;

@@ -55,12 +55,12 @@ pub async fn embeddings(
             EmbedInput::Ids(_) => None,
         })
         .collect();
-    if inputs.is_empty() || inputs.len() > state.config.max_embedding_inputs {
+    if inputs.is_empty() || inputs.len() > state.config.get().max_embedding_inputs {
         return Err(ApiError::bad_param(
             "input",
             format!(
                 "input must hold 1 to {} inputs",
-                state.config.max_embedding_inputs
+                state.config.get().max_embedding_inputs
             ),
         ));
     }
@@ -153,7 +153,7 @@ pub(super) async fn embed_inputs(
             state.metrics.limited.fetch_add(1, Ordering::Relaxed);
             ApiError::limited(l)
         })?;
-    let deadline = Instant::now() + state.config.generation_timeout;
+    let deadline = Instant::now() + state.config.get().generation_timeout;
     let control = JobControl::new(deadline).owned_by(&caller.token_id);
     let (done_tx, done_rx) = oneshot::channel();
     served

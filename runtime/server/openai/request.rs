@@ -315,8 +315,8 @@ pub(super) fn params(
     let max_tokens = s
         .max_completion_tokens
         .or(s.max_tokens)
-        .unwrap_or(state.config.default_max_tokens);
-    if max_tokens == 0 || max_tokens > state.config.max_tokens_cap {
+        .unwrap_or(state.config.get().default_max_tokens);
+    if max_tokens == 0 || max_tokens > state.config.get().max_tokens_cap {
         let param = match s.max_completion_tokens {
             Some(_) => "max_completion_tokens",
             None => "max_tokens",
@@ -325,7 +325,7 @@ pub(super) fn params(
             param,
             format!(
                 "{param} must be between 1 and {}",
-                state.config.max_tokens_cap
+                state.config.get().max_tokens_cap
             ),
         ));
     }
@@ -377,7 +377,7 @@ pub(super) fn params(
             frequency_penalty,
         },
         stop,
-        max_prompt_tokens: Some(state.config.max_prompt_tokens),
+        max_prompt_tokens: Some(state.config.get().max_prompt_tokens),
         grammar,
         logit_bias,
         logprobs,

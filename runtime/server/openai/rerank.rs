@@ -80,12 +80,12 @@ pub async fn rerank(
         })
         .collect::<Result<_, _>>()?;
     // The query is one more input: together within the embedding input cap.
-    if documents.is_empty() || documents.len() >= state.config.max_embedding_inputs {
+    if documents.is_empty() || documents.len() >= state.config.get().max_embedding_inputs {
         return Err(ApiError::bad_param(
             "documents",
             format!(
                 "documents must hold 1 to {} texts",
-                state.config.max_embedding_inputs.saturating_sub(1)
+                state.config.get().max_embedding_inputs.saturating_sub(1)
             ),
         ));
     }

@@ -119,7 +119,7 @@ impl StreamTask {
     }
 
     async fn run(mut self, tx: mpsc::Sender<Event>, drained: oneshot::Receiver<()>) {
-        let wait = self.state.config.send_timeout;
+        let wait = self.state.config.get().send_timeout;
         let send = |tx: &mpsc::Sender<Event>, ev: Event| {
             let tx = tx.clone();
             async move {
@@ -131,7 +131,7 @@ impl StreamTask {
             }
         };
         let keep_text =
-            self.state.config.audit_content == crate::server::config::AuditContent::Full;
+            self.state.config.get().audit_content == crate::server::config::AuditContent::Full;
         let mut completion = String::new();
         let mut pieces = 0u64;
         let state = self.state.clone();

@@ -93,7 +93,7 @@ pub async fn tokenize(
         }
         prompt => {
             let control =
-                JobControl::new(std::time::Instant::now() + state.config.generation_timeout)
+                JobControl::new(std::time::Instant::now() + state.config.get().generation_timeout)
                     .owned_by(&caller.token_id);
             let _cancel = control.cancel_on_drop();
             encode_prompt(&served, prompt, &[], &control).await?
@@ -101,7 +101,7 @@ pub async fn tokenize(
     };
     Ok(Json(json!({
         "count": tokens.len(),
-        "max_model_len": state.config.max_prompt_tokens,
+        "max_model_len": state.config.get().max_prompt_tokens,
         "tokens": tokens,
     }))
     .into_response())
