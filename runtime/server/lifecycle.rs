@@ -66,14 +66,14 @@ pub fn spawn_hangup_reloader(
             return;
         };
         while hangup.recv().await.is_some() {
-            reload(&state, tls.as_deref(), &reread).await;
+            reload(&state, tls.as_ref(), &reread).await;
         }
     });
 }
 
 /// One reload: the settings, tokens, then the TLS configuration, then every model. A step
 /// that fails is recorded and logged, and what runs stays; the others go on.
-pub async fn reload(state: &Arc<AppState>, tls: Option<&ReloadableTls>, reread: &Reread) {
+pub async fn reload(state: &Arc<AppState>, tls: Option<&Arc<ReloadableTls>>, reread: &Reread) {
     let mut states = vec![NotifyState::Reloading];
     states.extend(NotifyState::monotonic_usec_now());
     notify(&states);
@@ -143,9 +143,13 @@ async fn reload_settings(state: &AppState, reread: &Reread) {
 /// its record (`tls_reloaded`, the new leaf's SHA-256) is durable. A configuration that does
 /// not build (a broken chain, a key that does not match, an unreadable file) is recorded as
 /// refused and the running one stays.
-async fn reload_tls(state: &AppState, tls: &ReloadableTls) {
+async fn reload_tls(state: &AppState, tls: &Arc<ReloadableTls>) {
     let mut record = AuditRecord::event("tls_reloaded");
-    let prepared = tls.prepare();
+    // File reads and key parsing off the async threads: a slow disk stalls only this reload.
+    let reading = tls.clone();
+    let prepared = tokio::task::spawn_blocking(move || reading.prepare())
+        .await
+        .unwrap_or_else(|_| Err("the TLS reload task failed".into()));
     match &prepared {
         Ok(p) => {
             record.outcome = Some("ok".into());

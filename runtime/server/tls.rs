@@ -9,20 +9,66 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
 
+/// Largest PEM file read (a certificate chain or key is a few KiB; a CA bundle a few hundred).
+const MAX_PEM: u64 = 1 << 20;
+
+/// Reads a PEM file whole: a regular file (symlinks are followed, as certificate managers use
+/// them) of at most [`MAX_PEM`] bytes, opened without blocking, so a FIFO, a device or a huge
+/// file is an error at once instead of a hang or an allocation without bound.
+fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| at(&e))?;
+    let meta = file.metadata().map_err(|e| at(&e))?;
+    if !meta.is_file() {
+        return Err(at(&"not a regular file"));
+    }
+    if meta.len() > MAX_PEM {
+        return Err(at(&format!("larger than {MAX_PEM} bytes")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| at(&e))?;
+    if bytes.len() as u64 > MAX_PEM {
+        return Err(at(&format!("larger than {MAX_PEM} bytes")));
+    }
+    Ok(bytes)
+}
+
+fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Builds the TLS configuration from PEM files.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<ServerConfig, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no certificate", cert.display()));
-    }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let certs = certificates(cert, &read_pem(cert)?)?;
+    build(certs, key, client_ca)
+}
+
+/// The configuration for certificates already read, with the key and client CA files.
+fn build(
+    certs: Vec<CertificateDer<'static>>,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerConfig, String> {
+    let key = PrivateKeyDer::from_pem_slice(&read_pem(key)?)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -31,12 +77,8 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
-            for c in
-                CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?
-            {
-                roots
-                    .add(c.map_err(|e| format!("{}: {e}", ca.display()))?)
-                    .map_err(|e| format!("{}: {e}", ca.display()))?;
+            for c in certificates(ca, &read_pem(ca)?)? {
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -80,9 +122,12 @@ impl ReloadableTls {
         Ok(ReloadableTls { files, current })
     }
 
+    /// Reads each file once (the fingerprint is of the very certificate installed).
     fn read(files: &TlsFiles) -> Result<Loaded, String> {
-        let config = server_config(&files.cert, &files.key, files.client_ca.as_deref())?;
-        let fingerprint = leaf_fingerprint(&files.cert)?;
+        use sha2::Digest;
+        let certs = certificates(&files.cert, &read_pem(&files.cert)?)?;
+        let fingerprint = hex::encode(sha2::Sha256::digest(certs[0].as_ref()));
+        let config = build(certs, &files.key, files.client_ca.as_deref())?;
         Ok(Loaded {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             fingerprint,
@@ -122,14 +167,4 @@ impl PreparedTls {
     pub fn fingerprint(&self) -> &str {
         &self.0.fingerprint
     }
-}
-
-fn leaf_fingerprint(cert: &Path) -> Result<String, String> {
-    use sha2::Digest;
-    let leaf = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
-        .next()
-        .ok_or_else(|| format!("{}: no certificate", cert.display()))?
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    Ok(hex::encode(sha2::Sha256::digest(leaf.as_ref())))
 }

@@ -593,3 +593,78 @@ fn sighup_reloads_the_settings_and_refuses_a_bad_file_whole() {
         "{detail}"
     );
 }
+
+/// A certificate path swapped for a FIFO, a device or a huge file is refused at once by the
+/// reload (non-blocking open, regular files only, size cap): the server keeps answering, keeps
+/// its certificate, and the next good reload still works. Before, a FIFO hung the reload (and
+/// every later one) and a 3 GB file was read into memory while requests timed out.
+#[test]
+fn a_hostile_certificate_file_is_refused_at_once() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path();
+    let ca = Pki::new("CA");
+    let (cert, key, first) = ca.leaf();
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let s = serve_with(
+        dir,
+        None,
+        &["--tls-cert", p(&cert_path), "--tls-key", p(&key_path)],
+    )
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.ca.der().clone()).unwrap();
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let hangup = || {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
+    };
+    let fifo = dir.join("fifo");
+    let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0);
+    let huge = dir.join("huge.pem");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
+    for hostile in [&fifo, &huge, &std::path::PathBuf::from("/dev/zero")] {
+        std::fs::remove_file(&cert_path).unwrap();
+        std::os::unix::fs::symlink(hostile, &cert_path).unwrap();
+        hangup();
+        for _ in 0..10 {
+            let started = Instant::now();
+            assert_eq!(tls_get(&s.addr, &config).unwrap(), (200, first.clone()));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{hostile:?} stalled the server"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The next good pair still reloads.
+    let (cert, key, second) = ca.leaf();
+    std::fs::remove_file(&cert_path).unwrap();
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    hangup();
+    wait_for("the good pair", || {
+        tls_get(&s.addr, &config).unwrap().1 == second
+    });
+    s.stop();
+    let outcomes: Vec<String> = export(dir)
+        .into_iter()
+        .filter(|r| r["event"] == "tls_reloaded")
+        .map(|r| r["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(outcomes, ["refused", "refused", "refused", "ok"]);
+}
