@@ -14,6 +14,25 @@ use rand_core::{OsRng, RngCore};
 use super::{AuditError, AuditLog, AuditRecord};
 
 const SPOOL: &str = "spool";
+/// Where entries that are not valid spooled records are moved once recorded (kept as
+/// evidence, out of the spool, so they are recorded once rather than at every pass).
+const REJECTED: &str = "spool-rejected";
+
+/// The events CLI commands spool: anything else in the spool is not ours (`spool_invalid`).
+const SPOOLED_EVENTS: &[&str] = &[
+    "token_created",
+    "token_create_failed",
+    "consent_content_given",
+    "token_revoked",
+    "tokens_revoked_all",
+    "trust_key_added",
+    "trust_key_removed",
+    "lockdown_on",
+    "lockdown_off",
+    "audit_recipient_changed",
+    "audit_migrated",
+    super::retention::SHREDDED,
+];
 /// Spool files read per pass at most, and their size cap (a record is a few hundred bytes).
 const MAX_FILES: usize = 10_000;
 const MAX_FILE: u64 = 64 * 1024;
@@ -23,6 +42,8 @@ const MAX_FILE: u64 = 64 * 1024;
 pub struct Spooled {
     pub records: Vec<AuditRecord>,
     paths: Vec<PathBuf>,
+    /// Entries recorded as invalid: moved aside once their record is durable.
+    rejected: Vec<PathBuf>,
 }
 
 /// Leaves `record` for the writer. The file name sorts by time.
@@ -64,10 +85,12 @@ pub fn take(dir: &Path) -> Result<Spooled, AuditError> {
     }
     let entries = std::fs::read_dir(&spool)
         .map_err(|e| AuditError::Io(format!("{}: {e}", spool.display())))?;
+    // Dot-files are records being written (written aside, then renamed); every other entry is
+    // a record or is recorded as invalid.
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".json") && !n.starts_with('.'))
+        .filter(|n| !n.starts_with('.'))
         .collect();
     names.sort();
     names.truncate(MAX_FILES);
@@ -75,7 +98,12 @@ pub fn take(dir: &Path) -> Result<Spooled, AuditError> {
     let now = super::now_ms();
     for name in names {
         let path = spool.join(&name);
-        let record = read_spooled(&path, owner).map(|(mut r, changed_ms)| {
+        let record = if name.ends_with(".json") {
+            read_spooled(&path, owner)
+        } else {
+            Err("not a spooled record's name".into())
+        };
+        let record = record.map(|(mut r, changed_ms)| {
             let bounded = r.time_ms.clamp(changed_ms.saturating_sub(CLOCK_SLACK_MS), now);
             if bounded != r.time_ms {
                 r.detail = Some(format!(
@@ -88,12 +116,21 @@ pub fn take(dir: &Path) -> Result<Spooled, AuditError> {
             r.spooled = Some(true);
             r
         });
-        out.records.push(record.unwrap_or_else(|e| {
-            let mut r = AuditRecord::event("spool_invalid").with_detail(format!("{name}: {e}"));
-            r.spooled = Some(true);
-            r
-        }));
-        out.paths.push(path);
+        match record {
+            Ok(r) => {
+                out.records.push(r);
+                out.paths.push(path);
+            }
+            Err(e) => {
+                // The name as text a reader can trust (control characters escaped).
+                let shown: String = name.escape_debug().take(200).collect();
+                let mut r =
+                    AuditRecord::event("spool_invalid").with_detail(format!("{shown}: {e}"));
+                r.spooled = Some(true);
+                out.records.push(r);
+                out.rejected.push(path);
+            }
+        }
     }
     Ok(out)
 }
@@ -120,15 +157,42 @@ fn read_spooled(path: &Path, owner: u32) -> Result<(AuditRecord, u64), String> {
         return Err("too large".into());
     }
     let record = serde_json::from_slice::<AuditRecord>(&bytes).map_err(|e| e.to_string())?;
+    if !SPOOLED_EVENTS.contains(&record.event.as_str()) {
+        return Err("not an event CLI commands record".into());
+    }
     let changed_ms =
         (meta.ctime().max(0) as u64) * 1000 + meta.ctime_nsec().max(0) as u64 / 1_000_000;
     Ok((record, changed_ms))
 }
 
-/// Removes spool files once their records are durable.
+/// Removes spool files once their records are durable, and moves rejected entries (whatever
+/// they are: files, directories, links) to `spool-rejected/`, so each is recorded once.
 pub fn remove(spooled: &Spooled) {
     for p in &spooled.paths {
         let _ = std::fs::remove_file(p);
+    }
+    if spooled.rejected.is_empty() {
+        return;
+    }
+    let Some(dir) = spooled
+        .rejected
+        .first()
+        .and_then(|p| p.parent())
+        .and_then(|spool| spool.parent())
+        .map(|audit| audit.join(REJECTED))
+    else {
+        return;
+    };
+    if crate::trust::create_private_dir(&dir).is_err() {
+        return;
+    }
+    for p in &spooled.rejected {
+        let mut nonce = [0u8; 8];
+        OsRng.fill_bytes(&mut nonce);
+        let name = format!("{}-{}", super::now_ms(), hex::encode(nonce));
+        if std::fs::rename(p, dir.join(name)).is_err() {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

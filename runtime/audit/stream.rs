@@ -90,8 +90,23 @@ impl std::str::FromStr for StreamSpec {
             } else {
                 arg
             })),
-            "unix" if !arg.is_empty() => Target::Unix(arg.into()),
-            "file" if !arg.is_empty() => Target::File(arg.into()),
+            "unix" | "file" if !arg.starts_with('/') => {
+                return Err(format!("{s:?}: the path must be absolute"))
+            }
+            "unix" => Target::Unix(arg.into()),
+            "file" => {
+                // Checked now, not at the first record: a typo must not start a server whose
+                // stream silently drops everything.
+                let path = PathBuf::from(arg);
+                match path.parent().map(std::fs::metadata) {
+                    Some(Ok(m)) if m.is_dir() => {}
+                    _ => return Err(format!("{s:?}: the file's directory does not exist")),
+                }
+                if path.is_dir() {
+                    return Err(format!("{s:?}: a directory, not a file"));
+                }
+                Target::File(path)
+            }
             _ => {
                 return Err(format!(
                     "{s:?}: an audit stream is syslog[:SOCKET], unix:PATH or file:PATH, then ,format=jsonl|ocsf and ,fields=a+b"
@@ -107,7 +122,12 @@ impl std::str::FromStr for StreamSpec {
                 .filter(|f| !CONTENT.contains(f))
                 .collect(),
         };
+        let mut seen = std::collections::BTreeSet::new();
         for option in parts {
+            let key = option.split_once('=').map_or(option, |(k, _)| k);
+            if !seen.insert(key) {
+                return Err(format!("{s:?}: {key}= given twice"));
+            }
             match option.split_once('=') {
                 Some(("format", "jsonl")) => spec.format = Format::Jsonl,
                 Some(("format", "ocsf")) => spec.format = Format::Ocsf,
@@ -366,6 +386,12 @@ mod tests {
         assert_eq!(s.format, Format::Ocsf);
         assert!(!s.fields.contains(&"content"));
         assert!("tcp:1.2.3.4".parse::<StreamSpec>().is_err());
+        assert!("file:relative.log".parse::<StreamSpec>().is_err());
+        assert!("file:/nonexistent-dir/x".parse::<StreamSpec>().is_err());
+        assert!("file:/tmp".parse::<StreamSpec>().is_err());
+        assert!("unix:/x,format=ocsf,format=jsonl"
+            .parse::<StreamSpec>()
+            .is_err());
         assert!("file:/x,fields=event+password"
             .parse::<StreamSpec>()
             .is_err());
@@ -374,9 +400,9 @@ mod tests {
         r.content = Some(json!({"texts": ["secret"]}));
         r.status = Some(403);
         r.route = Some("POST /v1/chat/completions".into());
-        let plain: StreamSpec = "file:/x".parse().unwrap();
+        let plain: StreamSpec = "file:/tmp/x".parse().unwrap();
         assert!(!render(&plain, &r).to_string().contains("secret"));
-        let chosen: StreamSpec = "file:/x,fields=time_ms+event+content".parse().unwrap();
+        let chosen: StreamSpec = "file:/tmp/x,fields=time_ms+event+content".parse().unwrap();
         assert!(render(&chosen, &r).to_string().contains("secret"));
         let o = render(&s, &r);
         assert_eq!(o["class_uid"], 6003);

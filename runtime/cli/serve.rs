@@ -65,7 +65,7 @@ pub struct ServeArgs {
     audit_recipient: Option<PathBuf>,
     /// Log lines on stderr: text, or json (one object per line). Each request ends with one
     /// access line (target `access`: request id, method, route, status, latency, token id,
-    /// client pseudonym, model, outcome; never a secret, a raw path or content).
+    /// a client pseudonym keyed per run, model, outcome; never a secret, a raw path or content).
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 }
@@ -362,7 +362,11 @@ impl ServeArgs {
         if let Some(c) = self.audit_content {
             config.audit_content = c;
         }
-        config.validate()?;
+        // A value error names the file too (the key is in the message).
+        config.validate().map_err(|e| match &self.config {
+            Some(path) => format!("{}: {e}", path.display()),
+            None => e,
+        })?;
         Ok(config)
     }
 

@@ -75,6 +75,19 @@ static TEMPLATES: LazyLock<Vec<(Vec<&'static str>, &'static str)>> = LazyLock::n
         .collect()
 });
 
+/// A request method from the closed set of HTTP's own (`other` for any extension method a
+/// client made up): what logs may carry.
+pub fn method_label(method: &str) -> &'static str {
+    const METHODS: &[&str] = &[
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    METHODS
+        .iter()
+        .copied()
+        .find(|m| *m == method)
+        .unwrap_or("other")
+}
+
 /// The route a path belongs to, as a template (`/v1/models/{name}`), or `other`.
 pub fn route_label(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or(path);
@@ -102,5 +115,7 @@ mod tests {
         assert_eq!(route_label("/v1/models/a/b"), "other");
         assert_eq!(route_label("/v1/x\"}\n"), "other");
         assert_eq!(route_label("/healthz?x=1"), "/healthz");
+        assert_eq!(method_label("POST"), "POST");
+        assert_eq!(method_label("INJECTED-srt_abc"), "other");
     }
 }

@@ -161,6 +161,10 @@ pub struct Ledgers {
     pub refusals: RefusalSampler,
     /// Request latency by route, status class and model, for `/metrics`.
     pub http: super::http_metrics::HttpMetrics,
+    /// Key of the access log's client pseudonyms: random per server run, so plaintext log
+    /// lines link a client's requests within a run but never to the (encrypted) audit log's
+    /// pseudonyms or across restarts; the request id joins them for an auditor.
+    log_key: [u8; 32],
     /// Entries whose record is not written yet (shutdown waits for them).
     pending: AtomicUsize,
 }
@@ -172,8 +176,23 @@ impl Ledgers {
             shutting_down: AtomicBool::new(false),
             refusals: RefusalSampler::default(),
             http: Default::default(),
+            log_key: {
+                use rand_core::RngCore;
+                let mut k = [0u8; 32];
+                rand_core::OsRng.fill_bytes(&mut k);
+                k
+            },
             pending: AtomicUsize::new(0),
         })
+    }
+
+    /// A client address as the access log shows it (see `log_key`).
+    fn log_pseudonym(&self, ip: IpAddr) -> String {
+        use hmac::{Mac, SimpleHmac};
+        let mut mac = <SimpleHmac<sha2::Sha256> as Mac>::new_from_slice(&self.log_key)
+            .expect("any key length");
+        mac.update(ip.to_string().as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..12])
     }
 
     /// Waits up to `limit` for every open request record to be written.
@@ -284,12 +303,12 @@ impl Ledger {
             tracing::info!(
                 target: "access",
                 request_id = %self.0.request_id,
-                method,
+                method = super::http_metrics::method_label(method),
                 route = super::http_metrics::route_label(path),
                 status,
                 latency_ms = elapsed.as_millis() as u64,
                 token = record.token_id.as_deref().unwrap_or("-"),
-                client = record.client.as_deref().unwrap_or("-"),
+                client = %self.0.book.log_pseudonym(self.0.ip),
                 model = model.unwrap_or("-"),
                 outcome = fate.outcome,
                 "request"

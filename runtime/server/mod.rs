@@ -230,11 +230,33 @@ pub fn router(state: Arc<AppState>) -> Router {
         // Outside authentication (a preflight carries no token, and must not count as a failed
         // one), inside the audit ledger (every request, preflights too, is accounted for).
         .layer(cors(&state.config.get().cors_allowed_origins))
+        .layer(middleware::from_fn(options_only_as_preflight))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             audit_requests,
         ))
         .with_state(state)
+}
+
+/// `OPTIONS` is answered only as a CORS preflight (with `Origin` and
+/// `Access-Control-Request-Method`), the same way for every path; any other `OPTIONS` is a 405
+/// without an `Allow` header. Otherwise an anonymous `OPTIONS` (which passes authentication, as
+/// preflights must) would tell which routes and methods exist.
+async fn options_only_as_preflight(req: Request, next: Next) -> Response {
+    let preflight = req.headers().contains_key(axum::http::header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD);
+    if req.method() == axum::http::Method::OPTIONS && !preflight {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "OPTIONS is answered only as a CORS preflight",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// CORS for the configured origins only (validated at start; none by default: then no

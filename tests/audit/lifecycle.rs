@@ -201,8 +201,12 @@ fn sighup_swaps_the_tls_certificate_without_failing_a_request() {
         &[("NOTIFY_SOCKET", &socket_path)],
     )
     .unwrap();
-    let mut heard = notes(&socket);
-    assert!(heard.iter().any(|m| m.contains("READY=1")), "{heard:?}");
+    // READY follows the "listening" line.
+    let mut heard = Vec::new();
+    wait_for("READY=1", || {
+        heard.extend(notes(&socket));
+        heard.iter().any(|m| m.contains("READY=1"))
+    });
 
     // Clients that trust both CAs call all along.
     let mut roots = rustls::RootCertStore::empty();
@@ -245,13 +249,15 @@ fn sighup_swaps_the_tls_certificate_without_failing_a_request() {
     wait_for("more calls after the swap", || {
         calls.load(Ordering::Relaxed) > before + 5
     });
-    heard.extend(notes(&socket));
-    let reloading = heard.iter().position(|m| m.contains("RELOADING=1"));
-    assert!(
-        reloading.is_some_and(|i| heard[i].contains("MONOTONIC_USEC=")
-            && heard[i + 1..].iter().any(|m| m.contains("READY=1"))),
-        "{heard:?}"
-    );
+    // READY again once the whole reload (models too) is done.
+    wait_for("RELOADING=1 then READY=1", || {
+        heard.extend(notes(&socket));
+        let reloading = heard.iter().position(|m| m.contains("RELOADING=1"));
+        reloading.is_some_and(|i| {
+            heard[i].contains("MONOTONIC_USEC=")
+                && heard[i + 1..].iter().any(|m| m.contains("READY=1"))
+        })
+    });
 
     // A key that does not match the certificate: refused, the running one stays.
     let (_, other_key, _) = new_ca.leaf();
@@ -345,7 +351,13 @@ fn json_logs_have_one_access_line_per_request_and_no_secrets() {
     );
     find("other", 404);
     find("/v1/models", 401);
-    for leak in [user.as_str(), secret_text, "evil", "sr_wrong"] {
+    for leak in [
+        user.as_str(),
+        secret_text,
+        "evil",
+        "sr_wrong",
+        "INJECTEDMETHOD",
+    ] {
         assert!(!text.contains(leak), "{leak:?} in the log");
     }
 }
@@ -667,4 +679,42 @@ fn a_hostile_certificate_file_is_refused_at_once() {
         .map(|r| r["outcome"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(outcomes, ["refused", "refused", "refused", "ok"]);
+}
+
+/// Entries planted in the spool are each recorded once as `spool_invalid` and moved aside:
+/// a directory (which could not be removed, and was recorded every second, forever), a file
+/// not named like a record, and a well-formed record of an event no CLI command spools (a
+/// forged `request`). Before, the directory flooded the log and the forged request was
+/// accepted as spooled.
+#[test]
+fn planted_spool_entries_are_recorded_once_and_forged_events_refused() {
+    let state = tempfile::tempdir().unwrap();
+    token(state.path(), "user", "embeddings");
+    let s = serve(state.path(), None).unwrap();
+    let spool = state.path().join("audit/spool");
+    std::fs::create_dir_all(spool.join("0000000000000001-planted.json")).unwrap();
+    std::fs::write(spool.join("notes.txt"), "hello").unwrap();
+    let forged = serde_json::json!({"time_ms": 1, "event": "request", "token_id": "feedfacefeedface",
+                                    "route": "POST /v1/chat/completions", "status": 200});
+    std::fs::write(
+        spool.join("0000000000000002-forged.json"),
+        forged.to_string(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    s.stop();
+    let records = export(state.path());
+    let invalid: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["event"] == "spool_invalid")
+        .collect();
+    assert_eq!(invalid.len(), 3, "{invalid:?}");
+    assert!(!records.iter().any(|r| r["token_id"] == "feedfacefeedface"));
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(state.path().join("audit/spool-rejected"))
+            .unwrap()
+            .count(),
+        3
+    );
 }
