@@ -389,11 +389,11 @@ fn token_id_prompts_lists_of_one_and_rerank() {
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["choices"][0]["text"], text["choices"][0]["text"], "{v}");
     }
-    for prompt in [
-        serde_json::json!(["a", "b"]),
-        serde_json::json!([1, -2]),
-        serde_json::json!([99999999]),
-    ] {
+    // Several prompts: one choice each, in order.
+    let (status, v) = complete(serde_json::json!(["a", "b"]));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2, "{v}");
+    for prompt in [serde_json::json!([1, -2]), serde_json::json!([99999999])] {
         let (status, v) = complete(prompt);
         assert_eq!(status, 400, "{v}");
         assert_eq!(v["error"]["param"], "prompt", "{v}");

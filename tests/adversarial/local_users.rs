@@ -134,6 +134,18 @@ fn public_files_are_0644_and_secrets_0600_whatever_the_umask() {
         .unwrap()
         .path();
     assert_eq!(mode(&trusted), 0o644);
+    // `trust add` does not create the audit log; the first token does.
+    let o = with_umask(&[
+        "token",
+        "create",
+        "--name",
+        "t",
+        "--scopes",
+        "inference",
+        "--state-dir",
+        p(&state),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(mode(&state.join("audit/audit.pub")), 0o644);
     assert_eq!(mode(&state.join("audit/read.key")), 0o600);
 }
