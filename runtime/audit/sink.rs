@@ -87,7 +87,9 @@ impl Sinks {
                     }
                     r
                 }
-                SinkSpec::Syslog(socket) => self.datagram(socket, syslog_line(json).as_bytes()),
+                SinkSpec::Syslog(socket) => {
+                    self.datagram(socket, syslog_line("audit-checkpoint", json).as_bytes())
+                }
                 SinkSpec::Journald(socket) => self.datagram(socket, journal_entry(json).as_bytes()),
             };
             if let Err(e) = sent {
@@ -141,12 +143,13 @@ fn append_line(path: &std::path::Path, json: &str) -> std::io::Result<()> {
 
 /// RFC 5424: `<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID SD MSG`; facility 13 (log
 /// audit), severity 6 (info) → PRI 110; the hostname is left nil (the relay adds its own).
-fn syslog_line(json: &str) -> String {
+/// `msgid` says what the message holds (`audit-checkpoint`, `audit-record`).
+pub(super) fn syslog_line(msgid: &str, json: &str) -> String {
     let time = jiff::Timestamp::now()
         .round(jiff::Unit::Millisecond)
         .unwrap_or(jiff::Timestamp::now());
     format!(
-        "<110>1 {time} - securerun {} audit-checkpoint - {json}",
+        "<110>1 {time} - securerun {} {msgid} - {json}",
         std::process::id()
     )
 }

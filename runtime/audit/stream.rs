@@ -252,7 +252,10 @@ fn send(
             .map(drop)
     };
     match &spec.target {
-        Target::Syslog(path) => datagram(path, syslog_line(&body).as_bytes()),
+        Target::Syslog(path) => datagram(
+            path,
+            super::sink::syslog_line("audit-record", &body).as_bytes(),
+        ),
         Target::Unix(path) => datagram(path, body.as_bytes()),
         Target::File(path) => {
             let mut f = std::fs::OpenOptions::new()
@@ -363,17 +366,6 @@ pub fn ocsf(mut f: Map<String, Value>) -> Value {
         o.insert("unmapped".into(), Value::Object(f));
     }
     out
-}
-
-/// RFC 5424, facility 13 (log audit), severity 6 (info): PRI 110.
-fn syslog_line(json: &str) -> String {
-    let time = jiff::Timestamp::now()
-        .round(jiff::Unit::Millisecond)
-        .unwrap_or(jiff::Timestamp::now());
-    format!(
-        "<110>1 {time} - securerun {} audit-record - {json}",
-        std::process::id()
-    )
 }
 
 #[cfg(test)]

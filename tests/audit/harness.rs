@@ -216,6 +216,21 @@ pub fn audit(state: &Path, args: &[&str]) -> std::process::Output {
     securerun(&a)
 }
 
+/// Every record of a log whose read key is still on the host (tests that are not about keys).
+pub fn export_local(state: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&audit(state, &["export", "--trust-local-key"]))
+}
+
+/// A successful command's JSON lines.
+fn parse_lines(o: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// What the auditor keeps off the host: `audit.pub` (copied when the log was made) and the
 /// read key (moved off the host).
 pub struct Auditor {
@@ -258,13 +273,7 @@ impl Auditor {
         let mut a = vec!["export"];
         a.extend(self.full());
         a.extend_from_slice(extra);
-        let o = audit(state, &a);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8(o.stdout)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        parse_lines(&audit(state, &a))
     }
 
     /// Verify fails (with the root alone and with the read key), naming `needle`.

@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,16 +12,6 @@ use tokio_rustls::rustls;
 
 use crate::common::p;
 use crate::harness::*;
-
-fn export(state: &Path) -> Vec<serde_json::Value> {
-    let o = audit(state, &["export", "--trust-local-key"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// Every process the server started (its confined workers), from each thread's children.
 fn children(pid: u32) -> Vec<u32> {
@@ -102,7 +91,7 @@ fn readiness_follows_the_worker_and_lockdown_while_liveness_stays() {
     assert_eq!(call(&s.addr, "GET", "/healthz", None, ""), 200);
     s.stop();
 
-    let restarted: Vec<_> = export(state.path())
+    let restarted: Vec<_> = export_local(state.path())
         .into_iter()
         .filter(|r| r["event"] == "worker_restarted")
         .collect();
@@ -278,7 +267,7 @@ fn sighup_swaps_the_tls_certificate_without_failing_a_request() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(der))
     };
-    let reloads: Vec<_> = export(dir)
+    let reloads: Vec<_> = export_local(dir)
         .into_iter()
         .filter(|r| r["event"] == "tls_reloaded")
         .collect();
@@ -582,7 +571,7 @@ fn sighup_reloads_the_settings_and_refuses_a_bad_file_whole() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(inputs(3), 200);
     s.stop();
-    let reloads: Vec<serde_json::Value> = export(state.path())
+    let reloads: Vec<serde_json::Value> = export_local(state.path())
         .into_iter()
         .filter(|r| r["event"] == "config_reloaded")
         .collect();
@@ -673,7 +662,7 @@ fn a_hostile_certificate_file_is_refused_at_once() {
         tls_get(&s.addr, &config).unwrap().1 == second
     });
     s.stop();
-    let outcomes: Vec<String> = export(dir)
+    let outcomes: Vec<String> = export_local(dir)
         .into_iter()
         .filter(|r| r["event"] == "tls_reloaded")
         .map(|r| r["outcome"].as_str().unwrap().to_string())
@@ -703,7 +692,7 @@ fn planted_spool_entries_are_recorded_once_and_forged_events_refused() {
     .unwrap();
     std::thread::sleep(Duration::from_secs(4));
     s.stop();
-    let records = export(state.path());
+    let records = export_local(state.path());
     let invalid: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["event"] == "spool_invalid")

@@ -6,17 +6,6 @@ use std::path::Path;
 use crate::common::{p, securerun};
 use crate::harness::*;
 
-/// Every record of a log whose read key is still on the host (tests that are not about keys).
-fn export(state: &Path) -> Vec<serde_json::Value> {
-    let o = audit(state, &["export", "--trust-local-key"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    String::from_utf8(o.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn verify_ok(state: &Path) {
     let o = audit(state, &["verify", "--trust-local-key"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -130,7 +119,7 @@ fn a_server_that_cannot_write_its_audit_log_refuses_work() {
     drop(s); // killed, not stopped
     verify_ok(state.path());
     // Every request answered 200 has its record.
-    let ok = export(state.path())
+    let ok = export_local(state.path())
         .iter()
         .filter(|r| r["outcome"] == "ok")
         .count();
@@ -189,7 +178,7 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
     );
     s.stop();
 
-    let events: Vec<String> = export(state.path())
+    let events: Vec<String> = export_local(state.path())
         .iter()
         .map(|r| r["event"].as_str().unwrap().to_string())
         .collect();
@@ -204,12 +193,12 @@ fn lockdown_and_revoke_all_contain_an_incident_and_are_audited() {
         assert!(events.iter().any(|x| x == e), "{e} not audited: {events:?}");
     }
     // The running server recorded the lockdown with the reason the CLI gave.
-    let on = export(state.path())
+    let on = export_local(state.path())
         .into_iter()
         .find(|r| r["event"] == "lockdown_on")
         .unwrap();
     assert!(on["detail"].as_str().unwrap().contains("drill"), "{on}");
-    let refused = export(state.path())
+    let refused = export_local(state.path())
         .iter()
         .filter(|r| r["outcome"] == "refused_lockdown")
         .count();
@@ -249,7 +238,7 @@ fn kill_9_during_traffic_loses_no_answered_request() {
         answered.len()
     );
     verify_ok(state.path());
-    let recorded: std::collections::HashSet<String> = export(state.path())
+    let recorded: std::collections::HashSet<String> = export_local(state.path())
         .iter()
         .filter(|r| r["outcome"] == "ok")
         .filter_map(|r| r["request_id"].as_str().map(str::to_string))
@@ -298,7 +287,7 @@ fn audit_content_is_recorded_only_with_consent_hmac_testable_full_encrypted() {
             assert_eq!(call(&s.addr, "POST", "/v1/embeddings", Some(t), &body), 200);
         }
         s.stop();
-        let records = export(state.path());
+        let records = export_local(state.path());
         let id = |t: &str| t.split('_').nth(1).unwrap().to_string();
         let ok = |t: &str| {
             records
@@ -379,7 +368,7 @@ fn the_plaintext_server_log_holds_no_address_or_pseudonym() {
     );
     assert!(!text.contains(&pseudonym), "{text}");
     // The records do carry the pseudonym (that is where it belongs).
-    assert!(export(state.path())
+    assert!(export_local(state.path())
         .iter()
         .any(|r| r["client"] == pseudonym.as_str()));
 }
@@ -414,7 +403,7 @@ fn epochs_rotate_by_time_and_cli_actions_beside_a_running_server_are_recorded() 
     std::thread::sleep(std::time::Duration::from_millis(800));
     s.stop();
     verify_ok(state.path());
-    let records = export(state.path());
+    let records = export_local(state.path());
     let rotations = records
         .iter()
         .filter(|r| r["event"] == "audit_epoch_start")
@@ -593,7 +582,7 @@ fn a_log_of_the_old_format_verifies_read_only_and_migrates() {
         p(&key_path),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let migrated = export(state.path())
+    let migrated = export_local(state.path())
         .into_iter()
         .find(|r| r["event"] == "audit_migrated")
         .expect("the migration is recorded");
@@ -628,7 +617,7 @@ fn the_spool_accepts_only_the_owners_files_and_bounds_their_time() {
     std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
     let started = securerun::audit::now_ms();
     serve(state.path(), None).unwrap().stop();
-    let records = export(state.path());
+    let records = export_local(state.path());
     let taken = records
         .iter()
         .find(|r| r["event"] == "token_revoked")
