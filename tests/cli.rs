@@ -714,3 +714,42 @@ fn the_configuration_reference_lists_every_key_flag_and_variable() {
         stderr(&o)
     );
 }
+
+/// The README's quickstart works when pasted: run as written (only the build line is left
+/// out, and `S` points at this build), in a directory of its own, it signs, serves, waits for
+/// readiness, answers, and stops the server.
+#[test]
+fn the_readme_quickstart_works_when_pasted() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let section = &readme[readme.find("### Quickstart").expect("a quickstart")..];
+    let start = section.find("```sh\n").expect("a shell block") + "```sh\n".len();
+    let block = &section[start..start + section[start..].find("```").unwrap()];
+    let mut lines = block.lines();
+    assert_eq!(
+        lines.next(),
+        Some("scripts/fetch-models.sh && cargo build --release"),
+        "the block's first line fetches and builds (left out here)"
+    );
+    let script: String = lines
+        .map(|l| {
+            if l.starts_with("S=./target/release/securerun") {
+                format!("S={}", env!("CARGO_BIN_EXE_securerun"))
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(root.join(".cache"), dir.path().join(".cache")).unwrap();
+    let o = std::process::Command::new("timeout")
+        .args(["300", "bash", "-e", "-c", &format!("{script}\nwait\n")])
+        .current_dir(dir.path())
+        .env_remove("SECURERUN_STATE_DIR")
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(out.contains("The capital of France is Paris."), "{out}");
+}
