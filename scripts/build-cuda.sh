@@ -11,29 +11,46 @@
 # statically compiled kernels; candle's other kernels are PTX, which newer GPUs (86, 87, 89,
 # 90) compile at load time.
 #
-# STATUS (issue 17, in progress): the PyPI toolchain works. nvcc 13.0 compiles every candle
-# kernel (candle-kernels, cudarc, candle-core with `cuda`: about 8.5 min from scratch on 2 cores).
-# The final link still fails: cudarc links the CUDA libraries at build time (-lcuda, -lcudart,
-# -lcublas, -lcublasLt, -lcurand, -lnvrtc). The missing pieces are the cuBLAS, cuRAND and
-# NVRTC wheels, `libcudart.so` (the wheel has only `.so.13`), and a `libcuda.so` link stub
-# (the driver library is not on PyPI). Until then the script stops at the link with those
-# errors.
+# The binary links the CUDA libraries (cudarc's dynamic linking): it needs the NVIDIA driver's
+# libcuda.so.1 and, from this toolkit, libcublas.so.13 and libcurand.so.10 at run time
+# (LD_LIBRARY_PATH=.cache/cuda-13.0/nvidia/cu13/lib, or install them beside it). The driver
+# library is not on PyPI: the link uses a stub libcuda.so (SONAME libcuda.so.1, every driver
+# entry point cudarc declares, each empty), made here as NVIDIA's own toolkit ships one; at run
+# time the real driver's library is loaded instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CUDA_VERSION=13.0
 root=.cache/cuda-$CUDA_VERSION
 wheels=$root/wheels
-if [ ! -x "$root/nvidia/cu13/bin/nvcc" ] || [ ! -x "$root/nvidia/cu13/nvvm/bin/cicc" ]; then
+lib=$root/nvidia/cu13/lib
+if [ ! -x "$root/nvidia/cu13/nvvm/bin/cicc" ] || [ ! -e "$lib/libcublas.so.13" ]; then
   mkdir -p "$wheels"
+  # Compiler (nvcc, crt, nvvm), headers (runtime, cccl), and the libraries cudarc links
+  # (cuBLAS 13.0, cuRAND 10.4 = CUDA 13.0, NVRTC).
   python3 -m pip download --quiet --no-deps -d "$wheels" \
     "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-cuda-crt==$CUDA_VERSION.*" \
     "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" \
-    "nvidia-nvvm==$CUDA_VERSION.*"
+    "nvidia-nvvm==$CUDA_VERSION.*" "nvidia-cublas==$CUDA_VERSION.*" \
+    "nvidia-cuda-nvrtc==$CUDA_VERSION.*" "nvidia-curand>=10.4,<10.5"
   for w in "$wheels"/*.whl; do
     python3 -m zipfile -e "$w" "$root"
   done
   chmod +x "$root"/nvidia/cu13/bin/* "$root"/nvidia/cu13/nvvm/bin/* 2>/dev/null || true
+fi
+# Link names (the wheels carry only the versioned files).
+for l in cudart.so.13 cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13; do
+  ln -sf "lib$l" "$lib/lib${l%%.so.*}.so"
+done
+# The driver's link stub.
+if [ ! -e "$lib/libcuda.so" ]; then
+  cudarc=$(cargo metadata --format-version 1 --features cuda 2>/dev/null | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
+  grep -ohE "pub (unsafe )?fn cu[A-Z][A-Za-z0-9_]*" "$cudarc/src/driver/sys/mod.rs" \
+    | awk '{print $NF}' | sort -u | sed 's/.*/void &(void) {}/' > "$root/libcuda_stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/libcuda.so" "$root/libcuda_stub.c"
 fi
 cuda=$PWD/$root/nvidia/cu13
 export CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_HOME=$cuda
