@@ -271,21 +271,25 @@ impl LiveConfig {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Applies `new` if it differs from the running settings only in [`LIVE_KEYS`]; otherwise
-    /// changes nothing and names the keys that need a restart.
-    pub fn reload(&self, new: ServeConfig) -> Result<Vec<&'static str>, Vec<&'static str>> {
-        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
-        let changed = changed_keys(&slot, &new);
+    /// The keys `new` changes, if all of them are [`LIVE_KEYS`]; otherwise the keys that need
+    /// a restart. Changes nothing.
+    pub fn check(&self, new: &ServeConfig) -> Result<Vec<&'static str>, Vec<&'static str>> {
+        let changed = changed_keys(&self.get(), new);
         let restart: Vec<_> = changed
             .iter()
             .copied()
             .filter(|k| !LIVE_KEYS.contains(k))
             .collect();
-        if !restart.is_empty() {
-            return Err(restart);
+        if restart.is_empty() {
+            Ok(changed)
+        } else {
+            Err(restart)
         }
-        *slot = std::sync::Arc::new(new);
-        Ok(changed)
+    }
+
+    /// Serves requests with `new` from now on (after [`LiveConfig::check`] said it may).
+    pub fn replace(&self, new: ServeConfig) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(new);
     }
 }
 

@@ -114,9 +114,9 @@ async fn reload_settings(state: &AppState, reread: &Reread) {
     if *running == new {
         return;
     }
-    // Checked before recording, applied after: a refusal changes nothing either way.
-    let probe = super::config::LiveConfig::new((*running).clone());
-    match probe.reload(new.clone()) {
+    // Checked before recording, applied after: a refusal changes nothing either way (only this
+    // task replaces the settings, so nothing changes between the check and the swap).
+    match state.config.check(&new) {
         Err(restart) => {
             record.outcome = Some("refused".into());
             record.detail = Some(format!(
@@ -133,7 +133,7 @@ async fn reload_settings(state: &AppState, reread: &Reread) {
                 tracing::error!(error = %e, "cannot record the config reload; keeping the running settings");
                 return;
             }
-            let _ = state.config.reload(new);
+            state.config.replace(new);
             tracing::info!(keys = ?changed, "settings reloaded");
         }
     }
