@@ -62,20 +62,32 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
-impl DeviceChoice {
-    /// Whether this build and host can use the device (CUDA needs the `cuda` feature).
-    pub fn check(self) -> Result<(), Error> {
-        self.open().map(drop)
+impl std::fmt::Display for DeviceChoice {
+    /// The spelling [`std::str::FromStr`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
     }
+}
 
+impl DeviceChoice {
+    /// Opens the device in this process (in-process inference, `--sandbox=off`): for CUDA, the
+    /// libraries and the driver, each failure its own clear error; never the CPU instead.
     fn open(self) -> Result<Device, Error> {
         match self {
             DeviceChoice::Cpu => Ok(Device::Cpu),
-            // Without the `cuda` feature candle's stub backend returns "not compiled with cuda".
-            DeviceChoice::Cuda(n) => Device::new_cuda(n).map_err(|e| Error::Device {
-                device: format!("cuda:{n}"),
-                reason: e.to_string(),
-            }),
+            DeviceChoice::Cuda(n) => {
+                let refused = |e: securerun_models::cuda::CudaError| Error::Device {
+                    device: self.to_string(),
+                    reason: e.to_string(),
+                };
+                securerun_models::cuda::load_libraries().map_err(refused)?;
+                securerun_models::cuda::open_device(n)
+                    .map(|(device, _)| device)
+                    .map_err(refused)
+            }
         }
     }
 }
@@ -100,12 +112,10 @@ pub enum Error {
         model: PathBuf,
         source: SigningError,
     },
-    #[error("cannot use device {device}: {reason} (CUDA needs a build with `--features cuda`)")]
+    #[error("cannot use device {device}: {reason}")]
     Device { device: String, reason: String },
     #[error(transparent)]
     Worker(#[from] WorkerError),
-    #[error("a confined worker computes on the CPU only; pass --sandbox=off to use {0} (see README, CUDA)")]
-    ConfinedDevice(String),
     #[error("{model}: {architecture} is {}, not {}: use `securerun {}`", task_name(*found), task_name(*wanted), command_for(*found))]
     WrongTask {
         model: PathBuf,
@@ -294,11 +304,15 @@ impl OpenedModel {
     /// budget and precision are this model's; a replacement worker (after a crash) starts only
     /// if the signature still verifies over the files it will receive.
     pub fn confined(&self, mut settings: WorkerSettings) -> Result<ConfinedModel, Error> {
-        if let DeviceChoice::Cuda(n) = self.opts.device {
-            // A build without CUDA says so first; with CUDA, the worker profile is CPU-only so far.
-            self.opts.device.open()?;
-            return Err(Error::ConfinedDevice(format!("cuda:{n}")));
+        // A build without CUDA says so here; with CUDA, the worker opens the device itself,
+        // confined, and a host without one is refused by the worker with its reason.
+        if self.opts.device != DeviceChoice::Cpu && !securerun_models::cuda::built() {
+            return Err(Error::Device {
+                device: self.opts.device.to_string(),
+                reason: securerun_models::cuda::CudaError::NotBuilt.to_string(),
+            });
         }
+        settings.device = self.opts.device;
         settings.precision = self.opts.precision;
         settings.memory_budget = Some(self.memory_budget);
         let mut model = ConfinedModel::start_with_encoder(

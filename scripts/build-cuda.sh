@@ -11,12 +11,16 @@
 # statically compiled kernels; candle's other kernels are PTX, which newer GPUs (86, 87, 89,
 # 90) compile at load time.
 #
-# The binary links the CUDA libraries (cudarc's dynamic linking): it needs the NVIDIA driver's
-# libcuda.so.1 and, from this toolkit, libcublas.so.13 and libcurand.so.10 at run time
-# (LD_LIBRARY_PATH=.cache/cuda-13.0/nvidia/cu13/lib, or install them beside it). The driver
-# library is not on PyPI: the link uses a stub libcuda.so (SONAME libcuda.so.1, every driver
-# entry point cudarc declares, each empty), made here as NVIDIA's own toolkit ships one; at run
-# time the real driver's library is loaded instead.
+# The CUDA libraries are loaded at run time, not linked: candle 0.11 asks cudarc for
+# `dynamic-linking`, which would make libcuda.so.1 a load-time dependency, so the binary could not
+# even print --version (or serve on the CPU) on a host without the NVIDIA driver, and the worker
+# could not choose when the libraries are opened. This script builds against a copy of cudarc
+# 0.19.10 (the locked version, from cargo's registry) in which `dynamic-linking` means cudarc's
+# own `dynamic-loading`: every CUDA library is dlopen()ed by name on first use, and the worker
+# opens them all *before* it confines itself (runtime/worker/gpu.rs). At run time the host needs
+# the driver's libcuda.so.1 and, from this toolkit, libcublas(Lt).so.13, libcurand.so.10 and
+# libnvrtc.so.13 on the loader's path (LD_LIBRARY_PATH=.cache/cuda-13.0/nvidia/cu13/lib, or
+# installed system-wide); without them, `--device cuda` is a clear error and the CPU is unaffected.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,26 +41,48 @@ if [ ! -x "$root/nvidia/cu13/nvvm/bin/cicc" ] || [ ! -e "$lib/libcublas.so.13" ]
     python3 -m zipfile -e "$w" "$root"
   done
   chmod +x "$root"/nvidia/cu13/bin/* "$root"/nvidia/cu13/nvvm/bin/* 2>/dev/null || true
+  # Unpacked is all that is used: the archives would only double the disk taken.
+  rm -rf "$wheels"
 fi
 # Link names (the wheels carry only the versioned files).
 for l in cudart.so.13 cublas.so.13 cublasLt.so.13 curand.so.10 nvrtc.so.13; do
   ln -sf "lib$l" "$lib/lib${l%%.so.*}.so"
 done
-# The driver's link stub.
-if [ ! -e "$lib/libcuda.so" ]; then
-  cudarc=$(cargo metadata --format-version 1 --features cuda 2>/dev/null | python3 -c '
+# No driver stub on the library path: cudarc tries `libcuda.so` before `libcuda.so.1` at run
+# time, and an earlier version of this script left a link stub there.
+rm -f "$lib/libcuda.so" "$root/libcuda_stub.c"
+# cudarc with `dynamic-linking` read as `dynamic-loading` (see above).
+cudarc_version=0.19.10
+patched=$root/cudarc-$cudarc_version-loading
+if [ ! -f "$patched/.patched-2" ]; then
+  cargo fetch --quiet
+  src=$(cargo metadata --format-version 1 --features cuda 2>/dev/null | python3 -c '
 import json, sys
 m = json.load(sys.stdin)
-print(next(p["manifest_path"] for p in m["packages"] if p["name"] == "cudarc").rsplit("/", 1)[0])')
-  grep -ohE "pub (unsafe )?fn cu[A-Z][A-Za-z0-9_]*" "$cudarc/src/driver/sys/mod.rs" \
-    | awk '{print $NF}' | sort -u | sed 's/.*/void &(void) {}/' > "$root/libcuda_stub.c"
-  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/libcuda.so" "$root/libcuda_stub.c"
+print(next(p["manifest_path"] for p in m["packages"]
+           if p["name"] == "cudarc" and p["version"] == sys.argv[1]).rsplit("/", 1)[0])' "$cudarc_version")
+  rm -rf "$patched" && cp -r "$src" "$patched"
+  # Code gated on linking is never compiled (`any()` is false); the feature itself turns
+  # dynamic loading on.
+  grep -rlF 'feature = "dynamic-linking"' "$patched" --include='*.rs' \
+    | xargs sed -i 's/feature = "dynamic-linking"/any()/g'
+  sed -i 's/^dynamic-linking = \[\]$/dynamic-linking = ["dynamic-loading"]/' "$patched/Cargo.toml"
+  grep -q '^dynamic-linking = \["dynamic-loading"\]$' "$patched/Cargo.toml"
+  touch "$patched/.patched-2"
 fi
 cuda=$PWD/$root/nvidia/cu13
 export CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_HOME=$cuda
 export PATH=$cuda/bin:$PATH
+# candle's kernel library names libcudart for the link (unused, so dropped: --as-needed); with
+# cudarc loading its libraries itself, nothing else tells the linker where the toolkit's are.
+export LIBRARY_PATH=$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
 nvcc --version | tail -2
-# Its own target directory: the CPU build's artefacts stay as they are.
-CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda} cargo build --release --features cuda --bin securerun "$@"
+# Its own target directory: the CPU build's artefacts stay as they are. The patch rewrites
+# cudarc's entry in Cargo.lock (a path source has no checksum); the committed lock is restored.
+lock_copy=$(mktemp)
+cp Cargo.lock "$lock_copy"
+trap 'cp "$lock_copy" Cargo.lock; rm -f "$lock_copy"' EXIT
+CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda} cargo build --release --features cuda \
+  --config "patch.crates-io.cudarc.path=\"$PWD/$patched\"" --bin securerun "$@"
 echo "built ${CARGO_TARGET_DIR:-target/cuda}/release/securerun (CUDA $CUDA_VERSION, compute capability $CUDA_COMPUTE_CAP)"

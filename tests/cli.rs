@@ -436,7 +436,7 @@ fn bad_inputs_are_one_clear_line() {
             "--device",
             "cuda",
         ]),
-        "--features cuda",
+        "this build has no CUDA support (build one with scripts/build-cuda.sh)",
     );
     // A directory of a bare file with no config or tokenizer.
     let bare = tmp.path().join("bare.safetensors");

@@ -77,6 +77,56 @@ fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
     assert!(!out.contains("ESCAPED"), "{out}");
 }
 
+/// `doctor --device cuda` in a build without CUDA (CI's): the GPU profile is applied for real
+/// (its device nodes do not exist here and are skipped), every escape is still refused, and
+/// the device line says why there is no GPU. The command fails: no CPU in its place.
+#[test]
+fn doctor_under_the_gpu_profile_refuses_every_escape_and_names_the_missing_device() {
+    let o = securerun(&["doctor", "--device", "cuda"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{out}");
+    assert!(err.contains("not usable for cuda:0"), "{err}");
+    assert!(out.contains("GPU profile (cuda:0)"), "{out}");
+    for layer in [
+        "rlimits",
+        "no_new_privs",
+        "capabilities",
+        "landlock",
+        "signal isolation",
+        "seccomp",
+        "thread cap",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(layer) && l.contains(" enforced ")),
+            "{layer}: {out}"
+        );
+    }
+    // The GPU profile's own marks: host memory bounded as data, the driver's calls added.
+    assert!(out.contains("data 1024 MiB"), "{out}");
+    assert!(out.contains("for the device)"), "{out}");
+    for (name, _) in securerun_sandbox::probe::PROBES {
+        let expected = if *name == "stat-host-path" {
+            "visible"
+        } else {
+            "blocked"
+        };
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(name) && l.contains(expected)),
+            "probe {name}: {out}"
+        );
+    }
+    assert!(!out.contains("ESCAPED"), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("cuda:0")
+            && l.contains("UNUSABLE")
+            && l.contains("this build has no CUDA support")),
+        "{out}"
+    );
+}
+
 #[test]
 fn worker_runs_under_seccomp_and_no_new_privs_and_matches_in_process() {
     let model = common::smollm2();

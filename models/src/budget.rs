@@ -42,7 +42,8 @@ pub fn estimate(
 ) -> Result<MemoryEstimate, LoadError> {
     use crate::precision::{in_place, matrix_bytes, Role};
     let compute_bytes = 4u64;
-    let config = crate::load::config(source)?;
+    // A model without a usable config is refused before any arithmetic.
+    crate::load::config(source)?;
     let converted: u64 = source
         .tensors()
         .map(|(f, t)| match t.shape[..] {
@@ -63,6 +64,39 @@ pub fn estimate(
         })
         .fold(0u64, u64::saturating_add);
     let weights = source.weight_bytes().saturating_add(converted);
+    sized(source, weights, compute_bytes, context)
+}
+
+/// Estimates what the model of `source` allocates in a GPU's memory when every tensor is held
+/// at `dtype` there (weights, rotary tables, KV cache and activations alike) and it serves up
+/// to `context` positions. The mapped files stay on the host and are not counted.
+pub fn estimate_on_device(
+    source: &ModelSource,
+    dtype: candle_core::DType,
+    context: Option<u64>,
+) -> Result<MemoryEstimate, LoadError> {
+    let bytes = dtype.size_in_bytes() as u64;
+    let weights = source
+        .tensors()
+        .map(|(_, t)| {
+            t.shape
+                .iter()
+                .map(|&d| d as u64)
+                .fold(bytes, u64::saturating_mul)
+        })
+        .fold(0u64, u64::saturating_add);
+    sized(source, weights, bytes, context)
+}
+
+/// The parts sized by the configuration, for `weights` already counted and tensors of
+/// `compute_bytes` each.
+fn sized(
+    source: &ModelSource,
+    weights: u64,
+    compute_bytes: u64,
+    context: Option<u64>,
+) -> Result<MemoryEstimate, LoadError> {
+    let config = crate::load::config(source)?;
     let layers = field(&config, "num_hidden_layers").unwrap_or(0);
     let heads = field(&config, "num_attention_heads").unwrap_or(1).max(1);
     let kv_heads = field(&config, "num_key_value_heads").unwrap_or(heads);

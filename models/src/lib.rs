@@ -25,6 +25,7 @@ pub mod arch;
 pub mod batch;
 pub mod budget;
 pub mod chat;
+pub mod cuda;
 pub mod decoder;
 pub mod detok;
 pub mod embed;

@@ -18,7 +18,7 @@ pub struct LoadOptions {
     /// Where to compute.
     pub device: Device,
     /// Compute dtype; `None` picks f32 on CPU (candle's CPU kernels are fastest and exact there)
-    /// and the weights' own float type on an accelerator.
+    /// and 16 bits on an accelerator ([`accelerator_dtype`]).
     pub dtype: Option<DType>,
     /// Which forward pass runs a model both can run.
     pub engine: Engine,
@@ -107,16 +107,18 @@ fn default_dtype(source: &ModelSource, device: &Device) -> DType {
     if device.is_cpu() {
         return DType::F32;
     }
-    let floats = source.tensors().map(|(_, t)| t.dtype);
-    let mut best = DType::F32;
-    for d in floats {
-        match d {
-            Dtype::BF16 => return DType::BF16,
-            Dtype::F16 => best = DType::F16,
-            _ => {}
-        }
+    accelerator_dtype(source)
+}
+
+/// The dtype weights are held at on a GPU when the user asked for no precision: 16 bits, as
+/// the GPU's matrix units compute; an f16 file stays f16 (its values may exceed bf16's
+/// precision), anything else (bf16, f32) is bf16 (f32's range, so no overflow).
+pub fn accelerator_dtype(source: &ModelSource) -> DType {
+    if source.tensors().any(|(_, t)| t.dtype == Dtype::F16) {
+        DType::F16
+    } else {
+        DType::BF16
     }
-    best
 }
 
 /// End-of-sequence ids: generation_config.json, then config.json, then the tokenizer's

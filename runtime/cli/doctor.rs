@@ -1,18 +1,37 @@
 //! `securerun doctor`: which sandbox layers this host enforces, and escape attempts from inside a
 //! confined worker, each of which must be blocked. Exits non-zero if a layer is missing or any
-//! probe gets through.
+//! probe gets through. With `--device cuda`, everything runs under the GPU profile, and a
+//! confined worker must also initialise the device and compute on it.
 
 use clap::Args;
 
 use super::CmdResult;
+use crate::DeviceChoice;
 
 #[derive(Args)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Check the confinement of a worker for this device: cpu, cuda or cuda:N (the GPU profile:
+    /// the NVIDIA device nodes granted, the driver's system calls allowed).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+}
 
-pub fn run(_args: DoctorArgs) -> CmdResult {
+/// Under the GPU profile the host's directory tree stays in place (the device nodes and the
+/// driver's files live in it), so a path's existence can be learnt with `stat`, which landlock
+/// does not govern; opening any path but the granted ones is still refused.
+const VISIBLE_UNDER_GPU_PROFILE: &str = "stat-host-path";
+
+pub fn run(args: DoctorArgs) -> CmdResult {
     let program = std::env::current_exe()?;
-    println!("sandbox layers on this host:");
-    let layers = crate::worker::host_layers(&program)?;
+    let device = args.device;
+    let name = device.to_string();
+    let gpu = device != DeviceChoice::Cpu;
+    if gpu {
+        println!("sandbox layers on this host, GPU profile ({device}):");
+    } else {
+        println!("sandbox layers on this host:");
+    }
+    let layers = crate::worker::host_layers(&program, device)?;
     let mut ok = true;
     for layer in &layers {
         // Namespace-based layers are best effort: reported, not required (confine itself
@@ -28,18 +47,43 @@ pub fn run(_args: DoctorArgs) -> CmdResult {
         println!("  {:<19} {:<22} {}", layer.name, mark, layer.detail);
     }
     println!("escape attempts from a confined worker:");
-    for probe in crate::worker::run_probes(&program) {
-        ok &= probe.blocked;
-        println!(
-            "  {:<17} {:<8} {:<45} {}",
-            probe.name,
-            if probe.blocked { "blocked" } else { "ESCAPED" },
-            probe.attempt,
+    for probe in crate::worker::run_probes(&program, device) {
+        let mark = if probe.blocked {
+            "blocked"
+        } else if gpu && probe.name == VISIBLE_UNDER_GPU_PROFILE {
+            "visible"
+        } else {
+            ok = false;
+            "ESCAPED"
+        };
+        let how = if mark == "visible" {
+            "names only: the GPU profile keeps the host's tree (no empty root); opening is refused"
+                .to_string()
+        } else {
             probe.how
+        };
+        println!(
+            "  {:<17} {:<8} {:<45} {how}",
+            probe.name, mark, probe.attempt
         );
     }
+    if gpu {
+        println!("the device from a confined worker (GPU profile, threads capped):");
+        match crate::worker::device_check(&program, device) {
+            Ok(described) => println!("  {name:<17} usable   {described}"),
+            Err(e) => {
+                ok = false;
+                println!("  {name:<17} UNUSABLE {e}");
+            }
+        }
+    }
     if !ok {
-        return Err("the sandbox is incomplete on this host (see above)".into());
+        return Err(if gpu {
+            format!("the sandbox or the device is not usable for {device} on this host (see above)")
+        } else {
+            "the sandbox is incomplete on this host (see above)".to_string()
+        }
+        .into());
     }
     println!("all layers enforced, every probe blocked");
     Ok(())

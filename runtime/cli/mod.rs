@@ -224,15 +224,6 @@ impl RunModelArgs {
             }
             SandboxMode::Strict => securerun_sandbox::Mode::Strict,
         };
-        // The confined worker computes on CPU; its GPU profile (securerun_sandbox::gpu) is
-        // defined but not wired to a CUDA worker yet. Never fall back to CPU silently.
-        if let DeviceChoice::Cuda(n) = self.device {
-            self.device.check()?;
-            return Err(format!(
-                "--device cuda:{n} runs only in process for now: pass --sandbox=off as well (the confined worker is CPU-only)"
-            )
-            .into());
-        }
         let mut settings = crate::worker::WorkerSettings::new()?;
         settings.mode = mode;
         // Test-only hook, compiled out of release builds: the adversarial suite replaces the

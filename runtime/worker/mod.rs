@@ -21,6 +21,8 @@ pub use supervisor::{ConfinedModel, WorkerError, WorkerSettings, WorkerState, Wo
 use securerun_sandbox::probe::{EXIT_BLOCKED, EXIT_ESCAPED, PROBES};
 use securerun_sandbox::WorkerSpec;
 
+use crate::open::DeviceChoice;
+
 /// The outcome of one escape probe.
 #[derive(Debug, Clone)]
 pub struct ProbeResult {
@@ -51,22 +53,25 @@ pub(crate) fn start_threads_then_cap() -> Result<(), String> {
     securerun_sandbox::forbid_new_threads().map_err(|e| e.to_string())
 }
 
-fn probe_spec(program: &Path, args: &[&str]) -> WorkerSpec {
+fn probe_spec(program: &Path, args: &[&str], device: DeviceChoice) -> WorkerSpec {
+    let name = device.to_string();
     WorkerSpec {
         program: program.to_path_buf(),
         args: std::iter::once("__probe")
             .chain(args.iter().copied())
+            .chain(std::iter::once(name.as_str()))
             .map(Into::into)
             .collect(),
-        env: Vec::new(),
+        env: supervisor::worker_env(device, 1),
         fds: Vec::new(),
         stderr: Stdio::piped(),
     }
 }
 
-/// What this host enforces: a worker confines itself permissively and reports each layer.
-pub fn host_layers(program: &Path) -> Result<Vec<LayerMsg>, WorkerError> {
-    let mut p = securerun_sandbox::spawn(probe_spec(program, &["report", "0"]))
+/// What this host enforces: a worker for `device` confines itself permissively and reports
+/// each layer.
+pub fn host_layers(program: &Path, device: DeviceChoice) -> Result<Vec<LayerMsg>, WorkerError> {
+    let mut p = securerun_sandbox::spawn(probe_spec(program, &["report", "0"], device))
         .map_err(|e| WorkerError::Spawn(e.to_string()))?;
     let bytes = p
         .channel
@@ -79,13 +84,35 @@ pub fn host_layers(program: &Path) -> Result<Vec<LayerMsg>, WorkerError> {
     }
 }
 
-/// Runs every escape probe in its own strictly confined process.
-pub fn run_probes(program: &Path) -> Vec<ProbeResult> {
+/// A confined worker for `device` initialises it, caps its threads and computes on it: the
+/// device as the worker sees it, or why it cannot use it.
+pub fn device_check(program: &Path, device: DeviceChoice) -> Result<String, String> {
+    let mut p = securerun_sandbox::spawn(probe_spec(program, &["device", "0"], device))
+        .map_err(|e| e.to_string())?;
+    let bytes = p
+        .channel
+        .recv(protocol::MAX_FROM_WORKER, Some(Duration::from_secs(120)));
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    match bytes.map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(protocol::FromWorker::DeviceCheck {
+            described: Some(d),
+            error: None,
+        })) => Ok(d),
+        Ok(Ok(protocol::FromWorker::DeviceCheck { error: Some(e), .. })) => Err(e),
+        Ok(_) => Err("the check broke the protocol".into()),
+        Err(e) => Err(format!("the check died or hung: {e}")),
+    }
+}
+
+/// Runs every escape probe in its own strictly confined process, confined as a worker for
+/// `device` is.
+pub fn run_probes(program: &Path, device: DeviceChoice) -> Vec<ProbeResult> {
     let parent = std::process::id().to_string();
     PROBES
         .iter()
         .map(|&(name, attempt)| {
-            let (blocked, how) = match run_probe(program, name, &parent) {
+            let (blocked, how) = match run_probe(program, name, &parent, device) {
                 Ok(r) => r,
                 Err(e) => (false, format!("could not run: {e}")),
             };
@@ -99,8 +126,13 @@ pub fn run_probes(program: &Path) -> Vec<ProbeResult> {
         .collect()
 }
 
-fn run_probe(program: &Path, name: &str, parent: &str) -> std::io::Result<(bool, String)> {
-    let mut p = securerun_sandbox::spawn(probe_spec(program, &[name, parent]))?;
+fn run_probe(
+    program: &Path,
+    name: &str,
+    parent: &str,
+    device: DeviceChoice,
+) -> std::io::Result<(bool, String)> {
+    let mut p = securerun_sandbox::spawn(probe_spec(program, &[name, parent], device))?;
     let mut err = String::new();
     if let Some(mut stderr) = p.child.stderr.take() {
         let _ = stderr.read_to_string(&mut err);

@@ -10,10 +10,12 @@ use std::sync::{Arc, Mutex};
 
 use securerun_models::batch::OnText;
 use securerun_models::{
-    Batch, BatchLimits, ChatMessage, Embedder, Generation, LoadOptions, ModelSource, PrefixKey,
-    TextModel,
+    Batch, BatchLimits, ChatMessage, Device, Embedder, Generation, LoadOptions, ModelSource,
+    Precision, PrefixKey, TextModel,
 };
-use securerun_sandbox::{Channel, Confinement, Mode};
+use securerun_sandbox::{Channel, Confinement, MemoryLimit, Mode};
+
+use crate::open::DeviceChoice;
 
 use super::protocol::{FailureCause, FromWorker, LayerMsg, Task, ToWorker, MAX_TO_WORKER};
 
@@ -56,10 +58,10 @@ fn fail(channel: &mut Channel, id: Option<u64>, error: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// Entry point of `securerun __worker MODE MEMORY_BYTES FD_COUNT`.
+/// Entry point of `securerun __worker MODE MEMORY_BYTES FD_COUNT DEVICE`.
 pub fn main(args: &[String]) -> ExitCode {
-    let (mode, memory, fd_count) = match args {
-        [mode, memory, fds] => (
+    let (mode, memory, fd_count, device) = match args {
+        [mode, memory, fds, device] => (
             if mode == "permissive" {
                 Mode::Permissive
             } else {
@@ -67,20 +69,23 @@ pub fn main(args: &[String]) -> ExitCode {
             },
             memory.parse().unwrap_or(0),
             fds.parse().unwrap_or(0),
+            device.parse::<DeviceChoice>(),
         ),
         _ => return ExitCode::from(2),
     };
     let Ok((mut channel, fds)) = securerun_sandbox::inherited(fd_count) else {
         return ExitCode::from(2);
     };
-    let confinement = Confinement {
-        mode,
-        address_space: memory,
-        open_files: OPEN_FILES,
-        extra_syscalls: Vec::new(),
-        grants: Vec::new(),
+    let Ok(device) = device else {
+        return fail(&mut channel, None, "unknown device".into());
     };
-    let report = match securerun_sandbox::confine(&confinement) {
+    // A GPU worker opens the CUDA libraries while it can still read them (no thread starts).
+    if let DeviceChoice::Cuda(_) = device {
+        if let Err(e) = securerun_models::cuda::load_libraries() {
+            return fail(&mut channel, None, e.to_string());
+        }
+    }
+    let report = match securerun_sandbox::confine(&confinement(device, mode, memory)) {
         Ok(report) => report,
         Err(e) => return fail(&mut channel, None, e.to_string()),
     };
@@ -95,6 +100,7 @@ pub fn main(args: &[String]) -> ExitCode {
         limits,
         precision,
         max_sequences,
+        context,
     }) = recv(&mut channel)
     else {
         return fail(&mut channel, None, "expected a load message".into());
@@ -107,24 +113,114 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(&mut channel, None, e),
     };
+    let (device, described) = match device {
+        DeviceChoice::Cpu => (Device::Cpu, None),
+        DeviceChoice::Cuda(n) => match open_gpu(n, &source, precision, context) {
+            Ok((device, info)) => (device, Some(info)),
+            Err(e) => return fail(&mut channel, None, e),
+        },
+    };
     let opts = LoadOptions {
         limits,
         precision,
+        device,
         ..Default::default()
     };
     match task {
         Task::Generate => match TextModel::load(&source, &opts) {
-            Ok(model) => serve_generate(&mut channel, model, max_sequences.clamp(1, 256)),
+            Ok(model) => {
+                serve_generate(&mut channel, model, max_sequences.clamp(1, 256), described)
+            }
             Err(e) => fail(&mut channel, None, e.to_string()),
         },
         Task::Embed => match Embedder::load(&source, &opts) {
-            Ok(model) => serve_embed(&mut channel, model),
+            Ok(model) => serve_embed(&mut channel, model, described),
             Err(e) => fail(&mut channel, None, e.to_string()),
         },
     }
 }
 
-fn serve_generate(channel: &mut Channel, model: TextModel, max_sequences: usize) -> ExitCode {
+/// Descriptors a GPU worker may hold open: the CPU worker's, plus the driver's (a control
+/// node, one per device, the unified-memory node, event descriptors).
+const GPU_OPEN_FILES: u64 = 256;
+
+/// The worker's confinement: every layer, plus for a GPU the NVIDIA profile
+/// ([`securerun_sandbox::gpu`]).
+fn confinement(device: DeviceChoice, mode: Mode, memory: u64) -> Confinement {
+    match device {
+        DeviceChoice::Cpu => Confinement {
+            mode,
+            memory: MemoryLimit::AddressSpace(memory),
+            open_files: OPEN_FILES,
+            extra_syscalls: Vec::new(),
+            grants: Vec::new(),
+        },
+        DeviceChoice::Cuda(_) => {
+            securerun_sandbox::gpu::nvidia().confinement(mode, memory, GPU_OPEN_FILES)
+        }
+    }
+}
+
+/// Initialises CUDA device `ordinal` (confined: its threads inherit every layer) and refuses a
+/// model whose weights, rotary tables, activations and one full-context KV cache, all at the
+/// dtype they will have on the device, exceed the memory the device reports free.
+fn open_gpu(
+    ordinal: usize,
+    source: &ModelSource,
+    precision: Precision,
+    context: Option<u64>,
+) -> Result<(Device, String), String> {
+    let (device, info) = securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
+    let dtype = precision
+        .candle_dtype()
+        .unwrap_or_else(|| securerun_models::load::accelerator_dtype(source));
+    let est = securerun_models::budget::estimate_on_device(source, dtype, context)
+        .map_err(|e| e.to_string())?;
+    let described = describe(&info);
+    check_device_memory(&est, dtype, &info)?;
+    Ok((device, described))
+}
+
+/// How a device is shown and recorded.
+pub(crate) fn describe(info: &securerun_models::cuda::DeviceInfo) -> String {
+    format!(
+        "cuda:{} ({}, compute capability {}.{}, {} MiB free of {} MiB)",
+        info.ordinal,
+        info.name,
+        info.capability.0,
+        info.capability.1,
+        info.free_bytes >> 20,
+        info.total_bytes >> 20
+    )
+}
+
+/// Refuses `est` when it exceeds the device's free memory.
+pub(crate) fn check_device_memory(
+    est: &securerun_models::budget::MemoryEstimate,
+    dtype: securerun_models::DType,
+    info: &securerun_models::cuda::DeviceInfo,
+) -> Result<(), String> {
+    if est.total() <= info.free_bytes {
+        return Ok(());
+    }
+    let mib = |b: u64| b >> 20;
+    Err(format!(
+        "the model needs about {} MiB of device memory (weights {} MiB at {dtype:?}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than {} has free: use a smaller model or precision, or serve a shorter context",
+        mib(est.total()),
+        mib(est.weights),
+        mib(est.kv_cache),
+        mib(est.rotary),
+        mib(est.activations),
+        describe(info)
+    ))
+}
+
+fn serve_generate(
+    channel: &mut Channel,
+    model: TextModel,
+    max_sequences: usize,
+    device: Option<String>,
+) -> ExitCode {
     if let Err(e) = super::start_threads_then_cap() {
         return fail(channel, None, e);
     }
@@ -138,6 +234,7 @@ fn serve_generate(channel: &mut Channel, model: TextModel, max_sequences: usize)
                 channel,
                 &FromWorker::Ready {
                     sequences: max_sequences,
+                    device,
                 },
             ) {
                 return ExitCode::FAILURE;
@@ -146,7 +243,13 @@ fn serve_generate(channel: &mut Channel, model: TextModel, max_sequences: usize)
         }
         // A reference architecture: one generation at a time.
         Err(_) => {
-            if !send(channel, &FromWorker::Ready { sequences: 1 }) {
+            if !send(
+                channel,
+                &FromWorker::Ready {
+                    sequences: 1,
+                    device,
+                },
+            ) {
                 return ExitCode::FAILURE;
             }
             serve_one_at_a_time(channel, model)
@@ -373,11 +476,17 @@ fn serve_one_at_a_time(channel: &mut Channel, mut model: TextModel) -> ExitCode 
     }
 }
 
-fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
+fn serve_embed(channel: &mut Channel, model: Embedder, device: Option<String>) -> ExitCode {
     if let Err(e) = super::start_threads_then_cap() {
         return fail(channel, None, e);
     }
-    if !send(channel, &FromWorker::Ready { sequences: 1 }) {
+    if !send(
+        channel,
+        &FromWorker::Ready {
+            sequences: 1,
+            device,
+        },
+    ) {
         return ExitCode::FAILURE;
     }
     loop {
@@ -402,27 +511,44 @@ fn serve_embed(channel: &mut Channel, model: Embedder) -> ExitCode {
     }
 }
 
-/// Entry point of `securerun __probe NAME PARENT_PID`: confine strictly, then try the escape.
+/// Entry point of `securerun __probe NAME PARENT_PID DEVICE`: confine strictly (with the GPU
+/// profile for a CUDA device, its libraries loaded first as a worker does), then try the
+/// escape. `report` confines permissively and reports the layers; `device` confines strictly,
+/// initialises the device, caps threads and computes on it, as a GPU worker would.
 pub fn probe_main(args: &[String]) -> ExitCode {
-    let [name, parent] = args else {
+    let [name, parent, device] = args else {
         return ExitCode::from(2);
     };
     let Ok((mut channel, _)) = securerun_sandbox::inherited(0) else {
         return ExitCode::from(2);
     };
-    let report_only = name == "report";
-    let confinement = Confinement {
-        mode: if report_only {
-            Mode::Permissive
-        } else {
-            Mode::Strict
-        },
-        address_space: 1 << 30,
-        open_files: OPEN_FILES,
-        extra_syscalls: Vec::new(),
-        grants: Vec::new(),
+    let Ok(device) = device.parse::<DeviceChoice>() else {
+        return ExitCode::from(2);
     };
-    let report = match securerun_sandbox::confine(&confinement) {
+    let libraries = match device {
+        DeviceChoice::Cpu => Ok(Vec::new()),
+        DeviceChoice::Cuda(_) => securerun_models::cuda::load_libraries(),
+    };
+    let report_only = name == "report";
+    let mode = if report_only {
+        Mode::Permissive
+    } else {
+        Mode::Strict
+    };
+    let confined = securerun_sandbox::confine(&confinement(device, mode, 1 << 30));
+    if name == "device" {
+        let result = confined
+            .map_err(|e| e.to_string())
+            .and_then(|_| libraries.map_err(|e| e.to_string()))
+            .and_then(|_| device_self_test(device));
+        let (described, error) = match result {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(e)),
+        };
+        send(&mut channel, &FromWorker::DeviceCheck { described, error });
+        return ExitCode::SUCCESS;
+    }
+    let report = match confined {
         Ok(report) => report,
         Err(e) => {
             eprintln!("{e}");
@@ -435,4 +561,16 @@ pub fn probe_main(args: &[String]) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     securerun_sandbox::probe::run(name, parent.parse().unwrap_or(1))
+}
+
+/// In a confined process: initialise the device, start the compute threads and cap them, then
+/// compute on the device (cuBLAS and a compiled kernel) and check the answer.
+fn device_self_test(device: DeviceChoice) -> Result<String, String> {
+    let DeviceChoice::Cuda(n) = device else {
+        return Ok("cpu".into());
+    };
+    let (device, info) = securerun_models::cuda::open_device(n).map_err(|e| e.to_string())?;
+    super::start_threads_then_cap()?;
+    securerun_models::cuda::self_test(&device).map_err(|e| e.to_string())?;
+    Ok(describe(&info))
 }

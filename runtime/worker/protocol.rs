@@ -59,6 +59,10 @@ pub enum ToWorker {
         /// Generations the worker may run at once (continuous batching).
         #[serde(default = "one")]
         max_sequences: usize,
+        /// The most positions a request can use, for the device memory check (`None`: the
+        /// model's own limit).
+        #[serde(default)]
+        context: Option<u64>,
     },
     /// Generate from prompt ids the supervisor tokenized (its counts are the ones enforced).
     Generate {
@@ -128,6 +132,15 @@ pub enum FromWorker {
     Ready {
         #[serde(default = "one")]
         sequences: usize,
+        /// The accelerator the model was loaded on, as the driver names it (none: the CPU).
+        /// Shown and recorded, never acted on.
+        #[serde(default)]
+        device: Option<String>,
+    },
+    /// `securerun doctor --device`: the device as a confined worker sees it, or why it cannot.
+    DeviceCheck {
+        described: Option<String>,
+        error: Option<String>,
     },
     /// A request (or, with no id, loading) failed.
     Failed {

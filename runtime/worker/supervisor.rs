@@ -13,6 +13,7 @@ use securerun_models::{Generation, GenerationParams, Limits, ModelSource, Prompt
 use securerun_sandbox::{Channel, FrameError, Mode, WorkerProcess, WorkerSpec};
 
 use super::protocol::{FromWorker, LayerMsg, PartsMsg, Task, ToWorker, MAX_FROM_WORKER};
+use crate::open::DeviceChoice;
 
 mod streams;
 pub use streams::Event;
@@ -84,6 +85,10 @@ pub struct WorkerSettings {
     /// fits the memory budget; otherwise it is a requirement and a model that cannot hold that
     /// many is refused.
     pub sequences_by_memory: bool,
+    /// Where the worker computes. A CUDA worker is confined with the GPU profile
+    /// ([`securerun_sandbox::gpu`]) and refuses to start without a usable device: never a
+    /// silent fall back to the CPU.
+    pub device: crate::open::DeviceChoice,
 }
 
 impl WorkerSettings {
@@ -103,6 +108,7 @@ impl WorkerSettings {
             precision: securerun_models::Precision::Auto,
             max_sequences: 1,
             sequences_by_memory: false,
+            device: crate::open::DeviceChoice::Cpu,
         })
     }
 }
@@ -257,6 +263,8 @@ pub struct ConfinedModel {
     /// Generations the current worker runs at once (what it reported, at most what it was
     /// asked for).
     sequences: usize,
+    /// The accelerator the current worker computes on, as it described it (none: the CPU).
+    device: Option<String>,
     /// Requests in flight in the current worker.
     streams: std::collections::HashMap<u64, streams::Stream>,
     /// When the worker last said something while requests were in flight.
@@ -363,6 +371,7 @@ impl ConfinedModel {
             layers: Vec::new(),
             next_id: 1,
             sequences: 1,
+            device: None,
             streams: Default::default(),
             last_heard: Instant::now(),
             failures: 0,
@@ -389,6 +398,11 @@ impl ConfinedModel {
     /// The confinement layers the current worker reported.
     pub fn layers(&self) -> &[LayerMsg] {
         &self.layers
+    }
+
+    /// The accelerator the current worker computes on, as it described it (none: the CPU).
+    pub fn device(&self) -> Option<&str> {
+        self.device.as_deref()
     }
 
     /// The worker's process id, while one runs.
@@ -470,11 +484,9 @@ impl ConfinedModel {
                     .to_string()
                     .into(),
                 fds.len().to_string().into(),
+                self.settings.device.to_string().into(),
             ],
-            env: vec![(
-                OsString::from("RAYON_NUM_THREADS"),
-                OsString::from(self.settings.threads.to_string()),
-            )],
+            env: worker_env(self.settings.device, self.settings.threads),
             fds,
             stderr: Stdio::null(),
         };
@@ -500,16 +512,24 @@ impl ConfinedModel {
                 limits: self.limits,
                 precision: self.settings.precision,
                 max_sequences: self.settings.max_sequences,
+                context: self.settings.context_limit,
             };
             write(&mut process.channel, &load)?;
             let left = timeout.saturating_sub(started.elapsed());
             match read(&mut process.channel, left)? {
-                FromWorker::Ready { sequences }
+                FromWorker::Ready { device, .. }
+                    if device.is_some() != (self.settings.device != DeviceChoice::Cpu) =>
+                {
+                    Err(WorkerError::Protocol(
+                        "its device is not the one it was started for".into(),
+                    ))
+                }
+                FromWorker::Ready { sequences, device }
                     if (1..=self.settings.max_sequences.max(1)).contains(&sequences) =>
                 {
-                    Ok((layers, sequences))
+                    Ok((layers, sequences, device.map(|d| shown(&d))))
                 }
-                FromWorker::Ready { sequences } => Err(WorkerError::Protocol(format!(
+                FromWorker::Ready { sequences, .. } => Err(WorkerError::Protocol(format!(
                     "{sequences} sequences at once, asked for at most {}",
                     self.settings.max_sequences
                 ))),
@@ -521,9 +541,10 @@ impl ConfinedModel {
             }
         })();
         match result {
-            Ok((layers, sequences)) => {
+            Ok((layers, sequences, device)) => {
                 self.layers = layers;
                 self.sequences = sequences;
+                self.device = device;
                 Ok(Live { process })
             }
             Err(e) => {
@@ -759,10 +780,41 @@ impl Drop for ConfinedModel {
     }
 }
 
+/// The worker's whole environment (it starts from an empty one): its thread count and, for a
+/// GPU worker, where the operator keeps the CUDA libraries, which devices it may see, and no
+/// kernel cache (the driver would write compiled kernels under the home directory; the
+/// worker has no writable path).
+pub(crate) fn worker_env(device: DeviceChoice, threads: usize) -> Vec<(OsString, OsString)> {
+    let mut env = vec![(
+        OsString::from("RAYON_NUM_THREADS"),
+        OsString::from(threads.to_string()),
+    )];
+    if device != DeviceChoice::Cpu {
+        for name in ["LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES"] {
+            if let Some(value) = std::env::var_os(name) {
+                env.push((name.into(), value));
+            }
+        }
+        env.push(("CUDA_CACHE_DISABLE".into(), "1".into()));
+    }
+    env
+}
+
+/// An untrusted worker's description of its device, made safe to show and record: printable
+/// characters only, at most 200 of them.
+fn shown(described: &str) -> String {
+    described
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
+}
+
 fn kind(msg: &FromWorker) -> &'static str {
     match msg {
         FromWorker::Confined { .. } => "confined message",
         FromWorker::Ready { .. } => "ready message",
+        FromWorker::DeviceCheck { .. } => "device check",
         FromWorker::Failed { .. } => "failure for another request",
         FromWorker::Text { .. } => "text for another request",
         FromWorker::Done { .. } => "completion for another request",

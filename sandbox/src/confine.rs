@@ -22,8 +22,8 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct Confinement {
     pub mode: Mode,
-    /// RLIMIT_AS: the worker's memory budget (address space), bytes.
-    pub address_space: u64,
+    /// The worker's host memory budget, and which limit enforces it.
+    pub memory: MemoryLimit,
     /// RLIMIT_NOFILE.
     pub open_files: u64,
     /// Extra system calls to allow (e.g. `ioctl` for a GPU worker).
@@ -31,6 +31,27 @@ pub struct Confinement {
     /// Paths landlock still lets the worker open (none for a CPU worker; device nodes for a
     /// GPU worker, see [`crate::gpu`]).
     pub grants: Vec<Grant>,
+}
+
+/// How the worker's host memory budget is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// RLIMIT_AS: every mapping counts, the model's read-only weight mapping included. The
+    /// tightest bound, for a CPU worker.
+    AddressSpace(u64),
+    /// RLIMIT_DATA: private writable memory (heap, anonymous mappings) counts; reservations
+    /// without access and read-only file mappings do not. For a GPU worker: the CUDA driver
+    /// reserves address space for the device's whole memory (unified addressing, hundreds of
+    /// GiB with no access rights), which RLIMIT_AS would refuse at initialisation.
+    Data(u64),
+}
+
+impl MemoryLimit {
+    pub fn bytes(self) -> u64 {
+        match self {
+            MemoryLimit::AddressSpace(b) | MemoryLimit::Data(b) => b,
+        }
+    }
 }
 
 /// A path the worker may still open under landlock.
@@ -164,9 +185,14 @@ pub fn confine(c: &Confinement) -> Result<Report, ConfineError> {
         signal_isolation(scoped, in_pid_ns),
     )?;
     let seccomp = crate::seccomp::install(&c.extra_syscalls).map(|()| {
+        let extra = if c.extra_syscalls.is_empty() {
+            String::new()
+        } else {
+            format!(" (+{} for the device)", c.extra_syscalls.len())
+        };
         format!(
-            "allowlist of {} system calls, default EPERM; tgkill only to itself, fcntl only \
-             harmless commands; execve/ptrace/process_vm_* kill",
+            "allowlist of {} system calls{extra}, default EPERM; tgkill only to itself, fcntl \
+             only harmless commands; execve/ptrace/process_vm_* kill",
             crate::seccomp::allowed_names().len()
         )
     });
@@ -222,11 +248,15 @@ fn set_rlimits(c: &Confinement) -> Result<String, String> {
     setrlimit(libc::RLIMIT_FSIZE, 0)?;
     setrlimit(libc::RLIMIT_MEMLOCK, 0)?;
     setrlimit(libc::RLIMIT_NOFILE, c.open_files)?;
-    setrlimit(libc::RLIMIT_AS, c.address_space)?;
+    let (resource, what) = match c.memory {
+        MemoryLimit::AddressSpace(_) => (libc::RLIMIT_AS, "address space"),
+        MemoryLimit::Data(_) => (libc::RLIMIT_DATA, "data"),
+    };
+    setrlimit(resource, c.memory.bytes())?;
     Ok(format!(
-        "core 0, file size 0, locked memory 0, open files {}, address space {} MiB",
+        "core 0, file size 0, locked memory 0, open files {}, {what} {} MiB",
         c.open_files,
-        c.address_space >> 20
+        c.memory.bytes() >> 20
     ))
 }
 

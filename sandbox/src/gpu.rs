@@ -9,16 +9,23 @@
 //!   and `/sys/bus/pci/devices` (the rest of the filesystem stays denied);
 //! - seccomp: `ioctl` (the driver's interface; seccomp cannot tell which file a descriptor is,
 //!   so landlock's device grant is what limits it to these nodes), `openat` (landlock decides
-//!   which paths), and the few calls the driver makes beside them.
+//!   which paths), and the few calls the driver makes beside them;
+//! - the host memory budget as RLIMIT_DATA instead of RLIMIT_AS ([`MemoryLimit::Data`]): the
+//!   driver reserves address space for all device memory at initialisation;
+//! - no empty root: the device nodes and driver files must stay reachable, so the filesystem
+//!   is closed by landlock alone (see [`crate::confine`]).
 //!
-//! Order in the worker: load `libcuda` (a `dlopen`, which starts no thread) *before* confining,
-//! so no library directory needs a grant; confine with this profile while single-threaded;
-//! only then initialise CUDA, whose threads inherit every layer. The worker side of this
-//! (behind the `cuda` feature) cannot be built or run on CI, which has neither `nvcc` nor a GPU.
+//! Order in the worker (`runtime/worker/gpu.rs`): load the CUDA libraries (`dlopen`, which
+//! starts no thread) *before* confining, so no library directory needs a grant; confine with
+//! this profile while single-threaded; only then initialise CUDA, whose threads inherit every
+//! layer. What CI can check without a GPU: the profile as data, the grants, and that every
+//! escape probe is still refused with the profile active (`securerun doctor --device cuda`).
+//!
+//! [`MemoryLimit::Data`]: crate::MemoryLimit::Data
 
 use std::path::PathBuf;
 
-use crate::confine::{Grant, GrantAccess};
+use crate::confine::{Confinement, Grant, GrantAccess, MemoryLimit, Mode};
 
 /// Device nodes the NVIDIA driver exposes (those absent on a host are skipped).
 fn device_nodes() -> Vec<PathBuf> {
@@ -42,9 +49,29 @@ pub struct GpuProfile {
     pub extra_syscalls: Vec<libc::c_long>,
 }
 
+impl GpuProfile {
+    /// The confinement of a GPU worker: every CPU layer, this profile's grants and system
+    /// calls, and `memory` bytes of host memory as RLIMIT_DATA.
+    pub fn confinement(&self, mode: Mode, memory: u64, open_files: u64) -> Confinement {
+        Confinement {
+            mode,
+            memory: MemoryLimit::Data(memory),
+            open_files,
+            extra_syscalls: self.extra_syscalls.clone(),
+            grants: self.grants.clone(),
+        }
+    }
+}
+
 /// The NVIDIA CUDA profile.
 pub fn nvidia() -> GpuProfile {
-    let mut grants: Vec<Grant> = device_nodes()
+    with_device_nodes(device_nodes())
+}
+
+/// The NVIDIA profile with these device nodes instead of `/dev/nvidia*` (tests grant a node
+/// of their own making).
+pub fn with_device_nodes(nodes: Vec<PathBuf>) -> GpuProfile {
+    let mut grants: Vec<Grant> = nodes
         .into_iter()
         .map(|path| Grant {
             path,
@@ -59,13 +86,26 @@ pub fn nvidia() -> GpuProfile {
     }
     GpuProfile {
         grants,
+        // What the driver's initialisation and its helper threads call beside the CPU
+        // worker's allowlist. Anything else fails with EPERM (never silently allowed).
         extra_syscalls: vec![
             libc::SYS_ioctl,
             libc::SYS_openat,
             libc::SYS_pread64,
             libc::SYS_getdents64,
+            libc::SYS_readlink,
             libc::SYS_readlinkat,
+            libc::SYS_access,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
             libc::SYS_sched_setaffinity,
+            libc::SYS_get_mempolicy,
+            libc::SYS_eventfd2,
+            libc::SYS_pipe2,
+            libc::SYS_uname,
+            libc::SYS_sysinfo,
+            libc::SYS_getuid,
+            libc::SYS_geteuid,
         ],
     }
 }

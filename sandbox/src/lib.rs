@@ -23,7 +23,7 @@ pub mod spawn;
 
 pub use confine::{
     confine, forbid_new_threads, landlock_abi, ConfineError, Confinement, Grant, GrantAccess,
-    Layer, Mode, Report, ThreadCapError,
+    Layer, MemoryLimit, Mode, Report, ThreadCapError,
 };
 pub use frame::{Channel, FrameError, PROTOCOL_VERSION};
 pub use spawn::{inherited, spawn, WorkerProcess, WorkerSpec};

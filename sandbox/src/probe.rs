@@ -30,6 +30,10 @@ pub const PROBES: &[(&str, &str)] = &[
     ("thread-flood", "start threads after the thread cap"),
     ("capability", "use CAP_SETPCAP, CAP_IPC_LOCK, CAP_NET_ADMIN"),
     ("stat-host-path", "stat /etc/passwd"),
+    (
+        "other-device",
+        "open /dev/null for writing (no device granted)",
+    ),
 ];
 
 fn errno() -> std::io::Error {
@@ -58,6 +62,7 @@ pub fn run(name: &str, parent: libc::pid_t) -> ! {
         "thread-flood" => thread_flood(),
         "capability" => capability(),
         "stat-host-path" => stat_path("/etc/passwd"),
+        "other-device" => open_path("/dev/null", libc::O_RDWR),
         _ => {
             eprintln!("unknown probe {name:?}");
             std::process::exit(EXIT_SETUP)

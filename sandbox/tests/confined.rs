@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use securerun_sandbox::probe::{EXIT_BLOCKED, PROBES};
 use securerun_sandbox::spawn::confined_pid;
-use securerun_sandbox::{Channel, Confinement, Mode, WorkerProcess, WorkerSpec};
+use securerun_sandbox::{Channel, Confinement, MemoryLimit, Mode, WorkerProcess, WorkerSpec};
 
 fn exe() -> PathBuf {
     std::env::current_exe().expect("current_exe")
@@ -45,7 +45,7 @@ fn confine_strict(no_ns: bool) {
     }
     let c = Confinement {
         mode: Mode::Strict,
-        address_space: 1 << 30,
+        memory: MemoryLimit::AddressSpace(1 << 30),
         open_files: 64,
         extra_syscalls: Vec::new(),
         grants: Vec::new(),
@@ -54,6 +54,57 @@ fn confine_strict(no_ns: bool) {
         eprintln!("{e}");
         std::process::exit(securerun_sandbox::probe::EXIT_SETUP);
     }
+}
+
+fn confine_gpu(profile: securerun_sandbox::gpu::GpuProfile) {
+    let c = profile.confinement(Mode::Strict, 1 << 30, 64);
+    if let Err(e) = securerun_sandbox::confine(&c) {
+        eprintln!("{e}");
+        std::process::exit(securerun_sandbox::probe::EXIT_SETUP);
+    }
+}
+
+/// Under a GPU profile that grants `node`: the node opens read-write and its ioctls reach the
+/// driver; nothing else opens.
+fn granted_node_role(node: &str) -> ! {
+    let open = |path: &str, flags: libc::c_int| {
+        let c = std::ffi::CString::new(path).expect("path");
+        // SAFETY: a NUL-terminated path and integer flags.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(fd)
+        }
+    };
+    let mut wrong = Vec::new();
+    match open(node, libc::O_RDWR) {
+        Ok(fd) => {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int through the pointer.
+            let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+            let err = std::io::Error::last_os_error();
+            // The null device answers ENOTTY itself; landlock would have said EACCES.
+            if r == 0 || err.raw_os_error() != Some(libc::ENOTTY) {
+                wrong.push(format!("ioctl on the granted node: {r} {err}"));
+            }
+        }
+        Err(e) => wrong.push(format!("granted node refused: {e}")),
+    }
+    for (path, flags) in [
+        ("/dev/null", libc::O_RDWR),
+        ("/etc/passwd", libc::O_RDONLY),
+        ("/proc/self/status", libc::O_RDONLY),
+    ] {
+        if let Ok(fd) = open(path, flags) {
+            wrong.push(format!("{path} opened (fd {fd})"));
+        }
+    }
+    if wrong.is_empty() {
+        std::process::exit(0)
+    }
+    eprintln!("{wrong:?}");
+    std::process::exit(1)
 }
 
 fn take_channel() -> Channel {
@@ -80,6 +131,16 @@ fn role(args: &[String]) -> ! {
             let _channel = take_channel();
             confine_strict(no_ns);
             securerun_sandbox::probe::run(name, parent.parse().expect("pid"))
+        }
+        ["gpu-probe", name, parent] => {
+            let _channel = take_channel();
+            confine_gpu(securerun_sandbox::gpu::nvidia());
+            securerun_sandbox::probe::run(name, parent.parse().expect("pid"))
+        }
+        ["gpu-node", node] => {
+            let _channel = take_channel();
+            confine_gpu(securerun_sandbox::gpu::with_device_nodes(vec![node.into()]));
+            granted_node_role(node)
         }
         ["sleep", ..] => {
             let mut channel = take_channel();
@@ -424,9 +485,63 @@ fn every_probe_is_blocked_with_and_without_namespaces() {
     }
 }
 
+/// `doctor --device cuda`'s promise, on a host without a GPU (the nodes the profile lists do
+/// not exist and are skipped): with the GPU profile active every escape is still refused,
+/// except that host paths can be `stat`ed (no empty root: the device nodes live in the host's
+/// tree), which landlock does not govern.
+fn every_probe_is_blocked_under_the_gpu_profile() {
+    let parent = std::process::id().to_string();
+    for (name, _) in PROBES {
+        let (status, err) = run_role(&["gpu-probe", name, &parent]);
+        let blocked = status.code() == Some(EXIT_BLOCKED) || status.signal() == Some(libc::SIGSYS);
+        if *name == "stat-host-path" {
+            assert_eq!(
+                status.code(),
+                Some(0),
+                "stat is not governed by landlock: {err}"
+            );
+        } else {
+            assert!(
+                blocked,
+                "probe {name} under the GPU profile: {status:?} {err}"
+            );
+        }
+    }
+}
+
+/// The profile's device grant, for real: a character device node of the test's own making
+/// (the null device's numbers, under a directory of its own) opens read-write and takes ioctls
+/// under the GPU profile; the real /dev/null, host files and /proc stay closed. Needs
+/// CAP_MKNOD (CI runs as root).
+fn a_granted_device_node_opens_and_nothing_else_does() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: making a device node needs root (CI runs as root)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("securerun-gpu-node-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let node = dir.join("nvidia0");
+    let c = std::ffi::CString::new(node.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a NUL-terminated path; mode and device number are integers.
+    let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+    let (status, err) = run_role(&["gpu-node", node.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(status.code(), Some(0), "{err}");
+}
+
 type Case = (&'static str, fn());
 
 const CASES: &[Case] = &[
+    (
+        "every_probe_is_blocked_under_the_gpu_profile",
+        every_probe_is_blocked_under_the_gpu_profile,
+    ),
+    (
+        "a_granted_device_node_opens_and_nothing_else_does",
+        a_granted_device_node_opens_and_nothing_else_does,
+    ),
     (
         "a_dead_supervisor_leaves_no_worker_behind",
         a_dead_supervisor_leaves_no_worker_behind,

@@ -475,6 +475,52 @@ fn a_worker_cannot_claim_more_sequences_than_it_was_given() {
     assert!(err.to_string().contains("64 sequences at once"), "{err}");
 }
 
+/// A worker's `ready` may name the accelerator it loaded the model on; the supervisor shows and
+/// records that text. A CPU worker naming one is lying about where the model runs (a
+/// protocol break); a GPU worker's description reaches the log only as printable text of
+/// bounded length.
+#[test]
+fn a_worker_cannot_claim_a_device_and_its_description_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = securerun::open(&common::smollm2(), &common::unsigned())
+        .unwrap()
+        .source()
+        .clone();
+    let start = |name: &str, ready: &str, device: securerun::DeviceChoice| {
+        let mut settings = WorkerSettings::new().unwrap();
+        settings.program = fake_worker_ready(tmp.path(), name, ready, "time.sleep(30)");
+        settings.load_timeout = Duration::from_secs(5);
+        settings.device = device;
+        ConfinedModel::start(source.clone(), Task::Generate, Default::default(), settings)
+    };
+    let err = start(
+        "cpu_claims_gpu",
+        "{'type': 'ready', 'device': 'cuda:0 (a GPU)'}",
+        securerun::DeviceChoice::Cpu,
+    )
+    .err()
+    .expect("a CPU worker claiming a GPU is refused");
+    assert!(matches!(err, WorkerError::Protocol(_)), "{err}");
+    let err = start(
+        "gpu_says_nothing",
+        "{'type': 'ready'}",
+        securerun::DeviceChoice::Cuda(0),
+    )
+    .err()
+    .expect("a GPU worker that names no device is refused");
+    assert!(matches!(err, WorkerError::Protocol(_)), "{err}");
+    let m = start(
+        "gpu_floods",
+        "{'type': 'ready', 'device': 'cuda:0\\n\\x1b[2Jforged line' + 'x' * 100000}",
+        securerun::DeviceChoice::Cuda(0),
+    )
+    .unwrap();
+    let shown = m.device().unwrap();
+    assert!(shown.chars().count() <= 200, "{}", shown.len());
+    assert!(!shown.chars().any(char::is_control), "{shown:?}");
+    assert!(shown.starts_with("cuda:0[2Jforged line"), "{shown:?}");
+}
+
 /// With several requests in flight on one channel, a frame that names no request in flight
 /// (a finished one, an invented one) breaks the protocol: every request fails, the worker is
 /// replaced. A worker cannot push text into another client's response.
