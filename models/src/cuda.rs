@@ -23,6 +23,14 @@ pub enum CudaError {
     Init { ordinal: usize, reason: String },
     #[error("the device failed its self-test: {0}")]
     SelfTest(String),
+    #[error("the model needs about {} MiB of device memory (weights {} MiB at {dtype:?}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, or serve a shorter context", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
+    DeviceMemory {
+        ordinal: usize,
+        needed: crate::budget::MemoryEstimate,
+        dtype: candle_core::DType,
+        free: u64,
+        total: u64,
+    },
 }
 
 /// What a CUDA device reports about itself once initialised.
@@ -155,6 +163,25 @@ pub fn self_test(device: &candle_core::Device) -> Result<(), CudaError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a model whose estimate on the device (`needed`, from
+/// [`crate::budget::estimate_on_device`] at `dtype`) exceeds the memory the device reports free.
+pub fn check_fits(
+    needed: &crate::budget::MemoryEstimate,
+    dtype: candle_core::DType,
+    info: &DeviceInfo,
+) -> Result<(), CudaError> {
+    if needed.total() <= info.free_bytes {
+        return Ok(());
+    }
+    Err(CudaError::DeviceMemory {
+        ordinal: info.ordinal,
+        needed: *needed,
+        dtype,
+        free: info.free_bytes,
+        total: info.total_bytes,
+    })
 }
 
 /// Whether this build has CUDA support at all.

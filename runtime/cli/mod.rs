@@ -121,7 +121,7 @@ pub enum SandboxMode {
     Strict,
     /// A confined worker with whatever layers this host supports (warns on stderr).
     Permissive,
-    /// In this process, unconfined (warns on stderr; for debugging and GPUs).
+    /// In this process, unconfined (warns on stderr; for debugging).
     Off,
 }
 
@@ -160,7 +160,8 @@ struct RunModelArgs {
     /// Compute threads (default: all available cores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
-    /// Compute device: cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
+    /// Compute device: cpu, cuda or cuda:N. CUDA needs a build from scripts/build-cuda.sh and
+    /// the NVIDIA driver; its worker is confined with the GPU profile (`doctor --device cuda`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: DeviceChoice,
     /// Precision the weights are kept and computed at: auto (16-bit, bf16 or the file's f16,

@@ -118,7 +118,8 @@ impl ModelStarter {
                             })
                             .collect::<Vec<_>>()
                             .join(", ");
-                        format!("{layers}; {} sequences at once", m.sequences())
+                        let device = m.device().unwrap_or("the CPU");
+                        format!("{layers}; {} sequences at once; on {device}", m.sequences())
                     }
                     Err(e) => format!("worker failed to start: {e}"),
                 });

@@ -176,9 +176,8 @@ fn open_gpu(
         .unwrap_or_else(|| securerun_models::load::accelerator_dtype(source));
     let est = securerun_models::budget::estimate_on_device(source, dtype, context)
         .map_err(|e| e.to_string())?;
-    let described = describe(&info);
-    check_device_memory(&est, dtype, &info)?;
-    Ok((device, described))
+    securerun_models::cuda::check_fits(&est, dtype, &info).map_err(|e| e.to_string())?;
+    Ok((device, describe(&info)))
 }
 
 /// How a device is shown and recorded.
@@ -192,27 +191,6 @@ pub(crate) fn describe(info: &securerun_models::cuda::DeviceInfo) -> String {
         info.free_bytes >> 20,
         info.total_bytes >> 20
     )
-}
-
-/// Refuses `est` when it exceeds the device's free memory.
-pub(crate) fn check_device_memory(
-    est: &securerun_models::budget::MemoryEstimate,
-    dtype: securerun_models::DType,
-    info: &securerun_models::cuda::DeviceInfo,
-) -> Result<(), String> {
-    if est.total() <= info.free_bytes {
-        return Ok(());
-    }
-    let mib = |b: u64| b >> 20;
-    Err(format!(
-        "the model needs about {} MiB of device memory (weights {} MiB at {dtype:?}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than {} has free: use a smaller model or precision, or serve a shorter context",
-        mib(est.total()),
-        mib(est.weights),
-        mib(est.kv_cache),
-        mib(est.rotary),
-        mib(est.activations),
-        describe(info)
-    ))
 }
 
 fn serve_generate(
