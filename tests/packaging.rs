@@ -69,6 +69,55 @@ fn the_units_verify_and_score_at_most_2() {
     }
 }
 
+/// The GPU drop-in (`packaging/systemd/cuda.conf`) applied to the unit: it still verifies, the
+/// service gains the NVIDIA nodes and nothing else (every other hardening line stays), and the
+/// exposure stays at most 2.5 (a device policy with device nodes and all of /proc is what the
+/// driver needs).
+#[test]
+fn the_gpu_drop_in_verifies_and_keeps_the_hardening() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = installed("securerun.service", dir.path());
+    let drop_ins = dir.path().join("securerun.service.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    let text = std::fs::read_to_string(repo("packaging/systemd/cuda.conf")).unwrap();
+    std::fs::write(
+        drop_ins.join("cuda.conf"),
+        text.replace("/usr/bin/securerun", env!("CARGO_BIN_EXE_securerun")),
+    )
+    .unwrap();
+    let o = systemd_analyze(&["verify", "--man=no", unit.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.trim().is_empty(), "{err}");
+    // The drop-in was read: the exposure moved from the plain unit's.
+    let with_gpu = exposure(&unit);
+    std::fs::remove_dir_all(&drop_ins).unwrap();
+    let without = exposure(&unit);
+    assert!(
+        with_gpu > without,
+        "drop-in not applied: {with_gpu} vs {without}"
+    );
+    assert!(with_gpu <= 2.5, "exposure with the GPU drop-in: {with_gpu}");
+    let allowed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("DeviceAllow="))
+        .collect();
+    assert!(
+        allowed
+            .iter()
+            .all(|d| d.starts_with("/dev/nvidia") && d.ends_with(" rw")),
+        "{allowed:?}"
+    );
+    assert!(text.contains("--device cuda"));
+    for kept in [
+        "PrivateUsers",
+        "NoNewPrivileges",
+        "SystemCallFilter",
+        "ProtectSystem",
+    ] {
+        assert!(!text.contains(kept), "the drop-in must not loosen {kept}");
+    }
+}
+
 /// The unit's `SystemCallFilter=` lines, expanded by systemd itself into syscall names.
 fn unit_syscalls(unit: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(unit).unwrap();

@@ -40,10 +40,16 @@ fn weights_are_counted_at_the_device_dtype_and_a_model_that_does_not_fit_is_refu
     assert_eq!(short.kv_cache, 2 * 2 * 2 * 8 * 16 * 2);
     assert_eq!(bf16.kv_cache, short.kv_cache * 128 / 16);
 
-    assert_eq!(check_fits(&bf16, DType::BF16, &device(bf16.total())), Ok(()));
+    assert_eq!(
+        check_fits(&bf16, DType::BF16, &device(bf16.total())),
+        Ok(())
+    );
     let err = check_fits(&bf16, DType::BF16, &device(bf16.total() - 1)).unwrap_err();
     assert!(matches!(err, CudaError::DeviceMemory { .. }), "{err}");
-    assert!(err.to_string().contains("more than cuda:0 has free"), "{err}");
+    assert!(
+        err.to_string().contains("more than cuda:0 has free"),
+        "{err}"
+    );
 }
 
 #[test]
