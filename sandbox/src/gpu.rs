@@ -5,8 +5,9 @@
 //! issuing ioctls on them, and which reads the driver's and the PCI bus's descriptions. The
 //! profile grants exactly that, on top of every CPU layer:
 //!
-//! - landlock: read-write-ioctl on the NVIDIA device nodes, read-only on `/proc/driver/nvidia`
-//!   and `/sys/bus/pci/devices` (the rest of the filesystem stays denied);
+//! - landlock: read-write-ioctl on the NVIDIA device nodes, read-only on `/proc/driver/nvidia`,
+//!   the PCI devices (`/sys/bus/pci/devices` and the `/sys/devices/pci*` trees its links point
+//!   into) and the NUMA nodes (the rest of the filesystem stays denied);
 //! - seccomp: `ioctl` (the driver's interface; seccomp cannot tell which file a descriptor is,
 //!   so landlock's device grant is what limits it to these nodes), `openat` (landlock decides
 //!   which paths), and the few calls the driver makes beside them;
@@ -27,19 +28,40 @@ use std::path::PathBuf;
 
 use crate::confine::{Confinement, Grant, GrantAccess, MemoryLimit, Mode};
 
-/// Device nodes the NVIDIA driver exposes (those absent on a host are skipped).
+/// Device nodes CUDA compute uses (those absent on a host are skipped): the control node, the
+/// unified-memory nodes, one node per GPU, and the MIG capability nodes. The same set NVIDIA's
+/// container toolkit exposes for "compute"; `nvidia-modeset` (display) is not granted.
 fn device_nodes() -> Vec<PathBuf> {
-    let mut nodes: Vec<PathBuf> = [
-        "nvidiactl",
-        "nvidia-uvm",
-        "nvidia-uvm-tools",
-        "nvidia-modeset",
-    ]
-    .iter()
-    .map(|n| PathBuf::from("/dev").join(n))
-    .collect();
+    let mut nodes: Vec<PathBuf> = ["nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-caps"]
+        .iter()
+        .map(|n| PathBuf::from("/dev").join(n))
+        .collect();
     nodes.extend((0..64).map(|i| PathBuf::from(format!("/dev/nvidia{i}"))));
     nodes
+}
+
+/// What the driver reads about the machine, read-only: its own `/proc` entries, the PCI devices
+/// and NUMA nodes. `/sys/bus/pci/devices` holds only links; landlock checks the path they
+/// resolve to, so the PCI trees they point into (`/sys/devices/pci*`) are granted themselves.
+fn driver_information() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = [
+        "/proc/driver/nvidia",
+        "/sys/bus/pci/devices",
+        "/sys/devices/system/node",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    if let Ok(entries) = std::fs::read_dir("/sys/devices") {
+        let mut trees: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("pci"))
+            .map(|e| e.path())
+            .collect();
+        trees.sort();
+        dirs.extend(trees);
+    }
+    dirs
 }
 
 /// What the profile adds to a CPU worker's confinement.
@@ -78,9 +100,9 @@ pub fn with_device_nodes(nodes: Vec<PathBuf>) -> GpuProfile {
             access: GrantAccess::Device,
         })
         .collect();
-    for dir in ["/proc/driver/nvidia", "/sys/bus/pci/devices"] {
+    for dir in driver_information() {
         grants.push(Grant {
-            path: dir.into(),
+            path: dir,
             access: GrantAccess::Read,
         });
     }
@@ -119,9 +141,15 @@ mod tests {
         let p = nvidia();
         assert!(p.grants.iter().all(|g| {
             let path = g.path.to_string_lossy();
-            ["/dev/nvidia", "/proc/driver/nvidia", "/sys/bus/pci/devices"]
-                .iter()
-                .any(|prefix| path.starts_with(prefix))
+            [
+                "/dev/nvidia",
+                "/proc/driver/nvidia",
+                "/sys/bus/pci/devices",
+                "/sys/devices/pci",
+                "/sys/devices/system/node",
+            ]
+            .iter()
+            .any(|prefix| path.starts_with(prefix))
         }));
         assert!(p
             .grants
