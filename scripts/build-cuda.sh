@@ -30,9 +30,15 @@ wheels=$root/wheels
 lib=$root/nvidia/cu13/lib
 if [ ! -x "$root/nvidia/cu13/nvvm/bin/cicc" ] || [ ! -e "$lib/libcublas.so.13" ]; then
   mkdir -p "$wheels"
+  # pip only downloads here (nothing is installed); a Python without pip gets a venv's.
+  pip=(python3 -m pip)
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    python3 -m venv "$root/pip-env"
+    pip=("$root/pip-env/bin/pip")
+  fi
   # Compiler (nvcc, crt, nvvm), headers (runtime, cccl), and the libraries cudarc links
   # (cuBLAS 13.0, cuRAND 10.4 = CUDA 13.0, NVRTC).
-  python3 -m pip download --quiet --no-deps -d "$wheels" \
+  "${pip[@]}" download --quiet --no-deps -d "$wheels" \
     "nvidia-cuda-nvcc==$CUDA_VERSION.*" "nvidia-cuda-crt==$CUDA_VERSION.*" \
     "nvidia-cuda-runtime==$CUDA_VERSION.*" "nvidia-cuda-cccl==$CUDA_VERSION.*" \
     "nvidia-nvvm==$CUDA_VERSION.*" "nvidia-cublas==$CUDA_VERSION.*" \
@@ -83,6 +89,7 @@ nvcc --version | tail -2
 lock_copy=$(mktemp)
 cp Cargo.lock "$lock_copy"
 trap 'cp "$lock_copy" Cargo.lock; rm -f "$lock_copy"' EXIT
+trap 'exit 130' INT TERM HUP
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda} cargo build --release --features cuda \
   --config "patch.crates-io.cudarc.path=\"$PWD/$patched\"" --bin securerun "$@"
 echo "built ${CARGO_TARGET_DIR:-target/cuda}/release/securerun (CUDA $CUDA_VERSION, compute capability $CUDA_COMPUTE_CAP)"
