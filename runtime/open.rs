@@ -38,6 +38,10 @@ pub struct OpenOptions {
     pub memory_budget: Option<u64>,
 }
 
+/// The highest GPU number `cuda:N` accepts (the NVIDIA driver's device nodes go to
+/// `/dev/nvidia63`).
+pub const MAX_CUDA_ORDINAL: usize = 63;
+
 /// A compute device, as named on the command line: `cpu`, `cuda` or `cuda:N`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -55,9 +59,19 @@ impl std::str::FromStr for DeviceChoice {
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
+                .filter(|n| {
+                    // Digits only, written one way (no sign, no leading zero): the spelling
+                    // shown and recorded is the number the driver gets.
+                    !n.is_empty()
+                        && n.bytes().all(|b| b.is_ascii_digit())
+                        && (n.len() == 1 || !n.starts_with('0'))
+                })
                 .and_then(|n| n.parse().ok())
+                .filter(|&n| n <= MAX_CUDA_ORDINAL)
                 .map(DeviceChoice::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}; use cpu, cuda or cuda:N")),
+                .ok_or_else(|| {
+                    format!("unknown device {s:?}; use cpu, cuda or cuda:N (N from 0 to {MAX_CUDA_ORDINAL})")
+                }),
         }
     }
 }
@@ -343,4 +357,40 @@ pub fn open_text_model(path: &Path, opts: &OpenOptions) -> Result<TextModel, Err
 /// Opens and loads a sentence-embedding model in this process.
 pub fn open_embedder(path: &Path, opts: &OpenOptions) -> Result<Embedder, Error> {
     open(path, opts)?.embedder()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceChoice;
+
+    #[test]
+    fn devices_are_read_one_way_and_within_range() {
+        for (text, device) in [
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:0", DeviceChoice::Cuda(0)),
+            ("cuda:7", DeviceChoice::Cuda(7)),
+            ("cuda:63", DeviceChoice::Cuda(63)),
+        ] {
+            assert_eq!(text.parse::<DeviceChoice>(), Ok(device), "{text}");
+            if text.contains(':') || text == "cpu" {
+                assert_eq!(device.to_string(), text);
+            }
+        }
+        // A number the driver would get wrapped, or a second spelling of one it accepts.
+        for text in [
+            "cuda:64",
+            "cuda:4294967296",
+            "cuda:18446744073709551615",
+            "cuda:+1",
+            "cuda:01",
+            "cuda:-1",
+            "cuda:",
+            "cuda: 0",
+            "CUDA",
+            "gpu",
+        ] {
+            assert!(text.parse::<DeviceChoice>().is_err(), "{text}");
+        }
+    }
 }

@@ -12,8 +12,9 @@
 # 5. `doctor --device cuda`: every escape refused under the GPU profile, the device line names
 #    the missing driver, the command fails.
 # 6. With a stand-in driver (a libcuda.so.1 made here: every entry point cudarc declares, each
-#    answering "no device"; its cuInit first tries to open a host file, the way a driver reads
-#    its configuration) and the toolkit's real cuBLAS/cuRAND: the worker loads every library
+#    answering "no device"; its cuInit first tries to open a file this script made, a terminal
+#    ioctl on the worker's channel and shared anonymous memory, as a compromised driver could)
+#    and the toolkit's real cuBLAS/cuRAND: the worker loads every library
 #    from a directory it is never granted, confines itself with the GPU profile, and only then
 #    initialises the driver, which finds the host's files closed. --sandbox off shows the
 #    stand-in telling the two apart.
@@ -59,26 +60,37 @@ cudarc=.cache/cuda-13.0/cudarc-0.19.10-loading
 stub=$(mktemp -d)
 trap 'rm -rf "$stub"' EXIT
 {
+  cat <<C
+#define SECRET "$stub/secret"
+C
   cat <<'C'
 #include <fcntl.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
-enum { NO_DEVICE = 100, OPENED_HOST_FILE = 999 };
+enum { NO_DEVICE = 100, OPENED = 999, IOCTL = 998, SHARED = 997 };
+/* What a driver could do at initialisation, or a compromised one: each must be refused when
+   cuInit runs confined. */
 static int probe_host(void) {
-  int fd = open("/etc/passwd", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return NO_DEVICE;
-  close(fd);
-  return OPENED_HOST_FILE;
+  int fd = open(SECRET, O_RDONLY | O_CLOEXEC);
+  if (fd >= 0) { close(fd); return OPENED; }
+  int n = 0;
+  if (ioctl(3, FIONREAD, &n) == 0) return IOCTL;
+  void *p = mmap(0, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  if (p != MAP_FAILED) { munmap(p, 1 << 20); return SHARED; }
+  return NO_DEVICE;
 }
 int cuInit(unsigned flags) { (void)flags; return probe_host(); }
 int cuDriverGetVersion(int *v) { *v = 13000; return 0; }
 int cuGetErrorString(int e, const char **s) {
-  *s = e == OPENED_HOST_FILE
-    ? "stand-in driver: it opened a host file, so CUDA was initialised unconfined"
-    : "stand-in driver: no device, and host files were closed to it";
+  *s = e == OPENED ? "stand-in driver: it opened a host file, so CUDA was initialised unconfined"
+     : e == IOCTL ? "stand-in driver: a terminal ioctl got through on the channel"
+     : e == SHARED ? "stand-in driver: it mapped shared anonymous memory"
+     : "stand-in driver: no device, and host files were closed to it";
   return 0;
 }
 int cuGetErrorName(int e, const char **s) {
-  *s = e == OPENED_HOST_FILE ? "CUDA_ERROR_UNKNOWN" : "CUDA_ERROR_NO_DEVICE";
+  *s = e == NO_DEVICE ? "CUDA_ERROR_NO_DEVICE" : "CUDA_ERROR_UNKNOWN";
   return 0;
 }
 C
@@ -88,6 +100,7 @@ C
     | sed 's/.*/int &(void) { return NO_DEVICE; }/'
 } > "$stub/driver.c"
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so.1" "$stub/driver.c"
+echo "a host file the worker must not read" > "$stub/secret"
 export LD_LIBRARY_PATH=$stub:$PWD/$cuda_lib
 if out=$("$bin" run "$model" --allow-unsigned --prompt x --device cuda 2>&1); then
   fail "the stand-in driver produced an answer: $out"

@@ -98,8 +98,10 @@ pub fn device_check(program: &Path, device: DeviceChoice) -> Result<String, Stri
         Ok(Ok(protocol::FromWorker::DeviceCheck {
             described: Some(d),
             error: None,
-        })) => Ok(d),
-        Ok(Ok(protocol::FromWorker::DeviceCheck { error: Some(e), .. })) => Err(e),
+        })) => Ok(supervisor::printable(&d, 200)),
+        Ok(Ok(protocol::FromWorker::DeviceCheck { error: Some(e), .. })) => {
+            Err(supervisor::printable(&e, 1000))
+        }
         Ok(_) => Err("the check broke the protocol".into()),
         Err(e) => Err(format!("the check died or hung: {e}")),
     }

@@ -85,7 +85,12 @@ pub fn main(args: &[String]) -> ExitCode {
             return fail(&mut channel, None, e.to_string());
         }
     }
-    let report = match securerun_sandbox::confine(&confinement(device, mode, memory)) {
+    // A GPU worker is given the one GPU it asked for (which CUDA then knows as device 0).
+    let (confinement, cuda_ordinal) = match confinement(device, mode, memory) {
+        Ok(c) => c,
+        Err(e) => return fail(&mut channel, None, e),
+    };
+    let report = match securerun_sandbox::confine(&confinement) {
         Ok(report) => report,
         Err(e) => return fail(&mut channel, None, e.to_string()),
     };
@@ -115,7 +120,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     let (device, described) = match device {
         DeviceChoice::Cpu => (Device::Cpu, None),
-        DeviceChoice::Cuda(n) => match open_gpu(n, &source, precision, context) {
+        DeviceChoice::Cuda(n) => match open_gpu(n, cuda_ordinal, &source, precision, context) {
             Ok((device, info)) => (device, Some(info)),
             Err(e) => return fail(&mut channel, None, e),
         },
@@ -145,32 +150,65 @@ pub fn main(args: &[String]) -> ExitCode {
 const GPU_OPEN_FILES: u64 = 256;
 
 /// The worker's confinement: every layer, plus for a GPU the NVIDIA profile
-/// ([`securerun_sandbox::gpu`]).
-fn confinement(device: DeviceChoice, mode: Mode, memory: u64) -> Confinement {
+/// ([`securerun_sandbox::gpu`]) for the GPU `cuda:N` names, and the ordinal CUDA will know
+/// that GPU by.
+fn confinement(
+    device: DeviceChoice,
+    mode: Mode,
+    memory: u64,
+) -> Result<(Confinement, usize), String> {
     match device {
-        DeviceChoice::Cpu => Confinement {
-            mode,
-            memory: MemoryLimit::AddressSpace(memory),
-            open_files: OPEN_FILES,
-            extra_syscalls: Vec::new(),
-            grants: Vec::new(),
-        },
-        DeviceChoice::Cuda(_) => {
-            securerun_sandbox::gpu::nvidia().confinement(mode, memory, GPU_OPEN_FILES)
+        DeviceChoice::Cpu => Ok((
+            Confinement {
+                mode,
+                memory: MemoryLimit::AddressSpace(memory),
+                open_files: OPEN_FILES,
+                extra_syscalls: Vec::new(),
+                extra_arg_rules: &[],
+                grants: Vec::new(),
+            },
+            0,
+        )),
+        DeviceChoice::Cuda(n) => {
+            let (profile, ordinal) = gpu_profile(n)?;
+            Ok((profile.confinement(mode, memory, GPU_OPEN_FILES), ordinal))
         }
     }
 }
 
-/// Initialises CUDA device `ordinal` (confined: its threads inherit every layer) and refuses a
-/// model whose weights, rotary tables, activations and one full-context KV cache, all at the
-/// dtype they will have on the device, exceed the memory the device reports free.
+/// The GPU profile for the GPU CUDA would number `ordinal`, resolved from the driver's list
+/// while the worker can still read it, and from then on the only GPU CUDA sees in this
+/// process (`CUDA_VISIBLE_DEVICES` set to its UUID: it is device 0). A host whose driver
+/// lists no GPU gets a profile with no GPU node; CUDA then reports the absence itself.
+fn gpu_profile(ordinal: usize) -> Result<(securerun_sandbox::gpu::GpuProfile, usize), String> {
+    use securerun_sandbox::gpu;
+    let root = std::path::Path::new("/");
+    let Some(gpus) = gpu::nvidia_gpus(root).map_err(|e| e.to_string())? else {
+        return Ok((gpu::nvidia(None), ordinal));
+    };
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let selected =
+        gpu::select(root, &gpus, ordinal, visible.as_deref()).map_err(|e| e.to_string())?;
+    // The worker has one thread here: nothing reads the environment concurrently.
+    std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    std::env::set_var("CUDA_VISIBLE_DEVICES", &selected.gpu.uuid);
+    Ok((gpu::nvidia(Some(&selected)), 0))
+}
+
+/// Initialises the GPU asked for as `cuda:requested`, which CUDA knows as `ordinal` in this
+/// process (confined: the driver's threads inherit every layer), and refuses a model whose
+/// weights, rotary tables, activations and one full-context KV cache, all at the dtype they
+/// will have on the device, exceed the memory the device reports free.
 fn open_gpu(
+    requested: usize,
     ordinal: usize,
     source: &ModelSource,
     precision: Precision,
     context: Option<u64>,
 ) -> Result<(Device, String), String> {
-    let (device, info) = securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
+    let (device, mut info) =
+        securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
+    info.ordinal = requested;
     let dtype = precision
         .candle_dtype()
         .unwrap_or_else(|| securerun_models::load::accelerator_dtype(source));
@@ -513,12 +551,20 @@ pub fn probe_main(args: &[String]) -> ExitCode {
     } else {
         Mode::Strict
     };
-    let confined = securerun_sandbox::confine(&confinement(device, mode, 1 << 30));
+    // The probes run under the GPU profile even when the GPU cannot be selected (then with no
+    // GPU node granted); the device check reports why it cannot.
+    let selected = confinement(device, mode, 1 << 30);
+    let (confinement, cuda_ordinal) = selected.clone().unwrap_or_else(|_| {
+        let profile = securerun_sandbox::gpu::nvidia(None);
+        (profile.confinement(mode, 1 << 30, GPU_OPEN_FILES), 0)
+    });
+    let confined = securerun_sandbox::confine(&confinement);
     if name == "device" {
         let result = confined
             .map_err(|e| e.to_string())
             .and_then(|_| libraries.map_err(|e| e.to_string()))
-            .and_then(|_| device_self_test(device));
+            .and_then(|_| selected.map(drop))
+            .and_then(|_| device_self_test(device, cuda_ordinal));
         let (described, error) = match result {
             Ok(d) => (Some(d), None),
             Err(e) => (None, Some(e)),
@@ -541,13 +587,15 @@ pub fn probe_main(args: &[String]) -> ExitCode {
     securerun_sandbox::probe::run(name, parent.parse().unwrap_or(1))
 }
 
-/// In a confined process: initialise the device, start the compute threads and cap them, then
-/// compute on the device (cuBLAS and a compiled kernel) and check the answer.
-fn device_self_test(device: DeviceChoice) -> Result<String, String> {
+/// In a confined process: initialise the device (CUDA's `ordinal`), start the compute threads
+/// and cap them, then compute on the device (cuBLAS and a compiled kernel) and check the answer.
+fn device_self_test(device: DeviceChoice, ordinal: usize) -> Result<String, String> {
     let DeviceChoice::Cuda(n) = device else {
         return Ok("cpu".into());
     };
-    let (device, info) = securerun_models::cuda::open_device(n).map_err(|e| e.to_string())?;
+    let (device, mut info) =
+        securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
+    info.ordinal = n;
     super::start_threads_then_cap()?;
     securerun_models::cuda::self_test(&device).map_err(|e| e.to_string())?;
     Ok(describe(&info))

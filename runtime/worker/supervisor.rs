@@ -503,7 +503,9 @@ impl ConfinedModel {
         let result = (|| {
             let layers = match read(&mut process.channel, timeout)? {
                 FromWorker::Confined { layers } => layers,
-                FromWorker::Failed { error, .. } => return Err(WorkerError::Refused(error)),
+                FromWorker::Failed { error, .. } => {
+                    return Err(WorkerError::Refused(printable(&error, REFUSAL_CHARS)))
+                }
                 other => return Err(WorkerError::Protocol(format!("unexpected {other:?}"))),
             };
             let load = ToWorker::Load {
@@ -527,13 +529,19 @@ impl ConfinedModel {
                 FromWorker::Ready { sequences, device }
                     if (1..=self.settings.max_sequences.max(1)).contains(&sequences) =>
                 {
-                    Ok((layers, sequences, device.map(|d| shown(&d))))
+                    Ok((
+                        layers,
+                        sequences,
+                        device.map(|d| printable(&d, DEVICE_CHARS)),
+                    ))
                 }
                 FromWorker::Ready { sequences, .. } => Err(WorkerError::Protocol(format!(
                     "{sequences} sequences at once, asked for at most {}",
                     self.settings.max_sequences
                 ))),
-                FromWorker::Failed { error, .. } => Err(WorkerError::Refused(error)),
+                FromWorker::Failed { error, .. } => {
+                    Err(WorkerError::Refused(printable(&error, REFUSAL_CHARS)))
+                }
                 other => Err(WorkerError::Protocol(format!(
                     "unexpected {}",
                     kind(&other)
@@ -800,13 +808,24 @@ pub(crate) fn worker_env(device: DeviceChoice, threads: usize) -> Vec<(OsString,
     env
 }
 
-/// An untrusted worker's description of its device, made safe to show and record: printable
-/// characters only, at most 200 of them.
-fn shown(described: &str) -> String {
-    described
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
+/// The longest device description from a worker that is shown and recorded.
+const DEVICE_CHARS: usize = 200;
+/// The longest reason a worker gives for refusing to start that is shown and recorded.
+const REFUSAL_CHARS: usize = 1000;
+
+/// Untrusted text from a worker, made safe to show on a terminal and to record: no control
+/// characters, and none of the invisible formatting ones that reorder or hide what follows
+/// (bidirectional overrides and isolates, zero-width characters, line and paragraph
+/// separators); at most `max` characters.
+pub(crate) fn printable(text: &str, max: usize) -> String {
+    let invisible = |c: char| {
+        matches!(c,
+            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    };
+    text.chars()
+        .filter(|&c| !c.is_control() && !invisible(c))
+        .take(max)
         .collect()
 }
 
@@ -917,4 +936,14 @@ fn explain_death(process: &mut WorkerProcess, e: WorkerError) -> (WorkerError, b
         std::thread::sleep(Duration::from_millis(10));
     }
     (e, false)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn worker_text_is_shown_without_control_or_reordering_characters() {
+        let shown = super::printable("cuda:0\n\u{1b}[2J\u{202e}evil\u{2028}x\u{200b}y", 12);
+        assert_eq!(shown, "cuda:0[2Jevi");
+        assert_eq!(super::printable(&"é".repeat(500), 200).chars().count(), 200);
+    }
 }

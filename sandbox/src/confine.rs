@@ -26,8 +26,10 @@ pub struct Confinement {
     pub memory: MemoryLimit,
     /// RLIMIT_NOFILE.
     pub open_files: u64,
-    /// Extra system calls to allow (e.g. `ioctl` for a GPU worker).
+    /// Extra system calls to allow (for a GPU worker, see [`crate::gpu`]).
     pub extra_syscalls: Vec<libc::c_long>,
+    /// Extra system calls to allow with certain arguments only (a GPU driver's `ioctl`s).
+    pub extra_arg_rules: &'static [crate::seccomp::ArgRule],
     /// Paths landlock still lets the worker open (none for a CPU worker; device nodes for a
     /// GPU worker, see [`crate::gpu`]).
     pub grants: Vec<Grant>,
@@ -184,11 +186,12 @@ pub fn confine(c: &Confinement) -> Result<Report, ConfineError> {
         "signal isolation",
         signal_isolation(scoped, in_pid_ns),
     )?;
-    let seccomp = crate::seccomp::install(&c.extra_syscalls).map(|()| {
-        let extra = if c.extra_syscalls.is_empty() {
+    let seccomp = crate::seccomp::install(&c.extra_syscalls, c.extra_arg_rules).map(|()| {
+        let added = c.extra_syscalls.len() + c.extra_arg_rules.len();
+        let extra = if added == 0 {
             String::new()
         } else {
-            format!(" (+{} for the device)", c.extra_syscalls.len())
+            format!(" (+{added} for the device)")
         };
         format!(
             "allowlist of {} system calls{extra}, default EPERM; tgkill only to itself, fcntl \

@@ -26,7 +26,10 @@ pub const PROBES: &[(&str, &str)] = &[
         "signal-supervisor",
         "kill/tgkill/tkill the supervisor (signal 0)",
     ),
-    ("sigio-owner", "route SIGIO to the supervisor (F_SETOWN...)"),
+    (
+        "sigio-owner",
+        "route SIGIO to the supervisor (F_SETOWN, ioctl)",
+    ),
     ("thread-flood", "start threads after the thread cap"),
     ("capability", "use CAP_SETPCAP, CAP_IPC_LOCK, CAP_NET_ADMIN"),
     ("stat-host-path", "stat /etc/passwd"),
@@ -34,6 +37,7 @@ pub const PROBES: &[(&str, &str)] = &[
         "other-device",
         "open /dev/null for writing (no device granted)",
     ),
+    ("shared-memory", "map 64 MiB of shared anonymous memory"),
 ];
 
 fn errno() -> std::io::Error {
@@ -63,6 +67,7 @@ pub fn run(name: &str, parent: libc::pid_t) -> ! {
         "capability" => capability(),
         "stat-host-path" => stat_path("/etc/passwd"),
         "other-device" => open_path("/dev/null", libc::O_RDWR),
+        "shared-memory" => shared_memory(),
         _ => {
             eprintln!("unknown probe {name:?}");
             std::process::exit(EXIT_SETUP)
@@ -206,8 +211,9 @@ fn sigio_owner(parent: libc::pid_t) -> Result<(), std::io::Error> {
         eprintln!("stdin is not open: {}", errno());
         std::process::exit(EXIT_SETUP);
     }
-    // <linux/fcntl.h> values the libc crate does not export.
+    // <linux/fcntl.h> and <asm/sockios.h> values the libc crate does not export.
     const F_SETSIG: libc::c_int = 10;
+    const FIOSETOWN: libc::c_ulong = 0x8901;
     const F_SETOWN_EX: libc::c_int = 15;
     const F_OWNER_PID: libc::c_int = 1;
     #[repr(C)]
@@ -238,7 +244,40 @@ fn sigio_owner(parent: libc::pid_t) -> Result<(), std::io::Error> {
             "F_SETFL O_ASYNC",
             check_int(unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_ASYNC) }),
         ),
+        // The same through ioctl, which a GPU worker may call (for its driver's requests).
+        // SAFETY: FIOASYNC and FIOSETOWN read one int through the pointer.
+        (
+            "ioctl FIOASYNC",
+            check_int(unsafe { libc::ioctl(fd, libc::FIOASYNC, &1 as *const libc::c_int) }),
+        ),
+        (
+            "ioctl FIOSETOWN",
+            check_int(unsafe { libc::ioctl(fd, FIOSETOWN, &parent as *const libc::pid_t) }),
+        ),
     ])
+}
+
+/// Maps shared anonymous memory, which no rlimit but RLIMIT_AS counts (a GPU worker's host
+/// memory is bounded by RLIMIT_DATA), and touches it.
+fn shared_memory() -> Result<(), std::io::Error> {
+    const LEN: usize = 64 << 20;
+    // SAFETY: a fresh mapping, written only within its length, then unmapped.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Err(errno());
+        }
+        std::ptr::write_bytes(p as *mut u8, 1, LEN);
+        libc::munmap(p, LEN);
+    }
+    Ok(())
 }
 
 /// Installs the thread cap, as the worker does once its compute threads run, then tries to

@@ -50,7 +50,6 @@ const ALLOWED: &[(&str, libc::c_long)] = &[
     ("ppoll", libc::SYS_ppoll),
     ("setsockopt", libc::SYS_setsockopt),
     // Memory.
-    ("mmap", libc::SYS_mmap),
     ("munmap", libc::SYS_munmap),
     ("mremap", libc::SYS_mremap),
     ("mprotect", libc::SYS_mprotect),
@@ -106,6 +105,15 @@ const fn eq(arg: u8, value: u32) -> Cond {
     }
 }
 
+/// `(arg & mask) == value`.
+pub const fn masked(arg: u8, mask: u32, value: u32) -> Cond {
+    Cond {
+        arg,
+        mask,
+        value: ArgValue::Const(value),
+    }
+}
+
 const fn bits_clear(arg: u8, mask: u32) -> Cond {
     Cond {
         arg,
@@ -120,9 +128,23 @@ const OWN_PID: Cond = Cond {
     value: ArgValue::OwnPid,
 };
 
-/// System calls allowed only with certain arguments: name, number, and alternatives (the call
+/// A system call allowed only with certain arguments: name, number, and alternatives (the call
 /// is allowed if every condition of one alternative holds).
-pub const ARG_RULES: &[(&str, libc::c_long, &[&[Cond]])] = &[
+pub type ArgRule = (&'static str, libc::c_long, &'static [&'static [Cond]]);
+
+/// System calls allowed only with certain arguments.
+pub const ARG_RULES: &[ArgRule] = &[
+    // mmap: anything but shared anonymous memory (MAP_SHARED or MAP_SHARED_VALIDATE with
+    // MAP_ANONYMOUS), which RLIMIT_DATA does not count: a GPU worker's host memory is bounded
+    // by RLIMIT_DATA. Files (the weights) may be mapped shared; private memory is counted.
+    (
+        "mmap",
+        libc::SYS_mmap,
+        &[
+            &[bits_clear(3, libc::MAP_SHARED as u32)],
+            &[bits_clear(3, libc::MAP_ANONYMOUS as u32)],
+        ],
+    ),
     // Signals only to the worker's own threads (glibc's raise/abort: tgkill(getpid(), tid, sig)).
     // `kill`, `tkill`, `rt_sigqueueinfo`, `pidfd_send_signal` are not allowed at all.
     ("tgkill", libc::SYS_tgkill, &[&[OWN_PID]]),
@@ -251,11 +273,21 @@ pub fn allowlist_filter(
     extra: &[libc::c_long],
     own_pid: libc::pid_t,
 ) -> Result<BpfProgram, String> {
+    allowlist_filter_with(extra, &[], own_pid)
+}
+
+/// [`allowlist_filter`] plus system calls allowed with certain arguments only (a device's
+/// `ioctl` requests, see [`crate::gpu`]).
+pub fn allowlist_filter_with(
+    extra: &[libc::c_long],
+    extra_rules: &[ArgRule],
+    own_pid: libc::pid_t,
+) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for &(_, nr) in ALLOWED {
         rules.insert(nr, vec![]);
     }
-    for &(_, nr, alternatives) in ARG_RULES {
+    for &(_, nr, alternatives) in ARG_RULES.iter().chain(extra_rules) {
         rules.insert(nr, arg_rules(alternatives, own_pid)?);
     }
     for &nr in extra {
@@ -331,11 +363,11 @@ fn own_pid() -> libc::pid_t {
 }
 
 /// Installs the confinement filters on every thread of the process.
-pub fn install(extra: &[libc::c_long]) -> Result<(), String> {
+pub fn install(extra: &[libc::c_long], extra_rules: &[ArgRule]) -> Result<(), String> {
     for program in [
         tripwire_filter()?,
         clone3_filter()?,
-        allowlist_filter(extra, own_pid())?,
+        allowlist_filter_with(extra, extra_rules, own_pid())?,
     ] {
         seccompiler::apply_filter_all_threads(&program).map_err(|e| format!("seccomp: {e}"))?;
     }

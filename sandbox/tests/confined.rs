@@ -48,6 +48,7 @@ fn confine_strict(no_ns: bool) {
         memory: MemoryLimit::AddressSpace(1 << 30),
         open_files: 64,
         extra_syscalls: Vec::new(),
+        extra_arg_rules: &[],
         grants: Vec::new(),
     };
     if let Err(e) = securerun_sandbox::confine(&c) {
@@ -80,9 +81,11 @@ fn granted_node_role(node: &str) -> ! {
     let mut wrong = Vec::new();
     match open(node, libc::O_RDWR) {
         Ok(fd) => {
-            let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one int through the pointer.
-            let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+            let mut word = [0u64; 8];
+            // An NVIDIA-shaped request (NV_ESC_RM_CONTROL, _IOWR('F', 0x2a, 32 bytes)), which
+            // the GPU profile's seccomp rule lets through; the null device answers ENOTTY.
+            // SAFETY: the kernel writes at most 32 bytes into `word`.
+            let r = unsafe { libc::ioctl(fd, 0xc020_462a_u64 as _, word.as_mut_ptr()) };
             let err = std::io::Error::last_os_error();
             // The null device answers ENOTTY itself; landlock would have said EACCES.
             if r == 0 || err.raw_os_error() != Some(libc::ENOTTY) {
@@ -134,12 +137,15 @@ fn role(args: &[String]) -> ! {
         }
         ["gpu-probe", name, parent] => {
             let _channel = take_channel();
-            confine_gpu(securerun_sandbox::gpu::nvidia());
+            confine_gpu(securerun_sandbox::gpu::nvidia(None));
             securerun_sandbox::probe::run(name, parent.parse().expect("pid"))
         }
         ["gpu-node", node] => {
             let _channel = take_channel();
-            confine_gpu(securerun_sandbox::gpu::with_device_nodes(vec![node.into()]));
+            confine_gpu(securerun_sandbox::gpu::with_grants(
+                vec![node.into()],
+                Vec::new(),
+            ));
             granted_node_role(node)
         }
         ["sleep", ..] => {

@@ -107,25 +107,103 @@ fn a_landlock_grant_opens_one_device_node_and_nothing_else() {
     assert_eq!(outcome.3, Some(libc::EACCES), "a file");
 }
 
+/// The GPU profile allows `ioctl` with the NVIDIA driver's request numbers only: on the
+/// descriptors a worker holds (a weight file, the channel), file-attribute, terminal and SIGIO
+/// requests are refused by the filter (EPERM), while NVIDIA-shaped ones pass it and get the
+/// kernel's own answer (ENOTTY on a regular file). The CPU profile allows no `ioctl` at all.
 #[test]
-fn the_gpu_profile_allows_ioctl_which_the_cpu_profile_denies() {
-    let ioctl_errno = |extra: Vec<libc::c_long>| {
+fn the_gpu_profile_allows_only_the_nvidia_driver_ioctls() {
+    let file = tempfile::tempfile().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let ioctl_errnos = move |gpu: bool| {
         std::thread::spawn(move || {
             securerun_sandbox::confine::no_new_privs().unwrap();
-            let program = securerun_sandbox::seccomp::allowlist_filter(&extra, 1).unwrap();
+            let profile = securerun_sandbox::gpu::nvidia(None);
+            let program = if gpu {
+                securerun_sandbox::seccomp::allowlist_filter_with(
+                    &profile.extra_syscalls,
+                    profile.extra_arg_rules,
+                    1,
+                )
+            } else {
+                securerun_sandbox::seccomp::allowlist_filter(&[], 1)
+            }
+            .unwrap();
             seccompiler::apply_filter(&program).unwrap();
-            let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD on stdin's descriptor writes one int into `n`.
-            errno_of(unsafe { libc::ioctl(0, libc::FIONREAD, &mut n) })
+            let mut word = [0u64; 8];
+            let mut request = |cmd: u64| {
+                // SAFETY: ioctl on an open descriptor; the kernel writes at most 64 bytes
+                // into `word` for the requests tried here.
+                errno_of(unsafe { libc::ioctl(fd, cmd as _, word.as_mut_ptr()) })
+            };
+            [
+                request(0xc020_462a), // NV_ESC_RM_CONTROL, _IOWR('F', 0x2a, 32 bytes)
+                request(0x0000_0005), // a UVM request number
+                request(0x3000_0001), // UVM_INITIALIZE
+                request(0x8008_6601), // FS_IOC_GETFLAGS
+                request(0x4008_6602), // FS_IOC_SETFLAGS
+                request(0x0000_5452), // FIOASYNC
+                request(0x0000_8901), // FIOSETOWN
+                request(0x0000_541b), // FIONREAD
+            ]
         })
         .join()
         .unwrap()
     };
-    assert_eq!(ioctl_errno(Vec::new()), Some(libc::EPERM));
-    assert_ne!(
-        ioctl_errno(securerun_sandbox::gpu::nvidia().extra_syscalls),
-        Some(libc::EPERM)
-    );
+    let gpu = ioctl_errnos(true);
+    for (i, e) in gpu[..3].iter().enumerate() {
+        assert_eq!(*e, Some(libc::ENOTTY), "NVIDIA-shaped request {i}: {gpu:?}");
+    }
+    for (i, e) in gpu[3..].iter().enumerate() {
+        assert_eq!(*e, Some(libc::EPERM), "other request {i}: {gpu:?}");
+    }
+    assert!(ioctl_errnos(false).iter().all(|e| *e == Some(libc::EPERM)));
+}
+
+/// Shared anonymous memory is the one kind no rlimit but RLIMIT_AS counts (a GPU worker is
+/// bounded by RLIMIT_DATA): the allowlist refuses it, and allows private memory and shared
+/// mappings of files (the weights).
+#[test]
+fn the_allowlist_refuses_shared_anonymous_memory() {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(4096).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let outcome = std::thread::spawn(move || {
+        securerun_sandbox::confine::no_new_privs().unwrap();
+        let program = securerun_sandbox::seccomp::allowlist_filter(&[], 1).unwrap();
+        seccompiler::apply_filter(&program).unwrap();
+        let map = |flags: libc::c_int, fd: libc::c_int| {
+            // SAFETY: a fresh mapping of 1 MiB (or the file's page), unmapped at once.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    1 << 20,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    fd,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Some(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+            // SAFETY: p was mapped above with this length.
+            unsafe { libc::munmap(p, 1 << 20) };
+            None
+        };
+        (
+            map(libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+            map(libc::MAP_SHARED_VALIDATE | libc::MAP_ANONYMOUS, -1),
+            map(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
+            map(libc::MAP_SHARED, fd),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outcome.0, Some(libc::EPERM), "shared anonymous");
+    assert_eq!(outcome.1, Some(libc::EPERM), "shared-validate anonymous");
+    assert_eq!(outcome.2, None, "private anonymous");
+    assert_eq!(outcome.3, None, "a shared file mapping");
 }
 
 fn own_pid() -> libc::pid_t {
