@@ -90,6 +90,7 @@ fn doctor_under_the_gpu_profile_refuses_every_escape_and_names_the_missing_devic
     assert!(out.contains("GPU profile (cuda:0)"), "{out}");
     for layer in [
         "rlimits",
+        "unprivileged user",
         "no_new_privs",
         "capabilities",
         "landlock",

@@ -166,6 +166,7 @@ fn confinement(
                 extra_syscalls: Vec::new(),
                 extra_arg_rules: &[],
                 grants: Vec::new(),
+                leave_root: false,
             },
             0,
         )),

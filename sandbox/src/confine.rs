@@ -33,6 +33,10 @@ pub struct Confinement {
     /// Paths landlock still lets the worker open (none for a CPU worker; device nodes for a
     /// GPU worker, see [`crate::gpu`]).
     pub grants: Vec<Grant>,
+    /// A worker started as root gives up its user and group ids for `nobody`'s before anything
+    /// else: for a worker with grants, so that file permissions narrow them too (a root
+    /// worker's user namespace maps no id, and on the host it would still own root's files).
+    pub leave_root: bool,
 }
 
 /// How the worker's host memory budget is enforced.
@@ -155,6 +159,11 @@ pub fn confine(c: &Confinement) -> Result<Report, ConfineError> {
     mandatory(&mut report, "oom_score_adj", oom_score_adj())?;
     // Read while /proc is still there (before the empty root and landlock).
     let last_cap = last_cap();
+    if c.leave_root {
+        // A change of credentials clears the parent-death signal: armed again.
+        let left = leave_root().and_then(|d| parent_death_signal().map(|_| d));
+        mandatory(&mut report, "unprivileged user", left)?;
+    }
     let (ns, unshared) = unshare_namespaces();
     report.push("namespaces", ns);
     let root = if !c.grants.is_empty() {
@@ -295,6 +304,35 @@ fn parent_death_signal() -> Result<String, String> {
 
 /// The worker is the process the kernel's OOM killer should pick first (raising the score
 /// needs no privilege).
+/// `nobody`: the user and group a worker that started as root continues as.
+const NOBODY: libc::uid_t = 65534;
+
+/// Root's ids become `nobody`'s (real, effective and saved), with no supplementary group; a
+/// worker that is not root keeps its own. Before the namespaces: the user namespace is then
+/// owned by `nobody`, and nothing on the host is root's to the worker.
+fn leave_root() -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok("not root: the supervisor's own unprivileged user".into());
+    }
+    // SAFETY: setgroups with an empty list; setresgid/setresuid with integer ids. The process
+    // is single-threaded (confine's precondition), so every thread changes.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(format!("setgroups: {}", errno()));
+        }
+        if libc::setresgid(NOBODY, NOBODY, NOBODY) != 0 {
+            return Err(format!("setresgid: {}", errno()));
+        }
+        if libc::setresuid(NOBODY, NOBODY, NOBODY) != 0 {
+            return Err(format!("setresuid: {}", errno()));
+        }
+    }
+    Ok(format!(
+        "started as root, continues as uid and gid {NOBODY} with no supplementary group"
+    ))
+}
+
 fn oom_score_adj() -> Result<String, String> {
     std::fs::write("/proc/self/oom_score_adj", b"1000")
         .map_err(|e| format!("/proc/self/oom_score_adj: {e}"))?;

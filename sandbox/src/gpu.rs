@@ -68,6 +68,7 @@ impl GpuProfile {
             extra_syscalls: self.extra_syscalls.clone(),
             extra_arg_rules: self.extra_arg_rules,
             grants: self.grants.clone(),
+            leave_root: true,
         }
     }
 }

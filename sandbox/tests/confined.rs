@@ -50,6 +50,7 @@ fn confine_strict(no_ns: bool) {
         extra_syscalls: Vec::new(),
         extra_arg_rules: &[],
         grants: Vec::new(),
+        leave_root: false,
     };
     if let Err(e) = securerun_sandbox::confine(&c) {
         eprintln!("{e}");
@@ -165,7 +166,11 @@ fn role(args: &[String]) -> ! {
         }
         ["report", ..] => {
             let mut channel = take_channel();
-            confine_strict(no_ns);
+            if args.get(1) == Some(&"gpu") {
+                confine_gpu(securerun_sandbox::gpu::nvidia(None));
+            } else {
+                confine_strict(no_ns);
+            }
             // SAFETY: getpid has no preconditions.
             let pid = unsafe { libc::getpid() };
             channel.send(pid.to_string().as_bytes()).expect("send");
@@ -515,6 +520,31 @@ fn every_probe_is_blocked_under_the_gpu_profile() {
     }
 }
 
+/// A GPU worker started as root (as CI runs) continues as `nobody` with no supplementary group
+/// before its namespaces exist, so file permissions narrow its grants too; every capability
+/// is still gone.
+fn a_gpu_worker_started_as_root_runs_as_nobody() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the worker leaves root only when it starts as root (CI runs as root)");
+        return;
+    }
+    let mut p = spawn_role(&["report", "gpu"], Stdio::inherit());
+    p.channel
+        .recv(64, Some(Duration::from_secs(30)))
+        .expect("report");
+    let real = confined_pid(p.child.id());
+    for field in ["Uid:", "Gid:"] {
+        let ids: Vec<String> = status_field(real, field)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        assert_eq!(ids, ["65534"; 4], "{field}");
+    }
+    assert_eq!(status_field(real, "Groups:"), "");
+    assert_eq!(status_field(real, "CapEff:"), "0000000000000000");
+}
+
 /// The profile's device grant, for real: a character device node of the test's own making
 /// (the null device's numbers, under a directory of its own) opens read-write and takes ioctls
 /// under the GPU profile; the real /dev/null, host files and /proc stay closed. Needs
@@ -532,6 +562,9 @@ fn a_granted_device_node_opens_and_nothing_else_does() {
     // SAFETY: a NUL-terminated path; mode and device number are integers.
     let made = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
     assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+    // World read-write, as the NVIDIA driver makes its nodes: the worker is `nobody` by then.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o666)).unwrap();
     let (status, err) = run_role(&["gpu-node", node.to_str().expect("utf-8")]);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(status.code(), Some(0), "{err}");
@@ -547,6 +580,10 @@ const CASES: &[Case] = &[
     (
         "a_granted_device_node_opens_and_nothing_else_does",
         a_granted_device_node_opens_and_nothing_else_does,
+    ),
+    (
+        "a_gpu_worker_started_as_root_runs_as_nobody",
+        a_gpu_worker_started_as_root_runs_as_nobody,
     ),
     (
         "a_dead_supervisor_leaves_no_worker_behind",
