@@ -8,6 +8,20 @@ mod common;
 use securerun::models::{Precision, Score};
 use securerun::open_text_model;
 
+fn fixed_text_ids() -> Vec<u32> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quality.txt"),
+    )
+    .unwrap();
+    let model = open_text_model(&common::smollm2(), &common::unsigned()).unwrap();
+    model
+        .tokenizer()
+        .encode(text, false)
+        .unwrap()
+        .get_ids()
+        .to_vec()
+}
+
 fn score(precision: Precision, ids: &[u32]) -> Score {
     let opts = securerun::OpenOptions {
         precision,
@@ -80,6 +94,54 @@ fn every_precision_keeps_quality_on_a_fixed_text() {
             "f32 perplexity {} vs llama.cpp {theirs}\n{table}",
             f32.perplexity()
         );
+    }
+    eprintln!("{table}");
+    assert!(failures.is_empty(), "{failures:?}\n{table}");
+}
+
+/// Quantized weights through candle's quantized llama: the path `--dtype q8_0|q4_0|q4_k` takes
+/// on a GPU, where the own decoder's CPU kernels cannot go, run here on the CPU by the
+/// reference engine (the same code; candle's kernels for the device differ). The real model is
+/// quantized, written as GGUF in memory with llama.cpp's names and rotary row order, and read
+/// back: held to the own decoder's bounds on the fixed text, and to llama.cpp's perplexity for
+/// the same formats (a wrong row order or name gives noise, not these numbers).
+#[test]
+fn the_quantized_path_for_gpus_keeps_quality_on_a_fixed_text() {
+    use securerun::models::load::Engine;
+    use securerun::models::{LoadOptions, ModelSource, TextModel};
+    let reference = common::reference("quality.json");
+    let ids = fixed_text_ids();
+    let f32 = score(Precision::F32, &ids);
+    let source = std::sync::Arc::new(
+        ModelSource::open(&common::smollm2(), &LoadOptions::default().limits).unwrap(),
+    );
+    let mut failures = Vec::new();
+    let mut table = String::new();
+    for (precision, agreement_min, ratio_max) in [
+        (Precision::Q8_0, 0.95, 1.02),
+        (Precision::Q4K, 0.90, 1.05),
+        (Precision::Q4_0, 0.65, 1.25),
+    ] {
+        let opts = LoadOptions {
+            engine: Engine::Reference,
+            precision,
+            ..Default::default()
+        };
+        let mut model = TextModel::load(&source, &opts).unwrap();
+        let s = model.score(&ids, 64).unwrap();
+        let (agree, ppl) = (s.top1_agreement(&f32), s.perplexity());
+        let llamacpp = reference["llamacpp"][precision.to_string()].as_f64();
+        table += &format!(
+            "{precision} (candle's kernels): top-1 agreement {agree:.4}, perplexity {ppl:.4} (llama.cpp {llamacpp:?})\n"
+        );
+        if agree < agreement_min || ppl > f32.perplexity() * ratio_max {
+            failures.push(format!("{precision}: agreement {agree}, perplexity {ppl}"));
+        }
+        if llamacpp.is_some_and(|theirs| ppl > theirs * 1.02) {
+            failures.push(format!(
+                "{precision}: perplexity {ppl} > 1.02 x llama.cpp's"
+            ));
+        }
     }
     eprintln!("{table}");
     assert!(failures.is_empty(), "{failures:?}\n{table}");

@@ -88,6 +88,29 @@ pub fn estimate_on_device(
     sized(source, weights, bytes, context)
 }
 
+/// [`estimate_on_device`] for quantized weights (candle's quantized kernels on the device):
+/// each matrix at the block format `precision` gives it, every other tensor, the KV cache and
+/// the activations at f32 (as candle's quantized llama keeps them).
+pub fn estimate_quantized_on_device(
+    source: &ModelSource,
+    precision: crate::Precision,
+    context: Option<u64>,
+) -> Result<MemoryEstimate, LoadError> {
+    use crate::precision::{matrix_bytes, Role};
+    let weights = source
+        .tensors()
+        .map(|(_, t)| match t.shape[..] {
+            [rows, cols] => matrix_bytes(precision.weight_type(Role::Linear, cols), rows, cols),
+            _ => t
+                .shape
+                .iter()
+                .map(|&d| d as u64)
+                .fold(4u64, u64::saturating_mul),
+        })
+        .fold(0u64, u64::saturating_add);
+    sized(source, weights, 4, context)
+}
+
 /// The parts sized by the configuration, for `weights` already counted and tensors of
 /// `compute_bytes` each.
 fn sized(

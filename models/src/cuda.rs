@@ -23,11 +23,12 @@ pub enum CudaError {
     Init { ordinal: usize, reason: String },
     #[error("the device failed its self-test: {0}")]
     SelfTest(String),
-    #[error("the model needs about {} MiB of device memory (weights {} MiB at {dtype:?}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, or serve a shorter context", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
+    #[error("the model needs about {} MiB of device memory (weights {} MiB at {held}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, or serve a shorter context", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
     DeviceMemory {
         ordinal: usize,
         needed: crate::budget::MemoryEstimate,
-        dtype: candle_core::DType,
+        /// How the weights are held on the device (`bf16`, `q8_0`, ...).
+        held: String,
         free: u64,
         total: u64,
     },
@@ -166,10 +167,11 @@ pub fn self_test(device: &candle_core::Device) -> Result<(), CudaError> {
 }
 
 /// Refuses a model whose estimate on the device (`needed`, from
-/// [`crate::budget::estimate_on_device`] at `dtype`) exceeds the memory the device reports free.
+/// [`crate::budget::estimate_on_device`] or its quantized form, weights `held` so) exceeds the
+/// memory the device reports free.
 pub fn check_fits(
     needed: &crate::budget::MemoryEstimate,
-    dtype: candle_core::DType,
+    held: &str,
     info: &DeviceInfo,
 ) -> Result<(), CudaError> {
     if needed.total() <= info.free_bytes {
@@ -178,7 +180,7 @@ pub fn check_fits(
     Err(CudaError::DeviceMemory {
         ordinal: info.ordinal,
         needed: *needed,
-        dtype,
+        held: held.to_string(),
         free: info.free_bytes,
         total: info.total_bytes,
     })

@@ -40,16 +40,33 @@ fn weights_are_counted_at_the_device_dtype_and_a_model_that_does_not_fit_is_refu
     assert_eq!(short.kv_cache, 2 * 2 * 2 * 8 * 16 * 2);
     assert_eq!(bf16.kv_cache, short.kv_cache * 128 / 16);
 
-    assert_eq!(
-        check_fits(&bf16, DType::BF16, &device(bf16.total())),
-        Ok(())
-    );
-    let err = check_fits(&bf16, DType::BF16, &device(bf16.total() - 1)).unwrap_err();
+    assert_eq!(check_fits(&bf16, "bf16", &device(bf16.total())), Ok(()));
+    let err = check_fits(&bf16, "bf16", &device(bf16.total() - 1)).unwrap_err();
     assert!(matches!(err, CudaError::DeviceMemory { .. }), "{err}");
     assert!(
         err.to_string().contains("more than cuda:0 has free"),
         "{err}"
     );
+}
+
+/// Quantized weights on the device are counted at their block format, the rest at f32.
+#[test]
+fn quantized_weights_are_counted_at_their_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write_model(tmp.path(), "llama", DType::F32);
+    let source = ModelSource::open(tmp.path(), &Limits::default()).unwrap();
+    let f32 = estimate_on_device(&source, DType::F32, None).unwrap();
+    let q8 = securerun_models::budget::estimate_quantized_on_device(
+        &source,
+        securerun_models::Precision::Q8_0,
+        None,
+    )
+    .unwrap();
+    assert!(q8.weights < f32.weights, "{q8:?} vs {f32:?}");
+    // KV cache and activations at f32, as candle's quantized llama keeps them.
+    assert_eq!(q8.kv_cache, f32.kv_cache);
+    let err = check_fits(&q8, "q8_0", &device(q8.total() - 1)).unwrap_err();
+    assert!(err.to_string().contains("at q8_0"), "{err}");
 }
 
 #[test]

@@ -69,8 +69,24 @@ pub fn run(args: DoctorArgs) -> CmdResult {
     }
     if gpu {
         println!("the device from a confined worker (GPU profile, threads capped):");
-        match crate::worker::device_check(&program, device) {
-            Ok(described) => println!("  {name:<17} usable   {described}"),
+        // The worker's word is checked against what the driver lists here, outside it.
+        let listed = securerun_sandbox::gpu::nvidia_gpus(std::path::Path::new("/"))
+            .ok()
+            .flatten()
+            .is_some_and(|gpus| !gpus.is_empty());
+        let checked = crate::worker::device_check(&program, device).and_then(|described| {
+            if listed {
+                Ok(described)
+            } else {
+                Err(format!(
+                    "the worker reported a usable device ({described}), but the driver lists no GPU in /proc/driver/nvidia/gpus: not believed"
+                ))
+            }
+        });
+        match checked {
+            Ok(described) => {
+                println!("  {name:<17} usable   {described} (as the confined worker reports)")
+            }
             Err(e) => {
                 ok = false;
                 println!("  {name:<17} UNUSABLE {e}");

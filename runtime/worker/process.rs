@@ -210,12 +210,23 @@ fn open_gpu(
     let (device, mut info) =
         securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
     info.ordinal = requested;
-    let dtype = precision
-        .candle_dtype()
-        .unwrap_or_else(|| securerun_models::load::accelerator_dtype(source));
-    let est = securerun_models::budget::estimate_on_device(source, dtype, context)
-        .map_err(|e| e.to_string())?;
-    securerun_models::cuda::check_fits(&est, dtype, &info).map_err(|e| e.to_string())?;
+    let (est, held) = match precision {
+        Precision::Q8_0 | Precision::Q4_0 | Precision::Q4K => (
+            securerun_models::budget::estimate_quantized_on_device(source, precision, context),
+            precision.to_string(),
+        ),
+        _ => {
+            let dtype = precision
+                .candle_dtype()
+                .unwrap_or_else(|| securerun_models::load::accelerator_dtype(source));
+            (
+                securerun_models::budget::estimate_on_device(source, dtype, context),
+                format!("{dtype:?}").to_lowercase(),
+            )
+        }
+    };
+    let est = est.map_err(|e| e.to_string())?;
+    securerun_models::cuda::check_fits(&est, &held, &info).map_err(|e| e.to_string())?;
     Ok((device, describe(&info)))
 }
 

@@ -813,20 +813,17 @@ const DEVICE_CHARS: usize = 200;
 /// The longest reason a worker gives for refusing to start that is shown and recorded.
 const REFUSAL_CHARS: usize = 1000;
 
-/// Untrusted text from a worker, made safe to show on a terminal and to record: no control
-/// characters, and none of the invisible formatting ones that reorder or hide what follows
-/// (bidirectional overrides and isolates, zero-width characters, line and paragraph
-/// separators); at most `max` characters.
+/// Untrusted text from a worker, made safe to show on a terminal and to record: only visible
+/// characters are kept (printable ASCII, Latin-1's visible ones, and letters and digits of any
+/// script but the blank Hangul fillers), so no control, formatting, bidirectional, tag,
+/// combining or blank character can reorder, hide or smuggle text; at most `max` characters.
 pub(crate) fn printable(text: &str, max: usize) -> String {
-    let invisible = |c: char| {
-        matches!(c,
-            '\u{00ad}' | '\u{061c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    let visible = |c: char| {
+        matches!(c, ' '..='~' | '\u{a1}'..='\u{ac}' | '\u{ae}'..='\u{ff}')
+            || (c.is_alphanumeric()
+                && !matches!(c, '\u{115f}' | '\u{1160}' | '\u{3164}' | '\u{ffa0}'))
     };
-    text.chars()
-        .filter(|&c| !c.is_control() && !invisible(c))
-        .take(max)
-        .collect()
+    text.chars().filter(|&c| visible(c)).take(max).collect()
 }
 
 fn kind(msg: &FromWorker) -> &'static str {
@@ -944,6 +941,14 @@ mod tests {
     fn worker_text_is_shown_without_control_or_reordering_characters() {
         let shown = super::printable("cuda:0\n\u{1b}[2J\u{202e}evil\u{2028}x\u{200b}y", 12);
         assert_eq!(shown, "cuda:0[2Jevi");
+        // Formatting, tag, combining, variation, blank and filler characters.
+        let hidden =
+            "a\u{600}\u{1d173}\u{13430}\u{e0041}\u{34f}\u{3164}\u{fe0f}\u{180b}\u{2800}\u{85}b";
+        assert_eq!(super::printable(hidden, 100), "ab");
+        assert_eq!(
+            super::printable("NVIDIA H200 — Größe 日本", 100),
+            "NVIDIA H200  Größe 日本"
+        );
         assert_eq!(super::printable(&"é".repeat(500), 200).chars().count(), 200);
     }
 }

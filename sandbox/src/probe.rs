@@ -37,7 +37,14 @@ pub const PROBES: &[(&str, &str)] = &[
         "other-device",
         "open /dev/null for writing (no device granted)",
     ),
-    ("shared-memory", "map 64 MiB of shared anonymous memory"),
+    (
+        "uncounted-memory",
+        "map 64 MiB RLIMIT_DATA does not count (shared, grows-down)",
+    ),
+    (
+        "parent-death",
+        "disarm the parent-death signal (PR_SET_PDEATHSIG 0)",
+    ),
 ];
 
 fn errno() -> std::io::Error {
@@ -67,7 +74,9 @@ pub fn run(name: &str, parent: libc::pid_t) -> ! {
         "capability" => capability(),
         "stat-host-path" => stat_path("/etc/passwd"),
         "other-device" => open_path("/dev/null", libc::O_RDWR),
-        "shared-memory" => shared_memory(),
+        "uncounted-memory" => uncounted_memory(),
+        // SAFETY: prctl with integer arguments.
+        "parent-death" => check_int(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) }),
         _ => {
             eprintln!("unknown probe {name:?}");
             std::process::exit(EXIT_SETUP)
@@ -257,27 +266,37 @@ fn sigio_owner(parent: libc::pid_t) -> Result<(), std::io::Error> {
     ])
 }
 
-/// Maps shared anonymous memory, which no rlimit but RLIMIT_AS counts (a GPU worker's host
-/// memory is bounded by RLIMIT_DATA), and touches it.
-fn shared_memory() -> Result<(), std::io::Error> {
+/// Maps anonymous memory no rlimit but RLIMIT_AS counts (a GPU worker's host memory is bounded
+/// by RLIMIT_DATA): shared, or grows-down (counted as stack), and touches it.
+fn uncounted_memory() -> Result<(), std::io::Error> {
     const LEN: usize = 64 << 20;
-    // SAFETY: a fresh mapping, written only within its length, then unmapped.
-    unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        if p == libc::MAP_FAILED {
-            return Err(errno());
-        }
-        std::ptr::write_bytes(p as *mut u8, 1, LEN);
-        libc::munmap(p, LEN);
-    }
-    Ok(())
+    let private = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let attempts = [
+        ("MAP_SHARED", libc::MAP_SHARED | libc::MAP_ANONYMOUS),
+        ("MAP_GROWSDOWN", private | libc::MAP_GROWSDOWN),
+    ]
+    .map(|(what, flags)| {
+        // SAFETY: a fresh mapping, written only within its length, then unmapped.
+        let mapped = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                Err(errno())
+            } else {
+                std::ptr::write_bytes(p as *mut u8, 1, LEN);
+                libc::munmap(p, LEN);
+                Ok(())
+            }
+        };
+        (what, mapped)
+    });
+    any_of(attempts.into_iter().collect())
 }
 
 /// Installs the thread cap, as the worker does once its compute threads run, then tries to

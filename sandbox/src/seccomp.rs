@@ -67,7 +67,6 @@ const ALLOWED: &[(&str, libc::c_long)] = &[
     ("nanosleep", libc::SYS_nanosleep),
     ("clock_nanosleep", libc::SYS_clock_nanosleep),
     ("clock_gettime", libc::SYS_clock_gettime),
-    ("prctl", libc::SYS_prctl),
     // Signals (panics unwind, aborts raise SIGABRT).
     ("sigaltstack", libc::SYS_sigaltstack),
     ("rt_sigaction", libc::SYS_rt_sigaction),
@@ -128,6 +127,10 @@ const OWN_PID: Cond = Cond {
     value: ArgValue::OwnPid,
 };
 
+/// `PR_SET_VMA` (<linux/prctl.h>; glibc names its malloc arenas with it), which the libc crate
+/// does not export.
+const PR_SET_VMA: u32 = 0x5356_4d41;
+
 /// A system call allowed only with certain arguments: name, number, and alternatives (the call
 /// is allowed if every condition of one alternative holds).
 pub type ArgRule = (&'static str, libc::c_long, &'static [&'static [Cond]]);
@@ -137,12 +140,32 @@ pub const ARG_RULES: &[ArgRule] = &[
     // mmap: anything but shared anonymous memory (MAP_SHARED or MAP_SHARED_VALIDATE with
     // MAP_ANONYMOUS), which RLIMIT_DATA does not count: a GPU worker's host memory is bounded
     // by RLIMIT_DATA. Files (the weights) may be mapped shared; private memory is counted.
+    // Nor MAP_GROWSDOWN, whose mapping the kernel counts as stack, not data.
     (
         "mmap",
         libc::SYS_mmap,
         &[
-            &[bits_clear(3, libc::MAP_SHARED as u32)],
-            &[bits_clear(3, libc::MAP_ANONYMOUS as u32)],
+            &[bits_clear(
+                3,
+                (libc::MAP_SHARED | libc::MAP_GROWSDOWN) as u32,
+            )],
+            &[bits_clear(
+                3,
+                (libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN) as u32,
+            )],
+        ],
+    ),
+    // prctl: thread and mapping names (std, glibc) and no_new_privs again (seccompiler sets it
+    // before adding the thread cap). Not PR_SET_PDEATHSIG (a worker that disarms it outlives
+    // its supervisor), PR_SET_DUMPABLE, PR_SET_PTRACER, PR_SET_MM, ...
+    (
+        "prctl",
+        libc::SYS_prctl,
+        &[
+            &[eq(0, libc::PR_SET_NAME as u32)],
+            &[eq(0, libc::PR_GET_NAME as u32)],
+            &[eq(0, PR_SET_VMA)],
+            &[eq(0, libc::PR_SET_NO_NEW_PRIVS as u32)],
         ],
     ),
     // Signals only to the worker's own threads (glibc's raise/abort: tgkill(getpid(), tid, sig)).

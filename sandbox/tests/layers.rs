@@ -196,6 +196,10 @@ fn the_allowlist_refuses_shared_anonymous_memory() {
             map(libc::MAP_SHARED_VALIDATE | libc::MAP_ANONYMOUS, -1),
             map(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1),
             map(libc::MAP_SHARED, fd),
+            map(
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
+                -1,
+            ),
         )
     })
     .join()
@@ -204,6 +208,39 @@ fn the_allowlist_refuses_shared_anonymous_memory() {
     assert_eq!(outcome.1, Some(libc::EPERM), "shared-validate anonymous");
     assert_eq!(outcome.2, None, "private anonymous");
     assert_eq!(outcome.3, None, "a shared file mapping");
+    assert_eq!(
+        outcome.4,
+        Some(libc::EPERM),
+        "grows-down (counted as stack)"
+    );
+}
+
+/// prctl only names threads and mappings (and sets no_new_privs again): a worker cannot
+/// disarm its parent-death signal (and outlive its supervisor), make itself dumpable, or name
+/// a tracer.
+#[test]
+fn prctl_only_names_things() {
+    let outcome = std::thread::spawn(|| {
+        securerun_sandbox::confine::no_new_privs().unwrap();
+        let program = securerun_sandbox::seccomp::allowlist_filter(&[], 1).unwrap();
+        seccompiler::apply_filter(&program).unwrap();
+        let name = b"probe\0";
+        // SAFETY: prctl with integer arguments, or a NUL-terminated name.
+        unsafe {
+            (
+                errno_of(libc::prctl(libc::PR_SET_NAME, name.as_ptr())),
+                errno_of(libc::prctl(libc::PR_SET_PDEATHSIG, 0)),
+                errno_of(libc::prctl(libc::PR_SET_DUMPABLE, 1)),
+                errno_of(libc::prctl(libc::PR_SET_PTRACER, -1i64)),
+            )
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(outcome.0, None, "PR_SET_NAME");
+    assert_eq!(outcome.1, Some(libc::EPERM), "PR_SET_PDEATHSIG");
+    assert_eq!(outcome.2, Some(libc::EPERM), "PR_SET_DUMPABLE");
+    assert_eq!(outcome.3, Some(libc::EPERM), "PR_SET_PTRACER");
 }
 
 fn own_pid() -> libc::pid_t {

@@ -3,6 +3,7 @@
 mod bert;
 mod gemma2;
 mod llama;
+mod llama_quantized;
 mod mistral;
 mod owned;
 mod phi3;
@@ -265,6 +266,20 @@ pub fn load_causal_lm(
         if let Some(spec) = owned_spec(arch, config)? {
             return Ok(Box::new(owned::Owned::load(arch, spec, source, precision)?));
         }
+    }
+    // Quantized weights where the own decoder does not run (a GPU; the reference engine):
+    // candle's quantized kernels, for the llama family.
+    if matches!(
+        precision,
+        Precision::Q8_0 | Precision::Q4_0 | Precision::Q4K
+    ) && arch == Architecture::Llama
+    {
+        return Ok(Box::new(llama_quantized::Model::load(
+            config,
+            source,
+            precision,
+            &opts.device,
+        )?));
     }
     let dtype = match (precision, precision.candle_dtype()) {
         (_, Some(d)) => d,
