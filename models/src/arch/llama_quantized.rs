@@ -42,6 +42,20 @@ struct Config {
     rope_scaling: Option<serde_json::Value>,
 }
 
+impl Config {
+    /// candle's quantized llama derives the head size and knows no rope scaling.
+    fn supported(&self) -> bool {
+        self.head_dim
+            .is_none_or(|d| d * self.num_attention_heads == self.hidden_size)
+            && self.rope_scaling.as_ref().is_none_or(|v| v.is_null())
+    }
+}
+
+/// Whether candle's quantized llama can run the model `config` describes.
+pub fn supports(config: &serde_json::Value) -> bool {
+    serde_json::from_value::<Config>(config.clone()).is_ok_and(|c| c.supported())
+}
+
 fn default_rope_theta() -> f32 {
     10_000.0
 }
@@ -73,17 +87,9 @@ impl Model {
             reason,
         };
         let c: Config = super::parse_config(arch, config)?;
-        // candle's quantized llama derives the head size and knows no rope scaling.
-        if c.head_dim
-            .is_some_and(|d| d * c.num_attention_heads != c.hidden_size)
-        {
+        if !c.supported() {
             return Err(refuse(
-                "head_dim × num_attention_heads differs from hidden_size, which quantized weights on this device do not support".into(),
-            ));
-        }
-        if c.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(refuse(
-                "rope_scaling is not supported with quantized weights on this device".into(),
+                "rope_scaling, or a head_dim other than hidden_size / num_attention_heads, is not supported with quantized weights here".into(),
             ));
         }
         let heads = c.num_attention_heads;

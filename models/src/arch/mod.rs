@@ -273,6 +273,7 @@ pub fn load_causal_lm(
         precision,
         Precision::Q8_0 | Precision::Q4_0 | Precision::Q4K
     ) && arch == Architecture::Llama
+        && llama_quantized::supports(config)
     {
         return Ok(Box::new(llama_quantized::Model::load(
             config,
