@@ -38,6 +38,17 @@ fn prompt() -> Prompt {
     Prompt::Text("The capital of France is".into())
 }
 
+/// Each of `layers` is a line of doctor's report marked enforced.
+fn assert_enforced(out: &str, layers: &[&str]) {
+    for layer in layers {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(layer) && l.contains(" enforced ")),
+            "{layer}: {out}"
+        );
+    }
+}
+
 #[test]
 fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
     let o = securerun(&["doctor"]);
@@ -47,26 +58,23 @@ fn doctor_shows_every_layer_enforced_and_every_probe_blocked() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    for layer in [
-        "rlimits",
-        "parent death signal",
-        "oom_score_adj",
-        "namespaces",
-        "empty root",
-        "pid namespace",
-        "no_new_privs",
-        "capabilities",
-        "landlock",
-        "signal isolation",
-        "seccomp",
-        "thread cap",
-    ] {
-        assert!(
-            out.lines()
-                .any(|l| l.contains(layer) && l.contains("enforced")),
-            "{layer}: {out}"
-        );
-    }
+    assert_enforced(
+        &out,
+        &[
+            "rlimits",
+            "parent death signal",
+            "oom_score_adj",
+            "namespaces",
+            "empty root",
+            "pid namespace",
+            "no_new_privs",
+            "capabilities",
+            "landlock",
+            "signal isolation",
+            "seccomp",
+            "thread cap",
+        ],
+    );
     for (name, _) in securerun_sandbox::probe::PROBES {
         assert!(
             out.lines()
@@ -88,22 +96,19 @@ fn doctor_under_the_gpu_profile_refuses_every_escape_and_names_the_missing_devic
     assert!(!o.status.success(), "{out}");
     assert!(err.contains("not usable for cuda:0"), "{err}");
     assert!(out.contains("GPU profile (cuda:0)"), "{out}");
-    for layer in [
-        "rlimits",
-        "unprivileged user",
-        "no_new_privs",
-        "capabilities",
-        "landlock",
-        "signal isolation",
-        "seccomp",
-        "thread cap",
-    ] {
-        assert!(
-            out.lines()
-                .any(|l| l.trim_start().starts_with(layer) && l.contains(" enforced ")),
-            "{layer}: {out}"
-        );
-    }
+    assert_enforced(
+        &out,
+        &[
+            "rlimits",
+            "unprivileged user",
+            "no_new_privs",
+            "capabilities",
+            "landlock",
+            "signal isolation",
+            "seccomp",
+            "thread cap",
+        ],
+    );
     // The GPU profile's own marks: host memory bounded as data, the driver's calls added.
     assert!(out.contains("data 1024 MiB"), "{out}");
     assert!(out.contains("for the device)"), "{out}");

@@ -14,7 +14,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::{ModelWeights, MAX_SEQ_LEN};
 
-use super::{input, last_logits, ArchError, Architecture, CausalLm};
+use super::{ArchError, Architecture};
 use crate::precision::{Precision, Role};
 
 pub struct Model {
@@ -252,17 +252,4 @@ fn to_interleaved_rope(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor>
         .reshape((rows, cols))
 }
 
-impl CausalLm for Model {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        let x = input(tokens, &self.device)?;
-        last_logits(self.inner.forward(&x, pos)?)
-    }
-
-    fn reset(&mut self) {
-        self.inner.clear_kv_cache();
-    }
-
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-}
+super::self_cached_causal_lm!(Model);

@@ -1,5 +1,31 @@
 //! Architectures, detected from `config.json`, each in its own file over candle-transformers.
 
+/// [`CausalLm`] for a candle-transformers model that keeps its own KV cache: a struct with
+/// `inner` (its `forward(&x, pos)` and `clear_kv_cache()`), `device` and `max_context`.
+macro_rules! self_cached_causal_lm {
+    ($model:ty) => {
+        impl super::CausalLm for $model {
+            fn forward(
+                &mut self,
+                tokens: &[u32],
+                pos: usize,
+            ) -> candle_core::Result<candle_core::Tensor> {
+                let x = super::input(tokens, &self.device)?;
+                super::last_logits(self.inner.forward(&x, pos)?)
+            }
+
+            fn reset(&mut self) {
+                self.inner.clear_kv_cache();
+            }
+
+            fn max_context(&self) -> usize {
+                self.max_context
+            }
+        }
+    };
+}
+pub(crate) use self_cached_causal_lm;
+
 mod bert;
 mod gemma2;
 mod llama;

@@ -1,10 +1,10 @@
 //! Qwen3 via candle-transformers.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_nn::VarBuilder;
 use candle_transformers::models::qwen3;
 
-use super::{build, input, last_logits, ArchError, Architecture, CausalLm};
+use super::{build, ArchError, Architecture};
 
 pub struct Model {
     inner: qwen3::ModelForCausalLM,
@@ -26,17 +26,4 @@ impl Model {
     }
 }
 
-impl CausalLm for Model {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        let x = input(tokens, &self.device)?;
-        last_logits(self.inner.forward(&x, pos)?)
-    }
-
-    fn reset(&mut self) {
-        self.inner.clear_kv_cache();
-    }
-
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-}
+super::self_cached_causal_lm!(Model);
