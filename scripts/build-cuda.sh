@@ -79,9 +79,14 @@ fi
 cuda=$PWD/$root/nvidia/cu13
 export CUDA_ROOT=$cuda CUDA_PATH=$cuda CUDA_HOME=$cuda
 export PATH=$cuda/bin:$PATH
-# candle's kernel library names libcudart for the link (unused, so dropped: --as-needed); with
-# cudarc loading its libraries itself, nothing else tells the linker where the toolkit's are.
-export LIBRARY_PATH=$cuda/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
+# candle's statically compiled kernels (the quantized ones) call the CUDA runtime, and its build
+# names `-lcudart`. The link finds only the runtime's static archive (a directory holding it as
+# libcudart.a, nothing else): linked in, it opens the driver's library itself when first used,
+# so the binary still has no CUDA load-time dependency (check-cuda-build.sh checks).
+link=$PWD/$root/link
+mkdir -p "$link"
+ln -sf "$cuda/lib/libcudart_static.a" "$link/libcudart.a"
+export LIBRARY_PATH=$link${LIBRARY_PATH:+:$LIBRARY_PATH}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}
 nvcc --version | tail -2
 # Its own target directory: the CPU build's artefacts stay as they are. The patch rewrites
