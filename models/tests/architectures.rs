@@ -628,3 +628,54 @@ fn a_kept_prefix_is_reused_under_its_own_key_and_changes_no_token() {
         }
     }
 }
+
+/// The quantized path for GPUs (candle's quantized llama; the reference engine runs it on the
+/// CPU): it decodes a tiny llama, and a configuration it cannot run (KV heads that do not
+/// divide the heads, a rotary size that is not even) is refused with the precision's reason
+/// before a weight is read, never a panic or a shape error mid-generation.
+#[test]
+fn the_quantized_gpu_path_runs_what_it_can_and_refuses_the_rest() {
+    use securerun_models::load::Engine;
+    use securerun_models::Precision;
+    let load = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), "llama", DType::F32);
+        let path = tmp.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut config);
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let source =
+            Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
+        let opts = LoadOptions {
+            engine: Engine::Reference,
+            precision: Precision::Q8_0,
+            ..Default::default()
+        };
+        TextModel::load(&source, &opts)
+    };
+    let mut model = load(&|_| {}).unwrap();
+    let prompt = model.prompt_ids(&Prompt::Text("hello".into())).unwrap();
+    let out = model
+        .generate_from_ids(&prompt, &greedy(4), &mut |_| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!(out.token_ids.len(), 4);
+    for edit in [
+        &(|c: &mut serde_json::Value| c["num_key_value_heads"] = 3.into())
+            as &dyn Fn(&mut serde_json::Value),
+        &|c: &mut serde_json::Value| {
+            c["hidden_size"] = 36.into();
+        },
+    ] {
+        let err = load(edit).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                securerun_models::LoadError::Arch(
+                    securerun_models::arch::ArchError::Precision { .. }
+                )
+            ),
+            "{err}"
+        );
+    }
+}

@@ -43,10 +43,17 @@ struct Config {
 }
 
 impl Config {
-    /// candle's quantized llama derives the head size and knows no rope scaling.
+    /// candle's quantized llama derives the head size (even, whole) from the hidden size, shares
+    /// KV heads evenly, and knows no rope scaling.
     fn supported(&self) -> bool {
-        self.head_dim
-            .is_none_or(|d| d * self.num_attention_heads == self.hidden_size)
+        let heads = self.num_attention_heads;
+        let kv_heads = self.num_key_value_heads.unwrap_or(heads);
+        heads > 0
+            && kv_heads > 0
+            && self.hidden_size.is_multiple_of(heads)
+            && heads.is_multiple_of(kv_heads)
+            && (self.hidden_size / heads).is_multiple_of(2)
+            && self.head_dim.is_none_or(|d| d * heads == self.hidden_size)
             && self.rope_scaling.as_ref().is_none_or(|v| v.is_null())
     }
 }
@@ -89,7 +96,7 @@ impl Model {
         let c: Config = super::parse_config(arch, config)?;
         if !c.supported() {
             return Err(refuse(
-                "rope_scaling, or a head_dim other than hidden_size / num_attention_heads, is not supported with quantized weights here".into(),
+                "rope_scaling, uneven heads, or a head_dim other than hidden_size / num_attention_heads is not supported with quantized weights here".into(),
             ));
         }
         let heads = c.num_attention_heads;

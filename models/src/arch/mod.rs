@@ -295,10 +295,12 @@ pub fn load_causal_lm(
     }
     // Quantized weights where the own decoder does not run (a GPU; the reference engine):
     // candle's quantized kernels, for the llama family.
+    let own_decoder_would = opts.engine == crate::load::Engine::Best && opts.device.is_cpu();
     if matches!(
         precision,
         Precision::Q8_0 | Precision::Q4_0 | Precision::Q4K
     ) && arch == Architecture::Llama
+        && !own_decoder_would
         && llama_quantized::supports(config)
     {
         return Ok(Box::new(llama_quantized::Model::load(
