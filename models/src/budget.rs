@@ -55,16 +55,19 @@ pub fn estimate(
                     matrix_bytes(wt, rows, cols)
                 }
             }
-            _ => t
-                .shape
-                .iter()
-                .map(|&d| d as u64)
-                .product::<u64>()
-                .saturating_mul(compute_bytes),
+            _ => tensor_bytes(&t.shape, compute_bytes),
         })
         .fold(0u64, u64::saturating_add);
     let weights = source.weight_bytes().saturating_add(converted);
     sized(source, weights, compute_bytes, context)
+}
+
+/// Bytes of a tensor of `shape` at `per_element` bytes each (saturating).
+fn tensor_bytes(shape: &[usize], per_element: u64) -> u64 {
+    shape
+        .iter()
+        .map(|&d| d as u64)
+        .fold(per_element, u64::saturating_mul)
 }
 
 /// Estimates what the model of `source` allocates in a GPU's memory when every tensor is held
@@ -78,12 +81,7 @@ pub fn estimate_on_device(
     let bytes = dtype.size_in_bytes() as u64;
     let weights = source
         .tensors()
-        .map(|(_, t)| {
-            t.shape
-                .iter()
-                .map(|&d| d as u64)
-                .fold(bytes, u64::saturating_mul)
-        })
+        .map(|(_, t)| tensor_bytes(&t.shape, bytes))
         .fold(0u64, u64::saturating_add);
     sized(source, weights, bytes, context)
 }
@@ -101,11 +99,7 @@ pub fn estimate_quantized_on_device(
         .tensors()
         .map(|(_, t)| match t.shape[..] {
             [rows, cols] => matrix_bytes(precision.weight_type(Role::Linear, cols), rows, cols),
-            _ => t
-                .shape
-                .iter()
-                .map(|&d| d as u64)
-                .fold(4u64, u64::saturating_mul),
+            _ => tensor_bytes(&t.shape, 4),
         })
         .fold(0u64, u64::saturating_add);
     sized(source, weights, 4, context)
