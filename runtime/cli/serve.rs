@@ -99,6 +99,16 @@ pub fn run(args: ServeArgs) -> CmdResult {
             .try_init(),
         LogFormat::Json => logs.json().flatten_event(true).try_init(),
     };
+    // The runtime and the SIGHUP handler before anything else: a reload asked for while the
+    // server starts waits for it instead of killing it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("securerun-http")
+        .build()?;
+    let hangups = {
+        let _entered = runtime.enter();
+        server::lifecycle::hangups()
+    };
     // Start-up notes and warnings: lines on stderr, or log events with --log-format json (so
     // every stderr line is JSON).
     let json = args.log_format == LogFormat::Json;
@@ -205,10 +215,6 @@ pub fn run(args: ServeArgs) -> CmdResult {
     // A `securerun reload` left while no server ran is not this server's business.
     drop(crate::reload::take(&state_dir));
     let sandbox = format!("{:?}", args.common.sandbox).to_lowercase();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("securerun-http")
-        .build()?;
     let metrics = Arc::new(server::Metrics::default());
     let starter = Arc::new(ModelStarter {
         opts: opts.clone(),
@@ -288,7 +294,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             let args = args.clone();
             Box::new(move || args.settings())
         };
-        server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone(), reread);
+        server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone(), reread, hangups);
         server::lifecycle::spawn_watchdog();
         let signal = server::shutdown_signal();
         let stopping = state.clone();

@@ -51,21 +51,37 @@ pub fn spawn_watchdog() {
 /// Reads the settings again (the config file, then the flags over it, validated).
 pub type Reread = Box<dyn Fn() -> Result<super::ServeConfig, String> + Send + Sync>;
 
-/// Runs [`reload`] on every SIGHUP (`systemctl reload`, `kill -HUP`).
+/// SIGHUPs from now on, queued until [`spawn_hangup_reloader`] runs them. Called first thing in
+/// `serve` (inside the runtime) so that a SIGHUP during start-up, or just after "listening
+/// on", is a reload once the server runs instead of its death by the signal's default action.
+/// `None` (logged) when the handler cannot be installed; the server then serves without it.
+pub fn hangups() -> Option<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot listen for SIGHUP; reload with the admin API or `securerun reload`"
+            );
+            None
+        }
+    }
+}
+
+/// Runs [`reload`] on every SIGHUP (`systemctl reload`, `kill -HUP`), including those that came
+/// while the server started.
 pub fn spawn_hangup_reloader(
     state: Arc<AppState>,
     tls: Option<Arc<ReloadableTls>>,
     reread: Reread,
+    hangups: Option<tokio::signal::unix::Signal>,
 ) {
+    let Some(mut hangups) = hangups else {
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
-            tracing::warn!(
-                "cannot listen for SIGHUP; reload with the admin API or `securerun reload`"
-            );
-            return;
-        };
-        while hangup.recv().await.is_some() {
+        while hangups.recv().await.is_some() {
             reload(&state, tls.as_ref(), &reread).await;
         }
     });

@@ -707,3 +707,83 @@ fn planted_spool_entries_are_recorded_once_and_forged_events_refused() {
         3
     );
 }
+
+/// A SIGHUP that comes while the server is still starting (`kill -HUP` from an operator or a
+/// script, a reload raced against start-up) is a reload once the server listens, never its
+/// death: the handler is in place before the audit log, the worker or the listener. Before,
+/// it was installed by a task spawned after "listening on" was printed, so a SIGHUP during
+/// start-up (or right after the line, on a loaded machine) killed the server with the
+/// signal's default action and reset every connection it had accepted.
+#[test]
+fn a_sighup_during_start_up_is_a_reload_not_a_kill() {
+    use std::io::BufRead;
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let config = state.path().join("serve.toml");
+    std::fs::write(&config, "max_embedding_inputs = 2\n").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(["serve", p(&crate::common::minilm()), "--allow-unsigned"])
+        .args(["--listen", "127.0.0.1:0", "--config", p(&config)])
+        .args(["--state-dir", p(state.path())])
+        .env("SECURERUN_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let listening = Arc::new(AtomicBool::new(false));
+    let signals = AtomicUsize::new(0);
+    let line = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            // From the moment its first worker exists (the server is loading the model) until
+            // it listens: a SIGHUP every 20 ms, the config changed after the first.
+            while !listening.load(Ordering::SeqCst) {
+                if !children(pid as u32).is_empty() {
+                    // SAFETY: signalling our own child.
+                    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+                        break;
+                    }
+                    if signals.fetch_add(1, Ordering::SeqCst) == 0 {
+                        std::fs::write(&config, "max_embedding_inputs = 4\n").unwrap();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        listening.store(true, Ordering::SeqCst);
+        line
+    });
+    assert!(
+        signals.load(Ordering::SeqCst) > 0,
+        "no SIGHUP was sent during start-up"
+    );
+    assert!(
+        line.starts_with("listening on"),
+        "the server died of a SIGHUP during start-up: {:?}",
+        child.try_wait()
+    );
+    let url = line.split_whitespace().nth(2).unwrap();
+    let s = Server {
+        child,
+        addr: url.split_once("://").map_or(url, |(_, a)| a).to_string(),
+    };
+    let texts = serde_json::json!({"model": "all-minilm-l6-v2", "input": ["a", "b", "c"]});
+    // The reload asked for during start-up happens: the new limit applies.
+    wait_for("the reloaded limit", || {
+        call(
+            &s.addr,
+            "POST",
+            "/v1/embeddings",
+            Some(&user),
+            &texts.to_string(),
+        ) == 200
+    });
+    s.stop();
+    let reloads = export_local(state.path())
+        .into_iter()
+        .filter(|r| r["event"] == "config_reloaded" && r["outcome"] == "ok")
+        .count();
+    assert_eq!(reloads, 1);
+}
