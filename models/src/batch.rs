@@ -23,6 +23,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
 
+use crate::decoder::tensor::{TensorDecoder, TensorSequence};
 use crate::decoder::{Chunk, Decoder, Sequence};
 use crate::generate::{GenerateError, Generation, GenerationParams, SeqState, TextModel};
 
@@ -63,7 +64,7 @@ pub struct Finished {
 struct Slot<'cb> {
     id: u64,
     state: SeqState,
-    seq: Sequence,
+    seq: Cache,
     key: Option<PrefixKey>,
     /// The tokens whose keys and values `seq` holds (positions `0..pos`).
     fed: Vec<u32>,
@@ -79,7 +80,7 @@ struct Slot<'cb> {
 
 /// The cache of a sequence that left, with what it holds.
 struct Kept {
-    seq: Sequence,
+    seq: Cache,
     key: Option<PrefixKey>,
     tokens: Vec<u32>,
 }
@@ -88,10 +89,51 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
+/// The pass a batch runs: the own decoder (CPU), or the same pass on candle tensors (a GPU).
+#[derive(Clone, Copy)]
+pub(crate) enum Backend<'m> {
+    Host(&'m Decoder),
+    Tensor(&'m TensorDecoder),
+}
+
+/// One sequence's KV cache, of its backend's kind.
+enum Cache {
+    Host(Sequence),
+    Tensor(TensorSequence),
+}
+
+impl Backend<'_> {
+    fn new_cache(self) -> Cache {
+        match self {
+            Backend::Host(d) => Cache::Host(d.new_sequence()),
+            Backend::Tensor(d) => Cache::Tensor(d.new_sequence()),
+        }
+    }
+
+    /// `dst` holds the first `len` positions of `src`.
+    fn copy_prefix(self, dst: &mut Cache, src: &Cache, len: usize) -> Result<(), GenerateError> {
+        match (self, dst, src) {
+            (Backend::Host(_), Cache::Host(d), Cache::Host(s)) => {
+                d.copy_prefix(s, len);
+                Ok(())
+            }
+            (Backend::Tensor(t), Cache::Tensor(d), Cache::Tensor(s)) => {
+                t.copy_prefix(d, s, len).map_err(GenerateError::from)
+            }
+            _ => Err(mixed_caches()),
+        }
+    }
+}
+
+/// Caches are only ever made by their batch's backend; a mix would be this module's bug.
+fn mixed_caches() -> GenerateError {
+    GenerateError::Compute("a cache of another backend in the batch".into())
+}
+
 /// Generations of one model advancing together.
 pub struct Batch<'m, 'cb> {
     model: &'m TextModel,
-    decoder: &'m Decoder,
+    decoder: Backend<'m>,
     limits: BatchLimits,
     slots: Vec<Slot<'cb>>,
     /// Caches of finished sequences, oldest first, kept for the next ones (their memory and,
@@ -101,9 +143,10 @@ pub struct Batch<'m, 'cb> {
 }
 
 impl<'m, 'cb> Batch<'m, 'cb> {
-    /// A batch over `model`, which must run on the project's decoder.
+    /// A batch over `model`, which must run on the project's decoder or its pass on candle
+    /// tensors (a GPU's).
     pub fn new(model: &'m TextModel, limits: BatchLimits) -> Result<Self, GenerateError> {
-        let decoder = model.decoder().ok_or(GenerateError::Unbatched)?;
+        let decoder = model.backend().ok_or(GenerateError::Unbatched)?;
         if limits.max_sequences == 0 || limits.max_step_tokens < limits.max_sequences {
             return Err(GenerateError::Params(format!(
                 "a batch needs at least one sequence and a step of at least as many tokens ({limits:?})"
@@ -174,16 +217,20 @@ impl<'m, 'cb> Batch<'m, 'cb> {
                 let donor = self.spare.remove(i);
                 match self.other_cache(1) {
                     Some(mut seq) => {
-                        seq.copy_prefix(&donor.seq, n);
+                        let copied = self.decoder.copy_prefix(&mut seq, &donor.seq, n);
                         self.spare.push(donor); // the most recently used
-                        (seq, n)
+                        match copied {
+                            Ok(()) => (seq, n),
+                            // No room on the device for the copy: computed afresh.
+                            Err(_) => (seq, 0),
+                        }
                     }
                     None => (donor.seq, n),
                 }
             }
             None => {
                 let seq = self.other_cache(0);
-                (seq.unwrap_or_else(|| self.decoder.new_sequence()), 0)
+                (seq.unwrap_or_else(|| self.decoder.new_cache()), 0)
             }
         };
         let mut fed = Vec::with_capacity(prompt.len());
@@ -217,9 +264,9 @@ impl<'m, 'cb> Batch<'m, 'cb> {
 
     /// A cache for a new sequence besides the `held` ones taken out of `spare`: a new one while
     /// fewer than `max_sequences` exist, else the least recently used spare.
-    fn other_cache(&mut self, held: usize) -> Option<Sequence> {
+    fn other_cache(&mut self, held: usize) -> Option<Cache> {
         if self.slots.len() + self.spare.len() + held < self.limits.max_sequences {
-            Some(self.decoder.new_sequence())
+            Some(self.decoder.new_cache())
         } else if self.spare.is_empty() {
             None
         } else {
@@ -266,24 +313,45 @@ impl<'m, 'cb> Batch<'m, 'cb> {
             budget -= take[i];
             left -= 1;
         }
-        let mut chunks: Vec<Chunk> = Vec::new();
-        for (s, &n) in self.slots.iter_mut().zip(&take) {
-            if n > 0 {
-                chunks.push(Chunk {
-                    seq: &mut s.seq,
-                    tokens: &s.pending[..n],
-                    pos: s.pos,
-                });
-            }
-        }
-        if chunks.is_empty() {
+        if take.iter().all(|&n| n == 0) {
             return Ok(Vec::new());
         }
-        let decoder = self.decoder;
-        let logits = crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
-            .map_err(|panic| GenerateError::Compute(format!("model code panicked: {panic}")))?
-            .map_err(GenerateError::Compute)?;
-        drop(chunks);
+        let logits = match self.decoder {
+            Backend::Host(decoder) => {
+                let mut chunks: Vec<Chunk> = Vec::new();
+                for (s, &n) in self.slots.iter_mut().zip(&take) {
+                    match (&mut s.seq, n) {
+                        (_, 0) => {}
+                        (Cache::Host(seq), n) => chunks.push(Chunk {
+                            seq,
+                            tokens: &s.pending[..n],
+                            pos: s.pos,
+                        }),
+                        _ => return Err(mixed_caches()),
+                    }
+                }
+                crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
+                    .map_err(panicked)?
+                    .map_err(GenerateError::Compute)?
+            }
+            Backend::Tensor(decoder) => {
+                let mut chunks: Vec<Chunk<TensorSequence>> = Vec::new();
+                for (s, &n) in self.slots.iter_mut().zip(&take) {
+                    match (&mut s.seq, n) {
+                        (_, 0) => {}
+                        (Cache::Tensor(seq), n) => chunks.push(Chunk {
+                            seq,
+                            tokens: &s.pending[..n],
+                            pos: s.pos,
+                        }),
+                        _ => return Err(mixed_caches()),
+                    }
+                }
+                crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
+                    .map_err(panicked)?
+                    .map_err(GenerateError::from)?
+            }
+        };
         let tokenizer = self.model.tokenizer();
         let eos = self.model.eos_ids();
         let mut logits = logits.into_iter();
@@ -330,4 +398,8 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         finished.reverse();
         Ok(finished)
     }
+}
+
+fn panicked(panic: String) -> GenerateError {
+    GenerateError::Compute(format!("model code panicked: {panic}"))
 }

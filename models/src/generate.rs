@@ -372,9 +372,14 @@ impl TextModel {
         state.finish(tokenizer, on_text)
     }
 
-    /// The project's decoder behind this model, if it runs on it (batched generation needs it).
-    pub(crate) fn decoder(&self) -> Option<&crate::decoder::Decoder> {
-        self.lm.decoder()
+    /// The batched pass behind this model, if it has one (the own decoder, or its pass on
+    /// candle tensors): batched generation needs it.
+    pub(crate) fn backend(&self) -> Option<crate::batch::Backend<'_>> {
+        use crate::batch::Backend;
+        self.lm
+            .decoder()
+            .map(Backend::Host)
+            .or_else(|| self.lm.tensor_decoder().map(Backend::Tensor))
     }
 }
 

@@ -36,6 +36,9 @@ pub enum Engine {
     #[default]
     Best,
     Reference,
+    /// The decoder pass on candle tensors ([`crate::decoder::tensor`]), which a GPU runs with
+    /// `Best`, on any device: for tests and comparisons on the CPU.
+    Tensor,
 }
 
 impl Default for LoadOptions {

@@ -137,6 +137,14 @@ impl Precision {
     }
 
     /// The candle dtype the reference path computes in, for float precisions.
+    /// Weights as floats (no block format): what candle's dense kernels compute with.
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            Precision::Auto | Precision::F32 | Precision::Bf16 | Precision::F16
+        )
+    }
+
     pub fn candle_dtype(self) -> Option<candle_core::DType> {
         match self {
             Precision::F32 => Some(candle_core::DType::F32),

@@ -31,6 +31,7 @@ mod gemma2;
 mod llama;
 mod llama_quantized;
 mod mistral;
+mod on_device;
 mod owned;
 mod phi3;
 mod qwen2;
@@ -165,6 +166,10 @@ pub trait CausalLm: Send {
     fn decoder(&self) -> Option<&crate::decoder::Decoder> {
         None
     }
+    /// The decoder pass on candle tensors behind this model (a GPU's), which batches too.
+    fn tensor_decoder(&self) -> Option<&crate::decoder::tensor::TensorDecoder> {
+        None
+    }
 }
 
 /// Size fields of `config.json` and their upper bounds. candle allocates from some of these before
@@ -291,6 +296,25 @@ pub fn load_causal_lm(
     if opts.engine == crate::load::Engine::Best && opts.device.is_cpu() {
         if let Some(spec) = owned_spec(arch, config)? {
             return Ok(Box::new(owned::Owned::load(arch, spec, source, precision)?));
+        }
+    }
+    // Float weights on a device the own kernels do not run on (a GPU): the same pass on
+    // candle tensors, batched like the own decoder.
+    let on_device = match opts.engine {
+        crate::load::Engine::Best => !opts.device.is_cpu(),
+        crate::load::Engine::Tensor => true,
+        crate::load::Engine::Reference => false,
+    };
+    if on_device && precision.is_float() {
+        if let Some(spec) = owned_spec(arch, config)? {
+            let dtype = precision.candle_dtype().unwrap_or(default_dtype);
+            return Ok(Box::new(on_device::OnDevice::load(
+                arch,
+                spec,
+                source,
+                dtype,
+                &opts.device,
+            )?));
         }
     }
     // Quantized weights where the own decoder does not run (a GPU; the reference engine):

@@ -23,6 +23,7 @@ pub mod mistral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod tensor;
 
 use rayon::prelude::*;
 
@@ -280,8 +281,8 @@ impl Sequence {
 /// One part of a batched forward pass: `tokens` fed to `seq` at positions `pos..` (`pos` ≤
 /// what the sequence holds; a smaller `pos` forgets the rest). A prompt chunk and a decode
 /// step are the same thing with different lengths.
-pub struct Chunk<'a> {
-    pub seq: &'a mut Sequence,
+pub struct Chunk<'a, S = Sequence> {
+    pub seq: &'a mut S,
     pub tokens: &'a [u32],
     pub pos: usize,
 }
