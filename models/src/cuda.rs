@@ -23,12 +23,14 @@ pub enum CudaError {
     Init { ordinal: usize, reason: String },
     #[error("the device failed its self-test: {0}")]
     SelfTest(String),
-    #[error("the model needs about {} MiB of device memory (weights {} MiB at {held}, KV cache {} MiB for one full-length sequence, rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, or serve a shorter context", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
+    #[error("the model needs about {} MiB of device memory (weights {} MiB at {held}, KV cache {} MiB for {sequences} full-length sequence(s), rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, serve a shorter context or fewer sequences at once (max_sequences)", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
     DeviceMemory {
         ordinal: usize,
         needed: crate::budget::MemoryEstimate,
         /// How the weights are held on the device (`bf16`, `q8_0`, ...).
         held: String,
+        /// Sequences whose KV caches `needed` counts.
+        sequences: usize,
         free: u64,
         total: u64,
     },
@@ -166,21 +168,36 @@ pub fn self_test(device: &candle_core::Device) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// Refuses a model whose estimate on the device (`needed`, from
-/// [`crate::budget::estimate_on_device`] or its quantized form, weights `held` so) exceeds the
-/// memory the device reports free.
-pub fn check_fits(
-    needed: &crate::budget::MemoryEstimate,
+/// How many sequences (each with a full-length KV cache) the device holds beside the model:
+/// `wanted`, or with `by_memory` as many of them as fit (one at least). `one` is the estimate
+/// for a single sequence (from [`crate::budget::estimate_on_device`] or its quantized form,
+/// weights `held` so). Refuses when even the required count does not fit the free memory.
+pub fn sequences_that_fit(
+    one: &crate::budget::MemoryEstimate,
     held: &str,
     info: &DeviceInfo,
-) -> Result<(), CudaError> {
+    wanted: usize,
+    by_memory: bool,
+) -> Result<usize, CudaError> {
+    let with = |n: usize| crate::budget::MemoryEstimate {
+        kv_cache: one.kv_cache.saturating_mul(n as u64),
+        ..*one
+    };
+    let mut n = wanted.max(1);
+    if by_memory {
+        while n > 1 && with(n).total() > info.free_bytes {
+            n -= 1;
+        }
+    }
+    let needed = with(n);
     if needed.total() <= info.free_bytes {
-        return Ok(());
+        return Ok(n);
     }
     Err(CudaError::DeviceMemory {
         ordinal: info.ordinal,
-        needed: *needed,
+        needed,
         held: held.to_string(),
+        sequences: n,
         free: info.free_bytes,
         total: info.total_bytes,
     })
@@ -206,6 +223,49 @@ mod tests {
     #[test]
     fn the_self_test_passes_on_a_device_that_computes() {
         self_test(&candle_core::Device::Cpu).unwrap();
+    }
+
+    #[test]
+    fn sequences_are_lowered_to_what_the_device_holds_only_when_allowed() {
+        let one = crate::budget::MemoryEstimate {
+            weights: 1000,
+            rotary: 10,
+            kv_cache: 100,
+            activations: 90,
+        };
+        let info = |free| DeviceInfo {
+            ordinal: 0,
+            name: "test".into(),
+            capability: (9, 0),
+            free_bytes: free,
+            total_bytes: 4000,
+        };
+        // 1200 for the model with one cache, 100 per further sequence.
+        assert_eq!(
+            sequences_that_fit(&one, "bf16", &info(1500), 8, true),
+            Ok(4)
+        );
+        assert_eq!(
+            sequences_that_fit(&one, "bf16", &info(5000), 8, true),
+            Ok(8)
+        );
+        assert_eq!(
+            sequences_that_fit(&one, "bf16", &info(1200), 1, false),
+            Ok(1)
+        );
+        // Required: all or nothing, and the refusal says how many were counted.
+        match sequences_that_fit(&one, "bf16", &info(1500), 8, false) {
+            Err(CudaError::DeviceMemory {
+                sequences, needed, ..
+            }) => assert_eq!((sequences, needed.kv_cache), (8, 800)),
+            other => panic!("{other:?}"),
+        }
+        // Not even one.
+        let refused = sequences_that_fit(&one, "bf16", &info(1100), 4, true).unwrap_err();
+        assert!(
+            refused.to_string().contains("1 full-length sequence"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -354,7 +354,9 @@ fn the_tensor_decoder_matches_the_own_decoder_for_every_llama_style_family() {
         // sliding windows where their context allows.
         let max_context = models[1].max_context();
         let mut long = models[1]
-            .prompt_ids(&Prompt::Text("hello hello world world hello world hello ".repeat(8)))
+            .prompt_ids(&Prompt::Text(
+                "hello hello world world hello world hello ".repeat(8),
+            ))
             .unwrap();
         long.truncate(max_context - 13);
         let short = models[1]

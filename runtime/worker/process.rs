@@ -105,6 +105,7 @@ pub fn main(args: &[String]) -> ExitCode {
         limits,
         precision,
         max_sequences,
+        sequences_by_memory,
         context,
     }) = recv(&mut channel)
     else {
@@ -118,12 +119,22 @@ pub fn main(args: &[String]) -> ExitCode {
         Ok(s) => Arc::new(s),
         Err(e) => return fail(&mut channel, None, e),
     };
-    let (device, described) = match device {
-        DeviceChoice::Cpu => (Device::Cpu, None),
-        DeviceChoice::Cuda(n) => match open_gpu(n, cuda_ordinal, &source, precision, context) {
-            Ok((device, info)) => (device, Some(info)),
-            Err(e) => return fail(&mut channel, None, e),
+    let max_sequences = max_sequences.clamp(1, 256);
+    let sequences = Sequences {
+        max: match task {
+            Task::Generate => max_sequences,
+            Task::Embed => 1,
         },
+        by_memory: sequences_by_memory,
+    };
+    let (device, described, max_sequences) = match device {
+        DeviceChoice::Cpu => (Device::Cpu, None, max_sequences),
+        DeviceChoice::Cuda(n) => {
+            match open_gpu(n, cuda_ordinal, &source, precision, context, sequences) {
+                Ok((device, info, fit)) => (device, Some(info), fit),
+                Err(e) => return fail(&mut channel, None, e),
+            }
+        }
     };
     let opts = LoadOptions {
         limits,
@@ -133,9 +144,7 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     match task {
         Task::Generate => match TextModel::load(&source, &opts) {
-            Ok(model) => {
-                serve_generate(&mut channel, model, max_sequences.clamp(1, 256), described)
-            }
+            Ok(model) => serve_generate(&mut channel, model, max_sequences, described),
             Err(e) => fail(&mut channel, None, e.to_string()),
         },
         Task::Embed => match Embedder::load(&source, &opts) {
@@ -196,17 +205,28 @@ fn gpu_profile(ordinal: usize) -> Result<(securerun_sandbox::gpu::GpuProfile, us
     Ok((gpu::nvidia(Some(&selected)), 0))
 }
 
+/// How many generations a worker may run at once.
+#[derive(Debug, Clone, Copy)]
+struct Sequences {
+    max: usize,
+    /// `max` may be lowered to what memory holds (else it is required).
+    by_memory: bool,
+}
+
 /// Initialises the GPU asked for as `cuda:requested`, which CUDA knows as `ordinal` in this
 /// process (confined: the driver's threads inherit every layer), and refuses a model whose
-/// weights, rotary tables, activations and one full-context KV cache, all at the dtype they
-/// will have on the device, exceed the memory the device reports free.
+/// weights, rotary tables, activations and one full-context KV cache per sequence it will
+/// batch, all at the dtype they will have on the device, exceed the memory the device reports
+/// free. Returns the device, how it is described, and how many sequences it holds (`max`, or
+/// fewer when `by_memory`; one for the quantized path, which does not batch).
 fn open_gpu(
     requested: usize,
     ordinal: usize,
     source: &ModelSource,
     precision: Precision,
     context: Option<u64>,
-) -> Result<(Device, String), String> {
+    sequences: Sequences,
+) -> Result<(Device, String, usize), String> {
     let (device, mut info) =
         securerun_models::cuda::open_device(ordinal).map_err(|e| e.to_string())?;
     info.ordinal = requested;
@@ -226,8 +246,16 @@ fn open_gpu(
         }
     };
     let est = est.map_err(|e| e.to_string())?;
-    securerun_models::cuda::check_fits(&est, &held, &info).map_err(|e| e.to_string())?;
-    Ok((device, describe(&info)))
+    // The quantized path on a GPU does not batch: one sequence.
+    let wanted = if precision.is_float() {
+        sequences.max
+    } else {
+        1
+    };
+    let n =
+        securerun_models::cuda::sequences_that_fit(&est, &held, &info, wanted, sequences.by_memory)
+            .map_err(|e| e.to_string())?;
+    Ok((device, describe(&info), n))
 }
 
 /// How a device is shown and recorded.

@@ -59,6 +59,10 @@ pub enum ToWorker {
         /// Generations the worker may run at once (continuous batching).
         #[serde(default = "one")]
         max_sequences: usize,
+        /// `max_sequences` is a ceiling the worker may lower until every sequence's KV cache
+        /// fits the device's memory; otherwise a device that cannot hold that many refuses.
+        #[serde(default)]
+        sequences_by_memory: bool,
         /// The most positions a request can use, for the device memory check (`None`: the
         /// model's own limit).
         #[serde(default)]

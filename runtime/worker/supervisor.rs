@@ -514,6 +514,7 @@ impl ConfinedModel {
                 limits: self.limits,
                 precision: self.settings.precision,
                 max_sequences: self.settings.max_sequences,
+                sequences_by_memory: self.settings.sequences_by_memory,
                 context: self.settings.context_limit,
             };
             write(&mut process.channel, &load)?;

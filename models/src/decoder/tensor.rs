@@ -97,7 +97,10 @@ impl TensorDecoder {
             Ok::<_, candle_core::Error>(Linear::new(w, b))
         };
         let rows_of = |name: &str, all: usize, from: usize, rows: usize| {
-            let w = vb.get((all, hid), name)?.narrow(0, from, rows)?.contiguous()?;
+            let w = vb
+                .get((all, hid), name)?
+                .narrow(0, from, rows)?
+                .contiguous()?;
             Ok::<_, candle_core::Error>(Linear::new(w, None))
         };
         let mut layers = Vec::with_capacity(s.layers);
@@ -154,7 +157,10 @@ impl TensorDecoder {
                 (
                     Some(post_attention),
                     norm(&format!("{p}.pre_feedforward_layernorm.weight"), hid)?,
-                    Some(norm(&format!("{p}.post_feedforward_layernorm.weight"), hid)?),
+                    Some(norm(
+                        &format!("{p}.post_feedforward_layernorm.weight"),
+                        hid,
+                    )?),
                 )
             } else {
                 (None, post_attention, None)
@@ -324,7 +330,8 @@ impl TensorDecoder {
         let keep = seq.len.min(seq.capacity);
         let mut layers = Vec::with_capacity(s.layers);
         for l in 0..s.layers {
-            let fresh = || Tensor::zeros((s.kv_heads, capacity, s.head_dim), self.dtype, &self.device);
+            let fresh =
+                || Tensor::zeros((s.kv_heads, capacity, s.head_dim), self.dtype, &self.device);
             let (k, v) = (fresh()?, fresh()?);
             if keep > 0 {
                 let (ok, ov) = &seq.layers[l];
@@ -376,7 +383,9 @@ impl TensorDecoder {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.input_norm, s.rms_eps)?.to_dtype(self.dtype)?;
             let project = |lin: &Linear, heads: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&h)?.to_dtype(DType::F32)?.reshape((n, heads, d))
+                lin.forward(&h)?
+                    .to_dtype(DType::F32)?
+                    .reshape((n, heads, d))
             };
             let (mut q, mut k) = (project(&layer.q, s.heads)?, project(&layer.k, s.kv_heads)?);
             let v = project(&layer.v, s.kv_heads)?;
@@ -402,16 +411,17 @@ impl TensorDecoder {
                 let (start, len) = (starts[i], starts[i + 1] - starts[i]);
                 let total = c.pos + len;
                 let (kc, vc) = &c.seq.layers[l];
-                let to_cache = |t: &Tensor| t.narrow(1, start, len)?.to_dtype(self.dtype)?.contiguous();
+                let to_cache =
+                    |t: &Tensor| t.narrow(1, start, len)?.to_dtype(self.dtype)?.contiguous();
                 kc.slice_set(&to_cache(&k)?, 1, c.pos)?;
                 vc.slice_set(&to_cache(&v)?, 1, c.pos)?;
                 let keys = kc.narrow(1, 0, total)?.to_dtype(DType::F32)?.contiguous()?;
                 let values = vc.narrow(1, 0, total)?.to_dtype(DType::F32)?.contiguous()?;
                 // The heads sharing a KV head are scored together: `[kv][group × rows][d]`.
-                let qs = q
-                    .narrow(1, start, len)?
-                    .contiguous()?
-                    .reshape((s.kv_heads, group * len, d))?;
+                let qs =
+                    q.narrow(1, start, len)?
+                        .contiguous()?
+                        .reshape((s.kv_heads, group * len, d))?;
                 let mut scores = (qs.matmul(&keys.t()?)? * scale)?;
                 if let Some(cap) = var.attn_softcap {
                     scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
@@ -463,11 +473,15 @@ impl TensorDecoder {
                 false => starts[i + 1] - 1..starts[i + 1],
             })
             .collect();
-        let picked: Vec<u32> = rows.iter().flat_map(|r| r.clone()).map(|r| r as u32).collect();
+        let picked: Vec<u32> = rows
+            .iter()
+            .flat_map(|r| r.clone())
+            .map(|r| r as u32)
+            .collect();
         let count = picked.len();
         let picked = Tensor::from_vec(picked, count, &self.device)?;
-        let normed = rms_norm(&x.index_select(&picked, 0)?, &self.norm, s.rms_eps)?
-            .to_dtype(self.dtype)?;
+        let normed =
+            rms_norm(&x.index_select(&picked, 0)?, &self.norm, s.rms_eps)?.to_dtype(self.dtype)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = normed.matmul(&head.t()?)?.to_dtype(DType::F32)?;
         if let Some(c) = var.final_softcap {
