@@ -21,6 +21,11 @@
 #    kernels) is shown beside them, not required to agree (quantization changes late tokens).
 #    Embeddings: cosine of the GPU vector to the CPU's >= 0.999.
 # 3. Speed: prompt and decode tok/s on the GPU (bf16, q8_0) and the CPU (auto), from `run -v`.
+# 4. Batching on the GPU: `securerun serve --device cuda` (bf16, the confined worker, default
+#    max_sequences 4) answers 4 prompts one client at a time, then 4 clients at once: each
+#    concurrent answer keeps its lone answer's first three words (bf16 tolerance: a row's sums
+#    may differ with the batch's shape), and the aggregate tok/s of the 4 is shown against one
+#    client's.
 #
 # The libraries: LD_LIBRARY_PATH as given, else the first of .cache/cuda-13.0/nvidia/cu13/lib,
 # python3's nvidia/cu13/lib (PyPI's nvidia-cublas, as PyTorch cu13 images have), and
@@ -106,6 +111,56 @@ if [ -d "$text_model" ]; then
   done
 else
   note "text model" "none at $text_model: correctness and speed skipped"
+fi
+
+# 4. Batching through the server.
+if [ -d "$text_model" ]; then
+  state=$tmp/state
+  mkdir -p "$state"
+  token=$("$bin" token create --name gpu-test --scopes inference --state-dir "$state" 2>/dev/null | tail -1)
+  "$bin" serve "$text_model" --allow-unsigned --device "$device" --dtype bf16 --sandbox "$sandbox" \
+    --listen 127.0.0.1:0 --state-dir "$state" >"$tmp/serve.out" 2>"$tmp/serve.err" &
+  server=$!
+  for _ in $(seq 1 600); do
+    grep -q '^listening on' "$tmp/serve.out" 2>/dev/null && break
+    kill -0 "$server" 2>/dev/null || { cat "$tmp/serve.err" >&2; fail "serve --device $device did not start"; }
+    sleep 0.2
+  done
+  line=$(grep '^listening on' "$tmp/serve.out") || fail "serve --device $device did not listen in 120 s"
+  url=$(awk '{print $3}' <<<"$line")
+  model=$(sed -E 's/.*\(models ([^,)]+).*/\1/' <<<"$line")
+  batching=$(python3 - "$url" "$token" "$model" <<'PY'
+import json, sys, threading, time, urllib.request
+url, token, model = sys.argv[1:4]
+prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+           "The three primary colours are"]
+def complete(prompt, out, i):
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 64, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body, {
+        "authorization": "Bearer " + token, "content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        reply = json.load(r)
+    out[i] = (reply["choices"][0]["text"], reply["usage"]["completion_tokens"])
+alone = [None] * 4
+t0 = time.monotonic()
+for i, p in enumerate(prompts):
+    complete(p, alone, i)
+one = sum(n for _, n in alone) / (time.monotonic() - t0)
+together = [None] * 4
+threads = [threading.Thread(target=complete, args=(p, together, i)) for i, p in enumerate(prompts)]
+t0 = time.monotonic()
+for t in threads: t.start()
+for t in threads: t.join()
+four = sum(x[1] for x in together if x) / (time.monotonic() - t0)
+words = lambda t: " ".join(t.split()[:3])
+bad = [prompts[i] for i in range(4) if together[i] is None or words(together[i][0]) != words(alone[i][0])]
+print(json.dumps({"one": round(one, 1), "four": round(four, 1), "ratio": round(four / one, 2), "differ": bad}))
+PY
+  ) || { kill "$server" 2>/dev/null; cat "$tmp/serve.err" >&2; fail "the batching check could not run"; }
+  kill -TERM "$server" 2>/dev/null
+  wait "$server" 2>/dev/null || true
+  grep -q '"differ": \[\]' <<<"$batching" || fail "batched answers on $device left their lone answers: $batching"
+  note "batching, serve --device $device bf16, 4 clients vs 1 ($sandbox)" "$batching (aggregate tok/s)"
 fi
 
 if [ -d "$embed_model" ]; then
