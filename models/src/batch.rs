@@ -318,35 +318,19 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         }
         let logits = match self.decoder {
             Backend::Host(decoder) => {
-                let mut chunks: Vec<Chunk> = Vec::new();
-                for (s, &n) in self.slots.iter_mut().zip(&take) {
-                    match (&mut s.seq, n) {
-                        (_, 0) => {}
-                        (Cache::Host(seq), n) => chunks.push(Chunk {
-                            seq,
-                            tokens: &s.pending[..n],
-                            pos: s.pos,
-                        }),
-                        _ => return Err(mixed_caches()),
-                    }
-                }
+                let mut chunks = chunks(&mut self.slots, &take, |c| match c {
+                    Cache::Host(seq) => Some(seq),
+                    Cache::Tensor(_) => None,
+                })?;
                 crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
                     .map_err(panicked)?
                     .map_err(GenerateError::Compute)?
             }
             Backend::Tensor(decoder) => {
-                let mut chunks: Vec<Chunk<TensorSequence>> = Vec::new();
-                for (s, &n) in self.slots.iter_mut().zip(&take) {
-                    match (&mut s.seq, n) {
-                        (_, 0) => {}
-                        (Cache::Tensor(seq), n) => chunks.push(Chunk {
-                            seq,
-                            tokens: &s.pending[..n],
-                            pos: s.pos,
-                        }),
-                        _ => return Err(mixed_caches()),
-                    }
-                }
+                let mut chunks = chunks(&mut self.slots, &take, |c| match c {
+                    Cache::Tensor(seq) => Some(seq),
+                    Cache::Host(_) => None,
+                })?;
                 crate::panic_guard::catch(|| decoder.forward_batch(&mut chunks))
                     .map_err(panicked)?
                     .map_err(GenerateError::from)?
@@ -402,4 +386,25 @@ impl<'m, 'cb> Batch<'m, 'cb> {
 
 fn panicked(panic: String) -> GenerateError {
     GenerateError::Compute(format!("model code panicked: {panic}"))
+}
+
+/// The step's chunks: `take[i]` pending tokens of slot `i` (none: the slot sits this step
+/// out), each with its cache as the backend's kind (`cache` picks it).
+fn chunks<'s, S>(
+    slots: &'s mut [Slot<'_>],
+    take: &[usize],
+    cache: impl Fn(&mut Cache) -> Option<&mut S>,
+) -> Result<Vec<Chunk<'s, S>>, GenerateError> {
+    let mut out = Vec::new();
+    for (s, &n) in slots.iter_mut().zip(take) {
+        if n == 0 {
+            continue;
+        }
+        out.push(Chunk {
+            seq: cache(&mut s.seq).ok_or_else(mixed_caches)?,
+            tokens: &s.pending[..n],
+            pos: s.pos,
+        });
+    }
+    Ok(out)
 }

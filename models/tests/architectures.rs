@@ -273,19 +273,22 @@ fn seeded_sampling_is_reproducible() {
     );
 }
 
-/// The owned decoder against candle-transformers (the reference) on the same generated llama:
-/// the same greedy tokens, with and without the KV cache, over a prompt long enough to use
-/// several positions per layer (grouped heads included: the generated config has fewer KV
-/// heads than heads).
-#[test]
-fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
-    use securerun_models::{load::Engine, Precision};
+/// Loads each generated `arch` model on two engines at f32 and checks they agree: the same
+/// greedy tokens on every prompt `prompts` gives, and every position's log-likelihood of
+/// `scored` within 1e-4 (a missing soft-cap, norm or scale moves these even where it leaves
+/// the greedy tokens alone).
+fn assert_engines_agree(
+    engines: [securerun_models::load::Engine; 2],
+    prompts: impl Fn(&TextModel) -> Vec<Vec<u32>>,
+    scored: impl Fn(&TextModel) -> Vec<u32>,
+) {
+    use securerun_models::Precision;
     for arch in ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] {
         let tmp = tempfile::tempdir().unwrap();
         common::write_model(tmp.path(), arch, DType::F32);
         let source =
             Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
-        let load = |engine| {
+        let mut models = engines.map(|engine| {
             TextModel::load(
                 &source,
                 &LoadOptions {
@@ -295,93 +298,75 @@ fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
                 },
             )
             .unwrap()
-        };
-        let mut models = [load(Engine::Best), load(Engine::Reference)];
-        for text in ["hello world", "hello hello world world hello world hello"] {
+        });
+        for prompt in prompts(&models[1]) {
             let mut tokens = Vec::new();
             for model in models.iter_mut() {
-                let prompt = model.prompt_ids(&Prompt::Text(text.into())).unwrap();
                 let out = model
                     .generate_from_ids(&prompt, &greedy(12), &mut |_| ControlFlow::Continue(()))
                     .unwrap();
                 tokens.push(out.token_ids);
             }
-            assert_eq!(tokens[0], tokens[1], "{arch} {text:?}");
+            assert_eq!(tokens[0], tokens[1], "{arch} {engines:?}, {prompt:?}");
         }
-        // Every position's log-likelihood, not only the argmax: a missing soft-cap, norm or
-        // scale changes these even where it leaves the greedy tokens alone.
-        let ids = models[1]
-            .prompt_ids(&Prompt::Text(
-                "the quick brown fox jumps over the lazy dog, again and again".into(),
-            ))
-            .unwrap();
-        let own = models[0].score(&ids, 5).unwrap();
-        let reference = models[1].score(&ids, 1).unwrap();
-        for (i, (a, b)) in own.nll.iter().zip(&reference.nll).enumerate() {
+        let ids = scored(&models[1]);
+        let (a, b) = (
+            models[0].score(&ids, 5).unwrap(),
+            models[1].score(&ids, 1).unwrap(),
+        );
+        for (i, (a, b)) in a.nll.iter().zip(&b.nll).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{arch} position {i}: {a} vs {b}"
+                "{arch} {engines:?} position {i}: {a} vs {b}"
             );
         }
     }
 }
 
-/// The decoder pass a GPU runs (candle tensors, [`Engine::Tensor`] here on the CPU at f32)
-/// against the own decoder on the same generated model of every family: the same greedy
-/// tokens, and every position's log-likelihood within float tolerance (a missing variant —
-/// soft-caps, sandwich norms, the sliding window, QK norms, fused projections — moves these).
+fn ids(model: &TextModel, text: &str) -> Vec<u32> {
+    model.prompt_ids(&Prompt::Text(text.into())).unwrap()
+}
+
+/// The owned decoder against candle-transformers (the reference) on the same generated model
+/// of every llama-style family: the same greedy tokens, with and without the KV cache, over a
+/// prompt long enough to use several positions per layer (grouped heads included: the
+/// generated configs have fewer KV heads than heads).
+#[test]
+fn the_owned_decoder_matches_the_reference_for_every_llama_style_family() {
+    use securerun_models::load::Engine;
+    assert_engines_agree(
+        [Engine::Best, Engine::Reference],
+        |m| {
+            ["hello world", "hello hello world world hello world hello"]
+                .map(|t| ids(m, t))
+                .to_vec()
+        },
+        |m| {
+            ids(
+                m,
+                "the quick brown fox jumps over the lazy dog, again and again",
+            )
+        },
+    );
+}
+
+/// The decoder pass a GPU runs (candle tensors, `Engine::Tensor`, here on the CPU) against
+/// the own decoder, every family and variant (soft-caps, sandwich norms, sliding windows, QK
+/// norms, fused projections), on prompts as long as the context allows (past the windows).
 #[test]
 fn the_tensor_decoder_matches_the_own_decoder_for_every_llama_style_family() {
-    use securerun_models::{load::Engine, Precision};
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] {
-        let tmp = tempfile::tempdir().unwrap();
-        common::write_model(tmp.path(), arch, DType::F32);
-        let source =
-            Arc::new(ModelSource::open(tmp.path(), &LoadOptions::default().limits).unwrap());
-        let load = |engine| {
-            TextModel::load(
-                &source,
-                &LoadOptions {
-                    engine,
-                    precision: Precision::F32,
-                    ..Default::default()
-                },
-            )
-            .unwrap()
-        };
-        let mut models = [load(Engine::Tensor), load(Engine::Best)];
-        // The longest prompt that leaves room for the answer: past the generated configs'
-        // sliding windows where their context allows.
-        let max_context = models[1].max_context();
-        let mut long = models[1]
-            .prompt_ids(&Prompt::Text(
-                "hello hello world world hello world hello ".repeat(8),
-            ))
-            .unwrap();
-        long.truncate(max_context - 13);
-        let short = models[1]
-            .prompt_ids(&Prompt::Text("hello world".into()))
-            .unwrap();
-        for prompt in [&short, &long] {
-            let mut tokens = Vec::new();
-            for model in models.iter_mut() {
-                let out = model
-                    .generate_from_ids(prompt, &greedy(12), &mut |_| ControlFlow::Continue(()))
-                    .unwrap();
-                tokens.push(out.token_ids);
-            }
-            assert_eq!(tokens[0], tokens[1], "{arch}, {} tokens", prompt.len());
-        }
-        let ids = long;
-        let on_tensors = models[0].score(&ids, 5).unwrap();
-        let own = models[1].score(&ids, 5).unwrap();
-        for (i, (a, b)) in on_tensors.nll.iter().zip(&own.nll).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                "{arch} position {i}: {a} vs {b}"
-            );
-        }
-    }
+    use securerun_models::load::Engine;
+    // The longest prompt that leaves room for the answer.
+    let long = |m: &TextModel| {
+        let mut t = ids(m, &"hello hello world world hello world hello ".repeat(8));
+        t.truncate(m.max_context() - 13);
+        t
+    };
+    assert_engines_agree(
+        [Engine::Tensor, Engine::Best],
+        |m| vec![ids(m, "hello world"), long(m)],
+        long,
+    );
 }
 
 #[test]

@@ -393,33 +393,10 @@ impl Decoder {
     }
 
     fn check(&self, chunks: &[Chunk]) -> Result<(), String> {
-        let s = &self.spec.shape;
-        if chunks.is_empty() {
-            return Err("no sequences".into());
-        }
-        for c in chunks {
-            let n = c.tokens.len();
-            if n == 0 {
-                return Err("no tokens".into());
-            }
-            if c.pos > c.seq.len {
-                return Err(format!(
-                    "position {} is past the cache ({})",
-                    c.pos, c.seq.len
-                ));
-            }
-            if c.pos + n > s.max_context {
-                return Err(format!(
-                    "context of {} tokens exceeds {}",
-                    c.pos + n,
-                    s.max_context
-                ));
-            }
-            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= s.vocab) {
-                return Err(format!("token {t} outside the vocabulary ({})", s.vocab));
-            }
-        }
-        Ok(())
+        check_chunks(
+            &self.spec.shape,
+            chunks.iter().map(|c| (c.pos, c.seq.len, c.tokens)),
+        )
     }
 
     /// `all`: every position's logits, in one vector per chunk (`[tokens][vocab]`).
@@ -575,6 +552,37 @@ impl Decoder {
         }
         Ok(out)
     }
+}
+
+/// Checks a pass's chunks, each `(pos, positions its sequence holds, tokens)`, before anything
+/// changes: tokens in the vocabulary, positions continuing the cache and within the context.
+pub(crate) fn check_chunks<'a>(
+    s: &Shape,
+    chunks: impl ExactSizeIterator<Item = (usize, usize, &'a [u32])>,
+) -> Result<(), String> {
+    if chunks.len() == 0 {
+        return Err("no sequences".into());
+    }
+    for (pos, held, tokens) in chunks {
+        let n = tokens.len();
+        if n == 0 {
+            return Err("no tokens".into());
+        }
+        if pos > held {
+            return Err(format!("position {pos} is past the cache ({held})"));
+        }
+        if pos + n > s.max_context {
+            return Err(format!(
+                "context of {} tokens exceeds {}",
+                pos + n,
+                s.max_context
+            ));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= s.vocab) {
+            return Err(format!("token {t} outside the vocabulary ({})", s.vocab));
+        }
+    }
+    Ok(())
 }
 
 /// Adds `bias` to every row of `x`.

@@ -294,26 +294,11 @@ impl TensorDecoder {
     }
 
     fn check(&self, chunks: &[Chunk<TensorSequence>]) -> candle_core::Result<()> {
-        let s = &self.spec.shape;
-        if chunks.is_empty() {
-            candle_core::bail!("no sequences");
-        }
-        for c in chunks {
-            let n = c.tokens.len();
-            if n == 0 {
-                candle_core::bail!("no tokens");
-            }
-            if c.pos > c.seq.len {
-                candle_core::bail!("position {} is past the cache ({})", c.pos, c.seq.len);
-            }
-            if c.pos + n > s.max_context {
-                candle_core::bail!("context of {} tokens exceeds {}", c.pos + n, s.max_context);
-            }
-            if let Some(&t) = c.tokens.iter().find(|&&t| t as usize >= s.vocab) {
-                candle_core::bail!("token {t} outside the vocabulary ({})", s.vocab);
-            }
-        }
-        Ok(())
+        super::check_chunks(
+            &self.spec.shape,
+            chunks.iter().map(|c| (c.pos, c.seq.len, c.tokens)),
+        )
+        .map_err(candle_core::Error::Msg)
     }
 
     /// Room for `positions` in `seq`, keeping what it holds below `seq.len`.
