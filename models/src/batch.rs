@@ -103,6 +103,14 @@ enum Cache {
 }
 
 impl Backend<'_> {
+    /// Token ids the model has (its embedding rows).
+    fn vocab(self) -> usize {
+        match self {
+            Backend::Host(d) => d.shape().vocab,
+            Backend::Tensor(d) => d.shape().vocab,
+        }
+    }
+
     fn new_cache(self) -> Cache {
         match self {
             Backend::Host(d) => Cache::Host(d.new_sequence()),
@@ -196,6 +204,15 @@ impl<'m, 'cb> Batch<'m, 'cb> {
         }
         let state = self.model.seq_state(prompt_ids, params)?;
         let prompt = state.prompt();
+        // Checked here, not only by the pass: an id the tokenizer knows but the model has no
+        // row for (a tokenizer with more added tokens than `vocab_size`) would otherwise fail
+        // the whole step, every other request of the batch with it.
+        let vocab = self.decoder.vocab();
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(GenerateError::Params(format!(
+                "prompt token {t} is outside the model's vocabulary ({vocab})"
+            )));
+        }
         // The kept cache of this key sharing the longest prefix; else the oldest kept one.
         // The last prompt token is always fed: its logits give the first token.
         let donor = key.and_then(|key| {

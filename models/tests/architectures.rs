@@ -595,6 +595,55 @@ fn batched_generation_matches_alone(engine: securerun_models::load::Engine) {
     }
 }
 
+/// A prompt id the model has no row for (a tokenizer with more added tokens than the model's
+/// `vocab_size` lets one through) is refused when it is added, for that request alone: the
+/// generation already running beside it finishes with its lone tokens. Before, the id reached
+/// the batched pass, which failed the whole step and every request in it (the victims' errors
+/// even named the attacker's token).
+#[test]
+fn an_id_outside_the_vocabulary_fails_its_request_not_the_batch() {
+    use securerun_models::load::Engine;
+    use securerun_models::{Batch, BatchLimits, GenerateError};
+    for engine in [Engine::Best, Engine::Tensor] {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), "llama", DType::F32);
+        let mut model = load_on(tmp.path(), engine);
+        let prompt = model
+            .prompt_ids(&Prompt::Text("hello world".into()))
+            .unwrap();
+        let alone = model
+            .generate_from_ids(&prompt, &greedy(6), &mut |_| ControlFlow::Continue(()))
+            .unwrap();
+        let limits = BatchLimits {
+            max_sequences: 2,
+            max_step_tokens: 8,
+        };
+        let mut batch = Batch::new(&model, limits).unwrap();
+        let quiet =
+            || -> securerun_models::batch::OnText { Box::new(|_| ControlFlow::Continue(())) };
+        let victim = batch.add(&prompt, &greedy(6), None, quiet()).unwrap();
+        batch.step().unwrap();
+        let vocab = common::config("llama")["vocab_size"].as_u64().unwrap() as u32;
+        let refused = batch.add(&[1, vocab], &greedy(2), None, quiet());
+        assert!(
+            matches!(refused, Err(GenerateError::Params(ref m)) if m.contains("vocabulary")),
+            "{engine:?}: {:?}",
+            refused.err()
+        );
+        let done = loop {
+            if let Some(f) = batch.step().unwrap().pop() {
+                break f;
+            }
+        };
+        assert_eq!(done.id, victim);
+        assert_eq!(
+            done.result.unwrap().token_ids,
+            alone.token_ids,
+            "{engine:?}"
+        );
+    }
+}
+
 /// A short prompt that arrives behind a long one is fed within the next step, not after the
 /// long prompt's whole prefill (the step's prompt budget is shared, shortest first).
 #[test]

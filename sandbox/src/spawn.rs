@@ -64,7 +64,7 @@ pub fn spawn(spec: WorkerSpec) -> io::Result<WorkerProcess> {
         .stderr(spec.stderr);
     let targets_end = CHANNEL_FD + sources.len() as RawFd;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // system calls (prctl, getppid, fcntl, dup2, close_range) on integers and descriptor
+    // system calls (prctl, getppid, signal, fcntl, dup2, close_range) on integers and descriptor
     // numbers; it allocates nothing (`sources` was built before the fork and is only read).
     unsafe {
         cmd.pre_exec(move || {
@@ -76,6 +76,12 @@ pub fn spawn(spec: WorkerSpec) -> io::Result<WorkerProcess> {
             if libc::getppid() != supervisor {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // What a terminal or a signal to the whole process group sends (SIGHUP on a hangup
+            // or `kill -HUP -PGID`, `systemctl kill`; SIGINT on Ctrl-C) is the supervisor's to
+            // act on: it reloads or drains, and ends its workers itself. Ignored dispositions
+            // survive exec, so the child is never without them.
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
             // First move every source above the target range, so that placing one cannot
             // overwrite another that is still to be placed.
             let mut high = [0 as RawFd; 64];

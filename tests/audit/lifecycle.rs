@@ -787,3 +787,39 @@ fn a_sighup_during_start_up_is_a_reload_not_a_kill() {
         .count();
     assert_eq!(reloads, 1);
 }
+
+/// A SIGHUP or SIGINT that reaches the confined worker (a signal to the server's whole process
+/// group: a closed terminal, Ctrl-C, `kill -HUP -PGID`, `systemctl kill -s HUP`) leaves it
+/// alone: the supervisor reloads or drains and ends its workers itself. Before, the worker
+/// died of either (the default action) and the generation it was serving failed with
+/// `worker_failed`. (Sent to the worker alone here: the server's own SIGHUP starts a reload
+/// that replaces the worker anyway.)
+#[test]
+fn signals_for_the_process_group_do_not_kill_the_worker() {
+    let state = tempfile::tempdir().unwrap();
+    let user = token(state.path(), "user", "embeddings");
+    let s = serve(state.path(), None).unwrap();
+    let body = serde_json::json!({"model": "all-minilm-l6-v2", "input": ["a"]}).to_string();
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+    let workers = children(s.child.id());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    for signal in [libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: signalling the server's own worker, a descendant of this test.
+        assert_eq!(unsafe { libc::kill(workers[0] as libc::pid_t, signal) }, 0);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", workers[0])).unwrap_or_default();
+    let alive = stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(alive, "the worker died: {stat:?}");
+    assert_eq!(
+        call(&s.addr, "POST", "/v1/embeddings", Some(&user), &body),
+        200
+    );
+    assert_eq!(children(s.child.id()), workers, "the worker was replaced");
+    s.stop();
+}
