@@ -23,7 +23,7 @@ pub enum CudaError {
     Init { ordinal: usize, reason: String },
     #[error("the device failed its self-test: {0}")]
     SelfTest(String),
-    #[error("the model needs about {} MiB of device memory (weights {} MiB at {held}, KV cache {} MiB for {sequences} full-length sequence(s), rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, serve a shorter context or fewer sequences at once (max_sequences)", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
+    #[error("the model needs about {} MiB of device memory (weights {} MiB at {held}, KV cache {} MiB for {sequences} full-length sequence(s) and the copy one of them makes as it grows, rotary tables {} MiB, activations {} MiB), more than cuda:{ordinal} has free ({} MiB of {} MiB): use a smaller model or precision, serve a shorter context or fewer sequences at once (max_sequences)", needed.total() >> 20, needed.weights >> 20, needed.kv_cache >> 20, needed.rotary >> 20, needed.activations >> 20, free >> 20, total >> 20)]
     DeviceMemory {
         ordinal: usize,
         needed: crate::budget::MemoryEstimate,
@@ -168,7 +168,8 @@ pub fn self_test(device: &candle_core::Device) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// How many sequences (each with a full-length KV cache) the device holds beside the model:
+/// How many sequences (each with a full-length KV cache, plus room for the copy a growing cache
+/// makes) the device holds beside the model:
 /// `wanted`, or with `by_memory` as many of them as fit (one at least). `one` is the estimate
 /// for a single sequence (from [`crate::budget::estimate_on_device`] or its quantized form,
 /// weights `held` so). Refuses when even the required count does not fit the free memory.
@@ -179,8 +180,9 @@ pub fn sequences_that_fit(
     wanted: usize,
     by_memory: bool,
 ) -> Result<usize, CudaError> {
+    // A cache grows by copying into a larger one: one sequence at a time holds both.
     let with = |n: usize| crate::budget::MemoryEstimate {
-        kv_cache: one.kv_cache.saturating_mul(n as u64),
+        kv_cache: one.kv_cache.saturating_mul(n as u64 + 1),
         ..*one
     };
     let mut n = wanted.max(1);
@@ -240,28 +242,28 @@ mod tests {
             free_bytes: free,
             total_bytes: 4000,
         };
-        // 1200 for the model with one cache, 100 per further sequence.
+        // 1300 for the model with one cache and room to grow it, 100 per further sequence.
         assert_eq!(
             sequences_that_fit(&one, "bf16", &info(1500), 8, true),
-            Ok(4)
+            Ok(3)
         );
         assert_eq!(
             sequences_that_fit(&one, "bf16", &info(5000), 8, true),
             Ok(8)
         );
         assert_eq!(
-            sequences_that_fit(&one, "bf16", &info(1200), 1, false),
+            sequences_that_fit(&one, "bf16", &info(1300), 1, false),
             Ok(1)
         );
         // Required: all or nothing, and the refusal says how many were counted.
         match sequences_that_fit(&one, "bf16", &info(1500), 8, false) {
             Err(CudaError::DeviceMemory {
                 sequences, needed, ..
-            }) => assert_eq!((sequences, needed.kv_cache), (8, 800)),
+            }) => assert_eq!((sequences, needed.kv_cache), (8, 900)),
             other => panic!("{other:?}"),
         }
         // Not even one.
-        let refused = sequences_that_fit(&one, "bf16", &info(1100), 4, true).unwrap_err();
+        let refused = sequences_that_fit(&one, "bf16", &info(1299), 4, true).unwrap_err();
         assert!(
             refused.to_string().contains("1 full-length sequence"),
             "{refused}"

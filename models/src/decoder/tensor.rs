@@ -56,7 +56,7 @@ impl TensorSequence {
     }
 }
 
-/// Positions a cache grows by at least (so a decode does not reallocate every step).
+/// Positions a cache grows by (so a decode reallocates once every this many steps).
 const GROW: usize = 256;
 
 /// The decoder pass on candle tensors, on one device.
@@ -307,8 +307,9 @@ impl TensorDecoder {
             return Ok(());
         }
         let s = &self.spec.shape;
+        // Linear steps, not doubling: a cache never holds more than 255 positions past what
+        // it needs, so the device memory check's full-length cache per sequence holds.
         let capacity = positions
-            .max(seq.capacity.saturating_mul(2))
             .next_multiple_of(GROW)
             .min(s.max_context)
             .max(positions);
