@@ -283,6 +283,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             starter,
             proxies,
             shutdown: tokio::sync::watch::channel(false).0,
+            reloads: tokio::sync::Mutex::new(()),
             started: crate::tokens::now(),
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),
@@ -323,6 +324,12 @@ pub fn run(args: ServeArgs) -> CmdResult {
         if unsettled > 0 {
             tracing::warn!(unsettled, "request records still open at exit");
         }
+        // A reload or replacement still starting workers finishes first, and none starts after:
+        // `server_stop` stays the last record, inside the final checkpoint.
+        let quiet = state.quiesce_changes(server::DRAIN).await;
+        if quiet.is_none() {
+            tracing::warn!("a model replacement did not finish in time; stopping anyway");
+        }
         // Refusals counted since the last summary are recorded too.
         server::write_refusal_summaries(&stop_log, &state.ledgers).await;
         // The server's own count, so an auditor can match it against the records: every
@@ -339,6 +346,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             .await?;
         // The last checkpoint attests everything up to the stop record.
         tokio::task::spawn_blocking(move || stop_log.checkpoint_now()).await??;
+        drop(quiet);
         Ok::<(), Box<dyn std::error::Error>>(())
     })
 }

@@ -84,9 +84,35 @@ pub struct AppState {
     pub ledgers: Arc<ledger::Ledgers>,
     /// Flips to true when shutdown begins: running requests end with `shutdown`.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Held by a SIGHUP reload while it runs, and by the shutdown from before `server_stop`
+    /// to the end, so that no reload records anything after the server's last record.
+    pub reloads: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Waits (at most `limit`) for a running reload or model replacement to finish and keeps
+    /// new ones out: those that come later see [`AppState::shutting_down`] and record nothing.
+    /// Held until the server's last record is written. `None` when `limit` passed first.
+    pub async fn quiesce_changes(
+        &self,
+        limit: Duration,
+    ) -> Option<(
+        tokio::sync::MutexGuard<'_, ()>,
+        tokio::sync::MutexGuard<'_, ()>,
+    )> {
+        // The order a reload takes them in (its replacements take `replacing` inside it).
+        let both = async {
+            let reloads = self.reloads.lock().await;
+            let replacing = self.models.replacing.lock().await;
+            (reloads, replacing)
+        };
+        tokio::time::timeout(limit, both).await.ok()
+    }
+
     /// Starts the shutdown of running requests (streams end with a final error event).
     pub fn begin_shutdown(&self) {
         self.ledgers.shutting_down.store(true, Ordering::Relaxed);

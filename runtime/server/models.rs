@@ -168,6 +168,8 @@ pub enum ReplaceError {
     Refused { name: String, source: StartError },
     #[error("the replacement of {0} could not be recorded in the audit log")]
     Audit(String),
+    #[error("the server is stopping")]
+    ShuttingDown,
 }
 
 /// Replaces model `name` by the version on disk now: verified and started beside the running
@@ -180,6 +182,10 @@ pub async fn replace(
     by: &str,
 ) -> Result<Arc<ServedModel>, ReplaceError> {
     let _one_at_a_time = state.models.replacing.lock().await;
+    // After the shutdown's last record nothing may be recorded (it holds this lock from then).
+    if state.shutting_down() {
+        return Err(ReplaceError::ShuttingDown);
+    }
     let old = state
         .models
         .get(name)

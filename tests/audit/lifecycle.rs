@@ -823,3 +823,29 @@ fn signals_for_the_process_group_do_not_kill_the_worker() {
     assert_eq!(children(s.child.id()), workers, "the worker was replaced");
     s.stop();
 }
+
+/// A shutdown that comes while a SIGHUP's reload is starting new workers waits for it (or
+/// stops it before its next record): `server_stop` is the last record, and the whole log is
+/// attested by the final checkpoint. Before, the reload's `sandbox_started` and
+/// `model_replaced` could land after `server_stop`, outside every checkpoint.
+#[test]
+fn a_shutdown_during_a_reload_leaves_server_stop_last() {
+    for _ in 0..3 {
+        let state = tempfile::tempdir().unwrap();
+        let s = serve(state.path(), None).unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
+        s.stop();
+        let records = export_local(state.path());
+        let events: Vec<&str> = records.iter().filter_map(|r| r["event"].as_str()).collect();
+        assert_eq!(events.last(), Some(&"server_stop"), "{events:?}");
+        let verified = audit(state.path(), &["verify", "--trust-local-key"]);
+        let said = String::from_utf8_lossy(&verified.stdout).to_string()
+            + &String::from_utf8_lossy(&verified.stderr);
+        assert!(verified.status.success(), "{said}");
+        assert!(
+            said.contains("; 0 records after it are not yet attested"),
+            "{said}"
+        );
+    }
+}

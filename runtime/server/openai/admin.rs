@@ -193,6 +193,12 @@ pub async fn admin_reload_model(
             "audit_unavailable",
             e.to_string(),
         )),
+        Err(e @ ReplaceError::ShuttingDown) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "shutting_down",
+            e.to_string(),
+        )),
     }
 }
 
