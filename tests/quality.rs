@@ -99,12 +99,15 @@ fn every_precision_keeps_quality_on_a_fixed_text() {
     assert!(failures.is_empty(), "{failures:?}\n{table}");
 }
 
-/// Quantized weights through candle's quantized llama: the path `--dtype q8_0|q4_0|q4_k` takes
-/// on a GPU, where the own decoder's CPU kernels cannot go, run here on the CPU by the
-/// reference engine (the same code; candle's kernels for the device differ). The real model is
-/// quantized, written as GGUF in memory with llama.cpp's names and rotary row order, and read
-/// back: held to the own decoder's bounds on the fixed text, and to llama.cpp's perplexity for
-/// the same formats (a wrong row order or name gives noise, not these numbers).
+/// Quantized weights through candle's quantized kernels, on the CPU, the two ways they are
+/// run, each held to the own decoder's bounds on the fixed text and to llama.cpp's perplexity
+/// for the same formats:
+/// - the decoder pass on candle tensors (`Engine::Tensor`): the path `--dtype q8_0|q4_0|q4_k`
+///   takes on a GPU, where the own decoder's CPU kernels cannot go (the same code; candle's
+///   kernels for the device differ);
+/// - candle's quantized llama (`Engine::Reference`): the real model quantized, written as GGUF
+///   in memory with llama.cpp's names and rotary row order, and read back (a wrong row order
+///   or name gives noise, not these numbers).
 #[test]
 fn the_quantized_path_for_gpus_keeps_quality_on_a_fixed_text() {
     use securerun::models::load::Engine;
@@ -117,13 +120,18 @@ fn the_quantized_path_for_gpus_keeps_quality_on_a_fixed_text() {
     );
     let mut failures = Vec::new();
     let mut table = String::new();
-    for (precision, agreement_min, ratio_max) in [
+    let cases = [
         (Precision::Q8_0, 0.95, 1.02),
         (Precision::Q4K, 0.90, 1.05),
         (Precision::Q4_0, 0.65, 1.25),
-    ] {
+    ];
+    let engines = [Engine::Tensor, Engine::Reference];
+    for (engine, (precision, agreement_min, ratio_max)) in engines
+        .into_iter()
+        .flat_map(|e| cases.into_iter().map(move |c| (e, c)))
+    {
         let opts = LoadOptions {
-            engine: Engine::Reference,
+            engine,
             precision,
             ..Default::default()
         };
@@ -132,14 +140,16 @@ fn the_quantized_path_for_gpus_keeps_quality_on_a_fixed_text() {
         let (agree, ppl) = (s.top1_agreement(&f32), s.perplexity());
         let llamacpp = reference["llamacpp"][precision.to_string()].as_f64();
         table += &format!(
-            "{precision} (candle's kernels): top-1 agreement {agree:.4}, perplexity {ppl:.4} (llama.cpp {llamacpp:?})\n"
+            "{precision} ({engine:?}, candle's kernels): top-1 agreement {agree:.4}, perplexity {ppl:.4} (llama.cpp {llamacpp:?})\n"
         );
         if agree < agreement_min || ppl > f32.perplexity() * ratio_max {
-            failures.push(format!("{precision}: agreement {agree}, perplexity {ppl}"));
+            failures.push(format!(
+                "{precision} {engine:?}: agreement {agree}, perplexity {ppl}"
+            ));
         }
         if llamacpp.is_some_and(|theirs| ppl > theirs * 1.02) {
             failures.push(format!(
-                "{precision}: perplexity {ppl} > 1.02 x llama.cpp's"
+                "{precision} {engine:?}: perplexity {ppl} > 1.02 x llama.cpp's"
             ));
         }
     }

@@ -86,19 +86,35 @@ pub fn estimate_on_device(
     sized(source, weights, bytes, context)
 }
 
-/// [`estimate_on_device`] for quantized weights (candle's quantized kernels on the device):
-/// each matrix at the block format `precision` gives it, every other tensor, the KV cache and
-/// the activations at f32 (as candle's quantized llama keeps them).
+/// [`estimate_on_device`] for quantized weights (candle's quantized kernels on the device, in
+/// the decoder pass on candle tensors): each matrix at the block format `precision` gives it
+/// (the output head at its own), the embedding rows at f16 (and once more in the head's block
+/// format when the head is tied to them), every other tensor, the KV cache and the
+/// activations at f32.
 pub fn estimate_quantized_on_device(
     source: &ModelSource,
     precision: crate::Precision,
     context: Option<u64>,
 ) -> Result<MemoryEstimate, LoadError> {
     use crate::precision::{matrix_bytes, Role};
+    let config = crate::load::config(source)?;
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
     let weights = source
         .tensors()
-        .map(|(_, t)| match t.shape[..] {
-            [rows, cols] => matrix_bytes(precision.weight_type(Role::Linear, cols), rows, cols),
+        .map(|(_, t)| match (t.name.as_str(), &t.shape[..]) {
+            ("model.embed_tokens.weight", &[rows, cols]) => {
+                let head = matrix_bytes(precision.weight_type(Role::Head, cols), rows, cols);
+                tensor_bytes(&t.shape, 2).saturating_add(if tied { head } else { 0 })
+            }
+            ("lm_head.weight", &[rows, cols]) => {
+                matrix_bytes(precision.weight_type(Role::Head, cols), rows, cols)
+            }
+            (_, &[rows, cols]) => {
+                matrix_bytes(precision.weight_type(Role::Linear, cols), rows, cols)
+            }
             _ => tensor_bytes(&t.shape, 4),
         })
         .fold(0u64, u64::saturating_add);

@@ -136,7 +136,6 @@ impl Precision {
             .unwrap_or(WeightType::F16)
     }
 
-    /// The candle dtype the reference path computes in, for float precisions.
     /// Weights as floats (no block format): what candle's dense kernels compute with.
     pub fn is_float(self) -> bool {
         matches!(
@@ -145,6 +144,7 @@ impl Precision {
         )
     }
 
+    /// The candle dtype the reference path computes in, for float precisions.
     pub fn candle_dtype(self) -> Option<candle_core::DType> {
         match self {
             Precision::F32 => Some(candle_core::DType::F32),

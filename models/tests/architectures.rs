@@ -16,8 +16,17 @@ fn load(dir: &std::path::Path) -> TextModel {
 }
 
 fn load_on(dir: &std::path::Path, engine: securerun_models::load::Engine) -> TextModel {
+    load_at(dir, engine, securerun_models::Precision::Auto)
+}
+
+fn load_at(
+    dir: &std::path::Path,
+    engine: securerun_models::load::Engine,
+    precision: securerun_models::Precision,
+) -> TextModel {
     let opts = LoadOptions {
         engine,
+        precision,
         ..Default::default()
     };
     let source = Arc::new(ModelSource::open(dir, &opts.limits).unwrap());
@@ -455,7 +464,7 @@ fn quantized_precisions_load_and_decode_and_the_rest_say_why_not() {
 /// decoder and for 16-bit weights.
 #[test]
 fn batched_generation_gives_each_request_its_unbatched_output() {
-    batched_generation_matches_alone(securerun_models::load::Engine::Best);
+    batched_generation_matches_alone(securerun_models::load::Engine::Best, Default::default());
 }
 
 /// The same on the decoder pass a GPU runs (candle tensors; here on the CPU at the file's
@@ -463,10 +472,16 @@ fn batched_generation_gives_each_request_its_unbatched_output() {
 /// Before, a GPU model generated one request at a time.
 #[test]
 fn batched_generation_on_the_tensor_decoder_gives_each_request_its_unbatched_output() {
-    batched_generation_matches_alone(securerun_models::load::Engine::Tensor);
+    use securerun_models::{load::Engine, Precision};
+    batched_generation_matches_alone(Engine::Tensor, Precision::Auto);
+    // Block formats through candle's quantized kernels batch too.
+    batched_generation_matches_alone(Engine::Tensor, Precision::Q8_0);
 }
 
-fn batched_generation_matches_alone(engine: securerun_models::load::Engine) {
+fn batched_generation_matches_alone(
+    engine: securerun_models::load::Engine,
+    precision: securerun_models::Precision,
+) {
     use securerun_models::{Batch, BatchLimits, FinishReason};
     let cases = [
         ("llama", DType::F32),
@@ -480,7 +495,7 @@ fn batched_generation_matches_alone(engine: securerun_models::load::Engine) {
     for (arch, dtype) in cases {
         let tmp = tempfile::tempdir().unwrap();
         common::write_model(tmp.path(), arch, dtype);
-        let mut model = load_on(tmp.path(), engine);
+        let mut model = load_at(tmp.path(), engine, precision);
         let texts = [
             "hello world",
             "hello hello world world hello world hello world world",
@@ -592,6 +607,43 @@ fn batched_generation_matches_alone(engine: securerun_models::load::Engine) {
             }
         }
         assert_eq!(kept.unwrap().token_ids, alone[1].token_ids, "{arch}");
+    }
+}
+
+/// The tensor pass with block-format weights (what a GPU runs for `--dtype q8_0|q4_0|q4_k`,
+/// candle's quantized kernels; here on the CPU) for every family: its log-likelihoods stay
+/// as close to f32's as the own decoder's at the same precision (within 3× its distance, on
+/// these tiny random models where quantization moves a lot). A weight quantized from the
+/// wrong rows (a fused projection's part read from the start of the matrix, as candle's
+/// quantizer does with a narrowed view) lands several nats away.
+#[test]
+fn the_tensor_decoder_with_block_formats_keeps_the_own_decoders_quality() {
+    use securerun_models::{load::Engine, Precision};
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        common::write_model(tmp.path(), arch, DType::F32);
+        let mut f32 = load_at(tmp.path(), Engine::Best, Precision::F32);
+        let ids = f32
+            .prompt_ids(&Prompt::Text("hello world hello hello world".into()))
+            .unwrap();
+        let exact = f32.score(&ids, 5).unwrap().nll;
+        for precision in [Precision::Q8_0, Precision::Q4_0, Precision::Q4K] {
+            let mut distance = |engine| {
+                let nll = load_at(tmp.path(), engine, precision)
+                    .score(&ids, 5)
+                    .unwrap()
+                    .nll;
+                nll.iter()
+                    .zip(&exact)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f64, f64::max)
+            };
+            let (tensor, own) = (distance(Engine::Tensor), distance(Engine::Best));
+            assert!(
+                tensor <= 3.0 * own + 0.1,
+                "{arch} {precision}: {tensor} from f32, the own decoder {own}"
+            );
+        }
     }
 }
 

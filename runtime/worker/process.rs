@@ -218,7 +218,7 @@ struct Sequences {
 /// weights, rotary tables, activations and one full-context KV cache per sequence it will
 /// batch, all at the dtype they will have on the device, exceed the memory the device reports
 /// free. Returns the device, how it is described, and how many sequences it holds (`max`, or
-/// fewer when `by_memory`; one for the quantized path, which does not batch).
+/// fewer when `by_memory`).
 fn open_gpu(
     requested: usize,
     ordinal: usize,
@@ -246,15 +246,14 @@ fn open_gpu(
         }
     };
     let est = est.map_err(|e| e.to_string())?;
-    // The quantized path on a GPU does not batch: one sequence.
-    let wanted = if precision.is_float() {
-        sequences.max
-    } else {
-        1
-    };
-    let n =
-        securerun_models::cuda::sequences_that_fit(&est, &held, &info, wanted, sequences.by_memory)
-            .map_err(|e| e.to_string())?;
+    let n = securerun_models::cuda::sequences_that_fit(
+        &est,
+        &held,
+        &info,
+        sequences.max,
+        sequences.by_memory,
+    )
+    .map_err(|e| e.to_string())?;
     Ok((device, describe(&info), n))
 }
 

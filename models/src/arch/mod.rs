@@ -298,27 +298,28 @@ pub fn load_causal_lm(
             return Ok(Box::new(owned::Owned::load(arch, spec, source, precision)?));
         }
     }
-    // Float weights on a device the own kernels do not run on (a GPU): the same pass on
-    // candle tensors, batched like the own decoder.
+    // On a device the own kernels do not run on (a GPU): the same pass on candle tensors,
+    // batched like the own decoder, with float weights or candle's block formats.
     let on_device = match opts.engine {
         crate::load::Engine::Best => !opts.device.is_cpu(),
         crate::load::Engine::Tensor => true,
         crate::load::Engine::Reference => false,
     };
-    if on_device && precision.is_float() {
+    if on_device {
         if let Some(spec) = owned_spec(arch, config)? {
             let dtype = precision.candle_dtype().unwrap_or(default_dtype);
             return Ok(Box::new(on_device::OnDevice::load(
                 arch,
                 spec,
                 source,
+                precision,
                 dtype,
                 &opts.device,
             )?));
         }
     }
-    // Quantized weights where the own decoder does not run (a GPU; the reference engine):
-    // candle's quantized kernels, for the llama family.
+    // Quantized weights on the reference engine (and a GPU, for a llama configuration the
+    // shared pass does not run): candle's quantized llama.
     let own_decoder_would = opts.engine == crate::load::Engine::Best && opts.device.is_cpu();
     if matches!(
         precision,

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::{build, ArchError, Architecture, CausalLm};
 use crate::decoder::tensor::TensorDecoder;
 use crate::decoder::Spec;
+use crate::precision::Precision;
 use crate::source::ModelSource;
 
 pub struct OnDevice {
@@ -19,13 +20,12 @@ impl OnDevice {
         arch: Architecture,
         spec: Spec,
         source: &Arc<ModelSource>,
+        precision: Precision,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, ArchError> {
         let decoder = build(arch, || {
-            let vb = crate::weights::var_builder(source.clone(), dtype, device);
-            let vb_f32 = crate::weights::var_builder(source.clone(), DType::F32, device);
-            TensorDecoder::load(spec, vb, vb_f32)
+            TensorDecoder::load(spec, source, precision, dtype, device)
         })?;
         Ok(OnDevice { decoder })
     }

@@ -16,25 +16,109 @@
 //! batching needs to continue a sequence at any position it holds (a kept cache reused for a
 //! shorter shared prefix) and to copy a prefix into another sequence.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::{Chunk, Shape, Spec};
+use crate::kernels::WeightType;
+use crate::precision::{Precision, Role};
+use crate::source::ModelSource;
 
-/// One layer's weights on the device: matrices at the run dtype, norms in f32.
+/// A weight matrix on the device (`[out][in]`), with its bias (f32) if it has one: dense at the
+/// run dtype, or in a block format (candle's quantized kernels). Takes and gives f32 rows.
+enum Weight {
+    Dense(Tensor, Option<Tensor>),
+    Blocks(QMatMul, Option<Tensor>),
+}
+
+impl Weight {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (y, bias) = match self {
+            Weight::Dense(w, b) => (
+                x.to_dtype(w.dtype())?
+                    .matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?,
+                b,
+            ),
+            Weight::Blocks(w, b) => (w.forward(&x.contiguous()?)?, b),
+        };
+        match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// One layer's weights on the device: matrices at the run precision, norms in f32.
 struct Layer {
     input_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    q: Weight,
+    k: Weight,
+    v: Weight,
     qk_norm: Option<[Tensor; 2]>,
-    o: Linear,
+    o: Weight,
     attn_out_norm: Option<Tensor>,
     post_norm: Tensor,
     mlp_out_norm: Option<Tensor>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+}
+
+/// Reads matrices at a precision: float ones through a `VarBuilder` at the run dtype on the
+/// device; block formats (`--dtype q8_0|q4_0|q4_k`, the plan of [`Precision::weight_type`])
+/// read at f32 on the host one matrix at a time, quantized there and moved to the device.
+struct Matrices {
+    precision: Precision,
+    on_device: candle_nn::VarBuilder<'static>,
+    host_f32: candle_nn::VarBuilder<'static>,
+    device: Device,
+}
+
+impl Matrices {
+    /// Rows `rows` of the `[all][cols]` matrix `name` (all of them: `0..all`).
+    fn get(
+        &self,
+        name: &str,
+        all: usize,
+        cols: usize,
+        rows: std::ops::Range<usize>,
+        role: Role,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Weight> {
+        let whole = rows.start == 0 && rows.end == all;
+        let pick = |t: Tensor| -> candle_core::Result<Tensor> {
+            match whole {
+                true => Ok(t),
+                // A copy of its own: a narrowed view is "contiguous" at an offset, which
+                // candle's quantizer does not honour (it reads from the storage's start).
+                false => t.narrow(0, rows.start, rows.len())?.force_contiguous(),
+            }
+        };
+        if self.precision.is_float() {
+            return Ok(Weight::Dense(
+                pick(self.on_device.get((all, cols), name)?)?,
+                bias,
+            ));
+        }
+        let host = pick(self.host_f32.get((all, cols), name)?)?;
+        let block = match self.precision.weight_type(role, cols) {
+            WeightType::Q8_0 => GgmlDType::Q8_0,
+            WeightType::Q4_0 => GgmlDType::Q4_0,
+            WeightType::Q4K => GgmlDType::Q4K,
+            // A shape the block formats do not tile: f16, as the own decoder keeps it.
+            _ => {
+                return Ok(Weight::Dense(
+                    host.to_dtype(DType::F16)?.to_device(&self.device)?,
+                    bias,
+                ))
+            }
+        };
+        let q = QTensor::quantize_onto(&host, block, &self.device)?;
+        Ok(Weight::Blocks(QMatMul::from_qtensor(q)?, bias))
+    }
 }
 
 /// One sequence's KV cache on the device: per layer, keys and values `[kv_heads][capacity]
@@ -63,45 +147,58 @@ const GROW: usize = 256;
 pub struct TensorDecoder {
     spec: Spec,
     device: Device,
+    /// KV caches (and dense weights of a float run) are held at this dtype.
     dtype: DType,
+    /// Embedding rows, dense (a block-format run keeps them at f16).
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Option<Tensor>,
+    head: Weight,
     /// `[head_dim / 2]` rotary frequencies, f32 on the device.
     inv_freq: Tensor,
     own: TensorSequence,
 }
 
 impl TensorDecoder {
-    /// Reads the weights: matrices through `vb` (at the run dtype, on the device), vectors
-    /// through `vb_f32` (the same files, f32).
-    pub fn load(spec: Spec, vb: VarBuilder, vb_f32: VarBuilder) -> candle_core::Result<Self> {
+    /// Reads the weights of `source` onto `device`: at `precision`'s block formats, or (a float
+    /// precision) at `dtype`. Norms and biases are f32.
+    pub fn load(
+        spec: Spec,
+        source: &Arc<ModelSource>,
+        precision: Precision,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let s = &spec.shape;
         let var = &spec.variant;
         let (hid, inter) = (s.hidden, s.intermediate);
         let (q_out, kv_out) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
-        let device = vb.device().clone();
-        let dtype = vb.dtype();
+        // A block-format run computes and caches in f32, as candle's quantized kernels do.
+        let dtype = if precision.is_float() {
+            dtype
+        } else {
+            DType::F32
+        };
+        let vb =
+            |dtype, device: &Device| crate::weights::var_builder(source.clone(), dtype, device);
+        let vectors = vb(DType::F32, device);
+        let m = Matrices {
+            precision,
+            on_device: vb(dtype, device),
+            host_f32: vb(DType::F32, &Device::Cpu),
+            device: device.clone(),
+        };
         let norm = |name: &str, width: usize| -> candle_core::Result<Tensor> {
-            let w = vb_f32.get(width, name)?;
+            let w = vectors.get(width, name)?;
             if var.norm_plus_one {
                 w + 1.0
             } else {
                 Ok(w)
             }
         };
-        let linear = |name: &str, rows: usize, cols: usize, bias: Option<&str>| {
-            let w = vb.get((rows, cols), name)?;
-            let b = bias.map(|b| vb.get(rows, b)).transpose()?;
-            Ok::<_, candle_core::Error>(Linear::new(w, b))
-        };
-        let rows_of = |name: &str, all: usize, from: usize, rows: usize| {
-            let w = vb
-                .get((all, hid), name)?
-                .narrow(0, from, rows)?
-                .contiguous()?;
-            Ok::<_, candle_core::Error>(Linear::new(w, None))
+        let linear = |name: &str, rows: usize, cols: usize, bias: Option<String>| {
+            let b = bias.map(|b| vectors.get(rows, &b)).transpose()?;
+            m.get(name, rows, cols, 0..rows, Role::Linear, b)
         };
         let mut layers = Vec::with_capacity(s.layers);
         for i in 0..s.layers {
@@ -113,38 +210,26 @@ impl TensorDecoder {
                 let qkv = format!("{a}.qkv_proj.weight");
                 let all = q_out + 2 * kv_out;
                 let gu = format!("{mlp}.gate_up_proj.weight");
+                let part = |name: &str, all: usize, rows: std::ops::Range<usize>| {
+                    m.get(name, all, hid, rows, Role::Linear, None)
+                };
                 (
                     [
-                        rows_of(&qkv, all, 0, q_out)?,
-                        rows_of(&qkv, all, q_out, kv_out)?,
-                        rows_of(&qkv, all, q_out + kv_out, kv_out)?,
+                        part(&qkv, all, 0..q_out)?,
+                        part(&qkv, all, q_out..q_out + kv_out)?,
+                        part(&qkv, all, q_out + kv_out..all)?,
                     ],
                     [
-                        rows_of(&gu, 2 * inter, 0, inter)?,
-                        rows_of(&gu, 2 * inter, inter, inter)?,
+                        part(&gu, 2 * inter, 0..inter)?,
+                        part(&gu, 2 * inter, inter..2 * inter)?,
                     ],
                 )
             } else {
                 (
                     [
-                        linear(
-                            &format!("{a}.q_proj.weight"),
-                            q_out,
-                            hid,
-                            bias("q").as_deref(),
-                        )?,
-                        linear(
-                            &format!("{a}.k_proj.weight"),
-                            kv_out,
-                            hid,
-                            bias("k").as_deref(),
-                        )?,
-                        linear(
-                            &format!("{a}.v_proj.weight"),
-                            kv_out,
-                            hid,
-                            bias("v").as_deref(),
-                        )?,
+                        linear(&format!("{a}.q_proj.weight"), q_out, hid, bias("q"))?,
+                        linear(&format!("{a}.k_proj.weight"), kv_out, hid, bias("k"))?,
+                        linear(&format!("{a}.v_proj.weight"), kv_out, hid, bias("v"))?,
                     ],
                     [
                         linear(&format!("{mlp}.gate_proj.weight"), inter, hid, None)?,
@@ -172,8 +257,8 @@ impl TensorDecoder {
                 v,
                 qk_norm: if spec.qk_norm {
                     Some([
-                        vb_f32.get(s.head_dim, &format!("{a}.q_norm.weight"))?,
-                        vb_f32.get(s.head_dim, &format!("{a}.k_norm.weight"))?,
+                        vectors.get(s.head_dim, &format!("{a}.q_norm.weight"))?,
+                        vectors.get(s.head_dim, &format!("{a}.k_norm.weight"))?,
                     ])
                 } else {
                     None
@@ -187,18 +272,27 @@ impl TensorDecoder {
                 down: linear(&format!("{mlp}.down_proj.weight"), hid, inter, None)?,
             });
         }
-        let embed = vb.get((s.vocab, hid), "model.embed_tokens.weight")?;
-        let lm_head = if spec.tied {
-            None
+        let embed_name = "model.embed_tokens.weight";
+        let embed = if precision.is_float() {
+            m.on_device.get((s.vocab, hid), embed_name)?
         } else {
-            Some(vb.get((s.vocab, hid), "lm_head.weight")?)
+            m.host_f32
+                .get((s.vocab, hid), embed_name)?
+                .to_dtype(DType::F16)?
+                .to_device(device)?
+        };
+        let head = match (spec.tied, precision.is_float()) {
+            // The embedding itself, shared.
+            (true, true) => Weight::Dense(embed.clone(), None),
+            (true, false) => m.get(embed_name, s.vocab, hid, 0..s.vocab, Role::Head, None)?,
+            (false, _) => m.get("lm_head.weight", s.vocab, hid, 0..s.vocab, Role::Head, None)?,
         };
         let d = s.head_dim;
         let inv_freq: Vec<f32> = (0..d)
             .step_by(2)
             .map(|i| 1f32 / s.rope_theta.powf(i as f32 / d as f32))
             .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, d / 2, &device)?;
+        let inv_freq = Tensor::from_vec(inv_freq, d / 2, device)?;
         let norm = norm("model.norm.weight", hid)?;
         Ok(TensorDecoder {
             own: TensorSequence {
@@ -207,12 +301,12 @@ impl TensorDecoder {
                 len: 0,
             },
             spec,
-            device,
+            device: device.clone(),
             dtype,
             embed,
             layers,
             norm,
-            lm_head,
+            head,
             inv_freq,
         })
     }
@@ -367,11 +461,9 @@ impl TensorDecoder {
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         let masks = self.masks(chunks)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.input_norm, s.rms_eps)?.to_dtype(self.dtype)?;
-            let project = |lin: &Linear, heads: usize| -> candle_core::Result<Tensor> {
-                lin.forward(&h)?
-                    .to_dtype(DType::F32)?
-                    .reshape((n, heads, d))
+            let h = rms_norm(&x, &layer.input_norm, s.rms_eps)?;
+            let project = |w: &Weight, heads: usize| -> candle_core::Result<Tensor> {
+                w.forward(&h)?.reshape((n, heads, d))
             };
             let (mut q, mut k) = (project(&layer.q, s.heads)?, project(&layer.k, s.kv_heads)?);
             let v = project(&layer.v, s.kv_heads)?;
@@ -426,24 +518,21 @@ impl TensorDecoder {
                     .reshape((len, s.heads * d))?;
                 outs.push(out);
             }
-            let att = Tensor::cat(&outs, 0)?.to_dtype(self.dtype)?;
-            let mut proj = layer.o.forward(&att)?.to_dtype(DType::F32)?;
+            let att = Tensor::cat(&outs, 0)?;
+            let mut proj = layer.o.forward(&att)?;
             if let Some(w) = &layer.attn_out_norm {
                 proj = rms_norm(&proj, w, s.rms_eps)?;
             }
             x = (x + proj)?;
-            let h = rms_norm(&x, &layer.post_norm, s.rms_eps)?.to_dtype(self.dtype)?;
-            let gate = layer.gate.forward(&h)?.to_dtype(DType::F32)?;
-            let up = layer.up.forward(&h)?.to_dtype(DType::F32)?;
+            let h = rms_norm(&x, &layer.post_norm, s.rms_eps)?;
+            let gate = layer.gate.forward(&h)?;
+            let up = layer.up.forward(&h)?;
             let act = if var.gelu_gate {
                 gate.gelu()?
             } else {
                 gate.silu()?
             };
-            let mut proj = layer
-                .down
-                .forward(&(act * up)?.to_dtype(self.dtype)?)?
-                .to_dtype(DType::F32)?;
+            let mut proj = layer.down.forward(&(act * up)?)?;
             if let Some(w) = &layer.mlp_out_norm {
                 proj = rms_norm(&proj, w, s.rms_eps)?;
             }
@@ -466,10 +555,8 @@ impl TensorDecoder {
             .collect();
         let count = picked.len();
         let picked = Tensor::from_vec(picked, count, &self.device)?;
-        let normed =
-            rms_norm(&x.index_select(&picked, 0)?, &self.norm, s.rms_eps)?.to_dtype(self.dtype)?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = normed.matmul(&head.t()?)?.to_dtype(DType::F32)?;
+        let normed = rms_norm(&x.index_select(&picked, 0)?, &self.norm, s.rms_eps)?;
+        let mut logits = self.head.forward(&normed)?;
         if let Some(c) = var.final_softcap {
             logits = ((logits / c as f64)?.tanh()? * c as f64)?;
         }
