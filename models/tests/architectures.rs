@@ -628,7 +628,7 @@ fn the_tensor_decoder_with_block_formats_keeps_the_own_decoders_quality() {
             .unwrap();
         let exact = f32.score(&ids, 5).unwrap().nll;
         for precision in [Precision::Q8_0, Precision::Q4_0, Precision::Q4K] {
-            let mut distance = |engine| {
+            let distance = |engine| {
                 let nll = load_at(tmp.path(), engine, precision)
                     .score(&ids, 5)
                     .unwrap()

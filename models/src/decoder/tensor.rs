@@ -6,8 +6,10 @@
 //! one product, so a decode step of many sequences reads the weights once; attention runs per
 //! sequence over its own cache. On the CPU it is what tests hold against the own decoder.
 //!
-//! Precision: weights and KV caches at the run dtype (bf16 on a GPU); norms, rotary positions,
-//! attention scores, softmax, activations and the residual stream in f32. Unlike the own
+//! Precision: weights and KV caches at the run dtype (bf16 on a GPU), or weights in candle's
+//! block formats (`q8_0`, `q4_0`, `q4_k`, by the precision's per-role plan) with KV caches in
+//! f32; norms, rotary positions, attention scores, softmax, activations and the residual
+//! stream in f32. Unlike the own
 //! decoder, a row's sums may depend on how many rows share a product (BLAS picks its kernels
 //! by shape), so a batched request's tokens are equal to its unbatched ones within floating
 //! tolerance, not bit for bit.
