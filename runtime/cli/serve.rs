@@ -109,6 +109,9 @@ pub fn run(args: ServeArgs) -> CmdResult {
         let _entered = runtime.enter();
         server::lifecycle::hangups()
     };
+    // SIGTERM and SIGINT likewise: one during start-up stops it at the next step, in order
+    // (recorded, attested), instead of killing it mid-way.
+    let stop = StopRequest::listen(&runtime);
     // Start-up notes and warnings: lines on stderr, or log events with --log-format json (so
     // every stderr line is JSON).
     let json = args.log_format == LogFormat::Json;
@@ -227,7 +230,13 @@ pub fn run(args: ServeArgs) -> CmdResult {
     });
     let mut served = Vec::with_capacity(specs.len());
     for spec in &specs {
+        if stop.requested() {
+            return stopped_during_start_up(&runtime, &audit);
+        }
         served.push(starter.start(spec, 0)?);
+    }
+    if stop.requested() {
+        return stopped_during_start_up(&runtime, &audit);
     }
     let model_ids = specs
         .iter()
@@ -297,10 +306,10 @@ pub fn run(args: ServeArgs) -> CmdResult {
         };
         server::lifecycle::spawn_hangup_reloader(state.clone(), tls.clone(), reread, hangups);
         server::lifecycle::spawn_watchdog();
-        let signal = server::shutdown_signal();
+        stop.listening();
         let stopping = state.clone();
         let shutdown = async move {
-            signal.await;
+            stop.wait().await;
             // Running requests end now, each with its record (`shutdown`).
             stopping.begin_shutdown();
         };
@@ -349,6 +358,74 @@ pub fn run(args: ServeArgs) -> CmdResult {
         drop(quiet);
         Ok::<(), Box<dyn std::error::Error>>(())
     })
+}
+
+/// A shutdown signal (SIGTERM, SIGINT), listened for from the start of `serve`.
+struct StopRequest {
+    asked: tokio::sync::watch::Receiver<bool>,
+    listening: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a start-up step may run on after a shutdown signal before the process exits without
+/// waiting for it (a long verification or load; what a signal did before). Shorter than
+/// systemd's default stop timeout (90 s).
+const START_UP_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+impl StopRequest {
+    fn listen(runtime: &tokio::runtime::Runtime) -> Self {
+        let signal = {
+            let _entered = runtime.enter();
+            server::shutdown_signal()
+        };
+        let (tx, asked) = tokio::sync::watch::channel(false);
+        let listening = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = listening.clone();
+        runtime.spawn(async move {
+            signal.await;
+            let _ = tx.send(true);
+            tokio::time::sleep(START_UP_STOP_GRACE).await;
+            if !started.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!(
+                    "a start-up step did not end in time after the stop signal; exiting"
+                );
+                std::process::exit(128 + libc::SIGTERM);
+            }
+        });
+        StopRequest { asked, listening }
+    }
+
+    fn requested(&self) -> bool {
+        *self.asked.borrow()
+    }
+
+    /// The server listens: a stop is the drain's from now on.
+    fn listening(&self) {
+        self.listening
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn wait(mut self) {
+        let _ = self.asked.wait_for(|asked| *asked).await;
+    }
+}
+
+/// Ends a start-up a shutdown signal interrupted between steps: `server_stop` says so, and the
+/// last checkpoint attests it (the workers already started end with the supervisor's handles).
+fn stopped_during_start_up(
+    runtime: &tokio::runtime::Runtime,
+    audit: &crate::audit::AuditLog,
+) -> CmdResult {
+    tracing::info!("stop signal during start-up: stopping");
+    runtime.block_on(
+        audit.append(
+            crate::audit::AuditRecord::event("server_stop")
+                .with_detail("stopped by a signal during start-up"),
+        ),
+    )?;
+    let log = audit.clone();
+    runtime
+        .block_on(async { tokio::task::spawn_blocking(move || log.checkpoint_now()).await })??;
+    Ok(())
 }
 
 impl ServeArgs {

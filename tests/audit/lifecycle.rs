@@ -849,3 +849,53 @@ fn a_shutdown_during_a_reload_leaves_server_stop_last() {
         );
     }
 }
+
+/// A SIGTERM while the server starts (a `systemctl stop` or a restart racing a slow model
+/// load) is an orderly stop at the next step: exit 0, `server_stop` recorded as stopped during
+/// start-up, the log attested to its end. Before, the signal's default action killed the
+/// server (exit 143) and the log ended at `model_verification`, unattested.
+#[test]
+fn a_sigterm_during_start_up_stops_in_order() {
+    use std::io::Read;
+    let state = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_securerun"))
+        .args(["serve", p(&crate::common::minilm()), "--allow-unsigned"])
+        .args(["--listen", "127.0.0.1:0", "--state-dir", p(state.path())])
+        .env("SECURERUN_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The first worker exists: the model is loading.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while children(child.id()).is_empty() {
+        assert!(Instant::now() < deadline, "no worker started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!out.contains("listening on"), "it started anyway: {out}");
+    let records = export_local(state.path());
+    let last = records.last().unwrap();
+    assert_eq!(last["event"], "server_stop", "{records:?}");
+    assert!(
+        last["detail"].as_str().unwrap().contains("start-up"),
+        "{last}"
+    );
+    let verified = audit(state.path(), &["verify", "--trust-local-key"]);
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{said}");
+    assert!(
+        said.contains("; 0 records after it are not yet attested"),
+        "{said}"
+    );
+}
