@@ -34,7 +34,9 @@ const SPOOLED_EVENTS: &[&str] = &[
     super::retention::SHREDDED,
 ];
 /// Spool files read per pass at most, and their size cap (a record is a few hundred bytes).
-const MAX_FILES: usize = 10_000;
+/// A server's pass runs every quarter second and a shutdown waits for the one under way, so
+/// this also bounds that wait; the rest waits for the next pass (or the next start).
+const MAX_FILES: usize = 256;
 const MAX_FILE: u64 = 64 * 1024;
 
 /// Spooled records, oldest first, and the files they came from (removed once recorded).

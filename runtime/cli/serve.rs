@@ -262,7 +262,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
         max_head_bytes: config.max_header_bytes.saturating_mul(4).max(16 * 1024),
     };
     let proxies = server::client::TrustedProxies::parse(&config.trusted_proxies)?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -292,7 +292,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             starter,
             proxies,
             shutdown: tokio::sync::watch::channel(false).0,
-            reloads: tokio::sync::Mutex::new(()),
+            background: tokio::sync::Mutex::new(()),
             started: crate::tokens::now(),
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),
@@ -357,7 +357,11 @@ pub fn run(args: ServeArgs) -> CmdResult {
         tokio::task::spawn_blocking(move || stop_log.checkpoint_now()).await??;
         drop(quiet);
         Ok::<(), Box<dyn std::error::Error>>(())
-    })
+    });
+    // A worker start still running in a blocking task (a replacement the drain did not wait
+    // out) must not hold the exit: its records could only follow `server_stop` anyway.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    served
 }
 
 /// A shutdown signal (SIGTERM, SIGINT), listened for from the start of `serve`.

@@ -84,9 +84,11 @@ pub struct AppState {
     pub ledgers: Arc<ledger::Ledgers>,
     /// Flips to true when shutdown begins: running requests end with `shutdown`.
     pub shutdown: tokio::sync::watch::Sender<bool>,
-    /// Held by a SIGHUP reload while it runs, and by the shutdown from before `server_stop`
-    /// to the end, so that no reload records anything after the server's last record.
-    pub reloads: tokio::sync::Mutex<()>,
+    /// Held by every background task while it records (a SIGHUP reload, each round of the
+    /// token reloader with its spool ingestion, lockdown and token events, the refusal
+    /// summaries), and by the shutdown from before `server_stop` to the end: once it has it,
+    /// those tasks record nothing more and stop, so `server_stop` is the last record.
+    pub background: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -94,8 +96,9 @@ impl AppState {
         *self.shutdown.borrow()
     }
 
-    /// Waits (at most `limit`) for a running reload or model replacement to finish and keeps
-    /// new ones out: those that come later see [`AppState::shutting_down`] and record nothing.
+    /// Waits (at most `limit`) for a background task's round, a reload or a model replacement
+    /// to finish and keeps new ones out: those that come later see
+    /// [`AppState::shutting_down`] and record nothing.
     /// Held until the server's last record is written. `None` when `limit` passed first.
     pub async fn quiesce_changes(
         &self,
@@ -106,9 +109,9 @@ impl AppState {
     )> {
         // The order a reload takes them in (its replacements take `replacing` inside it).
         let both = async {
-            let reloads = self.reloads.lock().await;
+            let background = self.background.lock().await;
             let replacing = self.models.replacing.lock().await;
-            (reloads, replacing)
+            (background, replacing)
         };
         tokio::time::timeout(limit, both).await.ok()
     }
@@ -817,6 +820,10 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
         let mut last_disk_check: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
+            let _recording = state.background.lock().await;
+            if state.shutting_down() {
+                break;
+            }
             if let Err(e) = state.tokens.refresh() {
                 state
                     .metrics
@@ -901,6 +908,11 @@ fn spawn_refusal_summaries(state: Arc<AppState>) {
         tick.tick().await;
         loop {
             tick.tick().await;
+            let _recording = state.background.lock().await;
+            // The shutdown writes the last summaries itself, before `server_stop`.
+            if state.shutting_down() {
+                break;
+            }
             write_refusal_summaries(&state.audit, &state.ledgers).await;
         }
     });

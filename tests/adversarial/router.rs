@@ -254,7 +254,7 @@ impl Edge {
             starter: Arc::new(|_: &ModelSpec, _| Err(server::models::StartError::Panicked)),
             proxies: server::client::TrustedProxies::parse(&[]).unwrap(),
             shutdown: tokio::sync::watch::channel(false).0,
-            reloads: tokio::sync::Mutex::new(()),
+            background: tokio::sync::Mutex::new(()),
             started: 0,
             tokens,
             limiters: server::auth::Limiters::new(config.auth_failures_per_min),

@@ -899,3 +899,47 @@ fn a_sigterm_during_start_up_stops_in_order() {
         "{said}"
     );
 }
+
+/// Operator actions spooled by CLI commands while the server stops (a `token revoke` racing a
+/// `systemctl stop`; here thousands, to make the race certain) are recorded before
+/// `server_stop` or left in the spool for the next start, never after it: the final checkpoint
+/// attests the whole log. Before, the token reloader went on ingesting the spool through the
+/// shutdown, and records landed after `server_stop` and the last checkpoint.
+#[test]
+fn spooled_actions_during_a_shutdown_never_follow_server_stop() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let s = serve(state.path(), None).unwrap();
+    let spool = state.path().join("audit/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for i in 0..6000u64 {
+        let record = serde_json::json!({"time_ms": now, "event": "lockdown_off"});
+        let name = format!("{:016}-{i:016x}.json", now);
+        std::fs::write(spool.join(name), record.to_string()).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    s.stop();
+    let events: Vec<String> = export_local(state.path())
+        .iter()
+        .map(|r| r["event"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let stop = events.iter().position(|e| e == "server_stop").unwrap();
+    assert_eq!(
+        stop,
+        events.len() - 1,
+        "{} records after server_stop",
+        events.len() - 1 - stop
+    );
+    let verified = audit(state.path(), &["verify", "--trust-local-key"]);
+    let said = String::from_utf8_lossy(&verified.stdout);
+    assert!(verified.status.success(), "{said}");
+    assert!(
+        said.contains("; 0 records after it are not yet attested"),
+        "{said}"
+    );
+}
