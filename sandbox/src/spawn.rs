@@ -77,11 +77,13 @@ pub fn spawn(spec: WorkerSpec) -> io::Result<WorkerProcess> {
                 return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             // What a terminal or a signal to the whole process group sends (SIGHUP on a hangup
-            // or `kill -HUP -PGID`, `systemctl kill`; SIGINT on Ctrl-C) is the supervisor's to
-            // act on: it reloads or drains, and ends its workers itself. Ignored dispositions
-            // survive exec, so the child is never without them.
+            // or `kill -HUP -PGID`, `systemctl kill`; SIGINT on Ctrl-C; SIGTERM to the group)
+            // is the supervisor's to act on: it reloads or drains, and ends its workers itself
+            // (SIGKILL, or the parent-death signal). Ignored dispositions survive exec, so the
+            // child is never without them.
             libc::signal(libc::SIGHUP, libc::SIG_IGN);
             libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
             // First move every source above the target range, so that placing one cannot
             // overwrite another that is still to be placed.
             let mut high = [0 as RawFd; 64];

@@ -788,11 +788,11 @@ fn a_sighup_during_start_up_is_a_reload_not_a_kill() {
     assert_eq!(reloads, 1);
 }
 
-/// A SIGHUP or SIGINT that reaches the confined worker (a signal to the server's whole process
-/// group: a closed terminal, Ctrl-C, `kill -HUP -PGID`, `systemctl kill -s HUP`) leaves it
-/// alone: the supervisor reloads or drains and ends its workers itself. Before, the worker
-/// died of either (the default action) and the generation it was serving failed with
-/// `worker_failed`. (Sent to the worker alone here: the server's own SIGHUP starts a reload
+/// A SIGHUP, SIGINT or SIGTERM that reaches the confined worker (a signal to the server's
+/// whole process group: a closed terminal, Ctrl-C, `kill -TERM -PGID`, `systemctl kill -s
+/// HUP`) leaves it alone: the supervisor reloads or drains and ends its workers itself
+/// (SIGKILL). Before, the worker died of each (the default action): the generation it was
+/// serving failed with `worker_failed`, or a misleading `worker_restarted` was recorded. (Sent to the worker alone here: the server's own SIGHUP starts a reload
 /// that replaces the worker anyway.)
 #[test]
 fn signals_for_the_process_group_do_not_kill_the_worker() {
@@ -806,7 +806,7 @@ fn signals_for_the_process_group_do_not_kill_the_worker() {
     );
     let workers = children(s.child.id());
     assert_eq!(workers.len(), 1, "{workers:?}");
-    for signal in [libc::SIGHUP, libc::SIGINT] {
+    for signal in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
         // SAFETY: signalling the server's own worker, a descendant of this test.
         assert_eq!(unsafe { libc::kill(workers[0] as libc::pid_t, signal) }, 0);
     }
