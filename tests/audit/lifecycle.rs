@@ -37,6 +37,29 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The log ends with `server_stop` and verifies, attested by a signed head to its last record;
+/// returns its records.
+fn assert_stopped_last_and_attested(state: &std::path::Path) -> Vec<serde_json::Value> {
+    let records = export_local(state);
+    let events: Vec<&str> = records.iter().filter_map(|r| r["event"].as_str()).collect();
+    let stop = events.iter().rposition(|e| *e == "server_stop");
+    assert_eq!(
+        stop,
+        Some(events.len() - 1),
+        "records after server_stop: {:?}",
+        &events[stop.map_or(0, |i| i + 1)..]
+    );
+    let verified = audit(state, &["verify", "--trust-local-key"]);
+    let said = String::from_utf8_lossy(&verified.stdout).to_string()
+        + &String::from_utf8_lossy(&verified.stderr);
+    assert!(verified.status.success(), "{said}");
+    assert!(
+        said.contains("; 0 records after it are not yet attested"),
+        "{said}"
+    );
+    records
+}
+
 /// `/healthz` says the process answers; `/readyz` says whether requests can be served now. A
 /// worker killed between requests is noticed and replaced without a request (recorded as
 /// `worker_restarted`), and lockdown makes the server unready while it stays alive. Before,
@@ -836,17 +859,7 @@ fn a_shutdown_during_a_reload_leaves_server_stop_last() {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(s.child.id() as libc::pid_t, libc::SIGHUP) };
         s.stop();
-        let records = export_local(state.path());
-        let events: Vec<&str> = records.iter().filter_map(|r| r["event"].as_str()).collect();
-        assert_eq!(events.last(), Some(&"server_stop"), "{events:?}");
-        let verified = audit(state.path(), &["verify", "--trust-local-key"]);
-        let said = String::from_utf8_lossy(&verified.stdout).to_string()
-            + &String::from_utf8_lossy(&verified.stderr);
-        assert!(verified.status.success(), "{said}");
-        assert!(
-            said.contains("; 0 records after it are not yet attested"),
-            "{said}"
-        );
+        assert_stopped_last_and_attested(state.path());
     }
 }
 
@@ -884,19 +897,11 @@ fn a_sigterm_during_start_up_stops_in_order() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!out.contains("listening on"), "it started anyway: {out}");
-    let records = export_local(state.path());
+    let records = assert_stopped_last_and_attested(state.path());
     let last = records.last().unwrap();
-    assert_eq!(last["event"], "server_stop", "{records:?}");
     assert!(
         last["detail"].as_str().unwrap().contains("start-up"),
         "{last}"
-    );
-    let verified = audit(state.path(), &["verify", "--trust-local-key"]);
-    let said = String::from_utf8_lossy(&verified.stdout);
-    assert!(verified.status.success(), "{said}");
-    assert!(
-        said.contains("; 0 records after it are not yet attested"),
-        "{said}"
     );
 }
 
@@ -924,22 +929,5 @@ fn spooled_actions_during_a_shutdown_never_follow_server_stop() {
     }
     std::thread::sleep(Duration::from_millis(300));
     s.stop();
-    let events: Vec<String> = export_local(state.path())
-        .iter()
-        .map(|r| r["event"].as_str().unwrap_or_default().to_string())
-        .collect();
-    let stop = events.iter().position(|e| e == "server_stop").unwrap();
-    assert_eq!(
-        stop,
-        events.len() - 1,
-        "{} records after server_stop",
-        events.len() - 1 - stop
-    );
-    let verified = audit(state.path(), &["verify", "--trust-local-key"]);
-    let said = String::from_utf8_lossy(&verified.stdout);
-    assert!(verified.status.success(), "{said}");
-    assert!(
-        said.contains("; 0 records after it are not yet attested"),
-        "{said}"
-    );
+    assert_stopped_last_and_attested(state.path());
 }
