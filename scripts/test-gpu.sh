@@ -21,8 +21,8 @@
 #    kernels) is shown beside them, not required to agree (quantization changes late tokens).
 #    Embeddings: cosine of the GPU vector to the CPU's >= 0.999.
 # 3. Speed: prompt and decode tok/s on the GPU (bf16, q8_0) and the CPU (auto), from `run -v`.
-# 4. Batching on the GPU: `securerun serve --device cuda` (bf16, the confined worker, default
-#    max_sequences 4) answers 4 prompts one client at a time, then 4 clients at once: each
+# 4. Batching on the GPU: `securerun serve --device cuda` (bf16, then q8_0; the confined
+#    worker, default max_sequences 4) answers 4 prompts one client at a time, then 4 clients at once: each
 #    concurrent answer keeps its lone answer's first three words (bf16 tolerance: a row's sums
 #    may differ with the batch's shape), and the aggregate tok/s of the 4 is shown against one
 #    client's.
@@ -113,17 +113,17 @@ else
   note "text model" "none at $text_model: correctness and speed skipped"
 fi
 
-# 4. Batching through the server.
-if [ -d "$text_model" ]; then
-  state=$tmp/state
+# 4. Batching through the server, at bf16 and at q8_0 (candle's quantized kernels).
+batching_check() { # DTYPE
+  local dtype=$1 state=$tmp/state-$1
   mkdir -p "$state"
   token=$("$bin" token create --name gpu-test --scopes inference --state-dir "$state" 2>/dev/null | tail -1)
-  "$bin" serve "$text_model" --allow-unsigned --device "$device" --dtype bf16 --sandbox "$sandbox" \
+  "$bin" serve "$text_model" --allow-unsigned --device "$device" --dtype "$dtype" --sandbox "$sandbox" \
     --listen 127.0.0.1:0 --state-dir "$state" >"$tmp/serve.out" 2>"$tmp/serve.err" &
   server=$!
   for _ in $(seq 1 600); do
     grep -q '^listening on' "$tmp/serve.out" 2>/dev/null && break
-    kill -0 "$server" 2>/dev/null || { cat "$tmp/serve.err" >&2; fail "serve --device $device did not start"; }
+    kill -0 "$server" 2>/dev/null || { cat "$tmp/serve.err" >&2; fail "serve --device $device --dtype $dtype did not start"; }
     sleep 0.2
   done
   line=$(grep '^listening on' "$tmp/serve.out") || fail "serve --device $device did not listen in 120 s"
@@ -159,8 +159,12 @@ PY
   ) || { kill "$server" 2>/dev/null; cat "$tmp/serve.err" >&2; fail "the batching check could not run"; }
   kill -TERM "$server" 2>/dev/null
   wait "$server" 2>/dev/null || true
-  grep -q '"differ": \[\]' <<<"$batching" || fail "batched answers on $device left their lone answers: $batching"
-  note "batching, serve --device $device bf16, 4 clients vs 1 ($sandbox)" "$batching (aggregate tok/s)"
+  grep -q '"differ": \[\]' <<<"$batching" || fail "batched $dtype answers on $device left their lone answers: $batching"
+  note "batching, serve --device $device $dtype, 4 clients vs 1 ($sandbox)" "$batching (aggregate tok/s)"
+}
+if [ -d "$text_model" ]; then
+  batching_check bf16
+  batching_check q8_0
 fi
 
 if [ -d "$embed_model" ]; then
