@@ -90,7 +90,7 @@ pub fn spawn_hangup_reloader(
 /// One reload: the settings, tokens, then the TLS configuration, then every model. A step
 /// that fails is recorded and logged, and what runs stays; the others go on.
 pub async fn reload(state: &Arc<AppState>, tls: Option<&Arc<ReloadableTls>>, reread: &Reread) {
-    let _one_at_a_time = state.background.lock().await;
+    let _one_at_a_time = state.reloads.lock().await;
     if state.shutting_down() {
         tracing::info!("reload skipped: the server is stopping");
         return;

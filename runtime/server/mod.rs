@@ -84,11 +84,14 @@ pub struct AppState {
     pub ledgers: Arc<ledger::Ledgers>,
     /// Flips to true when shutdown begins: running requests end with `shutdown`.
     pub shutdown: tokio::sync::watch::Sender<bool>,
-    /// Held by every background task while it records (a SIGHUP reload, each round of the
-    /// token reloader with its spool ingestion, lockdown and token events, the refusal
-    /// summaries), and by the shutdown from before `server_stop` to the end: once it has it,
-    /// those tasks record nothing more and stop, so `server_stop` is the last record.
+    /// Held by each short round of a background task that records (the token reloader with
+    /// its spool ingestion, lockdown and token events; the refusal summaries), and by the
+    /// shutdown from before `server_stop` to the end: once it has it, those tasks record
+    /// nothing more and stop, so `server_stop` is the last record.
     pub background: tokio::sync::Mutex<()>,
+    /// The same for a SIGHUP reload, which can take minutes (model starts): its own gate, so
+    /// that token revocations and lockdown are not held up while it runs.
+    pub reloads: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -98,22 +101,21 @@ impl AppState {
 
     /// Waits (at most `limit`) for a background task's round, a reload or a model replacement
     /// to finish and keeps new ones out: those that come later see
-    /// [`AppState::shutting_down`] and record nothing.
-    /// Held until the server's last record is written. `None` when `limit` passed first.
+    /// [`AppState::shutting_down`] and record nothing. Held until the server's last record is
+    /// written. `None` when `limit` passed first.
     pub async fn quiesce_changes(
         &self,
         limit: Duration,
-    ) -> Option<(
-        tokio::sync::MutexGuard<'_, ()>,
-        tokio::sync::MutexGuard<'_, ()>,
-    )> {
-        // The order a reload takes them in (its replacements take `replacing` inside it).
-        let both = async {
+    ) -> Option<[tokio::sync::MutexGuard<'_, ()>; 3]> {
+        // No task holds one of these while waiting for an earlier one: a reload takes
+        // `reloads`, then `replacing` inside each replacement; the others take one each.
+        let all = async {
             let background = self.background.lock().await;
+            let reloads = self.reloads.lock().await;
             let replacing = self.models.replacing.lock().await;
-            (background, replacing)
+            [background, reloads, replacing]
         };
-        tokio::time::timeout(limit, both).await.ok()
+        tokio::time::timeout(limit, all).await.ok()
     }
 
     /// Starts the shutdown of running requests (streams end with a final error event).

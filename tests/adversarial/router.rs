@@ -255,6 +255,7 @@ impl Edge {
             proxies: server::client::TrustedProxies::parse(&[]).unwrap(),
             shutdown: tokio::sync::watch::channel(false).0,
             background: tokio::sync::Mutex::new(()),
+            reloads: tokio::sync::Mutex::new(()),
             started: 0,
             tokens,
             limiters: server::auth::Limiters::new(config.auth_failures_per_min),
