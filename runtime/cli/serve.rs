@@ -294,6 +294,7 @@ pub fn run(args: ServeArgs) -> CmdResult {
             shutdown: tokio::sync::watch::channel(false).0,
             background: tokio::sync::Mutex::new(()),
             reloads: tokio::sync::Mutex::new(()),
+            recording_closed: Default::default(),
             started: crate::tokens::now(),
             tokens,
             limiters: auth::Limiters::new(config.auth_failures_per_min),

@@ -92,6 +92,9 @@ pub struct AppState {
     /// The same for a SIGHUP reload, which can take minutes (model starts): its own gate, so
     /// that token revocations and lockdown are not held up while it runs.
     pub reloads: tokio::sync::Mutex<()>,
+    /// Set once the shutdown holds the gates: background tasks stop at their next round. Not
+    /// before: through the drain, revocations, lockdown and spooled actions still apply.
+    pub recording_closed: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -115,7 +118,14 @@ impl AppState {
             let replacing = self.models.replacing.lock().await;
             [background, reloads, replacing]
         };
-        tokio::time::timeout(limit, all).await.ok()
+        let held = tokio::time::timeout(limit, all).await.ok();
+        self.recording_closed.store(true, Ordering::SeqCst);
+        held
+    }
+
+    /// Whether background tasks must record nothing more (the shutdown closed the log).
+    pub fn recording_closed(&self) -> bool {
+        self.recording_closed.load(Ordering::SeqCst)
     }
 
     /// Starts the shutdown of running requests (streams end with a final error event).
@@ -823,7 +833,9 @@ pub fn spawn_token_reloader(state: Arc<AppState>) {
         loop {
             tick.tick().await;
             let _recording = state.background.lock().await;
-            if state.shutting_down() {
+            // Through the drain it goes on (a revocation still applies); once the shutdown
+            // holds the gate, nothing more is recorded.
+            if state.recording_closed() {
                 break;
             }
             if let Err(e) = state.tokens.refresh() {
@@ -912,7 +924,7 @@ fn spawn_refusal_summaries(state: Arc<AppState>) {
             tick.tick().await;
             let _recording = state.background.lock().await;
             // The shutdown writes the last summaries itself, before `server_stop`.
-            if state.shutting_down() {
+            if state.recording_closed() {
                 break;
             }
             write_refusal_summaries(&state.audit, &state.ledgers).await;

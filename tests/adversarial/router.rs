@@ -256,6 +256,7 @@ impl Edge {
             shutdown: tokio::sync::watch::channel(false).0,
             background: tokio::sync::Mutex::new(()),
             reloads: tokio::sync::Mutex::new(()),
+            recording_closed: Default::default(),
             started: 0,
             tokens,
             limiters: server::auth::Limiters::new(config.auth_failures_per_min),
